@@ -1,0 +1,126 @@
+"""The front end's handshake and authentication (also reused by COM_CHANGE_USER).
+
+The proxy verifies clients against the users in its config. It knows each
+password, so mysql_native_password and caching_sha2_password tokens are checked
+by recomputing them. caching_sha2_password behaves as on MySQL 8: the first
+login of a user (per worker process) must go through full authentication,
+either the clear password over TLS or the RSA public-key exchange; later logins
+take the fast path.
+"""
+
+from __future__ import annotations
+
+import logging
+import struct
+from dataclasses import dataclass
+
+from .protocol import auth
+from .protocol.constants import (
+    CLIENT_CONNECT_ATTRS,
+    CLIENT_PLUGIN_AUTH,
+    CLIENT_PROTOCOL_41,
+    CLIENT_SECURE_CONNECTION,
+    ER_ACCESS_DENIED_ERROR,
+)
+from .protocol.packets import ProtocolError, frame, read_lenenc_int, read_nul_str
+
+log = logging.getLogger("rwproxy.login")
+
+
+class AccessDenied(Exception):
+    pass
+
+
+@dataclass(slots=True)
+class ChangeUser:
+    user: str
+    auth_response: bytes
+    database: str | None
+    charset: int | None
+    plugin: str
+
+
+def parse_change_user(payload: bytes, caps: int) -> ChangeUser:
+    user, pos = read_nul_str(payload, 1)
+    if caps & CLIENT_SECURE_CONNECTION:
+        n = payload[pos]
+        token = bytes(payload[pos + 1 : pos + 1 + n])
+        pos += 1 + n
+    else:
+        token, pos = read_nul_str(payload, pos)
+    db = b""
+    if pos < len(payload):
+        db, pos = read_nul_str(payload + b"\x00", pos)
+    charset = None
+    if caps & CLIENT_PROTOCOL_41 and pos + 2 <= len(payload):
+        charset = struct.unpack_from("<H", payload, pos)[0]
+        pos += 2
+    plugin = b""
+    if caps & CLIENT_PLUGIN_AUTH and pos < len(payload):
+        plugin, pos = read_nul_str(payload + b"\x00", pos)
+    if caps & CLIENT_CONNECT_ATTRS and pos < len(payload):
+        read_lenenc_int(payload, pos)  # attributes are not needed by the proxy
+    return ChangeUser(user.decode("utf-8", "replace"), token, db.decode("utf-8", "replace") or None, charset, plugin.decode("ascii", "replace"))
+
+
+def access_denied_message(user: str, host: str, token: bytes) -> str:
+    return f"Access denied for user '{user}'@'{host}' (using password: {'YES' if token else 'NO'})"
+
+
+class Authenticator:
+    """Verifies one client login; `io` is the client connection (read_packet/write)."""
+
+    def __init__(self, users, default_plugin: str, rsa: auth.RSAKeyPair | None, sha2_cache: set):
+        self.users = users  # name -> UserConfig
+        self.default_plugin = default_plugin
+        self.rsa = rsa
+        self.sha2_cache = sha2_cache
+
+    async def login(self, io, user: str, plugin: str, token: bytes, salt: bytes, seq: int, host: str, tls: bool):
+        """Run the plugin exchange; returns (UserConfig, next seq). Raises AccessDenied with the message."""
+        ucfg = self.users.get(user)
+        if ucfg is None:
+            raise AccessDenied(access_denied_message(user, host, token))
+        wanted = ucfg.auth_plugin or (plugin if plugin in auth.SUPPORTED else self.default_plugin)
+        if plugin != wanted:
+            # Auth switch: ask the client to answer with the plugin this user needs.
+            salt = auth.nonce()
+            io.write(frame(b"\xfe" + wanted.encode() + b"\x00" + salt + b"\x00", seq))
+            seq, token = await io.read_packet()
+            seq += 1
+        if wanted == auth.NATIVE:
+            if not auth.verify(auth.NATIVE, ucfg.password, salt, token):
+                raise AccessDenied(access_denied_message(user, host, token))
+            return ucfg, seq
+        return await self._sha2(io, ucfg, salt, token, seq, host, tls)
+
+    async def _sha2(self, io, ucfg, salt, token, seq, host, tls):
+        if not ucfg.password and not token.strip(b"\x00"):
+            return ucfg, seq
+        if not auth.verify(auth.CACHING_SHA2, ucfg.password, salt, token):
+            raise AccessDenied(access_denied_message(ucfg.name, host, token))
+        if ucfg.name in self.sha2_cache:
+            io.write(frame(b"\x01" + auth.SHA2_FAST_AUTH_OK, seq))
+            return ucfg, seq + 1
+        io.write(frame(b"\x01" + auth.SHA2_PERFORM_FULL_AUTH, seq))
+        seq, data = await io.read_packet()
+        seq += 1
+        if tls:
+            clear = data.rstrip(b"\x00")
+        else:
+            if data != auth.SHA2_REQUEST_PUBLIC_KEY or self.rsa is None:
+                raise AccessDenied(access_denied_message(ucfg.name, host, token))
+            io.write(frame(b"\x01" + self.rsa.public_pem, seq))
+            seq, data = await io.read_packet()
+            seq += 1
+            try:
+                clear = self.rsa.decrypt_password(data, salt)
+            except Exception:
+                raise AccessDenied(access_denied_message(ucfg.name, host, token)) from None
+        if clear != ucfg.password.encode():
+            raise AccessDenied(access_denied_message(ucfg.name, host, token))
+        self.sha2_cache.add(ucfg.name)
+        return ucfg, seq
+
+
+__all__ = ["Authenticator", "AccessDenied", "parse_change_user", "ER_ACCESS_DENIED_ERROR", "ProtocolError"]

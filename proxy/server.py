@@ -1,0 +1,231 @@
+"""Process layout: one supervisor (the future control plane) and N worker processes.
+
+The supervisor binds one SO_REUSEPORT listening socket per worker before
+forking, so a busy port is reported once, clearly, and the kernel spreads new
+connections over the workers. Each worker runs its own uvloop event loop with
+its own pools; Python's GIL never caps the proxy at one core. With
+`workers = 1` the worker runs inside the supervisor process.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import ssl
+import sys
+import time
+
+from . import topology as topo_mod
+from .login import Authenticator
+from .pool import Pools
+from .protocol import auth
+
+log = logging.getLogger("rwproxy.server")
+
+
+class StartupError(Exception):
+    """One line for the operator saying what is wrong and how to fix it."""
+
+
+class Worker:
+    def __init__(self, config, index: int, sock: socket.socket, topology, server_version: bytes, rsa_pem: bytes | None):
+        self.config = config
+        self.index = index
+        self.sock = sock
+        self.topology = topology
+        self.server_version = server_version
+        self.servers = {b.name: b for b in config.backends}
+        self.primary_name = topology.primary.name
+        self.auth_plugin = config.proxy.auth_plugin
+        self.authenticator = Authenticator(
+            {u.name: u for u in config.users}, self.auth_plugin, auth.RSAKeyPair(rsa_pem) if rsa_pem else None, set()
+        )
+        self.tls_context = make_tls_context(config)
+        self.pools = Pools(config.pool)
+        self.clients: set = set()
+        self.loop = None
+        self._next_id = 1
+
+    def admit(self, client) -> bool:
+        if len(self.clients) >= self.config.proxy.max_connections:
+            return False
+        self.clients.add(client)
+        return True
+
+    def forget(self, client) -> None:
+        self.clients.discard(client)
+
+    def _factory(self):
+        from .client import ClientConnection
+
+        cid = (self.index << 24) | (self._next_id & 0xFFFFFF)
+        self._next_id += 1
+        return ClientConnection(self, cid)
+
+    def run(self) -> None:
+        import asyncio
+
+        import uvloop
+
+        self.loop = uvloop.new_event_loop()
+        asyncio.set_event_loop(self.loop)
+        stop = self.loop.create_future()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self.loop.add_signal_handler(sig, lambda: stop.done() or stop.set_result(None))
+
+        async def main():
+            server = await self.loop.create_server(self._factory, sock=self.sock, backlog=1024)
+            self.loop.create_task(self._housekeeping())
+            log.info("worker %d serving on %s", self.index, self.config.proxy.listen)
+            await stop
+            server.close()
+            for c in list(self.clients):
+                c._close()
+            self.pools.close_all()
+
+        self.loop.run_until_complete(main())
+
+    async def _housekeeping(self):
+        import asyncio
+
+        while True:
+            await asyncio.sleep(5)
+            self.pools.expire_idle()
+
+
+def make_tls_context(config):
+    tls = config.proxy.tls
+    if not tls.cert:
+        return None
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    try:
+        ctx.load_cert_chain(tls.cert, tls.key)
+    except (OSError, ssl.SSLError) as e:
+        raise StartupError(f"{config.source}: proxy.tls: cannot load certificate {tls.cert} / key {tls.key}: {e}")
+    return ctx
+
+
+def bind_sockets(host: str, port: int, count: int) -> list[socket.socket]:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    # A plain bind first: SO_REUSEPORT would let us silently share the port with
+    # another process of the same user, so make sure the port is really free.
+    probe = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        probe.bind((host, port))
+    except OSError as e:
+        raise StartupError(f"cannot listen on {host}:{port}: {e.strerror}; stop what uses the port or change [proxy] listen")
+    finally:
+        probe.close()
+    socks = []
+    for _ in range(count):
+        s = socket.socket(family, socket.SOCK_STREAM)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        s.bind((host, port))
+        s.listen(1024)
+        s.setblocking(False)
+        socks.append(s)
+    return socks
+
+
+def setup_logging(level: str = "INFO") -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s rwproxy[%(process)d] %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def serve(config) -> int:
+    workers = config.proxy.workers or os.cpu_count() or 1
+    socks = bind_sockets(config.proxy.host, config.proxy.port, workers)
+    topology = topo_mod.probe(config)
+    primary = topology.primary
+    version = config.proxy.server_version or (primary.version or "10.11.0-MariaDB-rwproxy")
+    server_version = version.encode() if version.startswith("5.5.5-") else b"5.5.5-" + version.encode()
+    rsa_pem = _rsa_pem(config)
+    log.info(
+        "rwproxy listening on %s with %d worker(s); primary %s (%s:%s); servers: %s",
+        config.proxy.listen, workers, primary.name, primary.host, primary.port,
+        ", ".join(f"{s.name}={s.role}/{s.state}" for s in topology.servers.values()),
+    )
+    if workers == 1:
+        Worker(config, 0, socks[0], topology, server_version, rsa_pem).run()
+        return 0
+    return _supervise(config, socks, topology, server_version, rsa_pem)
+
+
+def _rsa_pem(config) -> bytes:
+    path = config.proxy.tls.rsa_private_key
+    if path:
+        try:
+            with open(path, "rb") as f:
+                return f.read()
+        except OSError as e:
+            raise StartupError(f"{config.source}: proxy.tls.rsa_private_key: cannot read {path}: {e.strerror}")
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+
+
+def _supervise(config, socks, topology, server_version, rsa_pem) -> int:
+    children: dict[int, int] = {}  # pid -> worker index
+    stopping = False
+
+    def spawn(i: int) -> None:
+        pid = os.fork()
+        if pid == 0:
+            code = 0
+            try:
+                for j, s in enumerate(socks):
+                    if j != i:
+                        s.close()
+                signal.signal(signal.SIGTERM, signal.SIG_DFL)
+                signal.signal(signal.SIGINT, signal.SIG_DFL)
+                Worker(config, i, socks[i], topology, server_version, rsa_pem).run()
+            except BaseException:
+                log.exception("worker %d crashed", i)
+                code = 1
+            finally:
+                logging.shutdown()
+                os._exit(code)
+        children[pid] = i
+
+    def on_stop(signum, frame):
+        nonlocal stopping
+        stopping = True
+        for pid in list(children):
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+
+    signal.signal(signal.SIGTERM, on_stop)
+    signal.signal(signal.SIGINT, on_stop)
+    for i in range(len(socks)):
+        spawn(i)
+    restarts: list[float] = []
+    while children:
+        try:
+            pid, status = os.wait()
+        except ChildProcessError:
+            break
+        except InterruptedError:
+            continue
+        i = children.pop(pid, None)
+        if i is None or stopping:
+            continue
+        log.error("worker %d (pid %d) exited with status %d; restarting it", i, pid, status)
+        now = time.monotonic()
+        restarts = [t for t in restarts if now - t < 60] + [now]
+        if len(restarts) > 10:
+            log.error("workers keep crashing (more than 10 restarts in a minute); stopping")
+            on_stop(signal.SIGTERM, None)
+            return 1
+        spawn(i)
+    return 0

@@ -1,0 +1,362 @@
+"""The rwproxy configuration schema: one frozen dataclass per TOML section.
+
+Every TOML key is a dataclass field whose metadata carries its spec (kind,
+bounds, choices, extra checker).  The validator in ``proxy.config`` and the
+TOML emitter at the bottom of this module are generic walks over these
+classes, so adding a key is a one-line change here and nothing else.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from dataclasses import dataclass, field
+from functools import cached_property
+
+AUTH_PLUGINS = ("mysql_native_password", "caching_sha2_password")
+RYW_MODES = ("none", "session", "gtid")
+
+_LISTEN_RE = re.compile(r"\[([0-9A-Fa-f:.]+(?:%[\w.-]+)?)\]:(\d{1,5})|([^\s:\[\]]+):(\d{1,5})")
+_IDENT_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_$]{0,63}")
+
+
+def parse_listen(text: str) -> tuple[str, int] | None:
+    """Split "host:port" / "[v6]:port" (port 0-65535; 0 = any free port)."""
+    m = _LISTEN_RE.fullmatch(text)
+    if not m:
+        return None
+    host, port = (m[1], m[2]) if m[1] else (m[3], m[4])
+    return (host, int(port)) if int(port) <= 65535 else None
+
+
+def format_hostport(host: str, port: int) -> str:
+    """Inverse of parse_listen: IPv6 literals get brackets."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def listen_error(value: str) -> str | None:
+    if parse_listen(value) is None:
+        return f'expected "host:port" (IPv6 as "[::1]:6033"), got {show(value)}'
+    return None
+
+
+def identifier_error(value: str) -> str | None:
+    if not _IDENT_RE.fullmatch(value):
+        return f"expected an identifier ([A-Za-z_][A-Za-z0-9_$]*, at most 64 characters), got {show(value)}"
+    return None
+
+
+def regex_error(value: str) -> str | None:
+    try:
+        re.compile(value, re.IGNORECASE)
+    except re.error as exc:
+        return f"invalid regular expression {show(value)}: {exc}"
+    return None
+
+
+def show(value) -> str:
+    """Render a user value JSON-style for error messages (strings in double quotes)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, dict):
+        return "a table"
+    if isinstance(value, str):
+        return _toml_str(value)
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(show(v) for v in value) + "]"
+    if isinstance(value, float) and not math.isfinite(value):
+        return repr(value)
+    return str(value)
+
+
+# -- field spec helpers -------------------------------------------------------
+
+def _key(default, kind: str, *, required=False, factory=None, repr=True, **spec):
+    meta = {"kind": kind, "required": required, **spec}
+    if factory is not None:
+        return field(default_factory=factory, metadata=meta, repr=repr)
+    return field(default=default, metadata=meta, repr=repr)
+
+
+def S(default="", *, nonempty=False, check=None, **kw):
+    """String key (optionally non-empty and/or passed through a checker)."""
+    return _key(default, "str", nonempty=nonempty, check=check, **kw)
+
+
+def I(default, lo=None, hi=None, **kw):  # noqa: E743 - short names keep the tables readable
+    """Integer key within [lo, hi] (bool rejected)."""
+    return _key(default, "int", lo=lo, hi=hi, **kw)
+
+
+def F(default, *, positive=False):
+    """Duration in seconds: >= 0, or > 0 when positive; ints become floats."""
+    return _key(float(default), "float", positive=positive)
+
+
+def B(default):
+    return _key(default, "bool")
+
+
+def E(default, *choices, **kw):
+    """String enum; choices listed in the order error messages show them."""
+    return _key(default, "enum", choices=choices, **kw)
+
+
+def L():
+    """Array of strings, stored as a tuple so the config stays hashable."""
+    return _key((), "strs")
+
+
+def T(cls):
+    """Sub-table ([section.sub])."""
+    return _key(None, "table", cls=cls, factory=cls)
+
+
+def A(cls, min_items=0):
+    """Array of tables ([[section]]), stored as a tuple."""
+    return _key((), "tables", cls=cls, min_items=min_items)
+
+
+def _set_hostport(obj) -> None:
+    hp = parse_listen(obj.listen)
+    if hp is None:
+        raise ValueError(f"invalid listen address {obj.listen!r}")
+    object.__setattr__(obj, "host", hp[0])
+    object.__setattr__(obj, "port", hp[1])
+
+
+# -- sections -----------------------------------------------------------------
+
+@dataclass(frozen=True)
+class TLSConfig:
+    cert: str = S()
+    key: str = S()
+    require: bool = B(False)
+    rsa_private_key: str = S()
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.cert)
+
+
+@dataclass(frozen=True)
+class ProxyConfig:
+    listen: str = S("127.0.0.1:6033", check=listen_error)
+    workers: int = I(0, 0)
+    server_version: str = S()
+    max_connections: int = I(10000, 1)
+    client_idle_timeout: float = F(28800.0)
+    auth_plugin: str = E("mysql_native_password", *AUTH_PLUGINS)
+    tls: TLSConfig = T(TLSConfig)
+    host: str = field(init=False, default="")   # derived from listen
+    port: int = field(init=False, default=0)    # derived from listen
+
+    def __post_init__(self):
+        _set_hostport(self)
+
+
+@dataclass(frozen=True)
+class BackendConfig:
+    name: str = S()   # "" -> "host:port" (filled in by __post_init__)
+    host: str = S("127.0.0.1", nonempty=True, required=True)
+    port: int = I(3306, 1, 65535, required=True)
+    weight: int = I(1, 0, 1000)
+    role: str = E("auto", "auto", "primary", "replica", "master")
+    priority: int = I(0)
+    no_promotion: bool = B(False)
+    max_connections: int = I(0, 0)
+
+    def __post_init__(self):
+        if not self.name:
+            object.__setattr__(self, "name", self.address)
+
+    @property
+    def address(self) -> str:
+        return format_hostport(self.host, self.port)
+
+
+@dataclass(frozen=True)
+class UserConfig:
+    name: str = S("app", nonempty=True, required=True)
+    password: str = S(repr=False)
+    auth_plugin: str = E("", "", *AUTH_PLUGINS)
+    default_route: str = E("auto", "auto", "primary", "replica")
+    read_your_writes: str = E("", "", *RYW_MODES)
+    max_connections: int = I(0, 0)
+    require_tls: bool = B(False)
+
+
+@dataclass(frozen=True)
+class RuleConfig:
+    match: str = S(check=regex_error)
+    digest: str = S()
+    route: str = E("primary", "primary", "replica", "reject", required=True)
+    error_code: int = I(1105, 1, 65535)
+    error_message: str = S("statement rejected by rwproxy rule")
+    users: tuple[str, ...] = L()
+
+    @cached_property
+    def regex(self) -> re.Pattern | None:
+        """Compiled `match` (case-insensitive), or None for a digest rule."""
+        return re.compile(self.match, re.IGNORECASE) if self.match else None
+
+    def applies_to(self, user: str) -> bool:
+        return not self.users or user in self.users
+
+
+@dataclass(frozen=True)
+class RoutingConfig:
+    read_write_split: bool = B(True)
+    primary_serves_reads: bool = B(False)
+    reads_on_primary_when_no_replica: bool = B(True)
+    max_replica_lag: float = F(1.0, positive=True)
+    balance: str = E("least-outstanding", "least-outstanding", "round-robin", "lowest-lag")
+    read_your_writes: str = E("none", *RYW_MODES)
+    read_your_writes_window: float = F(1.0)
+    gtid_wait_timeout: float = F(0.5)
+    readonly_functions: tuple[str, ...] = L()
+    digest_cache_size: int = I(10000, 16)
+    max_session_history: int = I(1000, 1)
+    max_prepared_per_connection: int = I(1024, 1)
+    rules: tuple[RuleConfig, ...] = A(RuleConfig)
+
+
+@dataclass(frozen=True)
+class MonitorConfig:
+    user: str = S()
+    password: str = S(repr=False)
+    interval: float = F(0.1, positive=True)
+    connect_timeout: float = F(0.5, positive=True)
+    read_timeout: float = F(0.5, positive=True)
+    heartbeat: bool = B(True)
+    heartbeat_interval: float = F(0.25, positive=True)
+    heartbeat_schema: str = S("rwproxy", check=identifier_error)
+    failcount: int = I(3, 1)
+    readmit_after: int = I(5, 1)
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    topology: str = E("primary-replica", "primary-replica", "master-master")
+    write_spread: str = E("session", "session", "transaction")
+
+
+@dataclass(frozen=True)
+class FailoverConfig:
+    auto_failover: bool = B(True)
+    failcount: int = I(5, 1)
+    verify_with_replicas: bool = B(True)
+    failover_cooldown: float = F(60.0)
+    write_hold_timeout: float = F(10.0)
+    auto_rejoin: bool = B(True)
+    pre_failover_hook: str = S()
+    post_failover_hook: str = S()
+    switchover_timeout: float = F(10.0, positive=True)
+
+
+@dataclass(frozen=True)
+class PoolConfig:
+    connect_timeout: float = F(2.0, positive=True)
+    idle_timeout: float = F(300.0)
+    max_idle_per_backend: int = I(64, 0)
+    reset_on_release: bool = B(True)
+
+
+@dataclass(frozen=True)
+class AdminConfig:
+    enabled: bool = B(False)
+    listen: str = S("127.0.0.1:6032", check=listen_error)
+    user: str = S("admin", nonempty=True)
+    password: str = S("admin", repr=False)
+    host: str = field(init=False, default="")
+    port: int = field(init=False, default=0)
+
+    def __post_init__(self):
+        _set_hostport(self)
+
+
+@dataclass(frozen=True)
+class Config:
+    proxy: ProxyConfig = T(ProxyConfig)
+    backends: tuple[BackendConfig, ...] = A(BackendConfig, min_items=1)
+    users: tuple[UserConfig, ...] = A(UserConfig, min_items=1)
+    routing: RoutingConfig = T(RoutingConfig)
+    monitor: MonitorConfig = T(MonitorConfig)
+    cluster: ClusterConfig = T(ClusterConfig)
+    failover: FailoverConfig = T(FailoverConfig)
+    pool: PoolConfig = T(PoolConfig)
+    admin: AdminConfig = T(AdminConfig)
+    source: str = field(default="<string>", compare=False)  # where it was read from; not a key
+    _users: dict = field(init=False, default=None, repr=False, compare=False)
+
+    def __post_init__(self):
+        object.__setattr__(self, "_users", {u.name: u for u in self.users})
+
+    def user(self, name: str) -> UserConfig | None:
+        return self._users.get(name)
+
+    def monitor_credentials(self) -> tuple[str, str]:
+        """The monitor's login; an empty monitor.user borrows the first [[users]] entry."""
+        if self.monitor.user:
+            return self.monitor.user, self.monitor.password
+        if self.users:
+            return self.users[0].name, self.users[0].password
+        return "", ""
+
+    def to_toml(self) -> str:
+        """TOML text that parse_config() turns back into an equal Config."""
+        out = ["# rwproxy configuration (generated by Config.to_toml)"]
+        _emit(self, "", None, out)
+        return "\n".join(out) + "\n"
+
+
+def spec_fields(cls) -> list[dataclasses.Field]:
+    """The fields of a section class that are TOML keys (derived fields excluded)."""
+    return [f for f in dataclasses.fields(cls) if "kind" in f.metadata]
+
+
+# -- TOML emitter ---------------------------------------------------------------
+
+_ESCAPES = {'"': '\\"', "\\": "\\\\", "\b": "\\b", "\t": "\\t", "\n": "\\n", "\f": "\\f", "\r": "\\r"}
+
+
+def _toml_str(s: str) -> str:
+    parts = []
+    for ch in s:
+        if ch in _ESCAPES:
+            parts.append(_ESCAPES[ch])
+        elif ord(ch) < 0x20 or ord(ch) == 0x7F:
+            parts.append(f"\\u{ord(ch):04x}")
+        else:
+            parts.append(ch)
+    return '"' + "".join(parts) + '"'
+
+
+def _toml_value(v) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, str):
+        return _toml_str(v)
+    if isinstance(v, tuple):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    raise TypeError(f"cannot emit {type(v).__name__} as TOML")
+
+
+def _emit(obj, prefix: str, header: str | None, out: list[str]) -> None:
+    """Scalars first, then sub-tables and arrays of tables, as TOML requires."""
+    specs = spec_fields(type(obj))
+    if header:
+        out += ["", header]
+    for f in specs:
+        if f.metadata["kind"] not in ("table", "tables"):
+            out.append(f"{f.name} = {_toml_value(getattr(obj, f.name))}")
+    for f in specs:
+        path, value = prefix + f.name, getattr(obj, f.name)
+        if f.metadata["kind"] == "table":
+            _emit(value, path + ".", f"[{path}]", out)
+        elif f.metadata["kind"] == "tables":
+            for item in value:
+                _emit(item, path + ".", f"[[{path}]]", out)

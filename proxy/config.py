@@ -312,7 +312,7 @@ def write_config(config: Config, path: str) -> None:
 
 
 def check_config_main(path: str) -> int:
-    """`rwproxy --check-config`: 0 and a summary on stdout, or 1 and the errors on stderr."""
+    """`rwproxy check-config FILE`: 0 and a summary on stdout, or 1 and the errors on stderr."""
     try:
         cfg = load_config(path)
     except ConfigError as exc:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 
 from .backend import BackendError
 from .login import AccessDenied, parse_change_user
@@ -47,6 +48,7 @@ from .protocol.constants import (
 )
 from .protocol.handshake import build_greeting, parse_response
 from .protocol.packets import ProtocolError, err_packet, err_payload, frame, ok_packet
+from .tls import TLSLayer
 from .protocol.scan import FIELD_LIST, PREPARE, RESULT, ROWS, SIMPLE, STATISTICS
 
 log = logging.getLogger("rwproxy.client")
@@ -81,6 +83,7 @@ class ClientConnection(asyncio.Protocol):
         self.closed = False
         self.host = "?"
         self.tls = False
+        self.tls_layer = None
         self.salt = b""
         self.user = None  # UserConfig once authenticated
         self.caps = 0
@@ -111,6 +114,14 @@ class ClientConnection(asyncio.Protocol):
         self.worker.loop.create_task(self._handshake())
 
     def data_received(self, data):
+        if self.tls_layer is not None:
+            try:
+                data = self.tls_layer.feed(data)
+            except ssl.SSLError as e:
+                log.info("client %s: TLS error: %s", self.host, e)
+                return self._close()
+            if not data:
+                return
         if self.infile_backend is not None:
             self._infile_feed(data)
             return
@@ -209,8 +220,12 @@ class ClientConnection(asyncio.Protocol):
             if resp.ssl_request:
                 if not w.tls_context:
                     raise ProtocolError("client asked for TLS, which is not configured")
-                self.transport = await w.loop.start_tls(self.transport, self, w.tls_context, server_side=True)
+                # Bytes after the SSL request (the ClientHello) are TLS, not packets.
+                early, self.buf = self.buf, b""
+                self.tls_layer = self.transport = TLSLayer(self.transport, w.tls_context)
                 self.tls = True
+                if early:
+                    self.data_received(early)
                 seq, payload = await self.read_packet(10)
                 resp = parse_response(payload)
             seq += 1

@@ -1,0 +1,119 @@
+"""Test helpers: a running rwproxy in front of the session's sandbox cluster."""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+
+import pymysql
+import pytest
+
+from proxy.config import build_config, write_config
+from proxy.launcher import ProxyProcess, free_port
+
+SHA2_USER, SHA2_PASSWORD = "sha2user", "s3cret-sha2"
+
+
+def self_signed_cert(dirpath: str) -> tuple[str, str]:
+    """Write a throwaway certificate and key for 127.0.0.1 (TLS tests only)."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+    from cryptography.x509.oid import NameOID
+    import ipaddress
+
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "rwproxy-test")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(days=1))
+        .not_valid_after(now + datetime.timedelta(days=30))
+        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    cert_path = os.path.join(dirpath, "cert.pem")
+    key_path = os.path.join(dirpath, "key.pem")
+    with open(cert_path, "wb") as f:
+        f.write(cert.public_bytes(serialization.Encoding.PEM))
+    with open(key_path, "wb") as f:
+        f.write(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.TraditionalOpenSSL, serialization.NoEncryption()))
+    return cert_path, key_path
+
+
+def proxy_config_dict(cluster, port: int, **sections) -> dict:
+    """A config for `cluster` listening on `port`; keyword arguments override whole sections."""
+    data = {
+        "proxy": {"listen": f"127.0.0.1:{port}", "workers": 2},
+        "backends": [{"name": n.name, "host": "127.0.0.1", "port": n.port} for n in cluster.nodes],
+        "users": [
+            {"name": "app", "password": "app"},
+            {"name": SHA2_USER, "password": SHA2_PASSWORD, "auth_plugin": "caching_sha2_password"},
+        ],
+        "monitor": {"user": "rwproxy", "password": "rwproxy"},
+    }
+    for key, value in sections.items():
+        if isinstance(value, dict) and isinstance(data.get(key), dict):
+            data[key] = {**data[key], **value}
+        else:
+            data[key] = value
+    return data
+
+
+@dataclass
+class RunningProxy:
+    host: str
+    port: int
+    process: ProxyProcess
+    cluster: object
+    cert: str = ""
+    key: str = ""
+
+    def connect(self, user="app", password="app", database="app", **kw) -> pymysql.Connection:
+        return pymysql.connect(host=self.host, port=self.port, user=user, password=password, database=database, **kw)
+
+
+def start_proxy(cluster, dirpath, **sections) -> RunningProxy:
+    port = free_port()
+    cfg = build_config(proxy_config_dict(cluster, port, **sections), source=str(dirpath / "rwproxy.toml"))
+    path = str(dirpath / "rwproxy.toml")
+    write_config(cfg, path)
+    proc = ProxyProcess(path, "127.0.0.1", port, log_path=str(dirpath / "rwproxy.log")).start()
+    tls = sections.get("proxy", {}).get("tls", {})
+    return RunningProxy("127.0.0.1", port, proc, cluster, tls.get("cert", ""), tls.get("key", ""))
+
+
+def ensure_backend_user(cluster, user: str, password: str) -> None:
+    """Create a user on the primary (it replicates) for front-end auth tests."""
+    with cluster.primary.connect() as conn, conn.cursor() as cur:
+        cur.execute(f"CREATE USER IF NOT EXISTS '{user}'@'%' IDENTIFIED BY '{password}'")
+        cur.execute(f"GRANT ALL ON app.* TO '{user}'@'%'")
+    cluster.wait_replicas_caught_up(30)
+
+
+@pytest.fixture(scope="session")
+def proxy(cluster, tmp_path_factory) -> RunningProxy:
+    """rwproxy (2 workers, optional TLS) in front of the session cluster."""
+    d = tmp_path_factory.mktemp("proxy")
+    cert, key = self_signed_cert(str(d))
+    ensure_backend_user(cluster, SHA2_USER, SHA2_PASSWORD)
+    p = start_proxy(cluster, d, proxy={"tls": {"cert": cert, "key": key}})
+    try:
+        yield p
+    finally:
+        p.process.stop()
+
+
+@pytest.fixture
+def direct(cluster):
+    """A connection straight to the primary, as app."""
+    conn = pymysql.connect(host="127.0.0.1", port=cluster.primary.port, user="app", password="app", database="app")
+    try:
+        yield conn
+    finally:
+        conn.close()

@@ -1,0 +1,7 @@
+"""`python -m proxy.sandbox up|status|down` (same as `rwproxy sandbox ...`)."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main(["sandbox", *sys.argv[1:]]))

@@ -1,0 +1,114 @@
+"""`rwproxy sandbox up|status|down`: argparse wiring; the top-level CLI calls register()."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+from .cluster import DEFAULTS, TOPOLOGIES, Cluster
+from .util import SandboxError
+
+
+def _dir_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dir", default="sandbox", help="sandbox directory (default: ./sandbox)")
+
+
+def register(subparsers) -> argparse.ArgumentParser:
+    """Add `sandbox` to a top-level subparsers object; each leaf sets func(args) -> exit code."""
+    sb = subparsers.add_parser("sandbox", help="run a local MariaDB primary-replica cluster",
+                               description="A real MariaDB cluster on 127.0.0.1 for the demo, tests and benchmarks.")
+    sub = sb.add_subparsers(dest="sandbox_command", metavar="{up,status,down}")
+    sub.required = True
+
+    up = sub.add_parser("up", help="create (or restart) the cluster and write DIR/rwproxy.toml")
+    _dir_arg(up)
+    # None means "as created" for an existing sandbox, else the documented default
+    up.add_argument("--replicas", type=int, default=None,
+                    help=f"number of replicas besides the master(s) (default {DEFAULTS['replicas']})")
+    up.add_argument("--topology", choices=TOPOLOGIES, default=None,
+                    help=f"default {DEFAULTS['topology']}")
+    up.add_argument("--base-port", type=int, default=None,
+                    help=f"port of node1; the others follow (default {DEFAULTS['base_port']})")
+    up.add_argument("--semi-sync", action="store_true", default=None,
+                    help="enable semi-synchronous replication")
+    up.add_argument("--proxy-port", type=int, default=None,
+                    help=f"listen port written to rwproxy.toml (default {DEFAULTS['proxy_port']})")
+    up.add_argument("--mariadbd", default=None, help="path of the mariadbd binary (default: search PATH, /usr/sbin)")
+    up.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for each step (default 60)")
+    up.set_defaults(func=cmd_up)
+
+    st = sub.add_parser("status", help="show nodes, roles, replication and lag")
+    _dir_arg(st)
+    st.set_defaults(func=cmd_status)
+
+    dn = sub.add_parser("down", help="stop every node of the sandbox (data is kept)")
+    _dir_arg(dn)
+    dn.set_defaults(func=cmd_down)
+    return sb
+
+
+def _run(fn, args) -> int:
+    """SandboxError is the user's problem, not ours: one clear message, exit 1, no traceback."""
+    try:
+        return fn(args)
+    except SandboxError as e:
+        print(f"rwproxy sandbox: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("rwproxy sandbox: interrupted", file=sys.stderr)
+        return 130
+
+
+def cmd_up(args) -> int:
+    def go(args) -> int:
+        t0 = time.monotonic()
+        cluster = Cluster(args.dir, replicas=args.replicas, topology=args.topology, base_port=args.base_port,
+                          semi_sync=args.semi_sync, proxy_port=args.proxy_port, mariadbd=args.mariadbd)
+        existed = cluster.bootstrapped
+        cluster.up(timeout=args.timeout)
+        if not existed:
+            was = "created"
+        elif cluster.last_started:
+            was = f"restarted ({', '.join(cluster.last_started)})"
+        else:
+            was = "already running, checked"
+        print(cluster.status_table())
+        print(f"\nsandbox {was} in {time.monotonic() - t0:.1f}s ({cluster.topology}) in {cluster.dir}")
+        print(f"proxy config: {cluster.config_path}")
+        print(f"admin shell:  mariadb --defaults-file={cluster.primary.cnf}")
+        return 0
+    return _run(go, args)
+
+
+def cmd_status(args) -> int:
+    def go(args) -> int:
+        cluster = Cluster(args.dir)
+        rows = cluster.status()
+        from .render import status_table
+        print(status_table(rows, cluster.semi_sync))
+        return 0 if all(r["state"] == "up" for r in rows) else 3
+    return _run(go, args)
+
+
+def cmd_down(args) -> int:
+    def go(args) -> int:
+        cluster = Cluster(args.dir)
+        stopped = cluster.down()
+        print(f"stopped: {', '.join(stopped)}" if stopped else "no node was running")
+        return 0
+    return _run(go, args)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Stand-alone entry (python -m proxy.sandbox) until the top-level CLI wires register() in."""
+    parser = argparse.ArgumentParser(prog="rwproxy")
+    subparsers = parser.add_subparsers(dest="command", metavar="{sandbox}")
+    subparsers.required = True
+    register(subparsers)
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

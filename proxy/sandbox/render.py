@@ -1,0 +1,42 @@
+"""Text output of the sandbox: the status table and the ready-made rwproxy.toml."""
+
+from __future__ import annotations
+
+from typing import Any, Iterable
+
+
+def _toml_str(value: str) -> str:
+    """A TOML basic string (only what names and passwords can need)."""
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def proxy_config_toml(nodes: Iterable[Any], topology: str, proxy_port: int,
+                      app_user: tuple[str, str] = ("app", "app"),
+                      monitor_user: tuple[str, str] = ("rwproxy", "rwproxy")) -> str:
+    """rwproxy.toml for this cluster; written here so the sandbox does not depend on proxy.config.
+
+    Backends carry no role: the proxy learns roles from read_only, as it must after a failover.
+    """
+    out = ["# Written by `rwproxy sandbox up`: a proxy config for this sandbox cluster.",
+           "[proxy]", f"listen = {_toml_str(f'127.0.0.1:{proxy_port}')}", ""]
+    for node in nodes:
+        out += ["[[backends]]", f"name = {_toml_str(node.name)}", 'host = "127.0.0.1"',
+                f"port = {int(node.port)}", ""]
+    out += ["[[users]]", f"name = {_toml_str(app_user[0])}", f"password = {_toml_str(app_user[1])}", "",
+            "[monitor]", f"user = {_toml_str(monitor_user[0])}", f"password = {_toml_str(monitor_user[1])}", "",
+            "[cluster]", f"topology = {_toml_str(topology)}", ""]
+    return "\n".join(out)
+
+
+COLUMNS = [("node", "NODE"), ("port", "PORT"), ("role", "ROLE"), ("state", "STATE"),
+           ("read_only", "READ_ONLY"), ("replication", "REPLICATION"), ("lag", "LAG")]
+
+
+def status_table(rows: list[dict[str, Any]], semi_sync: bool) -> str:
+    """Fixed-width table of Cluster.status() rows; the semi-sync column only when enabled."""
+    cols = COLUMNS + ([("semi_sync_text", "SEMI_SYNC")] if semi_sync else [])
+    cells = [[title for _, title in cols]]
+    for row in rows:
+        cells.append(["-" if row.get(key) is None else str(row.get(key)) for key, _ in cols])
+    widths = [max(len(r[i]) for r in cells) for i in range(len(cols))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in cells)

@@ -1,0 +1,132 @@
+"""Small helpers shared by the sandbox modules: errors, binaries, ports, GTIDs."""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import shutil
+import socket
+from pathlib import Path
+
+# Debian puts mariadbd in /usr/sbin, which is not on a normal user's PATH.
+_EXTRA_DIRS = ("/usr/sbin", "/usr/local/sbin", "/usr/local/mysql/bin")
+
+# Linux limits sun_path to 108 bytes including the trailing NUL.
+MAX_SOCKET_PATH = 107
+
+
+class SandboxError(Exception):
+    """A sandbox failure with a one-line, user-facing message (no traceback)."""
+
+
+class PortInUse(SandboxError):
+    """A node port is taken; callers (e.g. test fixtures) may retry elsewhere."""
+
+    def __init__(self, port: int, detail: str = ""):
+        self.port = port
+        msg = f"port {port} on 127.0.0.1 is already in use"
+        if detail:
+            msg += f" ({detail})"
+        super().__init__(msg + "; choose another --base-port or stop what is using it")
+
+
+def find_binary(name: str, explicit: str | None = None) -> str:
+    """Locate a MariaDB binary, failing with the one line that tells how to fix it."""
+    hint = f"{name} not found: install the Debian package mariadb-server (apt-get install mariadb-server)"
+    if explicit:
+        if os.path.isfile(explicit) and os.access(explicit, os.X_OK):
+            return os.path.abspath(explicit)
+        found = shutil.which(explicit)
+        if found:
+            return found
+        raise SandboxError(hint)
+    path = os.environ.get("PATH", "")
+    found = shutil.which(name, path=os.pathsep.join([path, *_EXTRA_DIRS]))
+    if not found:
+        raise SandboxError(hint)
+    return found
+
+
+def port_is_free(port: int) -> bool:
+    """Whether mariadbd could bind 127.0.0.1:port (it uses SO_REUSEADDR too, so TIME_WAIT is fine)."""
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind(("127.0.0.1", port))
+        return True
+    except OSError as e:
+        if e.errno in (errno.EADDRINUSE, errno.EACCES):
+            return False
+        raise
+    finally:
+        s.close()
+
+
+def check_ports_free(ports) -> None:
+    """Fail before anything starts, naming the first busy port."""
+    for port in ports:
+        if not 0 < port < 65536:
+            raise SandboxError(f"port {port} is out of range")
+        if not port_is_free(port):
+            raise PortInUse(port)
+
+
+def find_free_base_port(count: int, start: int = 24306, end: int = 60000) -> int:
+    """First port p >= start such that p..p+count-1 are all free (for tests and benchmarks)."""
+    p = start
+    while p + count <= end:
+        for i in range(count):
+            if not port_is_free(p + i):
+                p = p + i + 1
+                break
+        else:
+            return p
+    raise SandboxError(f"no block of {count} free ports between {start} and {end}")
+
+
+def socket_path(base_dir: Path, node_name: str) -> Path:
+    """DIR/<node>/mysql.sock, or a short /tmp/rwp-<hash>/ path if that is too long for a unix socket."""
+    p = base_dir / node_name / "mysql.sock"
+    if len(str(p).encode()) <= MAX_SOCKET_PATH:
+        return p
+    digest = hashlib.sha1(str(base_dir).encode()).hexdigest()[:12]
+    return Path("/tmp") / f"rwp-{digest}" / f"{node_name}.sock"
+
+
+def file_size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0
+
+
+def tail(path: Path, lines: int = 8, start: int = 0) -> str:
+    """Last lines of a log file written after byte offset start, for error messages."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            size = f.tell()
+            f.seek(max(start if start <= size else 0, size - 16384))
+            data = f.read().decode("utf-8", "replace")
+    except OSError:
+        return ""
+    return "\n".join(data.splitlines()[-lines:])
+
+
+def parse_gtid_list(text: str | None) -> dict[int, int]:
+    """'0-1-5,1-2-7' -> {domain: seq_no}; server ids don't matter for catch-up checks."""
+    out: dict[int, int] = {}
+    for item in (text or "").split(","):
+        item = item.strip()
+        if not item:
+            continue
+        domain, _server, seq = item.split("-")
+        out[int(domain)] = max(out.get(int(domain), 0), int(seq))
+    return out
+
+
+def gtid_reached(current: str | None, target: str | None) -> bool:
+    """True if every domain in target has been reached in current."""
+    cur = parse_gtid_list(current)
+    return all(cur.get(d, 0) >= s for d, s in parse_gtid_list(target).items())

@@ -1,0 +1,343 @@
+"""The sandbox against real mariadbd processes: replication, read_only, status, down/up, errors."""
+
+from __future__ import annotations
+
+import json
+import signal
+import socket
+import subprocess
+import time
+import tomllib
+import uuid
+
+import pymysql
+import pytest
+
+from proxy.sandbox import Cluster, PortInUse, SandboxError, find_free_base_port
+from proxy.sandbox.cli import main as cli_main
+from proxy.sandbox.node import Node
+from proxy.sandbox.render import proxy_config_toml
+from proxy.sandbox.testing import cluster_processes, running_cluster
+from proxy.sandbox.util import gtid_reached, socket_path
+
+MISSING = "mariadbd not found: install the Debian package mariadb-server (apt-get install mariadb-server)"
+
+
+def wait_for(predicate, timeout: float = 10.0, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.05)
+
+
+def rows(node, sql, user="rwproxy"):
+    conn = node.connect(user, database="app")
+    try:
+        with conn.cursor() as cur:
+            cur.execute(sql)
+            return cur.fetchall()
+    finally:
+        conn.close()
+
+
+def table_name() -> str:
+    return "t_" + uuid.uuid4().hex[:12]
+
+
+# ---- the shared primary + 2 replicas -------------------------------------------------
+
+def test_roles_read_only_and_threads(cluster):
+    st = {r["node"]: r for r in cluster.status()}
+    assert st["node1"]["role"] == "primary" and st["node1"]["read_only"] == 0
+    assert st["node1"]["replication"] is None
+    assert len(cluster.replicas) == 2
+    for r in cluster.replicas:
+        row = st[r.name]
+        assert row["state"] == "up" and row["role"] == "replica" and row["read_only"] == 1
+        assert (row["io_running"], row["sql_running"]) == ("Yes", "Yes")
+        assert row["master_port"] == cluster.primary.port
+        assert r.variable("read_only") == 1
+
+
+def test_row_on_primary_reaches_every_replica(cluster):
+    t = table_name()
+    with cluster.primary.connect("app", database="app") as conn, conn.cursor() as cur:
+        cur.execute(f"CREATE TABLE {t} (id INT PRIMARY KEY, v VARCHAR(20))")
+        cur.execute(f"INSERT INTO {t} VALUES (1, 'hello')")
+    for r in cluster.replicas:
+        wait_for(lambda: _table_exists(r, t) and rows(r, f"SELECT id FROM {t}"),
+                 timeout=10, what=f"the row on {r.name}")
+        assert rows(r, f"SELECT id, v FROM {t}", user="app") == ((1, "hello"),)
+    cluster.wait_replicas_caught_up(timeout=10)
+
+
+def _table_exists(node, t) -> bool:
+    return bool(rows(node, f"SELECT 1 FROM information_schema.tables WHERE table_schema='app' AND table_name='{t}'"))
+
+
+def test_app_write_on_replica_is_refused_1290(cluster):
+    replica = cluster.replicas[0]
+    with replica.connect("app", database="app") as conn, conn.cursor() as cur:
+        with pytest.raises(pymysql.err.MySQLError) as exc:
+            cur.execute(f"CREATE TABLE {table_name()} (id INT)")
+        assert exc.value.args[0] == 1290
+        assert "--read-only" in exc.value.args[1]
+
+
+def test_app_has_no_global_privileges(cluster):
+    with cluster.primary.connect("app") as conn, conn.cursor() as cur:
+        cur.execute("SHOW GRANTS")
+        grants = [g[0] for g in cur.fetchall()]
+    assert any("ON `app`.*" in g and "ALL PRIVILEGES" in g for g in grants), grants
+    assert all("ON *.*" not in g or g.startswith("GRANT USAGE ON *.*") for g in grants), grants
+
+
+def test_status_table_and_cli(cluster, capsys):
+    table = cluster.status_table()
+    lines = table.splitlines()
+    assert lines[0].split() == ["NODE", "PORT", "ROLE", "STATE", "READ_ONLY", "REPLICATION", "LAG"]
+    assert len(lines) == 4
+    for r in cluster.replicas:
+        line = next(l for l in lines if l.startswith(r.name + " "))
+        assert f"IO:Yes SQL:Yes from {cluster.primary.port}" in line
+        assert str(r.port) in line and "replica" in line
+    assert cli_main(["sandbox", "status", "--dir", str(cluster.dir)]) == 0
+    out = capsys.readouterr().out
+    assert "node1" in out and str(cluster.primary.port) in out and "primary" in out
+
+
+def test_state_file_and_proxy_config(cluster):
+    state = json.loads((cluster.dir / "sandbox.json").read_text())
+    assert state["topology"] == "primary-replica" and state["semi_sync"] is False
+    assert [n["name"] for n in state["nodes"]] == ["node1", "node2", "node3"]
+    assert len({n["server_id"] for n in state["nodes"]}) == 3
+    assert {"app", "rwproxy", "repl"} <= set(state["users"])
+    cfg = tomllib.loads(cluster.config_path.read_text())
+    assert cfg["proxy"]["listen"] == "127.0.0.1:6033"
+    assert [(b["name"], b["host"], b["port"]) for b in cfg["backends"]] == \
+        [(n.name, "127.0.0.1", n.port) for n in cluster.nodes]
+    assert all("role" not in b for b in cfg["backends"])
+    assert cfg["users"] == [{"name": "app", "password": "app"}]
+    assert cfg["monitor"] == {"user": "rwproxy", "password": "rwproxy"}
+    assert cfg["cluster"] == {"topology": "primary-replica"}
+
+
+def test_up_again_is_a_no_op_and_topology_change_is_refused(cluster):
+    pids = [n.pid() for n in cluster.nodes]
+    again = Cluster(cluster.dir).up(timeout=30)
+    assert [n.pid() for n in again.nodes] == pids
+    with pytest.raises(SandboxError, match="topology"):
+        Cluster(cluster.dir, topology="master-master")
+    with pytest.raises(SandboxError, match="replicas"):
+        Cluster(cluster.dir, replicas=5)
+
+
+# ---- private clusters ----------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def semi(tmp_path_factory):
+    """Primary + 1 replica with semi-sync; the down/up/crash tests below restore it as they go."""
+    with running_cluster(tmp_path_factory.mktemp("semi"), replicas=1, semi_sync=True) as c:
+        yield c
+
+
+def test_semi_sync_is_active(semi):
+    p, r = semi.primary, semi.replicas[0]
+    st = p.status_vars("Rpl_semi_sync_master_%")
+    assert st["Rpl_semi_sync_master_status"] == "ON"
+    assert int(st["Rpl_semi_sync_master_clients"]) >= 1
+    assert r.status_vars("Rpl_semi_sync_slave_status")["Rpl_semi_sync_slave_status"] == "ON"
+    yes_before = int(st["Rpl_semi_sync_master_yes_tx"])
+    t = table_name()
+    with p.connect("app", database="app") as conn, conn.cursor() as cur:
+        cur.execute(f"CREATE TABLE {t} (id INT PRIMARY KEY)")
+        cur.execute(f"INSERT INTO {t} VALUES (1)")
+    assert int(p.status_vars("Rpl_semi_sync_master_yes_tx")["Rpl_semi_sync_master_yes_tx"]) >= yes_before + 2
+    assert "master:ON clients=1" in semi.status_table()
+
+
+def test_down_then_up_keeps_data(semi):
+    t = table_name()
+    with semi.primary.connect("app", database="app") as conn, conn.cursor() as cur:
+        cur.execute(f"CREATE TABLE {t} (id INT PRIMARY KEY)")
+        cur.execute(f"INSERT INTO {t} VALUES (42)")
+    semi.wait_replicas_caught_up(timeout=10)
+    pids = [n.pid() for n in semi.nodes]
+    assert all(pids)
+    assert sorted(semi.down()) == ["node1", "node2"]
+    assert cluster_processes(semi) == []
+    for pid in pids:
+        assert not _pid_alive(pid), pid
+    assert {row["state"] for row in semi.status()} == {"down"}
+    assert "down" in semi.status_table()
+
+    again = Cluster(semi.dir).up(timeout=60)
+    assert all(n.pid() and n.pid() not in pids for n in again.nodes)
+    for n in again.nodes:
+        assert rows(n, f"SELECT id FROM {t}") == ((42,),)
+    st = {row["node"]: row for row in again.status()}
+    assert (st["node2"]["io_running"], st["node2"]["sql_running"]) == ("Yes", "Yes")
+    assert int(again.primary.status_vars("Rpl_semi_sync_master_clients")["Rpl_semi_sync_master_clients"]) >= 1
+
+
+def test_up_restarts_crashed_and_hung_nodes(semi):
+    p, r = semi.primary, semi.replicas[0]
+    old = p.kill(signal.SIGKILL)
+    assert not _pid_alive(old) and p.pid() is None
+    assert semi.status()[0]["state"] == "down"
+    r.kill(signal.SIGSTOP, wait=False)  # a hung node must still stop cleanly
+    assert r.stop(timeout=30) is True and r.pid() is None
+    semi.up(timeout=60)
+    assert p.pid() not in (None, old)
+    t = table_name()
+    with p.connect("app", database="app") as conn, conn.cursor() as cur:
+        cur.execute(f"CREATE TABLE {t} (id INT PRIMARY KEY)")
+        cur.execute(f"INSERT INTO {t} VALUES (7)")
+    semi.wait_replicas_caught_up(timeout=15)
+    assert rows(r, f"SELECT id FROM {t}") == ((7,),)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return False
+    return stat[stat.rfind(b")") + 2:stat.rfind(b")") + 3] not in (b"Z", b"X")
+
+
+def test_master_master_both_ways_without_auto_increment_collisions(tmp_path):
+    with running_cluster(tmp_path / "mm", topology="master-master", replicas=1) as c:
+        m1, m2 = c.masters
+        replica = c.replicas[0]
+        assert (m1.port + 1, replica.port) == (m2.port, m2.port + 1)
+        assert m1.variable("read_only") == 0 and m2.variable("read_only") == 0
+        assert m1.variable("gtid_domain_id") != m2.variable("gtid_domain_id")
+        t = table_name()
+        with m1.connect("app", database="app") as conn, conn.cursor() as cur:
+            cur.execute(f"CREATE TABLE {t} (id INT AUTO_INCREMENT PRIMARY KEY, src CHAR(2))")
+        c.wait_replicas_caught_up(timeout=10)
+        c1, c2 = m1.connect("app", database="app"), m2.connect("app", database="app")
+        try:
+            for _ in range(5):  # interleaved, no waiting: ids must still never collide
+                c1.cursor().execute(f"INSERT INTO {t} (src) VALUES ('m1')")
+                c2.cursor().execute(f"INSERT INTO {t} (src) VALUES ('m2')")
+        finally:
+            c1.close()
+            c2.close()
+        c.wait_replicas_caught_up(timeout=15)
+        expected = rows(m1, f"SELECT id, src FROM {t} ORDER BY id")
+        assert len(expected) == 10
+        assert {i % 2 for i, src in expected if src == "m1"} == {1}
+        assert {i % 2 for i, src in expected if src == "m2"} == {0}
+        for n in (m2, replica):
+            assert rows(n, f"SELECT id, src FROM {t} ORDER BY id") == expected
+        st = {row["node"]: row for row in c.status()}
+        assert st["node1"]["master_port"] == m2.port and st["node2"]["master_port"] == m1.port
+        assert st["node3"]["master_port"] == m1.port and st["node3"]["read_only"] == 1
+        assert tomllib.loads(c.config_path.read_text())["cluster"]["topology"] == "master-master"
+
+
+# ---- errors --------------------------------------------------------------------------
+
+def test_busy_port_is_named_before_anything_starts(tmp_path, capsys):
+    base = find_free_base_port(2, 25306)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", base + 1))
+        s.listen()
+        with pytest.raises(PortInUse, match=str(base + 1)):
+            Cluster(tmp_path / "busy", replicas=1, base_port=base).up()
+        assert not (tmp_path / "busy").exists()
+        code = cli_main(["sandbox", "up", "--dir", str(tmp_path / "busy"), "--replicas", "1",
+                         "--base-port", str(base)])
+    err = capsys.readouterr().err
+    assert code == 1 and f"port {base + 1}" in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_lost_port_race_is_port_in_use_and_a_retry_rebuilds(tmp_path, monkeypatch):
+    """Someone binds the port between our check and mariadbd's bind: PortInUse, nothing left running."""
+    base = find_free_base_port(1, 25406)
+    d = tmp_path / "race"
+    with monkeypatch.context() as m, socket.socket() as s:
+        m.setattr("proxy.sandbox.cluster.check_ports_free", lambda ports: None)
+        s.bind(("127.0.0.1", base))
+        s.listen()
+        c = Cluster(d, replicas=0, base_port=base)
+        with pytest.raises(PortInUse, match=str(base)):
+            c.up(timeout=30)
+        assert cluster_processes(c) == []
+    other = find_free_base_port(1, base + 1)
+    c2 = Cluster(d, replicas=0, base_port=other).up(timeout=30)  # half-made sandbox: rebuilt, new port
+    try:
+        assert c2.primary.port == other and c2.status()[0]["state"] == "up"
+    finally:
+        c2.down(remove=True)
+    assert cluster_processes(c2) == []
+
+
+def test_missing_mariadbd_gives_one_clear_line(tmp_path, capsys):
+    with pytest.raises(SandboxError) as exc:
+        Cluster(tmp_path / "x", mariadbd=str(tmp_path / "no" / "mariadbd")).up()
+    assert str(exc.value) == MISSING
+    code = cli_main(["sandbox", "up", "--dir", str(tmp_path / "x"), "--mariadbd", "/nonexistent/mariadbd"])
+    err = capsys.readouterr().err
+    assert code == 1 and err.strip() == f"rwproxy sandbox: error: {MISSING}"
+    with pytest.raises(SandboxError, match="^mariadb-install-db not found: install the Debian package"):
+        Cluster(tmp_path / "y", install_db="/nonexistent/mariadb-install-db").up()
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+def test_failed_start_reports_the_error_log(tmp_path):
+    spec = {k: str(tmp_path / v) for k, v in {"dir": "", "datadir": "data", "socket": "s.sock",
+            "pid_file": "p.pid", "cnf": "my.cnf", "error_log": "err.log"}.items()}
+    node = Node({**spec, "name": "bad", "role": "primary", "port": find_free_base_port(1, 26306),
+                 "server_id": 1}, mariadbd="/usr/sbin/mariadbd")
+    node.write_cnf()  # but no datadir: mariadbd aborts at once
+    with pytest.raises(SandboxError, match="(?s)exited with code 1; last lines of .*Can't change dir"):
+        node.start(timeout=30)
+    assert node.pid() is None
+
+
+def test_foreign_pid_in_pid_file_is_never_signalled(tmp_path):
+    spec = {k: str(tmp_path / v) for k, v in {"dir": "", "datadir": "data", "socket": "s.sock",
+            "pid_file": "p.pid", "cnf": "my.cnf", "error_log": "err.log"}.items()}
+    node = Node({**spec, "name": "n", "role": "replica", "port": 1, "server_id": 2})
+    sleeper = subprocess.Popen(["sleep", "30"])
+    try:
+        node.pid_file.write_text(f"{sleeper.pid}\n")
+        assert node.pid() is None
+        assert node.stop(timeout=1) is False
+        with pytest.raises(SandboxError):
+            node.kill(signal.SIGKILL)
+        assert sleeper.poll() is None
+    finally:
+        sleeper.kill()
+        sleeper.wait(5)
+
+
+# ---- pure helpers ----------------------------------------------------------------------
+
+def test_helpers(tmp_path):
+    assert gtid_reached("0-1-10,1-2-3", "0-1-9,1-2-3")
+    assert not gtid_reached("0-1-10", "0-1-9,1-2-3")
+    assert gtid_reached("", "")
+    long_dir = tmp_path / ("d" * 120)
+    assert str(socket_path(long_dir, "node1")).startswith("/tmp/rwp-")
+    assert len(str(socket_path(long_dir, "node1"))) < 107
+    assert socket_path(tmp_path, "node1") == tmp_path / "node1" / "mysql.sock"
+    base = find_free_base_port(3, 27306)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", base + 1))
+        s.listen()
+        assert find_free_base_port(3, base) >= base + 2
+
+    class N:
+        def __init__(self, name, port):
+            self.name, self.port = name, port
+    cfg = tomllib.loads(proxy_config_toml([N("node1", 1), N("node2", 2)], "master-master", 7000))
+    assert cfg["proxy"]["listen"] == "127.0.0.1:7000" and len(cfg["backends"]) == 2

@@ -240,7 +240,7 @@ class ClientConnection(asyncio.Protocol):
                 )
             except AccessDenied as e:
                 log.info("client %s: %s", self.host, e)
-                self.write(err_packet(seq, ER_ACCESS_DENIED_ERROR, str(e), self.caps))
+                self.write(err_packet(e.seq, ER_ACCESS_DENIED_ERROR, str(e), self.caps))
                 return self._close()
             if self.user.require_tls and not self.tls:
                 msg = f"Access denied for user '{self.user.name}'@'{self.host}': this user must connect with TLS"
@@ -367,7 +367,7 @@ class ClientConnection(asyncio.Protocol):
         except BackendError as e:
             self.write(frame(err_payload(e.code, e.sqlstate.encode(), e.message), 1))
         except AccessDenied as e:
-            self.write(err_packet(3, ER_ACCESS_DENIED_ERROR, str(e), self.caps))
+            self.write(err_packet(e.seq, ER_ACCESS_DENIED_ERROR, str(e), self.caps))
             self._close()
         except (ConnectionError, asyncio.TimeoutError) as e:
             if not self.closed:

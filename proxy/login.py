@@ -28,7 +28,11 @@ log = logging.getLogger("rwproxy.login")
 
 
 class AccessDenied(Exception):
-    pass
+    """Login refused; `seq` is the sequence number the ERR packet must carry."""
+
+    def __init__(self, message: str, seq: int):
+        super().__init__(message)
+        self.seq = seq
 
 
 @dataclass(slots=True)
@@ -80,17 +84,19 @@ class Authenticator:
         """Run the plugin exchange; returns (UserConfig, next seq). Raises AccessDenied with the message."""
         ucfg = self.users.get(user)
         if ucfg is None:
-            raise AccessDenied(access_denied_message(user, host, token))
+            raise AccessDenied(access_denied_message(user, host, token), seq)
         wanted = ucfg.auth_plugin or (plugin if plugin in auth.SUPPORTED else self.default_plugin)
-        if plugin != wanted:
-            # Auth switch: ask the client to answer with the plugin this user needs.
+        # Auth switch: ask the client to answer with the plugin this user needs. A client
+        # whose plugin differs from the greeting's may also have sent no data at all
+        # (libmariadb does), expecting the switch to bring a salt for its plugin.
+        if plugin != wanted or (not token and ucfg.password and plugin != self.default_plugin):
             salt = auth.nonce()
             io.write(frame(b"\xfe" + wanted.encode() + b"\x00" + salt + b"\x00", seq))
             seq, token = await io.read_packet()
             seq += 1
         if wanted == auth.NATIVE:
             if not auth.verify(auth.NATIVE, ucfg.password, salt, token):
-                raise AccessDenied(access_denied_message(user, host, token))
+                raise AccessDenied(access_denied_message(user, host, token), seq)
             return ucfg, seq
         return await self._sha2(io, ucfg, salt, token, seq, host, tls)
 
@@ -98,7 +104,7 @@ class Authenticator:
         if not ucfg.password and not token.strip(b"\x00"):
             return ucfg, seq
         if not auth.verify(auth.CACHING_SHA2, ucfg.password, salt, token):
-            raise AccessDenied(access_denied_message(ucfg.name, host, token))
+            raise AccessDenied(access_denied_message(ucfg.name, host, token), seq)
         if ucfg.name in self.sha2_cache:
             io.write(frame(b"\x01" + auth.SHA2_FAST_AUTH_OK, seq))
             return ucfg, seq + 1
@@ -109,17 +115,18 @@ class Authenticator:
             clear = data.rstrip(b"\x00")
         else:
             if data != auth.SHA2_REQUEST_PUBLIC_KEY or self.rsa is None:
-                raise AccessDenied(access_denied_message(ucfg.name, host, token))
+                raise AccessDenied(access_denied_message(ucfg.name, host, token), seq)
             io.write(frame(b"\x01" + self.rsa.public_pem, seq))
             seq, data = await io.read_packet()
             seq += 1
             try:
                 clear = self.rsa.decrypt_password(data, salt)
             except Exception:
-                raise AccessDenied(access_denied_message(ucfg.name, host, token)) from None
+                raise AccessDenied(access_denied_message(ucfg.name, host, token), seq) from None
         if clear != ucfg.password.encode():
-            raise AccessDenied(access_denied_message(ucfg.name, host, token))
+            raise AccessDenied(access_denied_message(ucfg.name, host, token), seq)
         self.sha2_cache.add(ucfg.name)
+        log.info("user %s: caching_sha2_password full authentication (%s) succeeded", ucfg.name, "TLS" if tls else "RSA")
         return ucfg, seq
 
 

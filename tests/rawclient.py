@@ -1,0 +1,81 @@
+"""A minimal blocking MySQL protocol client for tests of commands no library exposes
+(cursor fetches, COM_FIELD_LIST, unknown commands, malformed packets)."""
+
+from __future__ import annotations
+
+import socket
+import struct
+
+from proxy.protocol import auth
+from proxy.protocol.constants import CLIENT_DEPRECATE_EOF, CLIENT_MULTI_RESULTS, CLIENT_PS_MULTI_RESULTS, PROXY_CAPABILITIES
+from proxy.protocol.handshake import build_response, parse_greeting
+from proxy.protocol.packets import frame, parse_err
+
+
+class RawClient:
+    def __init__(self, host: str, port: int, user="app", password="app", db="app", deprecate_eof=True, timeout=10.0):
+        self.sock = socket.create_connection((host, port), timeout=timeout)
+        self.buf = b""
+        seq, payload = self.read()
+        self.greeting = parse_greeting(payload)
+        caps = PROXY_CAPABILITIES & ~(1 << 20) | CLIENT_MULTI_RESULTS | CLIENT_PS_MULTI_RESULTS
+        if not deprecate_eof:
+            caps &= ~CLIENT_DEPRECATE_EOF
+        self.caps = caps
+        token = auth.native_token(password, self.greeting.salt)
+        self.send(build_response(caps, 45, user, token, db, auth.NATIVE), seq + 1)
+        seq, payload = self.read()
+        if payload[0] != 0:
+            raise RuntimeError(f"login failed: {parse_err(payload)}")
+
+    def read(self) -> tuple[int, bytes]:
+        while True:
+            if len(self.buf) >= 4:
+                n = int.from_bytes(self.buf[:3], "little")
+                if len(self.buf) >= 4 + n:
+                    seq, payload = self.buf[3], self.buf[4 : 4 + n]
+                    self.buf = self.buf[4 + n :]
+                    return seq, payload
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                raise ConnectionError("connection closed")
+            self.buf += chunk
+
+    def send(self, payload: bytes, seq: int = 0) -> None:
+        self.sock.sendall(frame(payload, seq))
+
+    def command(self, payload: bytes) -> bytes:
+        """Send a command, return the first response packet's payload."""
+        self.send(payload, 0)
+        return self.read()[1]
+
+    def read_until_eof(self) -> list[bytes]:
+        """Read packets until an EOF/OK-0xFE terminator or ERR (inclusive)."""
+        out = []
+        while True:
+            _, p = self.read()
+            out.append(p)
+            if p[:1] == b"\xff" or (p[:1] == b"\xfe" and len(p) < 0xFFFFFF):
+                return out
+
+    def prepare(self, sql: str) -> tuple[int, int, int]:
+        p = self.command(b"\x16" + sql.encode())
+        if p[0] == 0xFF:
+            raise RuntimeError(parse_err(p))
+        stmt_id, ncols, nparams = struct.unpack_from("<IHH", p, 1)
+        for _ in range(nparams):
+            self.read()
+        if nparams and not self.caps & CLIENT_DEPRECATE_EOF:
+            self.read()
+        for _ in range(ncols):
+            self.read()
+        if ncols and not self.caps & CLIENT_DEPRECATE_EOF:
+            self.read()
+        return stmt_id, ncols, nparams
+
+    def close(self) -> None:
+        try:
+            self.send(b"\x01", 0)
+        except OSError:
+            pass
+        self.sock.close()

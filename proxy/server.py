@@ -139,8 +139,23 @@ def setup_logging(level: str = "INFO") -> None:
     )
 
 
+def raise_fd_limit() -> None:
+    """Each client may hold a socket per backend: use all the file descriptors we may."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY:
+        hard = 1 << 20
+    if soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (ValueError, OSError):
+            pass
+
+
 def serve(config) -> int:
     workers = config.proxy.workers or os.cpu_count() or 1
+    raise_fd_limit()
     socks = bind_sockets(config.proxy.host, config.proxy.port, workers)
     topology = topo_mod.probe(config)
     primary = topology.primary

@@ -1,0 +1,230 @@
+"""Data-path benchmark: sysbench directly against the primary vs through rwproxy.
+
+Starts its own sandbox cluster and rwproxy, alternates A/B runs (direct, proxy,
+then proxy, direct, ...) so drift on this shared 2-core machine hits both
+sides alike, and reports medians of per-round ratios. Also measures the
+proxy's CPU for a 1,000-row result and its memory per idle client.
+
+    python -m benchmarks.run               # full run (~5 minutes)
+    python -m benchmarks.run --quick       # smoke run (~1 minute)
+Results: benchmarks/results/dataplane-<date>.json and .md (and *-latest.*).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pymysql
+
+from proxy.config import build_config, write_config
+from proxy.launcher import ProxyProcess, free_port
+from proxy.sandbox.testing import running_cluster
+
+RESULTS = Path(__file__).parent / "results"
+SB_DB = "sbtest"
+
+
+def sysbench(test: str, host: str, port: int, threads: int, seconds: float, tables: int, size: int, action="run") -> dict:
+    cmd = [
+        "sysbench", test, f"--mysql-host={host}", f"--mysql-port={port}", "--mysql-user=app", "--mysql-password=app",
+        f"--mysql-db={SB_DB}", f"--tables={tables}", f"--table-size={size}", "--db-driver=mysql",
+        f"--threads={threads}", f"--time={int(seconds)}", "--histogram=on", "--percentile=99", "--db-ps-mode=auto", action,
+    ]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 120)
+    if out.returncode != 0:
+        raise RuntimeError(f"sysbench failed ({' '.join(cmd)}):\n{out.stdout[-2000:]}\n{out.stderr[-2000:]}")
+    if action != "run":
+        return {}
+    text = out.stdout
+    queries = int(re.search(r"queries:\s+(\d+)", text).group(1))
+    qps = float(re.search(r"queries:\s+\d+\s+\(([\d.]+) per sec", text).group(1))
+    errors = int(re.search(r"ignored errors:\s+(\d+)", text).group(1))
+    hist = [(float(v), int(c)) for v, c in re.findall(r"^\s+([\d.]+) \|[^\n]*?(\d+)\s*$", text, re.M)]
+    return {"queries": queries, "qps": qps, "errors": errors, "p95_ms": _pct(hist, 0.95), "p99_ms": _pct(hist, 0.99)}
+
+
+def _pct(hist: list[tuple[float, int]], q: float) -> float | None:
+    total = sum(c for _, c in hist)
+    if not total:
+        return None
+    seen = 0
+    for value, count in hist:
+        seen += count
+        if seen >= q * total:
+            return value
+    return hist[-1][0]
+
+
+def big_result_cpu(proxy: ProxyProcess, seconds: float) -> dict:
+    """Proxy CPU per 1,000-row (~130 KB) result, read by one PyMySQL client."""
+    conn = pymysql.connect(host=proxy.host, port=proxy.port, user="app", password="app", database=SB_DB)
+    cur = conn.cursor()
+    sql = "SELECT seq, REPEAT('r', 120) FROM seq_1_to_1000"
+    cur.execute(sql)
+    size = sum(len(str(a)) + len(b) for a, b in cur.fetchall())
+    n, cpu0, t0 = 0, proxy.cpu_seconds(), time.monotonic()
+    while time.monotonic() - t0 < seconds:
+        cur.execute(sql)
+        cur.fetchall()
+        n += 1
+    cpu = proxy.cpu_seconds() - cpu0
+    conn.close()
+    return {"queries": n, "payload_bytes": size, "proxy_cpu_us_per_query": round(cpu / n * 1e6, 1)}
+
+
+def idle_memory(proxy: ProxyProcess, count: int) -> dict:
+    """RSS growth of the proxy while `count` authenticated clients sit idle."""
+    before = proxy.rss_kib()
+    conns = []
+    try:
+        for _ in range(count):
+            conns.append(pymysql.connect(host=proxy.host, port=proxy.port, user="app", password="app", database=SB_DB))
+        time.sleep(1.0)
+        after = proxy.rss_kib()
+    finally:
+        for c in conns:
+            c.close()
+    return {"connections": count, "rss_before_kib": before, "rss_after_kib": after,
+            "kib_per_connection": round((after - before) / count, 1)}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="short smoke run")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--time", type=float, default=10.0, help="seconds per sysbench run")
+    ap.add_argument("--threads", default="8,32")
+    ap.add_argument("--tests", default="oltp_point_select,oltp_read_only")
+    ap.add_argument("--workers", type=int, default=0, help="rwproxy workers (0 = CPU count)")
+    ap.add_argument("--idle", type=int, default=1000, help="idle clients for the memory figure")
+    ap.add_argument("--tag", default="dataplane")
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.rounds, args.time, args.idle = 1, 3.0, 200
+    threads = [int(t) for t in args.threads.split(",")]
+    tests = args.tests.split(",")
+    tables, size = 4, 10000
+
+    with tempfile.TemporaryDirectory(prefix="rwp-bench-") as tmp, running_cluster(Path(tmp) / "sandbox", replicas=2, port_start=25306) as cluster:
+        with cluster.primary.connect() as c, c.cursor() as cur:
+            cur.execute(f"CREATE DATABASE IF NOT EXISTS {SB_DB}")
+            cur.execute(f"GRANT ALL ON {SB_DB}.* TO 'app'@'%'")
+        primary = cluster.primary.port
+        print(f"preparing sysbench tables ({tables} x {size} rows) on the primary ...", flush=True)
+        sysbench("oltp_read_only", "127.0.0.1", primary, 4, 0, tables, size, action="prepare")
+        cluster.wait_replicas_caught_up(60)
+
+        port = free_port()
+        data = {
+            "proxy": {"listen": f"127.0.0.1:{port}", "workers": args.workers},
+            "backends": [{"name": n.name, "host": "127.0.0.1", "port": n.port} for n in cluster.nodes],
+            "users": [{"name": "app", "password": "app"}],
+            "monitor": {"user": "rwproxy", "password": "rwproxy"},
+        }
+        cfg_path = str(Path(tmp) / "rwproxy.toml")
+        write_config(build_config(data, source=cfg_path), cfg_path)
+        proxy = ProxyProcess(cfg_path, "127.0.0.1", port, log_path=str(Path(tmp) / "rwproxy.log")).start()
+        workers = len(proxy.child_pids()) - 1 or 1
+        try:
+            runs = []
+            for test in tests:
+                for th in threads:
+                    for r in range(args.rounds):
+                        order = ["direct", "proxy"] if r % 2 == 0 else ["proxy", "direct"]
+                        pair = {}
+                        for ep in order:
+                            cpu0 = proxy.cpu_seconds()
+                            res = sysbench(test, "127.0.0.1", primary if ep == "direct" else port, th, args.time, tables, size)
+                            if ep == "proxy":
+                                res["proxy_cpu_us_per_query"] = round((proxy.cpu_seconds() - cpu0) / res["queries"] * 1e6, 1)
+                            pair[ep] = res
+                            print(f"{test:18s} threads={th:<3d} round={r + 1} {ep:6s} qps={res['qps']:9.0f} "
+                                  f"p95={res['p95_ms']}ms p99={res['p99_ms']}ms errors={res['errors']}"
+                                  + (f" cpu={res['proxy_cpu_us_per_query']}us/q" if ep == "proxy" else ""), flush=True)
+                        runs.append({"test": test, "threads": th, "round": r + 1, **pair})
+            big = big_result_cpu(proxy, 3.0 if args.quick else 8.0)
+            print(f"1,000-row result: {big}", flush=True)
+            idle = idle_memory(proxy, args.idle)
+            print(f"idle clients: {idle}", flush=True)
+        finally:
+            proxy.stop()
+
+    summary = summarize(runs)
+    stamp = datetime.datetime.now().strftime("%Y-%m-%d")
+    result = {
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "kernel": platform.release()},
+        "settings": {"rounds": args.rounds, "seconds": args.time, "tables": tables, "table_size": size,
+                     "proxy_workers": workers, "routing": "everything to the primary"},
+        "summary": summary, "big_result": big, "idle_memory": idle, "runs": runs,
+    }
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    md = markdown(result)
+    for name in (f"{args.tag}-{stamp}", f"{args.tag}-latest"):
+        (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
+        (RESULTS / f"{name}.md").write_text(md)
+    print("\n" + md)
+    return 0
+
+
+def summarize(runs: list[dict]) -> list[dict]:
+    out = []
+    keys = sorted({(r["test"], r["threads"]) for r in runs}, key=lambda k: (k[0], k[1]))
+    for test, th in keys:
+        rs = [r for r in runs if r["test"] == test and r["threads"] == th]
+        med = lambda ep, k: statistics.median(r[ep][k] for r in rs if r[ep].get(k) is not None)  # noqa: E731
+        out.append({
+            "test": test, "threads": th,
+            "direct_qps": round(med("direct", "qps")), "proxy_qps": round(med("proxy", "qps")),
+            "ratio": round(statistics.median(r["proxy"]["qps"] / r["direct"]["qps"] for r in rs), 3),
+            "direct_p95_ms": med("direct", "p95_ms"), "proxy_p95_ms": med("proxy", "p95_ms"),
+            "direct_p99_ms": med("direct", "p99_ms"), "proxy_p99_ms": med("proxy", "p99_ms"),
+            "proxy_cpu_us_per_query": med("proxy", "proxy_cpu_us_per_query"),
+            "proxy_cpu_s_per_1000_queries": round(med("proxy", "proxy_cpu_us_per_query") / 1000, 4),
+            "errors": sum(r[ep]["errors"] for r in rs for ep in ("direct", "proxy")),
+        })
+    return out
+
+
+def markdown(result: dict) -> str:
+    s = result["settings"]
+    lines = [
+        f"# rwproxy data-path benchmark, {result['date']}",
+        "",
+        f"{result['machine']['cpus']} CPUs (shared), Python {result['machine']['python']}, rwproxy workers={s['proxy_workers']}, "
+        f"{s['rounds']} alternating rounds of {s['seconds']:.0f} s, sysbench {s['tables']} x {s['table_size']} rows; "
+        f"routing: {s['routing']}. Medians; ratio = median of per-round proxy/direct QPS.",
+        "",
+        "| test | threads | direct QPS | rwproxy QPS | ratio | p95 ms direct / proxy | p99 ms direct / proxy | rwproxy CPU µs/query | errors |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in result["summary"]:
+        lines.append(
+            f"| {r['test']} | {r['threads']} | {r['direct_qps']} | {r['proxy_qps']} | {r['ratio']:.2f} | "
+            f"{r['direct_p95_ms']} / {r['proxy_p95_ms']} | {r['direct_p99_ms']} / {r['proxy_p99_ms']} | "
+            f"{r['proxy_cpu_us_per_query']} | {r['errors']} |"
+        )
+    b, m = result["big_result"], result["idle_memory"]
+    lines += [
+        "",
+        f"- 1,000-row result (~{b['payload_bytes'] // 1000} KB of values): rwproxy CPU {b['proxy_cpu_us_per_query']} µs per query ({b['queries']} queries).",
+        f"- Idle clients: {m['connections']} connections held open grew rwproxy's RSS by {m['rss_after_kib'] - m['rss_before_kib']} KiB "
+        f"= {m['kib_per_connection']} KiB per connection (each holds its primary backend connection too).",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -78,6 +78,7 @@ class BackendConnection(asyncio.Protocol):
         "_paused",
         "relayed",
         "dirty",
+        "db_touched",
     )
 
     def __init__(self, server, key, caps: int):
@@ -98,7 +99,8 @@ class BackendConnection(asyncio.Protocol):
         self._collect = False
         self._paused = False
         self.relayed = 0  # bytes of the current response already sent to the client
-        self.dirty = False  # session state changed since the last reset
+        self.dirty = False  # session options a reset does not undo (COM_SET_OPTION)
+        self.db_touched = False  # the client may have changed the current database
 
     # ---- asyncio.Protocol -------------------------------------------------
     def connection_made(self, transport):
@@ -248,6 +250,7 @@ class BackendConnection(asyncio.Protocol):
             code, state, msg = parse_err(resp[4:])
             raise BackendError(code, state, msg)
         self.db = db
+        self.db_touched = db != self.key[4]
 
     async def reset(self) -> bool:
         """COM_RESET_CONNECTION: make the session state clean for the next client."""

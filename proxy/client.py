@@ -272,6 +272,8 @@ class ClientConnection(asyncio.Protocol):
             kind = _RELAY_KIND.get(cmd)
             if kind is not None:
                 be = self.backends.get(self.worker.primary_name)
+                if cmd == COM_QUERY and pkt[5:8].lower() == b"use" and be is not None:
+                    be.db_touched = True  # USE db: the pool must restore the database
                 if be is not None and not be.closed:
                     self.busy = True
                     be.relay(pkt, kind, self)
@@ -414,6 +416,7 @@ class ClientConnection(asyncio.Protocol):
     async def _init_db(self, pkt):
         be = await self.primary_backend()
         resp = await be.command(pkt, SIMPLE)
+        be.db_touched = True
         if resp[4] != 0xFF:
             self.db = pkt[5:].decode("utf-8", "replace")
             be.db = self.db

@@ -61,7 +61,20 @@ class Pools:
         asyncio.get_running_loop().create_task(self._reset_and_keep(conn))
 
     async def _reset_and_keep(self, conn: BackendConnection) -> None:
-        if await conn.reset() and not conn.closed:
+        # COM_RESET_CONNECTION keeps the current database, which a client may have
+        # changed (COM_INIT_DB, USE): put back the one this pool key promises.
+        db = conn.key[4]
+        ok = await conn.reset() and not conn.closed
+        if ok and conn.db_touched:
+            if db is None:
+                ok = False  # a database cannot be unselected
+            else:
+                try:
+                    await conn.init_db(db)
+                    conn.db_touched = False
+                except (BackendError, ConnectionError, asyncio.TimeoutError):
+                    ok = False
+        if ok:
             conn.last_used = time.monotonic()
             self.idle[conn.key].append(conn)
         else:

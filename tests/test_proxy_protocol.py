@@ -19,7 +19,7 @@ import pytest
 
 from helpers import SHA2_PASSWORD, SHA2_USER, direct, proxy, self_signed_cert, start_proxy  # noqa: F401
 from proxy.launcher import ProxyProcess, free_port
-from rawclient import RawClient
+from proxy.rawclient import RawClient
 
 
 def _err(excinfo) -> tuple[int, str]:
@@ -351,3 +351,18 @@ def test_connector_prepared_statements_map_ids(proxy):
             cur.close()
     finally:
         c.close()
+
+
+@pytest.mark.parametrize("how", ["init_db", "use"])
+def test_pooled_connection_comes_back_with_the_clients_database(proxy, how):
+    """A backend connection whose database a client changed must not leak it to the next client."""
+    for _ in range(6):  # enough reconnects to reuse pooled connections in both workers
+        with proxy.connect() as c, c.cursor() as cur:
+            if how == "init_db":
+                c.select_db("information_schema")
+            else:
+                cur.execute("USE information_schema")
+        time.sleep(0.05)
+        with proxy.connect() as c, c.cursor() as cur:
+            cur.execute("SELECT DATABASE()")
+            assert cur.fetchone() == ("app",)

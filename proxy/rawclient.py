@@ -1,4 +1,4 @@
-"""A minimal blocking MySQL protocol client for tests of commands no library exposes
+"""A minimal blocking MySQL protocol client, for tests and benchmarks of commands no library
 (cursor fetches, COM_FIELD_LIST, unknown commands, malformed packets)."""
 
 from __future__ import annotations
@@ -72,6 +72,22 @@ class RawClient:
         if ncols and not self.caps & CLIENT_DEPRECATE_EOF:
             self.read()
         return stmt_id, ncols, nparams
+
+    def query_raw(self, sql: bytes, scanner) -> int:
+        """Run a COM_QUERY and read the whole response as bytes (no decoding); returns its size."""
+        from proxy.protocol.scan import RESULT
+
+        self.send(b"\x03" + sql, 0)
+        scanner.start(RESULT)
+        data, self.buf, size = self.buf, b"", 0
+        while True:
+            if data:
+                size += len(data)
+                if scanner.feed(data) >= 0:
+                    return size
+            data = self.sock.recv(1 << 20)
+            if not data:
+                raise ConnectionError("connection closed")
 
     def close(self) -> None:
         try:

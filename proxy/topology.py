@@ -1,45 +1,94 @@
-"""The one picture of the cluster: servers, roles, health.
+"""The one picture of the cluster: servers, roles, health, lag, GTID position.
 
-The control plane is the only writer; workers read snapshots. For now the
-picture is seeded once at startup from the config and each server's
-read_only flag; the live monitor (lag, health, GTID) will keep it current.
+The monitor (control plane) is the only writer; it publishes immutable
+snapshots that every worker's router reads. Failover changes the picture in
+one place: here. Snapshots are plain dataclasses so they pickle cheaply across
+the supervisor -> worker pipes.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+import time
+from dataclasses import dataclass, field, replace
 
 log = logging.getLogger("rwproxy.topology")
 
+# Roles.
 PRIMARY, REPLICA, MASTER, UNKNOWN = "primary", "replica", "master", "unknown"
-UP, DOWN = "up", "down"
+# States.
+UP, LAGGING, DOWN, MAINTENANCE = "up", "lagging", "down", "maintenance"
 
 
-@dataclass(slots=True)
+@dataclass(frozen=True, slots=True)
 class ServerState:
     name: str
     host: str
     port: int
+    weight: int = 1
     role: str = UNKNOWN
     state: str = UP
     read_only: bool | None = None
+    readable: bool = False  # in the read pool (after hysteresis); set by the monitor
+    lag_ms: float | None = None  # heartbeat age on a replica; None when unknown
+    seconds_behind: int | None = None  # Seconds_Behind_Master as the server reports it
+    gtid_current_pos: str = ""
+    gtid_slave_pos: str = ""
+    io_running: bool | None = None
+    sql_running: bool | None = None
+    source: str = ""  # host:port this server replicates from
+    last_error: str = ""
     version: str = ""
-    error: str = ""
+    last_check: float = 0.0  # time.time() of the last check
+    last_ok: float = 0.0
+    changed_at: float = 0.0  # when state/role last changed
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    @property
+    def is_writer(self) -> bool:
+        return self.role in (PRIMARY, MASTER) and self.state not in (DOWN, MAINTENANCE)
 
 
-@dataclass(slots=True)
+@dataclass(frozen=True, slots=True)
 class Topology:
     servers: dict[str, ServerState] = field(default_factory=dict)
     version: int = 0
+    updated: float = 0.0
 
     @property
     def primary(self) -> ServerState | None:
+        """The writable server sessions write to (the first live one; a dead one if none)."""
         writers = [s for s in self.servers.values() if s.role in (PRIMARY, MASTER)]
         for s in writers:
-            if s.state == UP:
+            if s.state not in (DOWN, MAINTENANCE):
                 return s
         return writers[0] if writers else None
+
+    @property
+    def writers(self) -> list[ServerState]:
+        return [s for s in self.servers.values() if s.is_writer]
+
+    @property
+    def readers(self) -> list[ServerState]:
+        """Replicas currently in the read pool."""
+        return [s for s in self.servers.values() if s.readable and s.role == REPLICA]
+
+    def with_server(self, s: ServerState) -> "Topology":
+        servers = dict(self.servers)
+        servers[s.name] = s
+        return Topology(servers, self.version + 1, time.time())
+
+
+def from_config(config) -> Topology:
+    """The picture before any check: configured roles, everything assumed up."""
+    servers = {}
+    for b in config.backends:
+        role = b.role if b.role != "auto" else UNKNOWN
+        servers[b.name] = ServerState(b.name, b.host, b.port, weight=b.weight, role=role)
+    return Topology(servers, 0, time.time())
 
 
 def probe(config) -> Topology:
@@ -47,33 +96,30 @@ def probe(config) -> Topology:
     import pymysql
 
     user, password = config.monitor_credentials()
-    topo = Topology()
-    for b in config.backends:
-        s = ServerState(b.name, b.host, b.port)
-        if b.role != "auto":
-            s.role = b.role
+    topo = from_config(config)
+    servers = {}
+    for s in topo.servers.values():
         try:
             conn = pymysql.connect(
-                host=b.host, port=b.port, user=user, password=password,
-                connect_timeout=config.monitor.connect_timeout * 2, read_timeout=config.monitor.read_timeout * 4,
+                host=s.host, port=s.port, user=user, password=password,
+                connect_timeout=max(config.monitor.connect_timeout * 2, 1.0),
+                read_timeout=max(config.monitor.read_timeout * 4, 2.0),
             )
             with conn.cursor() as cur:
                 cur.execute("SELECT @@read_only, VERSION()")
                 ro, version = cur.fetchone()
             conn.close()
-            s.read_only = bool(ro)
-            s.version = version
-            if s.role == UNKNOWN:
-                s.role = REPLICA if ro else PRIMARY
+            role = s.role if s.role != UNKNOWN else (REPLICA if ro else PRIMARY)
+            s = replace(s, read_only=bool(ro), version=version, role=role, last_ok=time.time())
         except Exception as e:  # an unreachable server is reported, not fatal
-            s.state = DOWN
-            s.error = str(e)
-            log.warning("backend %s (%s:%s) is not reachable: %s", b.name, b.host, b.port, e)
-        topo.servers[b.name] = s
+            s = replace(s, state=DOWN, last_error=str(e))
+            log.warning("backend %s (%s) is not reachable: %s", s.name, s.address, e)
+        servers[s.name] = s
+    topo = Topology(servers, 1, time.time())
     if topo.primary is None:
         # No writable server seen: fall back to the first backend so the proxy still
         # answers (with the backend's own error) instead of refusing everything.
-        first = next(iter(topo.servers.values()))
+        first = next(iter(servers.values()))
         log.warning("no writable backend found; using %s as the primary", first.name)
-        first.role = PRIMARY
+        topo = topo.with_server(replace(first, role=PRIMARY))
     return topo

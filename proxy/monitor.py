@@ -1,0 +1,409 @@
+"""The control plane's health and lag monitor: it alone writes the topology.
+
+Runs in the supervisor process on plain threads (PyMySQL is blocking; the
+proxy's event loops never wait on a check).  Per backend there is one checker
+thread and one heartbeat thread, each with its own connection, so a hung
+server only ever stalls its own threads.  A publisher thread turns the
+per-server states into immutable ``Topology`` snapshots and hands them to
+``on_update``: at once when something a router acts on changed, and at least
+every second otherwise (lag values).  See docs/monitor.md.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Callable
+
+import pymysql
+import pymysql.cursors
+
+from proxy.monitor_health import Observation, Policy, Tracker, decide, significant
+from proxy.monitor_lag import LagReading, Timeline, estimate, parse_gtid
+from proxy.topology import DOWN, LAGGING, MASTER, PRIMARY, ServerState, Topology, from_config
+
+log = logging.getLogger("rwproxy.monitor")
+
+PUBLISH_EVERY = 1.0  # s: lag values reach the workers at least this often
+# Error codes meaning "the monitor user may not do this": reported once, never counted as a failed check.
+DENIED = {1044, 1045, 1142, 1143, 1227, 1370}
+NO_TABLE = {1049, 1146}  # heartbeat schema/table not replicated here (yet)
+READ_ONLY = 1290
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, pymysql.MySQLError) and len(exc.args) >= 2:
+        return f"{exc.args[1]} ({exc.args[0]})"
+    return f"{type(exc).__name__}: {exc}"
+
+
+def _code(exc: BaseException) -> int:
+    return exc.args[0] if isinstance(exc, pymysql.MySQLError) and exc.args and isinstance(exc.args[0], int) else 0
+
+
+class _Node:
+    """Everything the monitor keeps about one backend besides its published ServerState."""
+
+    def __init__(self, backend):
+        self.name, self.host, self.port = backend.name, backend.host, backend.port
+        self.configured_role = backend.role
+        self.tracker = Tracker()
+        self.timeline = Timeline()  # this server's binlog position over time, while it is writable
+        self.server_id: int | None = None
+        self.source_id: int | None = None  # Master_Server_Id
+        self.source_addr = ""
+        self.hb_denied = False  # heartbeat writes refused (privileges): replicas fall back to SBM
+        self.hb_ok = 0.0  # time.monotonic() of the last successful heartbeat write
+        self.label = f"{backend.name} ({backend.host}:{backend.port})"
+
+
+class Monitor:
+    """Checks every backend, decides roles/health/read-pool membership, publishes Topology snapshots.
+
+    on_update(topology) runs on the monitor's publisher thread; it must not block for long.
+    on_check(server_state), for instrumentation, runs on the checker thread after every check.
+    """
+
+    def __init__(self, config, on_update: Callable[[Topology], None],
+                 on_check: Callable[[ServerState], None] | None = None):
+        self.config = config
+        self._on_update = on_update
+        self._on_check = on_check
+        m = config.monitor
+        self._mon = m
+        self._user, self._password = config.monitor_credentials()
+        self._policy = Policy(failcount=m.failcount, readmit_after=m.readmit_after,
+                              max_lag_ms=config.routing.max_replica_lag * 1000.0,
+                              master_master=config.cluster.topology == "master-master")
+        # A writer whose samples stopped this long ago is "stale": lags are then measured against
+        # its last known time. 1 s keeps a caught-up replica's reading (<= half of this) far below
+        # any sane max_replica_lag while the primary is unreachable.
+        self._stale_after = max(1.0, 3 * m.heartbeat_interval, 3 * m.interval)
+        self._schema = m.heartbeat_schema
+        initial = from_config(config)
+        self._topology = initial
+        self._states: dict[str, ServerState] = dict(initial.servers)
+        self._nodes = {b.name: _Node(b) for b in config.backends}
+        self._cond = threading.Condition()
+        self._dirty = False
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+
+    # ---- public API ------------------------------------------------------------
+
+    @property
+    def topology(self) -> Topology:
+        """The latest published snapshot."""
+        return self._topology
+
+    def start(self) -> "Monitor":
+        if self._threads:
+            raise RuntimeError("monitor already started")
+        self._stop.clear()
+        for node in self._nodes.values():
+            self._spawn(f"check-{node.name}", self._check_loop, node)
+            if self._mon.heartbeat:
+                self._spawn(f"heartbeat-{node.name}", self._heartbeat_loop, node)
+        self._spawn("publish", self._publish_loop)
+        return self
+
+    def stop(self, timeout: float | None = None) -> None:
+        """Stop all threads; a check blocked on a hung server ends within its own timeouts."""
+        self._stop.set()
+        with self._cond:
+            self._cond.notify_all()
+        limit = timeout if timeout is not None else self._mon.connect_timeout + 2 * self._mon.read_timeout + 1
+        deadline = time.monotonic() + limit
+        for t in self._threads:
+            t.join(max(0.0, deadline - time.monotonic()))
+        self._threads = [t for t in self._threads if t.is_alive()]
+
+    def wait_until(self, predicate: Callable[[Topology], bool], timeout: float) -> bool:
+        """Block until predicate(published topology) is true; False after timeout."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while not predicate(self._topology):
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._cond.wait(left)
+            return True
+
+    def __enter__(self) -> "Monitor":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    # ---- threads ---------------------------------------------------------------
+
+    def _spawn(self, name: str, target, *args) -> None:
+        t = threading.Thread(target=target, args=args, name=f"rwproxy-monitor-{name}", daemon=True)
+        t.start()
+        self._threads.append(t)
+
+    def _connect(self, node: _Node) -> pymysql.connections.Connection:
+        m = self._mon
+        return pymysql.connect(host=node.host, port=node.port, user=self._user, password=self._password,
+                               connect_timeout=m.connect_timeout, read_timeout=m.read_timeout,
+                               write_timeout=m.read_timeout, autocommit=True, charset="utf8mb4")
+
+    def _paced(self, period: float, body) -> None:
+        """Run body every `period` seconds (no bursts after an overrun) until stopped."""
+        due = time.monotonic()
+        complained = 0.0
+        while not self._stop.is_set():
+            try:
+                body()
+            except Exception:  # a bug must not silently end this server's checks
+                if time.monotonic() - complained > 60:
+                    complained = time.monotonic()
+                    log.exception("unexpected error in %s (logged at most once a minute)",
+                                  threading.current_thread().name)
+            due += period
+            now = time.monotonic()
+            if due < now:
+                due = now
+            self._stop.wait(due - now)
+
+    def _check_loop(self, node: _Node) -> None:
+        conn: list = [None]
+        try:
+            self._paced(self._mon.interval, lambda: self._check_once(node, conn))
+        finally:
+            _close(conn[0])
+
+    def _heartbeat_loop(self, node: _Node) -> None:
+        conn: list = [None]
+        state = {"table": False, "retry_at": 0.0}
+        try:
+            self._paced(self._mon.heartbeat_interval, lambda: self._beat(node, conn, state))
+        finally:
+            _close(conn[0])
+
+    # ---- checks ----------------------------------------------------------------
+
+    def _check_once(self, node: _Node, conn: list) -> None:
+        obs = self._observe(node, conn)
+        prev = self._states[node.name]
+        new, message = decide(prev, obs, node.tracker, self._policy, node.configured_role)
+        if message:
+            worse = (new.state != prev.state and new.state in (DOWN, LAGGING)) or (prev.readable and not new.readable)
+            level = logging.WARNING if worse else logging.INFO
+            log.log(level, "%s: %s", node.label, message)
+        with self._cond:
+            self._states[node.name] = new
+            if significant(prev, new):
+                self._dirty = True
+                self._cond.notify_all()
+        if self._on_check is not None:
+            try:
+                self._on_check(new)
+            except Exception:
+                log.exception("on_check callback failed")
+
+    def _observe(self, node: _Node, conn: list) -> Observation:
+        """One round of queries on the node's dedicated connection; any connection error fails it."""
+        try:
+            if conn[0] is None:
+                conn[0] = self._connect(node)
+                node_version = conn[0].get_server_info()
+            else:
+                node_version = ""
+            with conn[0].cursor() as cur:
+                cur.execute("SELECT @@read_only, @@server_id, @@gtid_current_pos, @@gtid_slave_pos, "
+                            "@@gtid_binlog_pos, UNIX_TIMESTAMP(NOW(6))")
+                ro, sid, cur_pos, slave_pos, binlog_pos, now = cur.fetchone()
+            # `at` is when the server answered: the instant the lag estimate refers to
+            obs = Observation(ok=True, at=time.time(), read_only=bool(int(ro)), server_id=int(sid),
+                              version=node_version, gtid_current_pos=cur_pos or "",
+                              gtid_slave_pos=slave_pos or "")
+            node.server_id = obs.server_id
+            if not obs.read_only:
+                node.timeline.add(float(now), binlog_pos or "")
+            self._replication(node, conn[0], obs)
+            if obs.replicating:
+                obs.lag = self._lag(node, conn[0], obs, float(now))
+            return obs
+        except (pymysql.MySQLError, OSError) as exc:
+            _close(conn[0])
+            conn[0] = None
+            return Observation(ok=False, at=time.time(), error=_describe(exc))
+
+    def _replication(self, node: _Node, conn, obs: Observation) -> None:
+        try:
+            with conn.cursor(pymysql.cursors.DictCursor) as cur:
+                cur.execute("SHOW ALL SLAVES STATUS")
+                rows = [r for r in cur.fetchall() if r.get("Master_Host")]
+        except pymysql.MySQLError as exc:
+            if _code(exc) not in DENIED:
+                raise
+            obs.replicating, obs.repl_error = None, _describe(exc)
+            return
+        obs.replicating = bool(rows)
+        if not rows:
+            node.source_id, node.source_addr = None, ""
+            return
+        main = next((r for r in rows if not r.get("Connection_name")), rows[0])
+
+        def worst(key: str) -> str:  # every channel must run for the replica to be current
+            states = [r.get(key) or "No" for r in rows]
+            return next((s for s in ("No", "Connecting") if s in states), "Yes")
+
+        obs.io_state, obs.sql_state = worst("Slave_IO_Running"), worst("Slave_SQL_Running")
+        obs.io_error = "; ".join(r["Last_IO_Error"] for r in rows if r.get("Last_IO_Error"))
+        obs.sql_error = "; ".join(r["Last_SQL_Error"] for r in rows if r.get("Last_SQL_Error"))
+        sbm = [r["Seconds_Behind_Master"] for r in rows]
+        obs.seconds_behind = None if any(s is None for s in sbm) else max(int(s) for s in sbm)
+        obs.source = f"{main['Master_Host']}:{main['Master_Port']}"
+        node.source_id = int(main["Master_Server_Id"]) if main.get("Master_Server_Id") else None
+        node.source_addr = obs.source
+
+    # ---- lag -------------------------------------------------------------------
+
+    def _writer_for(self, node: _Node) -> _Node | None:
+        """Follow the replication chain upwards to the writable server whose timeline applies."""
+        seen = {node.name}
+        cur = node
+        for _ in range(len(self._nodes)):
+            src = self._source_node(cur)
+            if src is None or src.name in seen:
+                return None
+            st = self._states[src.name]
+            if st.role in (PRIMARY, MASTER) or st.read_only is False:
+                return src
+            seen.add(src.name)
+            cur = src
+        return None
+
+    def _source_node(self, node: _Node) -> _Node | None:
+        for other in self._nodes.values():
+            if other is not node and node.source_id is not None and other.server_id == node.source_id:
+                return other
+        for other in self._nodes.values():
+            if other is not node and f"{other.host}:{other.port}" == node.source_addr:
+                return other
+        return None
+
+    def _lag(self, node: _Node, conn, obs: Observation, now: float) -> LagReading | None:
+        """Heartbeat + timeline estimate when the writer's heartbeat works, else Seconds_Behind_Master."""
+        writer = self._writer_for(node)
+        use_hb = self._mon.heartbeat and writer is not None and not writer.hb_denied and len(writer.timeline)
+        reading = None
+        if use_hb:
+            hb_ts = hb_now = None
+            try:
+                with conn.cursor() as cur:
+                    cur.execute(f"SELECT UNIX_TIMESTAMP(NOW(6)), MAX(ts) FROM `{self._schema}`.heartbeat "
+                                "WHERE server_id <> @@server_id")
+                    hb_now, hb_ts = cur.fetchone()
+            except pymysql.MySQLError as exc:
+                if _code(exc) not in NO_TABLE | DENIED:
+                    raise
+            stale = time.monotonic() - writer.timeline.updated > self._stale_after
+            reading = estimate(writer.timeline, parse_gtid(obs.gtid_current_pos), now,
+                               float(hb_ts) if hb_ts is not None else None,
+                               float(hb_now) if hb_now is not None else None, stale)
+        if reading is None:
+            reading = self._sbm_lag(node, obs, writer)
+        node.tracker.last_lag = reading
+        return reading
+
+    def _sbm_lag(self, node: _Node, obs: Observation, writer: _Node | None) -> LagReading:
+        """Whole seconds from the server; while the source is down, the last value (frozen)."""
+        if obs.seconds_behind is not None:
+            return LagReading(obs.seconds_behind * 1000.0, "seconds_behind")
+        last = node.tracker.last_lag
+        src = self._source_node(node)
+        src_lost = src is not None and (self._states[src.name].state == DOWN or src.tracker.fails > 0)
+        if obs.io_state == "Connecting" and obs.sql_state == "Yes" and src_lost and last and last.ms is not None:
+            return LagReading(last.ms, "frozen", note="source unreachable, last known value")
+        return LagReading(None, "", note="no heartbeat and Seconds_Behind_Master is NULL")
+
+    # ---- heartbeat -------------------------------------------------------------
+
+    def _beat(self, node: _Node, conn: list, state: dict) -> None:
+        """Write this server's heartbeat row if it is a live writer; never counts as a check."""
+        st = self._states[node.name]
+        if st.read_only is not False or st.state == DOWN:
+            if conn[0] is not None:
+                _close(conn[0])
+                conn[0] = None
+                state["table"] = False
+            return
+        if node.hb_denied and time.monotonic() < state["retry_at"]:
+            return
+        schema = self._schema
+        try:
+            if conn[0] is None:
+                conn[0] = self._connect(node)
+            with conn[0].cursor() as cur:
+                if not state["table"]:
+                    cur.execute(f"CREATE DATABASE IF NOT EXISTS `{schema}`")
+                    cur.execute(
+                        f"CREATE TABLE IF NOT EXISTS `{schema}`.heartbeat ("
+                        " server_id INT UNSIGNED NOT NULL PRIMARY KEY COMMENT '@@server_id of the writer',"
+                        " ts DECIMAL(20,6) NOT NULL COMMENT 'writer clock: UNIX_TIMESTAMP(NOW(6))',"
+                        " writer VARCHAR(255) NOT NULL DEFAULT '' COMMENT 'backend name in the rwproxy config'"
+                        ") ENGINE=InnoDB COMMENT='rwproxy replication heartbeat'")
+                    state["table"] = True
+                cur.execute(f"INSERT INTO `{schema}`.heartbeat (server_id, ts, writer) "
+                            "VALUES (@@server_id, UNIX_TIMESTAMP(NOW(6)), %s) "
+                            "ON DUPLICATE KEY UPDATE ts = VALUES(ts), writer = VALUES(writer)", (node.name,))
+                cur.execute("SELECT UNIX_TIMESTAMP(NOW(6)), @@gtid_binlog_pos")
+                now, pos = cur.fetchone()
+            node.timeline.add(float(now), pos or "")
+            node.hb_ok = time.monotonic()
+            if node.hb_denied:
+                node.hb_denied = False
+                log.info("%s: heartbeat writes work again; replica lag is measured by heartbeat", node.label)
+        except (pymysql.MySQLError, OSError) as exc:
+            code = _code(exc)
+            if code in DENIED:
+                if not node.hb_denied:
+                    log.error("%s: cannot write the heartbeat (%s): the monitor user %r needs CREATE, INSERT and "
+                              "UPDATE on `%s`.*; replica lag falls back to Seconds_Behind_Master (whole seconds)",
+                              node.label, _describe(exc), self._user, schema)
+                node.hb_denied = True
+                state["retry_at"] = time.monotonic() + 30.0
+                return
+            if code != READ_ONLY:  # read_only just flipped: the checker will notice the role change
+                log.debug("%s: heartbeat write failed: %s", node.label, _describe(exc))
+            _close(conn[0])
+            conn[0] = None
+            state["table"] = False
+
+    # ---- publishing --------------------------------------------------------------
+
+    def _publish_loop(self) -> None:
+        last = 0.0
+        while not self._stop.is_set():
+            with self._cond:
+                wait = PUBLISH_EVERY - (time.monotonic() - last)
+                if not self._dirty and wait > 0:
+                    self._cond.wait(wait)
+                if self._stop.is_set():
+                    return
+                if not self._dirty and time.monotonic() - last < PUBLISH_EVERY:
+                    continue
+                self._dirty = False
+                prev = self._topology
+                servers = {name: self._states[name] for name in prev.servers}
+                topo = Topology(servers, prev.version + 1, time.time())
+                self._topology = topo
+                self._cond.notify_all()
+            last = time.monotonic()
+            try:
+                self._on_update(topo)
+            except Exception:
+                log.exception("on_update callback failed")
+
+
+def _close(conn) -> None:
+    if conn is None:
+        return
+    try:
+        conn.close()
+    except Exception:
+        pass

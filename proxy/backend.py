@@ -79,6 +79,7 @@ class BackendConnection(asyncio.Protocol):
         "relayed",
         "dirty",
         "db_touched",
+        "applied",
     )
 
     def __init__(self, server, key, caps: int):
@@ -101,6 +102,7 @@ class BackendConnection(asyncio.Protocol):
         self.relayed = 0  # bytes of the current response already sent to the client
         self.dirty = False  # session options a reset does not undo (COM_SET_OPTION)
         self.db_touched = False  # the client may have changed the current database
+        self.applied = 0  # how many entries of the owning session's history this connection carries
 
     # ---- asyncio.Protocol -------------------------------------------------
     def connection_made(self, transport):

@@ -1,11 +1,11 @@
-"""One client session: handshake, then commands relayed to backends.
+"""One client session: commands classified, routed and relayed to backends.
 
 The command path is synchronous on purpose: a COM_QUERY or COM_STMT_EXECUTE
-arriving for a session whose backend connection is open is written to that
-backend inside data_received, and the response flows back through
-BackendConnection.data_received. Coroutines are used only for the rare slow
-paths (handshake, first connection to a backend, PREPARE id rewriting,
-COM_CHANGE_USER, COM_RESET_CONNECTION).
+for a backend connection that is open and carries the session's state is
+written to that backend inside data_received, and the response flows back
+through BackendConnection.data_received. Coroutines serve only the rare slow
+paths: the handshake, a session's first statement on a server (connect and
+replay the session's SET/USE history), PREPARE, GTID waits, COM_CHANGE_USER.
 """
 
 from __future__ import annotations
@@ -14,62 +14,31 @@ import asyncio
 import logging
 import ssl
 
+from . import classify as C
 from .backend import BackendError
-from .login import AccessDenied, parse_change_user
-from .protocol import auth
+from .login import AccessDenied, handshake, parse_change_user
 from .protocol.constants import (
-    CLIENT_SSL,
-    COM_CHANGE_USER,
-    COM_FIELD_LIST,
-    COM_INIT_DB,
-    COM_PING,
-    COM_PROCESS_KILL,
-    COM_QUERY,
-    COM_QUIT,
-    COM_RESET_CONNECTION,
-    COM_SET_OPTION,
-    COM_STATISTICS,
-    COM_STMT_CLOSE,
-    COM_STMT_EXECUTE,
-    COM_STMT_FETCH,
-    COM_STMT_PREPARE,
-    COM_STMT_RESET,
-    COM_STMT_SEND_LONG_DATA,
-    CR_SERVER_LOST,
-    ER_ACCESS_DENIED_ERROR,
-    ER_HANDSHAKE_ERROR,
-    ER_SECURE_TRANSPORT_REQUIRED,
-    ER_UNKNOWN_COM_ERROR,
-    ER_UNKNOWN_STMT_HANDLER,
-    MAX_PACKET,
-    PROXY_CAPABILITIES,
-    SERVER_STATUS_AUTOCOMMIT,
-    SESSION_SHAPING_CAPABILITIES,
+    COM_CHANGE_USER, COM_FIELD_LIST, COM_INIT_DB, COM_PING, COM_PROCESS_KILL, COM_QUERY, COM_QUIT,
+    COM_RESET_CONNECTION, COM_SET_OPTION, COM_STATISTICS, COM_STMT_CLOSE, COM_STMT_EXECUTE, COM_STMT_FETCH,
+    COM_STMT_PREPARE, COM_STMT_RESET, COM_STMT_SEND_LONG_DATA, CR_SERVER_LOST, ER_ACCESS_DENIED_ERROR,
+    ER_UNKNOWN_COM_ERROR, ER_UNKNOWN_STMT_HANDLER, MAX_PACKET, SERVER_STATUS_AUTOCOMMIT, SESSION_SHAPING_CAPABILITIES,
 )
-from .protocol.handshake import build_greeting, parse_response
-from .protocol.packets import ProtocolError, err_packet, err_payload, frame, ok_packet
-from .tls import TLSLayer
+from .protocol.packets import err_packet, err_payload, frame, ok_packet, read_lenenc_str
 from .protocol.scan import FIELD_LIST, PREPARE, RESULT, ROWS, SIMPLE, STATISTICS
+from .router import PRIMARY, NoServer, Reject
+from .session import SessionState
+from .statements import StatementMap, Stmt, execute_packet_for
 
 log = logging.getLogger("rwproxy.client")
 
 _HANDSHAKE, _COMMAND, _CLOSING = 0, 1, 2
+_RELAY = 1  # BackendConnection mode while relaying
 
-# Commands relayed as-is to the session's backend, with the response kind to scan.
-_RELAY_KIND = {
-    COM_QUERY: RESULT,
-    COM_FIELD_LIST: FIELD_LIST,
-    COM_STATISTICS: STATISTICS,
-    COM_PROCESS_KILL: SIMPLE,
-}
-# Statement commands: (response kind or None for no response).
-_STMT_KIND = {
-    COM_STMT_EXECUTE: RESULT,
-    COM_STMT_FETCH: ROWS,
-    COM_STMT_RESET: SIMPLE,
-    COM_STMT_SEND_LONG_DATA: None,
-    COM_STMT_CLOSE: None,
-}
+# Commands that always run on the primary, with the response kind to scan.
+_PRIMARY_KIND = {COM_FIELD_LIST: FIELD_LIST, COM_STATISTICS: STATISTICS, COM_PROCESS_KILL: SIMPLE}
+_STMT_NAMES = {COM_STMT_EXECUTE: "execute", COM_STMT_FETCH: "fetch", COM_STMT_RESET: "reset"}
+_HUGE = C.Classification(C.WRITE, C.F_UNPARSED, "<statement over 16 MiB>")
+_SESSION_READ = C.Classification(C.READ, 0, "")
 
 
 class ClientConnection(asyncio.Protocol):
@@ -85,18 +54,18 @@ class ClientConnection(asyncio.Protocol):
         self.tls = False
         self.tls_layer = None
         self.salt = b""
-        self.user = None  # UserConfig once authenticated
+        self.user = None
         self.caps = 0
         self.charset = 45
         self.db: str | None = None
+        self.login_db: str | None = None  # pool key database; later USE/INIT_DB are replayed
         self.status = SERVER_STATUS_AUTOCOMMIT
-        self.backends: dict[str, object] = {}  # server name -> BackendConnection
-        self.stmts: dict[int, tuple] = {}  # client stmt id -> (backend, backend stmt id)
-        self.next_stmt_id = 1
+        self.state: SessionState | None = None
+        self.backends: dict = {}  # server name -> BackendConnection
+        self.stmts = StatementMap(worker.config.routing.max_prepared_per_connection)
+        self.inflight = None  # (classification, packet, kind, server name) of the relayed command
         self.infile_backend = None
-        self._if_hdr = b""
-        self._if_skip = 0
-        self._if_prev = 0
+        self._if_hdr, self._if_skip, self._if_prev = b"", 0, 0
         self._pkt_waiter: asyncio.Future | None = None
 
     # ---- transport events -----------------------------------------------------
@@ -111,7 +80,20 @@ class ClientConnection(asyncio.Protocol):
             transport.close()
             self.closed = True
             return
-        self.worker.loop.create_task(self._handshake())
+        self.worker.loop.create_task(self._login())
+
+    async def _login(self):
+        if await handshake(self):
+            self.phase = _COMMAND
+            if self.buf:
+                self._process()
+        else:
+            self._close()
+
+    def start_session(self, user, db) -> None:
+        self.user = user
+        self.db = self.login_db = db
+        self.state = SessionState(user, self.worker.config.routing.read_your_writes, self.worker.config.routing.max_session_history)
 
     def data_received(self, data):
         if self.tls_layer is not None:
@@ -146,8 +128,7 @@ class ClientConnection(asyncio.Protocol):
         self.worker.forget(self)
 
     def pause_writing(self):
-        # Backpressure: a slow client stops us reading from its backends.
-        for be in self.backends.values():
+        for be in self.backends.values():  # a slow client stops us reading from its backends
             if be.client is self and not be.closed:
                 be.transport.pause_reading()
 
@@ -156,7 +137,7 @@ class ClientConnection(asyncio.Protocol):
             if be.client is self and not be.closed:
                 be.transport.resume_reading()
 
-    # ---- packet reading for the slow paths ------------------------------------
+    # ---- packets ------------------------------------------------------------------
     def _take_packet(self):
         """Pop one logical packet (raw, headers included) from the buffer, or None."""
         buf = self.buf
@@ -167,7 +148,7 @@ class ClientConnection(asyncio.Protocol):
         end = 4 + n
         if n == MAX_PACKET:
             end = 0
-            while True:  # a split packet: find the physical packet shorter than 16 MiB - 1
+            while True:  # split packet: up to the physical packet shorter than 16 MiB - 1
                 if blen < end + 4:
                     return None
                 m = buf[end] | (buf[end + 1] << 8) | (buf[end + 2] << 16)
@@ -186,13 +167,12 @@ class ClientConnection(asyncio.Protocol):
     def _deliver_packet(self):
         pkt = self._take_packet()
         if pkt is not None:
-            w = self._pkt_waiter
-            self._pkt_waiter = None
+            w, self._pkt_waiter = self._pkt_waiter, None
             if not w.done():
                 w.set_result(pkt)
 
     async def read_packet(self, timeout: float = 30.0) -> tuple[int, bytes]:
-        """Return (seq, payload) of the next client packet (slow paths only)."""
+        """(seq, payload) of the next client packet (slow paths only)."""
         pkt = self._take_packet()
         if pkt is None:
             if self.closed:
@@ -205,86 +185,53 @@ class ClientConnection(asyncio.Protocol):
         if not self.closed:
             self.transport.write(data)
 
-    # ---- handshake -------------------------------------------------------------
-    async def _handshake(self):
-        w = self.worker
-        try:
-            self.salt = auth.nonce()
-            offered = PROXY_CAPABILITIES | (CLIENT_SSL if w.tls_context else 0)
-            greeting = build_greeting(
-                w.server_version, self.conn_id, self.salt, offered, 45, SERVER_STATUS_AUTOCOMMIT, w.auth_plugin
-            )
-            self.write(frame(greeting, 0))
-            seq, payload = await self.read_packet(w.config.pool.connect_timeout + 8)
-            resp = parse_response(payload)
-            if resp.ssl_request:
-                if not w.tls_context:
-                    raise ProtocolError("client asked for TLS, which is not configured")
-                # Bytes after the SSL request (the ClientHello) are TLS, not packets.
-                early, self.buf = self.buf, b""
-                self.tls_layer = self.transport = TLSLayer(self.transport, w.tls_context)
-                self.tls = True
-                if early:
-                    self.data_received(early)
-                seq, payload = await self.read_packet(10)
-                resp = parse_response(payload)
-            seq += 1
-            if w.config.proxy.tls.require and not self.tls:
-                self.write(err_packet(seq, ER_SECURE_TRANSPORT_REQUIRED, "Connections using insecure transport are prohibited while --require_secure_transport=ON."))
-                return self._close()
-            self.caps = resp.capabilities & (offered | SESSION_SHAPING_CAPABILITIES) & PROXY_CAPABILITIES
-            self.charset = resp.charset
-            try:
-                self.user, seq = await w.authenticator.login(
-                    self, resp.user, resp.plugin, resp.auth_response, self.salt, seq, self.host, self.tls
-                )
-            except AccessDenied as e:
-                log.info("client %s: %s", self.host, e)
-                self.write(err_packet(e.seq, ER_ACCESS_DENIED_ERROR, str(e), self.caps))
-                return self._close()
-            if self.user.require_tls and not self.tls:
-                msg = f"Access denied for user '{self.user.name}'@'{self.host}': this user must connect with TLS"
-                self.write(err_packet(seq, ER_ACCESS_DENIED_ERROR, msg, self.caps))
-                return self._close()
-            self.db = resp.database
-            try:
-                await self.primary_backend()
-            except BackendError as e:
-                self.write(frame(err_payload(e.code, e.sqlstate.encode(), e.message), seq))
-                return self._close()
-            self.write(ok_packet(seq, self.status))
-            self.phase = _COMMAND
-            if self.buf:
-                self._process()
-        except (ProtocolError, ValueError, IndexError) as e:
-            self.write(err_packet(2, ER_HANDSHAKE_ERROR, f"Bad handshake: {e}"))
-            self._close()
-        except (ConnectionError, asyncio.TimeoutError, OSError):
-            self._close()
+    def _error(self, code: int, sqlstate: bytes, message: str, seq: int = 1) -> None:
+        self.write(frame(err_payload(code, sqlstate, message, self.caps), seq))
 
-    # ---- command dispatch (the hot path) ---------------------------------------
+    # ---- command dispatch (the hot path) ------------------------------------------------
     def _process(self):
         while not self.busy and not self.closed:
             pkt = self._take_packet()
             if pkt is None:
                 return
             cmd = pkt[4] if len(pkt) > 4 else -1
-            kind = _RELAY_KIND.get(cmd)
-            if kind is not None:
-                be = self.backends.get(self.worker.primary_name)
-                if cmd == COM_QUERY and pkt[5:8].lower() == b"use" and be is not None:
-                    be.db_touched = True  # USE db: the pool must restore the database
-                if be is not None and not be.closed:
-                    self.busy = True
-                    be.relay(pkt, kind, self)
-                else:
-                    self._spawn(self._relay_after_connect(pkt, kind))
-                continue
-            skind = _STMT_KIND.get(cmd, -1)
-            if skind != -1:
-                self._stmt_command(pkt, cmd, skind)
+            if cmd == COM_QUERY:
+                cls = self.worker.classifier.classify(pkt[5:]) if len(pkt) < MAX_PACKET else _HUGE
+                self._dispatch(pkt, cls, RESULT)
+            elif cmd == COM_STMT_EXECUTE:
+                self._execute(pkt)
             else:
                 self._other_command(pkt, cmd)
+
+    def _dispatch(self, pkt, cls, kind, stmt_sid: int = 0):
+        """Route a statement and relay it; falls to the slow path when its backend needs work."""
+        w = self.worker
+        st = self.state
+        try:
+            target = w.router.route(st, cls, w.topology, _rule_text(pkt) if w.router.rules else "")
+        except Reject as e:
+            return self._error(e.code, b"HY000", e.message)
+        except NoServer as e:
+            return self._error(1105, b"HY000", str(e))
+        name = w.primary_name if target is PRIMARY else target
+        be = self.backends.get(name)
+        self.busy = True
+        if be is None or be.closed or be.applied != len(st.history) or st.gtid_wait:
+            self._spawn(self._slow_send(pkt, cls, kind, name, stmt_sid))
+            return
+        out = pkt
+        if stmt_sid:
+            stmt = self.stmts.stmts[stmt_sid]
+            bid = stmt.ids.get(name)
+            if bid is None:  # not prepared on this server yet
+                self._spawn(self._slow_send(pkt, cls, kind, name, stmt_sid))
+                return
+            self.stmts.touch(stmt_sid, name)
+            stmt.last = name
+            out = execute_packet_for(pkt, stmt, name, bid)
+        self.inflight = (cls, pkt, kind, name, stmt_sid)
+        w.router.balancer.outstanding[name] = w.router.balancer.outstanding.get(name, 0) + 1
+        be.relay(out, kind, self)
 
     def response_done(self, be):
         """Called by the backend when a relayed response is complete."""
@@ -293,30 +240,260 @@ class ClientConnection(asyncio.Protocol):
             self.infile_backend = be  # the client now streams the file to this backend
             self._if_hdr, self._if_skip, self._if_prev = b"", 0, 0
             return
-        if not sc.error:
-            self.status = sc.status
+        w = self.worker
+        name = be.server.name
+        out = w.router.balancer.outstanding
+        out[name] = out.get(name, 1) - 1
+        inflight, self.inflight = self.inflight, None
+        on_primary = name == w.primary_name
+        status, error = sc.status, sc.error
+        if on_primary and not error:
+            self.status = status
+        st = self.state
+        if inflight is not None:
+            cls = inflight[0]
+            flags = cls.flags
+            st.after(flags, on_primary, name, self.status if on_primary else status, error)
+            statement = inflight[1][4] in (COM_QUERY, COM_STMT_EXECUTE)
+            if not error:
+                if cls.route == C.SESSION:
+                    if inflight[4]:  # SET through a prepared statement: cannot be replayed elsewhere
+                        st.history_overflow = True
+                    else:
+                        st.record(inflight[1], flags)
+                        be.applied = len(st.history)
+                    if flags & C.F_USE_DB:
+                        be.db_touched = True
+                        self.db = cls.db
+                if on_primary and statement and st.write_completed(cls.route, flags):
+                    if st.ryw_mode == "gtid":
+                        self.worker.loop.create_task(self._fetch_gtid(be))
+                        return  # busy until the GTID is known
+                    st.wrote()
+        st.failed_servers = frozenset()
         self.busy = False
         if self.buf and not self.closed:
             self._process()
 
-    def _stmt_command(self, pkt, cmd, kind):
-        sid = int.from_bytes(pkt[5:9], "little") if len(pkt) >= 9 else -1
-        entry = self.stmts.get(sid)
-        if entry is None or entry[0].closed:
-            if kind is not None:  # commands without a response get no error either
-                self.write(err_packet(1, ER_UNKNOWN_STMT_HANDLER, f"Unknown prepared statement handler ({sid}) given to mysqld_stmt_{_STMT_NAMES[cmd]}"))
+    def backend_lost(self, be):
+        """A backend died while relaying this session's command."""
+        name = be.server.name
+        self._drop_backend(be)
+        self.infile_backend = None
+        inflight, self.inflight = self.inflight, None
+        out = self.worker.router.balancer.outstanding
+        out[name] = max(0, out.get(name, 1) - 1)
+        if self.closed:
             return
-        be, bid = entry
-        if bid != sid:
-            pkt = pkt[:5] + bid.to_bytes(4, "little") + pkt[9:]
-        if cmd == COM_STMT_CLOSE:
-            del self.stmts[sid]
-        if kind is None:
-            be.transport.write(pkt)
+        st = self.state
+        if be.relayed == 0 and inflight is not None and name != self.worker.primary_name and not st.pinned():
+            # A read on a replica that died before sending anything: run it elsewhere,
+            # the client never notices.
+            cls, pkt, kind, _, sid = inflight
+            st.failed_servers = st.failed_servers | {name}
+            log.info("session %d: replica %s lost during a read; retrying elsewhere", self.conn_id, name)
+            self.busy = False
+            return self._dispatch(pkt, cls, kind, sid)
+        if be.relayed == 0:
+            msg = f"Lost connection to backend server {be.server.name} ({be.server.host}:{be.server.port}) during query"
+            self.write(err_packet(1, CR_SERVER_LOST, msg))
+            self.busy = False
+            if self.buf:
+                self._process()
         else:
-            self.busy = True
-            be.relay(pkt, kind, self)
+            # Part of the result already reached the client: the stream cannot be
+            # repaired, so the client sees a lost connection, as with a crashed server.
+            self._close()
 
+    # ---- slow paths --------------------------------------------------------------------
+    def _spawn(self, coro):
+        self.busy = True
+        self.worker.loop.create_task(self._run(coro))
+
+    async def _run(self, coro):
+        try:
+            await coro
+        except BackendError as e:
+            self._error(e.code, e.sqlstate.encode(), e.message)
+        except AccessDenied as e:
+            self.write(err_packet(e.seq, ER_ACCESS_DENIED_ERROR, str(e), self.caps))
+            self._close()
+        except (ConnectionError, asyncio.TimeoutError) as e:
+            if not self.closed:
+                self.write(err_packet(1, CR_SERVER_LOST, f"Lost connection to backend during query: {e or 'timeout'}"))
+        except Exception:
+            log.exception("session %d: internal error", self.conn_id)
+            self._error(1105, b"HY000", "rwproxy internal error; see the proxy log")
+        if self.inflight is None and self.infile_backend is None:
+            self.busy = False
+            if self.buf and self.phase == _COMMAND and not self.closed:
+                self._process()
+
+    async def backend_for(self, name: str):
+        """The session's connection to `name`, opened and brought up to the session's state."""
+        be = self.backends.get(name)
+        if be is None or be.closed:
+            if be is not None:
+                self._drop_backend(be)
+            w = self.worker
+            be = await w.pools.acquire(
+                w.servers[name], self.user.name, self.user.password, self.caps & SESSION_SHAPING_CAPABILITIES, self.charset, self.login_db
+            )
+            be.client = self
+            be.applied = 0
+            self.backends[name] = be
+        history = self.state.history
+        while be.applied < len(history):
+            packet = history[be.applied]
+            resp = await be.command(packet, RESULT)
+            if resp[4] == 0xFF:
+                raise BackendError(1105, "HY000", f"could not replay session state on {name}: {resp[13:].decode('utf-8', 'replace')}")
+            if packet[4] == COM_INIT_DB or packet[5:8].lower() == b"use":
+                be.db_touched = True
+            be.applied += 1
+        return be
+
+    async def _slow_send(self, pkt, cls, kind, name, stmt_sid):
+        st = self.state
+        primary = self.worker.primary_name
+        while True:
+            try:
+                be = await self.backend_for(name)
+                if st.gtid_wait:
+                    st.gtid_wait = False
+                    if not await self._gtid_wait(be):
+                        name = primary
+                        continue
+                break
+            except (BackendError, ConnectionError, asyncio.TimeoutError) as e:
+                if name == primary or st.pinned():
+                    raise
+                log.info("session %d: replica %s unusable (%s); routing elsewhere", self.conn_id, name, e)
+                st.failed_servers = st.failed_servers | {name}
+                try:
+                    target = self.worker.router.route(st, cls, self.worker.topology)
+                except NoServer:
+                    target = PRIMARY
+                name = primary if target is PRIMARY else target
+        out = pkt
+        if stmt_sid:
+            out = await self._stmt_packet(pkt, stmt_sid, name, be)
+            if out is None:
+                return
+        self.inflight = (cls, pkt, kind, name, stmt_sid)
+        counts = self.worker.router.balancer.outstanding
+        counts[name] = counts.get(name, 0) + 1
+        be.relay(out, kind, self)
+
+    async def _gtid_wait(self, be) -> bool:
+        """MASTER_GTID_WAIT on a replica before a read that must see the session's last write."""
+        st = self.state
+        timeout = self.worker.config.routing.gtid_wait_timeout
+        sql = f"SELECT MASTER_GTID_WAIT('{st.last_gtid}', {timeout})".encode()
+        resp = await be.command(frame(b"\x03" + sql, 0), RESULT, timeout=timeout + 2)
+        return _first_value(resp, be.caps) == b"0"
+
+    async def _fetch_gtid(self, be):
+        """After a write in gtid read-your-writes mode: remember the GTID it produced."""
+        try:
+            resp = await be.command(frame(b"\x03SELECT @@last_gtid", 0), RESULT, timeout=5)
+            value = _first_value(resp, be.caps)
+            self.state.wrote(value.decode() if value else "")
+        except (ConnectionError, asyncio.TimeoutError):
+            self.state.wrote()
+        self.busy = False
+        if self.buf and not self.closed:
+            self._process()
+
+    # ---- prepared statements ---------------------------------------------------------------
+    def _execute(self, pkt):
+        sid = int.from_bytes(pkt[5:9], "little") if len(pkt) >= 9 else -1
+        stmt = self.stmts.stmts.get(sid)
+        if stmt is None:
+            return self._error(1243, b"HY000", f"Unknown prepared statement handler ({sid}) given to mysqld_stmt_execute")
+        if stmt.long_data:  # long data was sent to the primary; the execute must follow it
+            stmt.long_data = False
+            return self._dispatch(pkt, C.Classification(C.WRITE, stmt.cls.flags, stmt.cls.digest), RESULT, sid)
+        self._dispatch(pkt, stmt.cls, RESULT, sid)
+
+    async def _stmt_packet(self, pkt, sid, name, be):
+        """The statement packet for backend `name`, preparing the statement there if needed."""
+        stmt = self.stmts.stmts.get(sid)
+        if stmt is None:
+            self._error(1243, b"HY000", f"Unknown prepared statement handler ({sid})")
+            return None
+        bid = stmt.ids.get(name)
+        if bid is None:
+            resp = await be.command(stmt.prepare_packet, PREPARE)
+            if resp[4] == 0xFF:
+                self.write(resp[:3] + b"\x01" + resp[4:])
+                return None
+            bid = int.from_bytes(resp[5:9], "little")
+            for old in self.stmts.bind(sid, name, bid):
+                be.transport.write(frame(b"\x19" + old.to_bytes(4, "little"), 0))
+        else:
+            self.stmts.touch(sid, name)
+        stmt.last = name
+        if pkt[4] == COM_STMT_EXECUTE:
+            return execute_packet_for(pkt, stmt, name, bid)
+        return pkt[:5] + bid.to_bytes(4, "little") + pkt[9:]
+
+    async def _prepare(self, pkt):
+        sql = _payload(pkt)[1:]
+        cls = self.worker.classifier.classify(sql)
+        st = self.state
+        try:
+            target = self.worker.router.route(st, cls, self.worker.topology)
+        except (Reject, NoServer):
+            target = PRIMARY
+        name = self.worker.primary_name if target is PRIMARY else target
+        st.gtid_wait = False
+        try:
+            be = await self.backend_for(name)
+        except (BackendError, ConnectionError, asyncio.TimeoutError):
+            if name == self.worker.primary_name:
+                raise
+            name = self.worker.primary_name
+            be = await self.backend_for(name)
+        resp = await be.command(pkt, PREPARE)
+        if resp[4] == 0x00:
+            nparams = int.from_bytes(resp[11:13], "little")
+            sid = self.stmts.add(Stmt(sql, cls, pkt, nparams))
+            for old in self.stmts.bind(sid, name, int.from_bytes(resp[5:9], "little")):
+                be.transport.write(frame(b"\x19" + old.to_bytes(4, "little"), 0))
+            resp = resp[:5] + sid.to_bytes(4, "little") + resp[9:]
+        self.write(resp)
+
+    def _stmt_other(self, pkt, cmd):
+        sid = int.from_bytes(pkt[5:9], "little") if len(pkt) >= 9 else -1
+        stmt = self.stmts.stmts.get(sid)
+        if stmt is None:
+            if cmd in _STMT_NAMES:  # CLOSE and SEND_LONG_DATA have no response, so no error either
+                self._error(1243, b"HY000", f"Unknown prepared statement handler ({sid}) given to mysqld_stmt_{_STMT_NAMES[cmd]}")
+            return
+        if cmd == COM_STMT_CLOSE:
+            self.stmts.remove(sid)
+            for name, bid in stmt.ids.items():
+                be = self.backends.get(name)
+                if be is not None and not be.closed:
+                    be.transport.write(frame(b"\x19" + bid.to_bytes(4, "little"), 0))
+            return
+        primary = self.worker.primary_name
+        if cmd == COM_STMT_SEND_LONG_DATA:
+            stmt.long_data = True
+            self._spawn(self._send_no_reply(pkt, sid, primary))
+            return
+        name = stmt.last or next(iter(stmt.ids), primary)
+        kind = ROWS if cmd == COM_STMT_FETCH else SIMPLE
+        self._spawn(self._slow_send(pkt, _SESSION_READ if cmd == COM_STMT_FETCH else stmt.cls, kind, name, sid))
+
+    async def _send_no_reply(self, pkt, sid, name):
+        be = await self.backend_for(name)
+        pkt = await self._stmt_packet(pkt, sid, name, be)
+        if pkt is not None:
+            be.transport.write(pkt)
+
+    # ---- other commands ------------------------------------------------------------------
     def _other_command(self, pkt, cmd):
         if cmd == COM_PING:
             self.write(ok_packet(1, self.status))
@@ -324,8 +501,13 @@ class ClientConnection(asyncio.Protocol):
             self._close()
         elif cmd == COM_STMT_PREPARE:
             self._spawn(self._prepare(pkt))
+        elif cmd in (COM_STMT_CLOSE, COM_STMT_SEND_LONG_DATA, COM_STMT_RESET, COM_STMT_FETCH):
+            self._stmt_other(pkt, cmd)
+        elif cmd in _PRIMARY_KIND:
+            self._dispatch(pkt, C.Classification(C.WRITE, 0, ""), _PRIMARY_KIND[cmd])
         elif cmd == COM_INIT_DB:
-            self._spawn(self._init_db(pkt))
+            db = _payload(pkt)[1:].decode("utf-8", "replace")
+            self._dispatch(pkt, C.Classification(C.SESSION, C.F_USE_DB, "", db), SIMPLE)
         elif cmd == COM_SET_OPTION:
             self._spawn(self._set_option(pkt))
         elif cmd == COM_CHANGE_USER:
@@ -333,9 +515,47 @@ class ClientConnection(asyncio.Protocol):
         elif cmd == COM_RESET_CONNECTION:
             self._spawn(self._reset_connection())
         else:
-            self.write(err_packet(1, ER_UNKNOWN_COM_ERROR, f"Unknown command (0x{cmd & 0xFF:02x}): not supported by rwproxy"))
+            self._error(1047, b"08S01", f"Unknown command (0x{cmd & 0xFF:02x}): not supported by rwproxy")
 
-    # ---- LOAD DATA LOCAL INFILE ------------------------------------------------
+    async def _set_option(self, pkt):
+        # Multi-statements on/off shapes how every backend parses COM_QUERY: apply it to all.
+        resp = None
+        for name in list(self.backends) or [self.worker.primary_name]:
+            be = await self.backend_for(name)
+            resp = await be.command(pkt, SIMPLE)
+            be.dirty = True
+        self.write(resp)
+
+    async def _reset_connection(self):
+        for be in list(self.backends.values()):
+            if not await be.reset():
+                self._drop_backend(be)
+            else:
+                be.applied = 0
+        self.stmts.clear()
+        self.state.reset()
+        self.db = self.login_db
+        self.status = SERVER_STATUS_AUTOCOMMIT
+        self.write(ok_packet(1, self.status))
+
+    async def _change_user(self, pkt):
+        req = parse_change_user(_payload(pkt), self.caps)
+        w = self.worker
+        user, seq = await w.authenticator.login(self, req.user, req.plugin, req.auth_response, self.salt, 1, self.host, self.tls)
+        self._release_all()
+        self.stmts.clear()
+        if req.charset:
+            self.charset = req.charset & 0xFF
+        self.start_session(user, req.database)
+        self.status = SERVER_STATUS_AUTOCOMMIT
+        try:
+            await self.backend_for(w.primary_name)
+        except BackendError as e:
+            self._error(e.code, e.sqlstate.encode(), e.message, seq)
+            return self._close()
+        self.write(ok_packet(seq, self.status))
+
+    # ---- LOAD DATA LOCAL INFILE ---------------------------------------------------------
     def _infile_feed(self, data):
         """Forward the client's file packets until the empty packet that ends them."""
         be = self.infile_backend
@@ -358,124 +578,19 @@ class ClientConnection(asyncio.Protocol):
         self._if_skip = i - n if i > n else 0
         self._if_hdr = hdr
 
-    # ---- slow paths ------------------------------------------------------------
-    def _spawn(self, coro):
-        self.busy = True
-        self.worker.loop.create_task(self._run(coro))
-
-    async def _run(self, coro):
-        try:
-            await coro
-        except BackendError as e:
-            self.write(frame(err_payload(e.code, e.sqlstate.encode(), e.message), 1))
-        except AccessDenied as e:
-            self.write(err_packet(e.seq, ER_ACCESS_DENIED_ERROR, str(e), self.caps))
-            self._close()
-        except (ConnectionError, asyncio.TimeoutError) as e:
-            if not self.closed:
-                self.write(err_packet(1, CR_SERVER_LOST, f"Lost connection to backend during query: {e or 'timeout'}"))
-        except Exception:
-            log.exception("client %s: internal error", self.conn_id)
-            self.write(err_packet(1, (1105, b"HY000"), "rwproxy internal error; see the proxy log"))
-        if self.infile_backend is None and not (self.busy and self._relaying()):
-            self.busy = False
-        if not self.busy and self.buf and self.phase == _COMMAND and not self.closed:
-            self._process()
-
-    def _relaying(self) -> bool:
-        return any(be.client is self and be.mode == 1 for be in self.backends.values())
-
-    async def primary_backend(self):
-        w = self.worker
-        name = w.primary_name
-        be = self.backends.get(name)
-        if be is not None and not be.closed:
-            return be
-        server = w.servers[name]
-        be = await w.pools.acquire(server, self.user.name, self.user.password, self.caps & SESSION_SHAPING_CAPABILITIES, self.charset, self.db)
-        be.client = self
-        self.backends[name] = be
-        return be
-
-    async def _relay_after_connect(self, pkt, kind):
-        be = await self.primary_backend()
-        be.relay(pkt, kind, self)  # busy stays set until response_done
-
-    async def _prepare(self, pkt):
-        be = await self.primary_backend()
-        resp = await be.command(pkt, PREPARE)
-        if resp[4] == 0x00:
-            bid = int.from_bytes(resp[5:9], "little")
-            sid = self.next_stmt_id
-            self.next_stmt_id += 1
-            self.stmts[sid] = (be, bid)
-            if sid != bid:
-                resp = resp[:5] + sid.to_bytes(4, "little") + resp[9:]
-        self.write(resp)
-
-    async def _init_db(self, pkt):
-        be = await self.primary_backend()
-        resp = await be.command(pkt, SIMPLE)
-        be.db_touched = True
-        if resp[4] != 0xFF:
-            self.db = pkt[5:].decode("utf-8", "replace")
-            be.db = self.db
-        self.write(resp)
-
-    async def _set_option(self, pkt):
-        be = await self.primary_backend()
-        resp = await be.command(pkt, SIMPLE)
-        be.dirty = True
-        self.write(resp)
-
-    async def _reset_connection(self):
-        for be in list(self.backends.values()):
-            if not await be.reset():
-                self.worker.pools.discard(be)
-                self.backends = {k: v for k, v in self.backends.items() if v is not be}
-        self.stmts.clear()
-        self.status = SERVER_STATUS_AUTOCOMMIT
-        self.write(ok_packet(1, self.status))
-
-    async def _change_user(self, pkt):
-        req = parse_change_user(_payload(pkt), self.caps)
-        w = self.worker
-        self.user, seq = await w.authenticator.login(self, req.user, req.plugin, req.auth_response, self.salt, 1, self.host, self.tls)
-        self._release_all()
-        self.stmts.clear()
-        self.db = req.database
-        if req.charset:
-            self.charset = req.charset & 0xFF
-        self.status = SERVER_STATUS_AUTOCOMMIT
-        try:
-            await self.primary_backend()
-        except BackendError as e:
-            self.write(frame(err_payload(e.code, e.sqlstate.encode(), e.message), seq))
-            return self._close()
-        self.write(ok_packet(seq, self.status))
-
-    def backend_lost(self, be):
-        """A backend died while relaying this session's command."""
-        self.backends = {k: v for k, v in self.backends.items() if v is not be}
-        self.stmts = {k: v for k, v in self.stmts.items() if v[0] is not be}
+    # ---- teardown ------------------------------------------------------------------------
+    def _drop_backend(self, be):
+        name = be.server.name
+        if self.backends.get(name) is be:
+            del self.backends[name]
+        self.stmts.forget_server(name)
         self.worker.pools.discard(be)
-        self.infile_backend = None
-        if be.relayed == 0 and not self.closed:
-            msg = f"Lost connection to backend server {be.server.name} ({be.server.host}:{be.server.port}) during query"
-            self.write(err_packet(1, CR_SERVER_LOST, msg))
-            self.busy = False
-            if self.buf:
-                self._process()
-        else:
-            # Part of the result already reached the client: the stream cannot be
-            # repaired, so the client sees a lost connection, like a server crash.
-            self._close()
 
     def _release_all(self):
         pools = self.worker.pools
         for be in self.backends.values():
-            if be.client is self and be.mode == 1 or be.dirty:
-                pools.discard(be)  # mid-response or with options a reset won't undo
+            if (be.client is self and be.mode == _RELAY) or be.dirty:
+                pools.discard(be)  # mid-response, or options a reset won't undo
             else:
                 pools.release(be)
         self.backends = {}
@@ -485,15 +600,6 @@ class ClientConnection(asyncio.Protocol):
             self.closed = True
             self.phase = _CLOSING
             self.transport.close()
-
-
-_STMT_NAMES = {
-    COM_STMT_EXECUTE: "execute",
-    COM_STMT_FETCH: "fetch",
-    COM_STMT_RESET: "reset",
-    COM_STMT_SEND_LONG_DATA: "send_long_data",
-    COM_STMT_CLOSE: "close",
-}
 
 
 def _payload(pkt: bytes) -> bytes:
@@ -508,3 +614,25 @@ def _payload(pkt: bytes) -> bytes:
         pos += 4 + m
         if m < MAX_PACKET:
             return b"".join(parts)
+
+
+def _rule_text(pkt: bytes) -> str:
+    return bytes(pkt[5:]).decode("utf-8", "replace") if pkt[4] == COM_QUERY else ""
+
+
+def _first_value(resp: bytes, caps: int) -> bytes | None:
+    """The first column of the first row of a text result set (for the proxy's own queries)."""
+    packets, pos = [], 0
+    while pos + 4 <= len(resp):
+        n = int.from_bytes(resp[pos : pos + 3], "little")
+        packets.append(resp[pos + 4 : pos + 4 + n])
+        pos += 4 + n
+    if not packets or packets[0][:1] in (b"\x00", b"\xff"):
+        return None
+    ncols = packets[0][0]
+    row_index = 1 + ncols + (0 if caps & (1 << 24) else 1)
+    if row_index >= len(packets) or packets[row_index][:1] == b"\xfb":
+        return None
+    value, _ = read_lenenc_str(packets[row_index], 0)
+    return value
+

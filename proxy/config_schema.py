@@ -212,7 +212,7 @@ class RoutingConfig:
     reads_on_primary_when_no_replica: bool = B(True)
     max_replica_lag: float = F(1.0, positive=True)
     balance: str = E("least-outstanding", "least-outstanding", "round-robin", "lowest-lag")
-    read_your_writes: str = E("none", *RYW_MODES)
+    read_your_writes: str = E("session", *RYW_MODES)
     read_your_writes_window: float = F(1.0)
     gtid_wait_timeout: float = F(0.5)
     readonly_functions: tuple[str, ...] = L()

@@ -10,19 +10,29 @@ take the fast path.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import struct
 from dataclasses import dataclass
 
+from .backend import BackendError
 from .protocol import auth
 from .protocol.constants import (
     CLIENT_CONNECT_ATTRS,
     CLIENT_PLUGIN_AUTH,
     CLIENT_PROTOCOL_41,
     CLIENT_SECURE_CONNECTION,
+    CLIENT_SSL,
     ER_ACCESS_DENIED_ERROR,
+    ER_HANDSHAKE_ERROR,
+    ER_SECURE_TRANSPORT_REQUIRED,
+    PROXY_CAPABILITIES,
+    SERVER_STATUS_AUTOCOMMIT,
+    SESSION_SHAPING_CAPABILITIES,
 )
-from .protocol.packets import ProtocolError, frame, read_lenenc_int, read_nul_str
+from .protocol.handshake import build_greeting, parse_response
+from .protocol.packets import ProtocolError, err_packet, err_payload, frame, ok_packet, read_lenenc_int, read_nul_str
+from .tls import TLSLayer
 
 log = logging.getLogger("rwproxy.login")
 
@@ -130,4 +140,57 @@ class Authenticator:
         return ucfg, seq
 
 
-__all__ = ["Authenticator", "AccessDenied", "parse_change_user", "ER_ACCESS_DENIED_ERROR", "ProtocolError"]
+
+async def handshake(client) -> bool:
+    """Greeting, optional TLS upgrade, authentication. True when the session may start."""
+    w = client.worker
+    try:
+        client.salt = auth.nonce()
+        offered = PROXY_CAPABILITIES | (CLIENT_SSL if w.tls_context else 0)
+        greeting = build_greeting(w.server_version, client.conn_id, client.salt, offered, 45, SERVER_STATUS_AUTOCOMMIT, w.auth_plugin)
+        client.write(frame(greeting, 0))
+        seq, payload = await client.read_packet(w.config.pool.connect_timeout + 8)
+        resp = parse_response(payload)
+        if resp.ssl_request:
+            if not w.tls_context:
+                raise ProtocolError("client asked for TLS, which is not configured")
+            # Bytes after the SSL request (the ClientHello) are TLS, not packets.
+            early, client.buf = client.buf, b""
+            client.tls_layer = client.transport = TLSLayer(client.transport, w.tls_context)
+            client.tls = True
+            if early:
+                client.data_received(early)
+            seq, payload = await client.read_packet(10)
+            resp = parse_response(payload)
+        seq += 1
+        if w.config.proxy.tls.require and not client.tls:
+            msg = "Connections using insecure transport are prohibited while --require_secure_transport=ON."
+            client.write(err_packet(seq, ER_SECURE_TRANSPORT_REQUIRED, msg))
+            return False
+        client.caps = resp.capabilities & (offered | SESSION_SHAPING_CAPABILITIES) & PROXY_CAPABILITIES
+        client.charset = resp.charset
+        try:
+            user, seq = await w.authenticator.login(
+                client, resp.user, resp.plugin, resp.auth_response, client.salt, seq, client.host, client.tls
+            )
+        except AccessDenied as e:
+            log.info("client %s: %s", client.host, e)
+            client.write(err_packet(e.seq, ER_ACCESS_DENIED_ERROR, str(e), client.caps))
+            return False
+        if user.require_tls and not client.tls:
+            msg = f"Access denied for user '{user.name}'@'{client.host}': this user must connect with TLS"
+            client.write(err_packet(seq, ER_ACCESS_DENIED_ERROR, msg, client.caps))
+            return False
+        client.start_session(user, resp.database)
+        try:
+            await client.backend_for(client.worker.primary_name)
+        except BackendError as e:
+            client.write(frame(err_payload(e.code, e.sqlstate.encode(), e.message), seq))
+            return False
+        client.write(ok_packet(seq, client.status))
+        return True
+    except (ProtocolError, ValueError, IndexError) as e:
+        client.write(err_packet(2, ER_HANDSHAKE_ERROR, f"Bad handshake: {e}"))
+        return False
+    except (ConnectionError, asyncio.TimeoutError, OSError):
+        return False

@@ -30,13 +30,20 @@ class StartupError(Exception):
 
 
 class Worker:
-    def __init__(self, config, index: int, sock: socket.socket, topology, server_version: bytes, rsa_pem: bytes | None):
+    def __init__(self, config, index: int, sock: socket.socket, topology, server_version: bytes, rsa_pem: bytes | None,
+                 topology_fd: int | None = None):
+        from .classify import Classifier
+        from .router import Router
+
         self.config = config
         self.index = index
         self.sock = sock
-        self.topology = topology
+        self.topology_fd = topology_fd
         self.server_version = server_version
         self.servers = {b.name: b for b in config.backends}
+        self.classifier = Classifier(config.routing.readonly_functions, config.routing.digest_cache_size)
+        self.router = Router(config)
+        self.topology = topology
         self.primary_name = topology.primary.name
         self.auth_plugin = config.proxy.auth_plugin
         self.authenticator = Authenticator(
@@ -47,6 +54,20 @@ class Worker:
         self.clients: set = set()
         self.loop = None
         self._next_id = 1
+
+    def set_topology(self, topology) -> None:
+        """Swap in a new picture of the cluster (from the control plane)."""
+        old = self.topology
+        self.topology = topology
+        if [s.name for s in topology.readers] != [s.name for s in old.readers]:
+            log.debug("worker %d: read pool is now %s", self.index, ", ".join(s.name for s in topology.readers) or "empty")
+        primary = topology.primary
+        if primary is not None:
+            self.primary_name = primary.name
+        for name, s in topology.servers.items():
+            before = old.servers.get(name)
+            if s.state == "down" and (before is None or before.state != "down"):
+                self.pools.drop_server(name)  # no reuse of connections to a dead server
 
     def admit(self, client) -> bool:
         if len(self.clients) >= self.config.proxy.max_connections:
@@ -77,6 +98,10 @@ class Worker:
 
         async def main():
             server = await self.loop.create_server(self._factory, sock=self.sock, backlog=1024)
+            if self.topology_fd is not None:
+                from .control import subscribe
+
+                await subscribe(self.loop, self.topology_fd, self.set_topology)
             self.loop.create_task(self._housekeeping())
             log.info("worker %d serving on %s", self.index, self.config.proxy.listen)
             await stop
@@ -167,10 +192,31 @@ def serve(config) -> int:
         config.proxy.listen, workers, primary.name, primary.host, primary.port,
         ", ".join(f"{s.name}={s.role}/{s.state}" for s in topology.servers.values()),
     )
+    from .monitor import Monitor
+
     if workers == 1:
-        Worker(config, 0, socks[0], topology, server_version, rsa_pem).run()
+        worker = Worker(config, 0, socks[0], topology, server_version, rsa_pem)
+
+        def on_update(topo):  # from the monitor's threads into the worker's loop
+            if worker.loop is not None and not worker.loop.is_closed():
+                worker.loop.call_soon_threadsafe(worker.set_topology, topo)
+
+        monitor = Monitor(config, on_update)
+        monitor.start()
+        try:
+            worker.run()
+        finally:
+            monitor.stop()
         return 0
-    return _supervise(config, socks, topology, server_version, rsa_pem)
+    from .control import Publisher
+
+    publisher = Publisher(workers)
+    monitor = Monitor(config, publisher.publish)
+    try:
+        return _supervise(config, socks, topology, server_version, rsa_pem, publisher, monitor)
+    finally:
+        monitor.stop()
+        publisher.stop()
 
 
 def _rsa_pem(config) -> bytes:
@@ -188,21 +234,24 @@ def _rsa_pem(config) -> bytes:
     return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
 
 
-def _supervise(config, socks, topology, server_version, rsa_pem) -> int:
+def _supervise(config, socks, topology, server_version, rsa_pem, publisher, monitor) -> int:
     children: dict[int, int] = {}  # pid -> worker index
     stopping = False
 
     def spawn(i: int) -> None:
+        fd = publisher.new_pipe(i)
         pid = os.fork()
         if pid == 0:
             code = 0
             try:
+                publisher.close_in_worker(i)
                 for j, s in enumerate(socks):
                     if j != i:
                         s.close()
                 signal.signal(signal.SIGTERM, signal.SIG_DFL)
                 signal.signal(signal.SIGINT, signal.SIG_DFL)
-                Worker(config, i, socks[i], topology, server_version, rsa_pem).run()
+                start = publisher.latest or topology
+                Worker(config, i, socks[i], start, server_version, rsa_pem, topology_fd=fd).run()
             except BaseException:
                 log.exception("worker %d crashed", i)
                 code = 1
@@ -210,6 +259,7 @@ def _supervise(config, socks, topology, server_version, rsa_pem) -> int:
                 logging.shutdown()
                 os._exit(code)
         children[pid] = i
+        publisher.forked(i)
 
     def on_stop(signum, frame):
         nonlocal stopping
@@ -224,6 +274,7 @@ def _supervise(config, socks, topology, server_version, rsa_pem) -> int:
     signal.signal(signal.SIGINT, on_stop)
     for i in range(len(socks)):
         spawn(i)
+    monitor.start()  # after forking: the monitor's threads live in the supervisor only
     restarts: list[float] = []
     while children:
         try:

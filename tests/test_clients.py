@@ -443,7 +443,9 @@ def test_20mib_blob_text_and_binary_protocol(proxy, cluster, tables):
     finally:
         c.close()
 
-    # binary result rows over 16 MiB, and a 20 MiB parameter once more, with the minimal client
+    # binary result rows over 16 MiB, and a 20 MiB parameter once more, with the minimal client.
+    # A new session reads from a replica: another session's write is visible there once replicated.
+    cluster.wait_replicas_caught_up(60)
     raw = RawBinaryClient(proxy.port)
     try:
         sel = raw.prepare(f"SELECT id, b, n FROM `{table}` WHERE id >= ? ORDER BY id")

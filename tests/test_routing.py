@@ -1,0 +1,278 @@
+"""Read/write routing against the real cluster: which server answered, and that the client
+sees what a single primary would give. `SELECT @@port` in a statement shows where it ran
+(the statement itself is routed as the test intends)."""
+
+from __future__ import annotations
+
+import time
+
+import mysql.connector
+import pymysql
+import pytest
+
+from helpers import direct, proxy, start_proxy  # noqa: F401
+
+
+@pytest.fixture
+def conn(proxy):
+    c = proxy.connect(autocommit=True)
+    try:
+        yield c
+    finally:
+        c.close()
+
+
+def ports(cluster):
+    return cluster.primary.port, {n.port for n in cluster.replicas}
+
+
+def where(c, sql="SELECT @@port", args=None):
+    with c.cursor() as cur:
+        cur.execute(sql, args)
+        return cur.fetchone()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def table(cluster):
+    with cluster.primary.connect(database="app") as c, c.cursor() as cur:
+        cur.execute("CREATE TABLE IF NOT EXISTS rt (id INT AUTO_INCREMENT PRIMARY KEY, v VARCHAR(20))")
+        cur.execute("INSERT INTO rt (v) VALUES ('seed')")
+    cluster.wait_replicas_caught_up(30)
+
+
+def wait_for_read_pool(proxy, timeout=10.0):
+    """The monitor needs a moment to admit replicas after the proxy starts."""
+    p, reps = ports(proxy.cluster)
+    deadline = time.monotonic() + timeout
+    with proxy.connect(autocommit=True) as c:  # PyMySQL's default autocommit=0 pins to the primary
+        while time.monotonic() < deadline:
+            if where(c)[0] in reps:
+                return
+            time.sleep(0.1)
+    raise AssertionError("replicas never joined the read pool")
+
+
+def test_plain_reads_go_to_replicas_and_spread(proxy, conn):
+    wait_for_read_pool(proxy)
+    p, reps = ports(proxy.cluster)
+    seen = {where(conn)[0] for _ in range(40)}
+    assert seen == reps, f"reads reached {seen}, replicas are {reps}"
+
+
+def test_writes_go_to_the_primary(proxy, conn):
+    p, _ = ports(proxy.cluster)
+    with conn.cursor() as cur:
+        cur.execute("INSERT INTO rt (v) VALUES (CONCAT('w', @@port))")
+        cur.execute("SELECT v FROM rt WHERE id = LAST_INSERT_ID()")
+        assert cur.fetchone() == (f"w{p}",)
+
+
+def test_autocommit_off_pins_reads_to_primary(proxy, conn):
+    wait_for_read_pool(proxy)
+    p, reps = ports(proxy.cluster)
+    with conn.cursor() as cur:
+        cur.execute("SET autocommit=0")
+        assert where(conn)[0] == p
+        cur.execute("COMMIT")
+        assert where(conn)[0] == p  # still autocommit=0: a new transaction began
+        cur.execute("SET autocommit=1")
+    time.sleep(1.1)  # past the read-your-writes window of the COMMIT
+    assert where(conn)[0] in reps
+
+
+def test_transaction_pins_and_releases(proxy, conn):
+    wait_for_read_pool(proxy)
+    p, reps = ports(proxy.cluster)
+    with conn.cursor() as cur:
+        cur.execute("BEGIN")
+        assert where(conn)[0] == p
+        cur.execute("ROLLBACK")
+    assert where(conn)[0] in reps
+
+
+def test_session_variables_follow_reads_to_replicas(proxy, conn):
+    wait_for_read_pool(proxy)
+    _, reps = ports(proxy.cluster)
+    with conn.cursor() as cur:
+        cur.execute("SET SESSION sql_mode = 'PIPES_AS_CONCAT'")
+        cur.execute("SET NAMES utf8mb4 COLLATE utf8mb4_unicode_ci")
+    port, concat, mode, coll = where(conn, "SELECT @@port, 'a' || 'b', @@sql_mode, @@collation_connection")
+    assert port in reps and concat == "ab" and mode == "PIPES_AS_CONCAT" and coll == "utf8mb4_unicode_ci"
+
+
+def test_use_database_follows_reads(proxy, conn, cluster):
+    with cluster.primary.connect() as c, c.cursor() as cur:
+        cur.execute("CREATE DATABASE IF NOT EXISTS app_route")
+        cur.execute("GRANT ALL ON app_route.* TO 'app'@'%'")
+    cluster.wait_replicas_caught_up(30)
+    wait_for_read_pool(proxy)
+    _, reps = ports(cluster)
+    with conn.cursor() as cur:
+        cur.execute("USE app_route")
+    port, db = where(conn, "SELECT @@port, DATABASE()")
+    assert port in reps and db == "app_route"
+
+
+def test_temporary_table_pins_session(proxy, conn):
+    p, _ = ports(proxy.cluster)
+    with conn.cursor() as cur:
+        cur.execute("CREATE TEMPORARY TABLE tt (x INT)")
+        cur.execute("INSERT INTO tt VALUES (7)")
+    time.sleep(1.1)
+    assert where(conn, "SELECT @@port, x FROM tt") == (p, 7)
+    assert where(conn)[0] == p  # the session stays on the primary while the table exists
+
+
+def test_get_lock_pins_until_released(proxy, conn):
+    wait_for_read_pool(proxy)
+    p, reps = ports(proxy.cluster)
+    assert where(conn, "SELECT GET_LOCK('rt_lock', 5)") == (1,)
+    assert where(conn)[0] == p
+    assert where(conn, "SELECT RELEASE_LOCK('rt_lock')") == (1,)
+    assert where(conn)[0] in reps
+
+
+def test_user_variables_read_where_they_were_set(proxy, conn):
+    wait_for_read_pool(proxy)
+    p, reps = ports(proxy.cluster)
+    with conn.cursor() as cur:
+        cur.execute("SET @mine = 42")
+    assert where(conn, "SELECT @mine, @@port") == (42, p)
+    assert where(conn)[0] in reps  # statements not touching user variables still use replicas
+
+
+def test_last_insert_id_and_found_rows_use_the_same_connection(proxy, conn):
+    wait_for_read_pool(proxy)
+    with conn.cursor() as cur:
+        cur.execute("INSERT INTO rt (v) VALUES ('lid')")
+        expected = cur.lastrowid
+        time.sleep(1.1)  # outside the read-your-writes window: only the connection binding helps
+        cur.execute("INSERT INTO rt (v) VALUES ('lid2')")
+        cur.execute("SELECT LAST_INSERT_ID()")
+        assert cur.fetchone() == (expected + 1,)
+        cur.execute("SELECT SQL_CALC_FOUND_ROWS id FROM rt LIMIT 1")
+        cur.execute("SELECT FOUND_ROWS()")
+        assert cur.fetchone()[0] >= 2
+
+
+def test_select_for_update_goes_to_primary(proxy, conn):
+    wait_for_read_pool(proxy)
+    p, _ = ports(proxy.cluster)
+    assert where(conn, "SELECT @@port, id FROM rt WHERE id = 1 FOR UPDATE")[0] == p
+    assert where(conn, "SELECT @@port, id FROM rt WHERE id = 1 /*!50000 FOR UPDATE */")[0] == p
+    assert where(conn, "SELECT @@port, id FROM rt WHERE id = 1 LOCK IN SHARE MODE")[0] == p
+    with conn.cursor() as cur:
+        cur.execute("BEGIN")
+        assert where(conn, "SELECT @@port, id FROM rt WHERE id = 1 FOR UPDATE")[0] == p
+        cur.execute("COMMIT")
+
+
+def test_read_only_transaction_runs_on_one_replica(proxy, conn):
+    wait_for_read_pool(proxy)
+    _, reps = ports(proxy.cluster)
+    with conn.cursor() as cur:
+        cur.execute("START TRANSACTION READ ONLY")
+        first = where(conn)[0]
+        assert first in reps
+        assert all(where(conn)[0] == first for _ in range(5))
+        with pytest.raises(pymysql.err.MySQLError) as e:
+            cur.execute("INSERT INTO rt (v) VALUES ('nope')")
+        # refused either way: the replica reports its read_only (1290) before the
+        # read-only transaction (1792) a single primary would report
+        assert e.value.args[0] in (1290, 1792)
+        cur.execute("COMMIT")
+
+
+def test_hints_force_the_route(proxy, conn):
+    wait_for_read_pool(proxy)
+    p, reps = ports(proxy.cluster)
+    assert where(conn, "/* rwproxy:primary */ SELECT @@port")[0] == p
+    with conn.cursor() as cur:
+        cur.execute("INSERT INTO rt (v) VALUES ('hint')")  # would keep reads on the primary...
+    assert where(conn, "/* rwproxy:replica */ SELECT @@port")[0] in reps  # ...but the hint wins
+
+
+def test_prepared_statements_route_by_class(proxy):
+    wait_for_read_pool(proxy)
+    p, reps = ports(proxy.cluster)
+    c = mysql.connector.connect(host=proxy.host, port=proxy.port, user="app", password="app", database="app",
+                                use_pure=True, ssl_disabled=True, autocommit=True)
+    try:
+        read = c.cursor(prepared=True)
+        read.execute("SELECT @@port, ? + 1", (1,))
+        assert read.fetchall()[0] in [(r, 2) for r in reps]
+        write = c.cursor(prepared=True)
+        write.execute("INSERT INTO rt (v) VALUES (CONCAT(?, @@port))", ("ps",))
+        cur = c.cursor()
+        cur.execute("SELECT v FROM rt WHERE id = LAST_INSERT_ID()")
+        assert cur.fetchall() == [(f"ps{p}",)]
+        time.sleep(1.1)
+        for i in range(6):  # executed on both replicas: prepared lazily on each
+            read.execute("SELECT @@port, ? + 1", (i,))
+            port, val = read.fetchall()[0]
+            assert port in reps and val == i + 1
+    finally:
+        c.close()
+
+
+def _delayed_cluster(cluster_factory, delay):
+    cl = cluster_factory(replicas=1)
+    rep = cl.replicas[0]
+    with rep.connect() as c, c.cursor() as cur:
+        cur.execute("STOP SLAVE")
+        cur.execute(f"CHANGE MASTER TO MASTER_DELAY={delay}")
+        cur.execute("START SLAVE")
+    with cl.primary.connect(database="app") as c, c.cursor() as cur:
+        cur.execute("CREATE TABLE ryw (id INT PRIMARY KEY)")
+    time.sleep(delay + 1)
+    return cl
+
+
+@pytest.mark.parametrize("mode", ["session", "gtid", "none"])
+def test_read_your_writes_with_a_delayed_replica(cluster_factory, tmp_path, mode):
+    cl = _delayed_cluster(cluster_factory, 5)
+    # a lag threshold above the delay keeps the delayed replica in the read pool
+    p = start_proxy(cl, tmp_path, proxy={"workers": 1},
+                    routing={"read_your_writes": mode, "max_replica_lag": 30.0, "gtid_wait_timeout": 0.5})
+    try:
+        wait_for_read_pool(p, timeout=20)
+        with p.connect(autocommit=True) as c, c.cursor() as cur:
+            cur.execute("INSERT INTO ryw VALUES (1)")
+            cur.execute("SELECT @@port, COUNT(*) FROM ryw")
+            port, n = cur.fetchone()
+        if mode == "none":
+            assert (port, n) == (cl.replicas[0].port, 0)  # a stale read, as configured
+        else:
+            assert n == 1, f"{mode}: the session did not read its own write (answered by {port})"
+    finally:
+        p.process.stop()
+
+
+def test_rules_reject_and_route(cluster, tmp_path):
+    rules = [
+        {"match": r"^\s*DELETE\s+FROM\s+audit", "route": "reject", "error_code": 1142, "error_message": "deleting audit rows is not allowed"},
+        {"match": r"FROM\s+rt\b", "route": "primary"},
+    ]
+    p = start_proxy(cluster, tmp_path, proxy={"workers": 1}, routing={"rules": rules})
+    try:
+        wait_for_read_pool(p)
+        with p.connect(autocommit=True) as c, c.cursor() as cur:
+            with pytest.raises(pymysql.err.MySQLError) as e:
+                cur.execute("DELETE FROM audit WHERE 1")
+            assert e.value.args == (1142, "deleting audit rows is not allowed")
+            assert where(c, "SELECT @@port, COUNT(*) FROM rt")[0] == cluster.primary.port
+            assert where(c)[0] in {n.port for n in cluster.replicas}
+    finally:
+        p.process.stop()
+
+
+def test_user_default_route_replica(cluster, tmp_path):
+    users = [{"name": "app", "password": "app", "default_route": "replica", "read_your_writes": "none"}]
+    p = start_proxy(cluster, tmp_path, proxy={"workers": 1}, users=users)
+    try:
+        wait_for_read_pool(p)
+        with p.connect(autocommit=True) as c, c.cursor() as cur:
+            cur.execute("INSERT INTO rt (v) VALUES ('analytics')")
+            assert where(c)[0] in {n.port for n in cluster.replicas}
+    finally:
+        p.process.stop()

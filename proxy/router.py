@@ -104,10 +104,10 @@ class Router:
             return PRIMARY
         if cls.route != C.READ and not (flags & C.F_READ_ONLY_TXN):
             if forced == "replica" or flags & C.F_HINT_REPLICA:
-                return self._replica(s, topology, force=True)
+                return self._replica(s, topology)
             return PRIMARY
         if forced == "replica" or flags & C.F_HINT_REPLICA:
-            return self._replica(s, topology, force=True)
+            return self._replica(s, topology)
         if flags & C.F_USER_VAR_READ and s.user_vars:
             return PRIMARY
         if not self.split or s.user.default_route == "primary":
@@ -117,9 +117,10 @@ class Router:
             return PRIMARY
         if mode == "gtid" and s.last_gtid:
             return self._gtid_replica(s, topology)
-        return self._replica(s, topology, force=s.user.default_route == "replica")
+        return self._replica(s, topology)
 
-    def _replica(self, s, topology, force: bool = False) -> str:
+    def _replica(self, s, topology) -> str:
+        """A replica from the read pool; the primary (or an error) when there is none."""
         readers = topology.readers
         if self.primary_serves_reads:
             p = topology.primary
@@ -128,7 +129,7 @@ class Router:
         pick = self.balancer.pick(readers, s.failed_servers)
         if pick is not None:
             return pick.name
-        if self.reads_on_primary or not force and not self.split:
+        if self.reads_on_primary:
             return PRIMARY
         raise NoServer("no replica is available for reads and reads_on_primary_when_no_replica = false")
 

@@ -79,6 +79,7 @@ class RunningProxy:
 
 
 def start_proxy(cluster, dirpath, **sections) -> RunningProxy:
+    dirpath.mkdir(parents=True, exist_ok=True)
     port = free_port()
     cfg = build_config(proxy_config_dict(cluster, port, **sections), source=str(dirpath / "rwproxy.toml"))
     path = str(dirpath / "rwproxy.toml")

@@ -276,3 +276,20 @@ def test_user_default_route_replica(cluster, tmp_path):
             assert where(c)[0] in {n.port for n in cluster.replicas}
     finally:
         p.process.stop()
+
+
+def test_no_replica_reads_fall_back_or_error(cluster_factory, tmp_path):
+    cl = cluster_factory(replicas=0)
+    ok = start_proxy(cl, tmp_path / "fallback", proxy={"workers": 1})
+    strict = start_proxy(cl, tmp_path / "strict", proxy={"workers": 1}, routing={"reads_on_primary_when_no_replica": False})
+    try:
+        with ok.connect(autocommit=True) as c:
+            assert where(c)[0] == cl.primary.port
+        with strict.connect(autocommit=True) as c, c.cursor() as cur:
+            with pytest.raises(pymysql.err.MySQLError) as e:
+                cur.execute("SELECT 1")
+            assert e.value.args[0] == 1105 and "no replica is available" in e.value.args[1]
+            cur.execute("CREATE TABLE IF NOT EXISTS rt2 (id INT)")  # writes still work
+    finally:
+        ok.process.stop()
+        strict.process.stop()

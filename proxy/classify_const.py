@@ -1,0 +1,70 @@
+"""Route kinds, flags and the Classification record (re-exported by `proxy.classify`).
+
+Kept apart from the classifier so the rule modules can build results without import cycles.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+# Route kinds.
+READ, WRITE, SESSION = 1, 2, 3
+
+# Flags (OR-ed).
+F_BEGIN = 1 << 0
+F_READ_ONLY_TXN = 1 << 1
+F_COMMIT = 1 << 2
+F_ROLLBACK = 1 << 3
+F_AUTOCOMMIT_OFF = 1 << 4
+F_AUTOCOMMIT_ON = 1 << 5
+F_TEMP_TABLE = 1 << 6
+F_LOCK_TABLES = 1 << 7
+F_UNLOCK_TABLES = 1 << 8
+F_GET_LOCK = 1 << 9
+F_RELEASE_LOCK = 1 << 10
+F_USER_VAR_WRITE = 1 << 11
+F_USER_VAR_READ = 1 << 12
+F_CONN_BOUND = 1 << 13
+F_USE_DB = 1 << 14
+F_SQL_PS = 1 << 15
+F_MULTI = 1 << 16
+F_HINT_PRIMARY = 1 << 17
+F_HINT_REPLICA = 1 << 18
+F_IMPLICIT_COMMIT = 1 << 19
+F_XA = 1 << 20
+F_LOAD_DATA = 1 << 21
+F_SET_GLOBAL = 1 << 22
+F_UNPARSED = 1 << 23
+# Additions to the agreed interface:
+# COMMIT/ROLLBACK ... RELEASE: the server closes the connection after the statement.
+F_RELEASE_SESSION = 1 << 24
+# Longer than the classifier's scan limit: classified by a cheap conservative scan (always WRITE);
+# flags other than F_MULTI/F_LOAD_DATA/hints are not looked for.
+F_OVERSIZED = 1 << 25
+
+FLAG_NAMES = {v: k for k, v in globals().items() if k.startswith("F_") and isinstance(v, int)}
+ROUTE_NAMES = {READ: "READ", WRITE: "WRITE", SESSION: "SESSION"}
+
+
+def flag_names(flags: int) -> list[str]:
+    """Names of the bits set in `flags` (for logs, tests and the admin interface)."""
+    return [name for bit, name in sorted(FLAG_NAMES.items()) if flags & bit]
+
+
+@dataclass(frozen=True, slots=True)
+class Classification:
+    """What a statement is; cached per digest, so it must not depend on the statement's literals."""
+
+    route: int
+    flags: int
+    digest: str  # normalised text: literals -> ?, comments/whitespace folded, rwproxy hints kept
+    db: str | None = None  # USE db
+    # F_MULTI only: the statements in order (their own route/flags/db), so the router can apply
+    # their effects (BEGIN ... COMMIT, USE, SET) in sequence; the packet itself is never split.
+    parts: tuple["Classification", ...] = ()
+
+    def __repr__(self) -> str:
+        return (f"Classification({ROUTE_NAMES.get(self.route, self.route)}, "
+                f"{'|'.join(flag_names(self.flags)) or '0'}, {self.digest!r}"
+                + (f", db={self.db!r}" if self.db is not None else "")
+                + (f", parts={len(self.parts)}" if self.parts else "") + ")")

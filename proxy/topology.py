@@ -57,6 +57,9 @@ class Topology:
     servers: dict[str, ServerState] = field(default_factory=dict)
     version: int = 0
     updated: float = 0.0
+    # Set by failover/switchover while the writer is changing: workers hold new statements
+    # for the primary (up to failover.write_hold_timeout) instead of sending them.
+    writes_held: bool = False
 
     @property
     def primary(self) -> ServerState | None:
@@ -79,7 +82,7 @@ class Topology:
     def with_server(self, s: ServerState) -> "Topology":
         servers = dict(self.servers)
         servers[s.name] = s
-        return Topology(servers, self.version + 1, time.time())
+        return Topology(servers, self.version + 1, time.time(), self.writes_held)
 
 
 def from_config(config) -> Topology:

@@ -214,10 +214,12 @@ class ClientConnection(asyncio.Protocol):
         except NoServer as e:
             return self._error(1105, b"HY000", str(e))
         name = w.primary_name if target is PRIMARY else target
+        if st.trx_server is not None and st.in_trx and self._trx_lost(name):
+            return
         be = self.backends.get(name)
         self.busy = True
-        if be is None or be.closed or be.applied != len(st.history) or st.gtid_wait:
-            self._spawn(self._slow_send(pkt, cls, kind, name, stmt_sid))
+        if be is None or be.closed or be.applied != len(st.history) or st.gtid_wait or (target is PRIMARY and not w.primary_ok):
+            self._spawn(self._slow_send(pkt, cls, kind, name, stmt_sid, target is PRIMARY))
             return
         out = pkt
         if stmt_sid:
@@ -342,6 +344,11 @@ class ClientConnection(asyncio.Protocol):
             be.client = self
             be.applied = 0
             self.backends[name] = be
+            if name == w.primary_name and not self.status & SERVER_STATUS_AUTOCOMMIT:
+                # autocommit=0 is not in the replay history (replicas keep autocommit on)
+                resp = await be.command(frame(b"\x03SET autocommit=0", 0), RESULT)
+                if resp[4] == 0xFF:
+                    raise BackendError(1105, "HY000", f"could not restore autocommit=0 on {name}")
         history = self.state.history
         while be.applied < len(history):
             packet = history[be.applied]
@@ -353,37 +360,77 @@ class ClientConnection(asyncio.Protocol):
             be.applied += 1
         return be
 
-    async def _slow_send(self, pkt, cls, kind, name, stmt_sid):
+    async def _slow_send(self, pkt, cls, kind, name, stmt_sid, to_primary=False):
         st = self.state
-        primary = self.worker.primary_name
+        w = self.worker
+        deadline = w.loop.time() + w.config.failover.write_hold_timeout
         while True:
+            if to_primary:
+                name = await w.wait_for_primary()  # held while failover/switchover runs
             try:
                 be = await self.backend_for(name)
                 if st.gtid_wait:
                     st.gtid_wait = False
                     if not await self._gtid_wait(be):
-                        name = primary
+                        to_primary = True
                         continue
                 break
             except (BackendError, ConnectionError, asyncio.TimeoutError) as e:
-                if name == primary or st.pinned():
-                    raise
+                if isinstance(e, BackendError) and e.code not in (2003, 2013):
+                    raise  # the server answered (access denied, unknown database...): not a failure to route around
+                if to_primary or name == w.primary_name or st.pinned():
+                    remaining = deadline - w.loop.time()
+                    if st.in_trx or remaining <= 0:
+                        raise
+                    # The primary is unreachable: the monitor will say so and failover will
+                    # publish a new one; hold the statement meanwhile.
+                    log.info("session %d: primary %s unreachable (%s); holding the statement", self.conn_id, name, e)
+                    await w.next_topology(min(0.5, remaining))
+                    to_primary = True
+                    continue
                 log.info("session %d: replica %s unusable (%s); routing elsewhere", self.conn_id, name, e)
                 st.failed_servers = st.failed_servers | {name}
                 try:
-                    target = self.worker.router.route(st, cls, self.worker.topology)
+                    target = w.router.route(st, cls, w.topology)
                 except NoServer:
                     target = PRIMARY
-                name = primary if target is PRIMARY else target
+                to_primary = target is PRIMARY
+                name = w.primary_name if to_primary else target
         out = pkt
         if stmt_sid:
             out = await self._stmt_packet(pkt, stmt_sid, name, be)
             if out is None:
                 return
         self.inflight = (cls, pkt, kind, name, stmt_sid)
-        counts = self.worker.router.balancer.outstanding
+        counts = w.router.balancer.outstanding
         counts[name] = counts.get(name, 0) + 1
         be.relay(out, kind, self)
+
+    def _trx_lost(self, name: str) -> bool:
+        """A transaction whose server died or stopped being the primary cannot continue
+        anywhere: tell the client clearly, once, and start afresh."""
+        st = self.state
+        tb = self.backends.get(st.trx_server)
+        if st.trx_server == name and tb is not None and not tb.closed:
+            return False
+        msg = (f"rwproxy: the transaction was lost because its server {st.trx_server} failed or stopped being "
+               f"the primary; it was rolled back there. Restart the transaction.")
+        log.info("session %d: %s", self.conn_id, msg)
+        st.in_trx = False
+        st.trx_server = None
+        st.pending_write = False
+        self._error(1213, b"40001", msg)
+        return True
+
+    def server_down(self, name: str) -> None:
+        """The monitor declared `name` down: stop using it (an in-flight read is retried elsewhere)."""
+        be = self.backends.get(name)
+        if be is None or be.closed:
+            return
+        if be.client is self and be.mode == _RELAY:
+            be.transport.abort()  # -> backend_lost(): retried if nothing reached the client yet
+        elif self.state is None or self.state.trx_server != name:
+            self._drop_backend(be)
 
     async def _gtid_wait(self, be) -> bool:
         """MASTER_GTID_WAIT on a replica before a read that must see the session's last write."""

@@ -182,11 +182,16 @@ async def handshake(client) -> bool:
             client.write(err_packet(seq, ER_ACCESS_DENIED_ERROR, msg, client.caps))
             return False
         client.start_session(user, resp.database)
-        try:
-            await client.backend_for(client.worker.primary_name)
-        except BackendError as e:
-            client.write(frame(err_payload(e.code, e.sqlstate.encode(), e.message), seq))
-            return False
+        if w.primary_ok:
+            # Connect the primary now so that a wrong database or a backend refusing the user
+            # is reported at login, as a server would. If the primary is unreachable the
+            # session still starts: reads go to replicas and writes wait for a primary.
+            try:
+                await client.backend_for(w.primary_name)
+            except BackendError as e:
+                if e.code not in (2003, 2013) or not w.topology.readers:
+                    client.write(frame(err_payload(e.code, e.sqlstate.encode(), e.message), seq))
+                    return False
         client.write(ok_packet(seq, client.status))
         return True
     except (ProtocolError, ValueError, IndexError) as e:

@@ -54,6 +54,9 @@ class Worker:
         self.clients: set = set()
         self.loop = None
         self._next_id = 1
+        self._primary_waiters: list = []
+        self._topology_waiters: list = []
+        self.primary_ok = True  # a writable primary exists and writes are not held
 
     def set_topology(self, topology) -> None:
         """Swap in a new picture of the cluster (from the control plane)."""
@@ -68,6 +71,56 @@ class Worker:
             before = old.servers.get(name)
             if s.state == "down" and (before is None or before.state != "down"):
                 self.pools.drop_server(name)  # no reuse of connections to a dead server
+                for c in list(self.clients):  # nor by sessions; in-flight reads move elsewhere
+                    c.server_down(name)
+        self.primary_ok = self.writable_primary() is not None
+        if self._topology_waiters:
+            waiters, self._topology_waiters = self._topology_waiters, []
+            for f in waiters:
+                if not f.done():
+                    f.set_result(None)
+        if self._primary_waiters and self.primary_ok:
+            waiters, self._primary_waiters = self._primary_waiters, []
+            for f in waiters:
+                if not f.done():
+                    f.set_result(None)
+
+    def writable_primary(self):
+        """The primary new writes may go to now, or None while failover/switchover holds them."""
+        t = self.topology
+        p = t.primary
+        if t.writes_held or p is None or p.state in ("down", "maintenance"):
+            return None
+        return p
+
+    async def next_topology(self, timeout: float) -> None:
+        """Wait for the next snapshot from the control plane (or the timeout)."""
+        import asyncio
+
+        f = self.loop.create_future()
+        self._topology_waiters.append(f)
+        try:
+            await asyncio.wait_for(f, timeout)
+        except asyncio.TimeoutError:
+            pass
+
+    async def wait_for_primary(self) -> str:
+        """Hold a statement for the primary until there is one (failover, switchover)."""
+        import asyncio
+
+        timeout = self.config.failover.write_hold_timeout
+        deadline = self.loop.time() + timeout
+        while self.writable_primary() is None:
+            remaining = deadline - self.loop.time()
+            if remaining <= 0:
+                raise TimeoutError(f"no writable primary within failover.write_hold_timeout ({timeout:g} s)")
+            f = self.loop.create_future()
+            self._primary_waiters.append(f)
+            try:
+                await asyncio.wait_for(f, remaining)
+            except asyncio.TimeoutError:
+                pass
+        return self.writable_primary().name
 
     def admit(self, client) -> bool:
         if len(self.clients) >= self.config.proxy.max_connections:

@@ -18,7 +18,7 @@ class SessionState:
     __slots__ = (
         "user", "ryw_mode", "in_trx", "ro_trx", "temp_tables", "lock_tables", "named_locks",
         "user_vars", "history", "history_overflow", "max_history", "last_backend", "last_write",
-        "last_gtid", "gtid_wait", "failed_servers", "pending_write",
+        "last_gtid", "gtid_wait", "failed_servers", "pending_write", "trx_server",
     )
 
     def __init__(self, user, default_ryw: str, max_history: int):
@@ -30,6 +30,7 @@ class SessionState:
     def reset(self) -> None:
         """A fresh session (login, COM_CHANGE_USER, COM_RESET_CONNECTION)."""
         self.in_trx = False
+        self.trx_server: str | None = None  # the primary a transaction runs on
         self.ro_trx: str | None = None  # replica running a START TRANSACTION READ ONLY
         self.temp_tables = False
         self.lock_tables = False
@@ -68,6 +69,7 @@ class SessionState:
         self.last_backend = server
         if on_primary:
             self.in_trx = bool(status & SERVER_STATUS_IN_TRANS) or not status & SERVER_STATUS_AUTOCOMMIT
+            self.trx_server = server if status & SERVER_STATUS_IN_TRANS else None
         elif self.ro_trx is not None or flags & C.F_READ_ONLY_TXN:
             self.ro_trx = server if status & SERVER_STATUS_IN_TRANS else None
         if error:

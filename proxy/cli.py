@@ -29,6 +29,39 @@ def _check_config(args) -> int:
     return check_config_main(args.file)
 
 
+def _control(args, cmd: str, **extra) -> dict | None:
+    """Send a command to the running proxy for this config; None (and a message) if not running."""
+    from .config import ConfigError, load_config
+    from .control import request, socket_path
+
+    try:
+        config = load_config(args.config)
+    except ConfigError as e:
+        print(f"rwproxy: {e}", file=sys.stderr)
+        return None
+    path = socket_path(config)
+    try:
+        return request(path, cmd, **extra)
+    except (FileNotFoundError, ConnectionRefusedError):
+        print(f"rwproxy: no proxy is running for {args.config} (no control socket at {path}); "
+              f"start it with: rwproxy serve --config {args.config}", file=sys.stderr)
+    except OSError as e:
+        print(f"rwproxy: cannot talk to the proxy at {path}: {e}", file=sys.stderr)
+    return None
+
+
+def _status(args) -> int:
+    import json
+
+    from .controlplane import format_status
+
+    st = _control(args, "status", timeout=10)
+    if st is None:
+        return 1
+    print(json.dumps(st, indent=2) if args.json else format_status(st))
+    return 0
+
+
 def _demo(args) -> int:
     from .demo import run_demo
 
@@ -51,6 +84,11 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("check-config", help="validate a config file and report every mistake")
     c.add_argument("file")
     c.set_defaults(func=_check_config)
+
+    st = sub.add_parser("status", help="show the running proxy's view of the cluster")
+    st.add_argument("--config", "-c", required=True, help="the config the proxy was started with")
+    st.add_argument("--json", action="store_true", help="machine-readable output")
+    st.set_defaults(func=_status)
 
     d = sub.add_parser("demo", help="start a local sandbox cluster and rwproxy in front of it")
     d.add_argument("--dir", default="sandbox", help="sandbox directory (default ./sandbox)")

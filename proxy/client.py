@@ -232,7 +232,7 @@ class ClientConnection(asyncio.Protocol):
             stmt.last = name
             out = execute_packet_for(pkt, stmt, name, bid)
         self.inflight = (cls, pkt, kind, name, stmt_sid)
-        w.router.balancer.outstanding[name] = w.router.balancer.outstanding.get(name, 0) + 1
+        w.router.balancer.started(name)
         be.relay(out, kind, self)
 
     def response_done(self, be):
@@ -244,9 +244,9 @@ class ClientConnection(asyncio.Protocol):
             return
         w = self.worker
         name = be.server.name
-        out = w.router.balancer.outstanding
-        out[name] = out.get(name, 1) - 1
         inflight, self.inflight = self.inflight, None
+        if inflight is not None:
+            w.router.balancer.finished(name)
         on_primary = name == w.primary_name
         status, error = sc.status, sc.error
         if on_primary and not error:
@@ -283,8 +283,8 @@ class ClientConnection(asyncio.Protocol):
         self._drop_backend(be)
         self.infile_backend = None
         inflight, self.inflight = self.inflight, None
-        out = self.worker.router.balancer.outstanding
-        out[name] = max(0, out.get(name, 1) - 1)
+        if inflight is not None:
+            self.worker.router.balancer.finished(name)
         if self.closed:
             return
         st = self.state
@@ -402,8 +402,7 @@ class ClientConnection(asyncio.Protocol):
             if out is None:
                 return
         self.inflight = (cls, pkt, kind, name, stmt_sid)
-        counts = w.router.balancer.outstanding
-        counts[name] = counts.get(name, 0) + 1
+        w.router.balancer.started(name)
         be.relay(out, kind, self)
 
     def _trx_lost(self, name: str) -> bool:

@@ -34,8 +34,17 @@ class Balancer:
 
     def __init__(self, policy: str):
         self.policy = policy
-        self.outstanding: dict[str, int] = {}
+        self.outstanding: dict[str, int] = {}  # statements in flight per server
+        self.routed: dict[str, int] = {}  # statements sent per server, ever
         self._rr = itertools.count()
+
+    def started(self, name: str) -> None:
+        self.outstanding[name] = self.outstanding.get(name, 0) + 1
+        self.routed[name] = self.routed.get(name, 0) + 1
+
+    def finished(self, name: str) -> None:
+        n = self.outstanding.get(name, 0)
+        self.outstanding[name] = n - 1 if n > 0 else 0
 
     def pick(self, readers: list, exclude: frozenset = frozenset()):
         cands = [s for s in readers if s.weight > 0 and s.name not in exclude]

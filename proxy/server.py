@@ -54,6 +54,7 @@ class Worker:
         self.clients: set = set()
         self.loop = None
         self._next_id = 1
+        self.stats = None  # SharedStats, set by the process that runs this worker
         self._primary_waiters: list = []
         self._topology_waiters: list = []
         self.primary_ok = True  # a writable primary exists and writes are not held
@@ -166,11 +167,17 @@ class Worker:
         self.loop.run_until_complete(main())
 
     async def _housekeeping(self):
+        """Counters to the control plane twice a second; idle pool connections expire."""
         import asyncio
 
+        n = 0
         while True:
-            await asyncio.sleep(5)
-            self.pools.expire_idle()
+            await asyncio.sleep(0.5)
+            if self.stats is not None:
+                self.stats.write(self.index, len(self.clients), self.router.balancer.routed, self.pools.open_count)
+            n += 1
+            if n % 10 == 0:
+                self.pools.expire_idle()
 
 
 def make_tls_context(config):
@@ -245,7 +252,7 @@ def serve(config) -> int:
         config.proxy.listen, workers, primary.name, primary.host, primary.port,
         ", ".join(f"{s.name}={s.role}/{s.state}" for s in topology.servers.values()),
     )
-    from .monitor import Monitor
+    from .controlplane import ControlPlane
 
     if workers == 1:
         worker = Worker(config, 0, socks[0], topology, server_version, rsa_pem)
@@ -254,21 +261,22 @@ def serve(config) -> int:
             if worker.loop is not None and not worker.loop.is_closed():
                 worker.loop.call_soon_threadsafe(worker.set_topology, topo)
 
-        monitor = Monitor(config, on_update)
-        monitor.start()
+        plane = ControlPlane(config, 1, on_update)
+        worker.stats = plane.stats
+        plane.start()
         try:
             worker.run()
         finally:
-            monitor.stop()
+            plane.stop()
         return 0
     from .control import Publisher
 
     publisher = Publisher(workers)
-    monitor = Monitor(config, publisher.publish)
+    plane = ControlPlane(config, workers, publisher.publish)
     try:
-        return _supervise(config, socks, topology, server_version, rsa_pem, publisher, monitor)
+        return _supervise(config, socks, topology, server_version, rsa_pem, publisher, plane)
     finally:
-        monitor.stop()
+        plane.stop()
         publisher.stop()
 
 
@@ -287,7 +295,7 @@ def _rsa_pem(config) -> bytes:
     return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
 
 
-def _supervise(config, socks, topology, server_version, rsa_pem, publisher, monitor) -> int:
+def _supervise(config, socks, topology, server_version, rsa_pem, publisher, plane) -> int:
     children: dict[int, int] = {}  # pid -> worker index
     stopping = False
 
@@ -304,7 +312,9 @@ def _supervise(config, socks, topology, server_version, rsa_pem, publisher, moni
                 signal.signal(signal.SIGTERM, signal.SIG_DFL)
                 signal.signal(signal.SIGINT, signal.SIG_DFL)
                 start = publisher.latest or topology
-                Worker(config, i, socks[i], start, server_version, rsa_pem, topology_fd=fd).run()
+                worker = Worker(config, i, socks[i], start, server_version, rsa_pem, topology_fd=fd)
+                worker.stats = plane.stats
+                worker.run()
             except BaseException:
                 log.exception("worker %d crashed", i)
                 code = 1
@@ -327,7 +337,7 @@ def _supervise(config, socks, topology, server_version, rsa_pem, publisher, moni
     signal.signal(signal.SIGINT, on_stop)
     for i in range(len(socks)):
         spawn(i)
-    monitor.start()  # after forking: the monitor's threads live in the supervisor only
+    plane.start()  # after forking: the monitor's threads live in the supervisor only
     restarts: list[float] = []
     while children:
         try:

@@ -1,0 +1,86 @@
+"""The control plane: one per proxy, in the supervisor process.
+
+It owns the monitor (the only writer of the topology), the shared counters the
+workers fill, and the control socket operators talk to (`rwproxy status`).
+Topology snapshots leave through `publish`, which reaches every worker.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+
+from .control import ControlServer, socket_path
+from .stats import SharedStats
+
+log = logging.getLogger("rwproxy.controlplane")
+
+
+class ControlPlane:
+    def __init__(self, config, workers: int, publish):
+        from .monitor import Monitor
+
+        self.config = config
+        self.workers = workers
+        self.started = time.time()
+        self.stats = SharedStats(workers, [b.name for b in config.backends])
+        self._publish = publish
+        self.monitor = Monitor(config, self._on_update)
+        self.control: ControlServer | None = None
+
+    def _on_update(self, topology) -> None:
+        self._publish(topology)
+
+    def start(self) -> None:
+        """Call after forking the workers: the monitor's threads live in the supervisor only."""
+        self.monitor.start()
+        path = socket_path(self.config)
+        try:
+            self.control = ControlServer(path, {"status": self.status})
+        except OSError as e:
+            log.warning("control socket %s unavailable (%s); `rwproxy status` will not work", path, e)
+
+    def stop(self) -> None:
+        if self.control is not None:
+            self.control.close()
+        self.monitor.stop()
+
+    def status(self, _req=None) -> dict:
+        topo = self.monitor.topology
+        counters = self.stats.read()
+        servers = []
+        for name, s in topo.servers.items():
+            c = counters["servers"].get(name, {})
+            servers.append({
+                "name": name, "address": s.address, "role": s.role, "state": s.state, "readable": s.readable,
+                "lag_ms": s.lag_ms, "gtid": s.gtid_current_pos, "io_running": s.io_running,
+                "sql_running": s.sql_running, "source": s.source, "last_error": s.last_error,
+                "connections": c.get("connections", 0), "routed": c.get("routed", 0),
+            })
+        return {
+            "ok": True, "pid": os.getpid(), "listen": self.config.proxy.listen, "workers": self.workers,
+            "uptime_s": round(time.time() - self.started, 1), "clients": counters["clients"],
+            "statements": counters["statements"], "topology_version": topo.version,
+            "writes_held": topo.writes_held, "servers": servers,
+        }
+
+
+def format_status(st: dict) -> str:
+    """The operator's table for `rwproxy status`."""
+    head = ("SERVER", "ADDRESS", "ROLE", "STATE", "READS", "LAG_MS", "GTID", "CONNS", "ROUTED")
+    rows = [head]
+    for s in st["servers"]:
+        lag = "-" if s["lag_ms"] is None else f"{s['lag_ms']:.0f}"
+        rows.append((s["name"], s["address"], s["role"], s["state"], "yes" if s["readable"] and s["role"] == "replica" else "-",
+                     lag, s["gtid"] or "-", str(s["connections"]), str(s["routed"])))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
+    lines = ["  ".join(v.ljust(widths[i]) for i, v in enumerate(r)).rstrip() for r in rows]
+    lines.append("")
+    lines.append(f"rwproxy pid {st['pid']} on {st['listen']}, {st['workers']} worker(s), up {st['uptime_s']:.0f} s; "
+                 f"{st['clients']} client(s), {st['statements']} statement(s) routed"
+                 + ("; WRITES HELD" if st.get("writes_held") else ""))
+    for s in st["servers"]:
+        if s["last_error"] and s["state"] != "up":
+            lines.append(f"{s['name']}: {s['last_error']}")
+    return "\n".join(lines)

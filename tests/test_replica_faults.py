@@ -1,0 +1,210 @@
+"""Reads through rwproxy while replicas fail for real: killed, hung, lagging, stopped."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pymysql
+import pytest
+
+from helpers import start_proxy
+
+
+class Readers:
+    """N clients running `SELECT @@port` in a loop; records who answered, errors and latencies."""
+
+    def __init__(self, proxy, n=8):
+        self.proxy = proxy
+        self.n = n
+        self.stop = threading.Event()
+        self.lock = threading.Lock()
+        self.answers: list[tuple[float, int]] = []
+        self.errors: list[str] = []
+        self.max_latency = 0.0
+        self.threads = [threading.Thread(target=self._run, daemon=True) for _ in range(n)]
+
+    def _run(self):
+        try:
+            c = self.proxy.connect(autocommit=True, ssl_disabled=True, read_timeout=30)
+        except pymysql.err.MySQLError as e:
+            with self.lock:
+                self.errors.append(f"connect: {e}")
+            return
+        deadline = time.monotonic() + 120  # hard bound
+        with c, c.cursor() as cur:
+            while not self.stop.is_set() and time.monotonic() < deadline:
+                t0 = time.monotonic()
+                try:
+                    cur.execute("SELECT @@port")
+                    port = cur.fetchone()[0]
+                except pymysql.err.MySQLError as e:
+                    with self.lock:
+                        self.errors.append(str(e))
+                    continue
+                dt = time.monotonic() - t0
+                with self.lock:
+                    self.answers.append((time.monotonic(), port))
+                    self.max_latency = max(self.max_latency, dt)
+                time.sleep(0.002)
+
+    def __enter__(self):
+        for t in self.threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        for t in self.threads:
+            t.join(40)
+
+    def ports_between(self, t0, t1) -> set:
+        with self.lock:
+            return {p for t, p in self.answers if t0 <= t < t1}
+
+
+def wait_until(pred, timeout, step=0.05):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():
+            return True
+        time.sleep(step)
+    return False
+
+
+def _status(p) -> dict:
+    r = subprocess.run([sys.executable, "-m", "proxy", "status", "--json", "--config", p.process.config_path],
+                       capture_output=True, text=True, timeout=20)
+    assert r.returncode == 0, r.stderr
+    return {s["name"]: s for s in json.loads(r.stdout)["servers"]}
+
+
+@pytest.fixture
+def setup(cluster_factory, tmp_path):
+    cl = cluster_factory(replicas=2)
+    p = start_proxy(cl, tmp_path, proxy={"workers": 2}, routing={"read_your_writes": "none"})
+    reps = {n.port for n in cl.replicas}
+    with p.connect(autocommit=True) as c, c.cursor() as cur:  # both replicas serve reads
+        assert wait_until(lambda: cur.execute("SELECT @@port") is not None and cur.fetchone()[0] in reps, 15)
+    yield cl, p
+    p.process.stop()
+
+
+def test_sigkill_replica_under_read_load(setup):
+    cl, p = setup
+    victim, other = cl.replicas
+    with Readers(p) as r:
+        time.sleep(1.0)
+        assert r.ports_between(0, time.monotonic()) == {victim.port, other.port}
+        victim.kill(signal.SIGKILL)
+        killed = time.monotonic()
+        assert wait_until(lambda: not _status(p)["node2"]["readable"], 5)
+        time.sleep(1.0)
+        after = r.ports_between(time.monotonic() - 0.8, time.monotonic())
+        assert after == {other.port}, "the dead replica's share of reads moved to the other one"
+        victim.start()  # restart: readmitted after readmit_after healthy checks
+        assert wait_until(lambda: _status(p)["node2"]["readable"], 20)
+        time.sleep(1.0)
+        assert victim.port in r.ports_between(time.monotonic() - 0.8, time.monotonic())
+    assert r.errors == [], f"clients saw errors: {r.errors[:5]}"
+    assert len(r.answers) > 500
+    assert killed > 0
+
+
+def test_sigstop_replica_no_client_waits_past_detection(setup):
+    cl, p = setup
+    victim, other = cl.replicas
+    with Readers(p) as r:
+        time.sleep(1.0)
+        victim.kill(signal.SIGSTOP, wait=False)
+        try:
+            assert wait_until(lambda: not _status(p)["node2"]["readable"], 10)
+            time.sleep(1.0)
+            assert r.ports_between(time.monotonic() - 0.8, time.monotonic()) == {other.port}
+        finally:
+            victim.kill(signal.SIGCONT, wait=False)
+        assert wait_until(lambda: _status(p)["node2"]["readable"], 20)
+    assert r.errors == [], f"clients saw errors: {r.errors[:5]}"
+    # failcount (3) checks of read_timeout (0.5 s) + interval: reads stuck on the hung replica
+    # are moved once it is declared down
+    assert r.max_latency < 3.0, f"a read waited {r.max_latency:.2f} s"
+
+
+def test_lagging_and_stopped_replicas_leave_and_return(setup):
+    cl, p = setup
+    victim, other = cl.replicas
+    with victim.connect() as c, c.cursor() as cur:
+        cur.execute("STOP SLAVE SQL_THREAD")
+    try:
+        assert wait_until(lambda: not _status(p)["node2"]["readable"], 5)
+        with p.connect(autocommit=True) as c, c.cursor() as cur:
+            for _ in range(20):
+                cur.execute("SELECT @@port")
+                assert cur.fetchone()[0] == other.port
+    finally:
+        with victim.connect() as c, c.cursor() as cur:
+            cur.execute("START SLAVE")
+    assert wait_until(lambda: _status(p)["node2"]["readable"], 20)
+    # replication delay: a steady write load and MASTER_DELAY=3 make it lag past max_replica_lag
+    with victim.connect() as c, c.cursor() as cur:
+        cur.execute("STOP SLAVE")
+        cur.execute("CHANGE MASTER TO MASTER_DELAY=3")
+        cur.execute("START SLAVE")
+    stop = threading.Event()
+
+    def writer():
+        with cl.primary.connect(database="app") as c, c.cursor() as cur:
+            cur.execute("CREATE TABLE IF NOT EXISTS lagload (id INT AUTO_INCREMENT PRIMARY KEY)")
+            end = time.monotonic() + 60
+            while not stop.is_set() and time.monotonic() < end:
+                cur.execute("INSERT INTO lagload VALUES ()")
+                time.sleep(0.05)
+
+    t = threading.Thread(target=writer, daemon=True)
+    t.start()
+    try:
+        assert wait_until(lambda: _status(p)["node2"]["state"] == "lagging", 10)
+        st = _status(p)["node2"]
+        assert not st["readable"] and st["lag_ms"] > 1000
+        with p.connect(autocommit=True) as c, c.cursor() as cur:
+            for _ in range(20):
+                cur.execute("SELECT @@port")
+                assert cur.fetchone()[0] == other.port
+        with victim.connect() as c, c.cursor() as cur:
+            cur.execute("STOP SLAVE")
+            cur.execute("CHANGE MASTER TO MASTER_DELAY=0")
+            cur.execute("START SLAVE")
+        assert wait_until(lambda: _status(p)["node2"]["readable"], 20)
+    finally:
+        stop.set()
+        t.join(10)
+
+
+def test_primary_read_only_flip_is_followed(setup):
+    cl, p = setup
+    with cl.primary.connect() as c, c.cursor() as cur:
+        cur.execute("SET GLOBAL read_only=1")
+        try:
+            assert wait_until(lambda: _status(p)["node1"]["role"] != "primary", 5)
+        finally:
+            cur.execute("SET GLOBAL read_only=0")
+    assert wait_until(lambda: _status(p)["node1"]["role"] == "primary", 5)
+    with p.connect(autocommit=True) as c, c.cursor() as cur:
+        cur.execute("CREATE TABLE IF NOT EXISTS flip (id INT)")
+        cur.execute("INSERT INTO flip VALUES (1)")
+
+
+def test_status_reports_counts(setup):
+    cl, p = setup
+    with p.connect(autocommit=True) as c, c.cursor() as cur:
+        for _ in range(10):
+            cur.execute("SELECT 1")
+    time.sleep(0.8)  # workers publish their counters twice a second
+    st = _status(p)
+    assert sum(s["routed"] for s in st.values()) >= 10
+    assert st["node1"]["role"] == "primary" and st["node2"]["role"] == "replica"
+    assert st["node2"]["lag_ms"] is not None

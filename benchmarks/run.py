@@ -37,9 +37,18 @@ RESULTS = Path(__file__).parent / "results"
 SB_DB = "sbtest"
 
 
+VARIANTS = {  # name -> (sysbench test, extra options)
+    "oltp_point_select": ("oltp_point_select", []),
+    "oltp_read_only": ("oltp_read_only", []),  # BEGIN ... COMMIT: a transaction, so the primary
+    "oltp_read_only_skip_trx": ("oltp_read_only", ["--skip_trx=on"]),  # autocommit reads: replicas
+    "oltp_read_write": ("oltp_read_write", []),
+}
+
+
 def sysbench(test: str, host: str, port: int, threads: int, seconds: float, tables: int, size: int, action="run") -> dict:
+    test, extra = VARIANTS.get(test, (test, []))
     cmd = [
-        "sysbench", test, f"--mysql-host={host}", f"--mysql-port={port}", "--mysql-user=app", "--mysql-password=app",
+        "sysbench", test, *extra, f"--mysql-host={host}", f"--mysql-port={port}", "--mysql-user=app", "--mysql-password=app",
         f"--mysql-db={SB_DB}", f"--tables={tables}", f"--table-size={size}", "--db-driver=mysql",
         f"--threads={threads}", f"--time={int(seconds)}", "--histogram=on", "--percentile=99", "--db-ps-mode=auto", action,
     ]
@@ -69,6 +78,16 @@ def _pct(hist: list[tuple[float, int]], q: float) -> float | None:
 
 
 BIG_SQL = "SELECT seq, REPEAT('r', 120) FROM seq_1_to_1000"
+
+
+def routed(cfg_path: str) -> dict:
+    """Statements the proxy has sent to each backend so far (from its control socket)."""
+    from proxy.config import load_config
+    from proxy.control import request, socket_path
+
+    st = request(socket_path(load_config(cfg_path)), "status", timeout=10)
+    roles = {s["name"]: s["role"] for s in st["servers"]}
+    return {f"{name}({roles[name]})": s["routed"] for name, s in ((s["name"], s) for s in st["servers"])}
 
 
 def big_result_cpu(proxy: ProxyProcess, seconds: float) -> dict:
@@ -113,12 +132,16 @@ def idle_memory(proxy: ProxyProcess, count: int) -> dict:
 
 
 def main(argv=None) -> int:
+    import signal
+
+    # SIGTERM (e.g. a timeout) must still stop the servers this run started
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="short smoke run")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--time", type=float, default=10.0, help="seconds per sysbench run")
     ap.add_argument("--threads", default="8,32")
-    ap.add_argument("--tests", default="oltp_point_select,oltp_read_only")
+    ap.add_argument("--tests", default="oltp_point_select,oltp_read_only,oltp_read_only_skip_trx")
     ap.add_argument("--workers", type=int, default=0, help="rwproxy workers (0 = CPU count)")
     ap.add_argument("--idle", type=int, default=1000, help="idle clients for the memory figure")
     ap.add_argument("--tag", default="dataplane")
@@ -161,9 +184,13 @@ def main(argv=None) -> int:
                         pair = {}
                         for ep in order:
                             cpu0 = proxy.cpu_seconds()
+                            routed0 = routed(cfg_path)
                             res = sysbench(test, "127.0.0.1", primary if ep == "direct" else port, th, args.time, tables, size)
                             if ep == "proxy":
                                 res["proxy_cpu_us_per_query"] = round((proxy.cpu_seconds() - cpu0) / res["queries"] * 1e6, 1)
+                                time.sleep(0.6)  # workers publish counters twice a second
+                                after = routed(cfg_path)
+                                res["routed"] = {k: after[k] - routed0.get(k, 0) for k in after}
                             pair[ep] = res
                             print(f"{test:18s} threads={th:<3d} round={r + 1} {ep:6s} qps={res['qps']:9.0f} "
                                   f"p95={res['p95_ms']}ms p99={res['p99_ms']}ms errors={res['errors']}"
@@ -180,7 +207,7 @@ def main(argv=None) -> int:
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "kernel": platform.release()},
         "settings": {"rounds": args.rounds, "seconds": args.time, "tables": tables, "table_size": size,
-                     "proxy_workers": workers, "routing": "everything to the primary"},
+                     "proxy_workers": workers, "routing": "read/write split, read_your_writes=session"},
         "summary": summary, "big_result": big, "idle_memory": idle, "runs": runs,
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -207,8 +234,14 @@ def summarize(runs: list[dict]) -> list[dict]:
             "proxy_cpu_us_per_query": med("proxy", "proxy_cpu_us_per_query"),
             "proxy_cpu_s_per_1000_queries": round(med("proxy", "proxy_cpu_us_per_query") / 1000, 4),
             "errors": sum(r[ep]["errors"] for r in rs for ep in ("direct", "proxy")),
+            "routed": {k: sum(r["proxy"].get("routed", {}).get(k, 0) for r in rs) for k in rs[0]["proxy"].get("routed", {})},
         })
     return out
+
+
+def _share(routed: dict) -> str:
+    total = sum(routed.values()) or 1
+    return ", ".join(f"{k} {100 * v / total:.0f}%" for k, v in sorted(routed.items()))
 
 
 def markdown(result: dict) -> str:
@@ -220,14 +253,14 @@ def markdown(result: dict) -> str:
         f"{s['rounds']} alternating rounds of {s['seconds']:.0f} s, sysbench {s['tables']} x {s['table_size']} rows; "
         f"routing: {s['routing']}. Medians; ratio = median of per-round proxy/direct QPS.",
         "",
-        "| test | threads | direct QPS | rwproxy QPS | ratio | p95 ms direct / proxy | p99 ms direct / proxy | rwproxy CPU µs/query | errors |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| test | threads | direct QPS | rwproxy QPS | ratio | p95 ms direct / proxy | p99 ms direct / proxy | rwproxy CPU µs/query | errors | statements per backend (rwproxy runs) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in result["summary"]:
         lines.append(
             f"| {r['test']} | {r['threads']} | {r['direct_qps']} | {r['proxy_qps']} | {r['ratio']:.2f} | "
             f"{r['direct_p95_ms']} / {r['proxy_p95_ms']} | {r['direct_p99_ms']} / {r['proxy_p99_ms']} | "
-            f"{r['proxy_cpu_us_per_query']} | {r['errors']} |"
+            f"{r['proxy_cpu_us_per_query']} | {r['errors']} | {_share(r['routed'])} |"
         )
     b, m = result["big_result"], result["idle_memory"]
     lines += [

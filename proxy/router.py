@@ -46,28 +46,31 @@ class Balancer:
         n = self.outstanding.get(name, 0)
         self.outstanding[name] = n - 1 if n > 0 else 0
 
-    def pick(self, readers: list, exclude: frozenset = frozenset()):
-        cands = [s for s in readers if s.weight > 0 and s.name not in exclude]
-        if not cands:
-            return None
-        if len(cands) == 1:
-            return cands[0]
-        if self.policy == "round-robin":
+    def pick(self, cands: list, exclude: frozenset = frozenset()):
+        if exclude:
+            cands = [s for s in cands if s.name not in exclude]
+        n = len(cands)
+        if n < 2:
+            return cands[0] if n and cands[0].weight > 0 else None
+        policy = self.policy
+        if policy == "round-robin":
             # weighted: a server appears `weight` times in the cycle
             wheel = [s for s in cands for _ in range(min(s.weight, 100))]
-            return wheel[next(self._rr) % len(wheel)]
-        if self.policy == "lowest-lag":
-            return min(cands, key=lambda s: (s.lag_ms if s.lag_ms is not None else 1e12, self.outstanding.get(s.name, 0)))
+            return wheel[next(self._rr) % len(wheel)] if wheel else None
+        if policy == "lowest-lag":
+            live = [s for s in cands if s.weight > 0]
+            return min(live, key=lambda s: (s.lag_ms if s.lag_ms is not None else 1e12, self.outstanding.get(s.name, 0)), default=None)
         out = self.outstanding
         # least (outstanding + 1) / weight; ties broken round-robin so idle servers share reads
         start = next(self._rr)
-        n = len(cands)
-        best, best_score = None, None
+        best, best_score = None, 1e300
         for i in range(n):
             s = cands[(start + i) % n]
-            score = (out.get(s.name, 0) + 1) / s.weight
-            if best_score is None or score < best_score:
-                best, best_score = s, score
+            w = s.weight
+            if w > 0:
+                score = (out.get(s.name, 0) + 1) / w
+                if score < best_score:
+                    best, best_score = s, score
         return best
 
 
@@ -83,6 +86,19 @@ class Router:
         self.window = r.read_your_writes_window
         self.balancer = Balancer(r.balance)
         self.rules = tuple(r.rules)
+        self._topo = None  # the snapshot _pool was computed from
+        self._pool: list = []
+
+    def _read_pool(self, topology) -> list:
+        """Servers that may take reads, computed once per topology snapshot."""
+        if topology is not self._topo:
+            pool = [r for r in topology.readers if r.weight > 0]
+            if self.primary_serves_reads:
+                p = topology.primary
+                if p is not None and p.state == "up":
+                    pool.append(p)
+            self._topo, self._pool = topology, pool
+        return self._pool
 
     def check_rules(self, user: str, sql: str, digest: str):
         """Operator rules: returns 'primary', 'replica' or None; raises Reject."""
@@ -130,12 +146,7 @@ class Router:
 
     def _replica(self, s, topology) -> str:
         """A replica from the read pool; the primary (or an error) when there is none."""
-        readers = topology.readers
-        if self.primary_serves_reads:
-            p = topology.primary
-            if p is not None:
-                readers = readers + [p]
-        pick = self.balancer.pick(readers, s.failed_servers)
+        pick = self.balancer.pick(self._read_pool(topology), s.failed_servers)
         if pick is not None:
             return pick.name
         if self.reads_on_primary:

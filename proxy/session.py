@@ -64,6 +64,9 @@ class SessionState:
             self.history.pop(0)
             self.history_overflow = True
 
+    _PIN_FLAGS = (C.F_TEMP_TABLE | C.F_LOCK_TABLES | C.F_UNLOCK_TABLES | C.F_GET_LOCK | C.F_RELEASE_LOCK
+                  | C.F_USER_VAR_WRITE)
+
     def after(self, flags: int, on_primary: bool, server: str, status: int, error: bool) -> None:
         """Update pins after a statement finished on `server`."""
         self.last_backend = server
@@ -72,7 +75,7 @@ class SessionState:
             self.trx_server = server if status & SERVER_STATUS_IN_TRANS else None
         elif self.ro_trx is not None or flags & C.F_READ_ONLY_TXN:
             self.ro_trx = server if status & SERVER_STATUS_IN_TRANS else None
-        if error:
+        if error or not flags & self._PIN_FLAGS:
             return
         if flags & C.F_TEMP_TABLE:
             self.temp_tables = True

@@ -213,7 +213,7 @@ class ClientConnection(asyncio.Protocol):
             return self._error(e.code, b"HY000", e.message)
         except NoServer as e:
             return self._error(1105, b"HY000", str(e))
-        name = w.primary_name if target is PRIMARY else target
+        name = self.writer() if target is PRIMARY else target
         if st.trx_server is not None and st.in_trx and self._trx_lost(name):
             return
         be = self.backends.get(name)
@@ -247,7 +247,7 @@ class ClientConnection(asyncio.Protocol):
         inflight, self.inflight = self.inflight, None
         if inflight is not None:
             w.router.balancer.finished(name)
-        on_primary = name == w.primary_name
+        on_primary = name == self.state.writer or name == w.primary_name
         status, error = sc.status, sc.error
         if on_primary and not error:
             self.status = status
@@ -273,6 +273,8 @@ class ClientConnection(asyncio.Protocol):
                         return  # busy until the GTID is known
                     st.wrote()
         st.failed_servers = frozenset()
+        if w.spread_per_transaction and not st.pinned():
+            st.writer = None  # the next transaction may go to another master
         self.busy = False
         if self.buf and not self.closed:
             self._process()
@@ -288,7 +290,7 @@ class ClientConnection(asyncio.Protocol):
         if self.closed:
             return
         st = self.state
-        if be.relayed == 0 and inflight is not None and name != self.worker.primary_name and not st.pinned():
+        if be.relayed == 0 and inflight is not None and not self._is_writer(name) and not st.pinned():
             # A read on a replica that died before sending anything: run it elsewhere,
             # the client never notices.
             cls, pkt, kind, _, sid = inflight
@@ -344,7 +346,7 @@ class ClientConnection(asyncio.Protocol):
             be.client = self
             be.applied = 0
             self.backends[name] = be
-            if name == w.primary_name and not self.status & SERVER_STATUS_AUTOCOMMIT:
+            if self._is_writer(name) and not self.status & SERVER_STATUS_AUTOCOMMIT:
                 # autocommit=0 is not in the replay history (replicas keep autocommit on)
                 resp = await be.command(frame(b"\x03SET autocommit=0", 0), RESULT)
                 if resp[4] == 0xFF:
@@ -366,7 +368,8 @@ class ClientConnection(asyncio.Protocol):
         deadline = w.loop.time() + w.config.failover.write_hold_timeout
         while True:
             if to_primary:
-                name = await w.wait_for_primary()  # held while failover/switchover runs
+                await w.wait_for_primary()  # held while failover/switchover runs
+                name = self.writer()
             try:
                 be = await self.backend_for(name)
                 if st.gtid_wait:
@@ -378,7 +381,7 @@ class ClientConnection(asyncio.Protocol):
             except (BackendError, ConnectionError, asyncio.TimeoutError) as e:
                 if isinstance(e, BackendError) and e.code not in (2003, 2013):
                     raise  # the server answered (access denied, unknown database...): not a failure to route around
-                if to_primary or name == w.primary_name or st.pinned():
+                if to_primary or self._is_writer(name) or st.pinned():
                     remaining = deadline - w.loop.time()
                     if st.in_trx or remaining <= 0:
                         raise
@@ -395,7 +398,7 @@ class ClientConnection(asyncio.Protocol):
                 except NoServer:
                     target = PRIMARY
                 to_primary = target is PRIMARY
-                name = w.primary_name if to_primary else target
+                name = self.writer() if to_primary else target
         out = pkt
         if stmt_sid:
             out = await self._stmt_packet(pkt, stmt_sid, name, be)
@@ -404,6 +407,21 @@ class ClientConnection(asyncio.Protocol):
         self.inflight = (cls, pkt, kind, name, stmt_sid)
         w.router.balancer.started(name)
         be.relay(out, kind, self)
+
+    def writer(self) -> str:
+        """The server this session writes to: the primary, or in master-master mode the
+        master the session (or its current transaction) was given, while it lives."""
+        w = self.worker
+        st = self.state
+        if not w.multi_master:
+            st.writer = w.primary_name
+            return st.writer
+        if st.writer is None or st.writer not in w.live_writers:
+            st.writer = w.pick_writer()
+        return st.writer
+
+    def _is_writer(self, name: str) -> bool:
+        return name == self.state.writer or name == self.worker.primary_name
 
     def _trx_lost(self, name: str) -> bool:
         """A transaction whose server died or stopped being the primary cannot continue
@@ -492,14 +510,14 @@ class ClientConnection(asyncio.Protocol):
             target = self.worker.router.route(st, cls, self.worker.topology)
         except (Reject, NoServer):
             target = PRIMARY
-        name = self.worker.primary_name if target is PRIMARY else target
+        name = self.writer() if target is PRIMARY else target
         st.gtid_wait = False
         try:
             be = await self.backend_for(name)
         except (BackendError, ConnectionError, asyncio.TimeoutError):
-            if name == self.worker.primary_name:
+            if self._is_writer(name):
                 raise
-            name = self.worker.primary_name
+            name = self.writer()
             be = await self.backend_for(name)
         resp = await be.command(pkt, PREPARE)
         if resp[4] == 0x00:
@@ -524,7 +542,7 @@ class ClientConnection(asyncio.Protocol):
                 if be is not None and not be.closed:
                     be.transport.write(frame(b"\x19" + bid.to_bytes(4, "little"), 0))
             return
-        primary = self.worker.primary_name
+        primary = self.writer()
         if cmd == COM_STMT_SEND_LONG_DATA:
             stmt.long_data = True
             self._spawn(self._send_no_reply(pkt, sid, primary))
@@ -566,7 +584,7 @@ class ClientConnection(asyncio.Protocol):
     async def _set_option(self, pkt):
         # Multi-statements on/off shapes how every backend parses COM_QUERY: apply it to all.
         resp = None
-        for name in list(self.backends) or [self.worker.primary_name]:
+        for name in list(self.backends) or [self.writer()]:
             be = await self.backend_for(name)
             resp = await be.command(pkt, SIMPLE)
             be.dirty = True
@@ -595,7 +613,7 @@ class ClientConnection(asyncio.Protocol):
         self.start_session(user, req.database)
         self.status = SERVER_STATUS_AUTOCOMMIT
         try:
-            await self.backend_for(w.primary_name)
+            await self.backend_for(self.writer())
         except BackendError as e:
             self._error(e.code, e.sqlstate.encode(), e.message, seq)
             return self._close()

@@ -187,7 +187,7 @@ async def handshake(client) -> bool:
             # is reported at login, as a server would. If the primary is unreachable the
             # session still starts: reads go to replicas and writes wait for a primary.
             try:
-                await client.backend_for(w.primary_name)
+                await client.backend_for(client.writer())
             except BackendError as e:
                 if e.code not in (2003, 2013) or not w.topology.readers:
                     client.write(frame(err_payload(e.code, e.sqlstate.encode(), e.message), seq))

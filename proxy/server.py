@@ -43,8 +43,12 @@ class Worker:
         self.servers = {b.name: b for b in config.backends}
         self.classifier = Classifier(config.routing.readonly_functions, config.routing.digest_cache_size)
         self.router = Router(config)
+        self.multi_master = config.cluster.topology == "master-master"
+        self.spread_per_transaction = self.multi_master and config.cluster.write_spread == "transaction"
+        self._writer_rr = 0
         self.topology = topology
         self.primary_name = topology.primary.name
+        self.live_writers = [s.name for s in topology.writers]
         self.auth_plugin = config.proxy.auth_plugin
         self.authenticator = Authenticator(
             {u.name: u for u in config.users}, self.auth_plugin, auth.RSAKeyPair(rsa_pem) if rsa_pem else None, set()
@@ -68,6 +72,7 @@ class Worker:
         primary = topology.primary
         if primary is not None:
             self.primary_name = primary.name
+        self.live_writers = [s.name for s in topology.writers]
         for name, s in topology.servers.items():
             before = old.servers.get(name)
             if s.state == "down" and (before is None or before.state != "down"):
@@ -85,6 +90,14 @@ class Worker:
             for f in waiters:
                 if not f.done():
                     f.set_result(None)
+
+    def pick_writer(self) -> str:
+        """Master-master: spread sessions (or transactions) over the live masters in turn."""
+        live = self.live_writers
+        if not live:
+            return self.primary_name
+        self._writer_rr += 1
+        return live[self._writer_rr % len(live)]
 
     def writable_primary(self):
         """The primary new writes may go to now, or None while failover/switchover holds them."""

@@ -18,7 +18,7 @@ class SessionState:
     __slots__ = (
         "user", "ryw_mode", "in_trx", "ro_trx", "temp_tables", "lock_tables", "named_locks",
         "user_vars", "history", "history_overflow", "max_history", "last_backend", "last_write",
-        "last_gtid", "gtid_wait", "failed_servers", "pending_write", "trx_server",
+        "last_gtid", "gtid_wait", "failed_servers", "pending_write", "trx_server", "writer",
     )
 
     def __init__(self, user, default_ryw: str, max_history: int):
@@ -31,6 +31,7 @@ class SessionState:
         """A fresh session (login, COM_CHANGE_USER, COM_RESET_CONNECTION)."""
         self.in_trx = False
         self.trx_server: str | None = None  # the primary a transaction runs on
+        self.writer: str | None = None  # the master this session writes to (master-master)
         self.ro_trx: str | None = None  # replica running a START TRANSACTION READ ONLY
         self.temp_tables = False
         self.lock_tables = False

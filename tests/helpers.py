@@ -46,7 +46,7 @@ def self_signed_cert(dirpath: str) -> tuple[str, str]:
     return cert_path, key_path
 
 
-def proxy_config_dict(cluster, port: int, **sections) -> dict:
+def proxy_config_dict(cluster, port: int, /, **sections) -> dict:
     """A config for `cluster` listening on `port`; keyword arguments override whole sections."""
     data = {
         "proxy": {"listen": f"127.0.0.1:{port}", "workers": 2},
@@ -78,15 +78,16 @@ class RunningProxy:
         return pymysql.connect(host=self.host, port=self.port, user=user, password=password, database=database, **kw)
 
 
-def start_proxy(cluster, dirpath, **sections) -> RunningProxy:
+def start_proxy(sandbox, dirpath, /, **sections) -> RunningProxy:
+    """rwproxy in front of `sandbox`; keyword arguments override config sections (e.g. cluster=...)."""
     dirpath.mkdir(parents=True, exist_ok=True)
     port = free_port()
-    cfg = build_config(proxy_config_dict(cluster, port, **sections), source=str(dirpath / "rwproxy.toml"))
+    cfg = build_config(proxy_config_dict(sandbox, port, **sections), source=str(dirpath / "rwproxy.toml"))
     path = str(dirpath / "rwproxy.toml")
     write_config(cfg, path)
     proc = ProxyProcess(path, "127.0.0.1", port, log_path=str(dirpath / "rwproxy.log")).start()
     tls = sections.get("proxy", {}).get("tls", {})
-    return RunningProxy("127.0.0.1", port, proc, cluster, tls.get("cert", ""), tls.get("key", ""))
+    return RunningProxy("127.0.0.1", port, proc, sandbox, tls.get("cert", ""), tls.get("key", ""))
 
 
 def ensure_backend_user(cluster, user: str, password: str) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import select
 import time
 
 from .protocol import auth
@@ -80,6 +81,7 @@ class BackendConnection(asyncio.Protocol):
         "dirty",
         "db_touched",
         "applied",
+        "_poll",
     )
 
     def __init__(self, server, key, caps: int):
@@ -103,11 +105,24 @@ class BackendConnection(asyncio.Protocol):
         self.dirty = False  # session options a reset does not undo (COM_SET_OPTION)
         self.db_touched = False  # the client may have changed the current database
         self.applied = 0  # how many entries of the owning session's history this connection carries
+        self._poll = None
 
     # ---- asyncio.Protocol -------------------------------------------------
     def connection_made(self, transport):
         self.transport = transport
         transport.set_write_buffer_limits(high=256 * 1024)
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            self._poll = select.poll()
+            self._poll.register(sock.fileno(), select.POLLIN | select.POLLRDHUP)
+
+    def peer_gone(self) -> bool:
+        """True if an idle connection has something to read: the server hung up (or sent an
+        unsolicited error before closing). Checked before sending a write, so that a write
+        never goes into a connection the server already closed but the loop has not yet seen
+        closing; costs one poll(2) with a zero timeout."""
+        p = self._poll
+        return p is not None and bool(p.poll(0))
 
     def data_received(self, data):
         if self.mode == _MODE_RELAY:

@@ -217,6 +217,9 @@ class ClientConnection(asyncio.Protocol):
         if st.trx_server is not None and st.in_trx and self._trx_lost(name):
             return
         be = self.backends.get(name)
+        if target is PRIMARY and be is not None and not be.closed and be.peer_gone():
+            self._drop_backend(be)  # the server closed it (crash, restart, failover): never write into it
+            be = None
         self.busy = True
         if be is None or be.closed or be.applied != len(st.history) or st.gtid_wait or (target is PRIMARY and not w.primary_ok):
             self._spawn(self._slow_send(pkt, cls, kind, name, stmt_sid, target is PRIMARY))

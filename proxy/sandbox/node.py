@@ -45,7 +45,14 @@ def _alive(pid: int) -> bool:
     except OSError:
         return False
     state = stat[stat.rfind(b")") + 2 : stat.rfind(b")") + 3]
-    return state not in (b"Z", b"X")
+    if state not in (b"Z", b"X"):
+        return True
+    # A zombie thread-group leader can outlive its other threads briefly, and the process's
+    # sockets close only when the last thread exits: gone means no thread but the leader.
+    try:
+        return len(os.listdir(f"/proc/{pid}/task")) > 1
+    except OSError:
+        return False
 
 
 class Node:

@@ -42,6 +42,11 @@ class ServerState:
     last_check: float = 0.0  # time.time() of the last check
     last_ok: float = 0.0
     changed_at: float = 0.0  # when state/role last changed
+    # For failover: consecutive failed checks (a verdict needs failover.failcount of them), and the
+    # server ids that tie a replica to its source even when hosts are spelled differently.
+    fails: int = 0
+    server_id: int | None = None
+    source_id: int | None = None  # Master_Server_Id while this server replicates
 
     @property
     def address(self) -> str:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from dataclasses import replace
 from typing import Callable
 
 import pymysql
@@ -21,7 +22,8 @@ import pymysql.cursors
 
 from proxy.monitor_health import Observation, Policy, Tracker, decide, significant
 from proxy.monitor_lag import LagReading, Timeline, estimate, parse_gtid
-from proxy.topology import DOWN, LAGGING, MASTER, PRIMARY, ServerState, Topology, from_config
+from proxy.topology import (DOWN, LAGGING, MAINTENANCE, MASTER, PRIMARY, REPLICA, UP, ServerState, Topology,
+                            from_config)
 
 log = logging.getLogger("rwproxy.monitor")
 
@@ -55,6 +57,8 @@ class _Node:
         self.source_addr = ""
         self.hb_denied = False  # heartbeat writes refused (privileges): replicas fall back to SBM
         self.hb_ok = 0.0  # time.monotonic() of the last successful heartbeat write
+        self.hb_paused = False  # failover/switchover: no heartbeat writes here (see pause_heartbeat)
+        self.hb_lock = threading.Lock()  # held around each heartbeat write
         self.label = f"{backend.name} ({backend.host}:{backend.port})"
 
 
@@ -87,6 +91,13 @@ class Monitor:
         self._nodes = {b.name: _Node(b) for b in config.backends}
         self._cond = threading.Condition()
         self._dirty = False
+        # Failover's authority (primary-replica only): the designated primary's name, or None while
+        # roles come from the config and read_only. _gen changes with every designation so that a
+        # check that was under way across the change is dropped instead of undoing it.
+        self._designated: str | None = None
+        self._gen = 0
+        # Failed checks are published at once up to this count: failover counts them.
+        self._fail_cap = max(m.failcount, config.failover.failcount)
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
 
@@ -129,6 +140,83 @@ class Monitor:
                     return False
                 self._cond.wait(left)
             return True
+
+    # ---- failover's authority -------------------------------------------------
+
+    @property
+    def designated(self) -> str | None:
+        return self._designated
+
+    def designate(self, name: str | None, updates: dict[str, dict] | None = None) -> int:
+        """Make `name` the only primary (None: roles from config/read_only again); publish at once.
+
+        Every other server that was a writer becomes a replica at once, whatever its read_only says
+        later. `updates` sets facts the caller knows before the next check does (name -> fields,
+        e.g. the new source of a repointed replica). Checks already under way are discarded.
+        Returns the version from which published snapshots reflect this designation.
+        """
+        with self._cond:
+            self._designated = name
+            self._gen += 1
+            now = time.time()
+            for sname, st in list(self._states.items()):
+                fields = dict((updates or {}).get(sname, {}))
+                if name is not None and sname == name:
+                    for key, value in (("role", PRIMARY), ("read_only", False), ("source", ""), ("source_id", None),
+                                       ("io_running", None), ("sql_running", None), ("lag_ms", None)):
+                        fields.setdefault(key, value)
+                    if st.state not in (DOWN, MAINTENANCE):
+                        fields.setdefault("readable", True)
+                        fields.setdefault("state", UP)
+                        fields.setdefault("last_error", "")
+                elif name is not None and st.role in (PRIMARY, MASTER):
+                    fields.setdefault("role", REPLICA)
+                    fields.setdefault("readable", False)
+                if fields:
+                    new = replace(st, **fields)
+                    if new.role != st.role or new.state != st.state:
+                        new = replace(new, changed_at=now)
+                    self._states[sname] = new
+            self._dirty = True
+            self._cond.notify_all()
+            return self._topology.version + 1
+
+    def refresh(self) -> None:
+        """Publish a snapshot now (on the publisher thread), e.g. after on_update's annotation changed."""
+        with self._cond:
+            self._dirty = True
+            self._cond.notify_all()
+
+    def set_maintenance(self, name: str, reason: str) -> None:
+        """Keep a server out of every pool until clear_maintenance (checks only refresh last_check)."""
+        with self._cond:
+            st = self._states[name]
+            self._states[name] = replace(st, state=MAINTENANCE, readable=False, last_error=reason,
+                                         role=REPLICA if st.role in (PRIMARY, MASTER) else st.role,
+                                         changed_at=time.time())
+            self._dirty = True
+            self._cond.notify_all()
+
+    def clear_maintenance(self, name: str) -> None:
+        """Judge the server from its checks again (it re-enters the read pool after readmit_after)."""
+        with self._cond:
+            st = self._states[name]
+            if st.state == MAINTENANCE:
+                self._states[name] = replace(st, state=LAGGING, last_error="", changed_at=time.time())
+                self._nodes[name].tracker.good = 0
+                self._dirty = True
+                self._cond.notify_all()
+
+    def pause_heartbeat(self, name: str, paused: bool = True) -> None:
+        """Stop (or resume) heartbeat writes on one server; on return no write is under way there.
+
+        Switchover needs this: the monitor user may bypass read_only, so a heartbeat landing on the
+        old primary after its final GTID position was taken would be a transaction the new primary
+        never gets.
+        """
+        node = self._nodes[name]
+        with node.hb_lock:
+            node.hb_paused = paused
 
     def __enter__(self) -> "Monitor":
         return self.start()
@@ -185,16 +273,23 @@ class Monitor:
     # ---- checks ----------------------------------------------------------------
 
     def _check_once(self, node: _Node, conn: list) -> None:
+        gen = self._gen
         obs = self._observe(node, conn)
-        prev = self._states[node.name]
-        new, message = decide(prev, obs, node.tracker, self._policy, node.configured_role)
-        if message:
+        with self._cond:
+            if gen != self._gen:
+                return  # a designation happened while this check ran: its view predates it
+            prev = self._states[node.name]
+            designated = None if self._designated is None else self._designated == node.name
+        new, message = decide(prev, obs, node.tracker, self._policy, node.configured_role, designated)
+        if message:  # logged before anyone can see the new state
             worse = (new.state != prev.state and new.state in (DOWN, LAGGING)) or (prev.readable and not new.readable)
             level = logging.WARNING if worse else logging.INFO
             log.log(level, "%s: %s", node.label, message)
         with self._cond:
+            if gen != self._gen or self._states[node.name] is not prev:
+                return  # designated, or put in maintenance, meanwhile
             self._states[node.name] = new
-            if significant(prev, new):
+            if significant(prev, new) or (new.fails != prev.fails and new.fails <= self._fail_cap):
                 self._dirty = True
                 self._cond.notify_all()
         if self._on_check is not None:
@@ -258,6 +353,7 @@ class Monitor:
         obs.seconds_behind = None if any(s is None for s in sbm) else max(int(s) for s in sbm)
         obs.source = f"{main['Master_Host']}:{main['Master_Port']}"
         node.source_id = int(main["Master_Server_Id"]) if main.get("Master_Server_Id") else None
+        obs.source_id = node.source_id
         node.source_addr = obs.source
 
     # ---- lag -------------------------------------------------------------------
@@ -324,9 +420,18 @@ class Monitor:
     # ---- heartbeat -------------------------------------------------------------
 
     def _beat(self, node: _Node, conn: list, state: dict) -> None:
-        """Write this server's heartbeat row if it is a live writer; never counts as a check."""
+        """Write this server's heartbeat row if it is a live writer; never counts as a check.
+
+        A writer is what the topology says (role), not just read_only=0: a fenced old primary
+        that restarted writable must not get rows the rest of the cluster never sees.
+        """
+        with node.hb_lock:
+            self._beat_locked(node, conn, state)
+
+    def _beat_locked(self, node: _Node, conn: list, state: dict) -> None:
         st = self._states[node.name]
-        if st.read_only is not False or st.state == DOWN:
+        if (st.read_only is not False or st.state in (DOWN, MAINTENANCE) or st.role not in (PRIMARY, MASTER)
+                or node.hb_paused):
             if conn[0] is not None:
                 _close(conn[0])
                 conn[0] = None

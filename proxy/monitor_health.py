@@ -39,6 +39,7 @@ class Observation:
     sql_error: str = ""
     seconds_behind: int | None = None
     source: str = ""  # host:port of the (default) replication source
+    source_id: int | None = None  # Master_Server_Id of the (default) source
     lag: LagReading | None = None
 
 
@@ -59,8 +60,20 @@ class Policy:
     master_master: bool = False
 
 
-def learned_role(configured: str, read_only: bool | None, prev: str, mm: bool) -> str:
-    """A role set in the config wins; otherwise read_only decides."""
+def learned_role(configured: str, read_only: bool | None, prev: str, mm: bool,
+                 designated: bool | None = None) -> str:
+    """A role set in the config wins; otherwise read_only decides.
+
+    Once failover has designated the primary (designated is True/False, primary-replica only),
+    that choice wins over both: any other server is a replica even when it says read_only=0
+    (an old primary restarting from its my.cnf must never look like a second writer).
+    """
+    if designated is not None and not mm:
+        if not designated:
+            return REPLICA
+        if read_only is None:
+            return prev if prev != UNKNOWN else PRIMARY
+        return PRIMARY if (not read_only or configured == PRIMARY) else REPLICA
     if configured in (PRIMARY, REPLICA, MASTER):
         return configured
     if read_only is None:
@@ -99,24 +112,27 @@ def _lag_text(obs: Observation) -> str:
 
 
 def decide(prev: ServerState, obs: Observation, tr: Tracker, policy: Policy,
-           configured_role: str) -> tuple[ServerState, str]:
-    """The server's next state and a log message ('' when nothing changed). Updates tr."""
+           configured_role: str, designated: bool | None = None) -> tuple[ServerState, str]:
+    """The server's next state and a log message ('' when nothing changed). Updates tr.
+
+    designated: see learned_role (None while no failover authority has chosen the primary).
+    """
     tr.checks += 1
-    if prev.state == MAINTENANCE:  # set by an operator; the monitor only refreshes facts
+    if prev.state == MAINTENANCE:  # set by an operator or failover; only the check time moves
         return replace(prev, last_check=obs.at), ""
     if not obs.ok:
         tr.fails += 1
         tr.good = 0
         if tr.fails >= policy.failcount and prev.state != DOWN:
             new = replace(prev, state=DOWN, readable=False, last_error=obs.error, last_check=obs.at,
-                          lag_ms=None, changed_at=obs.at)
+                          lag_ms=None, changed_at=obs.at, fails=tr.fails)
             where = "replica left the read pool: " if prev.readable and prev.role == REPLICA else ""
             return new, f"{where}down after {tr.fails} failed checks: {obs.error}"
-        return replace(prev, last_error=obs.error, last_check=obs.at), ""
+        return replace(prev, last_error=obs.error, last_check=obs.at, fails=tr.fails), ""
 
     tr.fails = 0
     first = tr.checks == 1  # the very first look: no history to flap against
-    role = learned_role(configured_role, obs.read_only, prev.role, policy.master_master)
+    role = learned_role(configured_role, obs.read_only, prev.role, policy.master_master, designated)
     lag_ms = obs.lag.ms if obs.lag is not None else None
     fields = dict(
         role=role, read_only=obs.read_only, version=obs.version or prev.version,
@@ -124,10 +140,12 @@ def decide(prev: ServerState, obs: Observation, tr: Tracker, policy: Policy,
         io_running=(obs.io_state == "Yes") if obs.replicating else None,
         sql_running=(obs.sql_state == "Yes") if obs.replicating else None,
         seconds_behind=obs.seconds_behind, source=obs.source, lag_ms=lag_ms,
-        last_check=obs.at, last_ok=obs.at)
+        last_check=obs.at, last_ok=obs.at, fails=0, server_id=obs.server_id,
+        source_id=obs.source_id if obs.replicating else None)
     msgs = []
     if role != prev.role and not (first and prev.role == UNKNOWN):
-        msgs.append(f"role {prev.role} -> {role} (read_only={int(bool(obs.read_only))})")
+        fenced = " (not the designated primary)" if designated is False and not obs.read_only else ""
+        msgs.append(f"role {prev.role} -> {role} (read_only={int(bool(obs.read_only))}){fenced}")
     if prev.state == DOWN:
         msgs.append("reachable again")
 

@@ -252,7 +252,11 @@ class FailoverConfig:
     auto_rejoin: bool = B(True)
     pre_failover_hook: str = S()
     post_failover_hook: str = S()
+    hook_timeout: float = F(10.0, positive=True)
     switchover_timeout: float = F(10.0, positive=True)
+    catchup_timeout: float = F(10.0, positive=True)
+    replication_user: str = S()
+    replication_password: str = S(repr=False)
 
 
 @dataclass(frozen=True)

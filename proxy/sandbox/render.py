@@ -12,10 +12,12 @@ def _toml_str(value: str) -> str:
 
 def proxy_config_toml(nodes: Iterable[Any], topology: str, proxy_port: int,
                       app_user: tuple[str, str] = ("app", "app"),
-                      monitor_user: tuple[str, str] = ("rwproxy", "rwproxy")) -> str:
+                      monitor_user: tuple[str, str] = ("rwproxy", "rwproxy"),
+                      repl_user: tuple[str, str] = ("repl", "repl")) -> str:
     """rwproxy.toml for this cluster; written here so the sandbox does not depend on proxy.config.
 
     Backends carry no role: the proxy learns roles from read_only, as it must after a failover.
+    The replication account lets failover repoint replicas and rejoin an old primary.
     """
     out = ["# Written by `rwproxy sandbox up`: a proxy config for this sandbox cluster.",
            "[proxy]", f"listen = {_toml_str(f'127.0.0.1:{proxy_port}')}", ""]
@@ -24,7 +26,9 @@ def proxy_config_toml(nodes: Iterable[Any], topology: str, proxy_port: int,
                 f"port = {int(node.port)}", ""]
     out += ["[[users]]", f"name = {_toml_str(app_user[0])}", f"password = {_toml_str(app_user[1])}", "",
             "[monitor]", f"user = {_toml_str(monitor_user[0])}", f"password = {_toml_str(monitor_user[1])}", "",
-            "[cluster]", f"topology = {_toml_str(topology)}", ""]
+            "[cluster]", f"topology = {_toml_str(topology)}", "",
+            "[failover]", f"replication_user = {_toml_str(repl_user[0])}",
+            f"replication_password = {_toml_str(repl_user[1])}", ""]
     return "\n".join(out)
 
 

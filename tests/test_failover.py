@@ -1,0 +1,556 @@
+"""Failover, switchover, fencing and rejoin at the control-plane level, with real faults.
+
+Each scenario runs Monitor + Failover in-process against a private sandbox cluster
+(it changes roles for good) and records every published topology snapshot. Pure
+rules (GTID arithmetic, candidate ranking, the death verdict) are tested first.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import signal
+import socket
+import threading
+import time
+
+import pymysql
+import pytest
+
+from proxy import failover_ops as ops
+from proxy.config import build_config, load_config
+from proxy.failover import Failover, verdict
+from proxy.monitor_health import learned_role
+from proxy.topology import DOWN, MAINTENANCE, PRIMARY, REPLICA, UP, ServerState, Topology
+
+# ---------------------------------------------------------------------------- pure rules
+
+
+def test_gtid_arithmetic():
+    assert ops.merge("0-1-5,1-2-9", "0-3-7", "") == "0-3-7,1-2-9"
+    assert ops.ahead("0-1-10,1-2-4", "0-2-7,1-2-4") == {0: 3}
+    assert ops.ahead("0-1-7", "0-1-7,1-2-3") == {}
+    assert ops.ahead("0-1-1,5-1-2", "") == {0: 1, 5: 2}
+    assert ops.describe_ahead({0: 3, 1: 1}) == "3 transactions in domain 0 and 1 transaction in domain 1"
+    assert ops.reached("0-1-9,1-1-1", "0-2-9") and not ops.reached("0-1-9", "0-1-9,1-1-1")
+
+
+def _facts(name, io="", cur="", priority=0, index=0):
+    return ops.Facts(name, "127.0.0.1", 1, io_pos=io, current_pos=cur, priority=priority, index=index)
+
+
+def test_candidate_ranking():
+    # received (relay log) beats applied: what it received it will have once applied
+    a = _facts("a", io="0-1-20", cur="0-1-5", index=0)
+    b = _facts("b", io="0-1-15", cur="0-1-15", index=1)
+    assert ops.choose([a, b]) is a
+    # equal received: more applied wins, then priority, then config order
+    c = _facts("c", io="0-1-20", cur="0-1-20", index=2)
+    assert ops.choose([a, c]) is c
+    d = _facts("d", io="0-1-20", cur="0-1-20", priority=5, index=3)
+    assert ops.choose([c, d]) is d
+    e = _facts("e", io="0-1-20", cur="0-1-20", index=4)
+    assert ops.choose([e, c]) is c
+    # several domains: total transactions
+    f = _facts("f", cur="0-1-10,1-2-10", index=5)
+    g = _facts("g", cur="0-1-15,1-2-2", index=6)
+    assert ops.choose([g, f]) is f and ops.choose([]) is None
+
+
+def _st(name, port, **kw):
+    return ServerState(name, "127.0.0.1", port, **kw)
+
+
+def test_verdict_needs_failcount_and_the_replicas():
+    p = _st("p", 1, role=PRIMARY, state=DOWN, fails=5, server_id=1, last_error="refused")
+    r1 = _st("r1", 2, role=REPLICA, state=UP, source="127.0.0.1:1", source_id=1, io_running=False)
+    r2 = _st("r2", 3, role=REPLICA, state=UP, source="10.0.0.1:3306", source_id=1, io_running=False)
+
+    def topo(*servers):
+        return Topology({s.name: s for s in servers})
+
+    assert verdict(topo(p, r1, r2), "p", 5, True)[0] == "dead"
+    assert "r1, r2 lost it too" in verdict(topo(p, r1, r2), "p", 5, True)[1]
+    assert verdict(topo(_st("p", 1, state=DOWN, fails=4), r1), "p", 5, True)[0] == "suspect"
+    assert verdict(topo(_st("p", 1, state=UP, fails=2), r1), "p", 2, True)[0] == "suspect"
+    assert verdict(topo(_st("p", 1, state=UP), r1), "p", 5, True)[0] == "alive"
+    # a replica still receiving its binlog (matched by server id, its host spelled differently)
+    live = _st("r2", 3, role=REPLICA, state=UP, source="10.0.0.1:3306", source_id=1, io_running=True)
+    kind, detail = verdict(topo(p, r1, live), "p", 5, True)
+    assert kind == "unconfirmed" and detail == "r2 still receives its binlog"
+    assert verdict(topo(p, r1, live), "p", 5, False)[0] == "dead"
+    # no witness at all
+    assert verdict(topo(p, _st("r1", 2, state=DOWN)), "p", 5, True)[0] == "unconfirmed"
+
+
+def test_designation_wins_over_read_only():
+    assert learned_role("auto", False, UP, mm=False, designated=False) == REPLICA  # a fenced old primary
+    assert learned_role("primary", False, UP, mm=False, designated=False) == REPLICA  # even if configured
+    assert learned_role("auto", False, REPLICA, mm=False, designated=True) == PRIMARY
+    assert learned_role("auto", True, PRIMARY, mm=False, designated=True) == REPLICA  # made read-only by hand
+    assert learned_role("auto", False, REPLICA, mm=True, designated=False) == "master"  # no authority in mm
+
+
+# ---------------------------------------------------------------------------- harness
+
+MIN_GRANTS = ["SLAVE MONITOR, REPLICATION SLAVE ADMIN, REPLICATION MASTER ADMIN, READ_ONLY ADMIN, PROCESS, RELOAD ON *.*",
+              "SELECT, INSERT, UPDATE, CREATE ON rwproxy.*"]
+
+
+def fo_config(cluster, ports=None, **sections):
+    data = {
+        "backends": [{"name": n.name, "host": "127.0.0.1", "port": (ports or {}).get(n.name, n.port)}
+                     for n in cluster.nodes],
+        "users": [{"name": "app", "password": "app"}],
+        "monitor": {"user": "rwproxy", "password": "rwproxy"},
+        "cluster": {"topology": cluster.topology},
+        "failover": {"replication_user": "repl", "replication_password": "repl"},
+    }
+    for key, value in sections.items():
+        data[key] = {**data.get(key, {}), **value}
+    return build_config(data)
+
+
+class Recorder:
+    """publish(): every snapshot the workers would get, with the time it was published."""
+
+    def __init__(self):
+        self.snaps: list[tuple[float, Topology]] = []
+        self.lock = threading.Lock()
+
+    def publish(self, topo):
+        with self.lock:
+            self.snaps.append((time.monotonic(), topo))
+
+    @property
+    def latest(self) -> Topology:
+        with self.lock:
+            return self.snaps[-1][1]
+
+    def since(self, t0: float) -> list[tuple[float, Topology]]:
+        with self.lock:
+            return [(t, s) for t, s in self.snaps if t >= t0]
+
+    def wait(self, pred, timeout: float, since: float = 0.0):
+        """(time, snapshot) of the first snapshot published after `since` that satisfies pred."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for t, s in self.since(since):
+                if pred(s):
+                    return t, s
+            time.sleep(0.005)
+        raise AssertionError(f"no published snapshot matched within {timeout} s; latest: {self.latest}")
+
+
+def wait_for(pred, timeout: float, step: float = 0.05) -> bool:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if pred():
+                return True
+        except pymysql.MySQLError:
+            pass
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(step)
+
+
+@pytest.fixture
+def run_failover():
+    started = []
+
+    def start(cluster, ports=None, **sections):
+        rec = Recorder()
+        fo = Failover(fo_config(cluster, ports, **sections), rec.publish).start()
+        started.append(fo)
+        if cluster.topology == "primary-replica":
+            assert wait_for(lambda: fo.monitor.designated == cluster.primary.name, 10)
+        assert wait_for(lambda: all(s.last_check for s in fo.monitor.topology.servers.values()), 10)
+        return fo, rec
+
+    yield start
+    for fo in started:
+        fo.stop()
+
+
+def writers(topo):
+    return [s.name for s in topo.servers.values() if s.is_writer]
+
+
+def new_primary(name):
+    return lambda t: t.primary is not None and t.primary.name == name and t.primary.state == UP and not t.writes_held
+
+
+def follows(node, source) -> bool:
+    ss = node.slave_status() or {}
+    return (ss.get("Master_Port") == source.port and ss.get("Slave_IO_Running") == "Yes"
+            and ss.get("Slave_SQL_Running") == "Yes")
+
+
+def count(node, table) -> int:
+    return node.query(f"SELECT COUNT(*) AS n FROM {table}")[0]["n"]
+
+
+def received(replica, source_pos) -> bool:
+    io_pos = (replica.slave_status() or {}).get("Gtid_IO_Pos") or ""
+    return ops.reached(io_pos, source_pos)
+
+
+def insert(node, table, ids, phase):
+    with node.connect() as conn, conn.cursor() as cur:
+        for i in ids:
+            cur.execute(f"INSERT INTO {table} VALUES (%s, %s)", (i, phase))
+
+
+def create_min_user(cluster, user="fomon"):
+    cluster.primary.query(f"CREATE USER IF NOT EXISTS {user}@'%' IDENTIFIED BY 'pw'")
+    for g in MIN_GRANTS:
+        cluster.primary.query(f"GRANT {g} TO {user}@'%'")
+    cluster.wait_replicas_caught_up(10)
+
+
+# ---------------------------------------------------------------------------- failover
+
+
+def test_sigkill_promotes_most_advanced_then_fences_and_rejoins(cluster_factory, run_failover, caplog):
+    caplog.set_level(logging.INFO, logger="rwproxy.failover")
+    c = cluster_factory(replicas=2)
+    old, behind, ahead = c.nodes  # config order would pick node2: the GTID ranking must pick node3
+    fo, rec = run_failover(c)
+    t = "app.fo"
+    old.query(f"CREATE TABLE {t} (id INT PRIMARY KEY, phase CHAR(1))")
+    insert(old, t, range(1, 21), "A")
+    c.wait_replicas_caught_up(10)
+    ahead.query("STOP SLAVE SQL_THREAD")  # ahead keeps receiving, applies nothing more
+    insert(old, t, range(21, 41), "B")
+    assert wait_for(lambda: received(ahead, old.variable("gtid_binlog_pos")), 5)
+    assert wait_for(lambda: count(behind, t) == 40, 5)
+    behind.query("STOP SLAVE IO_THREAD")  # behind applied more than ahead, but received less
+    insert(old, t, range(41, 61), "C")
+    fo.monitor.pause_heartbeat(old.name)  # nothing the replicas have not received when it dies
+    assert wait_for(lambda: received(ahead, old.variable("gtid_binlog_pos")), 5)
+    assert count(ahead, t) == 20 and count(behind, t) == 40
+
+    t0 = time.monotonic()
+    old.kill(signal.SIGKILL)
+    t1, topo = rec.wait(new_primary(ahead.name), 10, since=t0)
+    took = t1 - t0
+    print(f"\nSIGKILL -> {ahead.name} published writable: {took * 1000:.0f} ms")
+    assert took < 2.0
+    during = rec.since(t0)
+    assert any(s.writes_held for _, s in during if _ < t1), "writes were not held during the promotion"
+    assert writers(topo) == [ahead.name] and topo.servers[old.name].role == REPLICA
+    assert not rec.latest.writes_held
+    # it applied what it had received before taking writes, and the lagging replica follows it
+    assert ahead.variable("read_only") == 0 and count(ahead, t) == 60
+    assert any(re.search(r"node3: apply the relay log: applied its relay log up to .* \(\d+ ms", m)
+               for m in caplog.messages)
+    assert wait_for(lambda: follows(behind, ahead) and count(behind, t) == 60, 10)
+    assert any("failover done in" in m for m in caplog.messages)
+
+    # the old primary restarts writable (its my.cnf says read_only=0): fenced, then rejoined
+    t2 = time.monotonic()
+    old.start()
+    assert wait_for(lambda: follows(old, ahead), 15)
+    assert old.variable("read_only") == 1
+    insert(ahead, t, [61], "D")
+    assert wait_for(lambda: count(old, t) == 61 and count(behind, t) == 61, 10)
+    assert fo.monitor.wait_until(lambda tp: tp.servers[old.name].readable, 10)
+    assert all(writers(s) == [ahead.name] for _, s in rec.since(t2)), "the old primary was published as a writer"
+    assert any(m.startswith(f"fenced {old.name}") for m in caplog.messages)
+    assert any(m.startswith(f"rejoined {old.name} (127.0.0.1:{old.port}) as a replica of {ahead.name}")
+               for m in caplog.messages)
+    assert fo.state()["last_failover"]["new"] == f"127.0.0.1:{ahead.port}"
+
+    # within failover_cooldown a second death is not failed over automatically
+    t3 = time.monotonic()
+    ahead.kill(signal.SIGKILL)
+    assert wait_for(lambda: any("failover_cooldown holds automatic failover" in m for m in caplog.messages), 10)
+    time.sleep(0.5)
+    assert old.variable("read_only") == 1 and behind.variable("read_only") == 1
+    assert not any(s.writes_held for _, s in rec.since(t3))
+    assert fo.state()["cooldown_left_s"] > 0
+
+
+class Forwarder:
+    """A TCP relay rwproxy's monitor reaches the primary through; cut() breaks only that path."""
+
+    def __init__(self, target_port: int):
+        self.target = target_port
+        probe = socket.socket()
+        probe.bind(("127.0.0.1", 0))
+        self.port = probe.getsockname()[1]
+        probe.close()
+        self.socks: list[socket.socket] = []
+        self.lock = threading.Lock()
+        self.listener = None
+
+    def restore(self) -> "Forwarder":
+        ls = socket.socket()
+        ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        ls.bind(("127.0.0.1", self.port))
+        ls.listen(64)
+        self.listener = ls
+        threading.Thread(target=self._accept, args=(ls,), daemon=True).start()
+        return self
+
+    def _accept(self, ls):
+        while True:
+            try:
+                client, _ = ls.accept()
+            except OSError:
+                return
+            try:
+                upstream = socket.create_connection(("127.0.0.1", self.target), timeout=2)
+            except OSError:
+                client.close()
+                continue
+            with self.lock:
+                self.socks += [client, upstream]
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pump(a, b):
+        try:
+            while data := a.recv(65536):
+                b.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (a, b):
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def cut(self):
+        self.listener.close()
+        with self.lock:
+            socks, self.socks = self.socks, []
+        for s in socks:
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            s.close()
+
+
+def test_blip_between_rwproxy_and_primary_is_not_a_failover(cluster_factory, run_failover, caplog):
+    caplog.set_level(logging.INFO, logger="rwproxy.failover")
+    c = cluster_factory(replicas=2)
+    p, r1, r2 = c.nodes
+    fwd = Forwarder(p.port).restore()
+    fo, rec = run_failover(c, ports={p.name: fwd.port})
+    try:
+        t0 = time.monotonic()
+        fwd.cut()  # the monitor loses the primary; the replicas still replicate from it directly
+        assert fo.monitor.wait_until(lambda t: t.servers[p.name].state == DOWN and t.servers[p.name].fails >= 5, 5)
+        p.query("CREATE TABLE app.blip (id INT PRIMARY KEY)")  # the replicas still get what it writes
+        p.query("INSERT INTO app.blip VALUES (1)")
+        assert wait_for(lambda: count(r1, "app.blip") == 1 and count(r2, "app.blip") == 1, 5)
+        time.sleep(1.0)
+        lines = [m for m in caplog.messages if "does not answer rwproxy" in m]
+        assert len(lines) == 1 and "node2, node3 still receive its binlog: not failing over" in lines[0]
+        assert not any(s.writes_held for _, s in rec.since(t0))
+        assert r1.variable("read_only") == 1 and r2.variable("read_only") == 1
+        assert fo.state()["last_failover"] is None and fo.monitor.designated == p.name
+    finally:
+        fwd.restore()
+    assert fo.monitor.wait_until(lambda t: t.primary.name == p.name and t.primary.state == UP, 5)
+    assert wait_for(lambda: any("answers again" in m for m in caplog.messages), 2)
+
+
+def test_failed_pre_hook_disables_then_enable_and_extra_transactions_keep_old_primary_out(
+        cluster_factory, run_failover, caplog, tmp_path):
+    caplog.set_level(logging.INFO, logger="rwproxy.failover")
+    c = cluster_factory(replicas=2)
+    p, r1, r2 = c.nodes
+    allow, env_file = tmp_path / "allow", tmp_path / "post.env"
+    fo, rec = run_failover(c, failover={"pre_failover_hook": f"test -f {allow}",
+                                        "post_failover_hook": f"env | grep ^RWPROXY_ | sort > {env_file}"})
+    for r in (r1, r2):
+        r.query("STOP SLAVE IO_THREAD")
+    p.query("CREATE TABLE app.lost (id INT PRIMARY KEY)")  # the cluster never sees these
+    p.query("INSERT INTO app.lost VALUES (1)")
+    p.kill(signal.SIGKILL)
+    assert wait_for(lambda: any("failed after" in m and "pre_failover_hook: exited with 1; automatic failover is "
+                                "disabled" in m for m in caplog.messages), 10)
+    assert wait_for(lambda: not fo.state()["in_progress"], 5)
+    st = fo.state()
+    assert st["auto_failover"] is False and st["last_failover"]["ok"] is False
+    assert r1.variable("read_only") == 1 and r2.variable("read_only") == 1 and r1.slave_status()
+    assert writers(rec.latest) == [] and not rec.latest.writes_held
+    time.sleep(0.6)  # still nothing: disabled
+    assert r1.variable("read_only") == 1 and r2.variable("read_only") == 1
+
+    allow.touch()
+    fo.enable_auto_failover()
+    _, topo = rec.wait(lambda t: t.primary is not None and t.primary.name != p.name and not t.writes_held, 10)
+    new = c.node(topo.primary.name)
+    assert wait_for(lambda: fo.state()["last_failover"]["ok"] is True, 5) and fo.state()["auto_failover"] is True
+    assert wait_for(lambda: env_file.exists() and len(env_file.read_text().split()) == 3, 5)
+    assert env_file.read_text().split() == [f"RWPROXY_EVENT=failover", f"RWPROXY_NEW_PRIMARY=127.0.0.1:{new.port}",
+                                            f"RWPROXY_OLD_PRIMARY=127.0.0.1:{p.port}"]
+
+    t0 = time.monotonic()
+    p.start()
+    want = re.compile(r"^node1 has \d+ transactions? in domain 0 the new primary never saw; not rejoining: "
+                      r"resolve by hand")
+    assert wait_for(lambda: any(want.match(m) for m in caplog.messages), 10)
+    assert fo.monitor.wait_until(lambda t: t.servers[p.name].state == MAINTENANCE, 5)
+    assert p.variable("read_only") == 1 and not p.slave_status()
+    assert p.query("SELECT COUNT(*) AS n FROM app.lost")[0]["n"] == 1
+    assert want.match(fo.state()["kept_out"][p.name])
+    assert all(writers(s) == [new.name] for _, s in rec.since(t0))
+
+
+# ---------------------------------------------------------------------------- switchover
+
+
+class Writer(threading.Thread):
+    """Writes uniquely numbered rows to whatever the published topology says is the primary,
+    waiting while writes are held; a read-only refusal during a role change is retried (as the
+    workers do: the statement did not run)."""
+
+    def __init__(self, rec, cluster, table):
+        super().__init__(daemon=True)
+        self.rec, self.cluster, self.table = rec, cluster, table
+        self.stop, self.acked, self.failures, self.retries = threading.Event(), [], [], 0
+        self.times: list[float] = []
+
+    def run(self):
+        conns, n = {}, 0
+        while not self.stop.is_set():
+            topo = self.rec.latest
+            p = topo.primary
+            if topo.writes_held or p is None or p.state != UP:
+                time.sleep(0.001)
+                continue
+            try:
+                if p.name not in conns:
+                    conns[p.name] = self.cluster.node(p.name).connect("app", database="app")
+                with conns[p.name].cursor() as cur:
+                    cur.execute(f"INSERT INTO {self.table} VALUES (%s)", (n + 1,))
+                n += 1
+                self.acked.append(n)
+                self.times.append(time.monotonic())
+            except pymysql.MySQLError as exc:
+                now = self.rec.latest
+                moved = now.writes_held or now.primary is None or now.primary.name != p.name
+                if exc.args and exc.args[0] == 1290 and moved:
+                    self.retries += 1
+                else:
+                    self.failures.append(repr(exc))
+            time.sleep(0.003)
+        for conn in conns.values():
+            conn.close()
+
+
+def test_switchover_under_write_load_with_minimal_grants(cluster_factory, run_failover, caplog):
+    caplog.set_level(logging.INFO, logger="rwproxy.failover")
+    c = cluster_factory(replicas=2)
+    old, target, other = c.nodes
+    create_min_user(c)
+    fo, rec = run_failover(c, monitor={"user": "fomon", "password": "pw"})
+    old.query("CREATE TABLE app.sw (id INT PRIMARY KEY)")
+    c.wait_replicas_caught_up(10)
+    assert fo.switchover(old.name)["message"] == "switchover refused: node1 is already the primary"
+    assert "unknown backend" in fo.switchover("nosuch:1")["message"]
+
+    # an application transaction that never ends: the switchover gives up and puts everything back
+    blocker = old.connect("app", database="app", autocommit=False)
+    with blocker.cursor() as cur:
+        cur.execute("INSERT INTO sw VALUES (0)")
+    res = fo.switchover(target.name, timeout=0.5)
+    assert not res["ok"] and "still busy" in res["message"] and "rolled back" in res["message"]
+    assert old.variable("read_only") == 0 and target.variable("read_only") == 1 and follows(target, old)
+    assert rec.latest.primary.name == old.name and not rec.latest.writes_held
+    blocker.commit()
+    blocker.close()
+
+    writer = Writer(rec, c, "app.sw")
+    writer.start()
+    time.sleep(0.5)
+    res = fo.switchover(f"127.0.0.1:{target.port}")
+    time.sleep(0.5)
+    writer.stop.set()
+    writer.join(5)
+    print(f"\nswitchover: {res}; writer retries {writer.retries}")
+    assert res["ok"], res
+    assert res["old"] == f"127.0.0.1:{old.port}" and res["new"] == f"127.0.0.1:{target.port}"
+    assert res["write_pause_ms"] < 1000
+    assert writer.failures == [] and len(writer.acked) > 50
+    gaps = [b - a for a, b in zip(writer.times, writer.times[1:])]
+    print(f"longest gap between two acknowledged writes: {max(gaps) * 1000:.0f} ms")
+    assert max(gaps) < 1.5
+    topo = rec.latest
+    assert writers(topo) == [target.name] and not topo.writes_held
+    assert target.variable("read_only") == 0 and old.variable("read_only") == 1
+    assert wait_for(lambda: follows(old, target) and follows(other, target), 5)
+    c.wait_replicas_caught_up(10)
+    ids = {r["id"] for r in target.query("SELECT id FROM app.sw")}
+    assert set(writer.acked) <= ids
+    for n in (old, other):
+        assert {r["id"] for r in n.query("SELECT id FROM app.sw")} == ids
+    assert fo.state()["last_switchover"]["ok"] is True
+
+
+# ---------------------------------------------------------------------------- semi-sync, master-master
+
+
+def test_semi_sync_failover_keeps_semi_sync(cluster_factory, run_failover):
+    c = cluster_factory(replicas=2, semi_sync=True)
+    old = c.primary
+    create_min_user(c)
+    fo, rec = run_failover(c, monitor={"user": "fomon", "password": "pw"})
+    old.query("CREATE TABLE app.semi (id INT PRIMARY KEY, phase CHAR(1))")
+    insert(old, "app.semi", range(1, 11), "A")
+    fo.monitor.pause_heartbeat(old.name)
+    c.wait_replicas_caught_up(10)
+    t0 = time.monotonic()
+    old.kill(signal.SIGKILL)
+    t1, topo = rec.wait(lambda t: t.primary is not None and t.primary.name != old.name and not t.writes_held,
+                        10, since=t0)
+    print(f"\nsemi-sync: SIGKILL -> published writable: {(t1 - t0) * 1000:.0f} ms")
+    new = c.node(topo.primary.name)
+    assert new.variable("rpl_semi_sync_master_enabled") == 1
+    assert new.variable("rpl_semi_sync_master_wait_point") == "AFTER_SYNC"
+    assert new.variable("rpl_semi_sync_master_timeout") == 2000  # the old primary's setting
+    assert wait_for(lambda: new.status_vars("Rpl_semi_sync_master_clients")["Rpl_semi_sync_master_clients"] != "0", 5)
+    def acks():
+        st = new.status_vars("Rpl_semi_sync_master_%_tx")
+        return int(st["Rpl_semi_sync_master_yes_tx"]), int(st["Rpl_semi_sync_master_no_tx"])
+
+    yes, no = acks()
+    insert(new, "app.semi", [11], "B")  # (heartbeat writes are counted too)
+    assert acks()[0] > yes and acks()[1] == no, "a write was not acknowledged by a replica"
+    old.start()
+    assert wait_for(lambda: follows(old, new), 15)
+    assert old.variable("rpl_semi_sync_slave_enabled") == 1 and old.variable("rpl_semi_sync_master_enabled") == 0
+    assert wait_for(lambda: count(old, "app.semi") == 11, 10)
+
+
+def test_master_master_no_promotion(cluster_factory, run_failover):
+    c = cluster_factory(replicas=1, topology="master-master")
+    m1, m2, r = c.nodes
+    sandbox_cfg = load_config(str(c.config_path))  # what `rwproxy sandbox up` wrote works for failover too
+    assert (sandbox_cfg.failover.replication_user, sandbox_cfg.failover.replication_password) == ("repl", "repl")
+    fo, rec = run_failover(c)
+    assert fo.monitor.wait_until(lambda t: writers(t) == [m1.name, m2.name], 5)
+    assert "master-master" in fo.switchover(m2.name)["message"]
+    t0 = time.monotonic()
+    m1.kill(signal.SIGKILL)
+    assert fo.monitor.wait_until(lambda t: t.servers[m1.name].state == DOWN and t.servers[m1.name].fails >= 5, 5)
+    time.sleep(1.0)
+    assert writers(rec.latest) == [m2.name] and rec.latest.servers[m2.name].role == "master"
+    assert not any(s.writes_held for _, s in rec.since(t0))
+    assert fo.monitor.designated is None and fo.state()["last_failover"] is None
+    assert m2.variable("read_only") == 0 and (r.slave_status() or {})["Master_Port"] == m1.port
+    m2.query("CREATE TABLE app.mm (id INT PRIMARY KEY)")
+    m2.query("INSERT INTO app.mm VALUES (2)")
+    m1.start()  # replication resumes by itself in both directions
+    assert fo.monitor.wait_until(lambda t: writers(t) == [m1.name, m2.name], 10)
+    assert wait_for(lambda: count(m1, "app.mm") == 1, 10)
+    m1.query("INSERT INTO app.mm VALUES (1)")
+    assert wait_for(lambda: count(m2, "app.mm") == 2 and count(r, "app.mm") == 2, 10)

@@ -62,6 +62,29 @@ def _status(args) -> int:
     return 0
 
 
+def _switchover(args) -> int:
+    print(f"switchover to {args.to} ...", flush=True)
+    r = _control(args, "switchover", timeout=(args.timeout or 30) + 30, to=args.to, **({"timeout": args.timeout} if args.timeout else {}))
+    if r is None:
+        return 1
+    print(r.get("message") or r)
+    if r.get("ok"):
+        print(f"new primary {r.get('new')}, old primary {r.get('old')} now replicates from it; "
+              f"writes paused {r.get('write_pause_ms')} ms")
+    return 0 if r.get("ok") else 1
+
+
+def _simple(cmd):
+    def run(args) -> int:
+        extra = {"server": args.server} if getattr(args, "server", None) else {}
+        r = _control(args, cmd, timeout=30, **extra)
+        if r is None:
+            return 1
+        print(r.get("message") or r)
+        return 0 if r.get("ok") else 1
+    return run
+
+
 def _demo(args) -> int:
     from .demo import run_demo
 
@@ -89,6 +112,21 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--config", "-c", required=True, help="the config the proxy was started with")
     st.add_argument("--json", action="store_true", help="machine-readable output")
     st.set_defaults(func=_status)
+
+    sw = sub.add_parser("switchover", help="planned switchover: make another server the primary")
+    sw.add_argument("--config", "-c", required=True)
+    sw.add_argument("--to", required=True, help="target server: HOST:PORT or its backend name")
+    sw.add_argument("--timeout", type=float, default=None, help="seconds (default: failover.switchover_timeout)")
+    sw.set_defaults(func=_switchover)
+
+    ef = sub.add_parser("enable-failover", help="re-enable automatic failover after a failed one disabled it")
+    ef.add_argument("--config", "-c", required=True)
+    ef.set_defaults(func=_simple("enable-failover"))
+
+    rj = sub.add_parser("rejoin", help="retry fencing/rejoining a server kept out of the cluster")
+    rj.add_argument("server", help="backend name")
+    rj.add_argument("--config", "-c", required=True)
+    rj.set_defaults(func=_simple("rejoin"))
 
     d = sub.add_parser("demo", help="start a local sandbox cluster and rwproxy in front of it")
     d.add_argument("--dir", default="sandbox", help="sandbox directory (default ./sandbox)")

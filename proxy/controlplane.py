@@ -19,35 +19,48 @@ log = logging.getLogger("rwproxy.controlplane")
 
 class ControlPlane:
     def __init__(self, config, workers: int, publish):
-        from .monitor import Monitor
+        from .failover import Failover
 
         self.config = config
         self.workers = workers
         self.started = time.time()
         self.stats = SharedStats(workers, [b.name for b in config.backends])
-        self._publish = publish
-        self.monitor = Monitor(config, self._on_update)
+        # monitor -> failover (fencing, writes_held) -> publish to the workers
+        self.failover = Failover(config, publish)
+        self.monitor = self.failover.monitor
         self.control: ControlServer | None = None
 
-    def _on_update(self, topology) -> None:
-        self._publish(topology)
-
     def start(self) -> None:
-        """Call after forking the workers: the monitor's threads live in the supervisor only."""
-        self.monitor.start()
+        """Call after forking the workers: the control plane's threads live in the supervisor only."""
+        self.failover.start()
         path = socket_path(self.config)
+        handlers = {
+            "status": self.status,
+            "switchover": lambda req: self.failover.switchover(req["to"], req.get("timeout")),
+            "enable-failover": self._enable_failover,
+            "rejoin": self._rejoin,
+        }
         try:
-            self.control = ControlServer(path, {"status": self.status})
+            self.control = ControlServer(path, handlers)
         except OSError as e:
             log.warning("control socket %s unavailable (%s); `rwproxy status` will not work", path, e)
+
+    def _enable_failover(self, _req) -> dict:
+        self.failover.enable_auto_failover()
+        return {"ok": True, "message": "automatic failover enabled"}
+
+    def _rejoin(self, req) -> dict:
+        self.failover.rejoin(req["server"])
+        return {"ok": True, "message": f"{req['server']}: fencing/rejoin will be retried"}
 
     def stop(self) -> None:
         if self.control is not None:
             self.control.close()
-        self.monitor.stop()
+        self.failover.stop()
 
     def status(self, _req=None) -> dict:
         topo = self.monitor.topology
+        fo = self.failover.state()  # writes_held lives here, not in the monitor's snapshot
         counters = self.stats.read()
         servers = []
         for name, s in topo.servers.items():
@@ -62,7 +75,7 @@ class ControlPlane:
             "ok": True, "pid": os.getpid(), "listen": self.config.proxy.listen, "workers": self.workers,
             "uptime_s": round(time.time() - self.started, 1), "clients": counters["clients"],
             "statements": counters["statements"], "topology_version": topo.version,
-            "writes_held": topo.writes_held, "servers": servers,
+            "writes_held": fo["writes_held"], "servers": servers, "failover": fo,
         }
 
 
@@ -83,4 +96,7 @@ def format_status(st: dict) -> str:
     for s in st["servers"]:
         if s["last_error"] and s["state"] != "up":
             lines.append(f"{s['name']}: {s['last_error']}")
+    fo = st.get("failover") or {}
+    if fo:
+        lines.append("failover: " + ", ".join(f"{k}={v}" for k, v in fo.items() if v not in (None, "", {}, [])))
     return "\n".join(lines)

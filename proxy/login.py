@@ -23,6 +23,7 @@ from .protocol.constants import (
     CLIENT_PROTOCOL_41,
     CLIENT_SECURE_CONNECTION,
     CLIENT_SSL,
+    CR_CONN_HOST_ERROR,
     ER_ACCESS_DENIED_ERROR,
     ER_HANDSHAKE_ERROR,
     ER_SECURE_TRANSPORT_REQUIRED,
@@ -182,6 +183,15 @@ async def handshake(client) -> bool:
             client.write(err_packet(seq, ER_ACCESS_DENIED_ERROR, msg, client.caps))
             return False
         client.start_session(user, resp.database)
+        if not w.primary_ok and not w.topology.readers:
+            if w.topology.writes_held:  # a failover or switchover is under way: worth waiting for
+                await w.wait_for_primary()
+            else:
+                servers = [w.topology.primary] if w.topology.primary else list(w.topology.servers.values())
+                msg = "; ".join(f"Can't connect to backend {b.name} ({b.address}): it is {b.state}"
+                                + (f" ({b.last_error})" if b.last_error else "") for b in servers)
+                client.write(err_packet(seq, CR_CONN_HOST_ERROR, msg or "rwproxy: no backend is configured"))
+                return False
         if w.primary_ok:
             # Connect the primary now so that a wrong database or a backend refusing the user
             # is reported at login, as a server would. If the primary is unreachable the

@@ -137,7 +137,10 @@ class Node:
             if self.is_master:
                 lines += ["rpl_semi_sync_master_enabled=ON",
                           f"rpl_semi_sync_master_timeout={SEMI_SYNC_TIMEOUT_MS}",
-                          "rpl_semi_sync_master_wait_point=AFTER_SYNC"]
+                          "rpl_semi_sync_master_wait_point=AFTER_SYNC",
+                          # crash-safe: at restart a crashed primary truncates binlog transactions no
+                          # replica acknowledged (MDEV-21117), so it can rejoin as a replica
+                          "rpl_semi_sync_slave_enabled=ON"]
             if self.master is not None:
                 lines.append("rpl_semi_sync_slave_enabled=ON")
         lines += ["", "# lets `mariadb --defaults-file=<this file>` log in as root over the socket",

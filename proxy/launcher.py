@@ -40,11 +40,32 @@ class ProxyProcess:
                 raise RuntimeError(f"rwproxy exited with status {self.proc.returncode}:\n{self.log_tail()}")
             try:
                 with socket.create_connection((self.host, self.port), timeout=0.5):
-                    return self
+                    pass
             except OSError:
                 time.sleep(0.1)
+                continue
+            if self._control_ready():
+                return self
+            time.sleep(0.05)
         self.stop()
         raise RuntimeError(f"rwproxy did not listen on {self.host}:{self.port} within {timeout}s:\n{self.log_tail()}")
+
+    def _control_ready(self) -> bool:
+        """The control socket (for `rwproxy status`) is up too, not just the listening port."""
+        try:
+            from .config import load_config
+            from .control import socket_path
+
+            path = socket_path(load_config(self.config_path))
+        except Exception:
+            return True  # not a config we can read: the port is all we can wait for
+        try:  # a stale socket file from a killed proxy refuses connections
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+                s.settimeout(0.5)
+                s.connect(path)
+            return True
+        except OSError:
+            return False
 
     def log_tail(self, lines: int = 30) -> str:
         try:

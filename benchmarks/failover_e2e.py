@@ -1,0 +1,185 @@
+"""Failover and switchover as clients see them, through rwproxy.
+
+Each repetition starts a fresh semi-sync sandbox (primary + 2 replicas) and
+rwproxy with default settings, runs 8 clients inserting uniquely numbered
+rows, then either SIGKILLs the primary or runs `rwproxy switchover`. Measured:
+the time from the kill to the first acknowledged write, acknowledged rows
+missing afterwards, statements that failed; for switchover the failed writes
+and the longest gap between acknowledged writes.
+
+    python -m benchmarks.failover_e2e [--runs 3]
+Results: benchmarks/results/failover-e2e-<date>.json and .md (and -latest).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import pymysql
+
+from proxy.config import build_config, write_config
+from proxy.launcher import ProxyProcess, free_port
+from proxy.sandbox.testing import running_cluster
+
+RESULTS = Path(__file__).parent / "results"
+
+
+class Writers:
+    def __init__(self, port: int, n: int = 8):
+        self.port = port
+        self.stop = threading.Event()
+        self.lock = threading.Lock()
+        self.acked: list[tuple[int, int, float]] = []
+        self.errors: list[str] = []
+        self.threads = [threading.Thread(target=self._run, args=(i,), daemon=True) for i in range(n)]
+
+    def _run(self, w: int) -> None:
+        c = pymysql.connect(host="127.0.0.1", port=self.port, user="app", password="app", database="app",
+                            autocommit=True, read_timeout=30)
+        seq, end = 0, time.monotonic() + 60
+        with c, c.cursor() as cur:
+            while not self.stop.is_set() and time.monotonic() < end:
+                seq += 1
+                try:
+                    cur.execute("INSERT INTO acked (w, seq) VALUES (%s, %s)", (w, seq))
+                except pymysql.err.MySQLError as e:
+                    with self.lock:
+                        self.errors.append(str(e))
+                    time.sleep(0.02)
+                    continue
+                with self.lock:
+                    self.acked.append((w, seq, time.monotonic()))
+                time.sleep(0.005)
+
+    def __enter__(self):
+        for t in self.threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        for t in self.threads:
+            t.join(40)
+
+
+def _rows(node) -> set:
+    with node.connect(database="app") as c, c.cursor() as cur:
+        cur.execute("SELECT w, seq FROM acked")
+        return set(cur.fetchall())
+
+
+def _status(cfg: str) -> dict:
+    r = subprocess.run([sys.executable, "-m", "proxy", "status", "--json", "--config", cfg], capture_output=True, text=True, timeout=20)
+    return json.loads(r.stdout)
+
+
+def _primary(cfg: str) -> str | None:
+    up = [s["name"] for s in _status(cfg)["servers"] if s["role"] == "primary" and s["state"] == "up"]
+    return up[0] if len(up) == 1 else None
+
+
+def one_run(kind: str, tmp: Path) -> dict:
+    with running_cluster(tmp / "sandbox", replicas=2, semi_sync=True, port_start=26306) as cl:
+        with cl.primary.connect(database="app") as c, c.cursor() as cur:
+            cur.execute("CREATE TABLE acked (w INT, seq INT, PRIMARY KEY (w, seq))")
+        cl.wait_replicas_caught_up(30)
+        port = free_port()
+        data = {
+            "proxy": {"listen": f"127.0.0.1:{port}", "workers": 2},
+            "backends": [{"name": n.name, "host": "127.0.0.1", "port": n.port} for n in cl.nodes],
+            "users": [{"name": "app", "password": "app"}],
+            "monitor": {"user": "rwproxy", "password": "rwproxy"},
+            "failover": {"replication_user": "repl", "replication_password": "repl"},
+        }
+        cfg = str(tmp / "rwproxy.toml")
+        write_config(build_config(data, source=cfg), cfg)
+        with ProxyProcess(cfg, "127.0.0.1", port, log_path=str(tmp / "rwproxy.log")):
+            deadline = time.monotonic() + 15
+            while _primary(cfg) != "node1" and time.monotonic() < deadline:
+                time.sleep(0.1)
+            with Writers(port) as w:
+                time.sleep(1.5)
+                t0 = time.monotonic()
+                if kind == "failover":
+                    cl.primary.kill(signal.SIGKILL)
+                else:
+                    r = subprocess.run([sys.executable, "-m", "proxy", "switchover", "--to", "node2", "--config", cfg],
+                                       capture_output=True, text=True, timeout=60)
+                    if r.returncode != 0:
+                        raise RuntimeError(r.stdout + r.stderr)
+                time.sleep(3.0)
+            with w.lock:
+                after = sorted(t for _, _, t in w.acked if t > t0 + 0.005)
+                times = sorted(t for _, _, t in w.acked)
+            acked = {(a, b) for a, b, _ in w.acked}
+            new = cl.node(_primary(cfg))
+            missing = len(acked - _rows(new))
+            gaps = [b - a for a, b in zip(times, times[1:]) if a >= t0 - 1]
+            return {"kind": kind, "first_ack_after_ms": round((after[0] - t0) * 1000, 1) if after else None,
+                    "longest_gap_ms": round(max(gaps) * 1000, 1) if gaps else None,
+                    "acknowledged": len(acked), "acknowledged_missing": missing,
+                    "failed_statements": len(w.errors), "new_primary": new.name}
+
+
+def main(argv=None) -> int:
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--runs", type=int, default=3)
+    args = ap.parse_args(argv)
+    runs = []
+    for kind in ("failover", "switchover"):
+        for i in range(args.runs):
+            with tempfile.TemporaryDirectory(prefix="rwp-fo-") as tmp:
+                r = one_run(kind, Path(tmp))
+            print(json.dumps(r), flush=True)
+            runs.append(r)
+    fo = [r for r in runs if r["kind"] == "failover"]
+    sw = [r for r in runs if r["kind"] == "switchover"]
+    med = lambda rs, k: statistics.median(r[k] for r in rs if r[k] is not None)  # noqa: E731
+    summary = {
+        "failover_first_write_ms_median": med(fo, "first_ack_after_ms"),
+        "failover_first_write_ms_max": max(r["first_ack_after_ms"] for r in fo),
+        "failover_acknowledged_missing": sum(r["acknowledged_missing"] for r in fo),
+        "failover_failed_statements_median": med(fo, "failed_statements"),
+        "switchover_failed_writes": sum(r["failed_statements"] for r in sw),
+        "switchover_longest_gap_ms_median": med(sw, "longest_gap_ms"),
+        "switchover_acknowledged_missing": sum(r["acknowledged_missing"] for r in sw),
+    }
+    stamp = datetime.datetime.now()
+    result = {"date": stamp.isoformat(timespec="seconds"), "runs": runs, "summary": summary,
+              "settings": "defaults (monitor interval 0.1 s, failover.failcount 5), semi-sync, 8 writers, 2 workers"}
+    md = "\n".join([
+        f"# Failover and switchover through rwproxy, {result['date']}",
+        "",
+        f"{result['settings']}; {args.runs} fresh clusters per scenario; produced by `python -m benchmarks.failover_e2e`.",
+        "",
+        "| figure | value |",
+        "|---|---:|",
+        f"| SIGKILL of the primary -> first acknowledged write through rwproxy (median / max) | {summary['failover_first_write_ms_median']:.0f} ms / {summary['failover_first_write_ms_max']:.0f} ms |",
+        f"| acknowledged writes lost by failover (all runs) | {summary['failover_acknowledged_missing']} |",
+        f"| statements failed by failover (median per run: in flight at the kill, outcome unknown) | {summary['failover_failed_statements_median']:.0f} |",
+        f"| switchover: failed writes (all runs) | {summary['switchover_failed_writes']} |",
+        f"| switchover: longest gap between acknowledged writes (median) | {summary['switchover_longest_gap_ms_median']:.0f} ms |",
+        f"| switchover: acknowledged writes lost (all runs) | {summary['switchover_acknowledged_missing']} |",
+        "",
+    ])
+    RESULTS.mkdir(exist_ok=True)
+    for name in (f"failover-e2e-{stamp:%Y-%m-%d}", "failover-e2e-latest"):
+        (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
+        (RESULTS / f"{name}.md").write_text(md)
+    print("\n" + md)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -56,24 +56,39 @@ def run_demo(args) -> int:
 
 
 def _tour(pymysql, port: int, cluster) -> None:
+    """A few statements that show where rwproxy sends what (`SELECT @@port` tells who answered)."""
     by_port = {n.port: n.name for n in cluster.nodes}
     conn = pymysql.connect(host="127.0.0.1", port=port, user="app", password="app", database="app", autocommit=True)
-    steps = [
-        ("CREATE TABLE IF NOT EXISTS demo (id INT AUTO_INCREMENT PRIMARY KEY, note VARCHAR(100), at DATETIME(6))", None),
-        ("INSERT INTO demo (note, at) VALUES ('hello through rwproxy', NOW(6))", None),
-        ("SELECT id, note, at FROM demo ORDER BY id DESC LIMIT 3", None),
-        ("SELECT @@port AS answered_by_port, @@read_only AS read_only", "where"),
-    ]
     print("\nA short tour through rwproxy (127.0.0.1:%d):" % port)
-    with conn.cursor() as cur:
-        for sql, kind in steps:
+
+    def run(sql, note=""):
+        with conn.cursor() as cur:
             cur.execute(sql)
-            print(f"  mysql> {sql}")
-            if cur.description:
-                for row in cur.fetchall():
-                    print("         " + " | ".join(str(v) for v in row))
-                    if kind == "where":
-                        print(f"         (answered by {by_port.get(row[0], '?')})")
-            else:
-                print(f"         OK, {cur.rowcount} row(s) affected")
+            rows = cur.fetchall() if cur.description else None
+        print(f"  mysql> {sql}")
+        if rows is None:
+            print(f"         OK, {cur.rowcount} row(s) affected{note}")
+        for row in rows or ():
+            answered = f"   <- answered by {by_port[row[0]]}" if row and row[0] in by_port else ""
+            print("         " + " | ".join(str(v) for v in row) + answered + note)
+
+    run("CREATE TABLE IF NOT EXISTS demo (id INT AUTO_INCREMENT PRIMARY KEY, note VARCHAR(100), at DATETIME(6))")
+    run("INSERT INTO demo (note, at) VALUES ('hello through rwproxy', NOW(6))")
+    run("SELECT @@port, COUNT(*) FROM demo", "   (right after this session's write: the primary)")
+    time.sleep(1.2)  # past the read-your-writes window
+    for _ in range(3):
+        run("SELECT @@port, COUNT(*) FROM demo")
+    run("BEGIN")
+    run("SELECT @@port, COUNT(*) FROM demo", "   (inside a transaction: the primary)")
+    run("COMMIT")
     conn.close()
+    time.sleep(0.6)  # the workers publish their counters twice a second
+    from .config import load_config
+    from .control import request, socket_path
+    from .controlplane import format_status
+
+    try:
+        print("\n$ rwproxy status --config " + str(cluster.config_path))
+        print(format_status(request(socket_path(load_config(str(cluster.config_path))), "status", timeout=10)))
+    except OSError as e:
+        print(f"(status unavailable: {e})")

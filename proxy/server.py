@@ -1,10 +1,10 @@
-"""Process layout: one supervisor (the future control plane) and N worker processes.
+"""Process layout: one supervisor (the control plane) and N worker processes.
 
 The supervisor binds one SO_REUSEPORT listening socket per worker before
 forking, so a busy port is reported once, clearly, and the kernel spreads new
 connections over the workers. Each worker runs its own uvloop event loop with
 its own pools; Python's GIL never caps the proxy at one core. With
-`workers = 1` the worker runs inside the supervisor process.
+`workers = 1` there are still two processes: the control plane never shares a GIL with an event loop.
 """
 
 from __future__ import annotations
@@ -267,21 +267,8 @@ def serve(config) -> int:
     )
     from .controlplane import ControlPlane
 
-    if workers == 1:
-        worker = Worker(config, 0, socks[0], topology, server_version, rsa_pem)
-
-        def on_update(topo):  # from the monitor's threads into the worker's loop
-            if worker.loop is not None and not worker.loop.is_closed():
-                worker.loop.call_soon_threadsafe(worker.set_topology, topo)
-
-        plane = ControlPlane(config, 1, on_update)
-        worker.stats = plane.stats
-        plane.start()
-        try:
-            worker.run()
-        finally:
-            plane.stop()
-        return 0
+    # Even with one worker the control plane gets its own process: the monitor's
+    # threads would otherwise compete with the event loop for the GIL.
     from .control import Publisher
 
     publisher = Publisher(workers)

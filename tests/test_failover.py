@@ -368,7 +368,7 @@ def test_failed_pre_hook_disables_then_enable_and_extra_transactions_keep_old_pr
     p, r1, r2 = c.nodes
     allow, env_file = tmp_path / "allow", tmp_path / "post.env"
     fo, rec = run_failover(c, failover={"pre_failover_hook": f"test -f {allow}",
-                                        "post_failover_hook": f"env | grep -E "^RWPROXY_(EVENT|NEW_PRIMARY|OLD_PRIMARY)=" | sort > {env_file}"})
+                                        "post_failover_hook": f"env | grep -E '^RWPROXY_(EVENT|NEW_PRIMARY|OLD_PRIMARY)=' | sort > {env_file}"})
     for r in (r1, r2):
         r.query("STOP SLAVE IO_THREAD")
     p.query("CREATE TABLE app.lost (id INT PRIMARY KEY)")  # the cluster never sees these

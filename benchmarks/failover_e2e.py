@@ -21,7 +21,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -29,47 +28,10 @@ import pymysql
 
 from proxy.config import build_config, write_config
 from proxy.launcher import ProxyProcess, free_port
+from proxy.loadgen import Load, insert_numbered
 from proxy.sandbox.testing import running_cluster
 
 RESULTS = Path(__file__).parent / "results"
-
-
-class Writers:
-    def __init__(self, port: int, n: int = 8):
-        self.port = port
-        self.stop = threading.Event()
-        self.lock = threading.Lock()
-        self.acked: list[tuple[int, int, float]] = []
-        self.errors: list[str] = []
-        self.threads = [threading.Thread(target=self._run, args=(i,), daemon=True) for i in range(n)]
-
-    def _run(self, w: int) -> None:
-        c = pymysql.connect(host="127.0.0.1", port=self.port, user="app", password="app", database="app",
-                            autocommit=True, read_timeout=30)
-        seq, end = 0, time.monotonic() + 60
-        with c, c.cursor() as cur:
-            while not self.stop.is_set() and time.monotonic() < end:
-                seq += 1
-                try:
-                    cur.execute("INSERT INTO acked (w, seq) VALUES (%s, %s)", (w, seq))
-                except pymysql.err.MySQLError as e:
-                    with self.lock:
-                        self.errors.append(str(e))
-                    time.sleep(0.02)
-                    continue
-                with self.lock:
-                    self.acked.append((w, seq, time.monotonic()))
-                time.sleep(0.005)
-
-    def __enter__(self):
-        for t in self.threads:
-            t.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.stop.set()
-        for t in self.threads:
-            t.join(40)
 
 
 def _rows(node) -> set:
@@ -107,7 +69,9 @@ def one_run(kind: str, tmp: Path) -> dict:
             deadline = time.monotonic() + 15
             while _primary(cfg) != "node1" and time.monotonic() < deadline:
                 time.sleep(0.1)
-            with Writers(port) as w:
+            connect = lambda: pymysql.connect(host="127.0.0.1", port=port, user="app", password="app",  # noqa: E731
+                                              database="app", autocommit=True, read_timeout=30)
+            with Load(connect, insert_numbered, clients=8, pause=0.005, max_seconds=60) as w:
                 time.sleep(1.5)
                 t0 = time.monotonic()
                 if kind == "failover":
@@ -119,9 +83,9 @@ def one_run(kind: str, tmp: Path) -> dict:
                         raise RuntimeError(r.stdout + r.stderr)
                 time.sleep(3.0)
             with w.lock:
-                after = sorted(t for _, _, t in w.acked if t > t0 + 0.005)
-                times = sorted(t for _, _, t in w.acked)
-            acked = {(a, b) for a, b, _ in w.acked}
+                after = sorted(t for t, _ in w.ok if t > t0 + 0.005)
+                times = sorted(t for t, _ in w.ok)
+            acked = {v for _, v in w.ok}
             new = cl.node(_primary(cfg))
             missing = len(acked - _rows(new))
             gaps = [b - a for a, b in zip(times, times[1:]) if a >= t0 - 1]

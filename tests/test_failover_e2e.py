@@ -7,13 +7,13 @@ import json
 import signal
 import subprocess
 import sys
-import threading
 import time
 
 import pymysql
 import pytest
 
 from helpers import start_proxy
+from proxy.loadgen import Load, insert_numbered
 
 FAILOVER = {"replication_user": "repl", "replication_password": "repl"}
 
@@ -30,49 +30,10 @@ def wait_until(pred, timeout, step=0.1):
     return False
 
 
-class Writers:
-    """N clients inserting uniquely numbered rows; records what was acknowledged and when."""
-
-    def __init__(self, proxy, n=8):
-        self.proxy = proxy
-        self.stop = threading.Event()
-        self.lock = threading.Lock()
-        self.acked: list[tuple[int, int, float]] = []  # (writer, seq, time acknowledged)
-        self.errors: list[tuple[float, str]] = []
-        self.threads = [threading.Thread(target=self._run, args=(i,), daemon=True) for i in range(n)]
-
-    def _run(self, w):
-        c = self.proxy.connect(autocommit=True, ssl_disabled=True, read_timeout=30)
-        seq = 0
-        deadline = time.monotonic() + 90
-        with c, c.cursor() as cur:
-            while not self.stop.is_set() and time.monotonic() < deadline:
-                seq += 1
-                try:
-                    cur.execute("INSERT INTO acked (w, seq) VALUES (%s, %s)", (w, seq))
-                except pymysql.err.MySQLError as e:
-                    with self.lock:
-                        self.errors.append((time.monotonic(), f"{w}/{seq}: {e}"))
-                    time.sleep(0.05)
-                    continue
-                with self.lock:
-                    self.acked.append((w, seq, time.monotonic()))
-                time.sleep(0.005)
-
-    def __enter__(self):
-        for t in self.threads:
-            t.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.stop.set()
-        for t in self.threads:
-            t.join(40)
-
-    def first_ack_after(self, t0) -> float | None:
-        with self.lock:
-            times = [t for _, _, t in self.acked if t > t0]
-        return min(times) if times else None
+def Writers(proxy, n=8):
+    """8 clients inserting uniquely numbered rows; `ok` holds what was acknowledged."""
+    return Load(lambda: proxy.connect(autocommit=True, ssl_disabled=True, read_timeout=30), insert_numbered,
+                clients=n, pause=0.005, max_seconds=90)
 
 
 def _status(p) -> dict:
@@ -112,12 +73,12 @@ def test_primary_sigkill_under_writes_loses_no_acknowledged_row(semisync, tmp_pa
             cl.primary.kill(signal.SIGKILL)
             killed = time.monotonic()
             assert wait_until(lambda: _primary(p) in ("node2", "node3"), 15), _status(p)
-            assert wait_until(lambda: w.first_ack_after(killed + 0.05) is not None, 15)
-            failover_s = w.first_ack_after(killed + 0.05) - killed
+            assert wait_until(lambda: w.first_ok_after(killed + 0.05) is not None, 15)
+            failover_s = w.first_ok_after(killed + 0.05) - killed
             time.sleep(1.0)  # writes flow on the new primary
         new = cl.node(_primary(p))
         errors_during = [e for t, e in w.errors]
-        acked = {(a, b) for a, b, _ in w.acked}
+        acked = {v for _, v in w.ok}
         cl.wait_replicas_caught_up(30, only=[n for n in cl.replicas if n is not new])
         for node in cl.replicas:
             missing = acked - _rows(node)
@@ -171,7 +132,7 @@ def test_switchover_under_writes_fails_no_write(semisync, tmp_path):
         print(f"\nswitchover: {r.stdout.strip().splitlines()[-1]}")
         assert float(pause_ms) < 3000
         # the old primary now replicates from the new one and has every row
-        acked = {(a, b) for a, b, _ in w.acked}
+        acked = {v for _, v in w.ok}
         assert wait_until(lambda: acked <= _rows(cl.primary), 20)
         with cl.primary.connect() as c, c.cursor() as cur:
             cur.execute("SHOW SLAVE STATUS")

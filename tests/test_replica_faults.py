@@ -9,62 +9,15 @@ import sys
 import threading
 import time
 
-import pymysql
 import pytest
 
 from helpers import start_proxy
+from proxy.loadgen import Load, select_port
 
 
-class Readers:
-    """N clients running `SELECT @@port` in a loop; records who answered, errors and latencies."""
-
-    def __init__(self, proxy, n=8):
-        self.proxy = proxy
-        self.n = n
-        self.stop = threading.Event()
-        self.lock = threading.Lock()
-        self.answers: list[tuple[float, int]] = []
-        self.errors: list[str] = []
-        self.max_latency = 0.0
-        self.threads = [threading.Thread(target=self._run, daemon=True) for _ in range(n)]
-
-    def _run(self):
-        try:
-            c = self.proxy.connect(autocommit=True, ssl_disabled=True, read_timeout=30)
-        except pymysql.err.MySQLError as e:
-            with self.lock:
-                self.errors.append(f"connect: {e}")
-            return
-        deadline = time.monotonic() + 120  # hard bound
-        with c, c.cursor() as cur:
-            while not self.stop.is_set() and time.monotonic() < deadline:
-                t0 = time.monotonic()
-                try:
-                    cur.execute("SELECT @@port")
-                    port = cur.fetchone()[0]
-                except pymysql.err.MySQLError as e:
-                    with self.lock:
-                        self.errors.append(str(e))
-                    continue
-                dt = time.monotonic() - t0
-                with self.lock:
-                    self.answers.append((time.monotonic(), port))
-                    self.max_latency = max(self.max_latency, dt)
-                time.sleep(0.002)
-
-    def __enter__(self):
-        for t in self.threads:
-            t.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.stop.set()
-        for t in self.threads:
-            t.join(40)
-
-    def ports_between(self, t0, t1) -> set:
-        with self.lock:
-            return {p for t, p in self.answers if t0 <= t < t1}
+def Readers(proxy, n=8):
+    """8 clients running `SELECT @@port` through the proxy."""
+    return Load(lambda: proxy.connect(autocommit=True, ssl_disabled=True, read_timeout=30), select_port, clients=n)
 
 
 def wait_until(pred, timeout, step=0.05):
@@ -99,19 +52,19 @@ def test_sigkill_replica_under_read_load(setup):
     victim, other = cl.replicas
     with Readers(p) as r:
         time.sleep(1.0)
-        assert r.ports_between(0, time.monotonic()) == {victim.port, other.port}
+        assert r.values_between(0, time.monotonic()) == {victim.port, other.port}
         victim.kill(signal.SIGKILL)
         killed = time.monotonic()
         assert wait_until(lambda: not _status(p)["node2"]["readable"], 5)
         time.sleep(1.0)
-        after = r.ports_between(time.monotonic() - 0.8, time.monotonic())
+        after = r.values_between(time.monotonic() - 0.8, time.monotonic())
         assert after == {other.port}, "the dead replica's share of reads moved to the other one"
         victim.start()  # restart: readmitted after readmit_after healthy checks
         assert wait_until(lambda: _status(p)["node2"]["readable"], 20)
         time.sleep(1.0)
-        assert victim.port in r.ports_between(time.monotonic() - 0.8, time.monotonic())
+        assert victim.port in r.values_between(time.monotonic() - 0.8, time.monotonic())
     assert r.errors == [], f"clients saw errors: {r.errors[:5]}"
-    assert len(r.answers) > 500
+    assert len(r.ok) > 500
     assert killed > 0
 
 
@@ -124,7 +77,7 @@ def test_sigstop_replica_no_client_waits_past_detection(setup):
         try:
             assert wait_until(lambda: not _status(p)["node2"]["readable"], 10)
             time.sleep(1.0)
-            assert r.ports_between(time.monotonic() - 0.8, time.monotonic()) == {other.port}
+            assert r.values_between(time.monotonic() - 0.8, time.monotonic()) == {other.port}
         finally:
             victim.kill(signal.SIGCONT, wait=False)
         assert wait_until(lambda: _status(p)["node2"]["readable"], 20)

@@ -293,3 +293,36 @@ def test_no_replica_reads_fall_back_or_error(cluster_factory, tmp_path):
     finally:
         ok.process.stop()
         strict.process.stop()
+
+
+def test_prepared_statements_bounded_per_backend_connection(cluster, tmp_path):
+    """More prepared statements than max_prepared_per_connection: the oldest are closed on the
+    backend and prepared again when used, so every statement keeps working."""
+    p = start_proxy(cluster, tmp_path, proxy={"workers": 1}, routing={"max_prepared_per_connection": 3})
+    try:
+        c = mysql.connector.connect(host=p.host, port=p.port, user="app", password="app", database="app",
+                                    use_pure=True, ssl_disabled=True, autocommit=True)
+        try:
+            curs = []
+            for i in range(8):
+                cur = c.cursor(prepared=True)
+                cur.execute(f"SELECT CONNECTION_ID(), {i} + ?", (1,))  # connection-bound: the primary
+                curs.append(cur)
+                cur.fetchall()
+            conn_id = None
+            for _ in range(2):
+                for i, cur in enumerate(curs):
+                    cur.execute(f"SELECT CONNECTION_ID(), {i} + ?", (1,))
+                    cid, v = cur.fetchall()[0]
+                    assert v == i + 1
+                    conn_id = conn_id or cid
+            with cluster.primary.connect() as root, root.cursor() as rc:
+                rc.execute("SELECT COUNT(*) FROM information_schema.PROCESSLIST WHERE ID = %s", (conn_id,))
+                assert rc.fetchone() == (1,)
+                rc.execute("SHOW GLOBAL STATUS LIKE 'Prepared_stmt_count'")
+                open_total = int(rc.fetchone()[1])
+            assert open_total <= 3 + 2, f"{open_total} statements open on the primary (bound 3 per connection)"
+        finally:
+            c.close()
+    finally:
+        p.process.stop()

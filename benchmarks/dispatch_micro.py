@@ -1,0 +1,107 @@
+"""Python cost of one statement through rwproxy's hot path, without the network.
+
+Real ClientConnection, Router, Classifier, BackendConnection and C scanner;
+transports are in-memory stubs, so the figure is the proxy's own Python work
+per statement (the syscalls the real path adds are measured by benchmarks.run).
+
+    python -m benchmarks.dispatch_micro
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import uvloop
+
+from proxy.backend import BackendConnection
+from proxy.config import build_config
+from proxy.protocol.constants import PROXY_CAPABILITIES, SERVER_STATUS_AUTOCOMMIT
+from proxy.protocol.packets import frame, lenenc_str, ok_payload
+from proxy.topology import PRIMARY, REPLICA, ServerState, Topology
+
+
+class StubTransport:
+    """Records nothing: the backend 'answers' synchronously in write()."""
+
+    def __init__(self, on_write=None):
+        self.on_write = on_write
+
+    def write(self, data):
+        if self.on_write is not None:
+            self.on_write(data)
+
+    def set_write_buffer_limits(self, high=None, low=None):
+        pass
+
+    def get_extra_info(self, name, default=None):
+        return ("127.0.0.1", 1) if name == "peername" else default
+
+    def pause_reading(self):
+        pass
+
+    def resume_reading(self):
+        pass
+
+    def close(self):
+        pass
+
+    def is_closing(self):
+        return False
+
+
+def _row_response() -> bytes:
+    """A one-row, one-column text result (DEPRECATE_EOF): column count, definition, row, OK."""
+    coldef = b"".join(lenenc_str(x) for x in (b"def", b"sbtest", b"sbtest1", b"sbtest1", b"c", b"c")) + b"\x0c\x21\x00\x78\x00\x00\x00\xfe\x00\x00\x00\x00\x00"
+    return (frame(b"\x01", 1) + frame(coldef, 2) + frame(lenenc_str(b"x" * 120), 3)
+            + frame(ok_payload(status=SERVER_STATUS_AUTOCOMMIT, header_byte=0xFE), 4))
+
+
+def main(n: int = 100_000) -> None:
+    from proxy.client import ClientConnection
+    from proxy.server import Worker
+
+    data = {
+        "proxy": {"listen": "127.0.0.1:0", "workers": 1},
+        "backends": [{"name": f"node{i}", "host": "127.0.0.1", "port": 1 + i} for i in range(1, 4)],
+        "users": [{"name": "app", "password": "app", "read_your_writes": "none"}],
+    }
+    config = build_config(data)
+    servers = {"node1": ServerState("node1", "127.0.0.1", 2, role=PRIMARY, readable=True),
+               "node2": ServerState("node2", "127.0.0.1", 3, role=REPLICA, readable=True),
+               "node3": ServerState("node3", "127.0.0.1", 4, role=REPLICA, readable=True)}
+    topo = Topology(servers, 1, time.time())
+    loop = uvloop.new_event_loop()
+    asyncio.set_event_loop(loop)
+    worker = Worker(config, 0, None, topo, b"5.5.5-10.11.0-MariaDB", None)
+    worker.loop = loop
+    client = ClientConnection(worker, 1)
+    client.transport = StubTransport()
+    client.phase = 1
+    client.caps = PROXY_CAPABILITIES
+    client.start_session(config.users[0], "sbtest")
+    response = _row_response()
+    for name in servers:
+        be = BackendConnection(config.backends[0].__class__(name=name, host="127.0.0.1", port=1), None, PROXY_CAPABILITIES)
+        be.transport = StubTransport(lambda _data, be=be: be.data_received(response))
+        be.client = client
+        client.backends[name] = be
+    for label, sql in (("point select (replica)", b"SELECT c FROM sbtest1 WHERE id=5044"),
+                       ("UPDATE (primary)", b"UPDATE sbtest1 SET k=k+1 WHERE id=5044"),
+                       ("BEGIN (primary)", b"BEGIN")):
+        pkt = frame(b"\x03" + sql, 0)
+        for _ in range(1000):  # warm the digest cache
+            client.data_received(pkt)
+        before = dict(worker.router.balancer.routed)
+        t0 = time.perf_counter()
+        for _ in range(n):
+            client.data_received(pkt)
+        dt = (time.perf_counter() - t0) / n * 1e6
+        went = {k: v - before.get(k, 0) for k, v in worker.router.balancer.routed.items() if v - before.get(k, 0)}
+        if label.startswith("BEGIN"):
+            client.data_received(frame(b"\x03COMMIT", 0))
+        print(f"{label:24s} {dt:6.2f} µs per statement (classify + route + relay + bookkeeping); sent to {went}")
+
+
+if __name__ == "__main__":
+    main()

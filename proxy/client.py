@@ -16,32 +16,28 @@ import ssl
 
 from . import classify as C
 from .backend import BackendError
-from .login import AccessDenied, handshake, parse_change_user
+from .login import AccessDenied, handshake
 from .protocol.constants import (
-    COM_CHANGE_USER, COM_FIELD_LIST, COM_INIT_DB, COM_PING, COM_PROCESS_KILL, COM_QUERY, COM_QUIT,
-    COM_RESET_CONNECTION, COM_SET_OPTION, COM_STATISTICS, COM_STMT_CLOSE, COM_STMT_EXECUTE, COM_STMT_FETCH,
-    COM_STMT_PREPARE, COM_STMT_RESET, COM_STMT_SEND_LONG_DATA, CR_SERVER_LOST, ER_ACCESS_DENIED_ERROR,
-    ER_UNKNOWN_COM_ERROR, ER_UNKNOWN_STMT_HANDLER, MAX_PACKET, SERVER_STATUS_AUTOCOMMIT, SESSION_SHAPING_CAPABILITIES,
+    COM_INIT_DB, COM_QUERY, COM_STMT_EXECUTE, CR_SERVER_LOST, ER_ACCESS_DENIED_ERROR, MAX_PACKET,
+    SERVER_STATUS_AUTOCOMMIT, SESSION_SHAPING_CAPABILITIES,
 )
-from .protocol.packets import err_packet, err_payload, frame, ok_packet, read_lenenc_str
-from .protocol.scan import FIELD_LIST, PREPARE, RESULT, ROWS, SIMPLE, STATISTICS
+from .protocol.packets import err_packet, err_payload, frame, logical_payload as _payload, read_lenenc_str
+from .client_commands import OtherCommands
+from .client_stmts import StatementCommands
+from .protocol.scan import RESULT
 from .router import PRIMARY, NoServer, Reject
 from .session import SessionState
-from .statements import StatementMap, Stmt, execute_packet_for
+from .statements import StatementMap, execute_packet_for
 
 log = logging.getLogger("rwproxy.client")
 
 _HANDSHAKE, _COMMAND, _CLOSING = 0, 1, 2
 _RELAY = 1  # BackendConnection mode while relaying
 
-# Commands that always run on the primary, with the response kind to scan.
-_PRIMARY_KIND = {COM_FIELD_LIST: FIELD_LIST, COM_STATISTICS: STATISTICS, COM_PROCESS_KILL: SIMPLE}
-_STMT_NAMES = {COM_STMT_EXECUTE: "execute", COM_STMT_FETCH: "fetch", COM_STMT_RESET: "reset"}
 _HUGE = C.Classification(C.WRITE, C.F_UNPARSED, "<statement over 16 MiB>")
-_SESSION_READ = C.Classification(C.READ, 0, "")
 
 
-class ClientConnection(asyncio.Protocol):
+class ClientConnection(StatementCommands, OtherCommands, asyncio.Protocol):
     def __init__(self, worker, conn_id: int):
         self.worker = worker
         self.conn_id = conn_id
@@ -472,156 +468,6 @@ class ClientConnection(asyncio.Protocol):
         if self.buf and not self.closed:
             self._process()
 
-    # ---- prepared statements ---------------------------------------------------------------
-    def _execute(self, pkt):
-        sid = int.from_bytes(pkt[5:9], "little") if len(pkt) >= 9 else -1
-        stmt = self.stmts.stmts.get(sid)
-        if stmt is None:
-            return self._error(1243, b"HY000", f"Unknown prepared statement handler ({sid}) given to mysqld_stmt_execute")
-        if stmt.long_data:  # long data was sent to the primary; the execute must follow it
-            stmt.long_data = False
-            return self._dispatch(pkt, C.Classification(C.WRITE, stmt.cls.flags, stmt.cls.digest), RESULT, sid)
-        self._dispatch(pkt, stmt.cls, RESULT, sid)
-
-    async def _stmt_packet(self, pkt, sid, name, be):
-        """The statement packet for backend `name`, preparing the statement there if needed."""
-        stmt = self.stmts.stmts.get(sid)
-        if stmt is None:
-            self._error(1243, b"HY000", f"Unknown prepared statement handler ({sid})")
-            return None
-        bid = stmt.ids.get(name)
-        if bid is None:
-            resp = await be.command(stmt.prepare_packet, PREPARE)
-            if resp[4] == 0xFF:
-                self.write(resp[:3] + b"\x01" + resp[4:])
-                return None
-            bid = int.from_bytes(resp[5:9], "little")
-            for old in self.stmts.bind(sid, name, bid):
-                be.transport.write(frame(b"\x19" + old.to_bytes(4, "little"), 0))
-        else:
-            self.stmts.touch(sid, name)
-        stmt.last = name
-        if pkt[4] == COM_STMT_EXECUTE:
-            return execute_packet_for(pkt, stmt, name, bid)
-        return pkt[:5] + bid.to_bytes(4, "little") + pkt[9:]
-
-    async def _prepare(self, pkt):
-        sql = _payload(pkt)[1:]
-        cls = self.worker.classifier.classify(sql)
-        st = self.state
-        try:
-            target = self.worker.router.route(st, cls, self.worker.topology)
-        except (Reject, NoServer):
-            target = PRIMARY
-        name = self.writer() if target is PRIMARY else target
-        st.gtid_wait = False
-        try:
-            be = await self.backend_for(name)
-        except (BackendError, ConnectionError, asyncio.TimeoutError):
-            if self._is_writer(name):
-                raise
-            name = self.writer()
-            be = await self.backend_for(name)
-        resp = await be.command(pkt, PREPARE)
-        if resp[4] == 0x00:
-            nparams = int.from_bytes(resp[11:13], "little")
-            sid = self.stmts.add(Stmt(sql, cls, pkt, nparams))
-            for old in self.stmts.bind(sid, name, int.from_bytes(resp[5:9], "little")):
-                be.transport.write(frame(b"\x19" + old.to_bytes(4, "little"), 0))
-            resp = resp[:5] + sid.to_bytes(4, "little") + resp[9:]
-        self.write(resp)
-
-    def _stmt_other(self, pkt, cmd):
-        sid = int.from_bytes(pkt[5:9], "little") if len(pkt) >= 9 else -1
-        stmt = self.stmts.stmts.get(sid)
-        if stmt is None:
-            if cmd in _STMT_NAMES:  # CLOSE and SEND_LONG_DATA have no response, so no error either
-                self._error(1243, b"HY000", f"Unknown prepared statement handler ({sid}) given to mysqld_stmt_{_STMT_NAMES[cmd]}")
-            return
-        if cmd == COM_STMT_CLOSE:
-            self.stmts.remove(sid)
-            for name, bid in stmt.ids.items():
-                be = self.backends.get(name)
-                if be is not None and not be.closed:
-                    be.transport.write(frame(b"\x19" + bid.to_bytes(4, "little"), 0))
-            return
-        primary = self.writer()
-        if cmd == COM_STMT_SEND_LONG_DATA:
-            stmt.long_data = True
-            self._spawn(self._send_no_reply(pkt, sid, primary))
-            return
-        name = stmt.last or next(iter(stmt.ids), primary)
-        kind = ROWS if cmd == COM_STMT_FETCH else SIMPLE
-        self._spawn(self._slow_send(pkt, _SESSION_READ if cmd == COM_STMT_FETCH else stmt.cls, kind, name, sid))
-
-    async def _send_no_reply(self, pkt, sid, name):
-        be = await self.backend_for(name)
-        pkt = await self._stmt_packet(pkt, sid, name, be)
-        if pkt is not None:
-            be.transport.write(pkt)
-
-    # ---- other commands ------------------------------------------------------------------
-    def _other_command(self, pkt, cmd):
-        if cmd == COM_PING:
-            self.write(ok_packet(1, self.status))
-        elif cmd == COM_QUIT:
-            self._close()
-        elif cmd == COM_STMT_PREPARE:
-            self._spawn(self._prepare(pkt))
-        elif cmd in (COM_STMT_CLOSE, COM_STMT_SEND_LONG_DATA, COM_STMT_RESET, COM_STMT_FETCH):
-            self._stmt_other(pkt, cmd)
-        elif cmd in _PRIMARY_KIND:
-            self._dispatch(pkt, C.Classification(C.WRITE, 0, ""), _PRIMARY_KIND[cmd])
-        elif cmd == COM_INIT_DB:
-            db = _payload(pkt)[1:].decode("utf-8", "replace")
-            self._dispatch(pkt, C.Classification(C.SESSION, C.F_USE_DB, "", db), SIMPLE)
-        elif cmd == COM_SET_OPTION:
-            self._spawn(self._set_option(pkt))
-        elif cmd == COM_CHANGE_USER:
-            self._spawn(self._change_user(pkt))
-        elif cmd == COM_RESET_CONNECTION:
-            self._spawn(self._reset_connection())
-        else:
-            self._error(1047, b"08S01", f"Unknown command (0x{cmd & 0xFF:02x}): not supported by rwproxy")
-
-    async def _set_option(self, pkt):
-        # Multi-statements on/off shapes how every backend parses COM_QUERY: apply it to all.
-        resp = None
-        for name in list(self.backends) or [self.writer()]:
-            be = await self.backend_for(name)
-            resp = await be.command(pkt, SIMPLE)
-            be.dirty = True
-        self.write(resp)
-
-    async def _reset_connection(self):
-        for be in list(self.backends.values()):
-            if not await be.reset():
-                self._drop_backend(be)
-            else:
-                be.applied = 0
-        self.stmts.clear()
-        self.state.reset()
-        self.db = self.login_db
-        self.status = SERVER_STATUS_AUTOCOMMIT
-        self.write(ok_packet(1, self.status))
-
-    async def _change_user(self, pkt):
-        req = parse_change_user(_payload(pkt), self.caps)
-        w = self.worker
-        user, seq = await w.authenticator.login(self, req.user, req.plugin, req.auth_response, self.salt, 1, self.host, self.tls)
-        self._release_all()
-        self.stmts.clear()
-        if req.charset:
-            self.charset = req.charset & 0xFF
-        self.start_session(user, req.database)
-        self.status = SERVER_STATUS_AUTOCOMMIT
-        try:
-            await self.backend_for(self.writer())
-        except BackendError as e:
-            self._error(e.code, e.sqlstate.encode(), e.message, seq)
-            return self._close()
-        self.write(ok_packet(seq, self.status))
-
     # ---- LOAD DATA LOCAL INFILE ---------------------------------------------------------
     def _infile_feed(self, data):
         """Forward the client's file packets until the empty packet that ends them."""
@@ -667,20 +513,6 @@ class ClientConnection(asyncio.Protocol):
             self.closed = True
             self.phase = _CLOSING
             self.transport.close()
-
-
-def _payload(pkt: bytes) -> bytes:
-    """Payload of a (possibly split) logical packet given with its headers."""
-    n = pkt[0] | (pkt[1] << 8) | (pkt[2] << 16)
-    if n < MAX_PACKET:
-        return pkt[4 : 4 + n]
-    parts, pos = [], 0
-    while True:
-        m = pkt[pos] | (pkt[pos + 1] << 8) | (pkt[pos + 2] << 16)
-        parts.append(pkt[pos + 4 : pos + 4 + m])
-        pos += 4 + m
-        if m < MAX_PACKET:
-            return b"".join(parts)
 
 
 def _rule_text(pkt: bytes) -> str:

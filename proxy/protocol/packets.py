@@ -46,6 +46,20 @@ def frame(payload: bytes, seq: int) -> bytes:
     return b"".join(parts)
 
 
+def logical_payload(pkt: bytes) -> bytes:
+    """Payload of a (possibly split) logical packet given with its headers."""
+    n = pkt[0] | (pkt[1] << 8) | (pkt[2] << 16)
+    if n < MAX_PACKET:
+        return pkt[4 : 4 + n]
+    parts, pos = [], 0
+    while True:
+        m = pkt[pos] | (pkt[pos + 1] << 8) | (pkt[pos + 2] << 16)
+        parts.append(pkt[pos + 4 : pos + 4 + m])
+        pos += 4 + m
+        if m < MAX_PACKET:
+            return b"".join(parts)
+
+
 def lenenc_int(n: int) -> bytes:
     if n < 251:
         return bytes((n,))

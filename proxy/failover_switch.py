@@ -156,7 +156,7 @@ def run_switchover(fo, target: str, deadline: float, res: dict) -> dict:
             fo._in_progress = None
     res.update(ok=True, write_pause_ms=round(pause, 1),
                message=f"{tgt.name} is the primary; {old.name} " + (
-                   f"replicates from it" if old.name in repointed else "is read-only, rejoin pending"))
+                   "replicates from it" if old.name in repointed else "is read-only, rejoin pending"))
     log.warning("switchover done in %.0f ms (writes held %.0f ms): %s", steps.elapsed_ms, pause, res["message"])
     with fo._lock:
         fo._last["switchover"] = {"ok": True, "time": started, "old": old.address, "new": tgt.address,

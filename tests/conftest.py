@@ -9,6 +9,9 @@ import pytest
 from proxy.sandbox import Cluster
 from proxy.sandbox.testing import start_cluster, teardown_cluster
 
+# the proxy fixtures (`proxy`, `direct`) live in helpers.py beside this file
+pytest_plugins = ["helpers"]
+
 
 def pytest_collection_modifyitems(config, items):
     """`slow` tests run only with RWPROXY_SLOW=1 or when selected with -m (e.g. -m slow)."""

@@ -27,7 +27,7 @@ from pymysql.constants import CLIENT
 from sqlalchemy import Numeric, String, create_engine, func, select
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
-from helpers import SHA2_PASSWORD, SHA2_USER, proxy, direct, self_signed_cert  # noqa: F401
+from helpers import SHA2_PASSWORD, SHA2_USER, self_signed_cert
 
 D = decimal.Decimal
 CMD_TIMEOUT = 60  # seconds, for every external command

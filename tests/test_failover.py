@@ -390,7 +390,7 @@ def test_failed_pre_hook_disables_then_enable_and_extra_transactions_keep_old_pr
     new = c.node(topo.primary.name)
     assert wait_for(lambda: fo.state()["last_failover"]["ok"] is True, 5) and fo.state()["auto_failover"] is True
     assert wait_for(lambda: env_file.exists() and len(env_file.read_text().split()) == 3, 5)
-    assert env_file.read_text().split() == [f"RWPROXY_EVENT=failover", f"RWPROXY_NEW_PRIMARY=127.0.0.1:{new.port}",
+    assert env_file.read_text().split() == ["RWPROXY_EVENT=failover", f"RWPROXY_NEW_PRIMARY=127.0.0.1:{new.port}",
                                             f"RWPROXY_OLD_PRIMARY=127.0.0.1:{p.port}"]
 
     t0 = time.monotonic()

@@ -3,7 +3,6 @@ authentication, TLS, commands no library exposes, malformed input, and faults.""
 
 from __future__ import annotations
 
-import os
 import signal
 import socket
 import struct
@@ -17,7 +16,7 @@ import mysql.connector
 import pymysql
 import pytest
 
-from helpers import SHA2_PASSWORD, SHA2_USER, direct, proxy, self_signed_cert, start_proxy  # noqa: F401
+from helpers import SHA2_PASSWORD, SHA2_USER, self_signed_cert, start_proxy
 from proxy.launcher import ProxyProcess, free_port
 from proxy.rawclient import RawClient
 
@@ -49,10 +48,12 @@ def test_mariadb_cli_denied_message_and_sqlstate(proxy):
     assert "ERROR 1045 (28000): Access denied for user 'app'@'127.0.0.1' (using password: YES)" in r.stderr
 
 
-def test_caching_sha2_full_auth_with_rsa_then_fast_path(proxy):
+def test_caching_sha2_full_auth_with_rsa_then_fast_path(proxy, tmp_path):
     # sha2user is configured for caching_sha2_password while the greeting offers
     # mysql_native_password, so PyMySQL first gets an auth switch. Without TLS the
     # first login must go through the RSA public-key exchange; later ones are fast.
+    # A proxy of its own: its workers have not seen this user yet (the shared one may have).
+    proxy = start_proxy(proxy.cluster, tmp_path)
     for _ in range(4):  # two workers: every worker sees at least one first login
         with proxy.connect(user=SHA2_USER, password=SHA2_PASSWORD, ssl_disabled=True) as c, c.cursor() as cur:
             cur.execute("SELECT CURRENT_USER()")
@@ -62,6 +63,7 @@ def test_caching_sha2_full_auth_with_rsa_then_fast_path(proxy):
     with pytest.raises(pymysql.err.OperationalError) as e:
         proxy.connect(user=SHA2_USER, password="bad", ssl_disabled=True)
     assert _err(e)[0] == 1045
+    proxy.process.stop()
 
 
 def test_caching_sha2_over_tls_with_mariadb_cli(proxy):

@@ -1,6 +1,3 @@
-from helpers import proxy, direct  # noqa: F401  (fixtures)
-
-
 def test_query_through_proxy_reaches_primary(proxy, cluster):
     with proxy.connect() as conn, conn.cursor() as cur:
         cur.execute("SELECT @@port, DATABASE()")

@@ -10,7 +10,7 @@ import mysql.connector
 import pymysql
 import pytest
 
-from helpers import direct, proxy, start_proxy  # noqa: F401
+from helpers import start_proxy
 
 
 @pytest.fixture

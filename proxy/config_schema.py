@@ -229,6 +229,7 @@ class MonitorConfig:
     interval: float = F(0.1, positive=True)
     connect_timeout: float = F(0.5, positive=True)
     read_timeout: float = F(0.5, positive=True)
+    replication_interval: float = F(0.5)
     heartbeat: bool = B(True)
     heartbeat_interval: float = F(0.25, positive=True)
     heartbeat_schema: str = S("rwproxy", check=identifier_error)

@@ -37,6 +37,11 @@ RESULTS = Path(__file__).parent / "results"
 SB_DB = "sbtest"
 
 
+MODE_NAMES = {"primary": "read_write_split = false (every statement to the primary, as in the direct runs)",
+              "split": "read/write split, read_your_writes = session (autocommit reads on the replicas)"}
+MODE_TESTS = {"primary": ["oltp_point_select", "oltp_read_only"],
+              "split": ["oltp_point_select", "oltp_read_only_skip_trx"]}
+
 VARIANTS = {  # name -> (sysbench test, extra options)
     "oltp_point_select": ("oltp_point_select", []),
     "oltp_read_only": ("oltp_read_only", []),  # BEGIN ... COMMIT: a transaction, so the primary
@@ -111,8 +116,16 @@ def big_result_cpu(proxy: ProxyProcess, seconds: float) -> dict:
         m += 1
     slow = (proxy.cpu_seconds() - cpu0) / m * 1e6
     conn.close()
-    return {"response_bytes": size, "raw_queries": n, "proxy_cpu_us_per_query": round(fast, 1),
+    return {"response_bytes": size, "seconds": seconds, "raw_queries": n, "proxy_cpu_us_per_query": round(fast, 1),
             "pymysql_queries": m, "proxy_cpu_us_per_query_pymysql": round(slow, 1)}
+
+
+def idle_cpu(proxy: ProxyProcess, seconds: float) -> float:
+    """CPU the proxy's processes use with no clients (monitor checks, heartbeats), in ms per second:
+    part of every figure below, whatever the load."""
+    cpu0, t0 = proxy.cpu_seconds(), time.monotonic()
+    time.sleep(seconds)
+    return round((proxy.cpu_seconds() - cpu0) / (time.monotonic() - t0) * 1000, 1)
 
 
 def idle_memory(proxy: ProxyProcess, count: int) -> dict:
@@ -142,6 +155,9 @@ def main(argv=None) -> int:
     ap.add_argument("--time", type=float, default=10.0, help="seconds per sysbench run")
     ap.add_argument("--threads", default="8,32")
     ap.add_argument("--tests", default="oltp_point_select,oltp_read_only,oltp_read_only_skip_trx")
+    ap.add_argument("--modes", default="primary,split",
+                    help="routing modes: primary (read_write_split = false: the issue-3 set-up, everything on the "
+                         "primary like the direct runs) and/or split (reads on the replicas)")
     ap.add_argument("--workers", type=int, default=0, help="rwproxy workers (0 = CPU count)")
     ap.add_argument("--idle", type=int, default=1000, help="idle clients for the memory figure")
     ap.add_argument("--tag", default="dataplane")
@@ -150,6 +166,8 @@ def main(argv=None) -> int:
         args.rounds, args.time, args.idle = 1, 3.0, 200
     threads = [int(t) for t in args.threads.split(",")]
     tests = args.tests.split(",")
+    modes = args.modes.split(",")
+    workers = args.workers or os.cpu_count() or 1
     tables, size = 4, 10000
 
     with tempfile.TemporaryDirectory(prefix="rwp-bench-") as tmp, running_cluster(Path(tmp) / "sandbox", replicas=2, port_start=25306) as cluster:
@@ -161,45 +179,56 @@ def main(argv=None) -> int:
         sysbench("oltp_read_only", "127.0.0.1", primary, 4, 0, tables, size, action="prepare")
         cluster.wait_replicas_caught_up(60)
 
-        port = free_port()
-        data = {
-            "proxy": {"listen": f"127.0.0.1:{port}", "workers": args.workers},
-            "backends": [{"name": n.name, "host": "127.0.0.1", "port": n.port} for n in cluster.nodes],
-            "users": [{"name": "app", "password": "app"}],
-            "monitor": {"user": "rwproxy", "password": "rwproxy"},
-        }
-        cfg_path = str(Path(tmp) / "rwproxy.toml")
-        write_config(build_config(data, source=cfg_path), cfg_path)
-        proxy = ProxyProcess(cfg_path, "127.0.0.1", port, log_path=str(Path(tmp) / "rwproxy.log")).start()
-        workers = args.workers or os.cpu_count() or 1
-        try:
-            time.sleep(1.0)  # let the workers finish starting before measuring their memory
-            idle = idle_memory(proxy, args.idle)  # first, on a fresh process
-            print(f"idle clients: {idle}", flush=True)
-            runs = []
-            for test in tests:
-                for th in threads:
-                    for r in range(args.rounds):
-                        order = ["direct", "proxy"] if r % 2 == 0 else ["proxy", "direct"]
-                        pair = {}
-                        for ep in order:
-                            cpu0 = proxy.cpu_seconds()
-                            routed0 = routed(cfg_path)
-                            res = sysbench(test, "127.0.0.1", primary if ep == "direct" else port, th, args.time, tables, size)
-                            if ep == "proxy":
-                                res["proxy_cpu_us_per_query"] = round((proxy.cpu_seconds() - cpu0) / res["queries"] * 1e6, 1)
-                                time.sleep(0.6)  # workers publish counters twice a second
-                                after = routed(cfg_path)
-                                res["routed"] = {k: after[k] - routed0.get(k, 0) for k in after}
-                            pair[ep] = res
-                            print(f"{test:18s} threads={th:<3d} round={r + 1} {ep:6s} qps={res['qps']:9.0f} "
-                                  f"p95={res['p95_ms']}ms p99={res['p99_ms']}ms errors={res['errors']}"
-                                  + (f" cpu={res['proxy_cpu_us_per_query']}us/q" if ep == "proxy" else ""), flush=True)
-                        runs.append({"test": test, "threads": th, "round": r + 1, **pair})
-            big = big_result_cpu(proxy, 3.0 if args.quick else 8.0)
-            print(f"1,000-row result: {big}", flush=True)
-        finally:
-            proxy.stop()
+        runs, big, idle, background = [], {}, {}, {}
+        for mode in modes:
+            port = free_port()
+            data = {
+                "proxy": {"listen": f"127.0.0.1:{port}", "workers": args.workers},
+                "backends": [{"name": n.name, "host": "127.0.0.1", "port": n.port} for n in cluster.nodes],
+                "users": [{"name": "app", "password": "app"}],
+                "monitor": {"user": "rwproxy", "password": "rwproxy"},
+                "routing": {"read_write_split": mode == "split"},
+            }
+            cfg_path = str(Path(tmp) / f"rwproxy-{mode}.toml")
+            write_config(build_config(data, source=cfg_path), cfg_path)
+            proxy = ProxyProcess(cfg_path, "127.0.0.1", port, log_path=str(Path(tmp) / f"rwproxy-{mode}.log")).start()
+            try:
+                time.sleep(1.0)  # let the workers finish starting before measuring
+                background[mode] = idle_cpu(proxy, 3.0 if args.quick else 10.0)
+                print(f"[{mode}] idle rwproxy CPU: {background[mode]} ms/s", flush=True)
+                if mode == modes[0]:
+                    idle = idle_memory(proxy, args.idle)  # on a fresh process
+                    print(f"idle clients: {idle}", flush=True)
+                for test in MODE_TESTS[mode]:
+                    if test not in tests:
+                        continue
+                    for th in threads:
+                        for r in range(args.rounds):
+                            order = ["direct", "proxy"] if r % 2 == 0 else ["proxy", "direct"]
+                            pair = {}
+                            for ep in order:
+                                cpu0 = proxy.cpu_seconds()
+                                routed0 = routed(cfg_path)
+                                res = sysbench(test, "127.0.0.1", primary if ep == "direct" else port, th, args.time, tables, size)
+                                if ep == "proxy":
+                                    res["proxy_cpu_us_per_query"] = round((proxy.cpu_seconds() - cpu0) / res["queries"] * 1e6, 1)
+                                    time.sleep(0.6)  # workers publish counters twice a second
+                                    after = routed(cfg_path)
+                                    res["routed"] = {k: after[k] - routed0.get(k, 0) for k in after}
+                                pair[ep] = res
+                                print(f"[{mode}] {test:18s} threads={th:<3d} round={r + 1} {ep:6s} qps={res['qps']:9.0f} "
+                                      f"p95={res['p95_ms']}ms p99={res['p99_ms']}ms errors={res['errors']}"
+                                      + (f" cpu={res['proxy_cpu_us_per_query']}us/q" if ep == "proxy" else ""), flush=True)
+                            runs.append({"mode": mode, "test": test, "threads": th, "round": r + 1, **pair})
+                if mode == modes[0]:
+                    big = big_result_cpu(proxy, 3.0 if args.quick else 8.0)
+                    big["background_cpu_ms_per_s"] = background[mode]
+                    bg = background[mode] * 1000 / (big["raw_queries"] / big["seconds"])  # µs per query
+                    big["background_us_per_query"] = round(bg, 1)
+                    big["net_us_per_query"] = round(big["proxy_cpu_us_per_query"] - bg, 1)
+                    print(f"1,000-row result: {big}", flush=True)
+            finally:
+                proxy.stop()
 
     summary = summarize(runs)
     stamp = datetime.datetime.now().strftime("%Y-%m-%d")
@@ -207,8 +236,8 @@ def main(argv=None) -> int:
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "kernel": platform.release()},
         "settings": {"rounds": args.rounds, "seconds": args.time, "tables": tables, "table_size": size,
-                     "proxy_workers": workers, "routing": "read/write split, read_your_writes=session"},
-        "summary": summary, "big_result": big, "idle_memory": idle, "runs": runs,
+                     "proxy_workers": workers, "modes": {m: MODE_NAMES[m] for m in modes}},
+        "summary": summary, "big_result": big, "idle_memory": idle, "idle_cpu_ms_per_s": background, "runs": runs,
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
     md = markdown(result)
@@ -221,12 +250,15 @@ def main(argv=None) -> int:
 
 def summarize(runs: list[dict]) -> list[dict]:
     out = []
-    keys = sorted({(r["test"], r["threads"]) for r in runs}, key=lambda k: (k[0], k[1]))
-    for test, th in keys:
-        rs = [r for r in runs if r["test"] == test and r["threads"] == th]
+    keys = []
+    for r in runs:  # in the order they ran
+        if (r.get("mode", "split"), r["test"], r["threads"]) not in keys:
+            keys.append((r.get("mode", "split"), r["test"], r["threads"]))
+    for mode, test, th in keys:
+        rs = [r for r in runs if r.get("mode", "split") == mode and r["test"] == test and r["threads"] == th]
         med = lambda ep, k: statistics.median(r[ep][k] for r in rs if r[ep].get(k) is not None)  # noqa: E731
         out.append({
-            "test": test, "threads": th,
+            "mode": mode, "test": test, "threads": th,
             "direct_qps": round(med("direct", "qps")), "proxy_qps": round(med("proxy", "qps")),
             "ratio": round(statistics.median(r["proxy"]["qps"] / r["direct"]["qps"] for r in rs), 3),
             "direct_p95_ms": med("direct", "p95_ms"), "proxy_p95_ms": med("proxy", "p95_ms"),
@@ -250,15 +282,20 @@ def markdown(result: dict) -> str:
         f"# rwproxy data-path benchmark, {result['date']}",
         "",
         f"{result['machine']['cpus']} CPUs (shared), Python {result['machine']['python']}, rwproxy workers={s['proxy_workers']}, "
-        f"{s['rounds']} alternating rounds of {s['seconds']:.0f} s, sysbench {s['tables']} x {s['table_size']} rows; "
-        f"routing: {s['routing']}. Medians; ratio = median of per-round proxy/direct QPS.",
+        f"{s['rounds']} alternating rounds of {s['seconds']:.0f} s, sysbench {s['tables']} x {s['table_size']} rows. "
+        "Direct runs go to the primary. Medians; ratio = median of per-round proxy/direct QPS; rwproxy CPU counts all "
+        "its processes (workers and the control plane).",
         "",
-        "| test | threads | direct QPS | rwproxy QPS | ratio | p95 ms direct / proxy | p99 ms direct / proxy | rwproxy CPU µs/query | errors | statements per backend (rwproxy runs) |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        "Routing modes:",
+        *[f"- **{m}**: {name}; idle rwproxy CPU {result.get('idle_cpu_ms_per_s', {}).get(m, '?')} ms per second "
+          "(monitor checks and heartbeats, included in the per-query figures)" for m, name in s.get("modes", {}).items()],
+        "",
+        "| routing | test | threads | direct QPS | rwproxy QPS | ratio | p95 ms direct / proxy | p99 ms direct / proxy | rwproxy CPU µs/query | errors | statements per backend (rwproxy runs) |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in result["summary"]:
         lines.append(
-            f"| {r['test']} | {r['threads']} | {r['direct_qps']} | {r['proxy_qps']} | {r['ratio']:.2f} | "
+            f"| {r.get('mode', 'split')} | {r['test']} | {r['threads']} | {r['direct_qps']} | {r['proxy_qps']} | {r['ratio']:.2f} | "
             f"{r['direct_p95_ms']} / {r['proxy_p95_ms']} | {r['direct_p99_ms']} / {r['proxy_p99_ms']} | "
             f"{r['proxy_cpu_us_per_query']} | {r['errors']} | {_share(r['routed'])} |"
         )
@@ -266,7 +303,9 @@ def markdown(result: dict) -> str:
     lines += [
         "",
         f"- 1,000-row result ({b['response_bytes'] // 1000} KB on the wire): rwproxy CPU {b['proxy_cpu_us_per_query']} µs per query "
-        f"read by a fast raw client ({b['raw_queries']} queries), {b['proxy_cpu_us_per_query_pymysql']} µs when PyMySQL decodes it ({b['pymysql_queries']} queries).",
+        f"read by a fast raw client ({b['raw_queries']} queries), {b['proxy_cpu_us_per_query_pymysql']} µs when PyMySQL decodes it ({b['pymysql_queries']} queries)"
+        + (f"; of the fast client's figure, {b['background_us_per_query']} µs is the idle background spread over its queries, "
+           f"{b['net_us_per_query']} µs the relaying itself." if "net_us_per_query" in b else "."),
         f"- Idle clients: {m['connections']} connections held open grew rwproxy's RSS by {m['rss_after_kib'] - m['rss_before_kib']} KiB "
         f"= {m['kib_per_connection']} KiB per connection (each holds its primary backend connection too).",
         "",

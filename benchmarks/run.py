@@ -38,9 +38,12 @@ SB_DB = "sbtest"
 
 
 MODE_NAMES = {"primary": "read_write_split = false (every statement to the primary, as in the direct runs)",
-              "split": "read/write split, read_your_writes = session (autocommit reads on the replicas)"}
+              "split": "read/write split, read_your_writes = session (autocommit reads on the replicas)",
+              "primary-unix": "as primary, but rwproxy reaches the servers through their Unix sockets "
+                              "([[backends]] socket; sysbench still uses TCP to rwproxy and in the direct runs)"}
 MODE_TESTS = {"primary": ["oltp_point_select", "oltp_read_only"],
-              "split": ["oltp_point_select", "oltp_read_only_skip_trx"]}
+              "split": ["oltp_point_select", "oltp_read_only_skip_trx"],
+              "primary-unix": ["oltp_point_select"]}
 
 VARIANTS = {  # name -> (sysbench test, extra options)
     "oltp_point_select": ("oltp_point_select", []),
@@ -155,9 +158,10 @@ def main(argv=None) -> int:
     ap.add_argument("--time", type=float, default=10.0, help="seconds per sysbench run")
     ap.add_argument("--threads", default="8,32")
     ap.add_argument("--tests", default="oltp_point_select,oltp_read_only,oltp_read_only_skip_trx")
-    ap.add_argument("--modes", default="primary,split",
+    ap.add_argument("--modes", default="primary,split,primary-unix",
                     help="routing modes: primary (read_write_split = false: the issue-3 set-up, everything on the "
-                         "primary like the direct runs) and/or split (reads on the replicas)")
+                         "primary like the direct runs), split (reads on the replicas), primary-unix (as primary, "
+                         "backends through their Unix sockets)")
     ap.add_argument("--workers", type=int, default=0, help="rwproxy workers (0 = CPU count)")
     ap.add_argument("--idle", type=int, default=1000, help="idle clients for the memory figure")
     ap.add_argument("--tag", default="dataplane")
@@ -184,7 +188,8 @@ def main(argv=None) -> int:
             port = free_port()
             data = {
                 "proxy": {"listen": f"127.0.0.1:{port}", "workers": args.workers},
-                "backends": [{"name": n.name, "host": "127.0.0.1", "port": n.port} for n in cluster.nodes],
+                "backends": [{"name": n.name, "host": "127.0.0.1", "port": n.port,
+                              **({"socket": str(n.socket)} if mode.endswith("-unix") else {})} for n in cluster.nodes],
                 "users": [{"name": "app", "password": "app"}],
                 "monitor": {"user": "rwproxy", "password": "rwproxy"},
                 "routing": {"read_write_split": mode == "split"},

@@ -293,14 +293,18 @@ class BackendConnection(asyncio.Protocol):
 async def connect(server, key, caps: int, user: str, password: str, db, charset: int, timeout: float):
     """Open and authenticate a backend connection; raises BackendError with a client-ready error."""
     loop = asyncio.get_running_loop()
+    factory = lambda: BackendConnection(server, key, caps)  # noqa: E731
+    sock_path = getattr(server, "socket", "")
     try:
-        _, conn = await asyncio.wait_for(
-            loop.create_connection(lambda: BackendConnection(server, key, caps), server.host, server.port),
-            timeout,
-        )
+        if sock_path:  # a server on this host: no TCP/IP stack on either side
+            opening = loop.create_unix_connection(factory, sock_path)
+        else:
+            opening = loop.create_connection(factory, server.host, server.port)
+        _, conn = await asyncio.wait_for(opening, timeout)
     except (OSError, asyncio.TimeoutError) as e:
         why = "timed out" if isinstance(e, asyncio.TimeoutError) else (e.strerror or str(e))
-        raise BackendError(2003, "HY000", f"Can't connect to backend {server.name} ({server.host}:{server.port}): {why}")
+        where = sock_path or f"{server.host}:{server.port}"
+        raise BackendError(2003, "HY000", f"Can't connect to backend {server.name} ({where}): {why}")
     try:
         await conn.handshake(user, password, db, charset, timeout)
     except BackendError:

@@ -298,7 +298,7 @@ class ClientConnection(StatementCommands, OtherCommands, asyncio.Protocol):
             self.busy = False
             return self._dispatch(pkt, cls, kind, sid)
         if be.relayed == 0:
-            msg = f"Lost connection to backend server {be.server.name} ({be.server.host}:{be.server.port}) during query"
+            msg = f"Lost connection to backend server {be.server.name} ({be.server.where}) during query"
             self.write(err_packet(1, CR_SERVER_LOST, msg))
             self.busy = False
             if self.buf:

@@ -41,6 +41,12 @@ def listen_error(value: str) -> str | None:
     return None
 
 
+def socket_error(value: str) -> str | None:
+    if value and not value.startswith("/"):
+        return "must be an absolute path to the server's Unix socket (e.g. /run/mysqld/mysqld.sock), or \"\" for TCP"
+    return None
+
+
 def identifier_error(value: str) -> str | None:
     if not _IDENT_RE.fullmatch(value):
         return f"expected an identifier ([A-Za-z_][A-Za-z0-9_$]*, at most 64 characters), got {show(value)}"
@@ -166,10 +172,20 @@ class BackendConfig:
     priority: int = I(0)
     no_promotion: bool = B(False)
     max_connections: int = I(0, 0)
+    socket: str = S(check=socket_error)  # Unix socket of a server on this host ("" = TCP to host:port)
 
     def __post_init__(self):
         if not self.name:
             object.__setattr__(self, "name", self.address)
+
+    @property
+    def where(self) -> str:
+        """How rwproxy reaches it, for messages: the socket path or host:port."""
+        return self.socket or self.address
+
+    def pymysql_args(self) -> dict:
+        """Connection arguments for the control plane's PyMySQL connections."""
+        return {"unix_socket": self.socket} if self.socket else {"host": self.host, "port": self.port}
 
     @property
     def address(self) -> str:

@@ -188,7 +188,7 @@ async def handshake(client) -> bool:
                 await w.wait_for_primary()
             else:
                 servers = [w.topology.primary] if w.topology.primary else list(w.topology.servers.values())
-                msg = "; ".join(f"Can't connect to backend {b.name} ({b.address}): it is {b.state}"
+                msg = "; ".join(f"Can't connect to backend {b.name} ({w.servers[b.name].where}): it is {b.state}"
                                 + (f" ({b.last_error})" if b.last_error else "") for b in servers)
                 client.write(err_packet(seq, CR_CONN_HOST_ERROR, msg or "rwproxy: no backend is configured"))
                 return False

@@ -54,6 +54,7 @@ class _Node:
 
     def __init__(self, backend):
         self.name, self.host, self.port = backend.name, backend.host, backend.port
+        self.connect_args = backend.pymysql_args()
         self.configured_role = backend.role
         self.tracker = Tracker()
         self.timeline = Timeline()  # this server's binlog position over time, while it is writable
@@ -67,7 +68,7 @@ class _Node:
         # The last SHOW ALL SLAVES STATUS reading, reused by checks in between (see _replication):
         # (fields copied into each Observation, read_only it was taken under, time.monotonic()).
         self.repl: tuple[dict, bool, float] | None = None
-        self.label = f"{backend.name} ({backend.host}:{backend.port})"
+        self.label = f"{backend.name} ({backend.where})"
 
 
 class Monitor:
@@ -243,7 +244,7 @@ class Monitor:
 
     def _connect(self, node: _Node) -> pymysql.connections.Connection:
         m = self._mon
-        return pymysql.connect(host=node.host, port=node.port, user=self._user, password=self._password,
+        return pymysql.connect(**node.connect_args, user=self._user, password=self._password,
                                connect_timeout=m.connect_timeout, read_timeout=m.read_timeout,
                                write_timeout=m.read_timeout, autocommit=True, charset="utf8mb4")
 

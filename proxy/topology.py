@@ -105,11 +105,12 @@ def probe(config) -> Topology:
 
     user, password = config.monitor_credentials()
     topo = from_config(config)
+    backends = {b.name: b for b in config.backends}
     servers = {}
     for s in topo.servers.values():
         try:
             conn = pymysql.connect(
-                host=s.host, port=s.port, user=user, password=password,
+                **backends[s.name].pymysql_args(), user=user, password=password,
                 connect_timeout=max(config.monitor.connect_timeout * 2, 1.0),
                 read_timeout=max(config.monitor.read_timeout * 4, 2.0),
             )

@@ -102,7 +102,8 @@ def test_relative_tls_paths_resolve_against_config_dir(tmp_path):
     ('[[backends]]\nhost = "h"\nport = "abc"', 'backends[1].port: expected an integer 1-65535, got "abc"'),
     ('[[backends]]\nhost = "h"\nport = 70000', "backends[1].port: expected an integer 1-65535, got 70000"),
     ('[[backends]]\nhost = "h"\nport = 1\nsocket = "run/mysqld.sock"',
-     "backends[1].socket: must be an absolute path to the server's Unix socket"),
+     "backends[1].socket: must be an absolute path to the server's Unix socket (e.g. /run/mysqld/mysqld.sock), "
+     'or "" for TCP'),
     ("[proxy]\nworkers = true", "proxy.workers: expected an integer >= 0, got true"),
     ("[pool]\nreset_on_release = 1", "pool.reset_on_release: expected a boolean (true or false), got 1"),
     ("[routing]\nmax_replica_lag = 0", "routing.max_replica_lag: expected a number of seconds > 0, got 0"),

@@ -14,7 +14,9 @@ def _via_socket(cluster, **extra):
             for n in cluster.nodes]
 
 
-def test_sessions_and_monitor_over_unix_sockets(cluster, tmp_path):
+def test_sessions_and_monitor_over_unix_sockets(cluster_factory, tmp_path):
+    # a private cluster: the process lists below must show only this proxy's connections
+    cluster = cluster_factory(replicas=1)
     with cluster.primary.connect(database="app") as c, c.cursor() as cur:
         cur.execute("CREATE TABLE IF NOT EXISTS us (id INT PRIMARY KEY, v VARCHAR(10))")
         cur.execute("DELETE FROM us")

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import resource
 import statistics
@@ -27,7 +26,8 @@ from proxy.config import build_config, write_config
 from proxy.launcher import ProxyProcess, free_port
 from proxy.sandbox.testing import running_cluster
 
-from .run import RESULTS, SB_DB, sysbench
+from .report import save
+from .run import SB_DB, sysbench
 
 TICK = os.sysconf("SC_CLK_TCK")
 
@@ -128,13 +128,7 @@ def main(argv=None) -> int:
         d, p = med("direct", key, sub), med("proxy", key, sub)
         lines.append(f"| {label} | {d} | {p} | {p / d:.2f} |" if d else f"| {label} | {d} | {p} | |")
     lines.append("")
-    md = "\n".join(lines)
-    stamp = datetime.datetime.now().strftime("%Y-%m-%d")
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    for name in (f"cpu-split-{stamp}", "cpu-split-latest"):
-        (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
-        (RESULTS / f"{name}.md").write_text(md)
-    print("\n" + md)
+    save("cpu-split", result, "\n".join(lines))
     return 0
 
 

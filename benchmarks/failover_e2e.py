@@ -31,7 +31,8 @@ from proxy.launcher import ProxyProcess, free_port
 from proxy.loadgen import Load, insert_numbered
 from proxy.sandbox.testing import running_cluster
 
-RESULTS = Path(__file__).parent / "results"
+from .report import save
+
 
 
 def _rows(node) -> set:
@@ -137,11 +138,7 @@ def main(argv=None) -> int:
         f"| switchover: acknowledged writes lost (all runs) | {summary['switchover_acknowledged_missing']} |",
         "",
     ])
-    RESULTS.mkdir(exist_ok=True)
-    for name in (f"failover-e2e-{stamp:%Y-%m-%d}", "failover-e2e-latest"):
-        (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
-        (RESULTS / f"{name}.md").write_text(md)
-    print("\n" + md)
+    save("failover-e2e", result, md)
     return 0
 
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import platform
 import re
@@ -33,7 +32,8 @@ from proxy.protocol.scan import Scanner
 from proxy.rawclient import RawClient
 from proxy.sandbox.testing import running_cluster
 
-RESULTS = Path(__file__).parent / "results"
+from .report import save
+
 SB_DB = "sbtest"
 
 
@@ -236,7 +236,6 @@ def main(argv=None) -> int:
                 proxy.stop()
 
     summary = summarize(runs)
-    stamp = datetime.datetime.now().strftime("%Y-%m-%d")
     result = {
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "kernel": platform.release()},
@@ -244,12 +243,7 @@ def main(argv=None) -> int:
                      "proxy_workers": workers, "modes": {m: MODE_NAMES[m] for m in modes}},
         "summary": summary, "big_result": big, "idle_memory": idle, "idle_cpu_ms_per_s": background, "runs": runs,
     }
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    md = markdown(result)
-    for name in (f"{args.tag}-{stamp}", f"{args.tag}-latest"):
-        (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
-        (RESULTS / f"{name}.md").write_text(md)
-    print("\n" + md)
+    save(args.tag, result, markdown(result))
     return 0
 
 

@@ -294,17 +294,15 @@ async def connect(server, key, caps: int, user: str, password: str, db, charset:
     """Open and authenticate a backend connection; raises BackendError with a client-ready error."""
     loop = asyncio.get_running_loop()
     factory = lambda: BackendConnection(server, key, caps)  # noqa: E731
-    sock_path = getattr(server, "socket", "")
     try:
-        if sock_path:  # a server on this host: no TCP/IP stack on either side
-            opening = loop.create_unix_connection(factory, sock_path)
+        if server.socket:  # a server on this host: no TCP/IP stack on either side
+            opening = loop.create_unix_connection(factory, server.socket)
         else:
             opening = loop.create_connection(factory, server.host, server.port)
         _, conn = await asyncio.wait_for(opening, timeout)
     except (OSError, asyncio.TimeoutError) as e:
         why = "timed out" if isinstance(e, asyncio.TimeoutError) else (e.strerror or str(e))
-        where = sock_path or f"{server.host}:{server.port}"
-        raise BackendError(2003, "HY000", f"Can't connect to backend {server.name} ({where}): {why}")
+        raise BackendError(2003, "HY000", f"Can't connect to backend {server.name} ({server.where}): {why}")
     try:
         await conn.handshake(user, password, db, charset, timeout)
     except BackendError:

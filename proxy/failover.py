@@ -438,9 +438,8 @@ class Failover:
     def _connect(self, s) -> Link:
         m, c = self.config.monitor, self.cfg
         # long enough for the longest single wait (MASTER_GTID_WAIT up to switchover_timeout)
-        b = self._backends.get(s.name)
-        return Link(s.name, s.host, s.port, self._user, self._password, connect_timeout=max(1.0, 2 * m.connect_timeout),
-                    read_timeout=max(c.switchover_timeout, c.catchup_timeout) + 10.0, unix_socket=b.socket if b else "")
+        return Link(self._backends[s.name], self._user, self._password, connect_timeout=max(1.0, 2 * m.connect_timeout),
+                    read_timeout=max(c.switchover_timeout, c.catchup_timeout) + 10.0)
 
     def _warm(self, topo: Topology) -> None:
         """Keep an idle admin connection to every healthy server, so a failover starts without connecting."""

@@ -166,19 +166,17 @@ class Link:
     """One admin connection (the monitor's credentials). release() hands it back to its LinkCache
     (or closes it when it broke or has none): connecting costs more than a whole promotion step."""
 
-    def __init__(self, name: str, host: str, port: int, user: str, password: str,
-                 connect_timeout: float = 1.0, read_timeout: float = 10.0, home: "LinkCache | None" = None,
-                 unix_socket: str = ""):
-        self.name, self.host, self.port = name, host, port
+    def __init__(self, backend, user: str, password: str,
+                 connect_timeout: float = 1.0, read_timeout: float = 10.0, home: "LinkCache | None" = None):
+        self.name, self.host, self.port = backend.name, backend.host, backend.port
         self.home, self.broken = home, False
-        where = {"unix_socket": unix_socket} if unix_socket else {"host": host, "port": port}
         try:
-            self.conn = pymysql.connect(**where, user=user, password=password,
+            self.conn = pymysql.connect(**backend.pymysql_args(), user=user, password=password,
                                         connect_timeout=connect_timeout, read_timeout=read_timeout,
                                         write_timeout=read_timeout, autocommit=True, charset="utf8mb4",
                                         cursorclass=pymysql.cursors.DictCursor)
         except (pymysql.MySQLError, OSError) as exc:
-            raise StepError(f"cannot connect to {name} ({unix_socket or f'{host}:{port}'}): {describe(exc)}") from None
+            raise StepError(f"cannot connect to {backend.name} ({backend.where}): {describe(exc)}") from None
 
     def q(self, sql: str, args=None) -> list[dict]:
         try:

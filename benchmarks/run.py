@@ -255,7 +255,7 @@ def summarize(runs: list[dict]) -> list[dict]:
             keys.append((r.get("mode", "split"), r["test"], r["threads"]))
     for mode, test, th in keys:
         rs = [r for r in runs if r.get("mode", "split") == mode and r["test"] == test and r["threads"] == th]
-        med = lambda ep, k: statistics.median(r[ep][k] for r in rs if r[ep].get(k) is not None)  # noqa: E731
+        med = lambda ep, k: round(statistics.median(r[ep][k] for r in rs if r[ep].get(k) is not None), 3)  # noqa: E731
         out.append({
             "mode": mode, "test": test, "threads": th,
             "direct_qps": round(med("direct", "qps")), "proxy_qps": round(med("proxy", "qps")),

@@ -1,22 +1,26 @@
 """Data-path benchmark: sysbench directly against the primary vs through rwproxy.
 
-Starts its own sandbox cluster and rwproxy, alternates A/B runs (direct, proxy,
-then proxy, direct, ...) so drift on this shared 2-core machine hits both
-sides alike, and reports medians of per-round ratios. Also measures the
-proxy's CPU for a 1,000-row result and its memory per idle client.
+Starts its own sandbox cluster and one proxy per mode (rwproxy in several
+routing set-ups, and a bare forwarder as the floor for any Python proxy), and
+in every round runs direct and each mode in turn, rotating the order, so drift
+on this shared 2-core machine hits all of them alike; reports medians of
+per-round ratios. Also measures the CPU for a 1,000-row result (alternating
+the same way) and rwproxy's memory per idle client.
 
-    python -m benchmarks.run               # full run (~5 minutes)
-    python -m benchmarks.run --quick       # smoke run (~1 minute)
+    python -m benchmarks.run               # full run (~16 minutes)
+    python -m benchmarks.run --quick       # smoke run (~3 minutes)
 Results: benchmarks/results/dataplane-<date>.json and .md (and *-latest.*).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import os
 import platform
 import re
+import socket
 import statistics
 import subprocess
 import sys
@@ -38,12 +42,18 @@ SB_DB = "sbtest"
 
 
 MODE_NAMES = {"primary": "read_write_split = false (every statement to the primary, as in the direct runs)",
+              "primary-pinned": "as primary, with cpu_affinity = \"spread\" (each worker on its own CPU)",
               "split": "read/write split, read_your_writes = session (autocommit reads on the replicas)",
               "primary-unix": "as primary, but rwproxy reaches the servers through their Unix sockets "
-                              "([[backends]] socket; sysbench still uses TCP to rwproxy and in the direct runs)"}
+                              "([[backends]] socket; sysbench still uses TCP to rwproxy and in the direct runs)",
+              "forwarder": "reference, not rwproxy: benchmarks/forwarder.py, a bare uvloop TCP forwarder to the primary "
+                           "(same worker count, no parsing, routing or pools): the floor for any Python proxy here"}
 MODE_TESTS = {"primary": ["oltp_point_select", "oltp_read_only"],
+              "primary-pinned": ["oltp_point_select", "oltp_read_only"],
               "split": ["oltp_point_select", "oltp_read_only_skip_trx"],
-              "primary-unix": ["oltp_point_select"]}
+              "primary-unix": ["oltp_point_select"],
+              "forwarder": ["oltp_point_select"]}
+BIG_RESULT_MODES = ("primary", "primary-pinned", "forwarder")  # 1,000-row figure measured in these
 
 VARIANTS = {  # name -> (sysbench test, extra options)
     "oltp_point_select": ("oltp_point_select", []),
@@ -96,6 +106,23 @@ def routed(cfg_path: str) -> dict:
     st = request(socket_path(load_config(cfg_path)), "status", timeout=10)
     roles = {s["name"]: s["role"] for s in st["servers"]}
     return {f"{name}({roles[name]})": s["routed"] for name, s in ((s["name"], s) for s in st["servers"])}
+
+
+def start_forwarder(port: int, backend_port: int, workers: int) -> ProxyProcess:
+    """benchmarks/forwarder.py as a process the CPU accounting of ProxyProcess understands."""
+    fw = ProxyProcess.__new__(ProxyProcess)
+    fw.host, fw.port = "127.0.0.1", port
+    fw.proc = subprocess.Popen([sys.executable, "-m", "benchmarks.forwarder", str(port), str(backend_port), str(workers)],
+                               cwd=str(Path(__file__).resolve().parent.parent), start_new_session=True)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return fw
+        except OSError:
+            time.sleep(0.1)
+    fw.stop()
+    raise RuntimeError("the reference forwarder did not start listening")
 
 
 def big_result_cpu(proxy: ProxyProcess, seconds: float) -> dict:
@@ -158,10 +185,11 @@ def main(argv=None) -> int:
     ap.add_argument("--time", type=float, default=10.0, help="seconds per sysbench run")
     ap.add_argument("--threads", default="8,32")
     ap.add_argument("--tests", default="oltp_point_select,oltp_read_only,oltp_read_only_skip_trx")
-    ap.add_argument("--modes", default="primary,split,primary-unix",
+    ap.add_argument("--modes", default="primary,primary-pinned,split,forwarder",
                     help="routing modes: primary (read_write_split = false: the issue-3 set-up, everything on the "
-                         "primary like the direct runs), split (reads on the replicas), primary-unix (as primary, "
-                         "backends through their Unix sockets)")
+                         "primary like the direct runs), primary-pinned (as primary, cpu_affinity = spread), "
+                         "split (reads on the replicas), primary-unix (as primary, backends through their Unix "
+                         "sockets), forwarder (reference: a bare uvloop forwarder, not rwproxy)")
     ap.add_argument("--workers", type=int, default=0, help="rwproxy workers (0 = CPU count)")
     ap.add_argument("--idle", type=int, default=1000, help="idle clients for the memory figure")
     ap.add_argument("--tag", default="dataplane")
@@ -184,56 +212,91 @@ def main(argv=None) -> int:
         cluster.wait_replicas_caught_up(60)
 
         runs, big, idle, background = [], {}, {}, {}
-        for mode in modes:
-            port = free_port()
-            data = {
-                "proxy": {"listen": f"127.0.0.1:{port}", "workers": args.workers},
-                "backends": [{"name": n.name, "host": "127.0.0.1", "port": n.port,
-                              **({"socket": str(n.socket)} if mode.endswith("-unix") else {})} for n in cluster.nodes],
-                "users": [{"name": "app", "password": "app"}],
-                "monitor": {"user": "rwproxy", "password": "rwproxy"},
-                "routing": {"read_write_split": mode == "split"},
-            }
-            cfg_path = str(Path(tmp) / f"rwproxy-{mode}.toml")
-            write_config(build_config(data, source=cfg_path), cfg_path)
-            proxy = ProxyProcess(cfg_path, "127.0.0.1", port, log_path=str(Path(tmp) / f"rwproxy-{mode}.log")).start()
-            try:
-                time.sleep(1.0)  # let the workers finish starting before measuring
+        with contextlib.ExitStack() as stack:
+            # Every mode's proxy runs for the whole benchmark and the modes take turns inside
+            # each round, so drift on this shared machine hits every mode alike and modes can
+            # be compared with each other, not only with the direct runs.
+            proxies, cfgs = {}, {}
+            for mode in modes:
+                port = free_port()
+                data = {
+                    "proxy": {"listen": f"127.0.0.1:{port}", "workers": args.workers,
+                              "cpu_affinity": "spread" if mode.endswith("-pinned") else "none"},
+                    "backends": [{"name": n.name, "host": "127.0.0.1", "port": n.port,
+                                  **({"socket": str(n.socket)} if mode.endswith("-unix") else {})} for n in cluster.nodes],
+                    "users": [{"name": "app", "password": "app"}],
+                    "monitor": {"user": "rwproxy", "password": "rwproxy"},
+                    "routing": {"read_write_split": mode == "split"},
+                }
+                cfgs[mode] = str(Path(tmp) / f"rwproxy-{mode}.toml")
+                write_config(build_config(data, source=cfgs[mode]), cfgs[mode])
+                if mode == "forwarder":
+                    proxies[mode] = start_forwarder(port, primary, workers)
+                else:
+                    proxies[mode] = ProxyProcess(cfgs[mode], "127.0.0.1", port,
+                                                 log_path=str(Path(tmp) / f"rwproxy-{mode}.log")).start()
+                stack.callback(proxies[mode].stop)
+            time.sleep(1.0)  # let the workers finish starting before measuring
+            for mode, proxy in proxies.items():
                 background[mode] = idle_cpu(proxy, 3.0 if args.quick else 10.0)
-                print(f"[{mode}] idle rwproxy CPU: {background[mode]} ms/s", flush=True)
-                if mode == modes[0]:
-                    idle = idle_memory(proxy, args.idle)  # on a fresh process
-                    print(f"idle clients: {idle}", flush=True)
-                for test in MODE_TESTS[mode]:
-                    if test not in tests:
-                        continue
-                    for th in threads:
-                        for r in range(args.rounds):
-                            order = ["direct", "proxy"] if r % 2 == 0 else ["proxy", "direct"]
-                            pair = {}
-                            for ep in order:
-                                cpu0 = proxy.cpu_seconds()
-                                routed0 = routed(cfg_path)
-                                res = sysbench(test, "127.0.0.1", primary if ep == "direct" else port, th, args.time, tables, size)
-                                if ep == "proxy":
-                                    res["proxy_cpu_us_per_query"] = round((proxy.cpu_seconds() - cpu0) / res["queries"] * 1e6, 1)
-                                    time.sleep(0.6)  # workers publish counters twice a second
-                                    after = routed(cfg_path)
-                                    res["routed"] = {k: after[k] - routed0.get(k, 0) for k in after}
-                                pair[ep] = res
-                                print(f"[{mode}] {test:18s} threads={th:<3d} round={r + 1} {ep:6s} qps={res['qps']:9.0f} "
-                                      f"p95={res['p95_ms']}ms p99={res['p99_ms']}ms errors={res['errors']}"
-                                      + (f" cpu={res['proxy_cpu_us_per_query']}us/q" if ep == "proxy" else ""), flush=True)
-                            runs.append({"mode": mode, "test": test, "threads": th, "round": r + 1, **pair})
-                if mode == modes[0]:
-                    big = big_result_cpu(proxy, 3.0 if args.quick else 8.0)
-                    big["background_cpu_ms_per_s"] = background[mode]
-                    bg = background[mode] * 1000 / (big["raw_queries"] / big["seconds"])  # µs per query
-                    big["background_us_per_query"] = round(bg, 1)
-                    big["net_us_per_query"] = round(big["proxy_cpu_us_per_query"] - bg, 1)
-                    print(f"1,000-row result: {big}", flush=True)
-            finally:
-                proxy.stop()
+                print(f"[{mode}] idle CPU: {background[mode]} ms/s", flush=True)
+            first = next((m for m in modes if m != "forwarder"), None)
+            if first:
+                idle = idle_memory(proxies[first], args.idle)  # on a fresh process
+                print(f"[{first}] idle clients: {idle}", flush=True)
+
+            def through(mode: str, test: str, th: int) -> dict:
+                proxy, rwproxy = proxies[mode], mode != "forwarder"
+                cpu0 = proxy.cpu_seconds()
+                routed0 = routed(cfgs[mode]) if rwproxy else {}
+                res = sysbench(test, "127.0.0.1", proxy.port, th, args.time, tables, size)
+                res["proxy_cpu_us_per_query"] = round((proxy.cpu_seconds() - cpu0) / res["queries"] * 1e6, 1)
+                if rwproxy:
+                    time.sleep(0.6)  # workers publish counters twice a second
+                    after = routed(cfgs[mode])
+                    res["routed"] = {k: after[k] - routed0.get(k, 0) for k in after}
+                return res
+
+            for test in tests:
+                test_modes = [m for m in modes if test in MODE_TESTS[m]]
+                if not test_modes:
+                    continue
+                for th in threads:
+                    for r in range(args.rounds):
+                        eps = ["direct", *test_modes]
+                        order = eps[r % len(eps):] + eps[:r % len(eps)]
+                        got = {}
+                        for ep in order:
+                            if ep == "direct":
+                                res = sysbench(test, "127.0.0.1", primary, th, args.time, tables, size)
+                            else:
+                                res = through(ep, test, th)
+                            got[ep] = res
+                            print(f"[{ep}] {test:18s} threads={th:<3d} round={r + 1} qps={res['qps']:9.0f} "
+                                  f"p95={res['p95_ms']}ms p99={res['p99_ms']}ms errors={res['errors']}"
+                                  + (f" cpu={res['proxy_cpu_us_per_query']}us/q" if ep != "direct" else ""), flush=True)
+                        for m in test_modes:
+                            runs.append({"mode": m, "test": test, "threads": th, "round": r + 1,
+                                         "direct": got["direct"], "proxy": got[m]})
+
+            big_modes = [m for m in modes if m in BIG_RESULT_MODES]
+            per_round: dict[str, list[dict]] = {m: [] for m in big_modes}
+            for r in range(args.rounds):
+                for mode in big_modes[r % len(big_modes):] + big_modes[:r % len(big_modes)]:
+                    per_round[mode].append(big_result_cpu(proxies[mode], 2.0 if args.quick else 4.0))
+            for mode, rs in per_round.items():
+                b = big[mode] = {
+                    "response_bytes": rs[0]["response_bytes"], "rounds": len(rs),
+                    "raw_queries": sum(x["raw_queries"] for x in rs), "pymysql_queries": sum(x["pymysql_queries"] for x in rs),
+                    "proxy_cpu_us_per_query": round(statistics.median(x["proxy_cpu_us_per_query"] for x in rs), 1),
+                    "proxy_cpu_us_per_query_pymysql": round(statistics.median(x["proxy_cpu_us_per_query_pymysql"] for x in rs), 1),
+                    "background_cpu_ms_per_s": background[mode],
+                }
+                rate = statistics.median(x["raw_queries"] / x["seconds"] for x in rs)
+                bg = background[mode] * 1000 / rate  # µs per query
+                b["background_us_per_query"] = round(bg, 1)
+                b["net_us_per_query"] = round(b["proxy_cpu_us_per_query"] - bg, 1)
+                print(f"[{mode}] 1,000-row result: {b}", flush=True)
 
     summary = summarize(runs)
     result = {
@@ -281,15 +344,18 @@ def markdown(result: dict) -> str:
         f"# rwproxy data-path benchmark, {result['date']}",
         "",
         f"{result['machine']['cpus']} CPUs (shared), Python {result['machine']['python']}, rwproxy workers={s['proxy_workers']}, "
-        f"{s['rounds']} alternating rounds of {s['seconds']:.0f} s, sysbench {s['tables']} x {s['table_size']} rows. "
-        "Direct runs go to the primary. Medians; ratio = median of per-round proxy/direct QPS; rwproxy CPU counts all "
-        "its processes (workers and the control plane).",
+        f"{s['rounds']} rounds of {s['seconds']:.0f} s runs, sysbench {s['tables']} x {s['table_size']} rows. "
+        "All modes' proxies run side by side; in each round the direct run and every mode take turns (the order rotates "
+        "from round to round), so modes compare with each other as well as with direct. Direct runs go to the primary. "
+        "Medians; ratio = median of per-round proxy/direct QPS; rwproxy CPU counts all its processes (workers and the "
+        "control plane).",
         "",
         "Routing modes:",
-        *[f"- **{m}**: {name}; idle rwproxy CPU {result.get('idle_cpu_ms_per_s', {}).get(m, '?')} ms per second "
-          "(monitor checks and heartbeats, included in the per-query figures)" for m, name in s.get("modes", {}).items()],
+        *[f"- **{m}**: {name}" + ("" if m == "forwarder" else
+          f"; idle rwproxy CPU {result.get('idle_cpu_ms_per_s', {}).get(m, '?')} ms per second "
+          "(monitor checks and heartbeats, included in the per-query figures)") for m, name in s.get("modes", {}).items()],
         "",
-        "| routing | test | threads | direct QPS | rwproxy QPS | ratio | p95 ms direct / proxy | p99 ms direct / proxy | rwproxy CPU µs/query | errors | statements per backend (rwproxy runs) |",
+        "| routing | test | threads | direct QPS | proxy QPS | ratio | p95 ms direct / proxy | p99 ms direct / proxy | proxy CPU µs/query | errors | statements per backend (rwproxy runs) |",
         "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in result["summary"]:
@@ -298,13 +364,15 @@ def markdown(result: dict) -> str:
             f"{r['direct_p95_ms']} / {r['proxy_p95_ms']} | {r['direct_p99_ms']} / {r['proxy_p99_ms']} | "
             f"{r['proxy_cpu_us_per_query']} | {r['errors']} | {_share(r['routed'])} |"
         )
-    b, m = result["big_result"], result["idle_memory"]
+    m = result["idle_memory"]
+    lines.append("")
+    for mode, b in result["big_result"].items():
+        lines.append(
+            f"- [{mode}] 1,000-row result ({b['response_bytes'] // 1000} KB on the wire, median of {b.get('rounds', 1)} "
+            f"alternating rounds): CPU {b['proxy_cpu_us_per_query']} µs per query read by a fast raw client ({b['raw_queries']} queries), {b['proxy_cpu_us_per_query_pymysql']} µs when PyMySQL decodes it "
+            f"({b['pymysql_queries']} queries); of the fast client's figure, {b['background_us_per_query']} µs is the idle background "
+            f"spread over its queries, {b['net_us_per_query']} µs the relaying itself.")
     lines += [
-        "",
-        f"- 1,000-row result ({b['response_bytes'] // 1000} KB on the wire): rwproxy CPU {b['proxy_cpu_us_per_query']} µs per query "
-        f"read by a fast raw client ({b['raw_queries']} queries), {b['proxy_cpu_us_per_query_pymysql']} µs when PyMySQL decodes it ({b['pymysql_queries']} queries)"
-        + (f"; of the fast client's figure, {b['background_us_per_query']} µs is the idle background spread over its queries, "
-           f"{b['net_us_per_query']} µs the relaying itself." if "net_us_per_query" in b else "."),
         f"- Idle clients: {m['connections']} connections held open grew rwproxy's RSS by {m['rss_after_kib'] - m['rss_before_kib']} KiB "
         f"= {m['kib_per_connection']} KiB per connection (each holds its primary backend connection too).",
         "",

@@ -150,6 +150,7 @@ class TLSConfig:
 class ProxyConfig:
     listen: str = S("127.0.0.1:6033", check=listen_error)
     workers: int = I(0, 0)
+    cpu_affinity: str = E("none", "none", "spread")
     server_version: str = S()
     max_connections: int = I(10000, 1)
     client_idle_timeout: float = F(28800.0)

@@ -1,0 +1,80 @@
+"""Worker processes and CPU affinity (`[proxy] cpu_affinity`), checked in /proc of the real processes."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+from helpers import start_proxy
+
+
+def _allowed_cpus(pid: int) -> set[int]:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("Cpus_allowed_list:"):
+                cpus: set[int] = set()
+                for part in line.split(":", 1)[1].strip().split(","):
+                    lo, _, hi = part.partition("-")
+                    cpus.update(range(int(lo), int(hi or lo) + 1))
+                return cpus
+    raise AssertionError(f"no Cpus_allowed_list for pid {pid}")
+
+
+def _workers(p) -> list[int]:
+    return [pid for pid in p.process.child_pids() if pid != p.process.proc.pid]
+
+
+def _wait_for(pred, timeout: float = 15.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = pred()
+        if value:
+            return value
+        time.sleep(0.1)
+    raise AssertionError("condition not met in time")
+
+
+def test_default_leaves_workers_unpinned(proxy):
+    cpus = os.sched_getaffinity(0)
+    workers = _workers(proxy)
+    assert len(workers) == 2
+    assert all(_allowed_cpus(w) == cpus for w in workers)
+
+
+def test_spread_pins_each_worker_and_a_restarted_worker_again(cluster, tmp_path):
+    cpus = sorted(os.sched_getaffinity(0))
+    p = start_proxy(cluster, tmp_path, proxy={"workers": 2, "cpu_affinity": "spread"})
+    try:
+        sup = p.process.proc.pid
+        lines = [f"worker {i} serving on 127.0.0.1:{p.port} (pinned to CPU {cpus[i % len(cpus)]})" for i in range(2)]
+        _wait_for(lambda: all(line in p.process.log_tail(200) for line in lines))  # workers pin before serving
+        workers = _workers(p)
+        assert len(workers) == 2
+        assert sorted(min(_allowed_cpus(w)) for w in workers) == sorted(cpus[i % len(cpus)] for i in range(2))
+        assert all(len(_allowed_cpus(w)) == 1 for w in workers)
+        assert _allowed_cpus(sup) == set(cpus), "the control plane (supervisor) stays unpinned"
+
+        # both workers answer clients (the connection id's top byte is the worker's index)
+        seen = set()
+        for _ in range(40):
+            with p.connect() as conn, conn.cursor() as cur:
+                cur.execute("SELECT 1")
+                assert cur.fetchone() == (1,)
+                seen.add(conn.thread_id() >> 24)
+            if seen == {0, 1}:
+                break
+        assert seen == {0, 1}
+
+        # a worker that crashes is restarted on the same CPU
+        victim = workers[0]
+        cpu = _allowed_cpus(victim)
+        os.kill(victim, signal.SIGKILL)
+        new = _wait_for(lambda: [w for w in _workers(p) if w not in workers])
+        _wait_for(lambda: _allowed_cpus(new[0]) != set(cpus) or len(cpus) == 1)  # it pins itself on start
+        assert _allowed_cpus(new[0]) == cpu
+        with p.connect() as conn, conn.cursor() as cur:
+            cur.execute("SELECT 2")
+            assert cur.fetchone() == (2,)
+    finally:
+        p.process.stop()

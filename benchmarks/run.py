@@ -348,7 +348,8 @@ def markdown(result: dict) -> str:
         "All modes' proxies run side by side; in each round the direct run and every mode take turns (the order rotates "
         "from round to round), so modes compare with each other as well as with direct. Direct runs go to the primary. "
         "Medians; ratio = median of per-round proxy/direct QPS; rwproxy CPU counts all its processes (workers and the "
-        "control plane).",
+        "control plane). The proxies not being measured sit idle meanwhile, their background (below) loading every "
+        "run alike, direct ones included.",
         "",
         "Routing modes:",
         *[f"- **{m}**: {name}" + ("" if m == "forwarder" else

@@ -33,7 +33,8 @@ class _Half(asyncio.Protocol):
     def data_received(self, data):
         peer = self.peer
         if peer is not None and peer.transport is not None:
-            peer.transport.write(data)
+            if not peer.transport.is_closing():
+                peer.transport.write(data)
         else:
             self.pending.append(data)
 

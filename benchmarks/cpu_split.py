@@ -23,22 +23,13 @@ import time
 from pathlib import Path
 
 from proxy.config import build_config, write_config
-from proxy.launcher import ProxyProcess, free_port
+from proxy.launcher import ProxyProcess, free_port, process_cpu_seconds
 from proxy.sandbox.testing import running_cluster
 
 from .report import save
 from .run import SB_DB, sysbench
 
 TICK = os.sysconf("SC_CLK_TCK")
-
-
-def _proc_cpu(pid: int) -> float:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / TICK
-    except (OSError, IndexError, ValueError):
-        return 0.0
 
 
 def _machine() -> tuple[int, int]:
@@ -51,7 +42,7 @@ def _machine() -> tuple[int, int]:
 
 def measure(run, nodes, proxy: ProxyProcess) -> dict:
     """Run `run()` (returns sysbench's result) and attribute CPU per query to each process."""
-    db0 = {n.name: _proc_cpu(n.pid()) for n in nodes}
+    db0 = {n.name: process_cpu_seconds(n.pid()) for n in nodes}
     px0 = proxy.cpu_seconds()
     ch0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     m0 = _machine()
@@ -61,7 +52,7 @@ def measure(run, nodes, proxy: ProxyProcess) -> dict:
     q = res["queries"]
     us = lambda sec: round(sec / q * 1e6, 1)  # noqa: E731
     out = {"qps": res["qps"], "queries": q,
-           "mariadbd_us": {n.name: us(_proc_cpu(n.pid()) - db0[n.name]) for n in nodes},
+           "mariadbd_us": {n.name: us(process_cpu_seconds(n.pid()) - db0[n.name]) for n in nodes},
            "sysbench_us": us((ch1.ru_utime + ch1.ru_stime) - (ch0.ru_utime + ch0.ru_stime)),
            "rwproxy_us": us(proxy.cpu_seconds() - px0),
            "machine_us": us((m1[1] - m0[1]) / TICK),

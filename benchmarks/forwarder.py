@@ -17,6 +17,8 @@ import signal
 import socket
 import sys
 
+from proxy.launcher import ProxyProcess
+
 
 class _Half(asyncio.Protocol):
     """One side of a forwarded connection; writes what it receives to its peer."""
@@ -73,6 +75,20 @@ def _worker(sock: socket.socket, backend_port: int) -> None:
     loop.add_signal_handler(signal.SIGTERM, loop.stop)
     loop.run_until_complete(loop.create_server(client_factory, sock=sock, backlog=1024))
     loop.run_forever()
+
+
+class ForwarderProcess(ProxyProcess):
+    """The forwarder as a child process, started, waited for, measured and stopped like rwproxy."""
+
+    def __init__(self, port: int, backend_port: int, workers: int, log_path: str):
+        super().__init__("", "127.0.0.1", port, log_path=log_path)
+        self.backend_port, self.workers = backend_port, workers
+
+    def command(self) -> list[str]:
+        return [sys.executable, "-m", "benchmarks.forwarder", str(self.port), str(self.backend_port), str(self.workers)]
+
+    def _control_ready(self) -> bool:
+        return True  # no control socket: listening is all there is
 
 
 def main(argv=None) -> int:

@@ -20,7 +20,6 @@ import datetime
 import os
 import platform
 import re
-import socket
 import statistics
 import subprocess
 import sys
@@ -36,6 +35,7 @@ from proxy.protocol.scan import Scanner
 from proxy.rawclient import RawClient
 from proxy.sandbox.testing import running_cluster
 
+from .forwarder import ForwarderProcess
 from .report import save
 
 SB_DB = "sbtest"
@@ -108,23 +108,6 @@ def routed(cfg_path: str) -> dict:
     return {f"{name}({roles[name]})": s["routed"] for name, s in ((s["name"], s) for s in st["servers"])}
 
 
-def start_forwarder(port: int, backend_port: int, workers: int) -> ProxyProcess:
-    """benchmarks/forwarder.py as a process the CPU accounting of ProxyProcess understands."""
-    fw = ProxyProcess.__new__(ProxyProcess)
-    fw.host, fw.port = "127.0.0.1", port
-    fw.proc = subprocess.Popen([sys.executable, "-m", "benchmarks.forwarder", str(port), str(backend_port), str(workers)],
-                               cwd=str(Path(__file__).resolve().parent.parent), start_new_session=True)
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return fw
-        except OSError:
-            time.sleep(0.1)
-    fw.stop()
-    raise RuntimeError("the reference forwarder did not start listening")
-
-
 def big_result_cpu(proxy: ProxyProcess, seconds: float) -> dict:
     """Proxy CPU per 1,000-row (~130 KB) result: read as raw bytes by a fast client, and
     decoded by PyMySQL (a slow reader changes how the bytes arrive, so both are shown)."""
@@ -148,6 +131,41 @@ def big_result_cpu(proxy: ProxyProcess, seconds: float) -> dict:
     conn.close()
     return {"response_bytes": size, "seconds": seconds, "raw_queries": n, "proxy_cpu_us_per_query": round(fast, 1),
             "pymysql_queries": m, "proxy_cpu_us_per_query_pymysql": round(slow, 1)}
+
+
+def write_mode_config(mode: str, port: int, workers: int, cluster, tmp: str) -> str:
+    """rwproxy's config file for a routing mode (see MODE_NAMES)."""
+    data = {
+        "proxy": {"listen": f"127.0.0.1:{port}", "workers": workers,
+                  "cpu_affinity": "spread" if mode.endswith("-pinned") else "none"},
+        "backends": [{"name": n.name, "host": "127.0.0.1", "port": n.port,
+                      **({"socket": str(n.socket)} if mode.endswith("-unix") else {})} for n in cluster.nodes],
+        "users": [{"name": "app", "password": "app"}],
+        "monitor": {"user": "rwproxy", "password": "rwproxy"},
+        "routing": {"read_write_split": mode == "split"},
+    }
+    path = str(Path(tmp) / f"rwproxy-{mode}.toml")
+    write_config(build_config(data, source=path), path)
+    return path
+
+
+def big_result_summary(rounds: list[dict], background_ms_per_s: float) -> dict:
+    """Medians of big_result_cpu rounds, with the idle background's share per query split out."""
+    med = lambda key: round(statistics.median(x[key] for x in rounds), 1)  # noqa: E731
+    rate = statistics.median(x["raw_queries"] / x["seconds"] for x in rounds)
+    bg = background_ms_per_s * 1000 / rate  # µs per query
+    cpu = med("proxy_cpu_us_per_query")
+    return {"response_bytes": rounds[0]["response_bytes"], "rounds": len(rounds),
+            "raw_queries": sum(x["raw_queries"] for x in rounds), "pymysql_queries": sum(x["pymysql_queries"] for x in rounds),
+            "proxy_cpu_us_per_query": cpu, "proxy_cpu_us_per_query_pymysql": med("proxy_cpu_us_per_query_pymysql"),
+            "background_cpu_ms_per_s": background_ms_per_s,
+            "background_us_per_query": round(bg, 1), "net_us_per_query": round(cpu - bg, 1)}
+
+
+def _rotated(items: list, r: int) -> list:
+    """Round r's order: the list rotated by r, so each entry runs first, second, ... in turn."""
+    k = r % len(items)
+    return items[k:] + items[:k]
 
 
 def idle_cpu(proxy: ProxyProcess, seconds: float) -> float:
@@ -218,35 +236,24 @@ def main(argv=None) -> int:
             # be compared with each other, not only with the direct runs.
             proxies, cfgs = {}, {}
             for mode in modes:
-                port = free_port()
-                data = {
-                    "proxy": {"listen": f"127.0.0.1:{port}", "workers": args.workers,
-                              "cpu_affinity": "spread" if mode.endswith("-pinned") else "none"},
-                    "backends": [{"name": n.name, "host": "127.0.0.1", "port": n.port,
-                                  **({"socket": str(n.socket)} if mode.endswith("-unix") else {})} for n in cluster.nodes],
-                    "users": [{"name": "app", "password": "app"}],
-                    "monitor": {"user": "rwproxy", "password": "rwproxy"},
-                    "routing": {"read_write_split": mode == "split"},
-                }
-                cfgs[mode] = str(Path(tmp) / f"rwproxy-{mode}.toml")
-                write_config(build_config(data, source=cfgs[mode]), cfgs[mode])
+                port, log_path = free_port(), str(Path(tmp) / f"{mode}.log")
                 if mode == "forwarder":
-                    proxies[mode] = start_forwarder(port, primary, workers)
+                    proxies[mode] = ForwarderProcess(port, primary, workers, log_path).start()
                 else:
-                    proxies[mode] = ProxyProcess(cfgs[mode], "127.0.0.1", port,
-                                                 log_path=str(Path(tmp) / f"rwproxy-{mode}.log")).start()
+                    cfgs[mode] = write_mode_config(mode, port, args.workers, cluster, tmp)
+                    proxies[mode] = ProxyProcess(cfgs[mode], "127.0.0.1", port, log_path=log_path).start()
                 stack.callback(proxies[mode].stop)
             time.sleep(1.0)  # let the workers finish starting before measuring
             for mode, proxy in proxies.items():
                 background[mode] = idle_cpu(proxy, 3.0 if args.quick else 10.0)
                 print(f"[{mode}] idle CPU: {background[mode]} ms/s", flush=True)
-            first = next((m for m in modes if m != "forwarder"), None)
+            first = next(iter(cfgs), None)
             if first:
                 idle = idle_memory(proxies[first], args.idle)  # on a fresh process
                 print(f"[{first}] idle clients: {idle}", flush=True)
 
             def through(mode: str, test: str, th: int) -> dict:
-                proxy, rwproxy = proxies[mode], mode != "forwarder"
+                proxy, rwproxy = proxies[mode], mode in cfgs
                 cpu0 = proxy.cpu_seconds()
                 routed0 = routed(cfgs[mode]) if rwproxy else {}
                 res = sysbench(test, "127.0.0.1", proxy.port, th, args.time, tables, size)
@@ -263,10 +270,8 @@ def main(argv=None) -> int:
                     continue
                 for th in threads:
                     for r in range(args.rounds):
-                        eps = ["direct", *test_modes]
-                        order = eps[r % len(eps):] + eps[:r % len(eps)]
                         got = {}
-                        for ep in order:
+                        for ep in _rotated(["direct", *test_modes], r):
                             if ep == "direct":
                                 res = sysbench(test, "127.0.0.1", primary, th, args.time, tables, size)
                             else:
@@ -282,21 +287,11 @@ def main(argv=None) -> int:
             big_modes = [m for m in modes if m in BIG_RESULT_MODES]
             per_round: dict[str, list[dict]] = {m: [] for m in big_modes}
             for r in range(args.rounds):
-                for mode in big_modes[r % len(big_modes):] + big_modes[:r % len(big_modes)]:
+                for mode in _rotated(big_modes, r):
                     per_round[mode].append(big_result_cpu(proxies[mode], 2.0 if args.quick else 4.0))
             for mode, rs in per_round.items():
-                b = big[mode] = {
-                    "response_bytes": rs[0]["response_bytes"], "rounds": len(rs),
-                    "raw_queries": sum(x["raw_queries"] for x in rs), "pymysql_queries": sum(x["pymysql_queries"] for x in rs),
-                    "proxy_cpu_us_per_query": round(statistics.median(x["proxy_cpu_us_per_query"] for x in rs), 1),
-                    "proxy_cpu_us_per_query_pymysql": round(statistics.median(x["proxy_cpu_us_per_query_pymysql"] for x in rs), 1),
-                    "background_cpu_ms_per_s": background[mode],
-                }
-                rate = statistics.median(x["raw_queries"] / x["seconds"] for x in rs)
-                bg = background[mode] * 1000 / rate  # µs per query
-                b["background_us_per_query"] = round(bg, 1)
-                b["net_us_per_query"] = round(b["proxy_cpu_us_per_query"] - bg, 1)
-                print(f"[{mode}] 1,000-row result: {b}", flush=True)
+                big[mode] = big_result_summary(rs, background[mode])
+                print(f"[{mode}] 1,000-row result: {big[mode]}", flush=True)
 
     summary = summarize(runs)
     result = {

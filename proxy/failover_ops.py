@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 import pymysql
 import pymysql.cursors
 
+from .mysql_errors import describe
+
 log = logging.getLogger("rwproxy.failover")
 
 IDLE_SQL_STATE = "Slave has read all relay log"  # Slave_SQL_Running_State once the relay log is applied
@@ -256,12 +258,6 @@ class LinkCache:
             links, self._idle = list(self._idle.values()), {}
         for link in links:
             link.close()
-
-
-def describe(exc: BaseException) -> str:
-    if isinstance(exc, pymysql.MySQLError) and len(exc.args) >= 2:
-        return f"{exc.args[1]} ({exc.args[0]})"
-    return f"{type(exc).__name__}: {exc}"
 
 
 def read_facts(link: Link, facts: Facts) -> Facts:

@@ -27,9 +27,13 @@ class ProxyProcess:
     def pid(self) -> int | None:
         return self.proc.pid if self.proc else None
 
+    def command(self) -> list[str]:
+        """The command line start() runs (benchmarks start other proxies the same way)."""
+        return [sys.executable, "-m", "proxy", "serve", "--config", self.config_path, "--log-level", self.log_level]
+
     def start(self, timeout: float = 20.0) -> "ProxyProcess":
         log = open(self.log_path, "ab")
-        cmd = [sys.executable, "-m", "proxy", "serve", "--config", self.config_path, "--log-level", self.log_level]
+        cmd = self.command()
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [_repo_root(), env.get("PYTHONPATH")]))
         self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
@@ -88,16 +92,7 @@ class ProxyProcess:
 
     def cpu_seconds(self) -> float:
         """User+system CPU of the proxy's processes so far (from /proc)."""
-        tick = os.sysconf("SC_CLK_TCK")
-        total = 0
-        for pid in self.child_pids():
-            try:
-                with open(f"/proc/{pid}/stat") as f:
-                    fields = f.read().rsplit(")", 1)[1].split()
-                total += int(fields[11]) + int(fields[12])
-            except (OSError, IndexError, ValueError):
-                pass
-        return total / tick
+        return sum(process_cpu_seconds(pid) for pid in self.child_pids())
 
     def rss_kib(self) -> int:
         total = 0
@@ -130,6 +125,16 @@ class ProxyProcess:
 
     def __exit__(self, *exc):
         self.stop()
+
+
+def process_cpu_seconds(pid: int) -> float:
+    """User+system CPU one process has used so far (from /proc/PID/stat); 0 if it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return 0.0
 
 
 def _repo_root() -> str:

@@ -22,7 +22,8 @@ import pymysql.cursors
 
 from proxy.monitor_health import Observation, Policy, Tracker, decide, significant
 from proxy.monitor_lag import Timeline
-from proxy.monitor_replication import DENIED, READ_ONLY, ReplicationReading, _code, _describe
+from proxy.monitor_replication import DENIED, READ_ONLY, ReplicationReading
+from proxy.mysql_errors import describe, error_code
 from proxy.topology import DOWN, LAGGING, MAINTENANCE, MASTER, PRIMARY, REPLICA, UP, ServerState, Topology, from_config
 
 log = logging.getLogger("rwproxy.monitor")
@@ -318,7 +319,7 @@ class Monitor(ReplicationReading):
             _close(conn[0])
             conn[0] = None
             node.repl = None
-            return Observation(ok=False, at=time.time(), error=_describe(exc))
+            return Observation(ok=False, at=time.time(), error=describe(exc))
 
     # ---- heartbeat -------------------------------------------------------------
 
@@ -367,17 +368,17 @@ class Monitor(ReplicationReading):
                 node.hb_denied = False
                 log.info("%s: heartbeat writes work again; replica lag is measured by heartbeat", node.label)
         except (pymysql.MySQLError, OSError) as exc:
-            code = _code(exc)
+            code = error_code(exc)
             if code in DENIED:
                 if not node.hb_denied:
                     log.error("%s: cannot write the heartbeat (%s): the monitor user %r needs CREATE, INSERT and "
                               "UPDATE on `%s`.*; replica lag falls back to Seconds_Behind_Master (whole seconds)",
-                              node.label, _describe(exc), self._user, schema)
+                              node.label, describe(exc), self._user, schema)
                 node.hb_denied = True
                 state["retry_at"] = time.monotonic() + 30.0
                 return
             if code != READ_ONLY:  # read_only just flipped: the checker will notice the role change
-                log.debug("%s: heartbeat write failed: %s", node.label, _describe(exc))
+                log.debug("%s: heartbeat write failed: %s", node.label, describe(exc))
             _close(conn[0])
             conn[0] = None
             state["table"] = False

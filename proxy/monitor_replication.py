@@ -11,21 +11,12 @@ import pymysql.cursors
 
 from proxy.monitor_health import Observation
 from proxy.monitor_lag import LagReading, estimate, parse_gtid
+from proxy.mysql_errors import describe, error_code
 from proxy.topology import DOWN, MASTER, PRIMARY
 
 DENIED = {1044, 1045, 1142, 1143, 1227, 1370}
 NO_TABLE = {1049, 1146}  # heartbeat schema/table not replicated here (yet)
 READ_ONLY = 1290
-
-
-def _describe(exc: BaseException) -> str:
-    if isinstance(exc, pymysql.MySQLError) and len(exc.args) >= 2:
-        return f"{exc.args[1]} ({exc.args[0]})"
-    return f"{type(exc).__name__}: {exc}"
-
-
-def _code(exc: BaseException) -> int:
-    return exc.args[0] if isinstance(exc, pymysql.MySQLError) and exc.args and isinstance(exc.args[0], int) else 0
 
 
 # Observation fields that come from SHOW ALL SLAVES STATUS (reused between readings).
@@ -65,9 +56,9 @@ class ReplicationReading:
                 cur.execute("SHOW ALL SLAVES STATUS")
                 rows = [r for r in cur.fetchall() if r.get("Master_Host")]
         except pymysql.MySQLError as exc:
-            if _code(exc) not in DENIED:
+            if error_code(exc) not in DENIED:
                 raise
-            obs.replicating, obs.repl_error = None, _describe(exc)
+            obs.replicating, obs.repl_error = None, describe(exc)
             return
         obs.replicating = bool(rows)
         if not rows:
@@ -128,7 +119,7 @@ class ReplicationReading:
                                 "WHERE server_id <> @@server_id")
                     hb_now, hb_ts = cur.fetchone()
             except pymysql.MySQLError as exc:
-                if _code(exc) not in NO_TABLE | DENIED:
+                if error_code(exc) not in NO_TABLE | DENIED:
                     raise
             stale = time.monotonic() - writer.timeline.updated > self._stale_after
             reading = estimate(writer.timeline, parse_gtid(obs.gtid_current_pos), now,

@@ -199,8 +199,8 @@ def pin_worker(index: int, mode: str) -> int | None:
     """cpu_affinity = "spread": worker i runs only on the i-th CPU this process may use.
 
     A worker that stays on one core keeps its caches warm and is not migrated
-    between cores at every wakeup; on the benchmark machine this cut rwproxy's
-    CPU per query (benchmarks/results). CPUs come from the inherited affinity, so
+    between cores at every wakeup (on the 2-core benchmark machine the gain was
+    within noise, so it is opt-in). CPUs come from the inherited affinity, so
     `taskset` and cgroup cpusets are respected. Returns the CPU, or None."""
     if mode != "spread":
         return None

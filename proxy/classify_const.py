@@ -41,6 +41,8 @@ F_RELEASE_SESSION = 1 << 24
 # Longer than the classifier's scan limit: classified by a cheap conservative scan (always WRITE);
 # flags other than F_MULTI/F_LOAD_DATA/hints are not looked for.
 F_OVERSIZED = 1 << 25
+# KILL [HARD|SOFT] [CONNECTION|QUERY] ...: numeric ids are rwproxy session ids (proxy/kill.py).
+F_KILL = 1 << 26
 
 FLAG_NAMES = {v: k for k, v in globals().items() if k.startswith("F_") and isinstance(v, int)}
 ROUTE_NAMES = {READ: "READ", WRITE: "WRITE", SESSION: "SESSION"}

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from .classify_const import (
     F_AUTOCOMMIT_OFF, F_AUTOCOMMIT_ON, F_BEGIN, F_COMMIT, F_CONN_BOUND, F_GET_LOCK,
-    F_IMPLICIT_COMMIT, F_LOAD_DATA, F_LOCK_TABLES, F_READ_ONLY_TXN, F_RELEASE_LOCK,
+    F_IMPLICIT_COMMIT, F_KILL, F_LOAD_DATA, F_LOCK_TABLES, F_READ_ONLY_TXN, F_RELEASE_LOCK,
     F_RELEASE_SESSION, F_ROLLBACK, F_SET_GLOBAL, F_SQL_PS, F_TEMP_TABLE, F_UNLOCK_TABLES,
     F_UNPARSED, F_USE_DB, F_USER_VAR_READ, F_USER_VAR_WRITE, F_XA, READ, SESSION, WRITE,
 )
@@ -125,9 +125,10 @@ class Rules:
             "PREPARE": self._ps, "DEALLOCATE": self._ps, "EXECUTE": self._execute,
             "GET": self._get, "CALL": self._call,
         }
-        for kw in ("INSERT UPDATE DELETE REPLACE DO HANDLER KILL PURGE SHUTDOWN RESTART BINLOG "
+        for kw in ("INSERT UPDATE DELETE REPLACE DO HANDLER PURGE SHUTDOWN RESTART BINLOG "
                    "CHECKSUM SIGNAL RESIGNAL IMPORT CLONE BACKUP SAVEPOINT RELEASE").split():
             self._handlers[kw] = self._write
+        self._handlers["KILL"] = lambda code, toks: self._write(code, toks, F_KILL)
         for kw in "GRANT REVOKE OPTIMIZE REPAIR CHECK RESET CHANGE STOP INSTALL UNINSTALL CACHE".split():
             self._handlers[kw] = self._admin
 

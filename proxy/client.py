@@ -24,6 +24,7 @@ from .protocol.constants import (
 from .protocol.packets import err_packet, err_payload, frame, logical_payload as _payload, read_lenenc_str
 from .client_commands import OtherCommands
 from .client_stmts import StatementCommands
+from .kill import KillCommands
 from .protocol.scan import RESULT
 from .router import PRIMARY, NoServer, Reject
 from .session import SessionState
@@ -34,10 +35,11 @@ log = logging.getLogger("rwproxy.client")
 _HANDSHAKE, _COMMAND, _CLOSING = 0, 1, 2
 _RELAY = 1  # BackendConnection mode while relaying
 
+_F_KILL = C.F_KILL
 _HUGE = C.Classification(C.WRITE, C.F_UNPARSED, "<statement over 16 MiB>")
 
 
-class ClientConnection(StatementCommands, OtherCommands, asyncio.Protocol):
+class ClientConnection(StatementCommands, OtherCommands, KillCommands, asyncio.Protocol):
     def __init__(self, worker, conn_id: int):
         self.worker = worker
         self.conn_id = conn_id
@@ -120,6 +122,8 @@ class ClientConnection(StatementCommands, OtherCommands, asyncio.Protocol):
         w = self._pkt_waiter
         if w is not None and not w.done():
             w.set_exception(ConnectionError("client closed the connection"))
+        if self.state is not None:
+            self.client_gone()
         self._release_all()
         self.worker.forget(self)
 
@@ -193,6 +197,8 @@ class ClientConnection(StatementCommands, OtherCommands, asyncio.Protocol):
             cmd = pkt[4] if len(pkt) > 4 else -1
             if cmd == COM_QUERY:
                 cls = self.worker.classifier.classify(pkt[5:]) if len(pkt) < MAX_PACKET else _HUGE
+                if cls.flags & _F_KILL and self._kill_statement(pkt, cls.flags):
+                    continue
                 self._dispatch(pkt, cls, RESULT)
             elif cmd == COM_STMT_EXECUTE:
                 self._execute(pkt)

@@ -15,7 +15,7 @@ from .protocol.packets import logical_payload as _payload, ok_packet
 from .protocol.scan import FIELD_LIST, SIMPLE, STATISTICS
 
 # Commands that always run on the primary, with the response kind to scan.
-_PRIMARY_KIND = {COM_FIELD_LIST: FIELD_LIST, COM_STATISTICS: STATISTICS, COM_PROCESS_KILL: SIMPLE}
+_PRIMARY_KIND = {COM_FIELD_LIST: FIELD_LIST, COM_STATISTICS: STATISTICS}
 
 
 class OtherCommands:
@@ -28,6 +28,8 @@ class OtherCommands:
             self._spawn(self._prepare(pkt))
         elif cmd in (COM_STMT_CLOSE, COM_STMT_SEND_LONG_DATA, COM_STMT_RESET, COM_STMT_FETCH):
             self._stmt_other(pkt, cmd)
+        elif cmd == COM_PROCESS_KILL:  # mysql_kill(): the id is an rwproxy session id (proxy/kill.py)
+            self._spawn(self._kill(True, int.from_bytes(_payload(pkt)[1:5].ljust(4, b"\0"), "little")))
         elif cmd in _PRIMARY_KIND:
             self._dispatch(pkt, C.Classification(C.WRITE, 0, ""), _PRIMARY_KIND[cmd])
         elif cmd == COM_INIT_DB:

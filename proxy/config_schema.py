@@ -149,7 +149,7 @@ class TLSConfig:
 @dataclass(frozen=True)
 class ProxyConfig:
     listen: str = S("127.0.0.1:6033", check=listen_error)
-    workers: int = I(0, 0)
+    workers: int = I(0, 0, 254)  # session ids carry the worker index in their top byte
     cpu_affinity: str = E("none", "none", "spread")
     server_version: str = S()
     max_connections: int = I(10000, 1)

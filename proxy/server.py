@@ -55,6 +55,8 @@ class Worker:
         )
         self.tls_context = make_tls_context(config)
         self.pools = Pools(config.pool)
+        self.users = {u.name: u for u in config.users}
+        self.peers = None  # kill.Peers: KILL requests to and from the other workers
         self.clients: set = set()
         self.loop = None
         self._next_id = 1
@@ -148,9 +150,20 @@ class Worker:
     def _factory(self):
         from .client import ClientConnection
 
-        cid = (self.index << 24) | (self._next_id & 0xFFFFFF)
-        self._next_id += 1
-        return ClientConnection(self, cid)
+        return ClientConnection(self, self.new_session_id())
+
+    def new_session_id(self) -> int:
+        """Session ids are (worker index + 1) << 24 | n: the worker that owns a session is known
+        from its id (KILL from another worker), and ids stay clear of the small thread ids
+        of freshly started servers, so a backend thread id is not mistaken for a session."""
+        n = self._next_id & 0xFFFFFF or 1
+        self._next_id = n + 1
+        return ((self.index + 1) << 24) | n
+
+    @staticmethod
+    def worker_of(session_id: int) -> int | None:
+        owner = (session_id >> 24) - 1
+        return owner if 0 <= owner < 255 else None
 
     def run(self) -> None:
         import asyncio
@@ -171,15 +184,29 @@ class Worker:
 
                 await subscribe(self.loop, self.topology_fd, self.set_topology)
             self.loop.create_task(self._housekeeping())
+            self._start_peers()
             log.info("worker %d serving on %s%s", self.index, self.config.proxy.listen,
                      f" (pinned to CPU {cpu})" if cpu is not None else "")
             await stop
             server.close()
+            if self.peers is not None:
+                self.peers.stop()
             for c in list(self.clients):
                 c._close()
             self.pools.close_all()
 
         self.loop.run_until_complete(main())
+
+    def _start_peers(self) -> None:
+        from .control import socket_path
+        from .kill import Peers
+
+        peers = Peers(self, socket_path(self.config)[: -len(".sock")])
+        try:
+            peers.start(self.loop)
+            self.peers = peers
+        except OSError as e:
+            log.warning("worker %d: KILL from other workers' sessions will not reach this one: %s", self.index, e)
 
     async def _housekeeping(self):
         """Counters to the control plane twice a second; idle pool connections expire."""

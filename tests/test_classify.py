@@ -192,8 +192,9 @@ CORPUS = [
     ("DO RELEASE_LOCK('a')", W, "RELEASE_LOCK"),
     ("HANDLER t OPEN", W, ""),
     ("HANDLER t READ FIRST", W, ""),
-    ("KILL 5", W, ""),
-    ("KILL QUERY 5", W, ""),
+    ("KILL 5", W, "KILL"),
+    ("KILL QUERY 5", W, "KILL"),
+    ("KILL USER app", W, "KILL"),
     # --- DDL and admin
     ("CREATE TABLE t (a int)", W, "IMPLICIT_COMMIT"),
     ("CREATE VIEW v AS SELECT 1", W, "IMPLICIT_COMMIT"),

@@ -104,7 +104,8 @@ def test_relative_tls_paths_resolve_against_config_dir(tmp_path):
     ('[[backends]]\nhost = "h"\nport = 1\nsocket = "run/mysqld.sock"',
      "backends[1].socket: must be an absolute path to the server's Unix socket (e.g. /run/mysqld/mysqld.sock), "
      'or "" for TCP'),
-    ("[proxy]\nworkers = true", "proxy.workers: expected an integer >= 0, got true"),
+    ("[proxy]\nworkers = true", "proxy.workers: expected an integer 0-254, got true"),
+    ("[proxy]\nworkers = 255", "proxy.workers: expected an integer 0-254, got 255"),
     ("[pool]\nreset_on_release = 1", "pool.reset_on_release: expected a boolean (true or false), got 1"),
     ("[routing]\nmax_replica_lag = 0", "routing.max_replica_lag: expected a number of seconds > 0, got 0"),
     ("[failover]\nfailover_cooldown = -1.5", "failover.failover_cooldown: expected a number of seconds >= 0, got -1.5"),
@@ -207,7 +208,7 @@ balance = "fastest"
 """
     assert errors_of(text) == [
         'config.toml: proxy.listn: unknown key; did you mean "listen"?',
-        "config.toml: proxy.workers: expected an integer >= 0, got -1",
+        "config.toml: proxy.workers: expected an integer 0-254, got -1",
         'config.toml: backends[0].port: expected an integer 1-65535, got "abc"',
         "config.toml: backends[1].weight: expected an integer 0-1000, got 1001",
         'config.toml: users[0].name: expected a non-empty string, got ""',
@@ -264,7 +265,7 @@ def test_check_config_main(tmp_path, capsys):
     out, err = capsys.readouterr()
     assert out == ""
     assert err.splitlines() == [f'{bad}: proxy.listn: unknown key; did you mean "listen"?',
-                                f'{bad}: proxy.workers: expected an integer >= 0, got "x"']
+                                f'{bad}: proxy.workers: expected an integer 0-254, got "x"']
 
 
 # -- the example file and the reference stay in step with the schema ------------------

@@ -55,13 +55,13 @@ def test_spread_pins_each_worker_and_a_restarted_worker_again(cluster, tmp_path)
         assert all(len(_allowed_cpus(w)) == 1 for w in workers)
         assert _allowed_cpus(sup) == set(cpus), "the control plane (supervisor) stays unpinned"
 
-        # both workers answer clients (the connection id's top byte is the worker's index)
+        # both workers answer clients (the connection id's top byte is the worker's index + 1)
         seen = set()
         for _ in range(40):
             with p.connect() as conn, conn.cursor() as cur:
                 cur.execute("SELECT 1")
                 assert cur.fetchone() == (1,)
-                seen.add(conn.thread_id() >> 24)
+                seen.add((conn.thread_id() >> 24) - 1)
             if seen == {0, 1}:
                 break
         assert seen == {0, 1}

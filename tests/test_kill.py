@@ -1,0 +1,224 @@
+"""KILL through rwproxy: ids are rwproxy's session ids (what clients got in the greeting), a
+statement is killed on whichever server runs it, from any worker, under the server's own
+privilege rules; and a statement whose client went away is killed on the server too.
+
+The victim's statement is an UPDATE waiting for a row lock held by a direct connection, so
+it runs until something stops it; after the lock is released the row shows whether the
+killed statement ever ran.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import threading
+import time
+
+import pymysql
+import pytest
+
+from helpers import SHA2_PASSWORD, SHA2_USER
+
+TABLE = "kill_rows"
+UPDATE = f"UPDATE {TABLE} SET v = v + 1 WHERE id = 1"
+
+
+def _worker(conn) -> int:
+    return (conn.thread_id() >> 24) - 1
+
+
+def _session(proxy, worker: int | None = None, spare: list | None = None, **kw):
+    """A proxy connection (on the given worker when asked); connections made on the way are kept
+    open in `spare` so the kernel's spreading does not hand back the same worker every time."""
+    for _ in range(60):
+        conn = proxy.connect(**kw)
+        if worker is None or _worker(conn) == worker:
+            return conn
+        (spare if spare is not None else []).append(conn)
+    raise AssertionError(f"no connection landed on worker {worker} in 60 tries")
+
+
+@pytest.fixture
+def row(cluster, direct):
+    with direct.cursor() as cur:
+        cur.execute(f"CREATE TABLE IF NOT EXISTS {TABLE} (id INT PRIMARY KEY, v INT NOT NULL)")
+        cur.execute(f"REPLACE INTO {TABLE} VALUES (1, 0)")
+    direct.commit()
+    yield
+    with direct.cursor() as cur:
+        cur.execute(f"DROP TABLE IF EXISTS {TABLE}")
+    direct.commit()
+
+
+@pytest.fixture
+def locker(cluster, row):
+    """A direct connection to the primary holding the row lock (released by commit/rollback)."""
+    conn = pymysql.connect(host="127.0.0.1", port=cluster.primary.port, user="app", password="app", database="app")
+    with conn.cursor() as cur:
+        cur.execute("BEGIN")
+        cur.execute(f"SELECT v FROM {TABLE} WHERE id = 1 FOR UPDATE")
+    yield conn
+    conn.close()
+
+
+def _waiting(direct) -> list[int]:
+    """Backend thread ids on the primary running the victim's UPDATE."""
+    with direct.cursor() as cur:
+        cur.execute("SELECT ID FROM information_schema.PROCESSLIST WHERE INFO = %s", (UPDATE,))
+        return [r[0] for r in cur.fetchall()]
+
+
+def _wait(pred, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def _start_victim(conn) -> dict:
+    """Run the blocked UPDATE on `conn` in a thread; the dict gets 'error' or 'rows' and 'took'."""
+    out: dict = {}
+
+    def run():
+        t0 = time.monotonic()
+        try:
+            with conn.cursor() as cur:
+                cur.execute("SET SESSION innodb_lock_wait_timeout = 30")
+                out["rows"] = cur.execute(UPDATE)
+            conn.commit()
+        except pymysql.MySQLError as e:
+            out["error"] = e.args[0]
+        out["took"] = time.monotonic() - t0
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    out["thread"] = t
+    return out
+
+
+def _row_value(direct) -> int:
+    direct.commit()
+    with direct.cursor() as cur:
+        cur.execute(f"SELECT v FROM {TABLE} WHERE id = 1")
+        return cur.fetchone()[0]
+
+
+@pytest.mark.parametrize("where", ["same worker", "other worker"])
+def test_kill_query_interrupts_the_statement_on_the_server(proxy, direct, locker, where):
+    spare: list = []
+    try:
+        victim = _session(proxy, 0, spare)
+        killer = _session(proxy, 0 if where == "same worker" else 1, spare)
+        out = _start_victim(victim)
+        assert _wait(lambda: _waiting(direct)), "the victim's UPDATE never reached the primary"
+        with killer.cursor() as cur:
+            cur.execute(f"KILL QUERY {victim.thread_id()}")
+        out["thread"].join(15)
+        assert out.get("error") == 1317, out  # Query execution was interrupted
+        assert out["took"] < 10
+        assert _wait(lambda: not _waiting(direct), 5), "the UPDATE still runs on the primary"
+        locker.commit()
+        assert _row_value(direct) == 0, "the killed UPDATE ran after all"
+        with victim.cursor() as cur:  # KILL QUERY leaves the session usable
+            cur.execute("SELECT 1")
+            assert cur.fetchone() == (1,)
+    finally:
+        for c in spare:
+            c.close()
+
+
+def test_kill_connection_ends_the_session_from_another_worker(proxy, direct, locker):
+    spare: list = []
+    try:
+        victim = _session(proxy, 1, spare)
+        killer = _session(proxy, 0, spare)
+        out = _start_victim(victim)
+        assert _wait(lambda: _waiting(direct))
+        killer.kill(victim.thread_id())  # PyMySQL's kill() is COM_PROCESS_KILL
+        out["thread"].join(15)
+        assert out.get("error") in (1317, 1927, 2013), out  # interrupted, or the connection went
+        assert out["took"] < 10
+        assert _wait(lambda: not _waiting(direct), 5)
+        with pytest.raises((pymysql.err.OperationalError, pymysql.err.InterfaceError)):
+            with victim.cursor() as cur:
+                cur.execute("SELECT 1")
+        locker.commit()
+        assert _row_value(direct) == 0
+        idle = _session(proxy)
+        spare.append(idle)
+        with killer.cursor() as cur:  # an idle session goes too; the killer's own is untouched
+            cur.execute(f"KILL CONNECTION {idle.thread_id()}")
+            cur.execute("SELECT 1")
+            assert cur.fetchone() == (1,)
+        with pytest.raises((pymysql.err.OperationalError, pymysql.err.InterfaceError)):
+            with idle.cursor() as cur:
+                cur.execute("SELECT 1")
+    finally:
+        for c in spare:
+            c.close()
+
+
+def test_kill_with_a_server_thread_id_is_not_forwarded(proxy, cluster, direct):
+    """A number that is no rwproxy session never reaches a server, where it would name someone else."""
+    bystander = pymysql.connect(host="127.0.0.1", port=cluster.primary.port, user="app", password="app", database="app")
+    try:
+        with proxy.connect() as conn, conn.cursor() as cur:
+            for sql in (f"KILL {bystander.thread_id()}", f"KILL QUERY {bystander.thread_id()}", "KILL 4294967295"):
+                with pytest.raises(pymysql.err.MySQLError) as e:
+                    cur.execute(sql)
+                assert e.value.args[0] == 1094 and "Unknown thread id" in e.value.args[1]
+            with pytest.raises(pymysql.err.MySQLError) as e:
+                conn.kill(bystander.thread_id())
+            assert e.value.args[0] == 1094
+        with bystander.cursor() as cur:
+            cur.execute("SELECT 1")
+            assert cur.fetchone() == (1,)
+    finally:
+        bystander.close()
+
+
+def test_killing_another_users_session_needs_the_servers_privilege(proxy, direct, locker):
+    spare: list = []
+    try:
+        victim = _session(proxy, 0, spare)
+        other = _session(proxy, 1, spare, user=SHA2_USER, password=SHA2_PASSWORD)
+        out = _start_victim(victim)
+        assert _wait(lambda: _waiting(direct))
+        for sql in (f"KILL QUERY {victim.thread_id()}", f"KILL {victim.thread_id()}"):
+            with other.cursor() as cur, pytest.raises(pymysql.err.MySQLError) as e:
+                cur.execute(sql)
+            assert e.value.args[0] == 1095
+            assert e.value.args[1] == f"You are not owner of thread {victim.thread_id()}"
+        assert _waiting(direct), "the UPDATE was stopped by a user without the privilege"
+        locker.commit()
+        out["thread"].join(15)
+        assert out.get("rows") == 1, out
+        assert _row_value(direct) == 1
+    finally:
+        for c in spare:
+            c.close()
+
+
+@pytest.mark.parametrize("signum", [signal.SIGKILL, signal.SIGINT], ids=["client killed", "Ctrl-C"])
+def test_mariadb_cli_killed_or_interrupted_stops_its_statement(proxy, direct, locker, signum):
+    """SIGKILL: the client vanishes mid-statement, and rwproxy kills what it left running.
+    SIGINT (Ctrl-C): the CLI itself sends KILL QUERY <its connection id> on a second connection."""
+    cli = subprocess.Popen(["mariadb", "--no-defaults", "-h127.0.0.1", f"-P{proxy.port}", "-uapp", "-papp", "app",
+                            "-e", f"SET SESSION innodb_lock_wait_timeout = 30; {UPDATE}"],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert _wait(lambda: _waiting(direct)), "the client's UPDATE never reached the primary"
+        os.kill(cli.pid, signum)
+        out, err = cli.communicate(timeout=15)
+        if signum == signal.SIGINT:
+            assert "1317" in err and "interrupted" in err, (out, err)
+        assert _wait(lambda: not _waiting(direct), 5), "the UPDATE runs on with nobody waiting for it"
+        locker.commit()
+        assert _row_value(direct) == 0, "the statement ran after all"
+    finally:
+        if cli.poll() is None:
+            cli.kill()
+            cli.wait(10)

@@ -3,11 +3,13 @@
 A client learns its connection id from rwproxy's greeting (mysql_thread_id()). The mariadb
 CLI's Ctrl-C, and the query timeouts of Connector/J and Connector/NET, send `KILL QUERY <that
 id>` on a second connection, which may land on another worker. Forwarded to the primary as
-it is, the id would name an unrelated thread there, so numeric KILLs never reach a server:
-the worker that owns the session (id >> 24, see Worker.new_session_id) kills whatever that
-session is running, on whichever server runs it, by sending KILL for the backend thread over
-a fresh connection as the *killing* user, so the server applies its own privilege rules
-(another user's session needs CONNECTION ADMIN or SUPER, as on the server). Workers reach
+it is, the id would name an unrelated thread there, so numeric KILLs never reach a server
+as they are. The worker that owns the session (id >> 24, see Worker.new_session_id) kills
+whatever the session is running, on whichever server runs it, by sending KILL for the
+backend thread over a fresh connection as the *killing* user, so the server applies its own
+privilege rules (another user's session needs CONNECTION ADMIN or SUPER, as on the server).
+An id that is no session may be a backend thread id that one of rwproxy's sessions got from
+CONNECTION_ID(): every worker is asked for it. Anything else gets ERROR 1094. Workers reach
 each other over unix datagram sockets beside the control socket (mode 0600).
 
 A session whose client disconnects in the middle of a statement has that statement killed
@@ -72,11 +74,24 @@ async def kill_backend_thread(worker, server_name: str, user, thread_id: int, co
     return None
 
 
-async def kill_session(worker, target: int, connection: bool, user):
+def _find(worker, target: int, by_thread: bool):
+    """The live session with id `target`, or (by_thread) the one holding backend thread `target`
+    (what CONNECTION_ID() returned it), preferring a match on the primary."""
+    if not by_thread:
+        return next((c for c in worker.clients if c.conn_id == target and c.state is not None and not c.closed), None)
+    found = [c for c in worker.clients if c.state is not None and not c.closed
+             and any(be.thread_id == target and not be.closed for be in c.backends.values())]
+    primary = [c for c in found if any(be.thread_id == target and be.server.name == worker.primary_name
+                                       for be in c.backends.values())]
+    return (primary or found or [None])[0]
+
+
+async def kill_session(worker, target: int, connection: bool, user, by_thread: bool = False):
     """Kill session `target` of this worker for `user`: None, MISSING or (code, sqlstate, message)."""
-    client = next((c for c in worker.clients if c.conn_id == target), None)
-    if client is None or client.closed or client.state is None:
+    client = _find(worker, target, by_thread)
+    if client is None:
         return MISSING
+    target = client.conn_id
     same_user = client.user.name == user.name
     running = [be for be in client.backends.values() if not be.closed and be.client is client and be.mode == 1]
     if connection and not same_user:
@@ -153,7 +168,7 @@ class Peers:
 
     async def _serve(self, msg: dict, addr) -> None:
         user = self.worker.users.get(msg["user"])
-        res = MISSING if user is None else await kill_session(self.worker, msg["id"], msg["conn"], user)
+        res = MISSING if user is None else await kill_session(self.worker, msg["id"], msg["conn"], user, msg["thr"])
         reply = {"t": "reply", "seq": msg["seq"], "missing": res is MISSING,
                  "error": list(res) if isinstance(res, tuple) else None}
         try:
@@ -161,13 +176,13 @@ class Peers:
         except OSError as e:
             log.info("worker %d: could not answer a KILL request from %s: %s", self.worker.index, addr, e)
 
-    async def kill(self, owner: int, target: int, connection: bool, user):
+    async def kill(self, owner: int, target: int, connection: bool, user, by_thread: bool = False):
         """Ask worker `owner` to kill session `target`; same results as kill_session."""
         self.seq += 1
         seq = self.seq
         f = self.worker.loop.create_future()
         self.pending[seq] = f
-        msg = {"t": "kill", "seq": seq, "id": target, "conn": connection, "user": user.name}
+        msg = {"t": "kill", "seq": seq, "id": target, "conn": connection, "user": user.name, "thr": by_thread}
         try:
             self.sock.sendto(json.dumps(msg).encode(), self.path(owner))
             reply = await asyncio.wait_for(f, self.worker.config.pool.connect_timeout + 15)
@@ -200,13 +215,13 @@ class KillCommands:
                 self._error(1927, b"70100", "Connection was killed")
                 return self._close()
             return self._error(1317, b"70100", "Query execution was interrupted")
-        owner = w.worker_of(target)
-        if owner == w.index:
-            res = await kill_session(w, target, connection, self.user)
-        elif owner is None or w.peers is None:
-            res = MISSING
-        else:
-            res = await w.peers.kill(owner, target, connection, self.user)
+        res = await self._kill_on(w.worker_of(target), target, connection, False)
+        if res is MISSING:
+            # not a session id: a backend thread id of one of rwproxy's sessions (CONNECTION_ID())?
+            for i in range(w.count):
+                res = await self._kill_on(i, target, connection, True)
+                if res is not MISSING:
+                    break
         if res is MISSING:
             self._error(ER_NO_SUCH_THREAD, b"HY000", f"Unknown thread id: {target}")
         elif res is not None:
@@ -214,6 +229,14 @@ class KillCommands:
             self._error(code, state.encode() if isinstance(state, str) else state, message)
         else:
             self.write(ok_packet(1, self.status))
+
+    async def _kill_on(self, owner, target: int, connection: bool, by_thread: bool):
+        w = self.worker
+        if owner == w.index:
+            return await kill_session(w, target, connection, self.user, by_thread)
+        if owner is None or w.peers is None:
+            return MISSING
+        return await w.peers.kill(owner, target, connection, self.user, by_thread)
 
     def killed(self) -> None:
         """KILL CONNECTION from another session: the client sees its connection closed."""

@@ -56,6 +56,7 @@ class Worker:
         self.tls_context = make_tls_context(config)
         self.pools = Pools(config.pool)
         self.users = {u.name: u for u in config.users}
+        self.count = config.proxy.workers or os.cpu_count() or 1  # worker processes in all
         self.peers = None  # kill.Peers: KILL requests to and from the other workers
         self.clients: set = set()
         self.loop = None

@@ -161,6 +161,31 @@ def test_kill_connection_ends_the_session_from_another_worker(proxy, direct, loc
             c.close()
 
 
+def test_kill_with_the_id_from_connection_id(proxy, direct, locker):
+    """Applications that kill with SELECT CONNECTION_ID()'s value (a backend thread id) still can,
+    from any worker: the id is looked up among rwproxy's own sessions' backend threads."""
+    spare: list = []
+    try:
+        victim = _session(proxy, 1, spare)
+        killer = _session(proxy, 0, spare)
+        with victim.cursor() as cur:
+            cur.execute("SELECT CONNECTION_ID()")
+            backend_id = cur.fetchone()[0]
+        assert backend_id != victim.thread_id()
+        out = _start_victim(victim)
+        assert _wait(lambda: _waiting(direct) == [backend_id])
+        with killer.cursor() as cur:
+            cur.execute(f"KILL QUERY {backend_id}")
+        out["thread"].join(15)
+        assert out.get("error") == 1317, out
+        assert _wait(lambda: not _waiting(direct), 5)
+        locker.commit()
+        assert _row_value(direct) == 0
+    finally:
+        for c in spare:
+            c.close()
+
+
 def test_kill_with_a_server_thread_id_is_not_forwarded(proxy, cluster, direct):
     """A number that is no rwproxy session never reaches a server, where it would name someone else."""
     bystander = pymysql.connect(host="127.0.0.1", port=cluster.primary.port, user="app", password="app", database="app")

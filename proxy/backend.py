@@ -166,6 +166,10 @@ class BackendConnection(asyncio.Protocol):
             self.client.transport.resume_reading()
 
     # ---- relay path -------------------------------------------------------
+    def relaying_for(self, client) -> bool:
+        """True while this connection streams `client`'s command's response (mid-statement)."""
+        return self.client is client and self.mode == _MODE_RELAY and not self.closed
+
     def relay(self, packet, kind: int, client) -> None:
         """Send a client's command and stream the response to it (no await)."""
         self.client = client

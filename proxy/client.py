@@ -33,7 +33,6 @@ from .statements import StatementMap, execute_packet_for
 log = logging.getLogger("rwproxy.client")
 
 _HANDSHAKE, _COMMAND, _CLOSING = 0, 1, 2
-_RELAY = 1  # BackendConnection mode while relaying
 
 _F_KILL = C.F_KILL
 _HUGE = C.Classification(C.WRITE, C.F_UNPARSED, "<statement over 16 MiB>")
@@ -449,7 +448,7 @@ class ClientConnection(StatementCommands, OtherCommands, KillCommands, asyncio.P
         be = self.backends.get(name)
         if be is None or be.closed:
             return
-        if be.client is self and be.mode == _RELAY:
+        if be.relaying_for(self):
             be.transport.abort()  # -> backend_lost(): retried if nothing reached the client yet
         elif self.state is None or self.state.trx_server != name:
             self._drop_backend(be)
@@ -508,7 +507,7 @@ class ClientConnection(StatementCommands, OtherCommands, KillCommands, asyncio.P
     def _release_all(self):
         pools = self.worker.pools
         for be in self.backends.values():
-            if (be.client is self and be.mode == _RELAY) or be.dirty:
+            if be.relaying_for(self) or be.dirty:
                 pools.discard(be)  # mid-response, or options a reset won't undo
             else:
                 pools.release(be)

@@ -93,7 +93,7 @@ async def kill_session(worker, target: int, connection: bool, user, by_thread: b
         return MISSING
     target = client.conn_id
     same_user = client.user.name == user.name
-    running = [be for be in client.backends.values() if not be.closed and be.client is client and be.mode == 1]
+    running = [be for be in client.backends.values() if be.relaying_for(client)]
     if connection and not same_user:
         # every backend thread of the session: the server decides whether `user` may end them
         targets = [be for be in client.backends.values() if not be.closed]
@@ -109,7 +109,7 @@ async def kill_session(worker, target: int, connection: bool, user, by_thread: b
             return err
     if connection:
         log.info("session %d: killed by %s (KILL CONNECTION)", target, user.name)
-        client.killed()
+        client._close()  # the client sees its connection closed, as after a server's KILL
     return None
 
 
@@ -238,15 +238,11 @@ class KillCommands:
             return MISSING
         return await w.peers.kill(owner, target, connection, self.user, by_thread)
 
-    def killed(self) -> None:
-        """KILL CONNECTION from another session: the client sees its connection closed."""
-        self._close()
-
     def client_gone(self) -> None:
         """The client disconnected: stop what its statement still runs on a backend."""
         w = self.worker
         for be in self.backends.values():
-            if be.client is self and be.mode == 1 and not be.closed and be.thread_id:
+            if be.relaying_for(self) and be.thread_id:
                 log.info("session %d: client went away during a statement; killing it on %s (thread %d)",
                          self.conn_id, be.server.name, be.thread_id)
                 w.loop.create_task(kill_backend_thread(w, be.server.name, self.user, be.thread_id, False))

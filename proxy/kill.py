@@ -28,14 +28,16 @@ import socket
 
 from .backend import BackendError, connect
 from .classify_const import F_MULTI
-from .protocol.packets import frame, ok_packet, parse_err
+from .protocol.constants import (
+    ER_CONNECTION_KILLED, ER_KILL_DENIED_ERROR, ER_NO_SUCH_THREAD, ER_QUERY_INTERRUPTED, ER_UNKNOWN_ERROR,
+)
+from .protocol.packets import err_packet, frame, ok_packet, parse_err
 from .protocol.scan import SIMPLE
 
 log = logging.getLogger("rwproxy.kill")
 
 MISSING = "missing"  # no live session with that id
-ER_NO_SUCH_THREAD = 1094
-ER_KILL_DENIED = 1095
+NO_SUCH_THREAD, KILL_DENIED = ER_NO_SUCH_THREAD[0], ER_KILL_DENIED_ERROR[0]
 
 _KILL = re.compile(
     rb"\A\s*(?:/\*(?!!).*?\*/\s*)*KILL\s+(?:(?:HARD|SOFT)\s+)?(?:(CONNECTION|QUERY)\s+)?(\d{1,20})\s*;?\s*\Z",
@@ -56,7 +58,7 @@ async def kill_backend_thread(worker, server_name: str, user, thread_id: int, co
     """KILL a backend thread as `user`; None when done, else (code, sqlstate, message)."""
     server = worker.servers.get(server_name)
     if server is None:
-        return (ER_NO_SUCH_THREAD, "HY000", f"Unknown thread id: {thread_id}")
+        return (NO_SUCH_THREAD, "HY000", f"Unknown thread id: {thread_id}")
     timeout = worker.config.pool.connect_timeout
     sql = b"\x03KILL " + (b"CONNECTION " if connection else b"QUERY ") + str(thread_id).encode()
     try:
@@ -98,14 +100,14 @@ async def kill_session(worker, target: int, connection: bool, user, by_thread: b
         # every backend thread of the session: the server decides whether `user` may end them
         targets = [be for be in client.backends.values() if not be.closed]
         if not targets:
-            return (ER_KILL_DENIED, "HY000", f"You are not owner of thread {target}")
+            return (KILL_DENIED, "HY000", f"You are not owner of thread {target}")
     else:
         targets = running
     for be in targets:
         err = await kill_backend_thread(worker, be.server.name, user, be.thread_id, connection and not same_user)
-        if err is not None and err[0] != ER_NO_SUCH_THREAD:  # no such thread: it just finished
-            if err[0] == ER_KILL_DENIED:
-                err = (ER_KILL_DENIED, err[1], f"You are not owner of thread {target}")
+        if err is not None and err[0] != NO_SUCH_THREAD:  # no such thread: it just finished
+            if err[0] == KILL_DENIED:  # name the session, not the backend thread
+                err = (KILL_DENIED, err[1], f"You are not owner of thread {target}")
             return err
     if connection:
         log.info("session %d: killed by %s (KILL CONNECTION)", target, user.name)
@@ -189,7 +191,7 @@ class Peers:
         except OSError:  # no such worker (or it is restarting): its sessions are gone
             return MISSING
         except asyncio.TimeoutError:
-            return (1105, "HY000", f"rwproxy worker {owner} did not answer the KILL in time; try again")
+            return (ER_UNKNOWN_ERROR[0], "HY000", f"rwproxy worker {owner} did not answer the KILL in time; try again")
         finally:
             self.pending.pop(seq, None)
         if reply["missing"]:
@@ -212,9 +214,9 @@ class KillCommands:
         w = self.worker
         if target == self.conn_id:  # as the server does for one's own id
             if connection:
-                self._error(1927, b"70100", "Connection was killed")
+                self.write(err_packet(1, ER_CONNECTION_KILLED, "Connection was killed", self.caps))
                 return self._close()
-            return self._error(1317, b"70100", "Query execution was interrupted")
+            return self.write(err_packet(1, ER_QUERY_INTERRUPTED, "Query execution was interrupted", self.caps))
         res = await self._kill_on(w.worker_of(target), target, connection, False)
         if res is MISSING:
             # not a session id: a backend thread id of one of rwproxy's sessions (CONNECTION_ID())?
@@ -223,10 +225,10 @@ class KillCommands:
                 if res is not MISSING:
                     break
         if res is MISSING:
-            self._error(ER_NO_SUCH_THREAD, b"HY000", f"Unknown thread id: {target}")
+            self.write(err_packet(1, ER_NO_SUCH_THREAD, f"Unknown thread id: {target}", self.caps))
         elif res is not None:
             code, state, message = res
-            self._error(code, state.encode() if isinstance(state, str) else state, message)
+            self._error(code, state.encode(), message)
         else:
             self.write(ok_packet(1, self.status))
 

@@ -9,9 +9,9 @@ from .login import parse_change_user
 from .protocol.constants import (
     COM_CHANGE_USER, COM_FIELD_LIST, COM_INIT_DB, COM_PING, COM_PROCESS_KILL, COM_QUIT, COM_RESET_CONNECTION,
     COM_SET_OPTION, COM_STATISTICS, COM_STMT_CLOSE, COM_STMT_FETCH, COM_STMT_PREPARE, COM_STMT_RESET,
-    COM_STMT_SEND_LONG_DATA, SERVER_STATUS_AUTOCOMMIT,
+    COM_STMT_SEND_LONG_DATA, ER_UNKNOWN_COM_ERROR, SERVER_STATUS_AUTOCOMMIT,
 )
-from .protocol.packets import logical_payload as _payload, ok_packet
+from .protocol.packets import ProtocolError, logical_payload as _payload, ok_packet
 from .protocol.scan import FIELD_LIST, SIMPLE, STATISTICS
 
 # Commands that always run on the primary, with the response kind to scan.
@@ -42,7 +42,7 @@ class OtherCommands:
         elif cmd == COM_RESET_CONNECTION:
             self._spawn(self._reset_connection())
         else:
-            self._error(1047, b"08S01", f"Unknown command (0x{cmd & 0xFF:02x}): not supported by rwproxy")
+            self._error(*ER_UNKNOWN_COM_ERROR, f"Unknown command (0x{cmd & 0xFF:02x}): not supported by rwproxy")
 
     async def _set_option(self, pkt):
         # Multi-statements on/off shapes how every backend parses COM_QUERY: apply it to all.
@@ -66,7 +66,10 @@ class OtherCommands:
         self.write(ok_packet(1, self.status))
 
     async def _change_user(self, pkt):
-        req = parse_change_user(_payload(pkt), self.caps)
+        try:
+            req = parse_change_user(_payload(pkt), self.caps)
+        except ProtocolError as e:  # as MariaDB answers: the session carries on unchanged
+            return self._error(*ER_UNKNOWN_COM_ERROR, f"Unknown command: malformed COM_CHANGE_USER packet ({e})")
         w = self.worker
         user, seq = await w.authenticator.login(self, req.user, req.plugin, req.auth_response, self.salt, 1, self.host, self.tls)
         self._release_all()

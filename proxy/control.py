@@ -163,7 +163,10 @@ class ControlServer:
                 except Exception as e:  # an operator tool must get an answer, not a hang
                     log.exception("control command failed")
                     reply = {"ok": False, "message": f"{type(e).__name__}: {e}"}
-                self.wfile.write(json.dumps(reply, default=str).encode() + b"\n")
+                try:
+                    self.wfile.write(json.dumps(reply, default=str).encode() + b"\n")
+                except OSError:
+                    pass  # the asker gave up (a readiness probe, a timed-out CLI): nothing to tell
 
         class Server(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
             daemon_threads = True

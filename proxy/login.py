@@ -56,9 +56,19 @@ class ChangeUser:
 
 
 def parse_change_user(payload: bytes, caps: int) -> ChangeUser:
+    """COM_CHANGE_USER's fields; ProtocolError if the packet is cut short or garbled."""
+    try:
+        return _parse_change_user(payload, caps)
+    except (IndexError, struct.error) as e:
+        raise ProtocolError(f"truncated packet ({e})") from None
+
+
+def _parse_change_user(payload: bytes, caps: int) -> ChangeUser:
     user, pos = read_nul_str(payload, 1)
     if caps & CLIENT_SECURE_CONNECTION:
         n = payload[pos]
+        if pos + 1 + n > len(payload):
+            raise ProtocolError("auth response runs past the packet")
         token = bytes(payload[pos + 1 : pos + 1 + n])
         pos += 1 + n
     else:

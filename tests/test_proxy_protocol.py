@@ -165,6 +165,24 @@ def test_malformed_handshake_gets_error_and_proxy_keeps_serving(proxy):
         assert cur.fetchone() == (1,)
 
 
+@pytest.mark.parametrize("payload", [b"\x11app", b"\x11app\x00", b"\x11app\x00\x14abc", b"\x11\xff\xfe"],
+                         ids=["no-nul", "no-token", "short-token", "garbage"])
+def test_malformed_change_user_gets_error_and_session_carries_on(proxy, payload):
+    """Answered as MariaDB answers it (1047 Unknown command), not as an internal error, and the
+    session keeps its user and state."""
+    c = RawClient(proxy.host, proxy.port)
+    try:
+        assert c.command(b"\x03SET @keep = 7")[0] == 0
+        reply = c.command(payload)
+        assert reply[0] == 0xFF and struct.unpack_from("<H", reply, 1)[0] == 1047, reply
+        assert reply[4:9] == b"08S01" and b"malformed COM_CHANGE_USER" in reply
+        c.send(b"\x03SELECT CURRENT_USER(), @keep", 0)
+        rows = c.read_until_eof()
+        assert b"app@" in rows[-2] and rows[-2].endswith(b"\x017")
+    finally:
+        c.close()
+
+
 def test_set_option_turns_multi_statements_on_and_off(proxy):
     import MySQLdb
 

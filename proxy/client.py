@@ -21,8 +21,9 @@ from .protocol.constants import (
     COM_INIT_DB, COM_QUERY, COM_STMT_EXECUTE, CR_SERVER_LOST, ER_ACCESS_DENIED_ERROR, MAX_PACKET,
     SERVER_STATUS_AUTOCOMMIT, SESSION_SHAPING_CAPABILITIES,
 )
-from .protocol.packets import err_packet, err_payload, frame, logical_payload as _payload, read_lenenc_str
+from .protocol.packets import err_packet, err_payload, frame, read_lenenc_str
 from .client_commands import OtherCommands
+from .client_packets import _CLOSING, _COMMAND, _HANDSHAKE, PRE_AUTH_LIMIT, ClientPackets
 from .client_stmts import StatementCommands
 from .kill import KillCommands
 from .protocol.scan import RESULT
@@ -32,13 +33,12 @@ from .statements import StatementMap, execute_packet_for
 
 log = logging.getLogger("rwproxy.client")
 
-_HANDSHAKE, _COMMAND, _CLOSING = 0, 1, 2
 
 _F_KILL = C.F_KILL
 _HUGE = C.Classification(C.WRITE, C.F_UNPARSED, "<statement over 16 MiB>")
 
 
-class ClientConnection(StatementCommands, OtherCommands, KillCommands, asyncio.Protocol):
+class ClientConnection(ClientPackets, StatementCommands, OtherCommands, KillCommands, asyncio.Protocol):
     def __init__(self, worker, conn_id: int):
         self.worker = worker
         self.conn_id = conn_id
@@ -64,6 +64,8 @@ class ClientConnection(StatementCommands, OtherCommands, KillCommands, asyncio.P
         self.infile_backend = None
         self._if_hdr, self._if_skip, self._if_prev = b"", 0, 0
         self._pkt_waiter: asyncio.Future | None = None
+        self.packet_limit = PRE_AUTH_LIMIT  # max_allowed_packet once logged in
+        self._read_paused = False
 
     # ---- transport events -----------------------------------------------------
     def connection_made(self, transport):
@@ -82,6 +84,7 @@ class ClientConnection(StatementCommands, OtherCommands, KillCommands, asyncio.P
     async def _login(self):
         if await handshake(self):
             self.phase = _COMMAND
+            self.packet_limit = self.worker.config.proxy.max_allowed_packet
             if self.buf:
                 self._process()
         else:
@@ -110,6 +113,8 @@ class ClientConnection(StatementCommands, OtherCommands, KillCommands, asyncio.P
             self.buf += data
         else:
             self.buf = data
+        if len(self.buf) > self.packet_limit and self._over_limit():
+            return
         if self.phase == _COMMAND and not self.busy:
             self._process()
         elif self._pkt_waiter is not None:
@@ -136,50 +141,6 @@ class ClientConnection(StatementCommands, OtherCommands, KillCommands, asyncio.P
             if be.client is self and not be.closed:
                 be.transport.resume_reading()
 
-    # ---- packets ------------------------------------------------------------------
-    def _take_packet(self):
-        """Pop one logical packet (raw, headers included) from the buffer, or None."""
-        buf = self.buf
-        blen = len(buf)
-        if blen < 4:
-            return None
-        n = buf[0] | (buf[1] << 8) | (buf[2] << 16)
-        end = 4 + n
-        if n == MAX_PACKET:
-            end = 0
-            while True:  # split packet: up to the physical packet shorter than 16 MiB - 1
-                if blen < end + 4:
-                    return None
-                m = buf[end] | (buf[end + 1] << 8) | (buf[end + 2] << 16)
-                end += 4 + m
-                if m < MAX_PACKET:
-                    break
-        if blen < end:
-            return None
-        if end == blen:
-            self.buf = b""
-            return buf if type(buf) is bytes else bytes(buf)
-        pkt = bytes(buf[:end])
-        self.buf = buf[end:]
-        return pkt
-
-    def _deliver_packet(self):
-        pkt = self._take_packet()
-        if pkt is not None:
-            w, self._pkt_waiter = self._pkt_waiter, None
-            if not w.done():
-                w.set_result(pkt)
-
-    async def read_packet(self, timeout: float = 30.0) -> tuple[int, bytes]:
-        """(seq, payload) of the next client packet (slow paths only)."""
-        pkt = self._take_packet()
-        if pkt is None:
-            if self.closed:
-                raise ConnectionError("client closed the connection")
-            self._pkt_waiter = self.worker.loop.create_future()
-            pkt = await asyncio.wait_for(self._pkt_waiter, timeout)
-        return pkt[3], _payload(pkt)
-
     def write(self, data: bytes) -> None:
         if not self.closed:
             self.transport.write(data)
@@ -192,7 +153,7 @@ class ClientConnection(StatementCommands, OtherCommands, KillCommands, asyncio.P
         while not self.busy and not self.closed:
             pkt = self._take_packet()
             if pkt is None:
-                return
+                break
             cmd = pkt[4] if len(pkt) > 4 else -1
             if cmd == COM_QUERY:
                 cls = self.worker.classifier.classify(pkt[5:]) if len(pkt) < MAX_PACKET else _HUGE
@@ -203,6 +164,12 @@ class ClientConnection(StatementCommands, OtherCommands, KillCommands, asyncio.P
                 self._execute(pkt)
             else:
                 self._other_command(pkt, cmd)
+        if self._read_paused and not self.closed:
+            if len(self.buf) <= self.packet_limit:
+                self._read_paused = False
+                self.transport.resume_reading()
+            elif not self.busy:
+                self._over_limit()  # the packet waiting behind the last command was too big
 
     def _dispatch(self, pkt, cls, kind, stmt_sid: int = 0):
         """Route a statement and relay it; falls to the slow path when its backend needs work."""
@@ -472,29 +439,6 @@ class ClientConnection(StatementCommands, OtherCommands, KillCommands, asyncio.P
         self.busy = False
         if self.buf and not self.closed:
             self._process()
-
-    # ---- LOAD DATA LOCAL INFILE ---------------------------------------------------------
-    def _infile_feed(self, data):
-        """Forward the client's file packets until the empty packet that ends them."""
-        be = self.infile_backend
-        be.transport.write(data)
-        i, n, hdr = self._if_skip, len(data), self._if_hdr
-        while i < n:
-            need = 4 - len(hdr)
-            hdr += data[i : i + need]
-            i += need
-            if len(hdr) < 4:
-                break
-            ln = hdr[0] | (hdr[1] << 8) | (hdr[2] << 16)
-            hdr = b""
-            if ln == 0 and self._if_prev != MAX_PACKET:
-                self.infile_backend = None
-                be.expect(RESULT, self)
-                return
-            self._if_prev = ln
-            i += ln
-        self._if_skip = i - n if i > n else 0
-        self._if_hdr = hdr
 
     # ---- teardown ------------------------------------------------------------------------
     def _drop_backend(self, be):

@@ -153,6 +153,7 @@ class ProxyConfig:
     cpu_affinity: str = E("none", "none", "spread")
     server_version: str = S()
     max_connections: int = I(10000, 1)
+    max_allowed_packet: int = I(64 << 20, 1024, 1 << 30)  # bytes; a bigger client packet gets 1153
     client_idle_timeout: float = F(28800.0)
     auth_plugin: str = E("mysql_native_password", *AUTH_PLUGINS)
     tls: TLSConfig = T(TLSConfig)

@@ -18,6 +18,8 @@ import pytest
 
 from helpers import SHA2_PASSWORD, SHA2_USER, self_signed_cert, start_proxy
 from proxy.launcher import ProxyProcess, free_port
+from proxy.protocol.constants import MAX_PACKET
+from proxy.protocol.packets import frame
 from proxy.rawclient import RawClient
 
 
@@ -328,6 +330,54 @@ def test_too_many_connections(cluster, tmp_path):
             cur.execute("SELECT 1")
         held[1].close()
     finally:
+        p.process.stop()
+
+
+def test_max_allowed_packet_refuses_bigger_packets_like_the_server(cluster, tmp_path):
+    """A packet over proxy.max_allowed_packet gets 1153 and a closed connection (rwproxy holds
+    a packet whole, so this is its memory bound per client); one under it, split or not, goes
+    through; other sessions do not notice."""
+    p = start_proxy(cluster, tmp_path, proxy={"workers": 1, "max_allowed_packet": 4 << 20})
+    try:
+        bystander = p.connect()
+        with p.connect() as c, c.cursor() as cur:
+            cur.execute("SELECT LENGTH(%s)", ("x" * (3 << 20),))
+            assert cur.fetchone() == (3 << 20,)
+        c = RawClient(p.host, p.port)
+        c.sock.sendall(frame(b"\x03SELECT '" + b"y" * (5 << 20) + b"'", 0))
+        reply = c.read()[1]
+        assert reply[0] == 0xFF and struct.unpack_from("<H", reply, 1)[0] == 1153, reply[:80]
+        assert b"max_allowed_packet" in reply
+        with pytest.raises(ConnectionError):
+            c.read()  # and the connection is closed
+        c.sock.close()
+        c = RawClient(p.host, p.port)  # a split packet (over 16 MiB) is counted whole
+        c.sock.sendall(b"\xff\xff\xff\x00\x03" + b"z" * (MAX_PACKET - 1))
+        reply = c.read()[1]
+        assert reply[0] == 0xFF and struct.unpack_from("<H", reply, 1)[0] == 1153
+        c.sock.close()
+        with bystander.cursor() as cur:
+            cur.execute("SELECT 1")
+            assert cur.fetchone() == (1,)
+        bystander.close()
+    finally:
+        p.process.stop()
+
+
+def test_pipelined_commands_beyond_max_allowed_packet_all_answered(cluster, tmp_path):
+    """Commands a client sends without waiting pile up while one runs: rwproxy stops reading
+    past max_allowed_packet (bounded memory) and resumes as it works them off; all are answered,
+    in order."""
+    p = start_proxy(cluster, tmp_path, proxy={"workers": 1, "max_allowed_packet": 64 << 10})
+    c = RawClient(p.host, p.port)
+    try:
+        n, pad = 300, b"-" * 2000  # ~600 KB of commands, ten times the limit
+        c.sock.sendall(b"".join(frame(b"\x03SELECT %d /* %s */" % (i, pad), 0) for i in range(n)))
+        for i in range(n):
+            rows = c.read_until_eof()
+            assert rows[-2] == b"%c%d" % (len(str(i)), i), (i, rows)
+    finally:
+        c.close()
         p.process.stop()
 
 

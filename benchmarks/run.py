@@ -70,17 +70,27 @@ def sysbench(test: str, host: str, port: int, threads: int, seconds: float, tabl
         f"--mysql-db={SB_DB}", f"--tables={tables}", f"--table-size={size}", "--db-driver=mysql",
         f"--threads={threads}", f"--time={int(seconds)}", "--histogram=on", "--percentile=99", "--db-ps-mode=auto", action,
     ]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 120)
-    if out.returncode != 0:
-        raise RuntimeError(f"sysbench failed ({' '.join(cmd)}):\n{out.stdout[-2000:]}\n{out.stderr[-2000:]}")
+    text = _run_sysbench(cmd, seconds)
     if action != "run":
         return {}
-    text = out.stdout
-    queries = int(re.search(r"queries:\s+(\d+)", text).group(1))
-    qps = float(re.search(r"queries:\s+\d+\s+\(([\d.]+) per sec", text).group(1))
+    queries, qps = _queries(text)
     errors = int(re.search(r"ignored errors:\s+(\d+)", text).group(1))
     hist = [(float(v), int(c)) for v, c in re.findall(r"^\s+([\d.]+) \|[^\n]*?(\d+)\s*$", text, re.M)]
     return {"queries": queries, "qps": qps, "errors": errors, "p95_ms": _pct(hist, 0.95), "p99_ms": _pct(hist, 0.99)}
+
+
+def _run_sysbench(cmd: list[str], seconds: float) -> str:
+    """sysbench's report (stdout); a failure raises with its output."""
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 120)
+    if out.returncode != 0:
+        raise RuntimeError(f"sysbench failed ({' '.join(cmd)}):\n{out.stdout[-2000:]}\n{out.stderr[-2000:]}")
+    return out.stdout
+
+
+def _queries(report: str) -> tuple[int, float]:
+    """(queries, queries per second) from a sysbench report."""
+    m = re.search(r"queries:\s+(\d+)\s+\(([\d.]+) per sec", report)
+    return int(m.group(1)), float(m.group(2))
 
 
 def _pct(hist: list[tuple[float, int]], q: float) -> float | None:
@@ -116,11 +126,8 @@ def big_result_sysbench(port: int, threads: int, seconds: float) -> dict:
     cmd = ["sysbench", str(Path(__file__).with_name("big_result.lua")), "--mysql-host=127.0.0.1", f"--mysql-port={port}",
            "--mysql-user=app", "--mysql-password=app", f"--mysql-db={SB_DB}", "--db-driver=mysql",
            f"--threads={threads}", f"--time={int(seconds)}", "run"]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 60)
-    if out.returncode != 0:
-        raise RuntimeError(f"sysbench failed ({' '.join(cmd)}):\n{out.stdout[-2000:]}\n{out.stderr[-2000:]}")
-    return {"queries": int(re.search(r"queries:\s+(\d+)", out.stdout).group(1)),
-            "qps": float(re.search(r"queries:\s+\d+\s+\(([\d.]+) per sec", out.stdout).group(1))}
+    queries, qps = _queries(_run_sysbench(cmd, seconds))
+    return {"queries": queries, "qps": qps}
 
 
 def big_result_cpu(proxy: ProxyProcess, seconds: float) -> dict:
@@ -392,11 +399,11 @@ def markdown(result: dict) -> str:
             f"spread over its queries, {b['net_us_per_query']} µs the relaying itself."
             + (f" With {b['sysbench_threads']} sysbench threads reading at once (libmariadb): {b['proxy_cpu_us_per_query_sysbench']} µs "
                f"per query at {b['sysbench_qps']:.0f} results/s ({b['sysbench_queries']} queries)." if "sysbench_threads" in b else ""))
-    lines += [
-        f"- Idle clients: {m['connections']} connections held open grew rwproxy's RSS by {m['rss_after_kib'] - m['rss_before_kib']} KiB "
-        f"= {m['kib_per_connection']} KiB per connection (each holds its primary backend connection too).",
-        "",
-    ]
+    if m:  # measured on rwproxy only: absent from a forwarder-only run
+        lines.append(
+            f"- Idle clients: {m['connections']} connections held open grew rwproxy's RSS by {m['rss_after_kib'] - m['rss_before_kib']} KiB "
+            f"= {m['kib_per_connection']} KiB per connection (each holds its primary backend connection too).")
+    lines.append("")
     return "\n".join(lines)
 
 

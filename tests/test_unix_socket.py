@@ -56,7 +56,7 @@ def test_wrong_socket_path_is_a_clear_error(cluster, tmp_path):
             with proxy.connect(autocommit=True) as c, c.cursor() as cur:
                 cur.execute("INSERT INTO app.us VALUES (2, 'b')")
         code, message = err.value.args
-        assert code == 2003
+        assert code == 9001
         assert f"Can't connect to backend p ({tmp_path / 'no-such.sock'})" in message
     finally:
         proxy.process.stop()

@@ -162,6 +162,6 @@ ER_KILL_DENIED_ERROR = (1095, b"HY000")
 ER_QUERY_INTERRUPTED = (1317, b"70100")
 ER_CONNECTION_KILLED = (1927, b"70100")
 ER_OPTION_PREVENTS_STATEMENT = (1290, b"HY000")
-# Client-library style errors the proxy reports for backend trouble.
+# Client-library style errors the proxy raises for backend trouble (sent to clients as server codes: packets.wire_code).
 CR_SERVER_LOST = (2013, b"HY000")
 CR_CONN_HOST_ERROR = (2003, b"HY000")

@@ -129,7 +129,26 @@ def ok_packet(seq: int, status: int, **kw) -> bytes:
     return frame(ok_payload(status=status, **kw), seq)
 
 
+# Codes 2000-2999 belong to client libraries (CR_*): libmariadb (the mariadb CLI, mysqlclient,
+# sysbench) turns an ERR packet carrying one into "2027 Received malformed packet" and drops the
+# message. So the proxy's own backend-trouble errors go out with server codes: a lost backend
+# connection as 1927 "connection was killed" (SQLAlchemy and others treat it as a disconnect),
+# anything else (backend unreachable, TLS to it failed) as 9001, ProxySQL's code for that.
+_LOST = frozenset((2006, 2013, 2055))
+WIRE_LOST = (1927, b"70100")
+WIRE_UNREACHABLE = (9001, b"HY000")
+
+
+def wire_code(code: int, sqlstate: bytes) -> tuple[int, bytes]:
+    """The (code, SQLSTATE) a client is sent for an error the proxy raised (see above)."""
+    if 2000 <= code < 3000:
+        return WIRE_LOST if code in _LOST else WIRE_UNREACHABLE
+    return code, sqlstate
+
+
 def err_payload(code: int, sqlstate: bytes, message: str, capabilities: int = CLIENT_PROTOCOL_41) -> bytes:
+    if 2000 <= code < 3000:
+        code, sqlstate = wire_code(code, sqlstate)
     msg = message.encode("utf-8", "replace")
     if capabilities & CLIENT_PROTOCOL_41:
         return b"\xff" + _u16.pack(code) + b"#" + sqlstate + msg

@@ -46,14 +46,17 @@ MODE_NAMES = {"primary": "read_write_split = false (every statement to the prima
               "split": "read/write split, read_your_writes = session (autocommit reads on the replicas)",
               "primary-unix": "as primary, but rwproxy reaches the servers through their Unix sockets "
                               "([[backends]] socket; sysbench still uses TCP to rwproxy and in the direct runs)",
+              "primary-tls": "as primary, with TLS from rwproxy to the servers ([backend_tls] mode = verify_identity; "
+                             "the sandbox's servers then accept TLS, which sysbench and the direct runs do not use)",
               "forwarder": "reference, not rwproxy: benchmarks/forwarder.py, a bare uvloop TCP forwarder to the primary "
                            "(same worker count, no parsing, routing or pools): the floor for any Python proxy here"}
 MODE_TESTS = {"primary": ["oltp_point_select", "oltp_read_only"],
               "primary-pinned": ["oltp_point_select", "oltp_read_only"],
               "split": ["oltp_point_select", "oltp_read_only_skip_trx"],
               "primary-unix": ["oltp_point_select"],
+              "primary-tls": ["oltp_point_select"],
               "forwarder": ["oltp_point_select"]}
-BIG_RESULT_MODES = ("primary", "primary-pinned", "forwarder")  # 1,000-row figure measured in these
+BIG_RESULT_MODES = ("primary", "primary-pinned", "primary-tls", "forwarder")  # 1,000-row figure measured in these
 
 VARIANTS = {  # name -> (sysbench test, extra options)
     "oltp_point_select": ("oltp_point_select", []),
@@ -171,6 +174,8 @@ def write_mode_config(mode: str, port: int, workers: int, cluster, tmp: str) -> 
         "monitor": {"user": "rwproxy", "password": "rwproxy"},
         "routing": {"read_write_split": mode == "split"},
     }
+    if mode.endswith("-tls"):
+        data["backend_tls"] = {"mode": "verify_identity", "ca": str(cluster.tls_dir / "ca.pem")}
     path = str(Path(tmp) / f"rwproxy-{mode}.toml")
     write_config(build_config(data, source=path), path)
     return path
@@ -236,7 +241,8 @@ def main(argv=None) -> int:
                     help="routing modes: primary (read_write_split = false: the issue-3 set-up, everything on the "
                          "primary like the direct runs), primary-pinned (as primary, cpu_affinity = spread), "
                          "split (reads on the replicas), primary-unix (as primary, backends through their Unix "
-                         "sockets), forwarder (reference: a bare uvloop forwarder, not rwproxy)")
+                         "sockets), primary-tls (as primary, TLS to the servers), forwarder (reference: a bare "
+                         "uvloop forwarder, not rwproxy)")
     ap.add_argument("--workers", type=int, default=0, help="rwproxy workers (0 = CPU count)")
     ap.add_argument("--idle", type=int, default=1000, help="idle clients for the memory figure")
     ap.add_argument("--tag", default="dataplane")
@@ -249,7 +255,8 @@ def main(argv=None) -> int:
     workers = args.workers or os.cpu_count() or 1
     tables, size = 4, 10000
 
-    with tempfile.TemporaryDirectory(prefix="rwp-bench-") as tmp, running_cluster(Path(tmp) / "sandbox", replicas=2, port_start=25306) as cluster:
+    with tempfile.TemporaryDirectory(prefix="rwp-bench-") as tmp, running_cluster(
+            Path(tmp) / "sandbox", replicas=2, port_start=25306, tls=any(m.endswith("-tls") for m in modes)) as cluster:
         with cluster.primary.connect() as c, c.cursor() as cur:
             cur.execute(f"CREATE DATABASE IF NOT EXISTS {SB_DB}")
             cur.execute(f"GRANT ALL ON {SB_DB}.* TO 'app'@'%'")

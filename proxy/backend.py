@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import select
+import ssl
 import time
 
 from .protocol import auth
@@ -22,12 +23,13 @@ from .protocol.constants import (
     CLIENT_PLUGIN_AUTH_LENENC_CLIENT_DATA,
     CLIENT_PROTOCOL_41,
     CLIENT_SECURE_CONNECTION,
+    CLIENT_SSL,
     CLIENT_TRANSACTIONS,
     COM_INIT_DB,
     COM_QUIT,
     COM_RESET_CONNECTION,
 )
-from .protocol.handshake import build_response, parse_greeting
+from .protocol.handshake import build_response, build_ssl_request, parse_greeting, response_caps
 from .protocol.packets import ProtocolError, frame, parse_err
 from .protocol.scan import SIMPLE, Scanner
 
@@ -226,17 +228,40 @@ class BackendConnection(asyncio.Protocol):
                 raise asyncio.TimeoutError()
             await asyncio.wait_for(self._waiter, remaining)
 
-    async def handshake(self, user: str, password: str, db: str | None, charset: int, timeout: float) -> None:
+    async def _start_tls(self, tls, caps: int, charset: int, seq: int, timeout: float) -> None:
+        """SSL request, then the TLS handshake on this connection; the login continues encrypted."""
+        self.transport.write(frame(build_ssl_request(caps, charset), seq))
+        loop = asyncio.get_running_loop()
+        try:
+            self.transport = await loop.start_tls(self.transport, self, tls.context, server_hostname=tls.hostname,
+                                                  ssl_handshake_timeout=timeout)
+        except ssl.SSLCertVerificationError as e:
+            raise BackendError(2026, "HY000", f"TLS to backend {self.server.name} failed: certificate verify "
+                               f"failed: {e.verify_message} (backend_tls mode {tls.mode})")
+        except (ssl.SSLError, ConnectionError, OSError) as e:
+            raise BackendError(2026, "HY000", f"TLS to backend {self.server.name} failed: {e}")
+        self.transport.set_write_buffer_limits(high=256 * 1024)
+
+    async def handshake(self, user: str, password: str, db: str | None, charset: int, timeout: float,
+                        tls=None) -> None:
         seq, payload = await self._read_packet(timeout)
         g = parse_greeting(payload)
         self.server_version = g.server_version
         self.thread_id = g.connection_id
         caps = (self.caps | BASE_BACKEND_CAPS) & (g.capabilities | CLIENT_CONNECT_ATTRS)
+        attrs = {"_client_name": "rwproxy", "program_name": "rwproxy"}
+        if tls is not None and tls.mode != "disabled":
+            if g.capabilities & CLIENT_SSL:
+                caps |= CLIENT_SSL
+                seq += 1
+                await self._start_tls(tls, response_caps(caps, db, attrs), charset, seq, timeout)
+            elif tls.required:
+                raise BackendError(2026, "HY000", f"TLS to backend {self.server.name} is required (backend_tls "
+                                   f"mode {tls.mode}) but the server does not offer it (have_ssl is not YES there)")
         plugin = g.plugin or auth.NATIVE
         if plugin not in auth.SUPPORTED:
             plugin = auth.NATIVE
         token = auth.token_for(plugin, password, g.salt)
-        attrs = {"_client_name": "rwproxy", "program_name": "rwproxy"}
         resp = build_response(caps, charset, user, token, db, plugin, attrs)
         self.transport.write(frame(resp, seq + 1))
         salt = g.salt
@@ -294,8 +319,10 @@ class BackendConnection(asyncio.Protocol):
         self.closed = True
 
 
-async def connect(server, key, caps: int, user: str, password: str, db, charset: int, timeout: float):
-    """Open and authenticate a backend connection; raises BackendError with a client-ready error."""
+async def connect(server, key, caps: int, user: str, password: str, db, charset: int, timeout: float, tls=None):
+    """Open and authenticate a backend connection; raises BackendError with a client-ready error.
+
+    tls: the backend's backend_tls.BackendTLS (None = plaintext)."""
     loop = asyncio.get_running_loop()
     factory = lambda: BackendConnection(server, key, caps)  # noqa: E731
     try:
@@ -308,7 +335,7 @@ async def connect(server, key, caps: int, user: str, password: str, db, charset:
         why = "timed out" if isinstance(e, asyncio.TimeoutError) else (e.strerror or str(e))
         raise BackendError(2003, "HY000", f"Can't connect to backend {server.name} ({server.where}): {why}")
     try:
-        await conn.handshake(user, password, db, charset, timeout)
+        await conn.handshake(user, password, db, charset, timeout, tls)
     except BackendError:
         conn.close()
         raise

@@ -201,6 +201,11 @@ class _Validator:
             if user.require_tls and not tls.cert:
                 err(self.where("users", i) + ".require_tls", "true needs proxy.tls.cert and proxy.tls.key",
                     cert, "proxy.tls.key")
+        btls = cfg.backend_tls
+        if btls.cert and not btls.key:
+            err("backend_tls.key", "required when backend_tls.cert is set")
+        if btls.key and not btls.cert:
+            err("backend_tls.cert", "required when backend_tls.key is set")
         self.duplicates(cfg)
         primary = None
         for i, b in enumerate(cfg.backends):
@@ -246,15 +251,19 @@ class _Validator:
             users.setdefault(u.name, at)
 
 
+def _anchored(section, keys: tuple[str, ...], base_dir: str):
+    paths = {k: os.path.normpath(os.path.join(base_dir, getattr(section, k)))
+             for k in keys if getattr(section, k) and not os.path.isabs(getattr(section, k))}
+    return dataclasses.replace(section, **paths) if paths else section
+
+
 def _resolve_tls(cfg: Config, base_dir: str) -> Config:
     """Relative TLS file paths are relative to the config file, not the cwd."""
-    tls = cfg.proxy.tls
-    paths = {k: os.path.normpath(os.path.join(base_dir, getattr(tls, k)))
-             for k in ("cert", "key", "rsa_private_key") if getattr(tls, k) and not os.path.isabs(getattr(tls, k))}
-    if not paths:
+    tls = _anchored(cfg.proxy.tls, ("cert", "key", "rsa_private_key"), base_dir)
+    btls = _anchored(cfg.backend_tls, ("ca", "cert", "key"), base_dir)
+    if tls is cfg.proxy.tls and btls is cfg.backend_tls:
         return cfg
-    proxy = dataclasses.replace(cfg.proxy, tls=dataclasses.replace(tls, **paths))
-    return dataclasses.replace(cfg, proxy=proxy)
+    return dataclasses.replace(cfg, proxy=dataclasses.replace(cfg.proxy, tls=tls), backend_tls=btls)
 
 
 def build_config(data: dict, source: str = "<dict>", base_dir: str | None = None) -> Config:

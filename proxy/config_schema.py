@@ -16,6 +16,8 @@ from functools import cached_property
 
 AUTH_PLUGINS = ("mysql_native_password", "caching_sha2_password")
 RYW_MODES = ("none", "session", "gtid")
+# TLS from rwproxy to a backend, named and meant as the mysql/mariadb clients' --ssl-mode
+BACKEND_TLS_MODES = ("disabled", "preferred", "required", "verify_ca", "verify_identity")
 
 _LISTEN_RE = re.compile(r"\[([0-9A-Fa-f:.]+(?:%[\w.-]+)?)\]:(\d{1,5})|([^\s:\[\]]+):(\d{1,5})")
 _IDENT_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_$]{0,63}")
@@ -175,6 +177,7 @@ class BackendConfig:
     no_promotion: bool = B(False)
     max_connections: int = I(0, 0)
     socket: str = S(check=socket_error)  # Unix socket of a server on this host ("" = TCP to host:port)
+    tls: str = E("", "", *BACKEND_TLS_MODES)  # "" = backend_tls.mode
 
     def __post_init__(self):
         if not self.name:
@@ -192,6 +195,15 @@ class BackendConfig:
     @property
     def address(self) -> str:
         return format_hostport(self.host, self.port)
+
+
+@dataclass(frozen=True)
+class BackendTLSConfig:
+    """TLS on rwproxy's own connections to the backends: the workers' pools and the monitor's."""
+    mode: str = E("disabled", *BACKEND_TLS_MODES)
+    ca: str = S()    # PEM CA bundle checked by verify_ca / verify_identity ("" = the system's CAs)
+    cert: str = S()  # client certificate, for accounts created REQUIRE X509 ("" = none)
+    key: str = S()
 
 
 @dataclass(frozen=True)
@@ -303,6 +315,7 @@ class AdminConfig:
 class Config:
     proxy: ProxyConfig = T(ProxyConfig)
     backends: tuple[BackendConfig, ...] = A(BackendConfig, min_items=1)
+    backend_tls: BackendTLSConfig = T(BackendTLSConfig)
     users: tuple[UserConfig, ...] = A(UserConfig, min_items=1)
     routing: RoutingConfig = T(RoutingConfig)
     monitor: MonitorConfig = T(MonitorConfig)

@@ -24,6 +24,7 @@ from dataclasses import replace
 from typing import Callable
 
 from proxy import failover_ops as ops
+from proxy.backend_tls import policies_for
 from proxy import failover_rejoin as fencing
 from proxy.failover_ops import Facts, Link, StepError
 from proxy.failover_rejoin import label, replicates_from
@@ -439,7 +440,8 @@ class Failover:
         m, c = self.config.monitor, self.cfg
         # long enough for the longest single wait (MASTER_GTID_WAIT up to switchover_timeout)
         return Link(self._backends[s.name], self._user, self._password, connect_timeout=max(1.0, 2 * m.connect_timeout),
-                    read_timeout=max(c.switchover_timeout, c.catchup_timeout) + 10.0)
+                    read_timeout=max(c.switchover_timeout, c.catchup_timeout) + 10.0,
+                    tls=policies_for(self.config).get(s.name))
 
     def _warm(self, topo: Topology) -> None:
         """Keep an idle admin connection to every healthy server, so a failover starts without connecting."""

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import pymysql
 import pymysql.cursors
 
+from .backend_tls import pymysql_connect
 from .mysql_errors import describe
 
 log = logging.getLogger("rwproxy.failover")
@@ -169,11 +170,12 @@ class Link:
     (or closes it when it broke or has none): connecting costs more than a whole promotion step."""
 
     def __init__(self, backend, user: str, password: str,
-                 connect_timeout: float = 1.0, read_timeout: float = 10.0, home: "LinkCache | None" = None):
+                 connect_timeout: float = 1.0, read_timeout: float = 10.0, home: "LinkCache | None" = None,
+                 tls=None):
         self.name, self.host, self.port = backend.name, backend.host, backend.port
         self.home, self.broken = home, False
         try:
-            self.conn = pymysql.connect(**backend.pymysql_args(), user=user, password=password,
+            self.conn = pymysql_connect(tls, **backend.pymysql_args(), user=user, password=password,
                                         connect_timeout=connect_timeout, read_timeout=read_timeout,
                                         write_timeout=read_timeout, autocommit=True, charset="utf8mb4",
                                         cursorclass=pymysql.cursors.DictCursor)

@@ -62,7 +62,8 @@ async def kill_backend_thread(worker, server_name: str, user, thread_id: int, co
     timeout = worker.config.pool.connect_timeout
     sql = b"\x03KILL " + (b"CONNECTION " if connection else b"QUERY ") + str(thread_id).encode()
     try:
-        conn = await connect(server, None, 0, user.name, user.password, None, 45, timeout)
+        conn = await connect(server, None, 0, user.name, user.password, None, 45, timeout,
+                             worker.backend_tls.get(server_name))
     except BackendError as e:
         return (e.code, e.sqlstate, e.message)
     try:

@@ -20,6 +20,7 @@ from typing import Callable
 import pymysql
 import pymysql.cursors
 
+from proxy.backend_tls import control_connect
 from proxy.monitor_health import Observation, Policy, Tracker, decide, significant
 from proxy.monitor_lag import Timeline
 from proxy.monitor_replication import DENIED, READ_ONLY, ReplicationReading
@@ -35,7 +36,7 @@ class _Node:
 
     def __init__(self, backend):
         self.name, self.host, self.port = backend.name, backend.host, backend.port
-        self.connect_args = backend.pymysql_args()
+        self.backend = backend
         self.configured_role = backend.role
         self.tracker = Tracker()
         self.timeline = Timeline()  # this server's binlog position over time, while it is writable
@@ -225,7 +226,7 @@ class Monitor(ReplicationReading):
 
     def _connect(self, node: _Node) -> pymysql.connections.Connection:
         m = self._mon
-        return pymysql.connect(**node.connect_args, user=self._user, password=self._password,
+        return control_connect(self.config, node.backend, user=self._user, password=self._password,
                                connect_timeout=m.connect_timeout, read_timeout=m.read_timeout,
                                write_timeout=m.read_timeout, autocommit=True, charset="utf8mb4")
 

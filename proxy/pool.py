@@ -21,8 +21,9 @@ log = logging.getLogger("rwproxy.pool")
 class Pools:
     """All pools of one worker process."""
 
-    def __init__(self, pool_config):
+    def __init__(self, pool_config, tls: dict | None = None):
         self.cfg = pool_config
+        self.tls = tls or {}  # server name -> backend_tls.BackendTLS
         self.idle: dict[tuple, list[BackendConnection]] = defaultdict(list)
         self.open_count: dict[str, int] = defaultdict(int)  # per server name, in use + idle
         self.created = 0
@@ -41,7 +42,8 @@ class Pools:
             raise BackendError(1040, "08004", f"Too many connections to backend {server.name} (max_connections reached)")
         self.open_count[server.name] += 1
         try:
-            conn = await connect(server, key, caps, user, password, db, charset, self.cfg.connect_timeout)
+            conn = await connect(server, key, caps, user, password, db, charset, self.cfg.connect_timeout,
+                                 self.tls.get(server.name))
         except BaseException:
             self.open_count[server.name] -= 1
             raise

@@ -19,6 +19,7 @@ import sys
 import time
 
 from . import topology as topo_mod
+from .backend_tls import BackendTLSError, policies_for
 from .login import Authenticator
 from .pool import Pools
 from .protocol import auth
@@ -55,7 +56,8 @@ class Worker:
             {u.name: u for u in config.users}, self.auth_plugin, auth.RSAKeyPair(rsa_pem) if rsa_pem else None, set()
         )
         self.tls_context = make_tls_context(config)
-        self.pools = Pools(config.pool)
+        self.backend_tls = policies_for(config)
+        self.pools = Pools(config.pool, self.backend_tls)
         self.users = {u.name: u for u in config.users}
         self.count = config.proxy.workers or os.cpu_count() or 1  # worker processes in all
         self.peers = None  # kill.Peers: KILL requests to and from the other workers
@@ -311,6 +313,10 @@ def serve(config) -> int:
     workers = config.proxy.workers or os.cpu_count() or 1
     raise_fd_limit()
     socks = bind_sockets(config.proxy.host, config.proxy.port, workers)
+    try:
+        policies_for(config)  # unreadable backend_tls files: one line now, not at the first query
+    except BackendTLSError as e:
+        raise StartupError(str(e)) from None
     topology = topo_mod.probe(config)
     primary = topology.primary
     version = config.proxy.server_version or (primary.version or "10.11.0-MariaDB-rwproxy")

@@ -101,7 +101,7 @@ def from_config(config) -> Topology:
 
 def probe(config) -> Topology:
     """Learn roles from read_only once, with short timeouts (PyMySQL, control plane only)."""
-    import pymysql
+    from .backend_tls import control_connect
 
     user, password = config.monitor_credentials()
     topo = from_config(config)
@@ -109,8 +109,8 @@ def probe(config) -> Topology:
     servers = {}
     for s in topo.servers.values():
         try:
-            conn = pymysql.connect(
-                **backends[s.name].pymysql_args(), user=user, password=password,
+            conn = control_connect(
+                config, backends[s.name], user=user, password=password,
                 connect_timeout=max(config.monitor.connect_timeout * 2, 1.0),
                 read_timeout=max(config.monitor.read_timeout * 4, 2.0),
             )

@@ -94,6 +94,9 @@ def test_relative_tls_paths_resolve_against_config_dir(tmp_path):
     path.write_text(MINIMAL + '[proxy.tls]\ncert = "certs/server.pem"\nkey = "/abs/key.pem"\n')
     tls = load_config(str(path)).proxy.tls
     assert tls.cert == str(tmp_path / "certs" / "server.pem") and tls.key == "/abs/key.pem"
+    path.write_text(MINIMAL + '[backend_tls]\nmode = "verify_ca"\nca = "tls/ca.pem"\n')
+    btls = load_config(str(path)).backend_tls
+    assert (btls.mode, btls.ca, btls.cert) == ("verify_ca", str(tmp_path / "tls" / "ca.pem"), "")
 
 
 # -- each kind of mistake ----------------------------------------------------------
@@ -133,6 +136,9 @@ def test_relative_tls_paths_resolve_against_config_dir(tmp_path):
     ('[proxy.tls]\ncert = "c.pem"', "proxy.tls.key: required when proxy.tls.cert is set"),
     ('[proxy.tls]\nkey = "k.pem"', "proxy.tls.cert: required when proxy.tls.key is set"),
     ("[proxy.tls]\nrequire = true", "proxy.tls.require: true needs proxy.tls.cert and proxy.tls.key"),
+    ('[backend_tls]\ncert = "c.pem"', "backend_tls.key: required when backend_tls.cert is set"),
+    ('[backend_tls]\nmode = "verify"', 'backend_tls.mode: expected one of "disabled", "preferred", "required", '
+                                        '"verify_ca", "verify_identity", got "verify"'),
     ('[[routing.rules]]\nmatch = "(select"\nroute = "replica"',
      'routing.rules[0].match: invalid regular expression "(select": missing ), unterminated subpattern at position 0'),
     ('[[routing.rules]]\nmatch = "^select"\ndigest = "SELECT ?"\nroute = "replica"',

@@ -141,16 +141,9 @@ def parse_response(payload: bytes) -> HandshakeResponse:
     return resp
 
 
-def build_response(
-    capabilities: int,
-    charset: int,
-    user: str,
-    auth_response: bytes,
-    database: str | None,
-    plugin: str,
-    attrs: dict[str, str] | None = None,
-    max_packet: int = 1 << 30,
-) -> bytes:
+def response_caps(capabilities: int, database: str | None, attrs) -> int:
+    """The flags a handshake response carries (the SSL request before it must carry the same:
+    MariaDB answers "Bad handshake" when they differ)."""
     caps = capabilities | CLIENT_PROTOCOL_41 | CLIENT_SECURE_CONNECTION | CLIENT_PLUGIN_AUTH
     caps |= CLIENT_PLUGIN_AUTH_LENENC_CLIENT_DATA
     if database:
@@ -161,6 +154,25 @@ def build_response(
         caps |= CLIENT_CONNECT_ATTRS
     else:
         caps &= ~CLIENT_CONNECT_ATTRS
+    return caps
+
+
+def build_ssl_request(capabilities: int, charset: int, max_packet: int = 1 << 30) -> bytes:
+    """SSLRequest: the first 32 bytes of a handshake response (pass response_caps(...) | CLIENT_SSL)."""
+    return struct.pack("<IIB", capabilities | CLIENT_SSL, max_packet, charset) + b"\x00" * 23
+
+
+def build_response(
+    capabilities: int,
+    charset: int,
+    user: str,
+    auth_response: bytes,
+    database: str | None,
+    plugin: str,
+    attrs: dict[str, str] | None = None,
+    max_packet: int = 1 << 30,
+) -> bytes:
+    caps = response_caps(capabilities, database, attrs)
     parts = [
         struct.pack("<IIB", caps, max_packet, charset),
         b"\x00" * 23,

@@ -32,6 +32,8 @@ def register(subparsers) -> argparse.ArgumentParser:
                     help=f"port of node1; the others follow (default {DEFAULTS['base_port']})")
     up.add_argument("--semi-sync", action="store_true", default=None,
                     help="enable semi-synchronous replication")
+    up.add_argument("--tls", action="store_true", default=None,
+                    help="servers accept TLS (a CA and certificates made in DIR/tls); the proxy config uses it")
     up.add_argument("--proxy-port", type=int, default=None,
                     help=f"listen port written to rwproxy.toml (default {DEFAULTS['proxy_port']})")
     up.add_argument("--mariadbd", default=None, help="path of the mariadbd binary (default: search PATH, /usr/sbin)")
@@ -64,7 +66,8 @@ def cmd_up(args) -> int:
     def go(args) -> int:
         t0 = time.monotonic()
         cluster = Cluster(args.dir, replicas=args.replicas, topology=args.topology, base_port=args.base_port,
-                          semi_sync=args.semi_sync, proxy_port=args.proxy_port, mariadbd=args.mariadbd)
+                          semi_sync=args.semi_sync, proxy_port=args.proxy_port, mariadbd=args.mariadbd,
+                          tls=args.tls)
         existed = cluster.bootstrapped
         cluster.up(timeout=args.timeout)
         if not existed:

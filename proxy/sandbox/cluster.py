@@ -17,7 +17,7 @@ from .node import Node
 from .util import SandboxError, check_ports_free, find_binary, gtid_reached, socket_path
 
 TOPOLOGIES = ("primary-replica", "master-master")
-DEFAULTS = {"replicas": 2, "topology": "primary-replica", "base_port": 23306, "semi_sync": False,
+DEFAULTS = {"replicas": 2, "topology": "primary-replica", "base_port": 23306, "semi_sync": False, "tls": False,
             "proxy_port": 6033}
 STATE_FILE = "sandbox.json"
 CONFIG_FILE = "rwproxy.toml"
@@ -41,7 +41,7 @@ class Cluster:
     def __init__(self, dir: str | os.PathLike = "sandbox", replicas: int | None = None,
                  topology: str | None = None, base_port: int | None = None,
                  semi_sync: bool | None = None, proxy_port: int | None = None,
-                 mariadbd: str | None = None, install_db: str | None = None):
+                 mariadbd: str | None = None, install_db: str | None = None, tls: bool | None = None):
         self.dir = Path(os.path.abspath(dir))
         self.state_path = self.dir / STATE_FILE
         self.config_path = self.dir / CONFIG_FILE
@@ -52,8 +52,10 @@ class Cluster:
         self._stale_specs: list[dict[str, Any]] = []
         if state is not None and not state.get("bootstrapped"):
             self._stale_specs, state = state["nodes"], None
-        asked = {"replicas": replicas, "topology": topology, "base_port": base_port, "semi_sync": semi_sync}
+        asked = {"replicas": replicas, "topology": topology, "base_port": base_port, "semi_sync": semi_sync,
+                 "tls": tls}
         if state is not None:
+            state.setdefault("tls", False)  # sandboxes made before TLS was an option
             for key, value in asked.items():
                 if value is not None and value != state[key]:
                     raise SandboxError(
@@ -68,6 +70,8 @@ class Cluster:
         self.topology: str = params["topology"]
         self.base_port: int = int(params["base_port"])
         self.semi_sync: bool = bool(params["semi_sync"])
+        self.tls: bool = bool(params["tls"])  # servers accept TLS (certificates from DIR/tls, our own CA)
+        self.tls_dir = self.dir / "tls"
         self.proxy_port: int = int(params["proxy_port"])
         if self.topology not in TOPOLOGIES:
             raise SandboxError(f"unknown topology {self.topology!r}; use one of: {', '.join(TOPOLOGIES)}")
@@ -79,7 +83,7 @@ class Cluster:
         specs = state["nodes"] if state else self._plan()
         self.nodes: list[Node] = [
             Node(s, mariadbd=binary, users={u: v["password"] for u, v in USERS.items()},
-                 semi_sync=self.semi_sync) for s in specs]
+                 semi_sync=self.semi_sync, tls_dir=self.tls_dir if self.tls else None) for s in specs]
 
     # ---- layout --------------------------------------------------------------------
 
@@ -147,7 +151,7 @@ class Cluster:
     def _save_state(self) -> None:
         state = {
             "version": 1, "topology": self.topology, "replicas": self.replicas_count,
-            "base_port": self.base_port, "semi_sync": self.semi_sync, "proxy_port": self.proxy_port,
+            "base_port": self.base_port, "semi_sync": self.semi_sync, "tls": self.tls, "proxy_port": self.proxy_port,
             "bootstrapped": self.bootstrapped, "mariadbd": self.nodes[0].mariadbd,
             "nodes": [n.spec() for n in self.nodes],
             "users": {u: {k: v for k, v in info.items() if k != "why"} for u, info in USERS.items()},
@@ -170,12 +174,20 @@ class Cluster:
             n.mariadbd = binary
         self.last_started = []
         if self.bootstrapped:
+            self._make_certificates()
             self._restart(timeout)
         else:
             self._create(timeout)
         self._save_state()
-        self.config_path.write_text(render.proxy_config_toml(self.nodes, self.topology, self.proxy_port))
+        self.config_path.write_text(render.proxy_config_toml(self.nodes, self.topology, self.proxy_port,
+                                                             ca="tls/ca.pem" if self.tls else ""))
         return self
+
+    def _make_certificates(self) -> None:
+        if self.tls:
+            from proxy.certs import make_authority
+
+            make_authority(self.tls_dir)
 
     def _create(self, timeout: float) -> None:
         if self.dir.exists() and any(self.dir.iterdir()) and not self.exists:
@@ -190,6 +202,7 @@ class Cluster:
         check_ports_free(n.port for n in self.nodes)
         self.dir.mkdir(parents=True, exist_ok=True)
         self._save_state()
+        self._make_certificates()
         self._install_datadirs(install_db)
         started: list[Node] = []
         try:

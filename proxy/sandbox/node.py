@@ -59,7 +59,7 @@ class Node:
     """A sandbox node. Built from its sandbox.json entry so any process can manage it."""
 
     def __init__(self, spec: dict[str, Any], *, mariadbd: str | None = None,
-                 users: dict[str, str] | None = None, semi_sync: bool = False):
+                 users: dict[str, str] | None = None, semi_sync: bool = False, tls_dir: Path | None = None):
         self.name: str = spec["name"]
         self.role: str = spec["role"]  # "primary", "master" or "replica"
         self.port: int = int(spec["port"])
@@ -76,6 +76,7 @@ class Node:
         self.mariadbd = mariadbd
         self.users = dict(users or {})
         self.semi_sync = semi_sync
+        self.tls_dir = tls_dir  # ca.pem, server-cert.pem, server-key.pem: the server accepts TLS
         self._proc: subprocess.Popen | None = None
         self._log_offset = 0
         self._out_offset = 0
@@ -130,6 +131,9 @@ class Node:
             "character_set_server=utf8mb4",
             "collation_server=utf8mb4_general_ci",
         ]
+        if self.tls_dir is not None:
+            lines += [f"ssl_ca={self.tls_dir / 'ca.pem'}", f"ssl_cert={self.tls_dir / 'server-cert.pem'}",
+                      f"ssl_key={self.tls_dir / 'server-key.pem'}"]
         if self.auto_increment_offset is not None:
             # master-master: interleaved ids so concurrent inserts on both masters never collide
             lines += ["auto_increment_increment=2", f"auto_increment_offset={self.auto_increment_offset}"]

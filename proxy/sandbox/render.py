@@ -13,17 +13,20 @@ def _toml_str(value: str) -> str:
 def proxy_config_toml(nodes: Iterable[Any], topology: str, proxy_port: int,
                       app_user: tuple[str, str] = ("app", "app"),
                       monitor_user: tuple[str, str] = ("rwproxy", "rwproxy"),
-                      repl_user: tuple[str, str] = ("repl", "repl")) -> str:
+                      repl_user: tuple[str, str] = ("repl", "repl"), ca: str = "") -> str:
     """rwproxy.toml for this cluster; written here so the sandbox does not depend on proxy.config.
 
     Backends carry no role: the proxy learns roles from read_only, as it must after a failover.
     The replication account lets failover repoint replicas and rejoin an old primary.
+    With a CA (a sandbox made with --tls) the proxy talks TLS to the servers and checks their certificates.
     """
     out = ["# Written by `rwproxy sandbox up`: a proxy config for this sandbox cluster.",
            "[proxy]", f"listen = {_toml_str(f'127.0.0.1:{proxy_port}')}", ""]
     for node in nodes:
         out += ["[[backends]]", f"name = {_toml_str(node.name)}", 'host = "127.0.0.1"',
                 f"port = {int(node.port)}", ""]
+    if ca:
+        out += ["[backend_tls]", 'mode = "verify_identity"', f"ca = {_toml_str(ca)}", ""]
     out += ["[[users]]", f"name = {_toml_str(app_user[0])}", f"password = {_toml_str(app_user[1])}", "",
             "[monitor]", f"user = {_toml_str(monitor_user[0])}", f"password = {_toml_str(monitor_user[1])}", "",
             "[cluster]", f"topology = {_toml_str(topology)}", "",

@@ -325,6 +325,12 @@ class Forwarder:
                     pass
 
     def cut(self):
+        # shutdown first: a thread blocked in accept() keeps a merely closed listening socket
+        # alive and would let one more connection through after the cut
+        try:
+            self.listener.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
         self.listener.close()
         with self.lock:
             socks, self.socks = self.socks, []

@@ -15,6 +15,7 @@ import select
 import ssl
 import time
 
+from .backend_tls import CR_SSL_CONNECTION_ERROR, DISABLED
 from .protocol import auth
 from .protocol.constants import (
     CLIENT_CONNECT_ATTRS,
@@ -236,10 +237,10 @@ class BackendConnection(asyncio.Protocol):
             self.transport = await loop.start_tls(self.transport, self, tls.context, server_hostname=tls.hostname,
                                                   ssl_handshake_timeout=timeout)
         except ssl.SSLCertVerificationError as e:
-            raise BackendError(2026, "HY000", f"TLS to backend {self.server.name} failed: certificate verify "
+            raise BackendError(CR_SSL_CONNECTION_ERROR, "HY000", f"TLS to backend {self.server.name} failed: certificate verify "
                                f"failed: {e.verify_message} (backend_tls mode {tls.mode})")
         except (ssl.SSLError, ConnectionError, OSError) as e:
-            raise BackendError(2026, "HY000", f"TLS to backend {self.server.name} failed: {e}")
+            raise BackendError(CR_SSL_CONNECTION_ERROR, "HY000", f"TLS to backend {self.server.name} failed: {e}")
         self.transport.set_write_buffer_limits(high=256 * 1024)
 
     async def handshake(self, user: str, password: str, db: str | None, charset: int, timeout: float,
@@ -250,13 +251,13 @@ class BackendConnection(asyncio.Protocol):
         self.thread_id = g.connection_id
         caps = (self.caps | BASE_BACKEND_CAPS) & (g.capabilities | CLIENT_CONNECT_ATTRS)
         attrs = {"_client_name": "rwproxy", "program_name": "rwproxy"}
-        if tls is not None and tls.mode != "disabled":
+        if tls is not None and tls.mode != DISABLED:
             if g.capabilities & CLIENT_SSL:
                 caps |= CLIENT_SSL
                 seq += 1
                 await self._start_tls(tls, response_caps(caps, db, attrs), charset, seq, timeout)
             elif tls.required:
-                raise BackendError(2026, "HY000", f"TLS to backend {self.server.name} is required (backend_tls "
+                raise BackendError(CR_SSL_CONNECTION_ERROR, "HY000", f"TLS to backend {self.server.name} is required (backend_tls "
                                    f"mode {tls.mode}) but the server does not offer it (have_ssl is not YES there)")
         plugin = g.plugin or auth.NATIVE
         if plugin not in auth.SUPPORTED:

@@ -147,8 +147,7 @@ def wire_code(code: int, sqlstate: bytes) -> tuple[int, bytes]:
 
 
 def err_payload(code: int, sqlstate: bytes, message: str, capabilities: int = CLIENT_PROTOCOL_41) -> bytes:
-    if 2000 <= code < 3000:
-        code, sqlstate = wire_code(code, sqlstate)
+    code, sqlstate = wire_code(code, sqlstate)
     msg = message.encode("utf-8", "replace")
     if capabilities & CLIENT_PROTOCOL_41:
         return b"\xff" + _u16.pack(code) + b"#" + sqlstate + msg

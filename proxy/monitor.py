@@ -23,7 +23,7 @@ import pymysql.cursors
 from proxy.backend_tls import control_connect
 from proxy.monitor_health import Observation, Policy, Tracker, decide, significant
 from proxy.monitor_lag import Timeline
-from proxy.monitor_replication import DENIED, READ_ONLY, ReplicationReading
+from proxy.monitor_replication import DENIED, NO_TABLE, READ_ONLY, ReplicationReading
 from proxy.mysql_errors import describe, error_code
 from proxy.topology import DOWN, LAGGING, MAINTENANCE, MASTER, PRIMARY, REPLICA, UP, ServerState, Topology, from_config
 
@@ -50,6 +50,7 @@ class _Node:
         # The last SHOW ALL SLAVES STATUS reading, reused by checks in between (see _replication):
         # (fields copied into each Observation, read_only it was taken under, time.monotonic()).
         self.repl: tuple[dict, bool, float] | None = None
+        self.hb_merge = False  # the heartbeat table was readable here: checks read it too (_check_query)
         self.label = f"{backend.name} ({backend.where})"
 
 
@@ -76,6 +77,8 @@ class Monitor(ReplicationReading):
         # any sane max_replica_lag while the primary is unreachable.
         self._stale_after = max(1.0, 3 * m.heartbeat_interval, 3 * m.interval)
         self._schema = m.heartbeat_schema
+        # Workers route on GTID positions only in gtid read-your-writes mode (see significant()).
+        self._gtid_routing = "gtid" in {config.routing.read_your_writes, *(u.read_your_writes for u in config.users)}
         initial = from_config(config)
         self._topology = initial
         self._states: dict[str, ServerState] = dict(initial.servers)
@@ -282,7 +285,7 @@ class Monitor(ReplicationReading):
             if gen != self._gen or self._states[node.name] is not prev:
                 return  # designated, or put in maintenance, meanwhile
             self._states[node.name] = new
-            if significant(prev, new) or (new.fails != prev.fails and new.fails <= self._fail_cap):
+            if significant(prev, new, self._gtid_routing) or (new.fails != prev.fails and new.fails <= self._fail_cap):
                 self._dirty = True
                 self._cond.notify_all()
         if self._on_check is not None:
@@ -299,10 +302,7 @@ class Monitor(ReplicationReading):
                 node_version = conn[0].get_server_info()
             else:
                 node_version = ""
-            with conn[0].cursor() as cur:
-                cur.execute("SELECT @@read_only, @@server_id, @@gtid_current_pos, @@gtid_slave_pos, "
-                            "@@gtid_binlog_pos, UNIX_TIMESTAMP(NOW(6))")
-                ro, sid, cur_pos, slave_pos, binlog_pos, now = cur.fetchone()
+            ro, sid, cur_pos, slave_pos, binlog_pos, now, hb_ts = self._check_query(node, conn[0])
             # `at` is when the server answered: the instant the lag estimate refers to
             obs = Observation(ok=True, at=time.time(), read_only=bool(int(ro)), server_id=int(sid),
                               version=node_version, gtid_current_pos=cur_pos or "",
@@ -314,13 +314,37 @@ class Monitor(ReplicationReading):
                 node.timeline.add(float(now), binlog_pos or "")
             self._replication(node, conn[0], obs)
             if obs.replicating:
-                obs.lag = self._lag(node, conn[0], obs, float(now))
+                obs.lag = self._lag(node, conn[0], obs, float(now), hb_ts)
+            else:
+                node.hb_merge = False
             return obs
         except (pymysql.MySQLError, OSError) as exc:
             _close(conn[0])
             conn[0] = None
             node.repl = None
             return Observation(ok=False, at=time.time(), error=describe(exc))
+
+    _CHECK = ("SELECT @@read_only, @@server_id, @@gtid_current_pos, @@gtid_slave_pos, @@gtid_binlog_pos, "
+              "UNIX_TIMESTAMP(NOW(6))")
+
+    def _check_query(self, node: _Node, conn) -> tuple:
+        """The check's one round trip. On a replica whose heartbeat table was readable last time
+        it also reads the newest heartbeat (else _lag would need a second round trip every check:
+        a third of the monitor's queries). hb_ts is a 1-tuple (value) when it was read, else None."""
+        if node.hb_merge:
+            try:
+                with conn.cursor() as cur:
+                    cur.execute(f"{self._CHECK}, (SELECT MAX(ts) FROM `{self._schema}`.heartbeat "
+                                "WHERE server_id <> @@server_id)")
+                    *row, hb_ts = cur.fetchone()
+                return (*row, (hb_ts,))
+            except pymysql.MySQLError as exc:
+                if error_code(exc) not in NO_TABLE | DENIED:
+                    raise
+                node.hb_merge = False  # table gone or not readable: plain check; _lag finds out
+        with conn.cursor() as cur:
+            cur.execute(self._CHECK)
+            return (*cur.fetchone(), None)
 
     # ---- heartbeat -------------------------------------------------------------
 

@@ -184,9 +184,12 @@ def decide(prev: ServerState, obs: Observation, tr: Tracker, policy: Policy,
 
 
 # Fields a router acts on: any change is published at once (others at least every second).
-SIGNIFICANT = ("role", "state", "readable", "read_only", "io_running", "sql_running",
-               "gtid_current_pos", "gtid_slave_pos", "source")
+SIGNIFICANT = ("role", "state", "readable", "read_only", "io_running", "sql_running", "source")
+# Routers read GTID positions only for read_your_writes = "gtid"; they move with every write
+# (and every heartbeat), so without that mode they ride the once-a-second snapshots.
+GTID_FIELDS = ("gtid_current_pos", "gtid_slave_pos")
 
 
-def significant(a: ServerState, b: ServerState) -> bool:
-    return any(getattr(a, f) != getattr(b, f) for f in SIGNIFICANT)
+def significant(a: ServerState, b: ServerState, gtid: bool = True) -> bool:
+    return (any(getattr(a, f) != getattr(b, f) for f in SIGNIFICANT)
+            or (gtid and any(getattr(a, f) != getattr(b, f) for f in GTID_FIELDS)))

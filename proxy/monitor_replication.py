@@ -106,21 +106,26 @@ class ReplicationReading:
                 return other
         return None
 
-    def _lag(self, node, conn, obs: Observation, now: float) -> LagReading | None:
-        """Heartbeat + timeline estimate when the writer's heartbeat works, else Seconds_Behind_Master."""
+    def _lag(self, node, conn, obs: Observation, now: float, merged: tuple | None = None) -> LagReading | None:
+        """Heartbeat + timeline estimate when the writer's heartbeat works, else Seconds_Behind_Master.
+        `merged`: (newest heartbeat ts,) when the check query already read it at `now`."""
         writer = self._writer_for(node)
         use_hb = self._heartbeat_usable(node)
         reading = None
         if use_hb:
             hb_ts = hb_now = None
-            try:
-                with conn.cursor() as cur:
-                    cur.execute(f"SELECT UNIX_TIMESTAMP(NOW(6)), MAX(ts) FROM `{self._schema}`.heartbeat "
-                                "WHERE server_id <> @@server_id")
-                    hb_now, hb_ts = cur.fetchone()
-            except pymysql.MySQLError as exc:
-                if error_code(exc) not in NO_TABLE | DENIED:
-                    raise
+            if merged is not None:
+                hb_now, hb_ts = now, merged[0]
+            else:
+                try:
+                    with conn.cursor() as cur:
+                        cur.execute(f"SELECT UNIX_TIMESTAMP(NOW(6)), MAX(ts) FROM `{self._schema}`.heartbeat "
+                                    "WHERE server_id <> @@server_id")
+                        hb_now, hb_ts = cur.fetchone()
+                    node.hb_merge = True  # readable: the next checks read it in the same round trip
+                except pymysql.MySQLError as exc:
+                    if error_code(exc) not in NO_TABLE | DENIED:
+                        raise
             stale = time.monotonic() - writer.timeline.updated > self._stale_after
             reading = estimate(writer.timeline, parse_gtid(obs.gtid_current_pos), now,
                                float(hb_ts) if hb_ts is not None else None,

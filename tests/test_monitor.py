@@ -130,12 +130,13 @@ def test_replica_problems_and_roles():
 # ---------------------------------------------------------------------------- real servers
 
 
-def monitor_config(cluster, user="rwproxy", password="rwproxy", **monitor):
+def monitor_config(cluster, user="rwproxy", password="rwproxy", routing=None, **monitor):
     return build_config({
         "backends": [{"name": n.name, "host": "127.0.0.1", "port": n.port} for n in cluster.nodes],
         "users": [{"name": "app", "password": "app"}],
         "monitor": {"user": user, "password": password, **monitor},
         "cluster": {"topology": cluster.topology},
+        **({"routing": routing} if routing else {}),
     })
 
 
@@ -324,6 +325,61 @@ def test_replication_status_read_at_its_own_pace(cluster_factory, run_monitor):
         assert low <= reads <= high, (interval, reads, checks)
         st = mon.topology.servers[r.name]
         assert st.io_running is True and st.sql_running is True and st.lag_ms is not None
+
+
+def _selects(node) -> int:
+    with node.connect() as c, c.cursor() as cur:
+        cur.execute("SHOW GLOBAL STATUS LIKE 'Com_select'")
+        return int(cur.fetchone()[1])
+
+
+def test_lag_read_in_the_check_round_trip(cluster_factory, run_monitor):
+    """On a replica the newest heartbeat is read by the check's own SELECT (one statement per
+    check, not two); when that read is refused the check falls back to the plain query without
+    failing (lag then comes from the GTID timeline alone). Counted by a private cluster's replica."""
+    c = cluster_factory(replicas=1)
+    r = c.replicas[0]
+    c.primary.query("CREATE USER mon_m@'%' IDENTIFIED BY 'pw'")
+    c.primary.query("GRANT SLAVE MONITOR ON *.* TO mon_m@'%'")
+    c.primary.query("GRANT SELECT, INSERT, UPDATE, CREATE ON rwproxy.* TO mon_m@'%'")
+    c.wait_replicas_caught_up(10)
+    mon, rec = run_monitor(c, user="mon_m", password="pw", interval=0.1)
+    assert readable(mon, r.name, True, 5)
+    tracker = mon._nodes[r.name].tracker
+    assert wait_for(lambda: tracker.last_lag is not None and tracker.last_lag.source == "heartbeat", 3)
+    time.sleep(0.3)
+    before, since = _selects(r), time.time()
+    time.sleep(2.0)
+    selects, checks = _selects(r) - before, len(rec.of(r.name, since=since))
+    assert checks >= 12, checks
+    assert checks - 2 <= selects <= checks + 3, (selects, checks)  # one SELECT per check
+    assert tracker.last_lag.source == "heartbeat" and mon.topology.servers[r.name].lag_ms < 200
+
+    with r.connect() as conn, conn.cursor() as cur:  # on the replica only
+        cur.execute("SET SESSION sql_log_bin = 0")
+        cur.execute("REVOKE SELECT ON rwproxy.* FROM mon_m@'%'")
+    since = time.time()
+    assert wait_for(lambda: not mon._nodes[r.name].hb_merge, 3)  # back to the plain check
+    time.sleep(1.0)
+    after = rec.of(r.name, since=since)
+    assert len(after) >= 8 and all(s.fails == 0 and s.state == "up" for s in after), after[-1]
+    st = mon.topology.servers[r.name]  # lag still measured, from the primary's GTID timeline
+    assert st.readable and st.lag_ms is not None and st.lag_ms < 200, st
+
+
+def test_gtid_positions_published_at_once_only_for_gtid_routing(cluster_factory, run_monitor):
+    """Every heartbeat moves every server's GTID position. Workers route on positions only with
+    read_your_writes = "gtid": then each move is published at once; otherwise an idle cluster's
+    snapshots go out about once a second (each wakes every worker)."""
+    c = cluster_factory(replicas=1)
+    for routing, low, high in (({}, 1, 6), ({"read_your_writes": "gtid"}, 10, 200)):
+        mon, rec = run_monitor(c, routing=routing)
+        time.sleep(0.5)
+        before = rec.updates
+        time.sleep(3.0)
+        published = rec.updates - before
+        mon.stop()
+        assert low <= published <= high, (routing, published)
 
 
 def test_sigkill_replica_down_fast_then_readmitted(cluster, run_monitor):

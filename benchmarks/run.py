@@ -246,6 +246,9 @@ def main(argv=None) -> int:
     ap.add_argument("--workers", type=int, default=0, help="rwproxy workers (0 = CPU count)")
     ap.add_argument("--idle", type=int, default=1000, help="idle clients for the memory figure")
     ap.add_argument("--tag", default="dataplane")
+    ap.add_argument("--server-option", action="append", default=[], metavar="NAME[=VALUE]",
+                    help="extra [mariadbd] line for the sandbox's servers (direct and proxied runs alike), "
+                         "e.g. thread_handling=pool-of-threads")
     args = ap.parse_args(argv)
     if args.quick:
         args.rounds, args.time, args.idle = 1, 3.0, 200
@@ -256,7 +259,8 @@ def main(argv=None) -> int:
     tables, size = 4, 10000
 
     with tempfile.TemporaryDirectory(prefix="rwp-bench-") as tmp, running_cluster(
-            Path(tmp) / "sandbox", replicas=2, port_start=25306, tls=any(m.endswith("-tls") for m in modes)) as cluster:
+            Path(tmp) / "sandbox", replicas=2, port_start=25306, tls=any(m.endswith("-tls") for m in modes),
+            server_options=args.server_option) as cluster:
         with cluster.primary.connect() as c, c.cursor() as cur:
             cur.execute(f"CREATE DATABASE IF NOT EXISTS {SB_DB}")
             cur.execute(f"GRANT ALL ON {SB_DB}.* TO 'app'@'%'")
@@ -334,7 +338,8 @@ def main(argv=None) -> int:
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "kernel": platform.release()},
         "settings": {"rounds": args.rounds, "seconds": args.time, "tables": tables, "table_size": size,
-                     "proxy_workers": workers, "modes": {m: MODE_NAMES[m] for m in modes}},
+                     "proxy_workers": workers, "modes": {m: MODE_NAMES[m] for m in modes},
+                     "server_options": args.server_option},
         "summary": summary, "big_result": big, "idle_memory": idle, "idle_cpu_ms_per_s": background, "runs": runs,
     }
     save(args.tag, result, markdown(result))
@@ -380,7 +385,9 @@ def markdown(result: dict) -> str:
         "from round to round), so modes compare with each other as well as with direct. Direct runs go to the primary. "
         "Medians; ratio = median of per-round proxy/direct QPS; rwproxy CPU counts all its processes (workers and the "
         "control plane). The proxies not being measured sit idle meanwhile, their background (below) loading every "
-        "run alike, direct ones included.",
+        "run alike, direct ones included."
+        + (f" MariaDB server options added to the sandbox's defaults: {', '.join(s['server_options'])}."
+           if s.get("server_options") else ""),
         "",
         "Routing modes:",
         *[f"- **{m}**: {name}" + ("" if m == "forwarder" else

@@ -210,6 +210,40 @@ def _pid_alive(pid: int) -> bool:
     return stat[stat.rfind(b")") + 2:stat.rfind(b")") + 3] not in (b"Z", b"X")
 
 
+def test_server_options_reach_every_node_and_change_only_while_down(tmp_path, capsys):
+    """`sandbox up --server-option` adds [mariadbd] lines (the benchmark's server settings);
+    they are kept for later ups, refused while the servers run with others, and never allowed
+    to override what the sandbox itself depends on."""
+    d = tmp_path / "opts"
+    base = find_free_base_port(2, 26900)
+    assert cli_main(["sandbox", "up", "--dir", str(d), "--replicas", "1", "--base-port", str(base), "--proxy-port",
+                     str(base + 50), "--server-option", "thread_handling=pool-of-threads",
+                     "--server-option", "max-connect-errors=77"]) == 0
+    c = Cluster(d)
+    try:
+        for n in c.nodes:
+            assert n.variable("thread_handling") == "pool-of-threads" and n.variable("max_connect_errors") == 77
+        assert n.slave_status()["Slave_SQL_Running"] == "Yes"
+        assert json.loads((d / "sandbox.json").read_text())["server_options"] == [
+            "thread_handling=pool-of-threads", "max-connect-errors=77"]
+        assert Cluster(d).server_options == c.server_options  # kept when `up` names none
+        with pytest.raises(SandboxError, match="sandbox down"):
+            Cluster(d, server_options=["thread_handling=one-thread-per-connection"])
+        c.down()
+        assert cli_main(["sandbox", "up", "--dir", str(d), "--server-option", ""]) == 0  # cleared while down: applies at start
+        c = Cluster(d)
+        assert c.server_options == ()
+        assert all(n.variable("thread_handling") == "one-thread-per-connection" for n in c.nodes)
+    finally:
+        c.down()
+    capsys.readouterr()
+    for bad, why in (("port=1", "sets port itself"), ("log-bin", "sets log-bin itself"),
+                     ("a b=1", "NAME=VALUE"), ("x=1\nport=2", "NAME=VALUE")):
+        assert cli_main(["sandbox", "up", "--dir", str(tmp_path / "bad"), "--server-option", bad]) != 0
+        assert why in capsys.readouterr().err
+        assert not (tmp_path / "bad" / "sandbox.json").exists()
+
+
 def test_master_master_both_ways_without_auto_increment_collisions(tmp_path):
     with running_cluster(tmp_path / "mm", topology="master-master", replicas=1) as c:
         m1, m2 = c.masters

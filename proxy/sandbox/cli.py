@@ -34,6 +34,9 @@ def register(subparsers) -> argparse.ArgumentParser:
                     help="enable semi-synchronous replication")
     up.add_argument("--tls", action="store_true", default=None,
                     help="servers accept TLS (a CA and certificates made in DIR/tls); the proxy config uses it")
+    up.add_argument("--server-option", action="append", default=None, metavar="NAME[=VALUE]",
+                    help="an extra [mariadbd] line for every node, e.g. thread_handling=pool-of-threads "
+                         "(repeatable; kept for later ups; change it only while the sandbox is down)")
     up.add_argument("--proxy-port", type=int, default=None,
                     help=f"listen port written to rwproxy.toml (default {DEFAULTS['proxy_port']})")
     up.add_argument("--mariadbd", default=None, help="path of the mariadbd binary (default: search PATH, /usr/sbin)")
@@ -67,7 +70,7 @@ def cmd_up(args) -> int:
         t0 = time.monotonic()
         cluster = Cluster(args.dir, replicas=args.replicas, topology=args.topology, base_port=args.base_port,
                           semi_sync=args.semi_sync, proxy_port=args.proxy_port, mariadbd=args.mariadbd,
-                          tls=args.tls)
+                          tls=args.tls, server_options=args.server_option)
         existed = cluster.bootstrapped
         cluster.up(timeout=args.timeout)
         if not existed:

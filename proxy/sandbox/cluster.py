@@ -13,7 +13,7 @@ from typing import Any
 import pymysql
 
 from . import render, template
-from .node import Node
+from .node import Node, check_server_option
 from .util import SandboxError, check_ports_free, find_binary, gtid_reached, socket_path
 
 TOPOLOGIES = ("primary-replica", "master-master")
@@ -41,7 +41,8 @@ class Cluster:
     def __init__(self, dir: str | os.PathLike = "sandbox", replicas: int | None = None,
                  topology: str | None = None, base_port: int | None = None,
                  semi_sync: bool | None = None, proxy_port: int | None = None,
-                 mariadbd: str | None = None, install_db: str | None = None, tls: bool | None = None):
+                 mariadbd: str | None = None, install_db: str | None = None, tls: bool | None = None,
+                 server_options: list[str] | tuple[str, ...] | None = None):
         self.dir = Path(os.path.abspath(dir))
         self.state_path = self.dir / STATE_FILE
         self.config_path = self.dir / CONFIG_FILE
@@ -81,9 +82,16 @@ class Cluster:
         self.last_started: list[str] = []  # names of the nodes the last up() launched
         binary = (state or {}).get("mariadbd") or mariadbd
         specs = state["nodes"] if state else self._plan()
+        kept = tuple((state or {}).get("server_options", ()))
+        options = kept if server_options is None else tuple(check_server_option(o) for o in server_options if o.strip())  # '' clears
+        self.server_options: tuple[str, ...] = options  # extra [mariadbd] lines on every node
         self.nodes: list[Node] = [
             Node(s, mariadbd=binary, users={u: v["password"] for u, v in USERS.items()},
-                 semi_sync=self.semi_sync, tls_dir=self.tls_dir if self.tls else None) for s in specs]
+                 semi_sync=self.semi_sync, tls_dir=self.tls_dir if self.tls else None, options=options)
+            for s in specs]
+        if options != kept and any(n.is_running() for n in self.nodes):
+            raise SandboxError(f"{self.dir} is running with server options {list(kept)} (asked {list(options)}); "
+                               f"run `rwproxy sandbox down --dir {self.dir}` first: they apply when the servers start")
 
     # ---- layout --------------------------------------------------------------------
 
@@ -152,6 +160,7 @@ class Cluster:
         state = {
             "version": 1, "topology": self.topology, "replicas": self.replicas_count,
             "base_port": self.base_port, "semi_sync": self.semi_sync, "tls": self.tls, "proxy_port": self.proxy_port,
+            "server_options": list(self.server_options),
             "bootstrapped": self.bootstrapped, "mariadbd": self.nodes[0].mariadbd,
             "nodes": [n.spec() for n in self.nodes],
             "users": {u: {k: v for k, v in info.items() if k != "why"} for u, info in USERS.items()},

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import time
@@ -55,11 +56,32 @@ def _alive(pid: int) -> bool:
         return False
 
 
+# Options the sandbox sets itself (layout, replication, identity): overriding them would break it.
+OWN_OPTIONS = frozenset({
+    "datadir", "port", "bind_address", "socket", "pid_file", "log_error", "server_id", "log_bin", "relay_log",
+    "log_slave_updates", "gtid_strict_mode", "gtid_domain_id", "read_only", "auto_increment_increment",
+    "auto_increment_offset", "ssl_ca", "ssl_cert", "ssl_key", "skip_name_resolve",
+})
+
+
+def check_server_option(option: str) -> str:
+    """A `name[=value]` line for every node's [mariadbd] section, or SandboxError saying why not."""
+    name, _, value = option.partition("=")
+    key = name.strip().replace("-", "_").lower()
+    if not re.fullmatch(r"[a-z0-9_.]+", key) or "\n" in value or "\r" in value:
+        raise SandboxError(f"--server-option {option!r}: expected NAME or NAME=VALUE, e.g. "
+                           "thread_handling=pool-of-threads")
+    if key in OWN_OPTIONS or key.startswith("rpl_semi_sync"):
+        raise SandboxError(f"--server-option {option!r}: the sandbox sets {name.strip()} itself")
+    return f"{name.strip()}={value.strip()}" if value else name.strip()
+
+
 class Node:
     """A sandbox node. Built from its sandbox.json entry so any process can manage it."""
 
     def __init__(self, spec: dict[str, Any], *, mariadbd: str | None = None,
-                 users: dict[str, str] | None = None, semi_sync: bool = False, tls_dir: Path | None = None):
+                 users: dict[str, str] | None = None, semi_sync: bool = False, tls_dir: Path | None = None,
+                 options: tuple[str, ...] = ()):
         self.name: str = spec["name"]
         self.role: str = spec["role"]  # "primary", "master" or "replica"
         self.port: int = int(spec["port"])
@@ -77,6 +99,7 @@ class Node:
         self.users = dict(users or {})
         self.semi_sync = semi_sync
         self.tls_dir = tls_dir  # ca.pem, server-cert.pem, server-key.pem: the server accepts TLS
+        self.options = tuple(options)  # the operator's extra [mariadbd] lines (check_server_option)
         self._proc: subprocess.Popen | None = None
         self._log_offset = 0
         self._out_offset = 0
@@ -131,6 +154,8 @@ class Node:
             "character_set_server=utf8mb4",
             "collation_server=utf8mb4_general_ci",
         ]
+        if self.options:
+            lines += ["# --server-option", *self.options]
         if self.tls_dir is not None:
             lines += [f"ssl_ca={self.tls_dir / 'ca.pem'}", f"ssl_cert={self.tls_dir / 'server-cert.pem'}",
                       f"ssl_key={self.tls_dir / 'server-key.pem'}"]

@@ -59,15 +59,17 @@ class ControlPlane:
         self.failover.stop()
 
     def status(self, _req=None) -> dict:
-        topo = self.monitor.topology
+        topo = self.monitor.topology  # what the routers act on
+        fresh = self.monitor.current_states()  # positions and lag as of the latest checks
         fo = self.failover.state()  # writes_held lives here, not in the monitor's snapshot
         counters = self.stats.read()
         servers = []
         for name, s in topo.servers.items():
             c = counters["servers"].get(name, {})
+            now = fresh.get(name, s)
             servers.append({
                 "name": name, "address": s.address, "role": s.role, "state": s.state, "readable": s.readable,
-                "lag_ms": s.lag_ms, "gtid": s.gtid_current_pos, "io_running": s.io_running,
+                "lag_ms": now.lag_ms, "gtid": now.gtid_current_pos, "io_running": s.io_running,
                 "sql_running": s.sql_running, "source": s.source, "last_error": s.last_error,
                 "connections": c.get("connections", 0), "routed": c.get("routed", 0),
             })

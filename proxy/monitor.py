@@ -124,6 +124,12 @@ class Monitor(ReplicationReading):
             t.join(max(0.0, deadline - time.monotonic()))
         self._threads = [t for t in self._threads if t.is_alive()]
 
+    def current_states(self) -> dict[str, ServerState]:
+        """Each server's state as of its latest check, published or not (GTID positions and lag
+        reach the workers only about once a second; `rwproxy status` shows them fresh)."""
+        with self._cond:
+            return dict(self._states)
+
     def wait_until(self, predicate: Callable[[Topology], bool], timeout: float) -> bool:
         """Block until predicate(published topology) is true; False after timeout."""
         deadline = time.monotonic() + timeout

@@ -161,3 +161,16 @@ def test_status_reports_counts(setup):
     assert sum(s["routed"] for s in st.values()) >= 10
     assert st["node1"]["role"] == "primary" and st["node2"]["role"] == "replica"
     assert st["node2"]["lag_ms"] is not None
+
+
+def test_status_shows_positions_of_the_latest_checks(setup):
+    """Heartbeats move every server's GTID 4 times a second; workers get positions about once a
+    second (no gtid routing here), but `rwproxy status` shows them as of the latest 100 ms checks."""
+    cl, p = setup
+    for _ in range(4):
+        st = _status(p)
+        now = int(cl.primary.variable("gtid_binlog_pos").split("-")[-1])
+        for name, s in st.items():
+            seq = int(s["gtid"].split("-")[-1])
+            assert now - 2 <= seq <= now, (name, s["gtid"], now)  # at most one or two heartbeats behind
+        time.sleep(0.3)

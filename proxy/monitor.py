@@ -77,6 +77,8 @@ class Monitor(ReplicationReading):
         # any sane max_replica_lag while the primary is unreachable.
         self._stale_after = max(1.0, 3 * m.heartbeat_interval, 3 * m.interval)
         self._schema = m.heartbeat_schema
+        # A replica's newest applied heartbeat from another server: in the check query, or alone (_lag).
+        self._hb_newest = f"(SELECT MAX(ts) FROM `{self._schema}`.heartbeat WHERE server_id <> @@server_id)"
         # Workers route on GTID positions only in gtid read-your-writes mode (see significant()).
         self._gtid_routing = "gtid" in {config.routing.read_your_writes, *(u.read_your_writes for u in config.users)}
         initial = from_config(config)
@@ -340,8 +342,7 @@ class Monitor(ReplicationReading):
         if node.hb_merge:
             try:
                 with conn.cursor() as cur:
-                    cur.execute(f"{self._CHECK}, (SELECT MAX(ts) FROM `{self._schema}`.heartbeat "
-                                "WHERE server_id <> @@server_id)")
+                    cur.execute(f"{self._CHECK}, {self._hb_newest}")
                     *row, hb_ts = cur.fetchone()
                 return (*row, (hb_ts,))
             except pymysql.MySQLError as exc:

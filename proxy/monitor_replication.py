@@ -25,7 +25,7 @@ _REPL_FIELDS = ("replicating", "repl_error", "io_state", "sql_state", "io_error"
 
 
 class ReplicationReading:
-    """Methods of Monitor (uses its _mon, _nodes, _states, _schema, _stale_after)."""
+    """Methods of Monitor (uses its _mon, _nodes, _states, _hb_newest, _stale_after)."""
 
     def _replication(self, node, conn, obs: Observation) -> None:
         """Replication threads' state. SHOW ALL SLAVES STATUS costs a PyMySQL client ~0.45 ms of
@@ -119,8 +119,7 @@ class ReplicationReading:
             else:
                 try:
                     with conn.cursor() as cur:
-                        cur.execute(f"SELECT UNIX_TIMESTAMP(NOW(6)), MAX(ts) FROM `{self._schema}`.heartbeat "
-                                    "WHERE server_id <> @@server_id")
+                        cur.execute(f"SELECT UNIX_TIMESTAMP(NOW(6)), {self._hb_newest}")
                         hb_now, hb_ts = cur.fetchone()
                     node.hb_merge = True  # readable: the next checks read it in the same round trip
                 except pymysql.MySQLError as exc:

@@ -83,7 +83,10 @@ class Cluster:
         binary = (state or {}).get("mariadbd") or mariadbd
         specs = state["nodes"] if state else self._plan()
         kept = tuple((state or {}).get("server_options", ()))
-        options = kept if server_options is None else tuple(check_server_option(o) for o in server_options if o.strip())  # '' clears
+        if server_options is None:
+            options = kept
+        else:  # an empty option ('') clears them
+            options = tuple(check_server_option(o) for o in server_options if o.strip())
         self.server_options: tuple[str, ...] = options  # extra [mariadbd] lines on every node
         self.nodes: list[Node] = [
             Node(s, mariadbd=binary, users={u: v["password"] for u, v in USERS.items()},

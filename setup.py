@@ -1,7 +1,7 @@
-"""Build hook for the optional C extension; all metadata lives in pyproject.toml.
+"""Build hook for the optional C extensions; all metadata lives in pyproject.toml.
 
-The scanner has a pure-Python fallback, so the extension is optional: a
-machine without a compiler still installs (setuptools only warns).
+The response scanner and the digest key's literal pass have pure-Python fallbacks, so both
+are optional: a machine without a compiler still installs (setuptools only warns).
 """
 from setuptools import Extension, setup
 
@@ -10,6 +10,11 @@ setup(
         Extension(
             "proxy.protocol._scan",
             sources=["proxy/protocol/_scan.c"],
+            optional=True,
+        ),
+        Extension(
+            "proxy._lexkey",
+            sources=["proxy/_lexkey.c"],
             optional=True,
         ),
     ],

@@ -7,7 +7,14 @@ sql_mode NO_BACKSLASH_ESCAPES a string ending in a backslash is lexed differentl
 
 from __future__ import annotations
 
+import os
 import re
+
+try:  # _B_LIT.sub(b"?", raw) in one C loop; None for texts with comments, backticks, open quotes
+    from ._lexkey import literal_key as _c_literal_key
+except ImportError:  # not built (no compiler at install time)
+    _c_literal_key = None
+_literal_key = None if os.environ.get("RWPROXY_PURE_PYTHON") == "1" else _c_literal_key
 
 # Pieces shared by the bytes (digest) and str (code/token) patterns.  The scanning patterns
 # start with one character class and dispatch with look-behinds: sre then skips uninteresting
@@ -78,14 +85,17 @@ def cache_key(raw: bytes) -> bytes:
     folded when the statement has more than four literals.
 
     Statements with the same key differ only in literals, comments or list lengths, which no
-    classification depends on (literal-dependent ones are never cached).  One C-level regex
-    pass in the common case (no comments, no backticks): this runs for every statement.
+    classification depends on (literal-dependent ones are never cached).  This runs for every
+    statement: one C pass in the common case (no comments, no backticks; _lexkey.c, or the
+    _B_LIT regex where it is not built).
     """
-    s = _B_LIT.sub(b"?", raw)
-    # The first comment marker or backtick outside string literals survives that pass (numbers
-    # and strings contain none before it), so if none is left the pass lexed like the server.
-    if len(s.translate(None, b"-#`/")) != len(s) and _B_SPECIAL.search(s) is not None:
-        s = _B_NUM.sub(b"?", _B_P1.sub(_key_repl, raw))
+    s = _literal_key(raw) if _literal_key is not None else None  # C: same bytes, or None
+    if s is None:
+        s = _B_LIT.sub(b"?", raw)
+        # The first comment marker or backtick outside string literals survives that pass (numbers
+        # and strings contain none before it), so if none is left the pass lexed like the server.
+        if len(s.translate(None, b"-#`/")) != len(s) and _B_SPECIAL.search(s) is not None:
+            s = _B_NUM.sub(b"?", _B_P1.sub(_key_repl, raw))
     if s.count(b"?") > 4:  # fold IN-lists and multi-row VALUES (cheap test first: hot path)
         s = _B_LIST.sub(b"(?)", s)
         if b"(?)" in s:

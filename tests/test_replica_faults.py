@@ -167,10 +167,16 @@ def test_status_shows_positions_of_the_latest_checks(setup):
     """Heartbeats move every server's GTID 4 times a second; workers get positions about once a
     second (no gtid routing here), but `rwproxy status` shows them as of the latest 100 ms checks."""
     cl, p = setup
+
+    def primary_seq() -> int:
+        return int(cl.primary.variable("gtid_binlog_pos").split("-")[-1])
+
     for _ in range(4):
-        st = _status(p)
-        now = int(cl.primary.variable("gtid_binlog_pos").split("-")[-1])
+        before = primary_seq()  # the status command (a new Python process) may take a while to
+        st = _status(p)         # start on a busy machine: bracket the moment it asks
+        after = primary_seq()
         for name, s in st.items():
             seq = int(s["gtid"].split("-")[-1])
-            assert now - 2 <= seq <= now, (name, s["gtid"], now)  # at most one or two heartbeats behind
+            # at most one or two heartbeats behind the primary as it was when status asked
+            assert before - 2 <= seq <= after, (name, s["gtid"], before, after)
         time.sleep(0.3)

@@ -47,6 +47,10 @@ BASE_BACKEND_CAPS = (
     | CLIENT_CONNECT_ATTRS
 )
 
+# Idle time after which a write first polls the connection for a close (see peer_gone).
+PEER_CHECK_IDLE = 0.002
+_monotonic = time.monotonic
+
 # Scanner kinds for the relay path are module-level ints for speed.
 _MODE_COLLECT = 0
 _MODE_RELAY = 1
@@ -84,6 +88,7 @@ class BackendConnection(asyncio.Protocol):
         "dirty",
         "db_touched",
         "applied",
+        "done_at",
         "_poll",
     )
 
@@ -108,6 +113,7 @@ class BackendConnection(asyncio.Protocol):
         self.dirty = False  # session options a reset does not undo (COM_SET_OPTION)
         self.db_touched = False  # the client may have changed the current database
         self.applied = 0  # how many entries of the owning session's history this connection carries
+        self.done_at = 0.0  # monotonic time the last relayed response ended (0: none yet)
         self._poll = None
 
     # ---- asyncio.Protocol -------------------------------------------------
@@ -123,9 +129,13 @@ class BackendConnection(asyncio.Protocol):
         """True if an idle connection has something to read: the server hung up (or sent an
         unsolicited error before closing). Checked before sending a write, so that a write
         never goes into a connection the server already closed but the loop has not yet seen
-        closing; costs one poll(2) with a zero timeout."""
+        closing; costs one poll(2) with a zero timeout.
+
+        A connection whose last response ended less than PEER_CHECK_IDLE ago is not polled
+        (False): a close in that window is the same race as a close just after our write, and
+        skipping the syscall saves ~0.5 us per statement of a busy session."""
         p = self._poll
-        return p is not None and bool(p.poll(0))
+        return p is not None and _monotonic() - self.done_at >= PEER_CHECK_IDLE and bool(p.poll(0))
 
     def data_received(self, data):
         if self.mode == _MODE_RELAY:
@@ -136,6 +146,7 @@ class BackendConnection(asyncio.Protocol):
                 self.relayed += len(data)
                 if n >= 0:
                     self.mode = _MODE_COLLECT
+                    self.done_at = _monotonic()
                     client.response_done(self)
             return
         self._buf += data

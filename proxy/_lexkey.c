@@ -7,7 +7,7 @@
  * text holds something that path treats specially: a comment or backtick marker
  * outside literals ('#', '`', slash-star, '--'), or a quote that is never closed.
  *
- * Contract, checked by tests/test_classify.py on random texts: when the result is
+ * Contract, checked by tests/test_lexkey.py on random texts: when the result is
  * not None it equals _B_LIT.sub(b"?", raw) byte for byte.  The number rules follow
  * _NUM_BODY in classify_lex.py, including the order in which the regex backtracks.
  */

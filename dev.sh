@@ -44,7 +44,7 @@ python_env() {
         "$PY" -m venv "$VENV"
     fi
     local stamp="$VENV/.rwproxy-installed"
-    if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ setup.py -nt "$stamp" ] || [ proxy/protocol/_scan.c -nt "$stamp" ] || [ proxy/_lexkey.c -nt "$stamp" ]; then
+    if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ setup.py -nt "$stamp" ] || [ -n "$(find proxy -name '*.c' -newer "$stamp")" ]; then
         say "installing rwproxy and its Python dependencies into $VENV"
         "$VENV/bin/python" -m pip install -q --upgrade pip >/dev/null
         "$VENV/bin/python" -m pip install -q -e ".[test,fast]"

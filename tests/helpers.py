@@ -119,3 +119,14 @@ def direct(cluster):
         yield conn
     finally:
         conn.close()
+
+
+def require_c(impl, module: str):
+    """`impl` from an optional C extension, or skip the test when it is not built; under
+    RWPROXY_REQUIRE_C=1 (CI) a missing extension is a failure instead."""
+    if impl is None:
+        msg = f"C extension {module} is not built (run: python setup.py build_ext --inplace)"
+        if os.environ.get("RWPROXY_REQUIRE_C") == "1":
+            pytest.fail(msg + " and RWPROXY_REQUIRE_C=1")
+        pytest.skip(msg)
+    return impl

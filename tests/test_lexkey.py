@@ -8,7 +8,6 @@ without it. Without the extension these tests skip, unless RWPROXY_REQUIRE_C=1 (
 
 from __future__ import annotations
 
-import os
 import random
 
 import pytest
@@ -16,16 +15,12 @@ import pytest
 from proxy import classify_lex as L
 from proxy.classify import Classifier
 
+from helpers import require_c
 from test_classify import CORPUS
 
 
 def _c():
-    if L._c_literal_key is None:
-        msg = "C extension proxy._lexkey is not built (run: python setup.py build_ext --inplace)"
-        if os.environ.get("RWPROXY_REQUIRE_C") == "1":
-            pytest.fail(msg + " and RWPROXY_REQUIRE_C=1")
-        pytest.skip(msg)
-    return L._c_literal_key
+    return require_c(L._c_literal_key, "proxy._lexkey")
 
 
 def _py_key(raw: bytes) -> bytes:

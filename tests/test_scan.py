@@ -18,6 +18,7 @@ import sys
 
 import pytest
 
+from helpers import require_c
 from proxy.protocol import scan
 from proxy.protocol.scan import (
     FIELD_LIST, PREPARE, RESULT, ROWS, SIMPLE, STATISTICS, CScanner, PyScanner,
@@ -33,13 +34,7 @@ IMPLS = [pytest.param(PyScanner, id="py"), pytest.param("C", id="c")]
 
 
 def _require_c():
-    if CScanner is None:
-        msg = ("C extension proxy.protocol._scan is not built "
-               "(run: python setup.py build_ext --inplace)")
-        if os.environ.get("RWPROXY_REQUIRE_C") == "1":
-            pytest.fail(msg + " and RWPROXY_REQUIRE_C=1")
-        pytest.skip(msg)
-    return CScanner
+    return require_c(CScanner, "proxy.protocol._scan")
 
 
 def _impl(cls):

@@ -66,12 +66,14 @@ VARIANTS = {  # name -> (sysbench test, extra options)
 }
 
 
-def sysbench(test: str, host: str, port: int, threads: int, seconds: float, tables: int, size: int, action="run") -> dict:
+def sysbench(test: str, host: str, port: int, threads: int, seconds: float, tables: int, size: int, action="run",
+             ps_mode: str = "auto") -> dict:
+    """One sysbench run; ps_mode "auto" uses prepared statements (binary protocol), "disable" plain queries."""
     test, extra = VARIANTS.get(test, (test, []))
     cmd = [
         "sysbench", test, *extra, f"--mysql-host={host}", f"--mysql-port={port}", "--mysql-user=app", "--mysql-password=app",
         f"--mysql-db={SB_DB}", f"--tables={tables}", f"--table-size={size}", "--db-driver=mysql",
-        f"--threads={threads}", f"--time={int(seconds)}", "--histogram=on", "--percentile=99", "--db-ps-mode=auto", action,
+        f"--threads={threads}", f"--time={int(seconds)}", "--histogram=on", "--percentile=99", f"--db-ps-mode={ps_mode}", action,
     ]
     text = _run_sysbench(cmd, seconds)
     if action != "run":

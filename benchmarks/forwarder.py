@@ -15,8 +15,9 @@ connections per worker (the first M clients' own; the others are closed), writte
 as soon as they arrive, without waiting for the commands queued ahead of them, and
 the responses, which come back in order, are split by the response scanner and
 handed to their clients. Text protocol only (COM_QUERY, COM_PING, COM_QUIT; run
-sysbench with --db-ps-mode=disable); anything else gets an error, and session
-state is not tracked, so it is only for stateless benchmark loads.
+sysbench with --db-ps-mode=disable); anything else gets an error. Session state
+is not tracked and a shared connection keeps the capabilities its first client
+negotiated, so it is only for stateless loads from like clients (one sysbench run).
 """
 
 from __future__ import annotations
@@ -120,6 +121,9 @@ class _Shared(asyncio.Protocol):
                 return
 
     def send(self, front: "_PipedFront", packet: bytes, kind: int) -> None:
+        if self.transport.is_closing():  # the server went away: so does the client
+            front.transport.close()
+            return
         front.kind = kind
         self.queue.append(front)
         if len(self.queue) == 1:

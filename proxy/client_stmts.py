@@ -11,7 +11,7 @@ from .protocol.constants import COM_STMT_CLOSE, COM_STMT_EXECUTE, COM_STMT_FETCH
 from .protocol.packets import frame, logical_payload as _payload
 from .protocol.scan import PREPARE, RESULT, ROWS, SIMPLE
 from .router import PRIMARY, NoServer, Reject
-from .statements import Stmt, execute_packet_for
+from .statements import DIRECT_ID, Stmt, execute_packet_for
 
 _STMT_NAMES = {COM_STMT_EXECUTE: "execute", COM_STMT_FETCH: "fetch", COM_STMT_RESET: "reset"}
 _SESSION_READ = C.Classification(C.READ, 0, "")
@@ -20,6 +20,9 @@ _SESSION_READ = C.Classification(C.READ, 0, "")
 class StatementCommands:
     def _execute(self, pkt):
         sid = int.from_bytes(pkt[5:9], "little") if len(pkt) >= 9 else -1
+        if sid == DIRECT_ID:
+            pkt = self.stmts.direct(pkt)
+            sid = int.from_bytes(pkt[5:9], "little")
         stmt = self.stmts.stmts.get(sid)
         if stmt is None:
             return self._error(1243, b"HY000", f"Unknown prepared statement handler ({sid}) given to mysqld_stmt_execute")
@@ -51,6 +54,7 @@ class StatementCommands:
         return pkt[:5] + bid.to_bytes(4, "little") + pkt[9:]
 
     async def _prepare(self, pkt):
+        self.stmts.last = 0  # until this prepare succeeds, -1 names no statement
         sql = _payload(pkt)[1:]
         cls = self.worker.classifier.classify(sql)
         st = self.state
@@ -78,6 +82,9 @@ class StatementCommands:
 
     def _stmt_other(self, pkt, cmd):
         sid = int.from_bytes(pkt[5:9], "little") if len(pkt) >= 9 else -1
+        if sid == DIRECT_ID and cmd != COM_STMT_CLOSE:  # the server ignores COM_STMT_CLOSE of -1
+            pkt = self.stmts.direct(pkt)
+            sid = int.from_bytes(pkt[5:9], "little")
         stmt = self.stmts.stmts.get(sid)
         if stmt is None:
             if cmd in _STMT_NAMES:  # CLOSE and SEND_LONG_DATA have no response, so no error either

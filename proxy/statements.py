@@ -13,6 +13,10 @@ from collections import OrderedDict
 
 from .protocol.constants import MAX_PACKET
 
+# MariaDB's direct execution (10.2+): a client may pipeline COM_STMT_PREPARE and a COM_STMT_EXECUTE
+# (or SEND_LONG_DATA, RESET, FETCH) whose statement id is -1, "the statement prepared last".
+DIRECT_ID = 0xFFFFFFFF
+
 
 class Stmt:
     __slots__ = ("sql", "cls", "prepare_packet", "nparams", "ids", "types", "types_sent", "long_data", "last")
@@ -35,6 +39,7 @@ class StatementMap:
     def __init__(self, max_per_connection: int):
         self.stmts: dict[int, Stmt] = {}
         self.next_id = 1
+        self.last = 0  # id of the statement prepared last; 0 after a failed prepare (as the server forgets it)
         self.max_per_connection = max_per_connection
         self.lru: dict[str, OrderedDict] = {}  # server -> OrderedDict(client id -> None)
 
@@ -42,7 +47,15 @@ class StatementMap:
         sid = self.next_id
         self.next_id += 1
         self.stmts[sid] = stmt
+        self.last = sid
         return sid
+
+    def direct(self, pkt: bytes) -> bytes:
+        """A statement command with id -1 (direct execution) made to name the statement prepared
+        last; unchanged when there is none, so it fails as the server's would (unknown 4294967295)."""
+        if self.last:
+            return pkt[:5] + self.last.to_bytes(4, "little") + pkt[9:]
+        return pkt
 
     def bind(self, sid: int, server: str, backend_id: int) -> list[int]:
         """Record a backend id; returns backend ids to close on that server to stay within the bound."""
@@ -82,6 +95,7 @@ class StatementMap:
     def clear(self) -> None:
         self.stmts.clear()
         self.lru.clear()
+        self.last = 0
 
 
 def execute_packet_for(pkt: bytes, stmt: Stmt, server: str, backend_id: int) -> bytes:

@@ -1,0 +1,126 @@
+"""MariaDB's direct execution through the proxy: COM_STMT_PREPARE pipelined with a
+COM_STMT_EXECUTE whose statement id is -1 ("the statement prepared last"), as MariaDB
+connectors send it to a MariaDB >= 10.2 server. The proxy must answer as the server does."""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import struct
+
+import pytest
+
+from proxy.protocol.packets import frame
+from proxy.protocol.scan import PREPARE, RESULT, Scanner
+from proxy.rawclient import RawClient
+
+MINUS_ONE = b"\xff\xff\xff\xff"
+
+
+def _execute(sid: bytes, value: int) -> bytes:
+    """COM_STMT_EXECUTE of a one-parameter statement: no cursor, types sent, a BIGINT value."""
+    return b"\x17" + sid + b"\x00" + struct.pack("<I", 1) + b"\x00" + b"\x01" + b"\x08\x00" + struct.pack("<q", value)
+
+
+def _response(c: RawClient, kind: int) -> list[bytes]:
+    """The payloads of one whole response, its end found by the proxy's own scanner."""
+    sc, out = Scanner(True), []
+    sc.start(kind)
+    while True:
+        seq, p = c.read()
+        out.append(p)
+        if sc.feed(frame(p, seq)) >= 0:
+            return out
+
+
+def _error(p: bytes) -> tuple[int, str]:
+    assert p[0] == 0xFF, p
+    return struct.unpack_from("<H", p, 1)[0], p[9:].decode()
+
+
+def _pipelined(port: int, sql: bytes, value: int) -> tuple[list[bytes], list[bytes]]:
+    c = RawClient("127.0.0.1", port)
+    try:
+        c.sock.sendall(frame(b"\x16" + sql, 0) + frame(_execute(MINUS_ONE, value), 0))
+        return _response(c, PREPARE), _response(c, RESULT)
+    finally:
+        c.close()
+
+
+def test_prepare_and_execute_minus_one_pipelined_answer_like_the_server(proxy):
+    sql = b"SELECT ? + 1 AS v, 'direct' AS how"
+    via = _pipelined(proxy.port, sql, 41)
+    direct = _pipelined(proxy.cluster.primary.port, sql, 41)
+    assert via[0][0][0] == 0x00, via[0]  # the prepare's OK
+    assert via[0][0][5:] == direct[0][0][5:] and via[0][1:] == direct[0][1:]  # all but the statement id
+    assert via[1] == direct[1]  # the execute's result, byte for byte
+    row = via[1][-2]
+    assert struct.unpack_from("<q", row, 2)[0] == 42 and row.endswith(b"\x06direct")
+
+
+def test_minus_one_after_a_failed_prepare_is_unknown_as_on_the_server(proxy):
+    answers = []
+    for port in (proxy.port, proxy.cluster.primary.port):
+        c = RawClient("127.0.0.1", port)
+        try:
+            first, _, _ = c.prepare("SELECT ? - 1")  # prepared fine, but a failed prepare follows it
+            c.sock.sendall(frame(b"\x16SELEC 1", 0) + frame(_execute(MINUS_ONE, 1), 0))
+            answers.append((_error(c.read()[1])[0], _error(c.read()[1])))
+            c.send(_execute(struct.pack("<I", first), 1), 0)  # the earlier statement is still there
+            assert struct.unpack_from("<q", _response(c, RESULT)[-2], 2)[0] == 0
+            sid, _, _ = c.prepare("SELECT ? * 2")  # a good one: -1 names it from now on
+            c.send(b"\x1a" + MINUS_ONE, 0)  # COM_STMT_RESET
+            assert c.read()[1][0] == 0x00
+            c.send(_execute(MINUS_ONE, 21), 0)
+            row = _response(c, RESULT)[-2]
+            assert struct.unpack_from("<q", row, 2)[0] == 42
+            c.send(_execute(struct.pack("<I", sid), 5), 0)  # and its own id still works
+            assert struct.unpack_from("<q", _response(c, RESULT)[-2], 2)[0] == 10
+            assert c.command(b"\x03SELECT 1")[0] == 1
+        finally:
+            c.close()
+    assert answers[0] == answers[1]
+    assert answers[0][0] == 1064
+    assert answers[0][1] == (1243, "Unknown prepared statement handler (4294967295) given to mysqld_stmt_execute")
+
+
+def _libmariadb():
+    name = ctypes.util.find_library("mariadb")
+    if name is None:
+        pytest.fail("libmariadb not found (the test setup installs libmariadb-dev)")
+    lib = ctypes.CDLL(name)
+    p = ctypes.c_void_p
+    for fn, res, args in (
+        ("mysql_init", p, [p]),
+        ("mysql_real_connect", p, [p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p,
+                                   ctypes.c_uint, ctypes.c_char_p, ctypes.c_ulong]),
+        ("mysql_error", ctypes.c_char_p, [p]),
+        ("mysql_stmt_init", p, [p]),
+        ("mariadb_stmt_execute_direct", ctypes.c_int, [p, ctypes.c_char_p, ctypes.c_size_t]),
+        ("mysql_stmt_store_result", ctypes.c_int, [p]),
+        ("mysql_stmt_num_rows", ctypes.c_ulonglong, [p]),
+        ("mysql_stmt_error", ctypes.c_char_p, [p]),
+        ("mysql_stmt_close", ctypes.c_char, [p]),
+        ("mysql_close", None, [p]),
+    ):
+        f = getattr(lib, fn)
+        f.restype, f.argtypes = res, args
+    return lib
+
+
+def test_libmariadb_execute_direct_through_the_proxy(proxy):
+    """Connector/C's mariadb_stmt_execute_direct(), the real client library's API for it: it must
+    work through the proxy whatever the library chooses to send."""
+    lib = _libmariadb()
+    m = lib.mysql_init(None)
+    try:
+        assert lib.mysql_real_connect(m, b"127.0.0.1", b"app", b"app", b"app", proxy.port, None, 0), lib.mysql_error(m)
+        for n in (5, 1000):
+            st = lib.mysql_stmt_init(m)
+            q = f"SELECT seq FROM seq_1_to_{n}".encode()
+            assert lib.mariadb_stmt_execute_direct(st, q, len(q)) == 0, lib.mysql_stmt_error(st)
+            assert lib.mysql_stmt_store_result(st) == 0, lib.mysql_stmt_error(st)
+            assert lib.mysql_stmt_num_rows(st) == n
+            lib.mysql_stmt_close(st)
+    finally:
+        lib.mysql_close(m)

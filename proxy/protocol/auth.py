@@ -14,7 +14,9 @@ import os
 NATIVE = "mysql_native_password"
 CACHING_SHA2 = "caching_sha2_password"
 CLEAR = "mysql_clear_password"
-SUPPORTED = (NATIVE, CACHING_SHA2)
+ED25519 = "client_ed25519"
+SUPPORTED = (NATIVE, CACHING_SHA2)  # what clients may use to log in to rwproxy
+BACKEND = (NATIVE, CACHING_SHA2, ED25519, CLEAR)  # what rwproxy answers when a backend asks
 
 # caching_sha2_password protocol bytes (sent after a 0x01 "more data" byte).
 SHA2_FAST_AUTH_OK = b"\x03"
@@ -58,6 +60,10 @@ def token_for(plugin: str, password: str, salt: bytes) -> bytes:
         return sha2_token(password, salt)
     if plugin == CLEAR:
         return password.encode() + b"\x00"
+    if plugin == ED25519:
+        from .ed25519 import sign
+
+        return sign(password.encode(), salt[:32])
     raise ValueError(f"unsupported authentication plugin {plugin!r}")
 
 

@@ -1,0 +1,43 @@
+"""MariaDB's client_ed25519 authentication: the token for a backend account created
+`IDENTIFIED VIA ed25519`.
+
+The server sends a 32-byte scramble; the client answers with an Ed25519 signature of it.
+MariaDB's variant derives the key from the password itself rather than from a 32-byte
+seed: the 64-byte expanded secret is SHA-512(password), whose first half (clamped) is the
+secret scalar and whose second half seeds the nonce. Standard Ed25519 APIs only take a
+seed, so the signature is assembled here from libsodium's scalar and point primitives
+(PyNaCl, which PyMySQL also uses for this plugin, so the monitor's connections can log in
+to such accounts too).
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+PLUGIN = "client_ed25519"
+
+
+def _bindings():
+    try:
+        import nacl.bindings
+    except ImportError as e:  # an optional extra in principle; installed with rwproxy
+        raise RuntimeError("client_ed25519 needs the PyNaCl package (pip install pynacl)") from e
+    return nacl.bindings
+
+
+def sign(password: bytes, scramble: bytes) -> bytes:
+    """The 64-byte signature R || S of `scramble` under the key derived from `password`."""
+    nb = _bindings()
+    h = hashlib.sha512(password).digest()
+    a = bytearray(h[:32])
+    a[0] &= 248  # Ed25519 clamping of the secret scalar
+    a[31] &= 63
+    a[31] |= 64
+    a = bytes(a)
+    public = nb.crypto_scalarmult_ed25519_base_noclamp(a)
+    a = nb.crypto_core_ed25519_scalar_reduce(a + bytes(32))  # the same scalar, mod L, for the arithmetic below
+    r = nb.crypto_core_ed25519_scalar_reduce(hashlib.sha512(h[32:] + scramble).digest())
+    big_r = nb.crypto_scalarmult_ed25519_base_noclamp(r)
+    k = nb.crypto_core_ed25519_scalar_reduce(hashlib.sha512(big_r + public + scramble).digest())
+    s = nb.crypto_core_ed25519_scalar_add(r, nb.crypto_core_ed25519_scalar_mul(k, a))
+    return big_r + s

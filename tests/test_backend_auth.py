@@ -1,0 +1,92 @@
+"""Backend accounts created `IDENTIFIED VIA ed25519` (MariaDB's auth_ed25519 plugin).
+
+Clients log in to rwproxy as usual; the servers then ask rwproxy's backend connections to
+switch to client_ed25519, and rwproxy must sign their scramble with the configured password.
+A private cluster, since the plugin is installed on its servers."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pymysql
+import pytest
+
+from helpers import start_proxy
+from proxy.backend import BackendError, connect
+from proxy.config_schema import BackendConfig
+from proxy.protocol.constants import PROXY_CAPABILITIES
+
+ED_USER, ED_PASSWORD = "edu", "ed secret 1"
+
+
+@pytest.fixture(scope="module")
+def ed_cluster(tmp_path_factory):
+    from proxy.sandbox.testing import start_cluster, teardown_cluster
+
+    c = start_cluster(tmp_path_factory.mktemp("ed25519-sandbox"), replicas=1)
+    try:
+        for node in c.nodes:  # plugins are per server: not replicated
+            with node.connect() as conn, conn.cursor() as cur:
+                cur.execute("SET sql_log_bin = 0")
+                cur.execute("INSTALL SONAME 'auth_ed25519'")
+        with c.primary.connect() as conn, conn.cursor() as cur:
+            cur.execute(f"CREATE USER '{ED_USER}'@'%' IDENTIFIED VIA ed25519 USING PASSWORD('{ED_PASSWORD}')")
+            cur.execute(f"GRANT ALL ON app.* TO '{ED_USER}'@'%'")
+            cur.execute("CREATE USER 'edmon'@'%' IDENTIFIED VIA ed25519 USING PASSWORD('ed monitor')")
+            cur.execute("GRANT ALL ON *.* TO 'edmon'@'%'")  # the monitor's account, through PyMySQL
+            cur.execute("CREATE USER 'edstale'@'%' IDENTIFIED VIA ed25519 USING PASSWORD('changed on the server')")
+            cur.execute("GRANT ALL ON app.* TO 'edstale'@'%'")
+        c.wait_replicas_caught_up(30)
+        yield c
+    finally:
+        teardown_cluster(c)
+
+
+def test_reads_and_writes_as_an_ed25519_account(ed_cluster, tmp_path):
+    users = [{"name": ED_USER, "password": ED_PASSWORD}, {"name": "edstale", "password": "the old password"}]
+    p = start_proxy(ed_cluster, tmp_path, users=users, monitor={"user": "edmon", "password": "ed monitor"})
+    try:
+        args = {"host": p.host, "port": p.port, "database": "app", "autocommit": True}
+        with pymysql.connect(user=ED_USER, password=ED_PASSWORD, **args) as writer, writer.cursor() as cur:
+            cur.execute("CREATE TABLE ed_rows (id INT PRIMARY KEY)")
+            cur.execute("INSERT INTO ed_rows VALUES (1), (2)")
+        with ed_cluster.primary.connect(database="app") as direct, direct.cursor() as cur:
+            cur.execute("SELECT COUNT(*) FROM ed_rows")
+            assert cur.fetchone()[0] == 2  # the writes reached the primary
+        ed_cluster.wait_replicas_caught_up(30)
+        with pymysql.connect(user=ED_USER, password=ED_PASSWORD, **args) as reader, reader.cursor() as cur:
+            cur.execute("SELECT CURRENT_USER(), @@port, (SELECT COUNT(*) FROM ed_rows)")
+            # a replica answered: it is in the read pool, so the monitor's ed25519 logins work too
+            assert cur.fetchone() == (f"{ED_USER}@%", ed_cluster.replicas[0].port, 2)
+
+        # The config's password is no longer the server's: the server's refusal reaches the client.
+        with pytest.raises(pymysql.err.OperationalError) as err:
+            with pymysql.connect(user="edstale", password="the old password", **args) as c, c.cursor() as cur:
+                cur.execute("SELECT 1")
+        assert err.value.args[0] == 1045 and "edstale" in err.value.args[1]
+        with pymysql.connect(user=ED_USER, password=ED_PASSWORD, **args) as c, c.cursor() as cur:
+            cur.execute("SELECT 1")  # and everyone else is still served
+            assert cur.fetchone() == (1,)
+    finally:
+        p.process.stop()
+
+
+def test_every_scramble_signs_correctly(ed_cluster):
+    """Many fresh backend logins, each with the server's random 32-byte scramble (some end in zero
+    bytes, which must not be stripped as they are from the 20-byte ones of other plugins)."""
+    server = BackendConfig(name="node1", host="127.0.0.1", port=ed_cluster.primary.port)
+
+    async def logins(n: int) -> int:
+        done = 0
+        for _ in range(n):
+            conn = await connect(server, ("node1", ED_USER, PROXY_CAPABILITIES, 45, "app"), PROXY_CAPABILITIES,
+                                 ED_USER, ED_PASSWORD, "app", 45, 5.0)
+            conn.close()
+            done += 1
+        with pytest.raises(BackendError) as err:
+            await connect(server, ("node1", ED_USER, PROXY_CAPABILITIES, 45, "app"), PROXY_CAPABILITIES,
+                          ED_USER, "wrong", "app", 45, 5.0)
+        assert err.value.code == 1045
+        return done
+
+    assert asyncio.run(logins(400)) == 400

@@ -115,7 +115,8 @@ def test_wrong_ca_is_a_clear_error_for_clients_and_in_the_log(tls_cluster, tmp_p
 
 def test_unreadable_ca_stops_serve_with_one_line(tmp_path):
     cfg = tmp_path / "rw.toml"
-    cfg.write_text('[[backends]]\nhost = "127.0.0.1"\nport = 1\n[[users]]\nname = "app"\n'
+    cfg.write_text('[proxy]\nlisten = "127.0.0.1:0"\n'  # not the default 6033, which may be taken
+                   '[[backends]]\nhost = "127.0.0.1"\nport = 1\n[[users]]\nname = "app"\n'
                    '[backend_tls]\nmode = "verify_ca"\nca = "missing/ca.pem"\n')
     r = subprocess.run([sys.executable, "-m", "proxy", "serve", "--config", str(cfg)],
                        capture_output=True, text=True, timeout=30)

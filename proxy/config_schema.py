@@ -210,7 +210,7 @@ class BackendTLSConfig:
 class UserConfig:
     name: str = S("app", nonempty=True, required=True)
     password: str = S(repr=False)
-    auth_plugin: str = E("", "", *AUTH_PLUGINS)
+    auth_plugin: str = E("", "", *AUTH_PLUGINS, "client_ed25519")  # ed25519: per user only (an auth switch)
     default_route: str = E("auto", "auto", "primary", "replica")
     read_your_writes: str = E("", "", *RYW_MODES)
     max_connections: int = I(0, 0)

@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import struct
 from dataclasses import dataclass
 
 from .backend import BackendError
-from .protocol import auth
+from .protocol import auth, ed25519
 from .protocol.constants import (
     CLIENT_CONNECT_ATTRS,
     CLIENT_PLUGIN_AUTH,
@@ -107,6 +108,8 @@ class Authenticator:
         if ucfg is None:
             raise AccessDenied(access_denied_message(user, host, token), seq)
         wanted = ucfg.auth_plugin or (plugin if plugin in auth.SUPPORTED else self.default_plugin)
+        if wanted == auth.ED25519:
+            return await self._ed25519(io, ucfg, seq, host, token)
         # Auth switch: ask the client to answer with the plugin this user needs. A client
         # whose plugin differs from the greeting's may also have sent no data at all
         # (libmariadb does), expecting the switch to bring a salt for its plugin.
@@ -120,6 +123,17 @@ class Authenticator:
                 raise AccessDenied(access_denied_message(user, host, token), seq)
             return ucfg, seq
         return await self._sha2(io, ucfg, salt, token, seq, host, tls)
+
+    async def _ed25519(self, io, ucfg, seq, host, token):
+        """Always an auth switch: the greeting's 20-byte salt is too short for this plugin,
+        whose scramble is 32 random bytes (sent without a NUL, as the server does)."""
+        scramble = os.urandom(32)
+        io.write(frame(b"\xfe" + auth.ED25519.encode() + b"\x00" + scramble, seq))
+        seq, signature = await io.read_packet()
+        seq += 1
+        if not ed25519.verify(ucfg.password.encode(), scramble, signature):
+            raise AccessDenied(access_denied_message(ucfg.name, host, signature), seq)
+        return ucfg, seq
 
     async def _sha2(self, io, ucfg, salt, token, seq, host, tls):
         if not ucfg.password and not token.strip(b"\x00"):

@@ -1,17 +1,21 @@
-"""Backend accounts created `IDENTIFIED VIA ed25519` (MariaDB's auth_ed25519 plugin).
+"""MariaDB's ed25519 authentication on both sides of rwproxy.
 
-Clients log in to rwproxy as usual; the servers then ask rwproxy's backend connections to
-switch to client_ed25519, and rwproxy must sign their scramble with the configured password.
-A private cluster, since the plugin is installed on its servers."""
+Backend accounts created `IDENTIFIED VIA ed25519`: clients log in to rwproxy as usual; the
+servers then ask rwproxy's backend connections to switch to client_ed25519, and rwproxy must
+sign their scramble with the configured password (a private cluster, since the plugin is
+installed on its servers). And clients of a user with `auth_plugin = "client_ed25519"` must
+log in to rwproxy with that plugin, real client libraries included."""
 
 from __future__ import annotations
 
 import asyncio
+import subprocess
 
+import MySQLdb
 import pymysql
 import pytest
 
-from helpers import start_proxy
+from helpers import ensure_backend_user, start_proxy
 from proxy.backend import BackendError, connect
 from proxy.config_schema import BackendConfig
 from proxy.protocol.constants import PROXY_CAPABILITIES
@@ -90,3 +94,29 @@ def test_every_scramble_signs_correctly(ed_cluster):
         return done
 
     assert asyncio.run(logins(400)) == 400
+
+
+def test_clients_log_in_to_rwproxy_with_client_ed25519(cluster, tmp_path):
+    ensure_backend_user(cluster, "edfront", "front pw")  # the server account uses mysql_native_password
+    users = [{"name": "edfront", "password": "front pw", "auth_plugin": "client_ed25519"}]
+    p = start_proxy(cluster, tmp_path, users=users)
+    try:
+        cli = subprocess.run(["mariadb", "-h", p.host, "-P", str(p.port), "-u", "edfront", "-pfront pw", "-N", "-e",
+                              "SELECT CURRENT_USER()"], capture_output=True, text=True, timeout=30)
+        assert cli.returncode == 0 and cli.stdout.strip() == "edfront@%", cli.stderr
+        with pymysql.connect(host=p.host, port=p.port, user="edfront", password="front pw") as c, c.cursor() as cur:
+            cur.execute("SELECT 41 + 1")
+            assert cur.fetchone() == (42,)
+        with MySQLdb.connect(host=p.host, port=p.port, user="edfront", password="front pw") as c:
+            cur = c.cursor()
+            cur.execute("SELECT 'libmariadb'")
+            assert cur.fetchone() == ("libmariadb",)
+        wrong = subprocess.run(["mariadb", "-h", p.host, "-P", str(p.port), "-u", "edfront", "-pnot it", "-e", "SELECT 1"],
+                               capture_output=True, text=True, timeout=30)
+        assert wrong.returncode != 0
+        assert "ERROR 1045 (28000): Access denied for user 'edfront'@'127.0.0.1' (using password: YES)" in wrong.stderr
+        with pytest.raises(pymysql.err.OperationalError) as err:
+            pymysql.connect(host=p.host, port=p.port, user="edfront", password="")
+        assert err.value.args[0] == 1045
+    finally:
+        p.process.stop()

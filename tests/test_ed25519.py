@@ -98,7 +98,8 @@ def test_every_scramble_signs_correctly(ed_cluster):
 
 def test_clients_log_in_to_rwproxy_with_client_ed25519(cluster, tmp_path):
     ensure_backend_user(cluster, "edfront", "front pw")  # the server account uses mysql_native_password
-    users = [{"name": "edfront", "password": "front pw", "auth_plugin": "client_ed25519"}]
+    users = [{"name": "edfront", "password": "front pw", "auth_plugin": "client_ed25519"},
+             {"name": "app", "password": "app"}]
     p = start_proxy(cluster, tmp_path, users=users)
     try:
         cli = subprocess.run(["mariadb", "-h", p.host, "-P", str(p.port), "-u", "edfront", "-pfront pw", "-N", "-e",
@@ -111,6 +112,11 @@ def test_clients_log_in_to_rwproxy_with_client_ed25519(cluster, tmp_path):
             cur = c.cursor()
             cur.execute("SELECT 'libmariadb'")
             assert cur.fetchone() == ("libmariadb",)
+        with MySQLdb.connect(host=p.host, port=p.port, user="app", password="app") as c:
+            c.change_user("edfront", "front pw")  # COM_CHANGE_USER, then the same switch to ed25519
+            cur = c.cursor()
+            cur.execute("SELECT CURRENT_USER()")
+            assert cur.fetchone() == ("edfront@%",)
         wrong = subprocess.run(["mariadb", "-h", p.host, "-P", str(p.port), "-u", "edfront", "-pnot it", "-e", "SELECT 1"],
                                capture_output=True, text=True, timeout=30)
         assert wrong.returncode != 0

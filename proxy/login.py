@@ -109,7 +109,7 @@ class Authenticator:
             raise AccessDenied(access_denied_message(user, host, token), seq)
         wanted = ucfg.auth_plugin or (plugin if plugin in auth.SUPPORTED else self.default_plugin)
         if wanted == auth.ED25519:
-            return await self._ed25519(io, ucfg, seq, host, token)
+            return await self._ed25519(io, ucfg, seq, host)
         # Auth switch: ask the client to answer with the plugin this user needs. A client
         # whose plugin differs from the greeting's may also have sent no data at all
         # (libmariadb does), expecting the switch to bring a salt for its plugin.
@@ -124,7 +124,7 @@ class Authenticator:
             return ucfg, seq
         return await self._sha2(io, ucfg, salt, token, seq, host, tls)
 
-    async def _ed25519(self, io, ucfg, seq, host, token):
+    async def _ed25519(self, io, ucfg, seq, host):
         """Always an auth switch: the greeting's 20-byte salt is too short for this plugin,
         whose scramble is 32 random bytes (sent without a NUL, as the server does)."""
         scramble = os.urandom(32)

@@ -14,13 +14,11 @@ from __future__ import annotations
 
 import hashlib
 
-PLUGIN = "client_ed25519"
-
 
 def _bindings():
     try:
         import nacl.bindings
-    except ImportError as e:  # an optional extra in principle; installed with rwproxy
+    except ImportError as e:  # a dependency of rwproxy; this says what a hand-made install lacks
         raise RuntimeError("client_ed25519 needs the PyNaCl package (pip install pynacl)") from e
     return nacl.bindings
 

@@ -71,6 +71,17 @@ class _Half(asyncio.Protocol):
 _COM_QUIT, _COM_QUERY, _COM_PING = 0x01, 0x03, 0x0E
 
 
+def _packets(buf: bytearray):
+    """Take the complete packets (header included) off the front of buf, one at a time."""
+    while len(buf) >= 4:
+        end = 4 + int.from_bytes(buf[:3], "little")
+        if len(buf) < end:
+            return
+        packet = bytes(buf[:end])
+        del buf[:end]
+        yield packet
+
+
 class _Shared(asyncio.Protocol):
     """--pipeline: a backend connection; first one client's login, then shared by many.
 
@@ -108,15 +119,9 @@ class _Shared(asyncio.Protocol):
         """Pass the login through; the server's OK to the client's response (seq >= 2) ends it."""
         front = self.front
         front.write(data)
-        buf = self.login
-        buf += data
-        while len(buf) >= 4:
-            n = int.from_bytes(buf[:3], "little")
-            if len(buf) < 4 + n:
-                return
-            seq, first = buf[3], buf[4] if n else -1
-            del buf[: 4 + n]
-            if seq >= 2 and first == 0x00:
+        self.login += data
+        for packet in _packets(self.login):
+            if packet[3] >= 2 and packet[4:5] == b"\x00":
                 front.logged_in(self)
                 return
 
@@ -173,14 +178,8 @@ class _PipedFront(asyncio.Protocol):
             else:
                 self.peer.transport.write(data)
             return
-        buf = self.buf
-        buf += data
-        while len(buf) >= 4:
-            n = int.from_bytes(buf[:3], "little")
-            if len(buf) < 4 + n:
-                return
-            packet = bytes(buf[: 4 + n])
-            del buf[: 4 + n]
+        self.buf += data
+        for packet in _packets(self.buf):
             self._command(packet)
 
     def _command(self, packet: bytes) -> None:

@@ -289,9 +289,7 @@ class BackendConnection(asyncio.Protocol):
             if first == 0xFE:  # auth switch request
                 name_end = payload.index(b"\x00", 1)
                 plugin = payload[1:name_end].decode()
-                salt = payload[name_end + 1 :]
-                if plugin != auth.ED25519:  # its 32-byte scramble may end in zero bytes
-                    salt = salt.rstrip(b"\x00")
+                salt = payload[name_end + 1 :]  # kept whole: each plugin takes its length (ed25519's may end in 0x00)
                 if plugin not in auth.BACKEND:
                     raise BackendError(1251, "08004", f"backend asks for unsupported auth plugin {plugin}")
                 self.transport.write(frame(auth.token_for(plugin, password, salt), seq + 1))

@@ -11,6 +11,8 @@ import hashlib
 import hmac
 import os
 
+from . import ed25519
+
 NATIVE = "mysql_native_password"
 CACHING_SHA2 = "caching_sha2_password"
 CLEAR = "mysql_clear_password"
@@ -61,9 +63,7 @@ def token_for(plugin: str, password: str, salt: bytes) -> bytes:
     if plugin == CLEAR:
         return password.encode() + b"\x00"
     if plugin == ED25519:
-        from .ed25519 import sign
-
-        return sign(password.encode(), salt[:32])
+        return ed25519.sign(password.encode(), salt[:32])
     raise ValueError(f"unsupported authentication plugin {plugin!r}")
 
 

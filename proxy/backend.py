@@ -331,12 +331,14 @@ class BackendConnection(asyncio.Protocol):
         self.closed = True
 
 
-async def connect(server, key, caps: int, user: str, password: str, db, charset: int, timeout: float, tls=None):
+async def connect(server, key, caps: int, user: str, password: str, db, charset: int, timeout: float, tls=None,
+                  factory=BackendConnection):
     """Open and authenticate a backend connection; raises BackendError with a client-ready error.
 
     tls: the backend's backend_tls.BackendTLS (None = plaintext)."""
     loop = asyncio.get_running_loop()
-    factory = lambda: BackendConnection(server, key, caps)  # noqa: E731
+    make = factory
+    factory = lambda: make(server, key, caps)  # noqa: E731
     try:
         if server.socket:  # a server on this host: no TCP/IP stack on either side
             opening = loop.create_unix_connection(factory, server.socket)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl
+import time
 
 from . import classify as C
 from .backend import BackendError
@@ -26,15 +27,21 @@ from .client_commands import OtherCommands
 from .client_packets import _CLOSING, _COMMAND, _HANDSHAKE, PRE_AUTH_LIMIT, ClientPackets
 from .client_stmts import StatementCommands
 from .kill import KillCommands
-from .protocol.scan import RESULT
+from .protocol.scan import PREPARE, RESULT
 from .router import PRIMARY, NoServer, Reject
 from .session import SessionState
+from .shared import DIRECT_ID, shared_execute_packet, warning_count
 from .statements import StatementMap, execute_packet_for
 
 log = logging.getLogger("rwproxy.client")
 
 
 _F_KILL = C.F_KILL
+_F_CONN_BOUND = C.F_CONN_BOUND
+_READ = C.READ
+# A statement with any flag but a routing hint never goes to a shared connection.
+_NO_SHARE = ~(C.F_HINT_PRIMARY | C.F_HINT_REPLICA)
+_monotonic = time.monotonic
 _HUGE = C.Classification(C.WRITE, C.F_UNPARSED, "<statement over 16 MiB>")
 
 
@@ -66,6 +73,12 @@ class ClientConnection(ClientPackets, StatementCommands, OtherCommands, KillComm
         self._pkt_waiter: asyncio.Future | None = None
         self.packet_limit = PRE_AUTH_LIMIT  # max_allowed_packet once logged in
         self._read_paused = False
+        self.write_paused = False
+        self.sent_at = 0.0  # when the relayed command was sent (digest service times)
+        self.shared_on = None  # the shared connection answering this session's command
+        self.shared_entry = None
+        self.last_shared = None  # inflight tuple of the last statement answered on a shared connection
+        self._share_keys: dict = {}  # server name -> pool key of its shared connections
 
     # ---- transport events -----------------------------------------------------
     def connection_made(self, transport):
@@ -93,6 +106,8 @@ class ClientConnection(ClientPackets, StatementCommands, OtherCommands, KillComm
     def start_session(self, user, db) -> None:
         self.user = user
         self.db = self.login_db = db
+        self._share_keys = {}
+        self.last_shared = None
         self.state = SessionState(user, self.worker.config.routing.read_your_writes, self.worker.config.routing.max_session_history)
 
     def data_received(self, data):
@@ -128,18 +143,26 @@ class ClientConnection(ClientPackets, StatementCommands, OtherCommands, KillComm
             w.set_exception(ConnectionError("client closed the connection"))
         if self.state is not None:
             self.client_gone()
+        if self.shared_on is not None:
+            self.shared_on.client_paused(self)  # never leave a shared connection paused for us
         self._release_all()
         self.worker.forget(self)
 
     def pause_writing(self):
+        self.write_paused = True
         for be in self.backends.values():  # a slow client stops us reading from its backends
             if be.client is self and not be.closed:
                 be.transport.pause_reading()
+        if self.shared_on is not None:
+            self.shared_on.client_paused(self)
 
     def resume_writing(self):
+        self.write_paused = False
         for be in self.backends.values():
             if be.client is self and not be.closed:
                 be.transport.resume_reading()
+        if self.shared_on is not None:
+            self.shared_on.client_paused(self)
 
     def write(self, data: bytes) -> None:
         if not self.closed:
@@ -184,6 +207,16 @@ class ClientConnection(ClientPackets, StatementCommands, OtherCommands, KillComm
         name = self.writer() if target is PRIMARY else target
         if st.trx_server is not None and st.in_trx and self._trx_lost(name):
             return
+        if (w.shared is not None and cls.route == _READ and not cls.flags & _NO_SHARE
+                and self.status & SERVER_STATUS_AUTOCOMMIT and not st.pinned() and not st.user_vars
+                and st.ro_trx is None and not st.gtid_wait and not st.pending_write and (target is not PRIMARY or w.primary_ok)
+                and self._try_shared(pkt, cls, kind, name, stmt_sid)):
+            return
+        if cls.flags & _F_CONN_BOUND and self.last_shared is not None:
+            # LAST_INSERT_ID(), FOUND_ROWS(), SHOW WARNINGS... after a statement that ran on a shared
+            # connection: the values it asks about are on that connection, not ours.
+            self._spawn(self._replay_shared(pkt, cls, kind, name, stmt_sid, target is PRIMARY))
+            return
         be = self.backends.get(name)
         if target is PRIMARY and be is not None and not be.closed and be.peer_gone():
             self._drop_backend(be)  # the server closed it (crash, restart, failover): never write into it
@@ -204,9 +237,112 @@ class ClientConnection(ClientPackets, StatementCommands, OtherCommands, KillComm
             out = execute_packet_for(pkt, stmt, name, bid)
         self.inflight = (cls, pkt, kind, name, stmt_sid)
         w.router.balancer.started(name)
+        self.sent_at = _monotonic()
         be.relay(out, kind, self)
 
-    def response_done(self, be):
+    def _try_shared(self, pkt, cls, kind, name, stmt_sid) -> bool:
+        """Queue an eligible statement on a shared connection (shared.py); False: use our own."""
+        w = self.worker
+        sh = w.shared
+        p = sh.profiles.table.get(cls.digest)
+        if p is None or not p[2]:  # not known to answer small and fast (yet)
+            return False
+        st = self.state
+        known = self._share_keys.get(name)
+        if known is not None and known[0] == st.hversion:
+            key = known[1]
+        else:  # sessions share only with sessions of the same SET/USE history (SET NAMES, sql_mode...)
+            key = (name, self.user.name, self.caps & SESSION_SHAPING_CAPABILITIES, self.charset, self.login_db,
+                   tuple(st.history))
+            self._share_keys[name] = (st.hversion, key)
+        line = sh.pick(w.servers[name], key, self.user.password)
+        if line is None or line.closed:
+            return False
+        if stmt_sid:
+            stmt = self.stmts.stmts[stmt_sid]
+            bid = line.ps.get(stmt.sql)
+            if bid is None:
+                if not line.direct_ok:
+                    return False
+                out = shared_execute_packet(pkt, stmt, DIRECT_ID)
+                if out is None:
+                    return False
+                e = line.send(self, out, kind, stmt.sql, stmt.prepare_packet)
+            else:
+                out = shared_execute_packet(pkt, stmt, bid)
+                if out is None:
+                    return False
+                line.ps.move_to_end(stmt.sql)
+                e = line.send(self, out, kind)
+        else:
+            e = line.send(self, pkt, kind)
+        self.busy = True
+        self.shared_on, self.shared_entry = line, e
+        self.inflight = (cls, pkt, kind, name, stmt_sid)
+        w.router.balancer.started(name)
+        return True
+
+    def shared_done(self, line, e, service: float) -> None:
+        """A shared connection finished answering this session's command."""
+        self.shared_on = self.shared_entry = None
+        self.worker.shared.statements += 1
+        self.response_done(line, e.relayed, service, True)
+
+    def shared_lost(self, line, e) -> None:
+        """The shared connection carrying this session's command died."""
+        self.shared_on = self.shared_entry = None
+        name = line.server.name
+        inflight, self.inflight = self.inflight, None
+        if inflight is not None:
+            self.worker.router.balancer.finished(name)
+        if self.closed:
+            return
+        if e.relayed == 0 and inflight is not None and not e.cancelled:
+            # Nothing reached the client, and it was a read: run it again (elsewhere if the server is down).
+            cls, pkt, kind, _, sid = inflight
+            if not self._is_writer(name):
+                self.state.failed_servers = self.state.failed_servers | {name}
+            log.info("session %d: shared connection to %s lost during a read; retrying", self.conn_id, name)
+            self.busy = False
+            return self._dispatch(pkt, cls, kind, sid)
+        if e.relayed == 0:
+            self.write(err_packet(1, CR_SERVER_LOST, f"Lost connection to backend server {name} ({line.server.where}) during query"))
+            self.busy = False
+            if self.buf:
+                self._process()
+        else:
+            self._close()
+
+    async def _replay_shared(self, pkt, cls, kind, name, stmt_sid, to_primary):
+        """Run the session's last shared read again on its own connection, then the connection-bound
+        statement there, so that it sees what that read left (warnings, FOUND_ROWS()). The digest stops
+        sharing, so the next time needs no replay."""
+        last, self.last_shared = self.last_shared, None
+        lcls, lpkt, lkind, lname, lsid = last
+        self.worker.shared.profiles.never(lcls.digest)
+        if lname == name:
+            be = await self.backend_for(name)
+            out = lpkt
+            stmt = self.stmts.stmts.get(lsid) if lsid else None
+            if lsid and stmt is None:
+                out = None  # closed since: nothing to replay
+            elif stmt is not None:
+                bid = stmt.ids.get(name)
+                if bid is None:
+                    resp = await be.command(stmt.prepare_packet, PREPARE)
+                    if resp[4] != 0x00:
+                        out = None
+                    else:
+                        bid = int.from_bytes(resp[5:9], "little")
+                        for old in self.stmts.bind(lsid, name, bid):
+                            be.transport.write(frame(b"\x19" + old.to_bytes(4, "little"), 0))
+                if out is not None:
+                    out = execute_packet_for(lpkt, stmt, name, bid)
+            if out is not None:
+                await be.command(out, lkind)
+        await self._slow_send(pkt, cls, kind, name, stmt_sid, to_primary)
+
+    def response_done(self, be, relayed: int = -1, service: float = -1.0, shared: bool = False):
         """Called by the backend when a relayed response is complete."""
         sc = be.scanner
         if sc.local_infile:
@@ -216,8 +352,14 @@ class ClientConnection(ClientPackets, StatementCommands, OtherCommands, KillComm
         w = self.worker
         name = be.server.name
         inflight, self.inflight = self.inflight, None
+        self.last_shared = inflight if shared else None
         if inflight is not None:
             w.router.balancer.finished(name)
+            cls = inflight[0]
+            if w.shared is not None and cls.route == _READ and not cls.flags & _NO_SHARE and not sc.error:
+                w.shared.profiles.learn(cls.digest, be.relayed if relayed < 0 else relayed,
+                                        _monotonic() - self.sent_at if service < 0 else service,
+                                        warning_count(sc.final, sc.deprecate_eof) > 0)
         on_primary = name == self.state.writer or name == w.primary_name
         status, error = sc.status, sc.error
         if on_primary and not error:
@@ -377,6 +519,7 @@ class ClientConnection(ClientPackets, StatementCommands, OtherCommands, KillComm
                 return
         self.inflight = (cls, pkt, kind, name, stmt_sid)
         w.router.balancer.started(name)
+        self.sent_at = _monotonic()
         be.relay(out, kind, self)
 
     def writer(self) -> str:

@@ -55,7 +55,7 @@ class StatementCommands:
 
     async def _prepare(self, pkt):
         self.stmts.last = 0  # until this prepare succeeds, -1 names no statement
-        sql = _payload(pkt)[1:]
+        sql = bytes(_payload(pkt)[1:])  # bytes: shared connections key their statements by it
         cls = self.worker.classifier.classify(sql)
         st = self.state
         try:

@@ -296,6 +296,10 @@ class PoolConfig:
     idle_timeout: float = F(300.0)
     max_idle_per_backend: int = I(64, 0)
     reset_on_release: bool = B(True)
+    multiplex: bool = B(True)
+    shared_connections: int = I(2, 1, 64)
+    multiplex_max_bytes: int = I(65536, 0)
+    multiplex_max_time: float = F(0.01, positive=True)
 
 
 @dataclass(frozen=True)

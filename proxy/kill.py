@@ -97,6 +97,9 @@ async def kill_session(worker, target: int, connection: bool, user, by_thread: b
     target = client.conn_id
     same_user = client.user.name == user.name
     running = [be for be in client.backends.values() if be.relaying_for(client)]
+    e = client.shared_entry
+    if e is not None and e.relayed == 0:
+        e.cancelled = True  # queued on a shared connection: its answer becomes ERROR 1317
     if connection and not same_user:
         # every backend thread of the session: the server decides whether `user` may end them
         targets = [be for be in client.backends.values() if not be.closed]

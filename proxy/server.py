@@ -22,6 +22,7 @@ from . import topology as topo_mod
 from .backend_tls import BackendTLSError, policies_for
 from .login import Authenticator
 from .pool import Pools
+from .shared import SharedLines
 from .protocol import auth
 
 log = logging.getLogger("rwproxy.server")
@@ -58,6 +59,8 @@ class Worker:
         self.tls_context = make_tls_context(config)
         self.backend_tls = policies_for(config)
         self.pools = Pools(config.pool, self.backend_tls)
+        self.shared = (SharedLines(self.pools, config.pool, config.routing.max_prepared_per_connection)
+                       if config.pool.multiplex else None)
         self.users = {u.name: u for u in config.users}
         self.count = config.proxy.workers or os.cpu_count() or 1  # worker processes in all
         self.peers = None  # kill.Peers: KILL requests to and from the other workers
@@ -83,6 +86,8 @@ class Worker:
             before = old.servers.get(name)
             if s.state == "down" and (before is None or before.state != "down"):
                 self.pools.drop_server(name)  # no reuse of connections to a dead server
+                if self.shared is not None:
+                    self.shared.drop_server(name)
                 for c in list(self.clients):  # nor by sessions; in-flight reads move elsewhere
                     c.server_down(name)
         self.primary_ok = self.writable_primary() is not None
@@ -204,6 +209,8 @@ class Worker:
             for c in list(self.clients):
                 c._close()
             self.pools.close_all()
+            if self.shared is not None:
+                self.shared.close_all()
 
         self.loop.run_until_complete(main())
 
@@ -230,6 +237,8 @@ class Worker:
             n += 1
             if n % 10 == 0:
                 self.pools.expire_idle()
+                if self.shared is not None:
+                    self.shared.expire_idle(self.config.pool.idle_timeout)
 
 
 def pin_worker(index: int, mode: str) -> int | None:

@@ -8,10 +8,14 @@ commits by DDL and `COMMIT AND CHAIN` are all handled the way the server itself 
 
 from __future__ import annotations
 
+import itertools
 import time
 
 from . import classify as C
 from .protocol.constants import SERVER_STATUS_AUTOCOMMIT, SERVER_STATUS_IN_TRANS
+
+
+_versions = itertools.count(1)
 
 
 class SessionState:
@@ -19,6 +23,7 @@ class SessionState:
         "user", "ryw_mode", "in_trx", "ro_trx", "temp_tables", "lock_tables", "named_locks",
         "user_vars", "history", "history_overflow", "max_history", "last_backend", "last_write",
         "last_gtid", "gtid_wait", "failed_servers", "pending_write", "trx_server", "writer",
+        "hversion",
     )
 
     def __init__(self, user, default_ryw: str, max_history: int):
@@ -38,6 +43,7 @@ class SessionState:
         self.named_locks = 0
         self.user_vars = False
         self.history: list[bytes] = []  # raw command packets (seq 0) to replay on other backends
+        self.hversion = next(_versions)  # changes with `history` (shared connections are keyed by it)
         self.history_overflow = False
         self.last_backend: str | None = None
         self.last_write = 0.0
@@ -57,6 +63,7 @@ class SessionState:
         if flags & (C.F_AUTOCOMMIT_OFF | C.F_AUTOCOMMIT_ON) and not flags & C.F_USE_DB:
             # autocommit is followed from status flags; replicas always run with autocommit=1
             return
+        self.hversion = next(_versions)
         if packet in self.history:
             self.history.remove(packet)  # keep the latest position (order matters for SET)
         self.history.append(packet)

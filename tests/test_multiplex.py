@@ -1,0 +1,231 @@
+"""Pipelined multiplexing against the real cluster: many stateless sessions' reads share a few
+server connections, and nothing a client can see changes (values, prepared statements with each
+session's own parameters, FOUND_ROWS()/SHOW WARNINGS after a shared read, a killed shared
+connection, session state that keeps a session on its own connection).
+
+A probe statement reports the server thread that runs it: it finds itself in the process list by a
+marker in its own text, so the test sees which connection answered without asking a
+connection-bound function (those never share)."""
+
+from __future__ import annotations
+
+import time
+
+import mysql.connector
+import pymysql
+import pytest
+
+from helpers import ensure_backend_user, start_proxy
+
+USER = "mux"
+SESSIONS = 12
+
+
+def probe_sql(tag: str) -> str:
+    return f"SELECT ID, @@port FROM information_schema.PROCESSLIST WHERE INFO LIKE '%probe-{tag}%' AND USER = '{USER}'"
+
+
+@pytest.fixture(scope="module")
+def mux(cluster, tmp_path_factory):
+    """A one-worker proxy (one set of learned digests) with its own user, so that the test can count
+    that user's server connections."""
+    ensure_backend_user(cluster, USER, USER)
+    with cluster.primary.connect(database="app") as c, c.cursor() as cur:
+        cur.execute("CREATE TABLE IF NOT EXISTS mx (id INT PRIMARY KEY, v VARCHAR(20))")
+        cur.execute("REPLACE INTO mx VALUES (1,'one'),(2,'two'),(3,'three'),(4,'four'),(5,'five')")
+    cluster.wait_replicas_caught_up(30)
+    users = [{"name": USER, "password": USER}, {"name": "app", "password": "app"}]
+    p = start_proxy(cluster, tmp_path_factory.mktemp("mux"), proxy={"workers": 1}, users=users)
+    try:
+        yield p
+    finally:
+        p.process.stop()
+
+
+def sessions(proxy, n=SESSIONS):
+    return [proxy.connect(user=USER, password=USER, autocommit=True) for _ in range(n)]
+
+
+def one(c, sql, args=None):
+    with c.cursor() as cur:
+        cur.execute(sql, args)
+        return cur.fetchone()
+
+
+def server_connections(cluster) -> dict[int, int]:
+    """Connections of USER on each server (port -> count)."""
+    out = {}
+    for node in cluster.nodes:
+        with node.connect() as c, c.cursor() as cur:
+            cur.execute("SELECT COUNT(*) FROM information_schema.PROCESSLIST WHERE USER = %s", (USER,))
+            out[node.port] = cur.fetchone()[0]
+    return out
+
+
+def wait_for_replicas(proxy, c, timeout=15.0):
+    reps = {n.port for n in proxy.cluster.replicas}
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if one(c, "SELECT @@port")[0] in reps:
+            return
+        time.sleep(0.1)
+    raise AssertionError("replicas never joined the read pool")
+
+
+def test_reads_of_many_sessions_share_a_few_server_connections(mux):
+    conns = sessions(mux)
+    try:
+        wait_for_replicas(mux, conns[0])
+        for c in conns:  # the proxy learns that the probe answers small and fast; shared lines open
+            one(c, probe_sql("share"))
+        threads = set()
+        for _ in range(4):
+            for c in conns:
+                tid, port = one(c, probe_sql("share"))
+                threads.add((port, tid))
+                assert one(c, "SELECT v FROM mx WHERE id = %s", (3,)) == ("three",)
+        reps = {n.port for n in mux.cluster.replicas}
+        assert {p for p, _ in threads} <= reps  # still read/write split
+        # 48 reads from 12 sessions ran on the replicas' shared connections (one at a time here:
+        # a second one opens only when commands queue up)
+        assert len(threads) <= 2 * len(reps), threads
+    finally:
+        for c in conns:
+            c.close()
+
+
+def test_without_multiplexing_each_session_has_its_own_connection(cluster, tmp_path_factory):
+    """The contrast that shows the test above can fail: `multiplex = false`."""
+    ensure_backend_user(cluster, USER, USER)
+    p = start_proxy(cluster, tmp_path_factory.mktemp("nomux"), proxy={"workers": 1},
+                    users=[{"name": USER, "password": USER}], pool={"multiplex": False})
+    conns = []
+    try:
+        conns = sessions(p)
+        wait_for_replicas(p, conns[0])
+        threads = {one(c, probe_sql("own")) for _ in range(2) for c in conns}
+        assert len(threads) == SESSIONS
+    finally:
+        for c in conns:
+            c.close()
+        p.process.stop()
+
+
+def test_prepared_statements_share_with_each_sessions_own_values(mux):
+    conns = [mysql.connector.connect(host=mux.host, port=mux.port, user=USER, password=USER, database="app",
+                                     autocommit=True) for _ in range(6)]
+    try:
+        curs = [c.cursor(prepared=True) for c in conns]
+        sql = "SELECT v, ? AS echo, p.ID FROM mx JOIN information_schema.PROCESSLIST p ON p.USER = 'mux' " \
+              "AND p.INFO LIKE '%probe-ps%' WHERE mx.id = ?"
+        threads = set()
+        for round_ in range(6):
+            for i, cur in enumerate(curs):
+                # each session its own parameter types too: an int, a string, a float
+                echo = (i * 10 + round_, f"s{i}-{round_}", i + round_ / 4)[i % 3]
+                key = (i + round_) % 5 + 1
+                cur.execute(sql, (echo, key))
+                v, got, tid = cur.fetchone()
+                assert v == ("one", "two", "three", "four", "five")[key - 1]
+                assert (got.decode() if isinstance(got, (bytes, bytearray)) else got) == echo, (got, echo)
+                if round_ > 0:  # after the first round has taught the proxy the statement
+                    threads.add(tid)
+        assert len(threads) <= 2 * 2, threads  # shared connections only
+    finally:
+        for c in conns:
+            c.close()
+
+
+def test_found_rows_and_warnings_after_a_shared_read(mux):
+    a, b = sessions(mux, 2)
+    try:
+        wait_for_replicas(mux, a)
+        for _ in range(3):  # learned: small, fast, no warnings -> shared from now on
+            assert one(b, "SELECT CAST(%s AS UNSIGNED)", ("5",)) == (5,)
+        assert one(a, "SELECT CAST(%s AS UNSIGNED)", ("x5",)) == (0,)
+        with a.cursor() as cur:
+            cur.execute("SHOW WARNINGS")
+            warnings = cur.fetchall()
+        assert len(warnings) == 1 and "Truncated incorrect" in warnings[0][2], warnings
+        for _ in range(3):
+            assert one(b, "SELECT v FROM mx WHERE id > %s", (0,))
+        with a.cursor() as cur:
+            cur.execute("SELECT v FROM mx WHERE id > %s", (2,))
+            assert len(cur.fetchall()) == 3
+        assert one(a, "SELECT FOUND_ROWS()") == (3,)
+    finally:
+        a.close()
+        b.close()
+
+
+def test_session_state_keeps_a_session_off_the_others_connections(mux):
+    """Sessions share only with sessions of the same SET/USE history (drivers' SET NAMES included):
+    a session that set its own value runs on a connection carrying that value."""
+    conns = sessions(mux, 4)
+    try:
+        wait_for_replicas(mux, conns[0])
+        for c in conns:
+            one(c, probe_sql("state"))  # learned and shared
+        for i, c in enumerate(conns):
+            one(c, f"SET SESSION group_concat_max_len = {1000 + i}")
+        where = set()
+        for _ in range(3):
+            for i, c in enumerate(conns):
+                assert one(c, "SELECT @@group_concat_max_len") == (1000 + i,)
+                where.add((i, one(c, probe_sql("state"))))
+        # each session on its own connection(s): no connection answered two sessions
+        owners = {}
+        for i, thread in where:
+            owners.setdefault(thread, set()).add(i)
+        assert all(len(s) == 1 for s in owners.values()), owners
+    finally:
+        for c in conns:
+            c.close()
+
+
+def test_a_killed_shared_connection_costs_no_client_an_error(mux):
+    conns = sessions(mux, 6)
+    try:
+        wait_for_replicas(mux, conns[0])
+        for c in conns:
+            one(c, probe_sql("kill"))
+        shared = {}
+        for _ in range(2):
+            for c in conns:
+                tid, port = one(c, probe_sql("kill"))
+                shared.setdefault(port, set()).add(tid)
+        for node in mux.cluster.replicas:
+            with node.connect() as admin, admin.cursor() as cur:
+                for tid in shared.get(node.port, ()):
+                    try:
+                        cur.execute(f"KILL {tid}")
+                    except pymysql.err.OperationalError:
+                        pass  # a session's own connection already gone
+        answered = 0
+        for _ in range(5):
+            for i, c in enumerate(conns):
+                assert one(c, "SELECT v FROM mx WHERE id = %s", (i % 5 + 1,)) == (("one", "two", "three", "four", "five")[i % 5],)
+                answered += 1
+        assert answered == 30
+    finally:
+        for c in conns:
+            c.close()
+
+
+def test_a_slow_statement_keeps_its_own_connection(mux):
+    a, b = sessions(mux, 2)
+    try:
+        # both on the primary (a hint), so that a shared connection would be the same one
+        slow = "/* rwproxy:primary */ " + probe_sql("slow").replace("SELECT ID", "SELECT ID + SLEEP(0.05)")
+        fast = "/* rwproxy:primary */ " + probe_sql("fast")
+        seen = {}
+        for _ in range(3):
+            for name, c in (("a", a), ("b", b)):
+                seen.setdefault(name, set()).add(one(c, slow))
+                seen.setdefault(name + "-fast", set()).add(one(c, fast))
+        assert seen["a-fast"] & seen["b-fast"], seen  # fast ones share
+        # each session ran the slow one on its own connection: the two never met on a shared one
+        assert not seen["a"] & seen["b"], seen
+    finally:
+        a.close()
+        b.close()

@@ -27,11 +27,11 @@ from .client_commands import OtherCommands
 from .client_packets import _CLOSING, _COMMAND, _HANDSHAKE, PRE_AUTH_LIMIT, ClientPackets
 from .client_stmts import StatementCommands
 from .kill import KillCommands
-from .protocol.scan import PREPARE, RESULT
+from .protocol.scan import RESULT
 from .router import PRIMARY, NoServer, Reject
 from .session import SessionState
-from .shared import DIRECT_ID, shared_execute_packet, warning_count
-from .statements import StatementMap, execute_packet_for
+from .shared import shared_execute_packet, warning_count
+from .statements import DIRECT_ID, StatementMap, execute_packet_for
 
 log = logging.getLogger("rwproxy.client")
 
@@ -322,23 +322,8 @@ class ClientConnection(ClientPackets, StatementCommands, OtherCommands, KillComm
         self.worker.shared.profiles.never(lcls.digest)
         if lname == name:
             be = await self.backend_for(name)
-            out = lpkt
-            stmt = self.stmts.stmts.get(lsid) if lsid else None
-            if lsid and stmt is None:
-                out = None  # closed since: nothing to replay
-            elif stmt is not None:
-                bid = stmt.ids.get(name)
-                if bid is None:
-                    resp = await be.command(stmt.prepare_packet, PREPARE)
-                    if resp[4] != 0x00:
-                        out = None
-                    else:
-                        bid = int.from_bytes(resp[5:9], "little")
-                        for old in self.stmts.bind(lsid, name, bid):
-                            be.transport.write(frame(b"\x19" + old.to_bytes(4, "little"), 0))
-                if out is not None:
-                    out = execute_packet_for(lpkt, stmt, name, bid)
-            if out is not None:
+            out = await self._stmt_packet(lpkt, lsid, name, be, quiet=True) if lsid else lpkt
+            if out is not None:  # (None: the statement was closed since, or does not prepare there)
                 await be.command(out, lkind)
         await self._slow_send(pkt, cls, kind, name, stmt_sid, to_primary)
 

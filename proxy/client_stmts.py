@@ -31,17 +31,20 @@ class StatementCommands:
             return self._dispatch(pkt, C.Classification(C.WRITE, stmt.cls.flags, stmt.cls.digest), RESULT, sid)
         self._dispatch(pkt, stmt.cls, RESULT, sid)
 
-    async def _stmt_packet(self, pkt, sid, name, be):
-        """The statement packet for backend `name`, preparing the statement there if needed."""
+    async def _stmt_packet(self, pkt, sid, name, be, quiet: bool = False):
+        """The statement packet for backend `name`, preparing the statement there if needed.
+        None when that fails; the client is told why unless `quiet` (the proxy's own replay)."""
         stmt = self.stmts.stmts.get(sid)
         if stmt is None:
-            self._error(1243, b"HY000", f"Unknown prepared statement handler ({sid})")
+            if not quiet:
+                self._error(1243, b"HY000", f"Unknown prepared statement handler ({sid})")
             return None
         bid = stmt.ids.get(name)
         if bid is None:
             resp = await be.command(stmt.prepare_packet, PREPARE)
             if resp[4] == 0xFF:
-                self.write(resp[:3] + b"\x01" + resp[4:])
+                if not quiet:
+                    self.write(resp[:3] + b"\x01" + resp[4:])
                 return None
             bid = int.from_bytes(resp[5:9], "little")
             for old in self.stmts.bind(sid, name, bid):

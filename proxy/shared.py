@@ -32,7 +32,6 @@ from .backend import BackendConnection, BackendError, connect
 from .protocol.constants import MAX_PACKET
 from .protocol.packets import frame
 from .protocol.scan import PREPARE, RESULT
-from .statements import DIRECT_ID
 
 log = logging.getLogger("rwproxy.shared")
 
@@ -367,4 +366,4 @@ def shared_execute_packet(pkt: bytes, stmt, backend_id: int) -> bytes | None:
     return pkt[:5] + backend_id.to_bytes(4, "little") + pkt[9:]
 
 
-__all__ = ["DIRECT_ID", "SharedBackend", "SharedLines", "Profiles", "shared_execute_packet", "warning_count"]
+__all__ = ["SharedBackend", "SharedLines", "Profiles", "shared_execute_packet", "warning_count"]

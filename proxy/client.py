@@ -267,15 +267,15 @@ class ClientConnection(ClientPackets, StatementCommands, OtherCommands, KillComm
                 out = shared_execute_packet(pkt, stmt, DIRECT_ID)
                 if out is None:
                     return False
-                e = line.send(self, out, kind, stmt.sql, stmt.prepare_packet)
+                e = line.send(self, out, kind, p[0], stmt.sql, stmt.prepare_packet)
             else:
                 out = shared_execute_packet(pkt, stmt, bid)
                 if out is None:
                     return False
                 line.ps.move_to_end(stmt.sql)
-                e = line.send(self, out, kind)
+                e = line.send(self, out, kind, p[0])
         else:
-            e = line.send(self, pkt, kind)
+            e = line.send(self, pkt, kind, p[0])
         self.busy = True
         self.shared_on, self.shared_entry = line, e
         self.inflight = (cls, pkt, kind, name, stmt_sid)

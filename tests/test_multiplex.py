@@ -229,3 +229,93 @@ def test_a_slow_statement_keeps_its_own_connection(mux):
     finally:
         a.close()
         b.close()
+
+
+def test_reads_queue_on_one_connection_until_work_piles_up(mux):
+    """Fast reads fill one shared connection (bigger batches per send and per server wakeup);
+    reads whose queued service time passes shared.SPILL_AFTER (1 ms) spill onto a second one,
+    so that slower reads from concurrent sessions run side by side, not one behind the other."""
+    import threading
+    conns = sessions(mux, 4)
+    try:
+        # on the primary (a hint): one server, so the connections seen are the shared ones there
+        slower = "/* rwproxy:primary */ " + probe_sql("spill").replace("SELECT ID", "SELECT ID + SLEEP(0.004)")
+        for c in conns:
+            one(c, slower)  # learned: answers small in ~4 ms (shareable: under multiplex_max_time)
+        seen: set = set()
+        errors: list = []
+        barrier = threading.Barrier(len(conns), timeout=10)
+
+        def run(c):
+            try:
+                for _ in range(6):
+                    barrier.wait()
+                    seen.add(one(c, slower)[0])
+            except Exception as e:  # noqa: BLE001 - reported by the assert below
+                errors.append(e)
+
+        threads = [threading.Thread(target=run, args=(c,)) for c in conns]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        assert not errors, errors
+        # 24 reads, 4 at a time: more than one connection ran them, and no more than the
+        # pool's shared_connections (2) plus a session's own one for a read that raced the open
+        assert 2 <= len(seen) <= 2 + len(conns), seen
+        fast = "/* rwproxy:primary */ " + probe_sql("fill")
+        for c in conns:
+            one(c, fast)
+        quick = {one(c, fast)[0] for _ in range(3) for c in conns}
+        assert len(quick) == 1, quick  # one after another: all on the first shared connection
+    finally:
+        for c in conns:
+            c.close()
+
+
+def test_kill_query_of_a_statement_queued_on_a_shared_connection(mux, cluster, tmp_path_factory):
+    """KILL QUERY for a session whose read waits in a shared connection's queue: that session gets
+    ERROR 1317 (interrupted), the read ahead of it is unharmed, and both sessions go on working."""
+    import threading
+    ensure_backend_user(cluster, USER, USER)
+    # one shared connection, and statements up to 2 s may share: a slow read holds the queue
+    p = start_proxy(cluster, tmp_path_factory.mktemp("muxkill"), proxy={"workers": 1},
+                    users=[{"name": USER, "password": USER}],
+                    pool={"shared_connections": 1, "multiplex_max_time": 2.0})
+    a, b, killer = sessions(p, 3)
+    try:
+        slow = "/* rwproxy:primary */ SELECT SLEEP(%s) AS s"
+        fast = "/* rwproxy:primary */ SELECT v FROM app.mx WHERE id = %s"
+        for _ in range(3):  # both digests learned (small, fast enough to share), the shared line open
+            one(a, slow, (0.01,))
+            assert one(b, fast, (2,)) == ("two",)
+        got: dict = {}
+
+        def run_slow():
+            got["a"] = one(a, slow, (0.8,))
+
+        def run_fast():
+            try:
+                got["b"] = one(b, fast, (1,))
+            except pymysql.err.OperationalError as e:
+                got["b"] = e.args[0]
+
+        ta = threading.Thread(target=run_slow)
+        ta.start()
+        time.sleep(0.2)
+        tb = threading.Thread(target=run_fast)
+        tb.start()
+        time.sleep(0.2)  # b's read now waits behind a's on the one shared connection
+        assert "b" not in got
+        with killer.cursor() as cur:
+            cur.execute(f"KILL QUERY {b.thread_id()}")
+        ta.join(10)
+        tb.join(10)
+        assert got["b"] == 1317, got
+        assert got["a"] == (0,), got
+        assert one(b, fast, (3,)) == ("three",)
+        assert one(a, fast, (4,)) == ("four",)
+    finally:
+        for c in (a, b, killer):
+            c.close()
+        p.process.stop()

@@ -71,29 +71,32 @@ class ControlPlane:
                 "name": name, "address": s.address, "role": s.role, "state": s.state, "readable": s.readable,
                 "lag_ms": now.lag_ms, "gtid": now.gtid_current_pos, "io_running": s.io_running,
                 "sql_running": s.sql_running, "source": s.source, "last_error": s.last_error,
-                "connections": c.get("connections", 0), "routed": c.get("routed", 0),
+                "connections": c.get("connections", 0), "shared_connections": c.get("shared_connections", 0),
+                "routed": c.get("routed", 0),
             })
         return {
             "ok": True, "pid": os.getpid(), "listen": self.config.proxy.listen, "workers": self.workers,
             "uptime_s": round(time.time() - self.started, 1), "clients": counters["clients"],
-            "statements": counters["statements"], "topology_version": topo.version,
+            "statements": counters["statements"], "shared_statements": counters["shared_statements"],
+            "topology_version": topo.version,
             "writes_held": fo["writes_held"], "servers": servers, "failover": fo,
         }
 
 
 def format_status(st: dict) -> str:
     """The operator's table for `rwproxy status`."""
-    head = ("SERVER", "ADDRESS", "ROLE", "STATE", "READS", "LAG_MS", "GTID", "CONNS", "ROUTED")
+    head = ("SERVER", "ADDRESS", "ROLE", "STATE", "READS", "LAG_MS", "GTID", "CONNS", "SHARED", "ROUTED")
     rows = [head]
     for s in st["servers"]:
         lag = "-" if s["lag_ms"] is None else f"{s['lag_ms']:.0f}"
         rows.append((s["name"], s["address"], s["role"], s["state"], "yes" if s["readable"] and s["role"] == "replica" else "-",
-                     lag, s["gtid"] or "-", str(s["connections"]), str(s["routed"])))
+                     lag, s["gtid"] or "-", str(s["connections"]), str(s.get("shared_connections", 0)), str(s["routed"])))
     widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
     lines = ["  ".join(v.ljust(widths[i]) for i, v in enumerate(r)).rstrip() for r in rows]
     lines.append("")
     lines.append(f"rwproxy pid {st['pid']} on {st['listen']}, {st['workers']} worker(s), up {st['uptime_s']:.0f} s; "
                  f"{st['clients']} client(s), {st['statements']} statement(s) routed"
+                 f" ({st.get('shared_statements', 0)} over shared connections)"
                  + ("; WRITES HELD" if st.get("writes_held") else ""))
     for s in st["servers"]:
         if s["last_error"] and s["state"] != "up":

@@ -233,7 +233,9 @@ class Worker:
         while True:
             await asyncio.sleep(0.5)
             if self.stats is not None:
-                self.stats.write(self.index, len(self.clients), self.router.balancer.routed, self.pools.open_count)
+                sh = self.shared
+                self.stats.write(self.index, len(self.clients), self.router.balancer.routed, self.pools.open_count,
+                                 sh.statements if sh is not None else 0, sh.open_per_server() if sh is not None else None)
             n += 1
             if n % 10 == 0:
                 self.pools.expire_idle()

@@ -267,6 +267,13 @@ class SharedLines:
         _call_soon = asyncio.get_running_loop().call_soon
         self.lines.setdefault(key, []).append(conn)
 
+    def open_per_server(self) -> dict[str, int]:
+        """Open shared connections per server name (for `rwproxy status`)."""
+        out: dict[str, int] = {}
+        for key, conns in self.lines.items():
+            out[key[0]] = out.get(key[0], 0) + len(conns)
+        return out
+
     def expire_idle(self, limit: float) -> None:
         """Close shared connections nobody used for `limit` seconds (pool.idle_timeout)."""
         if not limit:

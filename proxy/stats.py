@@ -12,20 +12,22 @@ import struct
 
 
 class SharedStats:
-    HEAD = 2  # clients, statements relayed
+    HEAD = 3  # clients, statements relayed, of which over shared connections (multiplexing)
+    PER_SERVER = 3  # routed, backend connections, of which shared
 
     def __init__(self, workers: int, servers: list[str]):
         self.workers = workers
         self.servers = list(servers)
-        self.width = self.HEAD + 2 * len(self.servers)  # + per server: routed, backend connections
+        self.width = self.HEAD + self.PER_SERVER * len(self.servers)
         self._row = struct.Struct(f"<{self.width}q")
         self.mm = mmap.mmap(-1, self._row.size * workers)  # MAP_SHARED|MAP_ANONYMOUS: survives fork
 
-    def write(self, worker: int, clients: int, routed: dict, conns: dict) -> None:
-        values = [clients, sum(routed.values())]
+    def write(self, worker: int, clients: int, routed: dict, conns: dict, shared: int = 0,
+              shared_conns: dict | None = None) -> None:
+        values = [clients, sum(routed.values()), shared]
+        shared_conns = shared_conns or {}
         for name in self.servers:
-            values.append(routed.get(name, 0))
-            values.append(conns.get(name, 0))
+            values += (routed.get(name, 0), conns.get(name, 0), shared_conns.get(name, 0))
         self._row.pack_into(self.mm, worker * self._row.size, *values)
 
     def read(self) -> dict:
@@ -33,7 +35,8 @@ class SharedStats:
         for w in range(self.workers):
             row = self._row.unpack_from(self.mm, w * self._row.size)
             total = [a + b for a, b in zip(total, row)]
-        out = {"clients": total[0], "statements": total[1], "servers": {}}
+        out = {"clients": total[0], "statements": total[1], "shared_statements": total[2], "servers": {}}
         for i, name in enumerate(self.servers):
-            out["servers"][name] = {"routed": total[self.HEAD + 2 * i], "connections": total[self.HEAD + 2 * i + 1]}
+            at = self.HEAD + self.PER_SERVER * i
+            out["servers"][name] = {"routed": total[at], "connections": total[at + 1], "shared_connections": total[at + 2]}
         return out

@@ -9,6 +9,9 @@ connection-bound function (those never share)."""
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 import time
 
 import mysql.connector
@@ -62,6 +65,13 @@ def server_connections(cluster) -> dict[int, int]:
     return out
 
 
+def status(proxy) -> dict:
+    r = subprocess.run([sys.executable, "-m", "proxy", "status", "--json", "--config", proxy.process.config_path],
+                       capture_output=True, text=True, timeout=20)
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)
+
+
 def wait_for_replicas(proxy, c, timeout=15.0):
     reps = {n.port for n in proxy.cluster.replicas}
     deadline = time.monotonic() + timeout
@@ -89,6 +99,17 @@ def test_reads_of_many_sessions_share_a_few_server_connections(mux):
         # 48 reads from 12 sessions ran on the replicas' shared connections (one at a time here:
         # a second one opens only when commands queue up)
         assert len(threads) <= 2 * len(reps), threads
+        # the operator sees it: `rwproxy status` counts shared statements and connections
+        deadline = time.monotonic() + 5
+        while True:  # workers publish their counters twice a second
+            st = status(mux)
+            shared = {s["name"]: s["shared_connections"] for s in st["servers"]}
+            if st["shared_statements"] >= 48 or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+        assert st["shared_statements"] >= 48, st
+        primary = mux.cluster.primary.name
+        assert shared[primary] == 0 and 1 <= sum(shared.values()) <= 2 * len(reps), shared
     finally:
         for c in conns:
             c.close()

@@ -8,8 +8,10 @@ responses per wakeup (docs/multiplexing.md has the measurements). Responses come
 order; the scanner splits them and each goes to the client whose command it answers.
 
 Which statements may share (the client decides, `ClientConnection._try_shared`): a READ with
-no flag but routing hints, from a session with autocommit on, no transaction, no SET/USE
-history, no temporary tables, locks or user variables. A statement's digest must also be known
+no flag but routing hints, from a session with autocommit on, no transaction, no temporary
+tables, locks or user variables. Sessions share only with sessions of the same server, user,
+login database, charset, capabilities and SET/USE history (the key of `SharedLines`); a new
+shared connection replays that history when it opens. A statement's digest must also be known
 to answer small and fast: `Profiles` learns each digest's response size, service time and
 warnings, starting on the session's own connection; a digest that answers big, slowly or with
 warnings keeps using the session's own connection, so nothing queued on a shared connection

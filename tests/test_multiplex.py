@@ -9,9 +9,11 @@ connection-bound function (those never share)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
 import sys
+import threading
 import time
 
 import mysql.connector
@@ -45,8 +47,11 @@ def mux(cluster, tmp_path_factory):
         p.process.stop()
 
 
+@contextlib.contextmanager
 def sessions(proxy, n=SESSIONS):
-    return [proxy.connect(user=USER, password=USER, autocommit=True) for _ in range(n)]
+    """n client sessions of USER, closed when the block ends."""
+    with contextlib.ExitStack() as stack:
+        yield [stack.enter_context(proxy.connect(user=USER, password=USER, autocommit=True)) for _ in range(n)]
 
 
 def one(c, sql, args=None):
@@ -83,8 +88,7 @@ def wait_for_replicas(proxy, c, timeout=15.0):
 
 
 def test_reads_of_many_sessions_share_a_few_server_connections(mux):
-    conns = sessions(mux)
-    try:
+    with sessions(mux) as conns:
         wait_for_replicas(mux, conns[0])
         for c in conns:  # the proxy learns that the probe answers small and fast; shared lines open
             one(c, probe_sql("share"))
@@ -110,9 +114,6 @@ def test_reads_of_many_sessions_share_a_few_server_connections(mux):
         assert st["shared_statements"] >= 48, st
         primary = mux.cluster.primary.name
         assert shared[primary] == 0 and 1 <= sum(shared.values()) <= 2 * len(reps), shared
-    finally:
-        for c in conns:
-            c.close()
 
 
 def test_without_multiplexing_each_session_has_its_own_connection(cluster, tmp_path_factory):
@@ -120,15 +121,12 @@ def test_without_multiplexing_each_session_has_its_own_connection(cluster, tmp_p
     ensure_backend_user(cluster, USER, USER)
     p = start_proxy(cluster, tmp_path_factory.mktemp("nomux"), proxy={"workers": 1},
                     users=[{"name": USER, "password": USER}], pool={"multiplex": False})
-    conns = []
     try:
-        conns = sessions(p)
-        wait_for_replicas(p, conns[0])
-        threads = {one(c, probe_sql("own")) for _ in range(2) for c in conns}
-        assert len(threads) == SESSIONS
+        with sessions(p) as conns:
+            wait_for_replicas(p, conns[0])
+            threads = {one(c, probe_sql("own")) for _ in range(2) for c in conns}
+            assert len(threads) == SESSIONS
     finally:
-        for c in conns:
-            c.close()
         p.process.stop()
 
 
@@ -158,8 +156,7 @@ def test_prepared_statements_share_with_each_sessions_own_values(mux):
 
 
 def test_found_rows_and_warnings_after_a_shared_read(mux):
-    a, b = sessions(mux, 2)
-    try:
+    with sessions(mux, 2) as (a, b):
         wait_for_replicas(mux, a)
         for _ in range(3):  # learned: small, fast, no warnings -> shared from now on
             assert one(b, "SELECT CAST(%s AS UNSIGNED)", ("5",)) == (5,)
@@ -174,16 +171,12 @@ def test_found_rows_and_warnings_after_a_shared_read(mux):
             cur.execute("SELECT v FROM mx WHERE id > %s", (2,))
             assert len(cur.fetchall()) == 3
         assert one(a, "SELECT FOUND_ROWS()") == (3,)
-    finally:
-        a.close()
-        b.close()
 
 
 def test_session_state_keeps_a_session_off_the_others_connections(mux):
     """Sessions share only with sessions of the same SET/USE history (drivers' SET NAMES included):
     a session that set its own value runs on a connection carrying that value."""
-    conns = sessions(mux, 4)
-    try:
+    with sessions(mux, 4) as conns:
         wait_for_replicas(mux, conns[0])
         for c in conns:
             one(c, probe_sql("state"))  # learned and shared
@@ -199,14 +192,10 @@ def test_session_state_keeps_a_session_off_the_others_connections(mux):
         for i, thread in where:
             owners.setdefault(thread, set()).add(i)
         assert all(len(s) == 1 for s in owners.values()), owners
-    finally:
-        for c in conns:
-            c.close()
 
 
 def test_a_killed_shared_connection_costs_no_client_an_error(mux):
-    conns = sessions(mux, 6)
-    try:
+    with sessions(mux, 6) as conns:
         wait_for_replicas(mux, conns[0])
         for c in conns:
             one(c, probe_sql("kill"))
@@ -228,14 +217,10 @@ def test_a_killed_shared_connection_costs_no_client_an_error(mux):
                 assert one(c, "SELECT v FROM mx WHERE id = %s", (i % 5 + 1,)) == (("one", "two", "three", "four", "five")[i % 5],)
                 answered += 1
         assert answered == 30
-    finally:
-        for c in conns:
-            c.close()
 
 
 def test_a_slow_statement_keeps_its_own_connection(mux):
-    a, b = sessions(mux, 2)
-    try:
+    with sessions(mux, 2) as (a, b):
         # both on the primary (a hint), so that a shared connection would be the same one
         slow = "/* rwproxy:primary */ " + probe_sql("slow").replace("SELECT ID", "SELECT ID + SLEEP(0.05)")
         fast = "/* rwproxy:primary */ " + probe_sql("fast")
@@ -247,18 +232,13 @@ def test_a_slow_statement_keeps_its_own_connection(mux):
         assert seen["a-fast"] & seen["b-fast"], seen  # fast ones share
         # each session ran the slow one on its own connection: the two never met on a shared one
         assert not seen["a"] & seen["b"], seen
-    finally:
-        a.close()
-        b.close()
 
 
 def test_reads_queue_on_one_connection_until_work_piles_up(mux):
     """Fast reads fill one shared connection (bigger batches per send and per server wakeup);
     reads whose queued service time passes shared.SPILL_AFTER (1 ms) spill onto a second one,
     so that slower reads from concurrent sessions run side by side, not one behind the other."""
-    import threading
-    conns = sessions(mux, 4)
-    try:
+    with sessions(mux, 4) as conns:
         # on the primary (a hint): one server, so the connections seen are the shared ones there
         slower = "/* rwproxy:primary */ " + probe_sql("spill").replace("SELECT ID", "SELECT ID + SLEEP(0.004)")
         for c in conns:
@@ -289,54 +269,48 @@ def test_reads_queue_on_one_connection_until_work_piles_up(mux):
             one(c, fast)
         quick = {one(c, fast)[0] for _ in range(3) for c in conns}
         assert len(quick) == 1, quick  # one after another: all on the first shared connection
-    finally:
-        for c in conns:
-            c.close()
 
 
 def test_kill_query_of_a_statement_queued_on_a_shared_connection(mux, cluster, tmp_path_factory):
     """KILL QUERY for a session whose read waits in a shared connection's queue: that session gets
     ERROR 1317 (interrupted), the read ahead of it is unharmed, and both sessions go on working."""
-    import threading
     ensure_backend_user(cluster, USER, USER)
     # one shared connection, and statements up to 2 s may share: a slow read holds the queue
     p = start_proxy(cluster, tmp_path_factory.mktemp("muxkill"), proxy={"workers": 1},
                     users=[{"name": USER, "password": USER}],
                     pool={"shared_connections": 1, "multiplex_max_time": 2.0})
-    a, b, killer = sessions(p, 3)
     try:
-        slow = "/* rwproxy:primary */ SELECT SLEEP(%s) AS s"
-        fast = "/* rwproxy:primary */ SELECT v FROM app.mx WHERE id = %s"
-        for _ in range(3):  # both digests learned (small, fast enough to share), the shared line open
-            one(a, slow, (0.01,))
-            assert one(b, fast, (2,)) == ("two",)
-        got: dict = {}
+        with sessions(p, 3) as (a, b, killer):
+            slow = "/* rwproxy:primary */ SELECT SLEEP(%s) AS s"
+            fast = "/* rwproxy:primary */ SELECT v FROM app.mx WHERE id = %s"
+            for _ in range(3):  # both digests learned (small, fast enough to share), the shared line open
+                one(a, slow, (0.01,))
+                assert one(b, fast, (2,)) == ("two",)
+            got: dict = {}
 
-        def run_slow():
-            got["a"] = one(a, slow, (0.8,))
+            def run_slow():
+                got["a"] = one(a, slow, (0.8,))
 
-        def run_fast():
-            try:
-                got["b"] = one(b, fast, (1,))
-            except pymysql.err.OperationalError as e:
-                got["b"] = e.args[0]
+            def run_fast():
+                try:
+                    got["b"] = one(b, fast, (1,))
+                except pymysql.err.OperationalError as e:
+                    got["b"] = e.args[0]
 
-        ta = threading.Thread(target=run_slow)
-        ta.start()
-        time.sleep(0.2)
-        tb = threading.Thread(target=run_fast)
-        tb.start()
-        time.sleep(0.2)  # b's read now waits behind a's on the one shared connection
-        assert "b" not in got
-        with killer.cursor() as cur:
-            cur.execute(f"KILL QUERY {b.thread_id()}")
-        ta.join(10)
-        tb.join(10)
-        assert got["b"] == 1317, got
-        assert got["a"] == (0,), got
-        assert one(b, fast, (3,)) == ("three",)
-        assert one(a, fast, (4,)) == ("four",)
+            ta = threading.Thread(target=run_slow)
+            ta.start()
+            time.sleep(0.2)
+            tb = threading.Thread(target=run_fast)
+            tb.start()
+            time.sleep(0.2)  # b's read now waits behind a's on the one shared connection
+            assert "b" not in got
+            with killer.cursor() as cur:
+                cur.execute(f"KILL QUERY {b.thread_id()}")
+            ta.join(10)
+            tb.join(10)
+            assert got["b"] == 1317, got
+            assert got["a"] == (0,), got
+            assert one(b, fast, (3,)) == ("three",)
+            assert one(a, fast, (4,)) == ("four",)
     finally:
-        for c in (a, b, killer):
-            c.close()
         p.process.stop()

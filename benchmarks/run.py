@@ -48,6 +48,8 @@ MODE_NAMES = {"primary": "read_write_split = false (every statement to the prima
                               "([[backends]] socket; sysbench still uses TCP to rwproxy and in the direct runs)",
               "primary-tls": "as primary, with TLS from rwproxy to the servers ([backend_tls] mode = verify_identity; "
                              "the sandbox's servers then accept TLS, which sysbench and the direct runs do not use)",
+              "primary-16k": "as primary, with [pool] backend_net_buffer = 0 (the servers write results in their "
+                             "own 16 KB net_buffer_length chunks, as to the forwarder and the direct runs)",
               "forwarder": "reference, not rwproxy: benchmarks/forwarder.py, a bare uvloop TCP forwarder to the primary "
                            "(same worker count, no parsing, routing or pools): the floor for any Python proxy here"}
 MODE_TESTS = {"primary": ["oltp_point_select", "oltp_read_only"],
@@ -55,8 +57,9 @@ MODE_TESTS = {"primary": ["oltp_point_select", "oltp_read_only"],
               "split": ["oltp_point_select", "oltp_read_only_skip_trx"],
               "primary-unix": ["oltp_point_select"],
               "primary-tls": ["oltp_point_select"],
+              "primary-16k": ["oltp_point_select"],
               "forwarder": ["oltp_point_select"]}
-BIG_RESULT_MODES = ("primary", "primary-pinned", "primary-tls", "forwarder")  # 1,000-row figure measured in these
+BIG_RESULT_MODES = ("primary", "primary-pinned", "primary-tls", "primary-16k", "forwarder")  # 1,000-row figure measured in these
 
 VARIANTS = {  # name -> (sysbench test, extra options)
     "oltp_point_select": ("oltp_point_select", []),
@@ -176,6 +179,8 @@ def write_mode_config(mode: str, port: int, workers: int, cluster, tmp: str) -> 
         "monitor": {"user": "rwproxy", "password": "rwproxy"},
         "routing": {"read_write_split": mode == "split"},
     }
+    if mode.endswith("-16k"):
+        data["pool"] = {"backend_net_buffer": 0}
     if mode.endswith("-tls"):
         data["backend_tls"] = {"mode": "verify_identity", "ca": str(cluster.tls_dir / "ca.pem")}
     path = str(Path(tmp) / f"rwproxy-{mode}.toml")
@@ -243,7 +248,8 @@ def main(argv=None) -> int:
                     help="routing modes: primary (read_write_split = false: the issue-3 set-up, everything on the "
                          "primary like the direct runs), primary-pinned (as primary, cpu_affinity = spread), "
                          "split (reads on the replicas), primary-unix (as primary, backends through their Unix "
-                         "sockets), primary-tls (as primary, TLS to the servers), forwarder (reference: a bare "
+                         "sockets), primary-tls (as primary, TLS to the servers), primary-16k (as primary, backend_net_buffer = 0), "
+                         "forwarder (reference: a bare "
                          "uvloop forwarder, not rwproxy)")
     ap.add_argument("--workers", type=int, default=0, help="rwproxy workers (0 = CPU count)")
     ap.add_argument("--idle", type=int, default=1000, help="idle clients for the memory figure")

@@ -300,6 +300,9 @@ class PoolConfig:
     shared_connections: int = I(2, 1, 64)
     multiplex_max_bytes: int = I(65536, 0)
     multiplex_max_time: float = F(0.01, positive=True)
+    # bytes: the servers send results to rwproxy in chunks of this size (backend.grow_net_buffer);
+    # 0 = the server's own net_buffer_length (16 KiB by default)
+    backend_net_buffer: int = I(128 << 10, 0, 16 << 20)
 
 
 @dataclass(frozen=True)

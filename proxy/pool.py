@@ -43,7 +43,7 @@ class Pools:
         self.open_count[server.name] += 1
         try:
             conn = await connect(server, key, caps, user, password, db, charset, self.cfg.connect_timeout,
-                                 self.tls.get(server.name))
+                                 self.tls.get(server.name), net_buffer=self.cfg.backend_net_buffer)
         except BaseException:
             self.open_count[server.name] -= 1
             raise

@@ -244,7 +244,7 @@ class SharedLines:
         conn = None
         try:
             conn = await connect(server, key, caps, user, password, db, charset, pools.cfg.connect_timeout,
-                                 pools.tls.get(name), factory=SharedBackend)
+                                 pools.tls.get(name), factory=SharedBackend, net_buffer=pools.cfg.backend_net_buffer)
             for packet in history:  # the SET/USE history every session of this key has run
                 resp = await conn.command(packet, RESULT, timeout=pools.cfg.connect_timeout)
                 if resp[4] == 0xFF:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import struct
 import subprocess
 import sys
 import threading
@@ -19,6 +20,10 @@ import time
 import mysql.connector
 import pymysql
 import pytest
+
+from proxy.protocol.packets import frame
+from proxy.protocol.scan import RESULT, Scanner
+from proxy.rawclient import RawClient
 
 from helpers import ensure_backend_user, start_proxy
 
@@ -314,3 +319,66 @@ def test_kill_query_of_a_statement_queued_on_a_shared_connection(mux, cluster, t
             assert one(a, fast, (4,)) == ("four",)
     finally:
         p.process.stop()
+
+
+def _execute(sid: int, value: bytes, type_code: int | None) -> bytes:
+    """COM_STMT_EXECUTE of a one-parameter statement; type_code None sends no types (flag 0), as
+    libmariadb and Connector/J do after the first execute of a binding."""
+    head = b"\x17" + struct.pack("<IBI", sid, 0, 1) + b"\x00"  # no cursor, iteration 1, NULL bitmap
+    if type_code is None:
+        return head + b"\x00" + value
+    return head + b"\x01" + bytes((type_code, 0)) + value
+
+
+def _text_row(c: RawClient) -> list[str]:
+    """The first row of a binary result whose columns are all strings (CHAR), as text."""
+    payloads = []
+    sc = Scanner(True)
+    sc.start(RESULT)
+    while True:
+        seq, p = c.read()
+        payloads.append(p)
+        if sc.feed(frame(p, seq)) >= 0:
+            break
+    assert payloads[0][0] != 0xFF, payloads[0]
+    ncols = payloads[0][0]
+    row = payloads[1 + ncols]  # after the column count and the definitions (no EOF: deprecate_eof)
+    pos, out = 1 + (ncols + 9) // 8, []  # 0x00 header, NULL bitmap with 2 offset bits
+    for _ in range(ncols):
+        n = row[pos]
+        out.append(row[pos + 1: pos + 1 + n].decode())
+        pos += 1 + n
+    return out
+
+
+def test_an_execute_without_types_runs_with_its_own_sessions_types_when_shared(mux):
+    """Clients send parameter types only with the first execute of a binding. On a shared connection
+    another session's execute of the same statement may have sent other types since: the proxy must
+    put this session's types back, or the server reads an integer's 8 bytes as a string."""
+    sql = ("/* rwproxy:primary */ SELECT CONCAT('', ?) AS echo, CAST(p.ID AS CHAR) AS thread "
+           "FROM PROCESSLIST p WHERE p.USER = 'mux' AND p.INFO LIKE '%probe-types%'")
+    # RawClient asks for every capability the proxy offers, CLIENT_NO_SCHEMA among them (no db.table
+    # names), so the statement names PROCESSLIST from the login database
+    a, b = (RawClient(mux.host, mux.port, user=USER, password=USER, db="information_schema") for _ in range(2))
+    try:
+        sa, _, _ = a.prepare(sql)
+        sb, _, _ = b.prepare(sql)
+        longlong, var_string = 0x08, 0xFD
+        threads = []
+        for i in range(4):  # the first executes teach the proxy the statement is small and fast
+            a.send(_execute(sa, struct.pack("<q", 100 + i), longlong))
+            echo, ta = _text_row(a)
+            assert echo == str(100 + i)
+            text = f"text-{i}".encode()
+            b.send(_execute(sb, bytes((len(text),)) + text, var_string))  # the last types sent: a string
+            echo, tb = _text_row(b)
+            assert echo == text.decode()
+            a.send(_execute(sa, struct.pack("<q", 200 + i), None))  # no types: a's BIGINT binding
+            echo, ta2 = _text_row(a)
+            assert echo == str(200 + i), echo
+            threads.append((ta, tb, ta2))
+        last = threads[-1]
+        assert last[0] == last[1] == last[2], threads  # all three on one shared server connection
+    finally:
+        a.close()
+        b.close()

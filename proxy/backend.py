@@ -352,7 +352,11 @@ async def grow_net_buffer(conn: BackendConnection, size: int, timeout: float) ->
     and hangs up); the caller then opens a plain connection."""
     try:
         resp = await conn.command(frame(bytes((COM_PING,)) + bytes(size - 1), 0), SIMPLE, timeout)
-    except (ConnectionError, asyncio.TimeoutError):
+    except asyncio.TimeoutError:  # a slow server, not a refusal: this connection is replaced, later ones try again
+        log.info("backend %s did not answer the %d-byte ping within %.1f s; opening a plain connection",
+                 conn.server.name, size, timeout)
+        return False
+    except ConnectionError:
         resp = b""
     if resp[4:5] == b"\x00":
         return True

@@ -248,9 +248,8 @@ def main(argv=None) -> int:
                     help="routing modes: primary (read_write_split = false: the issue-3 set-up, everything on the "
                          "primary like the direct runs), primary-pinned (as primary, cpu_affinity = spread), "
                          "split (reads on the replicas), primary-unix (as primary, backends through their Unix "
-                         "sockets), primary-tls (as primary, TLS to the servers), primary-16k (as primary, backend_net_buffer = 0), "
-                         "forwarder (reference: a bare "
-                         "uvloop forwarder, not rwproxy)")
+                         "sockets), primary-tls (as primary, TLS to the servers), primary-16k (as primary, "
+                         "backend_net_buffer = 0), forwarder (reference: a bare uvloop forwarder, not rwproxy)")
     ap.add_argument("--workers", type=int, default=0, help="rwproxy workers (0 = CPU count)")
     ap.add_argument("--idle", type=int, default=1000, help="idle clients for the memory figure")
     ap.add_argument("--tag", default="dataplane")

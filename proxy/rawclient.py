@@ -49,6 +49,19 @@ class RawClient:
         self.send(payload, 0)
         return self.read()[1]
 
+    def response(self, kind: int) -> list[bytes]:
+        """The payloads of one whole response of the given scan kind, its end found by the
+        proxy's own scanner."""
+        from proxy.protocol.scan import Scanner
+
+        sc, out = Scanner(bool(self.caps & CLIENT_DEPRECATE_EOF)), []
+        sc.start(kind)
+        while True:
+            seq, p = self.read()
+            out.append(p)
+            if sc.feed(frame(p, seq)) >= 0:
+                return out
+
     def read_until_eof(self) -> list[bytes]:
         """Read packets until an EOF/OK-0xFE terminator or ERR (inclusive)."""
         out = []
@@ -73,8 +86,9 @@ class RawClient:
             self.read()
         return stmt_id, ncols, nparams
 
-    def query_raw(self, sql: bytes, scanner) -> int:
-        """Run a COM_QUERY and read the whole response as bytes (no decoding); returns its size."""
+    def query_raw(self, sql: bytes, scanner, out: bytearray | None = None) -> int:
+        """Run a COM_QUERY and read the whole response as bytes (no decoding); returns its size.
+        `out`, when given, receives the response's bytes."""
         from proxy.protocol.scan import RESULT
 
         self.send(b"\x03" + sql, 0)
@@ -83,6 +97,8 @@ class RawClient:
         while True:
             if data:
                 size += len(data)
+                if out is not None:
+                    out += data
                 if scanner.feed(data) >= 0:
                     return size
             data = self.sock.recv(1 << 20)

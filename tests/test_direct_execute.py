@@ -11,7 +11,7 @@ import struct
 import pytest
 
 from proxy.protocol.packets import frame
-from proxy.protocol.scan import PREPARE, RESULT, Scanner
+from proxy.protocol.scan import PREPARE, RESULT
 from proxy.rawclient import RawClient
 
 MINUS_ONE = b"\xff\xff\xff\xff"
@@ -20,17 +20,6 @@ MINUS_ONE = b"\xff\xff\xff\xff"
 def _execute(sid: bytes, value: int) -> bytes:
     """COM_STMT_EXECUTE of a one-parameter statement: no cursor, types sent, a BIGINT value."""
     return b"\x17" + sid + b"\x00" + struct.pack("<I", 1) + b"\x00" + b"\x01" + b"\x08\x00" + struct.pack("<q", value)
-
-
-def _response(c: RawClient, kind: int) -> list[bytes]:
-    """The payloads of one whole response, its end found by the proxy's own scanner."""
-    sc, out = Scanner(True), []
-    sc.start(kind)
-    while True:
-        seq, p = c.read()
-        out.append(p)
-        if sc.feed(frame(p, seq)) >= 0:
-            return out
 
 
 def _error(p: bytes) -> tuple[int, str]:
@@ -42,7 +31,7 @@ def _pipelined(port: int, sql: bytes, value: int) -> tuple[list[bytes], list[byt
     c = RawClient("127.0.0.1", port)
     try:
         c.sock.sendall(frame(b"\x16" + sql, 0) + frame(_execute(MINUS_ONE, value), 0))
-        return _response(c, PREPARE), _response(c, RESULT)
+        return c.response(PREPARE), c.response(RESULT)
     finally:
         c.close()
 
@@ -67,15 +56,15 @@ def test_minus_one_after_a_failed_prepare_is_unknown_as_on_the_server(proxy):
             c.sock.sendall(frame(b"\x16SELEC 1", 0) + frame(_execute(MINUS_ONE, 1), 0))
             answers.append((_error(c.read()[1])[0], _error(c.read()[1])))
             c.send(_execute(struct.pack("<I", first), 1), 0)  # the earlier statement is still there
-            assert struct.unpack_from("<q", _response(c, RESULT)[-2], 2)[0] == 0
+            assert struct.unpack_from("<q", c.response(RESULT)[-2], 2)[0] == 0
             sid, _, _ = c.prepare("SELECT ? * 2")  # a good one: -1 names it from now on
             c.send(b"\x1a" + MINUS_ONE, 0)  # COM_STMT_RESET
             assert c.read()[1][0] == 0x00
             c.send(_execute(MINUS_ONE, 21), 0)
-            row = _response(c, RESULT)[-2]
+            row = c.response(RESULT)[-2]
             assert struct.unpack_from("<q", row, 2)[0] == 42
             c.send(_execute(struct.pack("<I", sid), 5), 0)  # and its own id still works
-            assert struct.unpack_from("<q", _response(c, RESULT)[-2], 2)[0] == 10
+            assert struct.unpack_from("<q", c.response(RESULT)[-2], 2)[0] == 10
             assert c.command(b"\x03SELECT 1")[0] == 1
         finally:
             c.close()

@@ -21,8 +21,7 @@ import mysql.connector
 import pymysql
 import pytest
 
-from proxy.protocol.packets import frame
-from proxy.protocol.scan import RESULT, Scanner
+from proxy.protocol.scan import RESULT
 from proxy.rawclient import RawClient
 
 from helpers import ensure_backend_user, start_proxy
@@ -336,14 +335,7 @@ def _execute(sid: int, value: bytes, type_code: int | None) -> bytes:
 
 def _text_row(c: RawClient) -> list[str]:
     """The first row of a binary result whose columns are all strings (CHAR), as text."""
-    payloads = []
-    sc = Scanner(True)
-    sc.start(RESULT)
-    while True:
-        seq, p = c.read()
-        payloads.append(p)
-        if sc.feed(frame(p, seq)) >= 0:
-            break
+    payloads = c.response(RESULT)
     assert payloads[0][0] != 0xFF, payloads[0]
     ncols = payloads[0][0]
     row = payloads[1 + ncols]  # after the column count and the definitions (no EOF: deprecate_eof)

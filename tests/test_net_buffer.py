@@ -9,9 +9,7 @@ packet costs no client anything."""
 
 from __future__ import annotations
 
-import pymysql
-
-from proxy.protocol.scan import RESULT, Scanner
+from proxy.protocol.scan import Scanner
 from proxy.rawclient import RawClient
 
 from helpers import start_proxy
@@ -33,20 +31,13 @@ def worker_reads(p) -> int:
 
 def response(client: RawClient) -> bytes:
     """One BIG query's whole response, as raw bytes."""
-    client.send(b"\x03" + BIG, 0)
-    scanner, data, out = Scanner(True), client.buf, bytearray()
-    client.buf = b""
-    scanner.start(RESULT)
-    while True:
-        if data:
-            out += data
-            if scanner.feed(data) >= 0:
-                return bytes(out)
-        data = client.sock.recv(1 << 20)
+    out = bytearray()
+    client.query_raw(BIG, Scanner(True), out)
+    return bytes(out)
 
 
 def reads_per_result(p) -> tuple[float, bytes]:
-    # a read on the primary (hint): a session's own connection, not a shared one (big results never share)
+    # the session's own connection to the primary, not a shared one (big results never share)
     c = RawClient(p.host, p.port, db="app")
     try:
         first = response(c)  # the session's connection opens (and is grown) here
@@ -95,7 +86,7 @@ def test_a_server_refusing_the_big_packet_serves_as_before(cluster, tmp_path_fac
     try:
         p = start_proxy(cluster, tmp_path_factory.mktemp("nbrefused"), proxy={"workers": 1},
                         routing={"read_write_split": False}, pool={"backend_net_buffer": 4 << 20, "multiplex": False})
-        for i in range(3):  # three sessions, each its own backend connection (none back in the pool yet)
+        for _ in range(3):  # two sessions at a time: new backend connections, then pooled ones
             conns = [p.connect() for _ in range(2)]
             for c in conns:
                 with c.cursor() as cur:

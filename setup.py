@@ -13,8 +13,8 @@ setup(
             optional=True,
         ),
         Extension(
-            "proxy._lexkey",
-            sources=["proxy/_lexkey.c"],
+            "proxy.routing.classify._lexkey",
+            sources=["proxy/routing/classify/_lexkey.c"],
             optional=True,
         ),
     ],

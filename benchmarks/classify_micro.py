@@ -52,8 +52,8 @@ sys.path.insert(0, ROOT)
 import sqlglot  # noqa: E402
 import sqlglot.tokens  # noqa: E402
 
-from proxy.classify import Classifier  # noqa: E402
-from proxy.classify_query import QueryParser  # noqa: E402
+from proxy.routing.classify import Classifier  # noqa: E402
+from proxy.routing.classify.query import QueryParser  # noqa: E402
 
 # ---------------------------------------------------------------- sysbench-like statements
 

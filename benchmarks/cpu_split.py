@@ -25,9 +25,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from proxy.config import build_config, write_config
-from proxy.launcher import ProxyProcess, free_port, process_cpu_seconds
-from proxy.sandbox.testing import running_cluster
+from proxy.config.load import build_config, write_config
+from proxy.runtime.launcher import ProxyProcess, free_port, process_cpu_seconds
+from proxy.testing.clusters import running_cluster
 
 from .forwarder import ForwarderProcess
 from .report import save

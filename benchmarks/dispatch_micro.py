@@ -14,12 +14,12 @@ import time
 
 import uvloop
 
-from proxy.backend import BackendConnection
-from proxy.config import build_config
+from proxy.backend.connection import BackendConnection
+from proxy.config.load import build_config
 from proxy.protocol.constants import PROXY_CAPABILITIES, SERVER_STATUS_AUTOCOMMIT
 from proxy.protocol.packets import frame, lenenc_str, ok_payload
-from proxy.statements import Stmt
-from proxy.topology import PRIMARY, REPLICA, ServerState, Topology
+from proxy.routing.statements import Stmt
+from proxy.cluster.topology import PRIMARY, REPLICA, ServerState, Topology
 
 
 class StubTransport:
@@ -59,8 +59,8 @@ def _row_response() -> bytes:
 
 
 def main(n: int = 100_000) -> None:
-    from proxy.client import ClientConnection
-    from proxy.server import Worker
+    from proxy.frontend.session import ClientConnection
+    from proxy.runtime.supervisor import Worker
 
     data = {
         "proxy": {"listen": "127.0.0.1:0", "workers": 1},

@@ -26,10 +26,10 @@ from pathlib import Path
 
 import pymysql
 
-from proxy.config import build_config, write_config
-from proxy.launcher import ProxyProcess, free_port
-from proxy.loadgen import Load, insert_numbered
-from proxy.sandbox.testing import running_cluster
+from proxy.config.load import build_config, write_config
+from proxy.runtime.launcher import ProxyProcess, free_port
+from proxy.testing.loadgen import Load, insert_numbered
+from proxy.testing.clusters import running_cluster
 
 from .report import save
 

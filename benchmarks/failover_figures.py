@@ -42,11 +42,11 @@ from pathlib import Path
 
 import pymysql
 
-from proxy.config import build_config
-from proxy.failover import Failover
-from proxy.failover_ops import reached
-from proxy.sandbox.testing import running_cluster
-from proxy.topology import UP
+from proxy.config.load import build_config
+from proxy.cluster.failover.controller import Failover
+from proxy.cluster.failover.ops import reached
+from proxy.testing.clusters import running_cluster
+from proxy.cluster.topology import UP
 
 RESULTS = Path(__file__).parent / "results"
 

@@ -29,7 +29,7 @@ import socket
 import sys
 from collections import deque
 
-from proxy.launcher import ProxyProcess
+from proxy.runtime.launcher import ProxyProcess
 from proxy.protocol.constants import CLIENT_DEPRECATE_EOF
 from proxy.protocol.packets import err_payload, frame
 from proxy.protocol.scan import RESULT, SIMPLE, Scanner

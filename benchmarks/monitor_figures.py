@@ -30,9 +30,9 @@ import threading
 import time
 from pathlib import Path
 
-from proxy.config import load_config
-from proxy.monitor import Monitor
-from proxy.sandbox.testing import running_cluster
+from proxy.config.load import load_config
+from proxy.cluster.monitor.checker import Monitor
+from proxy.testing.clusters import running_cluster
 
 RESULTS = Path(__file__).parent / "results"
 

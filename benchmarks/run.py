@@ -29,11 +29,11 @@ from pathlib import Path
 
 import pymysql
 
-from proxy.config import build_config, write_config
-from proxy.launcher import ProxyProcess, free_port
+from proxy.config.load import build_config, write_config
+from proxy.runtime.launcher import ProxyProcess, free_port
 from proxy.protocol.scan import Scanner
-from proxy.rawclient import RawClient
-from proxy.sandbox.testing import running_cluster
+from proxy.testing.rawclient import RawClient
+from proxy.testing.clusters import running_cluster
 
 from .forwarder import ForwarderProcess
 from .report import save
@@ -118,8 +118,8 @@ BIG_SQL = "SELECT seq, REPEAT('r', 120) FROM seq_1_to_1000"
 
 def routed(cfg_path: str) -> dict:
     """Statements the proxy has sent to each backend so far (from its control socket)."""
-    from proxy.config import load_config
-    from proxy.control import request, socket_path
+    from proxy.config.load import load_config
+    from proxy.runtime.control import request, socket_path
 
     st = request(socket_path(load_config(cfg_path)), "status", timeout=10)
     roles = {s["name"]: s["role"] for s in st["servers"]}

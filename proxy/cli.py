@@ -5,12 +5,12 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import __version__
+from proxy import __version__
 
 
 def _serve(args) -> int:
-    from .config import ConfigError, load_config
-    from .server import StartupError, serve, setup_logging
+    from proxy.config.load import ConfigError, load_config
+    from proxy.runtime.supervisor import StartupError, serve, setup_logging
 
     setup_logging(args.log_level)
     try:
@@ -24,15 +24,15 @@ def _serve(args) -> int:
 
 
 def _check_config(args) -> int:
-    from .config import check_config_main
+    from proxy.config.load import check_config_main
 
     return check_config_main(args.file)
 
 
 def _control(args, cmd: str, **extra) -> dict | None:
     """Send a command to the running proxy for this config; None (and a message) if not running."""
-    from .config import ConfigError, load_config
-    from .control import request, socket_path
+    from proxy.config.load import ConfigError, load_config
+    from proxy.runtime.control import request, socket_path
 
     try:
         config = load_config(args.config)
@@ -53,7 +53,7 @@ def _control(args, cmd: str, **extra) -> dict | None:
 def _status(args) -> int:
     import json
 
-    from .controlplane import format_status
+    from proxy.runtime.controlplane import format_status
 
     st = _control(args, "status", timeout=10)
     if st is None:
@@ -86,7 +86,7 @@ def _simple(cmd):
 
 
 def _demo(args) -> int:
-    from .demo import run_demo
+    from proxy.sandbox.demo import run_demo
 
     return run_demo(args)
 
@@ -135,7 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--exit", action="store_true", help="run the scripted tour and stop instead of serving until Ctrl-C")
     d.set_defaults(func=_demo)
 
-    from .sandbox.cli import register
+    from proxy.sandbox.cli import register
 
     register(sub)
     return p

@@ -7,7 +7,7 @@ import os
 import pytest
 
 from proxy.sandbox import Cluster
-from proxy.sandbox.testing import start_cluster, teardown_cluster
+from proxy.testing.clusters import start_cluster, teardown_cluster
 
 # the proxy fixtures (`proxy`, `direct`) live in helpers.py beside this file
 pytest_plugins = ["helpers"]

@@ -9,8 +9,8 @@ from dataclasses import dataclass
 import pymysql
 import pytest
 
-from proxy.config import build_config, write_config
-from proxy.launcher import ProxyProcess, free_port
+from proxy.config.load import build_config, write_config
+from proxy.runtime.launcher import ProxyProcess, free_port
 
 SHA2_USER, SHA2_PASSWORD = "sha2user", "s3cret-sha2"
 

@@ -15,14 +15,14 @@ import pymysql
 import pytest
 
 from helpers import start_proxy
-from proxy.backend_tls import policies
-from proxy.certs import make_authority
-from proxy.config import parse_config
+from proxy.backend.tls import policies
+from proxy.sandbox.certs import make_authority
+from proxy.config.load import parse_config
 
 
 @pytest.fixture(scope="module")
 def tls_cluster(tmp_path_factory):
-    from proxy.sandbox.testing import start_cluster, teardown_cluster
+    from proxy.testing.clusters import start_cluster, teardown_cluster
 
     c = start_cluster(tmp_path_factory.mktemp("tls-sandbox"), replicas=1, tls=True)
     try:

@@ -14,8 +14,8 @@ import time
 
 import pytest
 
-from proxy import classify as C
-from proxy.classify import READ, SESSION, WRITE, Classification, Classifier, flag_names
+from proxy.routing import classify as C
+from proxy.routing.classify import READ, SESSION, WRITE, Classification, Classifier, flag_names
 
 RO_FUNCS = ["my_ro", "db2.ro_qualified"]
 
@@ -668,7 +668,7 @@ class PurePython(importlib.abc.MetaPathFinder):
 
 sys.meta_path.insert(0, PurePython())
 import sqlglot.tokens
-from proxy.classify import Classifier
+from proxy.routing.classify import Classifier
 c = Classifier(readonly_functions=json.loads(sys.argv[1]))
 stmts = json.loads(sys.stdin.read())
 print(json.dumps([sqlglot.tokens.SQLGLOTC_INSTALLED] + [[x.route, x.flags] for x in map(c.classify, stmts)]))

@@ -14,11 +14,11 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # the package is not installed into the venv; import it from the tree
     sys.path.insert(0, str(ROOT))
 
-from proxy.config import (
+from proxy.config.load import (
     BackendConfig, Config, ConfigError, RuleConfig, UserConfig, check_config_main, load_config,
     parse_config, write_config,
 )
-from proxy.config_schema import _toml_value, spec_fields
+from proxy.config.schema import _toml_value, spec_fields
 
 EXAMPLE = ROOT / "config" / "rwproxy.toml"
 DOCS = ROOT / "docs" / "configuration.md"

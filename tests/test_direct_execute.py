@@ -12,7 +12,7 @@ import pytest
 
 from proxy.protocol.packets import frame
 from proxy.protocol.scan import PREPARE, RESULT
-from proxy.rawclient import RawClient
+from proxy.testing.rawclient import RawClient
 
 MINUS_ONE = b"\xff\xff\xff\xff"
 

@@ -16,8 +16,8 @@ import pymysql
 import pytest
 
 from helpers import ensure_backend_user, start_proxy
-from proxy.backend import BackendError, connect
-from proxy.config_schema import BackendConfig
+from proxy.backend.connection import BackendError, connect
+from proxy.config.schema import BackendConfig
 from proxy.protocol.constants import PROXY_CAPABILITIES
 
 ED_USER, ED_PASSWORD = "edu", "ed secret 1"
@@ -25,7 +25,7 @@ ED_USER, ED_PASSWORD = "edu", "ed secret 1"
 
 @pytest.fixture(scope="module")
 def ed_cluster(tmp_path_factory):
-    from proxy.sandbox.testing import start_cluster, teardown_cluster
+    from proxy.testing.clusters import start_cluster, teardown_cluster
 
     c = start_cluster(tmp_path_factory.mktemp("ed25519-sandbox"), replicas=1)
     try:

@@ -17,11 +17,11 @@ import time
 import pymysql
 import pytest
 
-from proxy import failover_ops as ops
-from proxy.config import build_config, load_config
-from proxy.failover import Failover, verdict
-from proxy.monitor_health import learned_role
-from proxy.topology import DOWN, MAINTENANCE, PRIMARY, REPLICA, UP, ServerState, Topology
+from proxy.cluster.failover import ops
+from proxy.config.load import build_config, load_config
+from proxy.cluster.failover.controller import Failover, verdict
+from proxy.cluster.monitor.health import learned_role
+from proxy.cluster.topology import DOWN, MAINTENANCE, PRIMARY, REPLICA, UP, ServerState, Topology
 
 # ---------------------------------------------------------------------------- pure rules
 

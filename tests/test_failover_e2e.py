@@ -13,7 +13,7 @@ import pymysql
 import pytest
 
 from helpers import start_proxy
-from proxy.loadgen import Load, insert_numbered
+from proxy.testing.loadgen import Load, insert_numbered
 
 FAILOVER = {"replication_user": "repl", "replication_password": "repl"}
 

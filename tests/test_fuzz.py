@@ -15,7 +15,7 @@ from proxy.protocol import auth
 from proxy.protocol.constants import PROXY_CAPABILITIES
 from proxy.protocol.handshake import build_response, parse_greeting
 from proxy.protocol.packets import frame
-from proxy.rawclient import RawClient
+from proxy.testing.rawclient import RawClient
 
 from helpers import start_proxy
 

@@ -12,15 +12,15 @@ import random
 
 import pytest
 
-from proxy import classify_lex as L
-from proxy.classify import Classifier
+from proxy.routing.classify import lex as L
+from proxy.routing.classify import Classifier
 
 from helpers import require_c
 from test_classify import CORPUS
 
 
 def _c():
-    return require_c(L._c_literal_key, "proxy._lexkey")
+    return require_c(L._c_literal_key, "proxy.routing.classify._lexkey")
 
 
 def _py_key(raw: bytes) -> bytes:

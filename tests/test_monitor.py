@@ -17,11 +17,11 @@ from dataclasses import replace
 import pymysql
 import pytest
 
-from proxy.config import build_config
-from proxy.monitor import Monitor
-from proxy.monitor_health import Observation, Policy, Tracker, decide, learned_role, replica_problems
-from proxy.monitor_lag import LagReading, Timeline, estimate, parse_gtid, progress, reached
-from proxy.topology import DOWN, LAGGING, MASTER, PRIMARY, REPLICA, UNKNOWN, UP, ServerState
+from proxy.config.load import build_config
+from proxy.cluster.monitor.checker import Monitor
+from proxy.cluster.monitor.health import Observation, Policy, Tracker, decide, learned_role, replica_problems
+from proxy.cluster.monitor.lag import LagReading, Timeline, estimate, parse_gtid, progress, reached
+from proxy.cluster.topology import DOWN, LAGGING, MASTER, PRIMARY, REPLICA, UNKNOWN, UP, ServerState
 
 # ---------------------------------------------------------------------------- pure logic
 

@@ -22,7 +22,7 @@ import pymysql
 import pytest
 
 from proxy.protocol.scan import RESULT
-from proxy.rawclient import RawClient
+from proxy.testing.rawclient import RawClient
 
 from helpers import ensure_backend_user, start_proxy
 

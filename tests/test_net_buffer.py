@@ -10,7 +10,7 @@ packet costs no client anything."""
 from __future__ import annotations
 
 from proxy.protocol.scan import Scanner
-from proxy.rawclient import RawClient
+from proxy.testing.rawclient import RawClient
 
 from helpers import start_proxy
 

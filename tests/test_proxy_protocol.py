@@ -18,10 +18,10 @@ import pymysql
 import pytest
 
 from helpers import SHA2_PASSWORD, SHA2_USER, self_signed_cert, start_proxy
-from proxy.launcher import ProxyProcess, free_port
+from proxy.runtime.launcher import ProxyProcess, free_port
 from proxy.protocol.constants import MAX_PACKET
 from proxy.protocol.packets import frame
-from proxy.rawclient import RawClient
+from proxy.testing.rawclient import RawClient
 
 
 def _err(excinfo) -> tuple[int, str]:

@@ -12,7 +12,7 @@ import time
 import pytest
 
 from helpers import start_proxy
-from proxy.loadgen import Load, select_port
+from proxy.testing.loadgen import Load, select_port
 
 
 def Readers(proxy, n=8):

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import collections
 
-from proxy.router import Balancer, gtid_covers
-from proxy.topology import REPLICA, ServerState
+from proxy.routing.router import Balancer, gtid_covers
+from proxy.cluster.topology import REPLICA, ServerState
 
 
 def reps(*specs):

@@ -17,7 +17,7 @@ from proxy.sandbox import Cluster, PortInUse, SandboxError, find_free_base_port
 from proxy.sandbox.cli import main as cli_main
 from proxy.sandbox.node import Node
 from proxy.sandbox.render import proxy_config_toml
-from proxy.sandbox.testing import cluster_processes, running_cluster
+from proxy.testing.clusters import cluster_processes, running_cluster
 from proxy.sandbox.util import gtid_reached, socket_path
 
 MISSING = "mariadbd not found: install the Debian package mariadb-server (apt-get install mariadb-server)"

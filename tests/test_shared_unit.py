@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
-from proxy.shared import SPILL_AFTER, Profiles, SharedLines, shared_execute_packet
+from proxy.backend.shared import SPILL_AFTER, Profiles, SharedLines, shared_execute_packet
 
 KEY = ("node2", "app", 0, 45, "", ())
 

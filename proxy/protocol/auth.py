@@ -11,7 +11,7 @@ import hashlib
 import hmac
 import os
 
-from . import ed25519
+from proxy.protocol import ed25519
 
 NATIVE = "mysql_native_password"
 CACHING_SHA2 = "caching_sha2_password"

@@ -9,7 +9,7 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass, field
 
-from .constants import (
+from proxy.protocol.constants import (
     CLIENT_CONNECT_ATTRS,
     CLIENT_CONNECT_WITH_DB,
     CLIENT_PLUGIN_AUTH,
@@ -18,7 +18,7 @@ from .constants import (
     CLIENT_SECURE_CONNECTION,
     CLIENT_SSL,
 )
-from .packets import ProtocolError, lenenc_int, lenenc_str, read_lenenc_int, read_lenenc_str, read_nul_str
+from proxy.protocol.packets import ProtocolError, lenenc_int, lenenc_str, read_lenenc_int, read_lenenc_str, read_nul_str
 
 
 @dataclass(slots=True)
@@ -74,7 +74,7 @@ def parse_greeting(payload: bytes) -> Greeting:
     if not payload:
         raise ProtocolError("empty greeting")
     if payload[0] == 0xFF:
-        from .packets import parse_err
+        from proxy.protocol.packets import parse_err
 
         code, state, msg = parse_err(payload)
         raise ProtocolError(f"server refused the connection: ({code}) {msg}")

@@ -10,7 +10,7 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 
-from .constants import (
+from proxy.protocol.constants import (
     CLIENT_PROTOCOL_41,
     CLIENT_SESSION_TRACK,
     MAX_PACKET,

@@ -2,6 +2,6 @@
 
 import sys
 
-from .cli import main
+from proxy.sandbox.cli import main
 
 sys.exit(main(["sandbox", *sys.argv[1:]]))

@@ -6,8 +6,8 @@ import argparse
 import sys
 import time
 
-from .cluster import DEFAULTS, TOPOLOGIES, Cluster
-from .util import SandboxError
+from proxy.sandbox.cluster import DEFAULTS, TOPOLOGIES, Cluster
+from proxy.sandbox.util import SandboxError
 
 
 def _dir_arg(p: argparse.ArgumentParser) -> None:
@@ -91,7 +91,7 @@ def cmd_status(args) -> int:
     def go(args) -> int:
         cluster = Cluster(args.dir)
         rows = cluster.status()
-        from .render import status_table
+        from proxy.sandbox.render import status_table
         print(status_table(rows, cluster.semi_sync))
         return 0 if all(r["state"] == "up" for r in rows) else 3
     return _run(go, args)

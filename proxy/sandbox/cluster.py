@@ -12,9 +12,9 @@ from typing import Any
 
 import pymysql
 
-from . import render, template
-from .node import Node, check_server_option
-from .util import SandboxError, check_ports_free, find_binary, gtid_reached, socket_path
+from proxy.sandbox import render, template
+from proxy.sandbox.node import Node, check_server_option
+from proxy.sandbox.util import SandboxError, check_ports_free, find_binary, gtid_reached, socket_path
 
 TOPOLOGIES = ("primary-replica", "master-master")
 DEFAULTS = {"replicas": 2, "topology": "primary-replica", "base_port": 23306, "semi_sync": False, "tls": False,
@@ -197,7 +197,7 @@ class Cluster:
 
     def _make_certificates(self) -> None:
         if self.tls:
-            from proxy.certs import make_authority
+            from proxy.sandbox.certs import make_authority
 
             make_authority(self.tls_dir)
 

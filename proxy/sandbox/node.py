@@ -13,7 +13,7 @@ from typing import Any
 import pymysql
 import pymysql.cursors
 
-from .util import PortInUse, SandboxError, file_size, tail
+from proxy.sandbox.util import PortInUse, SandboxError, file_size, tail
 
 READY_TIMEOUT = 60.0
 STOP_TIMEOUT = 30.0

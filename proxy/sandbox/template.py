@@ -11,7 +11,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-from .util import SandboxError
+from proxy.sandbox.util import SandboxError
 
 INSTALL_TIMEOUT = 180
 # Same InnoDB sizes as my.cnf, so a node's first start does not have to resize the redo log.

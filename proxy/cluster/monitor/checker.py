@@ -1,0 +1,450 @@
+"""The control plane's health and lag monitor: it alone writes the topology.
+
+Runs in the supervisor process on plain threads (PyMySQL is blocking; the
+proxy's event loops never wait on a check).  Per backend there is one checker
+thread and one heartbeat thread, each with its own connection, so a hung
+server only ever stalls its own threads.  A publisher thread turns the
+per-server states into immutable ``Topology`` snapshots and hands them to
+``on_update``: at once when something a router acts on changed, and at least
+every second otherwise (lag values).  See docs/monitor.md.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import replace
+from typing import Callable
+
+import pymysql
+import pymysql.cursors
+
+from proxy.backend.tls import control_connect
+from proxy.cluster.monitor.health import Observation, Policy, Tracker, decide, significant
+from proxy.cluster.monitor.lag import Timeline
+from proxy.cluster.monitor.replication import DENIED, NO_TABLE, READ_ONLY, ReplicationReading
+from proxy.cluster.sqlerrors import describe, error_code
+from proxy.cluster.topology import DOWN, LAGGING, MAINTENANCE, MASTER, PRIMARY, REPLICA, UP, ServerState, Topology, from_config
+
+log = logging.getLogger("rwproxy.monitor")
+
+PUBLISH_EVERY = 1.0  # s: lag values reach the workers at least this often
+# Error codes meaning "the monitor user may not do this": reported once, never counted as a failed check.
+class _Node:
+    """Everything the monitor keeps about one backend besides its published ServerState."""
+
+    def __init__(self, backend):
+        self.name, self.host, self.port = backend.name, backend.host, backend.port
+        self.backend = backend
+        self.configured_role = backend.role
+        self.tracker = Tracker()
+        self.timeline = Timeline()  # this server's binlog position over time, while it is writable
+        self.server_id: int | None = None
+        self.source_id: int | None = None  # Master_Server_Id
+        self.source_addr = ""
+        self.hb_denied = False  # heartbeat writes refused (privileges): replicas fall back to SBM
+        self.hb_ok = 0.0  # time.monotonic() of the last successful heartbeat write
+        self.hb_paused = False  # failover/switchover: no heartbeat writes here (see pause_heartbeat)
+        self.hb_lock = threading.Lock()  # held around each heartbeat write
+        # The last SHOW ALL SLAVES STATUS reading, reused by checks in between (see _replication):
+        # (fields copied into each Observation, read_only it was taken under, time.monotonic()).
+        self.repl: tuple[dict, bool, float] | None = None
+        self.hb_merge = False  # the heartbeat table was readable here: checks read it too (_check_query)
+        self.label = f"{backend.name} ({backend.where})"
+
+
+class Monitor(ReplicationReading):
+    """Checks every backend, decides roles/health/read-pool membership, publishes Topology snapshots.
+
+    on_update(topology) runs on the monitor's publisher thread; it must not block for long.
+    on_check(server_state), for instrumentation, runs on the checker thread after every check.
+    """
+
+    def __init__(self, config, on_update: Callable[[Topology], None],
+                 on_check: Callable[[ServerState], None] | None = None):
+        self.config = config
+        self._on_update = on_update
+        self._on_check = on_check
+        m = config.monitor
+        self._mon = m
+        self._user, self._password = config.monitor_credentials()
+        self._policy = Policy(failcount=m.failcount, readmit_after=m.readmit_after,
+                              max_lag_ms=config.routing.max_replica_lag * 1000.0,
+                              master_master=config.cluster.topology == "master-master")
+        # A writer whose samples stopped this long ago is "stale": lags are then measured against
+        # its last known time. 1 s keeps a caught-up replica's reading (<= half of this) far below
+        # any sane max_replica_lag while the primary is unreachable.
+        self._stale_after = max(1.0, 3 * m.heartbeat_interval, 3 * m.interval)
+        self._schema = m.heartbeat_schema
+        # A replica's newest applied heartbeat from another server: in the check query, or alone (_lag).
+        self._hb_newest = f"(SELECT MAX(ts) FROM `{self._schema}`.heartbeat WHERE server_id <> @@server_id)"
+        # Workers route on GTID positions only in gtid read-your-writes mode (see significant()).
+        self._gtid_routing = "gtid" in {config.routing.read_your_writes, *(u.read_your_writes for u in config.users)}
+        initial = from_config(config)
+        self._topology = initial
+        self._states: dict[str, ServerState] = dict(initial.servers)
+        self._nodes = {b.name: _Node(b) for b in config.backends}
+        self._cond = threading.Condition()
+        self._dirty = False
+        # Failover's authority (primary-replica only): the designated primary's name, or None while
+        # roles come from the config and read_only. _gen changes with every designation so that a
+        # check that was under way across the change is dropped instead of undoing it.
+        self._designated: str | None = None
+        self._gen = 0
+        # Failed checks are published at once up to this count: failover counts them.
+        self._fail_cap = max(m.failcount, config.failover.failcount)
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+
+    # ---- public API ------------------------------------------------------------
+
+    @property
+    def topology(self) -> Topology:
+        """The latest published snapshot."""
+        return self._topology
+
+    def start(self) -> "Monitor":
+        if self._threads:
+            raise RuntimeError("monitor already started")
+        self._stop.clear()
+        for node in self._nodes.values():
+            self._spawn(f"check-{node.name}", self._check_loop, node)
+            if self._mon.heartbeat:
+                self._spawn(f"heartbeat-{node.name}", self._heartbeat_loop, node)
+        self._spawn("publish", self._publish_loop)
+        return self
+
+    def stop(self, timeout: float | None = None) -> None:
+        """Stop all threads; a check blocked on a hung server ends within its own timeouts."""
+        self._stop.set()
+        with self._cond:
+            self._cond.notify_all()
+        limit = timeout if timeout is not None else self._mon.connect_timeout + 2 * self._mon.read_timeout + 1
+        deadline = time.monotonic() + limit
+        for t in self._threads:
+            t.join(max(0.0, deadline - time.monotonic()))
+        self._threads = [t for t in self._threads if t.is_alive()]
+
+    def current_states(self) -> dict[str, ServerState]:
+        """Each server's state as of its latest check, published or not (GTID positions and lag
+        reach the workers only about once a second; `rwproxy status` shows them fresh)."""
+        with self._cond:
+            return dict(self._states)
+
+    def wait_until(self, predicate: Callable[[Topology], bool], timeout: float) -> bool:
+        """Block until predicate(published topology) is true; False after timeout."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while not predicate(self._topology):
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._cond.wait(left)
+            return True
+
+    # ---- failover's authority -------------------------------------------------
+
+    @property
+    def designated(self) -> str | None:
+        return self._designated
+
+    def designate(self, name: str | None, updates: dict[str, dict] | None = None) -> int:
+        """Make `name` the only primary (None: roles from config/read_only again); publish at once.
+
+        Every other server that was a writer becomes a replica at once, whatever its read_only says
+        later. `updates` sets facts the caller knows before the next check does (name -> fields,
+        e.g. the new source of a repointed replica). Checks already under way are discarded.
+        Returns the version from which published snapshots reflect this designation.
+        """
+        with self._cond:
+            self._designated = name
+            self._gen += 1
+            for node in self._nodes.values():
+                node.repl = None  # replication was just changed: read it afresh
+            now = time.time()
+            for sname, st in list(self._states.items()):
+                fields = dict((updates or {}).get(sname, {}))
+                if name is not None and sname == name:
+                    for key, value in (("role", PRIMARY), ("read_only", False), ("source", ""), ("source_id", None),
+                                       ("io_running", None), ("sql_running", None), ("lag_ms", None)):
+                        fields.setdefault(key, value)
+                    if st.state not in (DOWN, MAINTENANCE):
+                        fields.setdefault("readable", True)
+                        fields.setdefault("state", UP)
+                        fields.setdefault("last_error", "")
+                elif name is not None and st.role in (PRIMARY, MASTER):
+                    fields.setdefault("role", REPLICA)
+                    fields.setdefault("readable", False)
+                if fields:
+                    new = replace(st, **fields)
+                    if new.role != st.role or new.state != st.state:
+                        new = replace(new, changed_at=now)
+                    self._states[sname] = new
+            self._dirty = True
+            self._cond.notify_all()
+            return self._topology.version + 1
+
+    def refresh(self) -> None:
+        """Publish a snapshot now (on the publisher thread), e.g. after on_update's annotation changed."""
+        with self._cond:
+            self._dirty = True
+            self._cond.notify_all()
+
+    def set_maintenance(self, name: str, reason: str) -> None:
+        """Keep a server out of every pool until clear_maintenance (checks only refresh last_check)."""
+        with self._cond:
+            st = self._states[name]
+            self._states[name] = replace(st, state=MAINTENANCE, readable=False, last_error=reason,
+                                         role=REPLICA if st.role in (PRIMARY, MASTER) else st.role,
+                                         changed_at=time.time())
+            self._dirty = True
+            self._cond.notify_all()
+
+    def clear_maintenance(self, name: str) -> None:
+        """Judge the server from its checks again (it re-enters the read pool after readmit_after)."""
+        with self._cond:
+            st = self._states[name]
+            if st.state == MAINTENANCE:
+                self._states[name] = replace(st, state=LAGGING, last_error="", changed_at=time.time())
+                self._nodes[name].tracker.good = 0
+                self._dirty = True
+                self._cond.notify_all()
+
+    def pause_heartbeat(self, name: str, paused: bool = True) -> None:
+        """Stop (or resume) heartbeat writes on one server; on return no write is under way there.
+
+        Switchover needs this: the monitor user may bypass read_only, so a heartbeat landing on the
+        old primary after its final GTID position was taken would be a transaction the new primary
+        never gets.
+        """
+        node = self._nodes[name]
+        with node.hb_lock:
+            node.hb_paused = paused
+
+    def __enter__(self) -> "Monitor":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    # ---- threads ---------------------------------------------------------------
+
+    def _spawn(self, name: str, target, *args) -> None:
+        t = threading.Thread(target=target, args=args, name=f"rwproxy-monitor-{name}", daemon=True)
+        t.start()
+        self._threads.append(t)
+
+    def _connect(self, node: _Node) -> pymysql.connections.Connection:
+        m = self._mon
+        return control_connect(self.config, node.backend, user=self._user, password=self._password,
+                               connect_timeout=m.connect_timeout, read_timeout=m.read_timeout,
+                               write_timeout=m.read_timeout, autocommit=True, charset="utf8mb4")
+
+    def _paced(self, period: float, body) -> None:
+        """Run body every `period` seconds (no bursts after an overrun) until stopped."""
+        due = time.monotonic()
+        complained = 0.0
+        while not self._stop.is_set():
+            try:
+                body()
+            except Exception:  # a bug must not silently end this server's checks
+                if time.monotonic() - complained > 60:
+                    complained = time.monotonic()
+                    log.exception("unexpected error in %s (logged at most once a minute)",
+                                  threading.current_thread().name)
+            due += period
+            now = time.monotonic()
+            if due < now:
+                due = now
+            self._stop.wait(due - now)
+
+    def _check_loop(self, node: _Node) -> None:
+        conn: list = [None]
+        try:
+            self._paced(self._mon.interval, lambda: self._check_once(node, conn))
+        finally:
+            _close(conn[0])
+
+    def _heartbeat_loop(self, node: _Node) -> None:
+        conn: list = [None]
+        state = {"table": False, "retry_at": 0.0}
+        try:
+            self._paced(self._mon.heartbeat_interval, lambda: self._beat(node, conn, state))
+        finally:
+            _close(conn[0])
+
+    # ---- checks ----------------------------------------------------------------
+
+    def _check_once(self, node: _Node, conn: list) -> None:
+        gen = self._gen
+        obs = self._observe(node, conn)
+        with self._cond:
+            if gen != self._gen:
+                return  # a designation happened while this check ran: its view predates it
+            prev = self._states[node.name]
+            designated = None if self._designated is None else self._designated == node.name
+        new, message = decide(prev, obs, node.tracker, self._policy, node.configured_role, designated)
+        if message:  # logged before anyone can see the new state
+            worse = (new.state != prev.state and new.state in (DOWN, LAGGING)) or (prev.readable and not new.readable)
+            level = logging.WARNING if worse else logging.INFO
+            log.log(level, "%s: %s", node.label, message)
+        with self._cond:
+            if gen != self._gen or self._states[node.name] is not prev:
+                return  # designated, or put in maintenance, meanwhile
+            self._states[node.name] = new
+            if significant(prev, new, self._gtid_routing) or (new.fails != prev.fails and new.fails <= self._fail_cap):
+                self._dirty = True
+                self._cond.notify_all()
+        if self._on_check is not None:
+            try:
+                self._on_check(new)
+            except Exception:
+                log.exception("on_check callback failed")
+
+    def _observe(self, node: _Node, conn: list) -> Observation:
+        """One round of queries on the node's dedicated connection; any connection error fails it."""
+        try:
+            if conn[0] is None:
+                conn[0] = self._connect(node)
+                node_version = conn[0].get_server_info()
+            else:
+                node_version = ""
+            ro, sid, cur_pos, slave_pos, binlog_pos, now, hb_ts = self._check_query(node, conn[0])
+            # `at` is when the server answered: the instant the lag estimate refers to
+            obs = Observation(ok=True, at=time.time(), read_only=bool(int(ro)), server_id=int(sid),
+                              version=node_version, gtid_current_pos=cur_pos or "",
+                              gtid_slave_pos=slave_pos or "")
+            if node.server_id != obs.server_id:
+                node.repl = None  # another server answers on this address now
+            node.server_id = obs.server_id
+            if not obs.read_only:
+                node.timeline.add(float(now), binlog_pos or "")
+            self._replication(node, conn[0], obs)
+            if obs.replicating:
+                obs.lag = self._lag(node, conn[0], obs, float(now), hb_ts)
+            else:
+                node.hb_merge = False
+            return obs
+        except (pymysql.MySQLError, OSError) as exc:
+            _close(conn[0])
+            conn[0] = None
+            node.repl = None
+            return Observation(ok=False, at=time.time(), error=describe(exc))
+
+    _CHECK = ("SELECT @@read_only, @@server_id, @@gtid_current_pos, @@gtid_slave_pos, @@gtid_binlog_pos, "
+              "UNIX_TIMESTAMP(NOW(6))")
+
+    def _check_query(self, node: _Node, conn) -> tuple:
+        """The check's one round trip. On a replica whose heartbeat table was readable last time
+        it also reads the newest heartbeat (else _lag would need a second round trip every check:
+        a third of the monitor's queries). hb_ts is a 1-tuple (value) when it was read, else None."""
+        if node.hb_merge:
+            try:
+                with conn.cursor() as cur:
+                    cur.execute(f"{self._CHECK}, {self._hb_newest}")
+                    *row, hb_ts = cur.fetchone()
+                return (*row, (hb_ts,))
+            except pymysql.MySQLError as exc:
+                if error_code(exc) not in NO_TABLE | DENIED:
+                    raise
+                node.hb_merge = False  # table gone or not readable: plain check; _lag finds out
+        with conn.cursor() as cur:
+            cur.execute(self._CHECK)
+            return (*cur.fetchone(), None)
+
+    # ---- heartbeat -------------------------------------------------------------
+
+    def _beat(self, node: _Node, conn: list, state: dict) -> None:
+        """Write this server's heartbeat row if it is a live writer; never counts as a check.
+
+        A writer is what the topology says (role), not just read_only=0: a fenced old primary
+        that restarted writable must not get rows the rest of the cluster never sees.
+        """
+        with node.hb_lock:
+            self._beat_locked(node, conn, state)
+
+    def _beat_locked(self, node: _Node, conn: list, state: dict) -> None:
+        st = self._states[node.name]
+        if (st.read_only is not False or st.state in (DOWN, MAINTENANCE) or st.role not in (PRIMARY, MASTER)
+                or node.hb_paused):
+            if conn[0] is not None:
+                _close(conn[0])
+                conn[0] = None
+                state["table"] = False
+            return
+        if node.hb_denied and time.monotonic() < state["retry_at"]:
+            return
+        schema = self._schema
+        try:
+            if conn[0] is None:
+                conn[0] = self._connect(node)
+            with conn[0].cursor() as cur:
+                if not state["table"]:
+                    cur.execute(f"CREATE DATABASE IF NOT EXISTS `{schema}`")
+                    cur.execute(
+                        f"CREATE TABLE IF NOT EXISTS `{schema}`.heartbeat ("
+                        " server_id INT UNSIGNED NOT NULL PRIMARY KEY COMMENT '@@server_id of the writer',"
+                        " ts DECIMAL(20,6) NOT NULL COMMENT 'writer clock: UNIX_TIMESTAMP(NOW(6))',"
+                        " writer VARCHAR(255) NOT NULL DEFAULT '' COMMENT 'backend name in the rwproxy config'"
+                        ") ENGINE=InnoDB COMMENT='rwproxy replication heartbeat'")
+                    state["table"] = True
+                cur.execute(f"INSERT INTO `{schema}`.heartbeat (server_id, ts, writer) "
+                            "VALUES (@@server_id, UNIX_TIMESTAMP(NOW(6)), %s) "
+                            "ON DUPLICATE KEY UPDATE ts = VALUES(ts), writer = VALUES(writer)", (node.name,))
+                cur.execute("SELECT UNIX_TIMESTAMP(NOW(6)), @@gtid_binlog_pos")
+                now, pos = cur.fetchone()
+            node.timeline.add(float(now), pos or "")
+            node.hb_ok = time.monotonic()
+            if node.hb_denied:
+                node.hb_denied = False
+                log.info("%s: heartbeat writes work again; replica lag is measured by heartbeat", node.label)
+        except (pymysql.MySQLError, OSError) as exc:
+            code = error_code(exc)
+            if code in DENIED:
+                if not node.hb_denied:
+                    log.error("%s: cannot write the heartbeat (%s): the monitor user %r needs CREATE, INSERT and "
+                              "UPDATE on `%s`.*; replica lag falls back to Seconds_Behind_Master (whole seconds)",
+                              node.label, describe(exc), self._user, schema)
+                node.hb_denied = True
+                state["retry_at"] = time.monotonic() + 30.0
+                return
+            if code != READ_ONLY:  # read_only just flipped: the checker will notice the role change
+                log.debug("%s: heartbeat write failed: %s", node.label, describe(exc))
+            _close(conn[0])
+            conn[0] = None
+            state["table"] = False
+
+    # ---- publishing --------------------------------------------------------------
+
+    def _publish_loop(self) -> None:
+        last = 0.0
+        while not self._stop.is_set():
+            with self._cond:
+                wait = PUBLISH_EVERY - (time.monotonic() - last)
+                if not self._dirty and wait > 0:
+                    self._cond.wait(wait)
+                if self._stop.is_set():
+                    return
+                if not self._dirty and time.monotonic() - last < PUBLISH_EVERY:
+                    continue
+                self._dirty = False
+                prev = self._topology
+                servers = {name: self._states[name] for name in prev.servers}
+                topo = Topology(servers, prev.version + 1, time.time())
+                self._topology = topo
+                self._cond.notify_all()
+            last = time.monotonic()
+            try:
+                self._on_update(topo)
+            except Exception:
+                log.exception("on_update callback failed")
+
+
+def _close(conn) -> None:
+    if conn is None:
+        return
+    try:
+        conn.close()
+    except Exception:
+        pass

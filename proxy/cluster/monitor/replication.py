@@ -1,0 +1,146 @@
+"""The monitor's reading of replication: thread states (SHOW ALL SLAVES STATUS, reused while
+healthy) and lag (heartbeat + GTID timeline, else Seconds_Behind_Master). A mixin of Monitor,
+kept apart so that monitor.py holds the threads, checks, heartbeat writes and publishing."""
+
+from __future__ import annotations
+
+import time
+
+import pymysql
+import pymysql.cursors
+
+from proxy.cluster.monitor.health import Observation
+from proxy.cluster.monitor.lag import LagReading, estimate, parse_gtid
+from proxy.cluster.sqlerrors import describe, error_code
+from proxy.cluster.topology import DOWN, MASTER, PRIMARY
+
+DENIED = {1044, 1045, 1142, 1143, 1227, 1370}
+NO_TABLE = {1049, 1146}  # heartbeat schema/table not replicated here (yet)
+READ_ONLY = 1290
+
+
+# Observation fields that come from SHOW ALL SLAVES STATUS (reused between readings).
+_REPL_FIELDS = ("replicating", "repl_error", "io_state", "sql_state", "io_error", "sql_error",
+                "seconds_behind", "source", "source_id")
+
+
+class ReplicationReading:
+    """Methods of Monitor (uses its _mon, _nodes, _states, _hb_newest, _stale_after)."""
+
+    def _replication(self, node, conn, obs: Observation) -> None:
+        """Replication threads' state. SHOW ALL SLAVES STATUS costs a PyMySQL client ~0.45 ms of
+        CPU (60-odd columns), five times the rest of a check, so a healthy reading is reused for
+        up to `replication_interval`; it is read afresh at once after any problem, a read_only
+        flip, a reconnect, or while lag can only come from Seconds_Behind_Master."""
+        cached = node.repl
+        if cached is not None:
+            fields, read_only, at = cached
+            if (read_only == obs.read_only and time.monotonic() - at < self._mon.replication_interval
+                    and (not fields["replicating"] or self._heartbeat_usable(node))):
+                for k, v in fields.items():
+                    setattr(obs, k, v)
+                return
+        node.repl = None
+        self._read_replication(node, conn, obs)
+        healthy = obs.replicating is False or (obs.replicating and obs.io_state == "Yes" and obs.sql_state == "Yes")
+        if healthy and (not obs.replicating or self._heartbeat_usable(node)):
+            node.repl = ({k: getattr(obs, k) for k in _REPL_FIELDS}, obs.read_only, time.monotonic())
+
+    def _heartbeat_usable(self, node) -> bool:
+        writer = self._writer_for(node)
+        return self._mon.heartbeat and writer is not None and not writer.hb_denied and bool(len(writer.timeline))
+
+    def _read_replication(self, node, conn, obs: Observation) -> None:
+        try:
+            with conn.cursor(pymysql.cursors.DictCursor) as cur:
+                cur.execute("SHOW ALL SLAVES STATUS")
+                rows = [r for r in cur.fetchall() if r.get("Master_Host")]
+        except pymysql.MySQLError as exc:
+            if error_code(exc) not in DENIED:
+                raise
+            obs.replicating, obs.repl_error = None, describe(exc)
+            return
+        obs.replicating = bool(rows)
+        if not rows:
+            node.source_id, node.source_addr = None, ""
+            return
+        main = next((r for r in rows if not r.get("Connection_name")), rows[0])
+
+        def worst(key: str) -> str:  # every channel must run for the replica to be current
+            states = [r.get(key) or "No" for r in rows]
+            return next((s for s in ("No", "Connecting") if s in states), "Yes")
+
+        obs.io_state, obs.sql_state = worst("Slave_IO_Running"), worst("Slave_SQL_Running")
+        obs.io_error = "; ".join(r["Last_IO_Error"] for r in rows if r.get("Last_IO_Error"))
+        obs.sql_error = "; ".join(r["Last_SQL_Error"] for r in rows if r.get("Last_SQL_Error"))
+        sbm = [r["Seconds_Behind_Master"] for r in rows]
+        obs.seconds_behind = None if any(s is None for s in sbm) else max(int(s) for s in sbm)
+        obs.source = f"{main['Master_Host']}:{main['Master_Port']}"
+        node.source_id = int(main["Master_Server_Id"]) if main.get("Master_Server_Id") else None
+        obs.source_id = node.source_id
+        node.source_addr = obs.source
+
+    # ---- lag -------------------------------------------------------------------
+
+    def _writer_for(self, node) -> object | None:
+        """Follow the replication chain upwards to the writable server whose timeline applies."""
+        seen = {node.name}
+        cur = node
+        for _ in range(len(self._nodes)):
+            src = self._source_node(cur)
+            if src is None or src.name in seen:
+                return None
+            st = self._states[src.name]
+            if st.role in (PRIMARY, MASTER) or st.read_only is False:
+                return src
+            seen.add(src.name)
+            cur = src
+        return None
+
+    def _source_node(self, node) -> object | None:
+        for other in self._nodes.values():
+            if other is not node and node.source_id is not None and other.server_id == node.source_id:
+                return other
+        for other in self._nodes.values():
+            if other is not node and f"{other.host}:{other.port}" == node.source_addr:
+                return other
+        return None
+
+    def _lag(self, node, conn, obs: Observation, now: float, merged: tuple | None = None) -> LagReading | None:
+        """Heartbeat + timeline estimate when the writer's heartbeat works, else Seconds_Behind_Master.
+        `merged`: (newest heartbeat ts,) when the check query already read it at `now`."""
+        writer = self._writer_for(node)
+        use_hb = self._heartbeat_usable(node)
+        reading = None
+        if use_hb:
+            hb_ts = hb_now = None
+            if merged is not None:
+                hb_now, hb_ts = now, merged[0]
+            else:
+                try:
+                    with conn.cursor() as cur:
+                        cur.execute(f"SELECT UNIX_TIMESTAMP(NOW(6)), {self._hb_newest}")
+                        hb_now, hb_ts = cur.fetchone()
+                    node.hb_merge = True  # readable: the next checks read it in the same round trip
+                except pymysql.MySQLError as exc:
+                    if error_code(exc) not in NO_TABLE | DENIED:
+                        raise
+            stale = time.monotonic() - writer.timeline.updated > self._stale_after
+            reading = estimate(writer.timeline, parse_gtid(obs.gtid_current_pos), now,
+                               float(hb_ts) if hb_ts is not None else None,
+                               float(hb_now) if hb_now is not None else None, stale)
+        if reading is None:
+            reading = self._sbm_lag(node, obs, writer)
+        node.tracker.last_lag = reading
+        return reading
+
+    def _sbm_lag(self, node, obs: Observation, writer) -> LagReading:
+        """Whole seconds from the server; while the source is down, the last value (frozen)."""
+        if obs.seconds_behind is not None:
+            return LagReading(obs.seconds_behind * 1000.0, "seconds_behind")
+        last = node.tracker.last_lag
+        src = self._source_node(node)
+        src_lost = src is not None and (self._states[src.name].state == DOWN or src.tracker.fails > 0)
+        if obs.io_state == "Connecting" and obs.sql_state == "Yes" and src_lost and last and last.ms is not None:
+            return LagReading(last.ms, "frozen", note="source unreachable, last known value")
+        return LagReading(None, "", note="no heartbeat and Seconds_Behind_Master is NULL")

@@ -1,0 +1,333 @@
+"""Load and validate the rwproxy TOML configuration.
+
+The schema lives in ``proxy.config_schema`` as frozen dataclasses whose field
+metadata describes each key; this module walks those specs generically, so
+every mistake in a file is reported in one go, each line naming the file, the
+key path and what is wrong (``rwproxy.toml: backends[2].port: expected an
+integer 1-65535, got "abc"``).  Cross-key rules (TLS pairs, duplicates, rule
+shape) run afterwards on the typed values.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import os
+import sys
+import tempfile
+import tomllib
+
+from proxy.config.schema import (  # noqa: F401 - re-exported public API
+    AUTH_PLUGINS, RYW_MODES, AdminConfig, BackendConfig, ClusterConfig, Config, FailoverConfig,
+    MonitorConfig, PoolConfig, ProxyConfig, RoutingConfig, RuleConfig, TLSConfig, UserConfig,
+    format_hostport, parse_listen, show, spec_fields,
+)
+
+__all__ = [
+    "ConfigError", "load_config", "parse_config", "build_config", "write_config", "check_config_main",
+    "Config", "ProxyConfig", "TLSConfig", "BackendConfig", "UserConfig", "RoutingConfig", "RuleConfig",
+    "MonitorConfig", "ClusterConfig", "FailoverConfig", "PoolConfig", "AdminConfig",
+]
+
+
+class ConfigError(Exception):
+    """All problems found in one configuration; str() is one problem per line."""
+
+    def __init__(self, errors: list[str]):
+        self.errors = list(errors)
+        super().__init__("\n".join(self.errors))
+
+
+_BAD = object()  # a value that failed validation
+
+
+def _join(path: str, key: str) -> str:
+    return f"{path}.{key}" if path else key
+
+
+def _section_index(cls=Config, header: str = "", index: dict | None = None) -> dict[str, list[str]]:
+    """key -> the section headers it belongs to, for "belongs in [routing]" hints."""
+    index = {} if index is None else index
+    for f in spec_fields(cls):
+        kind, sub = f.metadata["kind"], _join(header, f.name)
+        if kind in ("table", "tables"):
+            _section_index(f.metadata["cls"], sub, index)
+        elif header:
+            index.setdefault(f.name, []).append(header)
+    return index
+
+
+def _headers() -> dict[str, str]:
+    """section path -> how it is written in TOML ([x] or [[x]])."""
+    out, todo = {}, [(Config, "")]
+    while todo:
+        cls, prefix = todo.pop()
+        for f in spec_fields(cls):
+            if f.metadata["kind"] in ("table", "tables"):
+                path = prefix + f.name
+                out[path] = f"[{path}]" if f.metadata["kind"] == "table" else f"[[{path}]]"
+                todo.append((f.metadata["cls"], path + "."))
+    return out
+
+
+_KEY_SECTIONS = _section_index()
+_HEADERS = _headers()
+
+
+def _suggest(word: str, candidates) -> str:
+    close = difflib.get_close_matches(word, list(candidates), n=1, cutoff=0.6)
+    return f"; did you mean {show(close[0])}?" if close else ""
+
+
+def _unknown_key(key: str, known: list[str], section: str) -> str:
+    elsewhere = [s for s in _KEY_SECTIONS.get(key, []) if s != section]
+    if elsewhere:
+        return "unknown key; it belongs in " + " or ".join(_HEADERS[s] for s in elsewhere)
+    return "unknown key" + _suggest(key, known)
+
+
+def _expected(meta) -> str:
+    kind, lo, hi = meta["kind"], meta.get("lo"), meta.get("hi")
+    if kind == "int":
+        if lo is not None and hi is not None:
+            return f"an integer {lo}-{hi}"
+        return f"an integer >= {lo}" if lo is not None else "an integer"
+    if kind == "float":
+        return "a number of seconds " + ("> 0" if meta["positive"] else ">= 0")
+    if kind == "enum":
+        return "one of " + ", ".join(show(c) for c in meta["choices"])
+    return {"bool": "a boolean (true or false)", "strs": "an array of strings",
+            "str": "a non-empty string" if meta.get("nonempty") else "a string"}[kind]
+
+
+def _scalar_ok(v, meta) -> bool:
+    kind = meta["kind"]
+    if kind == "int":
+        return (type(v) is int and (meta["lo"] is None or v >= meta["lo"])
+                and (meta["hi"] is None or v <= meta["hi"]))
+    if kind == "float":
+        return (type(v) in (int, float) and math.isfinite(v)
+                and (v > 0 if meta["positive"] else v >= 0))
+    if kind == "bool":
+        return type(v) is bool
+    if kind == "str":
+        return isinstance(v, str) and (bool(v) or not meta.get("nonempty"))
+    if kind == "enum":
+        return isinstance(v, str) and v in meta["choices"]
+    return isinstance(v, list) and all(isinstance(x, str) for x in v)  # strs
+
+
+class _Validator:
+    """One pass over a parsed TOML document; collects errors instead of stopping."""
+
+    def __init__(self):
+        self.errors: list[str] = []
+        self.positions: dict[str, list[int]] = {}  # array path -> original index of each kept item
+        self.bad: set[str] = set()  # paths whose value was rejected (and replaced by the default)
+
+    def error(self, path: str, msg: str) -> None:
+        self.bad.add(path)
+        self.errors.append(f"{path}: {msg}")
+
+    def cross(self, path: str, msg: str, *involved: str) -> None:
+        """A cross-key error, unless it would only echo a key already reported as bad."""
+        if not any(p in self.bad for p in (path, *involved)):
+            self.error(path, msg)
+
+    def where(self, array: str, i: int) -> str:
+        """Path of the i-th *kept* element (entries that failed to build were dropped)."""
+        return f"{array}[{self.positions.get(array, range(i + 1))[i]}]"
+
+    def table(self, cls, raw: dict, path: str):
+        """Build cls from raw; a bad optional key falls back to its default."""
+        specs = {f.name: f for f in spec_fields(cls)}
+        section = path.split("[")[0] if "[" in path else path
+        for key in raw:
+            if key not in specs:
+                self.error(_join(path, key), _unknown_key(key, list(specs), section))
+        kwargs, ok = {}, True
+        for name, f in specs.items():
+            meta, p = f.metadata, _join(path, name)
+            if name not in raw:
+                if meta["required"]:
+                    self.error(p, "missing required key")
+                    ok = False
+                elif meta.get("min_items"):
+                    self.error(p, f"at least one {_HEADERS[p]} entry is required")
+                continue
+            value = self.value(raw[name], meta, p)
+            if value is not _BAD:
+                kwargs[name] = value
+            elif meta["required"]:
+                ok = False
+        return cls(**kwargs) if ok else None
+
+    def value(self, v, meta, path: str):
+        kind = meta["kind"]
+        if kind == "table":
+            if not isinstance(v, dict):
+                self.error(path, f"expected a table ({_HEADERS[path]}), got {show(v)}")
+                return _BAD
+            return self.table(meta["cls"], v, path)
+        if kind == "tables":
+            if not isinstance(v, list) or not all(isinstance(x, dict) for x in v):
+                self.error(path, f"expected an array of tables ({_HEADERS[path]}), got {show(v)}")
+                return _BAD
+            if len(v) < meta["min_items"]:
+                self.error(path, f"at least one {_HEADERS[path]} entry is required")
+            built = [self.table(meta["cls"], x, f"{path}[{i}]") for i, x in enumerate(v)]
+            self.positions[path] = [i for i, x in enumerate(built) if x is not None]
+            return tuple(x for x in built if x is not None)
+        if not _scalar_ok(v, meta):
+            self.error(path, f"expected {_expected(meta)}, got {show(v)}")
+            return _BAD
+        check = meta.get("check")
+        if check and (msg := check(v)):
+            self.error(path, msg)
+            return _BAD
+        return float(v) if kind == "float" else tuple(v) if kind == "strs" else v
+
+    def cross_check(self, cfg: Config) -> None:
+        """Rules that involve more than one key."""
+        tls, err, cert = cfg.proxy.tls, self.cross, "proxy.tls.cert"
+        if tls.cert and not tls.key:
+            err("proxy.tls.key", "required when proxy.tls.cert is set")
+        if tls.key and not tls.cert:
+            err(cert, "required when proxy.tls.key is set")
+        if tls.require and not tls.cert:
+            err("proxy.tls.require", "true needs proxy.tls.cert and proxy.tls.key", cert, "proxy.tls.key")
+        for i, user in enumerate(cfg.users):
+            if user.require_tls and not tls.cert:
+                err(self.where("users", i) + ".require_tls", "true needs proxy.tls.cert and proxy.tls.key",
+                    cert, "proxy.tls.key")
+        btls = cfg.backend_tls
+        if btls.cert and not btls.key:
+            err("backend_tls.key", "required when backend_tls.cert is set")
+        if btls.key and not btls.cert:
+            err("backend_tls.cert", "required when backend_tls.key is set")
+        self.duplicates(cfg)
+        primary = None
+        for i, b in enumerate(cfg.backends):
+            at = self.where("backends", i)
+            if b.role == "master" and cfg.cluster.topology != "master-master":
+                err(at + ".role", '"master" needs cluster.topology = "master-master"', "cluster.topology")
+            if b.role == "primary" and cfg.cluster.topology == "primary-replica":
+                if primary is not None:
+                    err(at + ".role", f'only one backend may be "primary" ({primary} already is)',
+                        "cluster.topology")
+                primary = primary or at
+        for i, rule in enumerate(cfg.routing.rules):
+            at = self.where("routing.rules", i)
+            if bool(rule.match) == bool(rule.digest):
+                err(at, 'give exactly one of "match" or "digest" (got ' + ("both)" if rule.match else "neither)"),
+                    at + ".match", at + ".digest")
+            if rule.route != "reject":
+                for key in ("error_code", "error_message"):
+                    if getattr(rule, key) != getattr(RuleConfig, key):
+                        err(f"{at}.{key}", 'only used with route = "reject"')
+            for j, name in enumerate(rule.users):
+                if cfg.user(name) is None and not any(p.startswith("users[") for p in self.bad):
+                    err(f"{at}.users[{j}]", f"unknown user {show(name)}" + _suggest(name, cfg._users))
+        if cfg.monitor.password and not cfg.monitor.user:
+            err("monitor.password", "set but monitor.user is empty (the first [[users]] entry would be used)",
+                "monitor.user")
+
+    def duplicates(self, cfg: Config) -> None:
+        addresses, names, users = {}, {}, {}
+        for i, b in enumerate(cfg.backends):
+            at = self.where("backends", i)
+            addr = format_hostport(b.host.lower(), b.port)
+            if addr in addresses:
+                self.error(at, f"duplicate backend {addr} (same host:port as {addresses[addr]})")
+            elif b.name in names:
+                self.error(at + ".name", f"duplicate backend name {show(b.name)} (same as {names[b.name]})")
+            addresses.setdefault(addr, at)
+            names.setdefault(b.name, at)
+        for i, u in enumerate(cfg.users):
+            at = self.where("users", i)
+            if u.name in users:
+                self.error(at + ".name", f"duplicate user {show(u.name)} (same as {users[u.name]})")
+            users.setdefault(u.name, at)
+
+
+def _anchored(section, keys: tuple[str, ...], base_dir: str):
+    paths = {k: os.path.normpath(os.path.join(base_dir, getattr(section, k)))
+             for k in keys if getattr(section, k) and not os.path.isabs(getattr(section, k))}
+    return dataclasses.replace(section, **paths) if paths else section
+
+
+def _resolve_tls(cfg: Config, base_dir: str) -> Config:
+    """Relative TLS file paths are relative to the config file, not the cwd."""
+    tls = _anchored(cfg.proxy.tls, ("cert", "key", "rsa_private_key"), base_dir)
+    btls = _anchored(cfg.backend_tls, ("ca", "cert", "key"), base_dir)
+    if tls is cfg.proxy.tls and btls is cfg.backend_tls:
+        return cfg
+    return dataclasses.replace(cfg, proxy=dataclasses.replace(cfg.proxy, tls=tls), backend_tls=btls)
+
+
+def build_config(data: dict, source: str = "<dict>", base_dir: str | None = None) -> Config:
+    """Validate an already-parsed TOML document (a dict) into a Config."""
+    v = _Validator()
+    cfg = v.table(Config, data, "")
+    v.cross_check(cfg)
+    if v.errors:
+        raise ConfigError([f"{source}: {e}" for e in v.errors])
+    if base_dir is not None:
+        cfg = _resolve_tls(cfg, base_dir)
+    return dataclasses.replace(cfg, source=source)
+
+
+def parse_config(text: str, source: str = "<string>", base_dir: str | None = None) -> Config:
+    """Parse TOML text; source names it in errors, base_dir anchors relative TLS paths."""
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError([f"{source}: TOML syntax error: {exc}"]) from None
+    return build_config(data, source, base_dir)
+
+
+def load_config(path: str) -> Config:
+    """Read and validate the file at path (errors name it exactly as given)."""
+    try:
+        with open(path, "rb") as fh:
+            raw = fh.read()
+    except OSError as exc:
+        raise ConfigError([f"{path}: cannot read: {exc.strerror or exc}"]) from None
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise ConfigError([f"{path}: cannot read: not valid UTF-8 (byte {exc.start})"]) from None
+    return parse_config(text, path, os.path.dirname(os.path.abspath(path)))
+
+
+def write_config(config: Config, path: str) -> None:
+    """Write config as TOML (owner-only, it holds passwords), atomically.
+
+    The text is re-validated first so a bad programmatic Config fails here
+    with a ConfigError rather than when the proxy starts.
+    """
+    text = config.to_toml()
+    parse_config(text, path)
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=".rwproxy-", suffix=".toml", dir=directory)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def check_config_main(path: str) -> int:
+    """`rwproxy check-config FILE`: 0 and a summary on stdout, or 1 and the errors on stderr."""
+    try:
+        cfg = load_config(path)
+    except ConfigError as exc:
+        for line in exc.errors:
+            print(line, file=sys.stderr)
+        return 1
+    print(f"OK: {path}: {len(cfg.backends)} backends, {len(cfg.users)} users, "
+          f"listening on {format_hostport(cfg.proxy.host, cfg.proxy.port)}")
+    return 0

@@ -1,0 +1,254 @@
+"""KILL [QUERY | CONNECTION] <id> and COM_PROCESS_KILL, answered with rwproxy's session ids.
+
+A client learns its connection id from rwproxy's greeting (mysql_thread_id()). The mariadb
+CLI's Ctrl-C, and the query timeouts of Connector/J and Connector/NET, send `KILL QUERY <that
+id>` on a second connection, which may land on another worker. Forwarded to the primary as
+it is, the id would name an unrelated thread there, so numeric KILLs never reach a server
+as they are. The worker that owns the session (id >> 24, see Worker.new_session_id) kills
+whatever the session is running, on whichever server runs it, by sending KILL for the
+backend thread over a fresh connection as the *killing* user, so the server applies its own
+privilege rules (another user's session needs CONNECTION ADMIN or SUPER, as on the server).
+An id that is no session may be a backend thread id that one of rwproxy's sessions got from
+CONNECTION_ID(): every worker is asked for it. Anything else gets ERROR 1094. Workers reach
+each other over unix datagram sockets beside the control socket (mode 0600).
+
+A session whose client disconnects in the middle of a statement has that statement killed
+too (ProxySQL does the same): a lock wait or a long UPDATE must not run on after nobody waits
+for it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import re
+import socket
+
+from proxy.backend.connection import BackendError, connect
+from proxy.routing.classify.const import F_MULTI
+from proxy.protocol.constants import (
+    ER_CONNECTION_KILLED, ER_KILL_DENIED_ERROR, ER_NO_SUCH_THREAD, ER_QUERY_INTERRUPTED, ER_UNKNOWN_ERROR,
+)
+from proxy.protocol.packets import err_packet, frame, ok_packet, parse_err
+from proxy.protocol.scan import SIMPLE
+
+log = logging.getLogger("rwproxy.kill")
+
+MISSING = "missing"  # no live session with that id
+NO_SUCH_THREAD, KILL_DENIED = ER_NO_SUCH_THREAD[0], ER_KILL_DENIED_ERROR[0]
+
+_KILL = re.compile(
+    rb"\A\s*(?:/\*(?!!).*?\*/\s*)*KILL\s+(?:(?:HARD|SOFT)\s+)?(?:(CONNECTION|QUERY)\s+)?(\d{1,20})\s*;?\s*\Z",
+    re.IGNORECASE | re.DOTALL,
+)
+
+
+def parse_kill(sql) -> tuple[bool, int] | None:
+    """(kills the connection?, id) of `KILL [HARD|SOFT] [CONNECTION|QUERY] <number>`, else None
+    (KILL USER, KILL QUERY ID and anything else go to the primary as before)."""
+    m = _KILL.match(sql)
+    if m is None:
+        return None
+    return (m.group(1) or b"CONNECTION").upper() == b"CONNECTION", int(m.group(2))
+
+
+async def kill_backend_thread(worker, server_name: str, user, thread_id: int, connection: bool):
+    """KILL a backend thread as `user`; None when done, else (code, sqlstate, message)."""
+    server = worker.servers.get(server_name)
+    if server is None:
+        return (NO_SUCH_THREAD, "HY000", f"Unknown thread id: {thread_id}")
+    timeout = worker.config.pool.connect_timeout
+    sql = b"\x03KILL " + (b"CONNECTION " if connection else b"QUERY ") + str(thread_id).encode()
+    try:
+        conn = await connect(server, None, 0, user.name, user.password, None, 45, timeout,
+                             worker.backend_tls.get(server_name))
+    except BackendError as e:
+        return (e.code, e.sqlstate, e.message)
+    try:
+        resp = await conn.command(frame(sql, 0), SIMPLE, timeout=timeout + 5)
+    except (ConnectionError, asyncio.TimeoutError) as e:
+        return (2013, "HY000", f"Lost connection to backend {server_name} while killing thread {thread_id}: {e or 'timeout'}")
+    finally:
+        conn.close()
+    if resp[4] == 0xFF:
+        return parse_err(resp[4:])
+    return None
+
+
+def _find(worker, target: int, by_thread: bool):
+    """The live session with id `target`, or (by_thread) the one holding backend thread `target`
+    (what CONNECTION_ID() returned it), preferring a match on the primary."""
+    if not by_thread:
+        return next((c for c in worker.clients if c.conn_id == target and c.state is not None and not c.closed), None)
+    found = [c for c in worker.clients if c.state is not None and not c.closed
+             and any(be.thread_id == target and not be.closed for be in c.backends.values())]
+    primary = [c for c in found if any(be.thread_id == target and be.server.name == worker.primary_name
+                                       for be in c.backends.values())]
+    return (primary or found or [None])[0]
+
+
+async def kill_session(worker, target: int, connection: bool, user, by_thread: bool = False):
+    """Kill session `target` of this worker for `user`: None, MISSING or (code, sqlstate, message)."""
+    client = _find(worker, target, by_thread)
+    if client is None:
+        return MISSING
+    target = client.conn_id
+    same_user = client.user.name == user.name
+    running = [be for be in client.backends.values() if be.relaying_for(client)]
+    e = client.shared_entry
+    if e is not None and e.relayed == 0:
+        e.cancelled = True  # queued on a shared connection: its answer becomes ERROR 1317
+    if connection and not same_user:
+        # every backend thread of the session: the server decides whether `user` may end them
+        targets = [be for be in client.backends.values() if not be.closed]
+        if not targets:
+            return (KILL_DENIED, "HY000", f"You are not owner of thread {target}")
+    else:
+        targets = running
+    for be in targets:
+        err = await kill_backend_thread(worker, be.server.name, user, be.thread_id, connection and not same_user)
+        if err is not None and err[0] != NO_SUCH_THREAD:  # no such thread: it just finished
+            if err[0] == KILL_DENIED:  # name the session, not the backend thread
+                err = (KILL_DENIED, err[1], f"You are not owner of thread {target}")
+            return err
+    if connection:
+        log.info("session %d: killed by %s (KILL CONNECTION)", target, user.name)
+        client._close()  # the client sees its connection closed, as after a server's KILL
+    return None
+
+
+class Peers:
+    """Worker-to-worker KILL requests: one unix datagram socket per worker."""
+
+    def __init__(self, worker, base_path: str):
+        self.worker = worker
+        self.base = base_path
+        self.sock: socket.socket | None = None
+        self.pending: dict[int, asyncio.Future] = {}
+        self.seq = 0
+
+    def path(self, index: int) -> str:
+        return f"{self.base}.w{index}"
+
+    def start(self, loop) -> None:
+        path = self.path(self.worker.index)
+        try:
+            os.unlink(path)  # left by a worker that was killed
+        except FileNotFoundError:
+            pass
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        sock.bind(path)
+        os.chmod(path, 0o600)
+        sock.setblocking(False)
+        self.sock = sock
+        loop.add_reader(sock.fileno(), self._readable)
+
+    def stop(self) -> None:
+        if self.sock is not None:
+            self.worker.loop.remove_reader(self.sock.fileno())
+            self.sock.close()
+            self.sock = None
+            try:
+                os.unlink(self.path(self.worker.index))
+            except OSError:
+                pass
+
+    def _readable(self) -> None:
+        while self.sock is not None:
+            try:
+                data, addr = self.sock.recvfrom(65536)
+            except (BlockingIOError, InterruptedError):
+                return
+            try:
+                msg = json.loads(data)
+                if msg["t"] == "kill":
+                    self.worker.loop.create_task(self._serve(msg, addr))
+                elif msg["t"] == "reply":
+                    f = self.pending.pop(msg["seq"], None)
+                    if f is not None and not f.done():
+                        f.set_result(msg)
+            except (ValueError, KeyError, TypeError):
+                log.warning("worker %d: ignored a malformed peer message", self.worker.index)
+
+    async def _serve(self, msg: dict, addr) -> None:
+        user = self.worker.users.get(msg["user"])
+        res = MISSING if user is None else await kill_session(self.worker, msg["id"], msg["conn"], user, msg["thr"])
+        reply = {"t": "reply", "seq": msg["seq"], "missing": res is MISSING,
+                 "error": list(res) if isinstance(res, tuple) else None}
+        try:
+            self.sock.sendto(json.dumps(reply).encode(), addr)
+        except OSError as e:
+            log.info("worker %d: could not answer a KILL request from %s: %s", self.worker.index, addr, e)
+
+    async def kill(self, owner: int, target: int, connection: bool, user, by_thread: bool = False):
+        """Ask worker `owner` to kill session `target`; same results as kill_session."""
+        self.seq += 1
+        seq = self.seq
+        f = self.worker.loop.create_future()
+        self.pending[seq] = f
+        msg = {"t": "kill", "seq": seq, "id": target, "conn": connection, "user": user.name, "thr": by_thread}
+        try:
+            self.sock.sendto(json.dumps(msg).encode(), self.path(owner))
+            reply = await asyncio.wait_for(f, self.worker.config.pool.connect_timeout + 15)
+        except OSError:  # no such worker (or it is restarting): its sessions are gone
+            return MISSING
+        except asyncio.TimeoutError:
+            return (ER_UNKNOWN_ERROR[0], "HY000", f"rwproxy worker {owner} did not answer the KILL in time; try again")
+        finally:
+            self.pending.pop(seq, None)
+        if reply["missing"]:
+            return MISSING
+        return tuple(reply["error"]) if reply["error"] else None
+
+
+class KillCommands:
+    """ClientConnection's side: answer KILL <id> / COM_PROCESS_KILL (mixed into ClientConnection)."""
+
+    def _kill_statement(self, pkt, flags: int) -> bool:
+        """Take a numeric KILL statement off the normal path; False for anything else."""
+        k = None if flags & F_MULTI else parse_kill(bytes(pkt[5:]))
+        if k is None:
+            return False
+        self._spawn(self._kill(*k))
+        return True
+
+    async def _kill(self, connection: bool, target: int):
+        w = self.worker
+        if target == self.conn_id:  # as the server does for one's own id
+            if connection:
+                self.write(err_packet(1, ER_CONNECTION_KILLED, "Connection was killed", self.caps))
+                return self._close()
+            return self.write(err_packet(1, ER_QUERY_INTERRUPTED, "Query execution was interrupted", self.caps))
+        res = await self._kill_on(w.worker_of(target), target, connection, False)
+        if res is MISSING:
+            # not a session id: a backend thread id of one of rwproxy's sessions (CONNECTION_ID())?
+            for i in range(w.count):
+                res = await self._kill_on(i, target, connection, True)
+                if res is not MISSING:
+                    break
+        if res is MISSING:
+            self.write(err_packet(1, ER_NO_SUCH_THREAD, f"Unknown thread id: {target}", self.caps))
+        elif res is not None:
+            code, state, message = res
+            self._error(code, state.encode(), message)
+        else:
+            self.write(ok_packet(1, self.status))
+
+    async def _kill_on(self, owner, target: int, connection: bool, by_thread: bool):
+        w = self.worker
+        if owner == w.index:
+            return await kill_session(w, target, connection, self.user, by_thread)
+        if owner is None or w.peers is None:
+            return MISSING
+        return await w.peers.kill(owner, target, connection, self.user, by_thread)
+
+    def client_gone(self) -> None:
+        """The client disconnected: stop what its statement still runs on a backend."""
+        w = self.worker
+        for be in self.backends.values():
+            if be.relaying_for(self) and be.thread_id:
+                log.info("session %d: client went away during a statement; killing it on %s (thread %d)",
+                         self.conn_id, be.server.name, be.thread_id)
+                w.loop.create_task(kill_backend_thread(w, be.server.name, self.user, be.thread_id, False))

@@ -1,0 +1,235 @@
+"""The front end's handshake and authentication (also reused by COM_CHANGE_USER).
+
+The proxy verifies clients against the users in its config. It knows each
+password, so mysql_native_password and caching_sha2_password tokens are checked
+by recomputing them. caching_sha2_password behaves as on MySQL 8: the first
+login of a user (per worker process) must go through full authentication,
+either the clear password over TLS or the RSA public-key exchange; later logins
+take the fast path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import struct
+from dataclasses import dataclass
+
+from proxy.backend.connection import BackendError
+from proxy.protocol import auth, ed25519
+from proxy.protocol.constants import (
+    CLIENT_CONNECT_ATTRS,
+    CLIENT_PLUGIN_AUTH,
+    CLIENT_PROTOCOL_41,
+    CLIENT_SECURE_CONNECTION,
+    CLIENT_SSL,
+    CR_CONN_HOST_ERROR,
+    ER_ACCESS_DENIED_ERROR,
+    ER_HANDSHAKE_ERROR,
+    ER_SECURE_TRANSPORT_REQUIRED,
+    PROXY_CAPABILITIES,
+    SERVER_STATUS_AUTOCOMMIT,
+    SESSION_SHAPING_CAPABILITIES,
+)
+from proxy.protocol.handshake import build_greeting, parse_response
+from proxy.protocol.packets import ProtocolError, err_packet, err_payload, frame, ok_packet, read_lenenc_int, read_nul_str
+from proxy.frontend.tls import TLSLayer
+
+log = logging.getLogger("rwproxy.login")
+
+
+class AccessDenied(Exception):
+    """Login refused; `seq` is the sequence number the ERR packet must carry."""
+
+    def __init__(self, message: str, seq: int):
+        super().__init__(message)
+        self.seq = seq
+
+
+@dataclass(slots=True)
+class ChangeUser:
+    user: str
+    auth_response: bytes
+    database: str | None
+    charset: int | None
+    plugin: str
+
+
+def parse_change_user(payload: bytes, caps: int) -> ChangeUser:
+    """COM_CHANGE_USER's fields; ProtocolError if the packet is cut short or garbled."""
+    try:
+        return _parse_change_user(payload, caps)
+    except (IndexError, struct.error) as e:
+        raise ProtocolError(f"truncated packet ({e})") from None
+
+
+def _parse_change_user(payload: bytes, caps: int) -> ChangeUser:
+    user, pos = read_nul_str(payload, 1)
+    if caps & CLIENT_SECURE_CONNECTION:
+        n = payload[pos]
+        if pos + 1 + n > len(payload):
+            raise ProtocolError("auth response runs past the packet")
+        token = bytes(payload[pos + 1 : pos + 1 + n])
+        pos += 1 + n
+    else:
+        token, pos = read_nul_str(payload, pos)
+    db = b""
+    if pos < len(payload):
+        db, pos = read_nul_str(payload + b"\x00", pos)
+    charset = None
+    if caps & CLIENT_PROTOCOL_41 and pos + 2 <= len(payload):
+        charset = struct.unpack_from("<H", payload, pos)[0]
+        pos += 2
+    plugin = b""
+    if caps & CLIENT_PLUGIN_AUTH and pos < len(payload):
+        plugin, pos = read_nul_str(payload + b"\x00", pos)
+    if caps & CLIENT_CONNECT_ATTRS and pos < len(payload):
+        read_lenenc_int(payload, pos)  # attributes are not needed by the proxy
+    return ChangeUser(user.decode("utf-8", "replace"), token, db.decode("utf-8", "replace") or None, charset, plugin.decode("ascii", "replace"))
+
+
+def access_denied_message(user: str, host: str, token: bytes) -> str:
+    return f"Access denied for user '{user}'@'{host}' (using password: {'YES' if token else 'NO'})"
+
+
+class Authenticator:
+    """Verifies one client login; `io` is the client connection (read_packet/write)."""
+
+    def __init__(self, users, default_plugin: str, rsa: auth.RSAKeyPair | None, sha2_cache: set):
+        self.users = users  # name -> UserConfig
+        self.default_plugin = default_plugin
+        self.rsa = rsa
+        self.sha2_cache = sha2_cache
+
+    async def login(self, io, user: str, plugin: str, token: bytes, salt: bytes, seq: int, host: str, tls: bool):
+        """Run the plugin exchange; returns (UserConfig, next seq). Raises AccessDenied with the message."""
+        ucfg = self.users.get(user)
+        if ucfg is None:
+            raise AccessDenied(access_denied_message(user, host, token), seq)
+        wanted = ucfg.auth_plugin or (plugin if plugin in auth.SUPPORTED else self.default_plugin)
+        if wanted == auth.ED25519:
+            return await self._ed25519(io, ucfg, seq, host)
+        # Auth switch: ask the client to answer with the plugin this user needs. A client
+        # whose plugin differs from the greeting's may also have sent no data at all
+        # (libmariadb does), expecting the switch to bring a salt for its plugin.
+        if plugin != wanted or (not token and ucfg.password and plugin != self.default_plugin):
+            salt = auth.nonce()
+            io.write(frame(b"\xfe" + wanted.encode() + b"\x00" + salt + b"\x00", seq))
+            seq, token = await io.read_packet()
+            seq += 1
+        if wanted == auth.NATIVE:
+            if not auth.verify(auth.NATIVE, ucfg.password, salt, token):
+                raise AccessDenied(access_denied_message(user, host, token), seq)
+            return ucfg, seq
+        return await self._sha2(io, ucfg, salt, token, seq, host, tls)
+
+    async def _ed25519(self, io, ucfg, seq, host):
+        """Always an auth switch: the greeting's 20-byte salt is too short for this plugin,
+        whose scramble is 32 random bytes (sent without a NUL, as the server does)."""
+        scramble = os.urandom(32)
+        io.write(frame(b"\xfe" + auth.ED25519.encode() + b"\x00" + scramble, seq))
+        seq, signature = await io.read_packet()
+        seq += 1
+        if not ed25519.verify(ucfg.password.encode(), scramble, signature):
+            raise AccessDenied(access_denied_message(ucfg.name, host, signature), seq)
+        return ucfg, seq
+
+    async def _sha2(self, io, ucfg, salt, token, seq, host, tls):
+        if not ucfg.password and not token.strip(b"\x00"):
+            return ucfg, seq
+        if not auth.verify(auth.CACHING_SHA2, ucfg.password, salt, token):
+            raise AccessDenied(access_denied_message(ucfg.name, host, token), seq)
+        if ucfg.name in self.sha2_cache:
+            io.write(frame(b"\x01" + auth.SHA2_FAST_AUTH_OK, seq))
+            return ucfg, seq + 1
+        io.write(frame(b"\x01" + auth.SHA2_PERFORM_FULL_AUTH, seq))
+        seq, data = await io.read_packet()
+        seq += 1
+        if tls:
+            clear = data.rstrip(b"\x00")
+        else:
+            if data != auth.SHA2_REQUEST_PUBLIC_KEY or self.rsa is None:
+                raise AccessDenied(access_denied_message(ucfg.name, host, token), seq)
+            io.write(frame(b"\x01" + self.rsa.public_pem, seq))
+            seq, data = await io.read_packet()
+            seq += 1
+            try:
+                clear = self.rsa.decrypt_password(data, salt)
+            except Exception:
+                raise AccessDenied(access_denied_message(ucfg.name, host, token), seq) from None
+        if clear != ucfg.password.encode():
+            raise AccessDenied(access_denied_message(ucfg.name, host, token), seq)
+        self.sha2_cache.add(ucfg.name)
+        log.info("user %s: caching_sha2_password full authentication (%s) succeeded", ucfg.name, "TLS" if tls else "RSA")
+        return ucfg, seq
+
+
+
+async def handshake(client) -> bool:
+    """Greeting, optional TLS upgrade, authentication. True when the session may start."""
+    w = client.worker
+    try:
+        client.salt = auth.nonce()
+        offered = PROXY_CAPABILITIES | (CLIENT_SSL if w.tls_context else 0)
+        greeting = build_greeting(w.server_version, client.conn_id, client.salt, offered, 45, SERVER_STATUS_AUTOCOMMIT, w.auth_plugin)
+        client.write(frame(greeting, 0))
+        seq, payload = await client.read_packet(w.config.pool.connect_timeout + 8)
+        resp = parse_response(payload)
+        if resp.ssl_request:
+            if not w.tls_context:
+                raise ProtocolError("client asked for TLS, which is not configured")
+            # Bytes after the SSL request (the ClientHello) are TLS, not packets.
+            early, client.buf = client.buf, b""
+            client.tls_layer = client.transport = TLSLayer(client.transport, w.tls_context)
+            client.tls = True
+            if early:
+                client.data_received(early)
+            seq, payload = await client.read_packet(10)
+            resp = parse_response(payload)
+        seq += 1
+        if w.config.proxy.tls.require and not client.tls:
+            msg = "Connections using insecure transport are prohibited while --require_secure_transport=ON."
+            client.write(err_packet(seq, ER_SECURE_TRANSPORT_REQUIRED, msg))
+            return False
+        client.caps = resp.capabilities & (offered | SESSION_SHAPING_CAPABILITIES) & PROXY_CAPABILITIES
+        client.charset = resp.charset
+        try:
+            user, seq = await w.authenticator.login(
+                client, resp.user, resp.plugin, resp.auth_response, client.salt, seq, client.host, client.tls
+            )
+        except AccessDenied as e:
+            log.info("client %s: %s", client.host, e)
+            client.write(err_packet(e.seq, ER_ACCESS_DENIED_ERROR, str(e), client.caps))
+            return False
+        if user.require_tls and not client.tls:
+            msg = f"Access denied for user '{user.name}'@'{client.host}': this user must connect with TLS"
+            client.write(err_packet(seq, ER_ACCESS_DENIED_ERROR, msg, client.caps))
+            return False
+        client.start_session(user, resp.database)
+        if not w.primary_ok and not w.topology.readers:
+            if w.topology.writes_held:  # a failover or switchover is under way: worth waiting for
+                await w.wait_for_primary()
+            else:
+                servers = [w.topology.primary] if w.topology.primary else list(w.topology.servers.values())
+                msg = "; ".join(f"Can't connect to backend {b.name} ({w.servers[b.name].where}): it is {b.state}"
+                                + (f" ({b.last_error})" if b.last_error else "") for b in servers)
+                client.write(err_packet(seq, CR_CONN_HOST_ERROR, msg or "rwproxy: no backend is configured"))
+                return False
+        if w.primary_ok:
+            # Connect the primary now so that a wrong database or a backend refusing the user
+            # is reported at login, as a server would. If the primary is unreachable the
+            # session still starts: reads go to replicas and writes wait for a primary.
+            try:
+                await client.backend_for(client.writer())
+            except BackendError as e:
+                if e.code not in (2003, 2013) or not w.topology.readers:
+                    client.write(frame(err_payload(e.code, e.sqlstate.encode(), e.message), seq))
+                    return False
+        client.write(ok_packet(seq, client.status))
+        return True
+    except (ProtocolError, ValueError, IndexError) as e:
+        client.write(err_packet(2, ER_HANDSHAKE_ERROR, f"Bad handshake: {e}"))
+        return False
+    except (ConnectionError, asyncio.TimeoutError, OSError):
+        return False

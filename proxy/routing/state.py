@@ -1,0 +1,120 @@
+"""Per-session routing state: what ties a session to the primary, and the history of
+session-changing statements that every backend connection of the session must carry.
+
+Transactions are followed from the primary's status flags (SERVER_STATUS_IN_TRANS,
+SERVER_STATUS_AUTOCOMMIT) rather than from parsing, so `SET autocommit=0`, implicit
+commits by DDL and `COMMIT AND CHAIN` are all handled the way the server itself sees them.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+
+from proxy.routing import classify as C
+from proxy.protocol.constants import SERVER_STATUS_AUTOCOMMIT, SERVER_STATUS_IN_TRANS
+
+
+_versions = itertools.count(1)
+
+
+class SessionState:
+    __slots__ = (
+        "user", "ryw_mode", "in_trx", "ro_trx", "temp_tables", "lock_tables", "named_locks",
+        "user_vars", "history", "history_overflow", "max_history", "last_backend", "last_write",
+        "last_gtid", "gtid_wait", "failed_servers", "pending_write", "trx_server", "writer",
+        "hversion",
+    )
+
+    def __init__(self, user, default_ryw: str, max_history: int):
+        self.user = user
+        self.ryw_mode = user.read_your_writes or default_ryw
+        self.max_history = max_history
+        self.reset()
+
+    def reset(self) -> None:
+        """A fresh session (login, COM_CHANGE_USER, COM_RESET_CONNECTION)."""
+        self.in_trx = False
+        self.trx_server: str | None = None  # the primary a transaction runs on
+        self.writer: str | None = None  # the master this session writes to (master-master)
+        self.ro_trx: str | None = None  # replica running a START TRANSACTION READ ONLY
+        self.temp_tables = False
+        self.lock_tables = False
+        self.named_locks = 0
+        self.user_vars = False
+        self.history: list[bytes] = []  # raw command packets (seq 0) to replay on other backends
+        self.hversion = next(_versions)  # changes with `history` (shared connections are keyed by it)
+        self.history_overflow = False
+        self.last_backend: str | None = None
+        self.last_write = 0.0
+        self.last_gtid = ""
+        self.pending_write = False  # a write ran on the primary whose transaction has not ended yet
+        self.gtid_wait = False
+        self.failed_servers: frozenset = frozenset()
+
+    def pinned(self) -> bool:
+        """True while only the primary connection may see this session's statements."""
+        return (
+            self.in_trx or self.temp_tables or self.lock_tables or self.named_locks > 0 or self.history_overflow
+        )
+
+    def record(self, packet: bytes, flags: int) -> None:
+        """Keep a successful session-changing command for lazy replay (bounded, de-duplicated)."""
+        if flags & (C.F_AUTOCOMMIT_OFF | C.F_AUTOCOMMIT_ON) and not flags & C.F_USE_DB:
+            # autocommit is followed from status flags; replicas always run with autocommit=1
+            return
+        self.hversion = next(_versions)
+        if packet in self.history:
+            self.history.remove(packet)  # keep the latest position (order matters for SET)
+        self.history.append(packet)
+        if len(self.history) > self.max_history:
+            # Too much to replay on a new connection: stay on the primary from now on.
+            self.history.pop(0)
+            self.history_overflow = True
+
+    _PIN_FLAGS = (C.F_TEMP_TABLE | C.F_LOCK_TABLES | C.F_UNLOCK_TABLES | C.F_GET_LOCK | C.F_RELEASE_LOCK
+                  | C.F_USER_VAR_WRITE)
+
+    def after(self, flags: int, on_primary: bool, server: str, status: int, error: bool) -> None:
+        """Update pins after a statement finished on `server`."""
+        self.last_backend = server
+        if on_primary:
+            self.in_trx = bool(status & SERVER_STATUS_IN_TRANS) or not status & SERVER_STATUS_AUTOCOMMIT
+            self.trx_server = server if status & SERVER_STATUS_IN_TRANS else None
+        elif self.ro_trx is not None or flags & C.F_READ_ONLY_TXN:
+            self.ro_trx = server if status & SERVER_STATUS_IN_TRANS else None
+        if error or not flags & self._PIN_FLAGS:
+            return
+        if flags & C.F_TEMP_TABLE:
+            self.temp_tables = True
+        if flags & C.F_LOCK_TABLES:
+            self.lock_tables = True
+        if flags & C.F_UNLOCK_TABLES:
+            self.lock_tables = False
+        if flags & C.F_GET_LOCK:
+            self.named_locks += 1
+        if flags & C.F_RELEASE_LOCK:
+            self.named_locks = max(0, self.named_locks - 1)
+        if flags & C.F_USER_VAR_WRITE:
+            self.user_vars = True
+
+    # Routed to the primary but changing no data: transaction control, named locks,
+    # and reads of connection-bound values (LAST_INSERT_ID(), FOUND_ROWS()).
+    _NOT_DATA = C.F_BEGIN | C.F_COMMIT | C.F_ROLLBACK | C.F_GET_LOCK | C.F_RELEASE_LOCK | C.F_CONN_BOUND
+
+    def write_completed(self, route: int, flags: int) -> bool:
+        """After a statement succeeded on the primary: True when a write became durable
+        for other sessions (an autocommit write, or the COMMIT of a transaction that wrote)."""
+        if route == C.WRITE and not flags & self._NOT_DATA:
+            self.pending_write = True
+        elif flags & C.F_ROLLBACK:
+            self.pending_write = False
+        if self.pending_write and not self.in_trx:
+            self.pending_write = False
+            return True
+        return False
+
+    def wrote(self, gtid: str = "") -> None:
+        self.last_write = time.monotonic()
+        if gtid:
+            self.last_gtid = gtid

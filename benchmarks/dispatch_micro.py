@@ -58,14 +58,15 @@ def _row_response() -> bytes:
             + frame(ok_payload(status=SERVER_STATUS_AUTOCOMMIT, header_byte=0xFE), 4))
 
 
-def main(n: int = 100_000) -> None:
+def main(n: int = 100_000, only: str = "") -> None:
     from proxy.frontend.session import ClientConnection
-    from proxy.runtime.supervisor import Worker
+    from proxy.runtime.worker import Worker
 
     data = {
         "proxy": {"listen": "127.0.0.1:0", "workers": 1},
         "backends": [{"name": f"node{i}", "host": "127.0.0.1", "port": 1 + i} for i in range(1, 4)],
         "users": [{"name": "app", "password": "app", "read_your_writes": "none"}],
+        "pool": {"multiplex": False},  # the session's own connections (shared ones need a running loop)
     }
     config = build_config(data)
     servers = {"node1": ServerState("node1", "127.0.0.1", 2, role=PRIMARY, readable=True),
@@ -98,17 +99,21 @@ def main(n: int = 100_000) -> None:
              ("BEGIN (primary)", frame(b"\x03BEGIN", 0), "classify"),
              ("prepared point select", frame(head + b"\x00" + (5044).to_bytes(4, "little"), 0), "look up")]
     for label, pkt, first in cases:
+        if only and not label.startswith(only):
+            continue
         for _ in range(1000):  # warm the digest cache
             client.data_received(pkt)
         before = dict(worker.router.balancer.routed)
         t0 = time.perf_counter()
         for _ in range(n):
             client.data_received(pkt)
-        dt = (time.perf_counter() - t0) / n * 1e6
+        dt = (time.perf_counter() - t0) / max(n, 1) * 1e6
         went = {k: v - before.get(k, 0) for k, v in worker.router.balancer.routed.items() if v - before.get(k, 0)}
         if label.startswith("BEGIN"):
             client.data_received(frame(b"\x03COMMIT", 0))
         print(f"{label:24s} {dt:6.2f} µs per statement ({first} + route + relay + bookkeeping); sent to {went}")
 
 if __name__ == "__main__":
-    main()
+    import sys
+
+    main(int(sys.argv[1]) if len(sys.argv) > 1 else 100_000, sys.argv[2] if len(sys.argv) > 2 else "")

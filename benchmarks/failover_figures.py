@@ -43,8 +43,8 @@ from pathlib import Path
 import pymysql
 
 from proxy.config.load import build_config
-from proxy.cluster.failover.controller import Failover
-from proxy.cluster.failover.ops import reached
+from proxy.cluster.failover import Failover
+from proxy.cluster.gtid import reached
 from proxy.testing.clusters import running_cluster
 from proxy.cluster.topology import UP
 
@@ -166,7 +166,7 @@ def failover_runs(c, fo: Failover, pub: Published, writer: Writer, reps: int) ->
         new = pub.latest.primary.name
         assert wait(lambda: writer.first_ack(t0, new) is not None, 10)
         t_ack = writer.first_ack(t0, new)
-        promo = (fo.state()["last_failover"] or {}).get("duration_ms")
+        promo = (fo.status()["last_failover"] or {}).get("duration_ms")
         t_start = time.monotonic()
         old.start()
         rejoined = wait(lambda: follows(old, c.node(new)) and old.variable("read_only") == 1, 20)

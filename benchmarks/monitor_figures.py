@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 
 from proxy.config.load import load_config
-from proxy.cluster.monitor.checker import Monitor
+from proxy.cluster.monitor import Monitor
 from proxy.testing.clusters import running_cluster
 
 RESULTS = Path(__file__).parent / "results"

@@ -17,22 +17,14 @@ import time
 import pymysql
 import pytest
 
+from proxy.cluster import gtid
 from proxy.cluster.failover import ops
 from proxy.config.load import build_config, load_config
-from proxy.cluster.failover.controller import Failover, verdict
+from proxy.cluster.failover import Failover, verdict
 from proxy.cluster.monitor.health import learned_role
 from proxy.cluster.topology import DOWN, MAINTENANCE, PRIMARY, REPLICA, UP, ServerState, Topology
 
 # ---------------------------------------------------------------------------- pure rules
-
-
-def test_gtid_arithmetic():
-    assert ops.merge("0-1-5,1-2-9", "0-3-7", "") == "0-3-7,1-2-9"
-    assert ops.ahead("0-1-10,1-2-4", "0-2-7,1-2-4") == {0: 3}
-    assert ops.ahead("0-1-7", "0-1-7,1-2-3") == {}
-    assert ops.ahead("0-1-1,5-1-2", "") == {0: 1, 5: 2}
-    assert ops.describe_ahead({0: 3, 1: 1}) == "3 transactions in domain 0 and 1 transaction in domain 1"
-    assert ops.reached("0-1-9,1-1-1", "0-2-9") and not ops.reached("0-1-9", "0-1-9,1-1-1")
 
 
 def _facts(name, io="", cur="", priority=0, index=0):
@@ -193,7 +185,7 @@ def count(node, table) -> int:
 
 def received(replica, source_pos) -> bool:
     io_pos = (replica.slave_status() or {}).get("Gtid_IO_Pos") or ""
-    return ops.reached(io_pos, source_pos)
+    return gtid.reached(io_pos, source_pos)
 
 
 def insert(node, table, ids, phase):
@@ -260,7 +252,7 @@ def test_sigkill_promotes_most_advanced_then_fences_and_rejoins(cluster_factory,
     assert any(m.startswith(f"fenced {old.name}") for m in caplog.messages)
     assert any(m.startswith(f"rejoined {old.name} (127.0.0.1:{old.port}) as a replica of {ahead.name}")
                for m in caplog.messages)
-    assert fo.state()["last_failover"]["new"] == f"127.0.0.1:{ahead.port}"
+    assert fo.status()["last_failover"]["new"] == f"127.0.0.1:{ahead.port}"
 
     # within failover_cooldown a second death is not failed over automatically
     t3 = time.monotonic()
@@ -269,7 +261,7 @@ def test_sigkill_promotes_most_advanced_then_fences_and_rejoins(cluster_factory,
     time.sleep(0.5)
     assert old.variable("read_only") == 1 and behind.variable("read_only") == 1
     assert not any(s.writes_held for _, s in rec.since(t3))
-    assert fo.state()["cooldown_left_s"] > 0
+    assert fo.status()["cooldown_left_s"] > 0
 
 
 class Forwarder:
@@ -360,7 +352,7 @@ def test_blip_between_rwproxy_and_primary_is_not_a_failover(cluster_factory, run
         assert len(lines) == 1 and "node2, node3 still receive its binlog: not failing over" in lines[0]
         assert not any(s.writes_held for _, s in rec.since(t0))
         assert r1.variable("read_only") == 1 and r2.variable("read_only") == 1
-        assert fo.state()["last_failover"] is None and fo.monitor.designated == p.name
+        assert fo.status()["last_failover"] is None and fo.monitor.designated == p.name
     finally:
         fwd.restore()
     assert fo.monitor.wait_until(lambda t: t.primary.name == p.name and t.primary.state == UP, 5)
@@ -382,8 +374,8 @@ def test_failed_pre_hook_disables_then_enable_and_extra_transactions_keep_old_pr
     p.kill(signal.SIGKILL)
     assert wait_for(lambda: any("failed after" in m and "pre_failover_hook: exited with 1; automatic failover is "
                                 "disabled" in m for m in caplog.messages), 10)
-    assert wait_for(lambda: not fo.state()["in_progress"], 5)
-    st = fo.state()
+    assert wait_for(lambda: not fo.status()["in_progress"], 5)
+    st = fo.status()
     assert st["auto_failover"] is False and st["last_failover"]["ok"] is False
     assert r1.variable("read_only") == 1 and r2.variable("read_only") == 1 and r1.slave_status()
     assert writers(rec.latest) == [] and not rec.latest.writes_held
@@ -394,7 +386,7 @@ def test_failed_pre_hook_disables_then_enable_and_extra_transactions_keep_old_pr
     fo.enable_auto_failover()
     _, topo = rec.wait(lambda t: t.primary is not None and t.primary.name != p.name and not t.writes_held, 10)
     new = c.node(topo.primary.name)
-    assert wait_for(lambda: fo.state()["last_failover"]["ok"] is True, 5) and fo.state()["auto_failover"] is True
+    assert wait_for(lambda: fo.status()["last_failover"]["ok"] is True, 5) and fo.status()["auto_failover"] is True
     assert wait_for(lambda: env_file.exists() and len(env_file.read_text().split()) == 3, 5)
     assert env_file.read_text().split() == ["RWPROXY_EVENT=failover", f"RWPROXY_NEW_PRIMARY=127.0.0.1:{new.port}",
                                             f"RWPROXY_OLD_PRIMARY=127.0.0.1:{p.port}"]
@@ -407,7 +399,7 @@ def test_failed_pre_hook_disables_then_enable_and_extra_transactions_keep_old_pr
     assert fo.monitor.wait_until(lambda t: t.servers[p.name].state == MAINTENANCE, 5)
     assert p.variable("read_only") == 1 and not p.slave_status()
     assert p.query("SELECT COUNT(*) AS n FROM app.lost")[0]["n"] == 1
-    assert want.match(fo.state()["kept_out"][p.name])
+    assert want.match(fo.status()["kept_out"][p.name])
     assert all(writers(s) == [new.name] for _, s in rec.since(t0))
 
 
@@ -499,7 +491,7 @@ def test_switchover_under_write_load_with_minimal_grants(cluster_factory, run_fa
     assert set(writer.acked) <= ids
     for n in (old, other):
         assert {r["id"] for r in n.query("SELECT id FROM app.sw")} == ids
-    assert fo.state()["last_switchover"]["ok"] is True
+    assert fo.status()["last_switchover"]["ok"] is True
 
 
 # ---------------------------------------------------------------------------- semi-sync, master-master
@@ -551,7 +543,7 @@ def test_master_master_no_promotion(cluster_factory, run_failover):
     time.sleep(1.0)
     assert writers(rec.latest) == [m2.name] and rec.latest.servers[m2.name].role == "master"
     assert not any(s.writes_held for _, s in rec.since(t0))
-    assert fo.monitor.designated is None and fo.state()["last_failover"] is None
+    assert fo.monitor.designated is None and fo.status()["last_failover"] is None
     assert m2.variable("read_only") == 0 and (r.slave_status() or {})["Master_Port"] == m1.port
     m2.query("CREATE TABLE app.mm (id INT PRIMARY KEY)")
     m2.query("INSERT INTO app.mm VALUES (2)")

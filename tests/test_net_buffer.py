@@ -69,7 +69,9 @@ def test_big_results_cross_the_proxy_in_few_reads(cluster, tmp_path_factory):
         assert got == want and got0 == want  # the client gets the server's bytes, whichever way they came
         # one read of the command, one or two of the ~129 KB answer (128 KiB chunks)
         assert few <= 4, few
-        assert many >= 7, many  # the server's 16 KB pieces: ~8 reads of the answer
+        # The server's 16 KB pieces: ~8 reads of the answer, fewer when the kernel has queued
+        # several pieces by the time the worker reads (a loaded machine): compared, not counted.
+        assert many >= few + 2, (few, many)
     finally:
         grown.process.stop()
         plain.process.stop()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import collections
 
-from proxy.routing.router import Balancer, gtid_covers
+from proxy.routing.router import Balancer
 from proxy.cluster.topology import REPLICA, ServerState
 
 
@@ -49,12 +49,3 @@ def test_weight_zero_and_exclusions_are_never_picked():
     pool = reps(("a", 0, 0.0), ("b", 1, 0.0))
     assert {b.pick(pool).name for _ in range(20)} == {"b"}
     assert b.pick(pool, frozenset({"b"})) is None
-
-
-def test_gtid_covers_per_domain():
-    assert gtid_covers("0-1-100", "0-1-100")
-    assert gtid_covers("0-1-101,1-2-5", "0-1-100")
-    assert not gtid_covers("0-1-99", "0-1-100")
-    assert not gtid_covers("0-1-500", "1-2-1")  # another domain not applied at all
-    assert gtid_covers("0-2-100", "0-1-100")  # the server id does not order transactions
-    assert not gtid_covers("", "0-1-1")

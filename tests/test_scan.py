@@ -118,13 +118,13 @@ class Case:
 
     def __init__(self, name, kind, dep, payloads, *, status=0, error=False,
                  final=None, local_infile=False, stmt_id=0, num_params=0,
-                 num_columns=0):
+                 num_columns=0, warnings=0):
         self.name = f"{'dep' if dep else 'eof'}-{name}"
         self.kind = kind
         self.dep = dep
         self.data = wire(*payloads)
         self.expect = dict(
-            status=status, error=error,
+            status=status, warnings=warnings, error=error,
             final=payloads[-1] if final is None else final,
             local_infile=local_infile, packets=len(payloads),
             stmt_id=stmt_id, num_params=num_params, num_columns=num_columns,
@@ -181,6 +181,10 @@ def small_cases(dep):
     add("ok-wide-lenenc", RESULT, dep,
         [ok(0x4003, affected=1 << 40, insert_id=70000, info=b"\x00\x05abc")], status=0x4003)
     add("ok-3byte-lenenc", RESULT, dep, [ok(0x0022, affected=1 << 20)], status=0x0022)
+    add("ok-warnings", RESULT, dep, [ok(S, affected=1, warnings=3)], status=S, warnings=3)
+    add("select-warnings", RESULT, dep,
+        result_set(dep, 1, [(b"1",)], terminator=ok_fe(S, warnings=2) if dep else eof(S, warnings=2)),
+        status=S, warnings=2)
     add("err", RESULT, dep, [err()], error=True)
     add("local-infile", RESULT, dep, [b"\xfb/tmp/data.csv"], local_infile=True)
     add("local-infile-empty-name", RESULT, dep, [b"\xfb"], local_infile=True)
@@ -202,7 +206,7 @@ def small_cases(dep):
     # (only a deprecate-EOF OK has lenencs before the status)
     add("terminator-wide", RESULT, dep,
         result_set(dep, 1, [(b"x",)], terminator=ok_fe(0x4022, affected=70000, warnings=3)
-                   if dep else eof(0x4022, warnings=3)), status=0x4022)
+                   if dep else eof(0x4022, warnings=3)), status=0x4022, warnings=3)
     # multi-results
     multi = (result_set(dep, 1, [(b"1",)], status=S | MORE)
              + result_set(dep, 2, [(b"2", None)], status=S | MORE)
@@ -462,7 +466,7 @@ CAPTURED_PREPARE = {
 # -- harness ----------------------------------------------------------------------
 
 TRAILER = wire(b"\x00\x00\x00\x02\x00\x00\x00", b"\x01")  # bytes of a *next* response
-ATTRS = ("status", "error", "final", "local_infile", "packets",
+ATTRS = ("status", "warnings", "error", "final", "local_infile", "packets",
          "stmt_id", "num_params", "num_columns")
 
 
@@ -686,7 +690,7 @@ def test_lifecycle(cls):
     assert sc.feed(b"more") == 0  # after completion: still complete, consumes nothing
     assert sc.status == 0x4002
     sc.start(RESULT)  # start() resets every attribute
-    assert attrs(sc) == dict(status=0, error=False, final=b"", local_infile=False,
+    assert attrs(sc) == dict(status=0, warnings=0, error=False, final=b"", local_infile=False,
                              packets=0, stmt_id=0, num_params=0, num_columns=0)
     assert sc.feed(wire(err())[:7]) == -1
     assert sc.feed(wire(err())[7:]) == len(wire(err())) - 7

@@ -19,6 +19,7 @@ from proxy.backend.tls import CR_SSL_CONNECTION_ERROR, DISABLED
 from proxy.protocol import auth
 from proxy.protocol.constants import (
     CLIENT_CONNECT_ATTRS,
+    CLIENT_DEPRECATE_EOF,
     CLIENT_LONG_PASSWORD,
     CLIENT_PLUGIN_AUTH,
     CLIENT_PLUGIN_AUTH_LENENC_CLIENT_DATA,
@@ -30,10 +31,11 @@ from proxy.protocol.constants import (
     COM_PING,
     COM_QUIT,
     COM_RESET_CONNECTION,
+    ER_UNKNOWN_ERROR,
 )
 from proxy.protocol.handshake import build_response, build_ssl_request, parse_greeting, response_caps
-from proxy.protocol.packets import ProtocolError, frame, parse_err
-from proxy.protocol.scan import SIMPLE, Scanner
+from proxy.protocol.packets import ProtocolError, command, frame, packet_length, parse_err
+from proxy.protocol.scan import RESULT, SIMPLE, Scanner
 
 log = logging.getLogger("rwproxy.backend")
 
@@ -98,7 +100,7 @@ class BackendConnection(asyncio.Protocol):
         self.key = key
         self.caps = caps
         self.transport = None
-        self.scanner = Scanner(bool(caps & (1 << 24)))
+        self.scanner = Scanner(bool(caps & CLIENT_DEPRECATE_EOF))
         self.mode = _MODE_COLLECT
         self.client = None
         self.db = None
@@ -148,7 +150,7 @@ class BackendConnection(asyncio.Protocol):
                 if n >= 0:
                     self.mode = _MODE_COLLECT
                     self.done_at = _monotonic()
-                    client.response_done(self)
+                    client.command_done(self)
             return
         self._buf += data
         if self._collect:
@@ -165,7 +167,7 @@ class BackendConnection(asyncio.Protocol):
         client = self.client
         if self.mode == _MODE_RELAY and client is not None:
             self.mode = _MODE_COLLECT
-            client.backend_lost(self)
+            client.command_lost(self, self.relayed)
         w = self._waiter
         if w is not None and not w.done():
             w.set_exception(ConnectionError(f"lost connection to backend {self.server.name}"))
@@ -227,7 +229,7 @@ class BackendConnection(asyncio.Protocol):
         while True:
             buf = self._buf
             if len(buf) >= 4:
-                n = int.from_bytes(buf[:3], "little")
+                n = packet_length(buf)
                 if len(buf) >= 4 + n:
                     seq = buf[3]
                     payload = bytes(buf[4 : 4 + n])
@@ -303,8 +305,22 @@ class BackendConnection(asyncio.Protocol):
             else:
                 raise ProtocolError(f"unexpected packet 0x{first:02x} during backend authentication")
 
+    async def replay(self, history, timeout: float | None = None) -> None:
+        """Bring this connection up to a session's SET/USE history (raw command packets, in
+        order); `applied` counts the entries it already carries."""
+        while self.applied < len(history):
+            packet = history[self.applied]
+            resp = await self.command(packet, RESULT, timeout)
+            if resp[4] == 0xFF:
+                code, state, msg = parse_err(resp[4:])
+                raise BackendError(ER_UNKNOWN_ERROR[0], "HY000", f"could not replay session state on "
+                                   f"{self.server.name} ({bytes(packet[5:60])!r}...): {msg} ({code})")
+            if packet[4] == COM_INIT_DB or packet[5:8].lower() == b"use":
+                self.db_touched = True
+            self.applied += 1
+
     async def init_db(self, db: str) -> None:
-        resp = await self.command(frame(bytes((COM_INIT_DB,)) + db.encode(), 0))
+        resp = await self.command(command(COM_INIT_DB, db.encode()))
         if resp[4] == 0xFF:
             code, state, msg = parse_err(resp[4:])
             raise BackendError(code, state, msg)
@@ -314,7 +330,7 @@ class BackendConnection(asyncio.Protocol):
     async def reset(self) -> bool:
         """COM_RESET_CONNECTION: make the session state clean for the next client."""
         try:
-            resp = await self.command(frame(bytes((COM_RESET_CONNECTION,)), 0), timeout=5)
+            resp = await self.command(command(COM_RESET_CONNECTION), timeout=5)
         except (ConnectionError, asyncio.TimeoutError):
             return False
         ok = resp[4] == 0x00
@@ -325,7 +341,7 @@ class BackendConnection(asyncio.Protocol):
     def close(self) -> None:
         if self.transport is not None and not self.closed:
             try:
-                self.transport.write(frame(bytes((COM_QUIT,)), 0))
+                self.transport.write(command(COM_QUIT))
             except Exception:
                 pass
             self.transport.close()
@@ -351,7 +367,7 @@ async def grow_net_buffer(conn: BackendConnection, size: int, timeout: float) ->
     False if the server refused it (a packet over its max_allowed_packet: it answers 1153
     and hangs up); the caller then opens a plain connection."""
     try:
-        resp = await conn.command(frame(bytes((COM_PING,)) + bytes(size - 1), 0), SIMPLE, timeout)
+        resp = await conn.command(command(COM_PING, bytes(size - 1)), SIMPLE, timeout)
     except asyncio.TimeoutError:  # a slow server, not a refusal: this connection is replaced, later ones try again
         log.info("backend %s did not answer the %d-byte ping within %.1f s; opening a plain connection",
                  conn.server.name, size, timeout)

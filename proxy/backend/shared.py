@@ -7,7 +7,7 @@ lets the server's thread find the next command already waiting and lets the prox
 responses per wakeup (docs/multiplexing.md has the measurements). Responses come back in
 order; the scanner splits them and each goes to the client whose command it answers.
 
-Which statements may share (the client decides, `ClientConnection._try_shared`): a READ with
+Which statements may share (the router's plan decides, Router.plan's `share`): a READ with
 no flag but routing hints, from a session with autocommit on, no transaction, no temporary
 tables, locks or user variables. Sessions share only with sessions of the same server, user,
 login database, charset, capabilities and SET/USE history (the key of `SharedLines`); a new
@@ -31,9 +31,9 @@ import time
 from collections import OrderedDict, deque
 
 from proxy.backend.connection import BackendConnection, BackendError, connect
-from proxy.protocol.constants import MAX_PACKET
-from proxy.protocol.packets import frame
-from proxy.protocol.scan import PREPARE, RESULT
+from proxy.protocol.constants import ER_QUERY_INTERRUPTED
+from proxy.protocol.packets import stmt_close
+from proxy.protocol.scan import PREPARE
 
 log = logging.getLogger("rwproxy.shared")
 
@@ -103,6 +103,13 @@ class SharedBackend(BackendConnection):
         out.append(packet)
         return e
 
+    def prepared(self, sql: bytes) -> int | None:
+        """This connection's id for a statement text prepared on it (None: not prepared here)."""
+        bid = self.ps.get(sql)
+        if bid is not None:
+            self.ps.move_to_end(sql)
+        return bid
+
     def _flush(self) -> None:
         """Write the commands of this loop iteration in one send: with many clients, several
         commands arrive per wakeup, and each send(2) costs more than the bytes it carries."""
@@ -127,8 +134,8 @@ class SharedBackend(BackendConnection):
             c = e.client
             if c is None:
                 e.buf += part
-            elif e.substitute is None and not e.cancelled and not c.closed:
-                c.transport.write(part)
+            elif e.substitute is None and not e.cancelled:
+                c.write(part)
             e.relayed += len(part)
             if n < 0:
                 return
@@ -157,15 +164,16 @@ class SharedBackend(BackendConnection):
             limit = self.lines.max_statements
             while len(self.ps) > limit:
                 _, old = self.ps.popitem(last=False)
-                self.transport.write(frame(b"\x19" + old.to_bytes(4, "little"), 0))
+                self.transport.write(stmt_close(old))
             return
         if c.closed:
             return
+        self.lines.statements += 1
         if e.substitute is not None:
-            c.transport.write(e.substitute)
+            c.write(e.substitute)
         elif e.cancelled:
-            c._error(1317, b"70100", "Query execution was interrupted")
-        c.shared_done(self, e, service)
+            c.send_error(*ER_QUERY_INTERRUPTED, "Query execution was interrupted")
+        c.command_done(self, e.relayed, service)
 
     def _follow_head(self) -> None:
         """Read from the server only while the client at the head of the queue can take data."""
@@ -192,7 +200,7 @@ class SharedBackend(BackendConnection):
         for e in q:
             c = e.client
             if c is not None and not c.closed:
-                c.shared_lost(self, e)
+                c.command_lost(self, e.relayed, e.cancelled)
 
 
 class SharedLines:
@@ -245,10 +253,7 @@ class SharedLines:
         try:
             conn = await connect(server, key, caps, user, password, db, charset, pools.cfg.connect_timeout,
                                  pools.tls.get(name), factory=SharedBackend, net_buffer=pools.cfg.backend_net_buffer)
-            for packet in history:  # the SET/USE history every session of this key has run
-                resp = await conn.command(packet, RESULT, timeout=pools.cfg.connect_timeout)
-                if resp[4] == 0xFF:
-                    raise BackendError(1105, "HY000", f"replaying {bytes(packet[5:60])!r} failed")
+            await conn.replay(history, pools.cfg.connect_timeout)  # the SET/USE history every session of this key ran
         except (BackendError, ConnectionError, OSError, asyncio.TimeoutError) as e:
             pools.open_count[name] -= 1
             if conn is not None:
@@ -321,7 +326,7 @@ class Profiles:
     """Per digest: average service time, largest response, and whether it may share.
 
     [ewma seconds, max bytes, shareable, never] -- `never` after a warning or a
-    connection-bound statement that had to look at it (see ClientConnection._replay_shared)."""
+    connection-bound statement that had to look at it (Plan.replay_shared)."""
 
     LIMIT = 20000
 
@@ -329,6 +334,11 @@ class Profiles:
         self.max_bytes = max_bytes
         self.max_secs = max_secs
         self.table: dict[str, list] = {}
+
+    def shareable(self, digest: str) -> float | None:
+        """The digest's average service time (s) if it may share a connection, else None."""
+        p = self.table.get(digest)
+        return p[0] if p is not None and p[2] else None
 
     def learn(self, digest: str, size: int, secs: float, warnings: bool) -> None:
         p = self.table.get(digest)
@@ -351,42 +361,4 @@ class Profiles:
             p[2], p[3] = False, True
 
 
-def warning_count(final, deprecate_eof: bool) -> int:
-    """Warnings in a response's last OK/EOF packet payload (0 when there is none)."""
-    if not final or len(final) < 3:
-        return 0
-    head = final[0]
-    if head == 0xFE and (not deprecate_eof or len(final) < 7):
-        return final[1] | final[2] << 8
-    if head not in (0x00, 0xFE):
-        return 0
-    i = 1
-    for _ in range(2):  # affected rows, insert id (length-encoded)
-        b = final[i] if i < len(final) else 0
-        i += 3 if b == 0xFC else 4 if b == 0xFD else 9 if b == 0xFE else 1
-    i += 2  # status flags
-    return final[i] | final[i + 1] << 8 if i + 1 < len(final) else 0
-
-
-def shared_execute_packet(pkt: bytes, stmt, backend_id: int) -> bytes | None:
-    """A client's COM_STMT_EXECUTE for a shared connection: the backend's id, and always the
-    parameter types. None when it cannot share (a cursor, a split packet, types never sent)."""
-    if len(pkt) < 10 or pkt[9] != 0 or len(pkt) >= MAX_PACKET:  # pkt[9]: cursor flags
-        return None
-    n = stmt.nparams
-    if n:
-        bound_at = 4 + 10 + (n + 7) // 8  # header, cmd+id+flags+iteration, NULL bitmap
-        if bound_at >= len(pkt):
-            return None
-        if pkt[bound_at] == 1:
-            stmt.types = pkt[bound_at + 1: bound_at + 1 + 2 * n]
-            stmt.types_sent = set()  # the session's own connections have not seen these
-        elif stmt.types is None:
-            return None
-        else:
-            body = pkt[4:5] + backend_id.to_bytes(4, "little") + pkt[9:bound_at] + b"\x01" + stmt.types + pkt[bound_at + 1:]
-            return len(body).to_bytes(3, "little") + pkt[3:4] + body
-    return pkt[:5] + backend_id.to_bytes(4, "little") + pkt[9:]
-
-
-__all__ = ["SharedBackend", "SharedLines", "Profiles", "shared_execute_packet", "warning_count"]
+__all__ = ["SharedBackend", "SharedLines", "Profiles"]

@@ -15,7 +15,11 @@ from dataclasses import dataclass, field
 from functools import cached_property
 
 AUTH_PLUGINS = ("mysql_native_password", "caching_sha2_password")
-RYW_MODES = ("none", "session", "gtid")
+RYW_NONE, RYW_SESSION, RYW_GTID = RYW_MODES = ("none", "session", "gtid")
+BALANCE_LEAST_OUTSTANDING, BALANCE_ROUND_ROBIN, BALANCE_LOWEST_LAG = BALANCE_POLICIES = (
+    "least-outstanding", "round-robin", "lowest-lag")
+ROUTE_PRIMARY, ROUTE_REPLICA, ROUTE_REJECT = RULE_ROUTES = ("primary", "replica", "reject")
+ROUTE_AUTO = "auto"  # [[users]] default_route: split as the statement says
 # TLS from rwproxy to a backend, named and meant as the mysql/mariadb clients' --ssl-mode
 BACKEND_TLS_MODES = ("disabled", "preferred", "required", "verify_ca", "verify_identity")
 
@@ -211,7 +215,7 @@ class UserConfig:
     name: str = S("app", nonempty=True, required=True)
     password: str = S(repr=False)
     auth_plugin: str = E("", "", *AUTH_PLUGINS, "client_ed25519")  # ed25519: per user only (an auth switch)
-    default_route: str = E("auto", "auto", "primary", "replica")
+    default_route: str = E(ROUTE_AUTO, ROUTE_AUTO, ROUTE_PRIMARY, ROUTE_REPLICA)
     read_your_writes: str = E("", "", *RYW_MODES)
     max_connections: int = I(0, 0)
     require_tls: bool = B(False)
@@ -221,7 +225,7 @@ class UserConfig:
 class RuleConfig:
     match: str = S(check=regex_error)
     digest: str = S()
-    route: str = E("primary", "primary", "replica", "reject", required=True)
+    route: str = E(ROUTE_PRIMARY, *RULE_ROUTES, required=True)
     error_code: int = I(1105, 1, 65535)
     error_message: str = S("statement rejected by rwproxy rule")
     users: tuple[str, ...] = L()
@@ -241,8 +245,8 @@ class RoutingConfig:
     primary_serves_reads: bool = B(False)
     reads_on_primary_when_no_replica: bool = B(True)
     max_replica_lag: float = F(1.0, positive=True)
-    balance: str = E("least-outstanding", "least-outstanding", "round-robin", "lowest-lag")
-    read_your_writes: str = E("session", *RYW_MODES)
+    balance: str = E(BALANCE_LEAST_OUTSTANDING, *BALANCE_POLICIES)
+    read_your_writes: str = E(RYW_SESSION, *RYW_MODES)
     read_your_writes_window: float = F(1.0)
     gtid_wait_timeout: float = F(0.5)
     readonly_functions: tuple[str, ...] = L()

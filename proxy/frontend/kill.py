@@ -27,11 +27,11 @@ import re
 import socket
 
 from proxy.backend.connection import BackendError, connect
-from proxy.routing.classify.const import F_MULTI
+from proxy.routing.classify import F_MULTI
 from proxy.protocol.constants import (
-    ER_CONNECTION_KILLED, ER_KILL_DENIED_ERROR, ER_NO_SUCH_THREAD, ER_QUERY_INTERRUPTED, ER_UNKNOWN_ERROR,
+    COM_QUERY, DEFAULT_CHARSET, ER_CONNECTION_KILLED, ER_KILL_DENIED_ERROR, ER_NO_SUCH_THREAD, ER_QUERY_INTERRUPTED, ER_UNKNOWN_ERROR,
 )
-from proxy.protocol.packets import err_packet, frame, ok_packet, parse_err
+from proxy.protocol.packets import command, err_packet, ok_packet, parse_err
 from proxy.protocol.scan import SIMPLE
 
 log = logging.getLogger("rwproxy.kill")
@@ -60,14 +60,14 @@ async def kill_backend_thread(worker, server_name: str, user, thread_id: int, co
     if server is None:
         return (NO_SUCH_THREAD, "HY000", f"Unknown thread id: {thread_id}")
     timeout = worker.config.pool.connect_timeout
-    sql = b"\x03KILL " + (b"CONNECTION " if connection else b"QUERY ") + str(thread_id).encode()
+    sql = b"KILL " + (b"CONNECTION " if connection else b"QUERY ") + str(thread_id).encode()
     try:
-        conn = await connect(server, None, 0, user.name, user.password, None, 45, timeout,
+        conn = await connect(server, None, 0, user.name, user.password, None, DEFAULT_CHARSET, timeout,
                              worker.backend_tls.get(server_name))
     except BackendError as e:
         return (e.code, e.sqlstate, e.message)
     try:
-        resp = await conn.command(frame(sql, 0), SIMPLE, timeout=timeout + 5)
+        resp = await conn.command(command(COM_QUERY, sql), SIMPLE, timeout=timeout + 5)
     except (ConnectionError, asyncio.TimeoutError) as e:
         return (2013, "HY000", f"Lost connection to backend {server_name} while killing thread {thread_id}: {e or 'timeout'}")
     finally:
@@ -115,7 +115,7 @@ async def kill_session(worker, target: int, connection: bool, user, by_thread: b
             return err
     if connection:
         log.info("session %d: killed by %s (KILL CONNECTION)", target, user.name)
-        client._close()  # the client sees its connection closed, as after a server's KILL
+        client.close()  # the client sees its connection closed, as after a server's KILL
     return None
 
 
@@ -203,52 +203,54 @@ class Peers:
         return tuple(reply["error"]) if reply["error"] else None
 
 
-class KillCommands:
-    """ClientConnection's side: answer KILL <id> / COM_PROCESS_KILL (mixed into ClientConnection)."""
+# ---- the session's side (functions of a ClientConnection `s`) -------------------------------
 
-    def _kill_statement(self, pkt, flags: int) -> bool:
-        """Take a numeric KILL statement off the normal path; False for anything else."""
-        k = None if flags & F_MULTI else parse_kill(bytes(pkt[5:]))
-        if k is None:
-            return False
-        self._spawn(self._kill(*k))
-        return True
+def kill_statement(s, pkt, flags: int) -> bool:
+    """Take a numeric KILL statement off the normal path; False for anything else."""
+    k = None if flags & F_MULTI else parse_kill(bytes(pkt[5:]))
+    if k is None:
+        return False
+    s.spawn(kill(s, *k))
+    return True
 
-    async def _kill(self, connection: bool, target: int):
-        w = self.worker
-        if target == self.conn_id:  # as the server does for one's own id
-            if connection:
-                self.write(err_packet(1, ER_CONNECTION_KILLED, "Connection was killed", self.caps))
-                return self._close()
-            return self.write(err_packet(1, ER_QUERY_INTERRUPTED, "Query execution was interrupted", self.caps))
-        res = await self._kill_on(w.worker_of(target), target, connection, False)
-        if res is MISSING:
-            # not a session id: a backend thread id of one of rwproxy's sessions (CONNECTION_ID())?
-            for i in range(w.count):
-                res = await self._kill_on(i, target, connection, True)
-                if res is not MISSING:
-                    break
-        if res is MISSING:
-            self.write(err_packet(1, ER_NO_SUCH_THREAD, f"Unknown thread id: {target}", self.caps))
-        elif res is not None:
-            code, state, message = res
-            self._error(code, state.encode(), message)
-        else:
-            self.write(ok_packet(1, self.status))
 
-    async def _kill_on(self, owner, target: int, connection: bool, by_thread: bool):
-        w = self.worker
-        if owner == w.index:
-            return await kill_session(w, target, connection, self.user, by_thread)
-        if owner is None or w.peers is None:
-            return MISSING
-        return await w.peers.kill(owner, target, connection, self.user, by_thread)
+async def kill(s, connection: bool, target: int) -> None:
+    """KILL [QUERY | CONNECTION] <target> from session `s`, answered as the server would."""
+    w = s.worker
+    if target == s.conn_id:  # as the server does for one's own id
+        if connection:
+            s.write(err_packet(1, ER_CONNECTION_KILLED, "Connection was killed", s.caps))
+            return s.close()
+        return s.write(err_packet(1, ER_QUERY_INTERRUPTED, "Query execution was interrupted", s.caps))
+    res = await _kill_on(s, w.worker_of(target), target, connection, False)
+    if res is MISSING:
+        # not a session id: a backend thread id of one of rwproxy's sessions (CONNECTION_ID())?
+        for i in range(w.count):
+            res = await _kill_on(s, i, target, connection, True)
+            if res is not MISSING:
+                break
+    if res is MISSING:
+        s.write(err_packet(1, ER_NO_SUCH_THREAD, f"Unknown thread id: {target}", s.caps))
+    elif res is not None:
+        s.send_error(*res)
+    else:
+        s.write(ok_packet(1, s.status))
 
-    def client_gone(self) -> None:
-        """The client disconnected: stop what its statement still runs on a backend."""
-        w = self.worker
-        for be in self.backends.values():
-            if be.relaying_for(self) and be.thread_id:
-                log.info("session %d: client went away during a statement; killing it on %s (thread %d)",
-                         self.conn_id, be.server.name, be.thread_id)
-                w.loop.create_task(kill_backend_thread(w, be.server.name, self.user, be.thread_id, False))
+
+async def _kill_on(s, owner, target: int, connection: bool, by_thread: bool):
+    w = s.worker
+    if owner == w.index:
+        return await kill_session(w, target, connection, s.user, by_thread)
+    if owner is None or w.peers is None:
+        return MISSING
+    return await w.peers.kill(owner, target, connection, s.user, by_thread)
+
+
+def stop_running(s) -> None:
+    """The client of session `s` disconnected: stop what its statement still runs on a backend."""
+    w = s.worker
+    for be in s.backends.values():
+        if be.relaying_for(s) and be.thread_id:
+            log.info("session %d: client went away during a statement; killing it on %s (thread %d)",
+                     s.conn_id, be.server.name, be.thread_id)
+            w.loop.create_task(kill_backend_thread(w, be.server.name, s.user, be.thread_id, False))

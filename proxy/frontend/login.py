@@ -31,10 +31,10 @@ from proxy.protocol.constants import (
     PROXY_CAPABILITIES,
     SERVER_STATUS_AUTOCOMMIT,
     SESSION_SHAPING_CAPABILITIES,
+    UTF8MB4_GENERAL_CI,
 )
 from proxy.protocol.handshake import build_greeting, parse_response
 from proxy.protocol.packets import ProtocolError, err_packet, err_payload, frame, ok_packet, read_lenenc_int, read_nul_str
-from proxy.frontend.tls import TLSLayer
 
 log = logging.getLogger("rwproxy.login")
 
@@ -166,47 +166,69 @@ class Authenticator:
 
 
 
-async def handshake(client) -> bool:
-    """Greeting, optional TLS upgrade, authentication. True when the session may start."""
-    w = client.worker
+@dataclass(slots=True)
+class Login:
+    """What the handshake settled: the session starts from this."""
+    user: object  # the UserConfig authenticated
+    caps: int  # capability flags agreed with the client
+    charset: int  # the client's character set
+    database: str | None  # the database it asked for
+    salt: bytes  # the greeting's scramble (COM_CHANGE_USER checks against it again)
+    tls: bool  # the connection is encrypted
+    seq: int  # the sequence number the final OK (or error) of the login carries
+
+
+async def handshake(io, worker, conn_id: int, host: str) -> Login | None:
+    """Greeting, optional TLS upgrade, authentication. The Login, or None after the error has
+    been sent (or the client went away). `io` is the session: write(), read_packet(), start_tls()."""
+    w = worker
     try:
-        client.salt = auth.nonce()
+        salt = auth.nonce()
         offered = PROXY_CAPABILITIES | (CLIENT_SSL if w.tls_context else 0)
-        greeting = build_greeting(w.server_version, client.conn_id, client.salt, offered, 45, SERVER_STATUS_AUTOCOMMIT, w.auth_plugin)
-        client.write(frame(greeting, 0))
-        seq, payload = await client.read_packet(w.config.pool.connect_timeout + 8)
+        greeting = build_greeting(w.server_version, conn_id, salt, offered, UTF8MB4_GENERAL_CI,
+                                  SERVER_STATUS_AUTOCOMMIT, w.auth_plugin)
+        io.write(frame(greeting, 0))
+        seq, payload = await io.read_packet(w.config.pool.connect_timeout + 8)
         resp = parse_response(payload)
+        tls = False
         if resp.ssl_request:
             if not w.tls_context:
                 raise ProtocolError("client asked for TLS, which is not configured")
-            # Bytes after the SSL request (the ClientHello) are TLS, not packets.
-            early, client.buf = client.buf, b""
-            client.tls_layer = client.transport = TLSLayer(client.transport, w.tls_context)
-            client.tls = True
-            if early:
-                client.data_received(early)
-            seq, payload = await client.read_packet(10)
+            io.start_tls(w.tls_context)
+            tls = True
+            seq, payload = await io.read_packet(10)
             resp = parse_response(payload)
         seq += 1
-        if w.config.proxy.tls.require and not client.tls:
+        if w.config.proxy.tls.require and not tls:
             msg = "Connections using insecure transport are prohibited while --require_secure_transport=ON."
-            client.write(err_packet(seq, ER_SECURE_TRANSPORT_REQUIRED, msg))
-            return False
-        client.caps = resp.capabilities & (offered | SESSION_SHAPING_CAPABILITIES) & PROXY_CAPABILITIES
-        client.charset = resp.charset
+            io.write(err_packet(seq, ER_SECURE_TRANSPORT_REQUIRED, msg))
+            return None
+        caps = resp.capabilities & (offered | SESSION_SHAPING_CAPABILITIES) & PROXY_CAPABILITIES
         try:
-            user, seq = await w.authenticator.login(
-                client, resp.user, resp.plugin, resp.auth_response, client.salt, seq, client.host, client.tls
-            )
+            user, seq = await w.authenticator.login(io, resp.user, resp.plugin, resp.auth_response, salt, seq, host, tls)
         except AccessDenied as e:
-            log.info("client %s: %s", client.host, e)
-            client.write(err_packet(e.seq, ER_ACCESS_DENIED_ERROR, str(e), client.caps))
-            return False
-        if user.require_tls and not client.tls:
-            msg = f"Access denied for user '{user.name}'@'{client.host}': this user must connect with TLS"
-            client.write(err_packet(seq, ER_ACCESS_DENIED_ERROR, msg, client.caps))
-            return False
-        client.start_session(user, resp.database)
+            log.info("client %s: %s", host, e)
+            io.write(err_packet(e.seq, ER_ACCESS_DENIED_ERROR, str(e), caps))
+            return None
+        if user.require_tls and not tls:
+            msg = f"Access denied for user '{user.name}'@'{host}': this user must connect with TLS"
+            io.write(err_packet(seq, ER_ACCESS_DENIED_ERROR, msg, caps))
+            return None
+        return Login(user, caps, resp.charset, resp.database, salt, tls, seq)
+    except (ProtocolError, ValueError, IndexError) as e:
+        io.write(err_packet(2, ER_HANDSHAKE_ERROR, f"Bad handshake: {e}"))
+        return None
+    except (ConnectionError, asyncio.TimeoutError, OSError):
+        return None
+
+
+async def open_session(session, seq: int) -> bool:
+    """After authentication: make sure the session can be served, and connect its primary now so
+    that a wrong database or a backend refusing the user is reported at login, as a server would.
+    If the primary is unreachable the session still starts: reads go to replicas and writes wait
+    for a primary. True once the final OK is sent."""
+    w = session.worker
+    try:
         if not w.primary_ok and not w.topology.readers:
             if w.topology.writes_held:  # a failover or switchover is under way: worth waiting for
                 await w.wait_for_primary()
@@ -214,22 +236,16 @@ async def handshake(client) -> bool:
                 servers = [w.topology.primary] if w.topology.primary else list(w.topology.servers.values())
                 msg = "; ".join(f"Can't connect to backend {b.name} ({w.servers[b.name].where}): it is {b.state}"
                                 + (f" ({b.last_error})" if b.last_error else "") for b in servers)
-                client.write(err_packet(seq, CR_CONN_HOST_ERROR, msg or "rwproxy: no backend is configured"))
+                session.write(err_packet(seq, CR_CONN_HOST_ERROR, msg or "rwproxy: no backend is configured"))
                 return False
         if w.primary_ok:
-            # Connect the primary now so that a wrong database or a backend refusing the user
-            # is reported at login, as a server would. If the primary is unreachable the
-            # session still starts: reads go to replicas and writes wait for a primary.
             try:
-                await client.backend_for(client.writer())
+                await session.backend_for(session.writer())
             except BackendError as e:
                 if e.code not in (2003, 2013) or not w.topology.readers:
-                    client.write(frame(err_payload(e.code, e.sqlstate.encode(), e.message), seq))
+                    session.write(frame(err_payload(e.code, e.sqlstate.encode(), e.message), seq))
                     return False
-        client.write(ok_packet(seq, client.status))
+        session.write(ok_packet(seq, session.status))
         return True
-    except (ProtocolError, ValueError, IndexError) as e:
-        client.write(err_packet(2, ER_HANDSHAKE_ERROR, f"Bad handshake: {e}"))
-        return False
     except (ConnectionError, asyncio.TimeoutError, OSError):
         return False

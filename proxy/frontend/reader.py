@@ -1,6 +1,10 @@
-"""Reading a client's byte stream (mixed into ClientConnection): logical packets (split ones
-joined), the max_allowed_packet bound with backpressure for pipelined commands, the lingering
-close after a refused packet, and the LOCAL INFILE stream passed to its backend."""
+"""A client's byte stream: logical packets (split ones joined), the max_allowed_packet bound with
+backpressure for pipelined commands, the lingering close after a refused packet, and the LOCAL
+INFILE stream passed through to a backend.
+
+Owned by one ClientConnection (`session`); it reads the session's transport, phase and busy
+flag, and answers a refused packet through the session's public write/linger_close.
+"""
 
 from __future__ import annotations
 
@@ -8,78 +12,57 @@ import asyncio
 import logging
 
 from proxy.protocol.constants import ER_NET_PACKET_TOO_LARGE, MAX_PACKET
-from proxy.protocol.packets import err_packet, logical_payload as _payload
+from proxy.protocol.packets import err_packet, logical_packet, logical_payload, packet_length
 from proxy.protocol.scan import RESULT
 
 log = logging.getLogger("rwproxy.client")
 
-_HANDSHAKE, _COMMAND, _CLOSING = 0, 1, 2  # ClientConnection.phase
+HANDSHAKE, COMMAND, CLOSING = 0, 1, 2  # ClientConnection.phase
 PRE_AUTH_LIMIT = 1 << 20  # before login nobody needs more (a handshake response is < 64 KiB)
-_LINGER = 2.0  # seconds a refused client may go on sending before the connection is closed
 
 
-class ClientPackets:
-    def _over_limit(self) -> bool:
-        """More buffered than one packet may hold. A packet over the limit is refused as the
-        server refuses it (1153, connection closed); pipelined commands waiting behind a busy
-        one stop the reading until they are worked off, so memory stays bounded either way."""
+class PacketReader:
+    """The bytes a client sent that no command has taken yet, and the rules for taking them."""
+
+    __slots__ = ("session", "buf", "limit", "paused", "waiter", "infile", "_if_hdr", "_if_skip", "_if_prev")
+
+    def __init__(self, session):
+        self.session = session  # the ClientConnection whose stream this is
+        self.buf = b""  # received, not yet taken (bytes, or a bytearray while it grows)
+        self.limit = PRE_AUTH_LIMIT  # largest packet accepted: max_allowed_packet once logged in
+        self.paused = False  # reading from the socket is paused: a whole packet waits behind a busy command
+        self.waiter: asyncio.Future | None = None  # a slow path awaiting the next packet (read_packet)
+        self.infile = None  # the backend a LOAD DATA LOCAL INFILE stream is passed to, while it lasts
+        self._if_hdr = b""  # LOCAL INFILE: a packet header cut by a chunk boundary
+        self._if_skip = 0  # LOCAL INFILE: payload bytes of the current packet still to pass
+        self._if_prev = 0  # LOCAL INFILE: length of the previous packet (0xFFFFFF: it continues)
+
+    # ---- bytes in -----------------------------------------------------------------
+    def feed(self, data) -> bool:
+        """Add received bytes; False when they were refused (over the limit: the session closes)."""
         buf = self.buf
-        if self.closed:  # lingering after a refused packet: drop what the client still sends
-            self.buf = b""
-            return True
-        size, pos, complete = 0, 0, False
-        while len(buf) >= pos + 4:  # the first logical packet's declared size, split parts added up
-            n = buf[pos] | (buf[pos + 1] << 8) | (buf[pos + 2] << 16)
-            size += n
-            pos += 4 + n
-            if n < MAX_PACKET:
-                complete = pos <= len(buf)
-                break
-        if size > self.packet_limit and not self.busy:  # (if busy, refused once the response is out)
-            log.info("client %s: packet of %d bytes or more is over max_allowed_packet (%d); closing",
-                     self.host, size, self.packet_limit)
-            self.write(err_packet(buf[3] + 1 if self.phase == _COMMAND else 2, ER_NET_PACKET_TOO_LARGE,
-                                  "Got a packet bigger than 'max_allowed_packet' bytes"))
-            self.buf = b""
-            self._linger_close()
-            return True
-        if (complete or size > self.packet_limit) and not self._read_paused:  # (one still arriving must be let in)
-            self._read_paused = True
-            self.transport.pause_reading()
-        return False
+        if buf:
+            if type(buf) is bytes:
+                buf = self.buf = bytearray(buf)
+            buf += data
+        else:
+            buf = self.buf = data
+        if len(buf) > self.limit:
+            return not self.over_limit()
+        return True
 
-    def _linger_close(self):
-        """Close while the client is still sending: closing at once would answer its data with a
-        reset that can destroy the error packet before the client reads it. So: send the error
-        and a FIN, read and drop what still comes for a moment, then close."""
-        self.closed = True
-        self.phase = _CLOSING
-        self.packet_limit = -1  # every later chunk goes to _over_limit, which drops it
-        if self._read_paused:
-            self._read_paused = False
-            self.transport.resume_reading()
-        if self.tls_layer is None and self.transport.can_write_eof():
-            self.transport.write_eof()
-        self.worker.loop.call_later(_LINGER, self.transport.close)
-
-    # ---- packets ------------------------------------------------------------------
-    def _take_packet(self):
-        """Pop one logical packet (raw, headers included) from the buffer, or None."""
+    def take(self):
+        """Pop one logical packet (raw, headers included), or None if none is complete."""
         buf = self.buf
         blen = len(buf)
         if blen < 4:
             return None
-        n = buf[0] | (buf[1] << 8) | (buf[2] << 16)
+        n = packet_length(buf)
         end = 4 + n
         if n == MAX_PACKET:
-            end = 0
-            while True:  # split packet: up to the physical packet shorter than 16 MiB - 1
-                if blen < end + 4:
-                    return None
-                m = buf[end] | (buf[end + 1] << 8) | (buf[end + 2] << 16)
-                end += 4 + m
-                if m < MAX_PACKET:
-                    break
+            end = logical_packet(buf)[0]
+            if end < 0:
+                return None
         if blen < end:
             return None
         if end == blen:
@@ -89,27 +72,79 @@ class ClientPackets:
         self.buf = buf[end:]
         return pkt
 
-    def _deliver_packet(self):
-        pkt = self._take_packet()
+    def commands_taken(self) -> None:
+        """The session stopped taking commands (busy, closed or out of packets): resume reading if
+        what is buffered fits the limit again, or refuse the oversized packet now at its head."""
+        if self.paused and not self.session.closed:
+            if len(self.buf) <= self.limit:
+                self.paused = False
+                self.session.transport.resume_reading()
+            elif not self.session.busy:
+                self.over_limit()
+
+    def over_limit(self) -> bool:
+        """More buffered than one packet may hold. A packet over the limit is refused as the
+        server refuses it (1153, connection closed); pipelined commands waiting behind a busy
+        one stop the reading until they are worked off, so memory stays bounded either way."""
+        s = self.session
+        if s.closed:  # lingering after a refused packet: drop what the client still sends
+            self.buf = b""
+            return True
+        end, size = logical_packet(self.buf)
+        if size > self.limit and not s.busy:  # (if busy, refused once the response is out)
+            log.info("client %s: packet of %d bytes or more is over max_allowed_packet (%d); closing",
+                     s.host, size, self.limit)
+            seq = self.buf[3] + 1 if s.phase == COMMAND else 2
+            s.write(err_packet(seq, ER_NET_PACKET_TOO_LARGE, "Got a packet bigger than 'max_allowed_packet' bytes"))
+            self.buf = b""
+            self.limit = -1  # every later chunk comes here, and is dropped
+            s.linger_close()
+            return True
+        if (end >= 0 or size > self.limit) and not self.paused:  # (one still arriving must be let in)
+            self.paused = True
+            s.transport.pause_reading()
+        return False
+
+    def stop_pausing(self) -> None:
+        """Reading resumes whatever is buffered (the session is closing)."""
+        if self.paused:
+            self.paused = False
+            self.session.transport.resume_reading()
+
+    # ---- slow paths ------------------------------------------------------------------
+    def deliver(self) -> None:
+        """Hand the next complete packet to the slow path awaiting it."""
+        pkt = self.take()
         if pkt is not None:
-            w, self._pkt_waiter = self._pkt_waiter, None
+            w, self.waiter = self.waiter, None
             if not w.done():
                 w.set_result(pkt)
 
     async def read_packet(self, timeout: float = 30.0) -> tuple[int, bytes]:
-        """(seq, payload) of the next client packet (slow paths only)."""
-        pkt = self._take_packet()
+        """(seq, payload) of the next client packet (handshake, auth switch, COM_CHANGE_USER)."""
+        pkt = self.take()
         if pkt is None:
-            if self.closed:
+            if self.session.closed:
                 raise ConnectionError("client closed the connection")
-            self._pkt_waiter = self.worker.loop.create_future()
-            pkt = await asyncio.wait_for(self._pkt_waiter, timeout)
-        return pkt[3], _payload(pkt)
+            self.waiter = asyncio.get_running_loop().create_future()
+            pkt = await asyncio.wait_for(self.waiter, timeout)
+        return pkt[3], logical_payload(pkt)
+
+    def fail_waiter(self) -> None:
+        w = self.waiter
+        if w is not None and not w.done():
+            w.set_exception(ConnectionError("client closed the connection"))
 
     # ---- LOAD DATA LOCAL INFILE ---------------------------------------------------------
-    def _infile_feed(self, data):
+    def start_infile(self, backend) -> None:
+        """The server asked for the client's file: pass what the client sends to `backend` until
+        the empty packet that ends the file."""
+        self.infile = backend
+        self._if_hdr, self._if_skip, self._if_prev = b"", 0, 0
+
+    def infile_feed(self, data) -> None:
         """Forward the client's file packets until the empty packet that ends them."""
-        be = self.infile_backend
+        be = self.infile
         be.transport.write(data)
         i, n, hdr = self._if_skip, len(data), self._if_hdr
         while i < n:
@@ -118,11 +153,11 @@ class ClientPackets:
             i += need
             if len(hdr) < 4:
                 break
-            ln = hdr[0] | (hdr[1] << 8) | (hdr[2] << 16)
+            ln = packet_length(hdr)
             hdr = b""
             if ln == 0 and self._if_prev != MAX_PACKET:
-                self.infile_backend = None
-                be.expect(RESULT, self)
+                self.infile = None
+                be.expect(RESULT, self.session)
                 return
             self._if_prev = ln
             i += ln

@@ -1,11 +1,15 @@
-"""One client session: commands classified, routed and relayed to backends.
+"""One client session: commands classified, planned by the router, and relayed to backends.
 
-The command path is synchronous on purpose: a COM_QUERY or COM_STMT_EXECUTE
-for a backend connection that is open and carries the session's state is
-written to that backend inside data_received, and the response flows back
-through BackendConnection.data_received. Coroutines serve only the rare slow
-paths: the handshake, a session's first statement on a server (connect and
-replay the session's SET/USE history), PREPARE, GTID waits, COM_CHANGE_USER.
+The command path is synchronous on purpose: a COM_QUERY or COM_STMT_EXECUTE for a backend
+connection that is open and carries the session's state is written to that backend inside
+data_received, and the response flows back through BackendConnection.data_received, which
+calls command_done(). Coroutines serve only the rare slow paths: the handshake, a session's
+first statement on a server (connect and replay the session's SET/USE history), PREPARE, GTID
+waits, COM_CHANGE_USER.
+
+Collaborators call the session only through its public methods: the backend and shared
+connections through command_done / command_lost / send_error (the completion interface), the
+command modules (prepared, commands, kill) through dispatch / spawn / backend_for / writer.
 """
 
 from __future__ import annotations
@@ -15,70 +19,85 @@ import logging
 import ssl
 import time
 
-from proxy.routing import classify as C
 from proxy.backend.connection import BackendError
-from proxy.frontend.login import AccessDenied, handshake
+from proxy.config.schema import RYW_GTID
+from proxy.frontend import commands, kill, prepared
+from proxy.frontend.login import AccessDenied, handshake, open_session
+from proxy.frontend.reader import CLOSING, COMMAND, HANDSHAKE, PacketReader
+from proxy.frontend.tls import TLSLayer
 from proxy.protocol.constants import (
-    COM_INIT_DB, COM_QUERY, COM_STMT_EXECUTE, CR_SERVER_LOST, ER_ACCESS_DENIED_ERROR, MAX_PACKET,
+    COM_QUERY, COM_STMT_EXECUTE, CR_SERVER_LOST, DEFAULT_CHARSET, ER_ACCESS_DENIED_ERROR, ER_UNKNOWN_ERROR, MAX_PACKET,
     SERVER_STATUS_AUTOCOMMIT, SESSION_SHAPING_CAPABILITIES,
 )
-from proxy.protocol.packets import err_packet, err_payload, frame, read_lenenc_str
-from proxy.frontend.commands import OtherCommands
-from proxy.frontend.reader import _CLOSING, _COMMAND, _HANDSHAKE, PRE_AUTH_LIMIT, ClientPackets
-from proxy.frontend.prepared import StatementCommands
-from proxy.frontend.kill import KillCommands
+from proxy.protocol.packets import command, err_packet, err_payload, frame, payloads, read_lenenc_str
 from proxy.protocol.scan import RESULT
-from proxy.routing.router import PRIMARY, NoServer, Reject
+from proxy.routing import classify as C
+from proxy.routing.router import WRITER
 from proxy.routing.state import SessionState
-from proxy.backend.shared import shared_execute_packet, warning_count
-from proxy.routing.statements import DIRECT_ID, StatementMap, execute_packet_for
+from proxy.routing.statements import DIRECT_ID, StatementMap
 
 log = logging.getLogger("rwproxy.client")
 
-
 _F_KILL = C.F_KILL
-_F_CONN_BOUND = C.F_CONN_BOUND
-_READ = C.READ
-# A statement with any flag but a routing hint never goes to a shared connection.
-_NO_SHARE = ~(C.F_HINT_PRIMARY | C.F_HINT_REPLICA)
+_READ, _SESSION = C.READ, C.SESSION
+_NO_SHARE = ~(C.F_HINT_PRIMARY | C.F_HINT_REPLICA)  # flags that keep a read's profile unlearned
+_STATEMENTS = (COM_QUERY, COM_STMT_EXECUTE)
 _monotonic = time.monotonic
 _HUGE = C.Classification(C.WRITE, C.F_UNPARSED, "<statement over 16 MiB>")
+_SET_AUTOCOMMIT_0 = command(COM_QUERY, b"SET autocommit=0")
+_LAST_GTID = command(COM_QUERY, b"SELECT @@last_gtid")
 
 
-class ClientConnection(ClientPackets, StatementCommands, OtherCommands, KillCommands, asyncio.Protocol):
+class Command:
+    """The statement a session has in flight."""
+
+    __slots__ = ("cls", "packet", "kind", "server", "stmt_id")
+
+    def __init__(self, cls, packet, kind: int, server: str, stmt_id: int = 0):
+        self.cls = cls  # its Classification
+        self.packet = packet  # the client's packet, as received
+        self.kind = kind  # how its response is scanned (protocol.scan kinds)
+        self.server = server  # the server it was sent to
+        self.stmt_id = stmt_id  # client statement id of a COM_STMT_EXECUTE (0: a text statement)
+
+
+class ClientConnection(asyncio.Protocol):
+    """One client's session: its login, its commands, and the backend connections it uses."""
+
+    __slots__ = (
+        "worker", "conn_id", "transport", "tls_layer", "reader", "phase", "busy", "closed", "write_paused",
+        "host", "tls", "salt", "user", "caps", "charset", "db", "login_db", "status", "state", "backends",
+        "stmts", "inflight", "sent_at", "shared_on", "shared_entry", "last_shared", "share_keys",
+    )
+
     def __init__(self, worker, conn_id: int):
-        self.worker = worker
-        self.conn_id = conn_id
-        self.transport = None
-        self.phase = _HANDSHAKE
-        self.buf = b""
-        self.busy = False
-        self.closed = False
-        self.host = "?"
-        self.tls = False
-        self.tls_layer = None
-        self.salt = b""
-        self.user = None
-        self.caps = 0
-        self.charset = 45
-        self.db: str | None = None
-        self.login_db: str | None = None  # pool key database; later USE/INIT_DB are replayed
-        self.status = SERVER_STATUS_AUTOCOMMIT
-        self.state: SessionState | None = None
-        self.backends: dict = {}  # server name -> BackendConnection
-        self.stmts = StatementMap(worker.config.routing.max_prepared_per_connection)
-        self.inflight = None  # (classification, packet, kind, server name) of the relayed command
-        self.infile_backend = None
-        self._if_hdr, self._if_skip, self._if_prev = b"", 0, 0
-        self._pkt_waiter: asyncio.Future | None = None
-        self.packet_limit = PRE_AUTH_LIMIT  # max_allowed_packet once logged in
-        self._read_paused = False
-        self.write_paused = False
-        self.sent_at = 0.0  # when the relayed command was sent (digest service times)
-        self.shared_on = None  # the shared connection answering this session's command
-        self.shared_entry = None
-        self.last_shared = None  # inflight tuple of the last statement answered on a shared connection
-        self._share_keys: dict = {}  # server name -> pool key of its shared connections
+        self.worker = worker  # the Worker (process) that owns this session
+        self.conn_id = conn_id  # rwproxy's session id, sent in the greeting (KILL takes it)
+        self.transport = None  # what the session writes to: the socket's transport, or its TLSLayer
+        self.tls_layer: TLSLayer | None = None  # front-end TLS once the client asked for it
+        self.reader = PacketReader(self)  # the client's byte stream: packets, size limit, LOCAL INFILE
+        self.phase = HANDSHAKE  # HANDSHAKE, COMMAND, CLOSING
+        self.busy = False  # a command is in progress: later packets wait in the reader
+        self.closed = False  # the client is gone or being closed
+        self.write_paused = False  # the client's socket buffer is full: its backends stop reading
+        self.host = "?"  # the client's address, for messages
+        self.tls = False  # the connection is encrypted
+        self.salt = b""  # the greeting's scramble (COM_CHANGE_USER is checked against it)
+        self.user = None  # the UserConfig logged in as
+        self.caps = 0  # capability flags agreed with the client
+        self.charset = DEFAULT_CHARSET  # the client's character set (part of the pool key)
+        self.db: str | None = None  # the current database, as the client set it
+        self.login_db: str | None = None  # the database at login: pool key; later USE/INIT_DB are replayed
+        self.status = SERVER_STATUS_AUTOCOMMIT  # server status flags as the primary last reported them
+        self.state: SessionState | None = None  # pins, SET/USE history, read-your-writes (routing)
+        self.backends: dict = {}  # server name -> this session's own BackendConnection
+        self.stmts = StatementMap(worker.config.routing.max_prepared_per_connection)  # prepared statements
+        self.inflight: Command | None = None  # the command relayed now
+        self.sent_at = 0.0  # when it was sent (digest service times)
+        self.shared_on = None  # the shared connection answering it (multiplexing), if any
+        self.shared_entry = None  # its entry in that connection's queue
+        self.last_shared: Command | None = None  # the previous command, if a shared connection answered it
+        self.share_keys: dict = {}  # server name -> (history version, key of the shared connections to use)
 
     # ---- transport events -----------------------------------------------------
     def connection_made(self, transport):
@@ -95,20 +114,34 @@ class ClientConnection(ClientPackets, StatementCommands, OtherCommands, KillComm
         self.worker.loop.create_task(self._login())
 
     async def _login(self):
-        if await handshake(self):
-            self.phase = _COMMAND
-            self.packet_limit = self.worker.config.proxy.max_allowed_packet
-            if self.buf:
-                self._process()
-        else:
-            self._close()
+        login = await handshake(self, self.worker, self.conn_id, self.host)
+        if login is None:
+            return self.close()
+        self.salt, self.caps, self.charset, self.tls = login.salt, login.caps, login.charset, login.tls
+        self.start_session(login.user, login.database)
+        if not await open_session(self, login.seq):
+            return self.close()
+        self.phase = COMMAND
+        self.reader.limit = self.worker.config.proxy.max_allowed_packet
+        if self.reader.buf:
+            self._process()
 
     def start_session(self, user, db) -> None:
+        """A fresh session for `user` (login, COM_CHANGE_USER)."""
         self.user = user
         self.db = self.login_db = db
-        self._share_keys = {}
+        self.share_keys = {}
         self.last_shared = None
-        self.state = SessionState(user, self.worker.config.routing.read_your_writes, self.worker.config.routing.max_session_history)
+        cfg = self.worker.config.routing
+        self.state = SessionState(user, cfg.read_your_writes, cfg.max_session_history)
+
+    def start_tls(self, context: ssl.SSLContext) -> None:
+        """The client sent an SSL request: everything after it is TLS. Bytes that arrived with the
+        request (its ClientHello) are fed to the new layer."""
+        early, self.reader.buf = self.reader.buf, b""
+        self.tls_layer = self.transport = TLSLayer(self.transport, context)
+        if early:
+            self.data_received(early)
 
     def data_received(self, data):
         if self.tls_layer is not None:
@@ -116,36 +149,28 @@ class ClientConnection(ClientPackets, StatementCommands, OtherCommands, KillComm
                 data = self.tls_layer.feed(data)
             except ssl.SSLError as e:
                 log.info("client %s: TLS error: %s", self.host, e)
-                return self._close()
+                return self.close()
             if not data:
                 return
-        if self.infile_backend is not None:
-            self._infile_feed(data)
+        r = self.reader
+        if r.infile is not None:
+            return r.infile_feed(data)
+        if not r.feed(data):
             return
-        if self.buf:
-            if type(self.buf) is bytes:
-                self.buf = bytearray(self.buf)
-            self.buf += data
-        else:
-            self.buf = data
-        if len(self.buf) > self.packet_limit and self._over_limit():
-            return
-        if self.phase == _COMMAND and not self.busy:
+        if self.phase == COMMAND and not self.busy:
             self._process()
-        elif self._pkt_waiter is not None:
-            self._deliver_packet()
+        elif r.waiter is not None:
+            r.deliver()
 
     def connection_lost(self, exc):
         self.closed = True
-        self.phase = _CLOSING
-        w = self._pkt_waiter
-        if w is not None and not w.done():
-            w.set_exception(ConnectionError("client closed the connection"))
+        self.phase = CLOSING
+        self.reader.fail_waiter()
         if self.state is not None:
-            self.client_gone()
+            kill.stop_running(self)
         if self.shared_on is not None:
             self.shared_on.client_paused(self)  # never leave a shared connection paused for us
-        self._release_all()
+        self.release_backends()
         self.worker.forget(self)
 
     def pause_writing(self):
@@ -164,251 +189,252 @@ class ClientConnection(ClientPackets, StatementCommands, OtherCommands, KillComm
         if self.shared_on is not None:
             self.shared_on.client_paused(self)
 
+    # ---- what collaborators call -------------------------------------------------
     def write(self, data: bytes) -> None:
         if not self.closed:
             self.transport.write(data)
 
-    def _error(self, code: int, sqlstate: bytes, message: str, seq: int = 1) -> None:
+    def send_error(self, code: int, sqlstate, message: str, seq: int = 1) -> None:
+        """An ERR packet to the client (sqlstate as str or bytes)."""
+        if type(sqlstate) is str:
+            sqlstate = sqlstate.encode()
         self.write(frame(err_payload(code, sqlstate, message, self.caps), seq))
+
+    async def read_packet(self, timeout: float = 30.0) -> tuple[int, bytes]:
+        return await self.reader.read_packet(timeout)
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self.phase = CLOSING
+            self.transport.close()
+
+    def linger_close(self) -> None:
+        """Close while the client is still sending: closing at once would answer its data with a
+        reset that can destroy the error packet before the client reads it. So: send the error
+        and a FIN, read and drop what still comes for a moment, then close."""
+        self.closed = True
+        self.phase = CLOSING
+        self.reader.stop_pausing()
+        if self.tls_layer is None and self.transport.can_write_eof():
+            self.transport.write_eof()
+        self.worker.loop.call_later(_LINGER, self.transport.close)
 
     # ---- command dispatch (the hot path) ------------------------------------------------
     def _process(self):
+        r = self.reader
         while not self.busy and not self.closed:
-            pkt = self._take_packet()
+            pkt = r.take()
             if pkt is None:
                 break
             cmd = pkt[4] if len(pkt) > 4 else -1
             if cmd == COM_QUERY:
                 cls = self.worker.classifier.classify(pkt[5:]) if len(pkt) < MAX_PACKET else _HUGE
-                if cls.flags & _F_KILL and self._kill_statement(pkt, cls.flags):
+                if cls.flags & _F_KILL and kill.kill_statement(self, pkt, cls.flags):
                     continue
-                self._dispatch(pkt, cls, RESULT)
+                self.dispatch(pkt, cls, RESULT)
             elif cmd == COM_STMT_EXECUTE:
-                self._execute(pkt)
+                prepared.execute(self, pkt)
             else:
-                self._other_command(pkt, cmd)
-        if self._read_paused and not self.closed:
-            if len(self.buf) <= self.packet_limit:
-                self._read_paused = False
-                self.transport.resume_reading()
-            elif not self.busy:
-                self._over_limit()  # the packet waiting behind the last command was too big
+                commands.run(self, pkt, cmd)
+        r.commands_taken()
 
-    def _dispatch(self, pkt, cls, kind, stmt_sid: int = 0):
-        """Route a statement and relay it; falls to the slow path when its backend needs work."""
+    def dispatch(self, pkt, cls, kind: int, stmt_sid: int = 0) -> None:
+        """Plan a statement (router) and carry the plan out: relay it on an open connection that
+        carries the session's state, queue it on a shared one, or take a slow path."""
         w = self.worker
         st = self.state
-        try:
-            target = w.router.route(st, cls, w.topology, _rule_text(pkt) if w.router.rules else "")
-        except Reject as e:
-            return self._error(e.code, b"HY000", e.message)
-        except NoServer as e:
-            return self._error(1105, b"HY000", str(e))
-        name = self.writer() if target is PRIMARY else target
+        plan = w.router.plan(st, cls, w.topology, _rule_text(pkt) if w.router.rules else "",
+                             autocommit=self.status & SERVER_STATUS_AUTOCOMMIT, primary_ok=w.primary_ok,
+                             sharing=w.shared is not None, after_shared=self.last_shared is not None)
+        if plan.error is not None:
+            return self.send_error(*plan.error)
+        to_writer = plan.target is WRITER
+        name = self.writer() if to_writer else plan.target
         if st.trx_server is not None and st.in_trx and self._trx_lost(name):
             return
-        if (w.shared is not None and cls.route == _READ and not cls.flags & _NO_SHARE
-                and self.status & SERVER_STATUS_AUTOCOMMIT and not st.pinned() and not st.user_vars
-                and st.ro_trx is None and not st.gtid_wait and not st.pending_write and (target is not PRIMARY or w.primary_ok)
-                and self._try_shared(pkt, cls, kind, name, stmt_sid)):
+        cmd = Command(cls, pkt, kind, name, stmt_sid)
+        if plan.share and self._try_shared(cmd):
             return
-        if cls.flags & _F_CONN_BOUND and self.last_shared is not None:
+        if plan.replay_shared:
             # LAST_INSERT_ID(), FOUND_ROWS(), SHOW WARNINGS... after a statement that ran on a shared
             # connection: the values it asks about are on that connection, not ours.
-            self._spawn(self._replay_shared(pkt, cls, kind, name, stmt_sid, target is PRIMARY))
-            return
+            return self.spawn(self._replay_shared(cmd, to_writer))
         be = self.backends.get(name)
-        if target is PRIMARY and be is not None and not be.closed and be.peer_gone():
-            self._drop_backend(be)  # the server closed it (crash, restart, failover): never write into it
+        if to_writer and be is not None and not be.closed and be.peer_gone():
+            self.drop_backend(be)  # the server closed it (crash, restart, failover): never write into it
             be = None
         self.busy = True
-        if be is None or be.closed or be.applied != len(st.history) or st.gtid_wait or (target is PRIMARY and not w.primary_ok):
-            self._spawn(self._slow_send(pkt, cls, kind, name, stmt_sid, target is PRIMARY))
-            return
+        if plan.hold or plan.wait_gtid or be is None or be.closed or be.applied != len(st.history):
+            return self.spawn(self._slow_send(cmd, to_writer, plan.wait_gtid))
         out = pkt
         if stmt_sid:
             stmt = self.stmts.stmts[stmt_sid]
             bid = stmt.ids.get(name)
             if bid is None:  # not prepared on this server yet
-                self._spawn(self._slow_send(pkt, cls, kind, name, stmt_sid))
-                return
+                return self.spawn(self._slow_send(cmd, to_writer))
             self.stmts.touch(stmt_sid, name)
             stmt.last = name
-            out = execute_packet_for(pkt, stmt, name, bid)
-        self.inflight = (cls, pkt, kind, name, stmt_sid)
-        w.router.balancer.started(name)
-        self.sent_at = _monotonic()
-        be.relay(out, kind, self)
+            out = stmt.packet_for(pkt, name, bid)
+        self._send(be, out, cmd)
 
-    def _try_shared(self, pkt, cls, kind, name, stmt_sid) -> bool:
-        """Queue an eligible statement on a shared connection (shared.py); False: use our own."""
+    def _send(self, be, out, cmd: Command) -> None:
+        self.inflight = cmd
+        self.worker.router.balancer.started(cmd.server)
+        self.sent_at = _monotonic()
+        be.relay(out, cmd.kind, self)
+
+    def _try_shared(self, cmd: Command) -> bool:
+        """Queue an eligible statement on a shared connection (backend/shared.py); False: use our own."""
         w = self.worker
         sh = w.shared
-        p = sh.profiles.table.get(cls.digest)
-        if p is None or not p[2]:  # not known to answer small and fast (yet)
+        est = sh.profiles.shareable(cmd.cls.digest)
+        if est is None:  # not known to answer small and fast (yet)
             return False
         st = self.state
-        known = self._share_keys.get(name)
+        name = cmd.server
+        known = self.share_keys.get(name)
         if known is not None and known[0] == st.hversion:
             key = known[1]
         else:  # sessions share only with sessions of the same SET/USE history (SET NAMES, sql_mode...)
             key = (name, self.user.name, self.caps & SESSION_SHAPING_CAPABILITIES, self.charset, self.login_db,
                    tuple(st.history))
-            self._share_keys[name] = (st.hversion, key)
+            self.share_keys[name] = (st.hversion, key)
         line = sh.pick(w.servers[name], key, self.user.password)
         if line is None or line.closed:
             return False
-        if stmt_sid:
-            stmt = self.stmts.stmts[stmt_sid]
-            bid = line.ps.get(stmt.sql)
+        sid = cmd.stmt_id
+        if sid:
+            stmt = self.stmts.stmts[sid]
+            bid = line.prepared(stmt.sql)
             if bid is None:
                 if not line.direct_ok:
                     return False
-                out = shared_execute_packet(pkt, stmt, DIRECT_ID)
+                out = stmt.shared_packet(cmd.packet, DIRECT_ID)
                 if out is None:
                     return False
-                e = line.send(self, out, kind, p[0], stmt.sql, stmt.prepare_packet)
+                e = line.send(self, out, cmd.kind, est, stmt.sql, stmt.prepare_packet)
             else:
-                out = shared_execute_packet(pkt, stmt, bid)
+                out = stmt.shared_packet(cmd.packet, bid)
                 if out is None:
                     return False
-                line.ps.move_to_end(stmt.sql)
-                e = line.send(self, out, kind, p[0])
+                e = line.send(self, out, cmd.kind, est)
         else:
-            e = line.send(self, pkt, kind, p[0])
+            e = line.send(self, cmd.packet, cmd.kind, est)
         self.busy = True
         self.shared_on, self.shared_entry = line, e
-        self.inflight = (cls, pkt, kind, name, stmt_sid)
+        self.inflight = cmd
         w.router.balancer.started(name)
         return True
 
-    def shared_done(self, line, e, service: float) -> None:
-        """A shared connection finished answering this session's command."""
-        self.shared_on = self.shared_entry = None
-        self.worker.shared.statements += 1
-        self.response_done(line, e.relayed, service, True)
-
-    def shared_lost(self, line, e) -> None:
-        """The shared connection carrying this session's command died."""
-        self.shared_on = self.shared_entry = None
-        name = line.server.name
-        inflight, self.inflight = self.inflight, None
-        if inflight is not None:
-            self.worker.router.balancer.finished(name)
-        if self.closed:
-            return
-        if e.relayed == 0 and inflight is not None and not e.cancelled:
-            # Nothing reached the client, and it was a read: run it again (elsewhere if the server is down).
-            cls, pkt, kind, _, sid = inflight
-            if not self._is_writer(name):
-                self.state.failed_servers = self.state.failed_servers | {name}
-            log.info("session %d: shared connection to %s lost during a read; retrying", self.conn_id, name)
-            self.busy = False
-            return self._dispatch(pkt, cls, kind, sid)
-        if e.relayed == 0:
-            self.write(err_packet(1, CR_SERVER_LOST, f"Lost connection to backend server {name} ({line.server.where}) during query"))
-            self.busy = False
-            if self.buf:
-                self._process()
-        else:
-            self._close()
-
-    async def _replay_shared(self, pkt, cls, kind, name, stmt_sid, to_primary):
+    async def _replay_shared(self, cmd: Command, to_writer: bool):
         """Run the session's last shared read again on its own connection, then the connection-bound
         statement there, so that it sees what that read left (warnings, FOUND_ROWS()). The digest stops
         sharing, so the next time needs no replay."""
         last, self.last_shared = self.last_shared, None
-        lcls, lpkt, lkind, lname, lsid = last
-        self.worker.shared.profiles.never(lcls.digest)
-        if lname == name:
-            be = await self.backend_for(name)
-            out = await self._stmt_packet(lpkt, lsid, name, be, quiet=True) if lsid else lpkt
+        self.worker.shared.profiles.never(last.cls.digest)
+        if last.server == cmd.server:
+            be = await self.backend_for(cmd.server)
+            out = (await prepared.stmt_packet(self, last.packet, last.stmt_id, cmd.server, be, quiet=True)
+                   if last.stmt_id else last.packet)
             if out is not None:  # (None: the statement was closed since, or does not prepare there)
-                await be.command(out, lkind)
-        await self._slow_send(pkt, cls, kind, name, stmt_sid, to_primary)
+                await be.command(out, last.kind)
+        await self._slow_send(cmd, to_writer)
 
-    def response_done(self, be, relayed: int = -1, service: float = -1.0, shared: bool = False):
-        """Called by the backend when a relayed response is complete."""
-        sc = be.scanner
-        if sc.local_infile:
-            self.infile_backend = be  # the client now streams the file to this backend
-            self._if_hdr, self._if_skip, self._if_prev = b"", 0, 0
-            return
+    # ---- completion interface (backend and shared connections) -----------------------------
+    def command_done(self, conn, relayed: int = -1, service: float = -1.0) -> None:
+        """`conn` (the session's own connection, or a shared one) finished answering the command."""
+        sc = conn.scanner
+        shared = conn is self.shared_on
+        if shared:
+            self.shared_on = self.shared_entry = None
+        elif sc.local_infile:
+            return self.reader.start_infile(conn)  # the client now streams the file to this backend
         w = self.worker
-        name = be.server.name
-        inflight, self.inflight = self.inflight, None
-        self.last_shared = inflight if shared else None
-        if inflight is not None:
-            w.router.balancer.finished(name)
-            cls = inflight[0]
-            if w.shared is not None and cls.route == _READ and not cls.flags & _NO_SHARE and not sc.error:
-                w.shared.profiles.learn(cls.digest, be.relayed if relayed < 0 else relayed,
-                                        _monotonic() - self.sent_at if service < 0 else service,
-                                        warning_count(sc.final, sc.deprecate_eof) > 0)
-        on_primary = name == self.state.writer or name == w.primary_name
+        st = self.state
+        name = conn.server.name
+        cmd, self.inflight = self.inflight, None
+        self.last_shared = cmd if shared else None
+        on_primary = name == st.writer or name == w.primary_name
         status, error = sc.status, sc.error
         if on_primary and not error:
             self.status = status
-        st = self.state
-        if inflight is not None:
-            cls = inflight[0]
+        fetch_gtid = False
+        if cmd is not None:
+            w.router.balancer.finished(name)
+            cls = cmd.cls
             flags = cls.flags
+            if w.shared is not None and cls.route == _READ and not flags & _NO_SHARE and not error:
+                w.shared.profiles.learn(cls.digest, conn.relayed if relayed < 0 else relayed,
+                                        _monotonic() - self.sent_at if service < 0 else service, sc.warnings > 0)
             st.after(flags, on_primary, name, self.status if on_primary else status, error)
-            statement = inflight[1][4] in (COM_QUERY, COM_STMT_EXECUTE)
             if not error:
-                if cls.route == C.SESSION:
-                    if inflight[4]:  # SET through a prepared statement: cannot be replayed elsewhere
+                if cls.route == _SESSION:
+                    if cmd.stmt_id:  # SET through a prepared statement: cannot be replayed elsewhere
                         st.history_overflow = True
                     else:
-                        st.record(inflight[1], flags)
-                        be.applied = len(st.history)
+                        st.record(cmd.packet, flags)
+                        conn.applied = len(st.history)
                     if flags & C.F_USE_DB:
-                        be.db_touched = True
+                        conn.db_touched = True
                         self.db = cls.db
-                if on_primary and statement and st.write_completed(cls.route, flags):
-                    if st.ryw_mode == "gtid":
-                        self.worker.loop.create_task(self._fetch_gtid(be))
-                        return  # busy until the GTID is known
-                    st.wrote()
+                if on_primary and cmd.packet[4] in _STATEMENTS and st.write_completed(cls.route, flags):
+                    if st.ryw_mode == RYW_GTID:
+                        fetch_gtid = True
+                    else:
+                        st.wrote()
         st.failed_servers = frozenset()
-        if w.spread_per_transaction and not st.pinned():
+        if w.spread_per_transaction and not st.pin():
             st.writer = None  # the next transaction may go to another master
-        self.busy = False
-        if self.buf and not self.closed:
-            self._process()
+        if fetch_gtid:  # busy until the GTID it produced is known; _fetch_gtid finishes the command
+            w.loop.create_task(self._fetch_gtid(conn))
+            return
+        self._finish()
 
-    def backend_lost(self, be):
-        """A backend died while relaying this session's command."""
-        name = be.server.name
-        self._drop_backend(be)
-        self.infile_backend = None
-        inflight, self.inflight = self.inflight, None
-        if inflight is not None:
+    def command_lost(self, conn, relayed: int, cancelled: bool = False) -> None:
+        """`conn` died while answering the command, after `relayed` bytes reached the client."""
+        name = conn.server.name
+        shared = conn is self.shared_on
+        if shared:
+            self.shared_on = self.shared_entry = None
+        else:
+            self.drop_backend(conn)
+            self.reader.infile = None
+        cmd, self.inflight = self.inflight, None
+        if cmd is not None:
             self.worker.router.balancer.finished(name)
         if self.closed:
             return
         st = self.state
-        if be.relayed == 0 and inflight is not None and not self._is_writer(name) and not st.pinned():
-            # A read on a replica that died before sending anything: run it elsewhere,
-            # the client never notices.
-            cls, pkt, kind, _, sid = inflight
-            st.failed_servers = st.failed_servers | {name}
-            log.info("session %d: replica %s lost during a read; retrying elsewhere", self.conn_id, name)
+        writer = self.is_writer(name)
+        # Nothing reached the client: a read runs again, elsewhere if its server is down, and the
+        # client never notices. On the session's own connection only a replica's (a statement on
+        # the writer may have had effects); a shared connection carries nothing but reads.
+        if relayed == 0 and cmd is not None and not cancelled and (shared or not (writer or st.pin())):
+            if not writer:
+                st.failed_servers = st.failed_servers | {name}
+            log.info("session %d: %s to %s lost during a read; retrying", self.conn_id,
+                     "shared connection" if shared else "connection", name)
             self.busy = False
-            return self._dispatch(pkt, cls, kind, sid)
-        if be.relayed == 0:
-            msg = f"Lost connection to backend server {be.server.name} ({be.server.where}) during query"
-            self.write(err_packet(1, CR_SERVER_LOST, msg))
-            self.busy = False
-            if self.buf:
-                self._process()
+            return self.dispatch(cmd.packet, cmd.cls, cmd.kind, cmd.stmt_id)
+        if relayed == 0:
+            self.write(err_packet(1, CR_SERVER_LOST, f"Lost connection to backend server {name} "
+                                                     f"({conn.server.where}) during query"))
+            self._finish()
         else:
             # Part of the result already reached the client: the stream cannot be
             # repaired, so the client sees a lost connection, as with a crashed server.
-            self._close()
+            self.close()
+
+    def _finish(self) -> None:
+        """The command is over: take the next one the client sent meanwhile."""
+        self.busy = False
+        if self.reader.buf and self.phase == COMMAND and not self.closed:
+            self._process()
 
     # ---- slow paths --------------------------------------------------------------------
-    def _spawn(self, coro):
+    def spawn(self, coro) -> None:
+        """Run a slow path; the session stays busy until it is over."""
         self.busy = True
         self.worker.loop.create_task(self._run(coro))
 
@@ -416,70 +442,63 @@ class ClientConnection(ClientPackets, StatementCommands, OtherCommands, KillComm
         try:
             await coro
         except BackendError as e:
-            self._error(e.code, e.sqlstate.encode(), e.message)
+            self.send_error(e.code, e.sqlstate, e.message)
         except AccessDenied as e:
             self.write(err_packet(e.seq, ER_ACCESS_DENIED_ERROR, str(e), self.caps))
-            self._close()
+            self.close()
         except (ConnectionError, asyncio.TimeoutError) as e:
             if not self.closed:
                 self.write(err_packet(1, CR_SERVER_LOST, f"Lost connection to backend during query: {e or 'timeout'}"))
         except Exception:
             log.exception("session %d: internal error", self.conn_id)
-            self._error(1105, b"HY000", "rwproxy internal error; see the proxy log")
-        if self.inflight is None and self.infile_backend is None:
-            self.busy = False
-            if self.buf and self.phase == _COMMAND and not self.closed:
-                self._process()
+            self.send_error(ER_UNKNOWN_ERROR[0], "HY000", "rwproxy internal error; see the proxy log")
+        if self.inflight is None and self.reader.infile is None:
+            self._finish()
 
     async def backend_for(self, name: str):
         """The session's connection to `name`, opened and brought up to the session's state."""
         be = self.backends.get(name)
         if be is None or be.closed:
             if be is not None:
-                self._drop_backend(be)
+                self.drop_backend(be)
             w = self.worker
-            be = await w.pools.acquire(
-                w.servers[name], self.user.name, self.user.password, self.caps & SESSION_SHAPING_CAPABILITIES, self.charset, self.login_db
-            )
+            be = await w.pools.acquire(w.servers[name], self.user.name, self.user.password,
+                                       self.caps & SESSION_SHAPING_CAPABILITIES, self.charset, self.login_db)
             be.client = self
             be.applied = 0
             self.backends[name] = be
-            if self._is_writer(name) and not self.status & SERVER_STATUS_AUTOCOMMIT:
+            if self.is_writer(name) and not self.status & SERVER_STATUS_AUTOCOMMIT:
                 # autocommit=0 is not in the replay history (replicas keep autocommit on)
-                resp = await be.command(frame(b"\x03SET autocommit=0", 0), RESULT)
+                resp = await be.command(_SET_AUTOCOMMIT_0, RESULT)
                 if resp[4] == 0xFF:
-                    raise BackendError(1105, "HY000", f"could not restore autocommit=0 on {name}")
-        history = self.state.history
-        while be.applied < len(history):
-            packet = history[be.applied]
-            resp = await be.command(packet, RESULT)
-            if resp[4] == 0xFF:
-                raise BackendError(1105, "HY000", f"could not replay session state on {name}: {resp[13:].decode('utf-8', 'replace')}")
-            if packet[4] == COM_INIT_DB or packet[5:8].lower() == b"use":
-                be.db_touched = True
-            be.applied += 1
+                    raise BackendError(ER_UNKNOWN_ERROR[0], "HY000", f"could not restore autocommit=0 on {name}")
+        await be.replay(self.state.history)
         return be
 
-    async def _slow_send(self, pkt, cls, kind, name, stmt_sid, to_primary=False):
+    async def _slow_send(self, cmd: Command, to_writer: bool = False, wait_gtid: bool = False):
+        """Send a statement whose connection needs work first: connect and replay, wait for a
+        writable primary (failover, switchover), wait for a GTID; route around a replica that
+        cannot be used."""
         st = self.state
         w = self.worker
+        name = cmd.server
         deadline = w.loop.time() + w.config.failover.write_hold_timeout
         while True:
-            if to_primary:
+            if to_writer:
                 await w.wait_for_primary()  # held while failover/switchover runs
                 name = self.writer()
             try:
                 be = await self.backend_for(name)
-                if st.gtid_wait:
-                    st.gtid_wait = False
+                if wait_gtid:
+                    wait_gtid = False
                     if not await self._gtid_wait(be):
-                        to_primary = True
+                        to_writer = True
                         continue
                 break
             except (BackendError, ConnectionError, asyncio.TimeoutError) as e:
                 if isinstance(e, BackendError) and e.code not in (2003, 2013):
                     raise  # the server answered (access denied, unknown database...): not a failure to route around
-                if to_primary or self._is_writer(name) or st.pinned():
+                if to_writer or self.is_writer(name) or st.pin():
                     remaining = deadline - w.loop.time()
                     if st.in_trx or remaining <= 0:
                         raise
@@ -487,25 +506,26 @@ class ClientConnection(ClientPackets, StatementCommands, OtherCommands, KillComm
                     # publish a new one; hold the statement meanwhile.
                     log.info("session %d: primary %s unreachable (%s); holding the statement", self.conn_id, name, e)
                     await w.next_topology(min(0.5, remaining))
-                    to_primary = True
+                    to_writer = True
                     continue
                 log.info("session %d: replica %s unusable (%s); routing elsewhere", self.conn_id, name, e)
                 st.failed_servers = st.failed_servers | {name}
-                try:
-                    target = w.router.route(st, cls, w.topology)
-                except NoServer:
-                    target = PRIMARY
-                to_primary = target is PRIMARY
-                name = self.writer() if to_primary else target
-        out = pkt
-        if stmt_sid:
-            out = await self._stmt_packet(pkt, stmt_sid, name, be)
+                plan = w.router.plan(st, cmd.cls, w.topology)
+                to_writer = plan.target is WRITER or plan.error is not None
+                wait_gtid = plan.wait_gtid
+                name = self.writer() if to_writer else plan.target
+        cmd.server = name
+        out = cmd.packet
+        if cmd.stmt_id:
+            out = await prepared.stmt_packet(self, out, cmd.stmt_id, name, be)
             if out is None:
                 return
-        self.inflight = (cls, pkt, kind, name, stmt_sid)
-        w.router.balancer.started(name)
-        self.sent_at = _monotonic()
-        be.relay(out, kind, self)
+        self._send(be, out, cmd)
+
+    async def send_command(self, pkt, cls, kind: int, name: str, stmt_id: int = 0) -> None:
+        """Send a command to server `name` by the slow path (statement commands that must follow
+        their statement: fetch, reset)."""
+        await self._slow_send(Command(cls, pkt, kind, name, stmt_id))
 
     def writer(self) -> str:
         """The server this session writes to: the primary, or in master-master mode the
@@ -519,7 +539,7 @@ class ClientConnection(ClientPackets, StatementCommands, OtherCommands, KillComm
             st.writer = w.pick_writer()
         return st.writer
 
-    def _is_writer(self, name: str) -> bool:
+    def is_writer(self, name: str) -> bool:
         return name == self.state.writer or name == self.worker.primary_name
 
     def _trx_lost(self, name: str) -> bool:
@@ -535,7 +555,7 @@ class ClientConnection(ClientPackets, StatementCommands, OtherCommands, KillComm
         st.in_trx = False
         st.trx_server = None
         st.pending_write = False
-        self._error(1213, b"40001", msg)
+        self.send_error(1213, "40001", msg)
         return True
 
     def server_down(self, name: str) -> None:
@@ -544,71 +564,65 @@ class ClientConnection(ClientPackets, StatementCommands, OtherCommands, KillComm
         if be is None or be.closed:
             return
         if be.relaying_for(self):
-            be.transport.abort()  # -> backend_lost(): retried if nothing reached the client yet
+            be.transport.abort()  # -> command_lost(): retried if nothing reached the client yet
         elif self.state is None or self.state.trx_server != name:
-            self._drop_backend(be)
+            self.drop_backend(be)
 
     async def _gtid_wait(self, be) -> bool:
         """MASTER_GTID_WAIT on a replica before a read that must see the session's last write."""
-        st = self.state
         timeout = self.worker.config.routing.gtid_wait_timeout
-        sql = f"SELECT MASTER_GTID_WAIT('{st.last_gtid}', {timeout})".encode()
-        resp = await be.command(frame(b"\x03" + sql, 0), RESULT, timeout=timeout + 2)
-        return _first_value(resp, be.caps) == b"0"
+        sql = f"SELECT MASTER_GTID_WAIT('{self.state.last_gtid}', {timeout})".encode()
+        resp = await be.command(command(COM_QUERY, sql), RESULT, timeout=timeout + 2)
+        return first_value(resp) == b"0"
 
     async def _fetch_gtid(self, be):
         """After a write in gtid read-your-writes mode: remember the GTID it produced."""
         try:
-            resp = await be.command(frame(b"\x03SELECT @@last_gtid", 0), RESULT, timeout=5)
-            value = _first_value(resp, be.caps)
+            value = first_value(await be.command(_LAST_GTID, RESULT, timeout=5))
             self.state.wrote(value.decode() if value else "")
         except (ConnectionError, asyncio.TimeoutError):
             self.state.wrote()
-        self.busy = False
-        if self.buf and not self.closed:
-            self._process()
+        self._finish()
 
     # ---- teardown ------------------------------------------------------------------------
-    def _drop_backend(self, be):
+    def drop_backend(self, be) -> None:
+        """Stop using a connection whose state is unknown (it is closed, not pooled)."""
         name = be.server.name
         if self.backends.get(name) is be:
             del self.backends[name]
         self.stmts.forget_server(name)
         self.worker.pools.discard(be)
 
-    def _release_all(self):
+    def release_backends(self) -> None:
+        """Give every connection back (to be reset and reused) or drop it (mid-response, or
+        options a reset does not undo)."""
         pools = self.worker.pools
         for be in self.backends.values():
             if be.relaying_for(self) or be.dirty:
-                pools.discard(be)  # mid-response, or options a reset won't undo
+                pools.discard(be)
             else:
                 pools.release(be)
         self.backends = {}
 
-    def _close(self):
-        if not self.closed:
-            self.closed = True
-            self.phase = _CLOSING
-            self.transport.close()
+
+_LINGER = 2.0  # seconds a refused client may go on sending before the connection is closed
 
 
 def _rule_text(pkt: bytes) -> str:
     return bytes(pkt[5:]).decode("utf-8", "replace") if pkt[4] == COM_QUERY else ""
 
 
-def _first_value(resp: bytes, caps: int) -> bytes | None:
-    """The first column of the first row of a text result set (for the proxy's own queries)."""
-    packets, pos = [], 0
-    while pos + 4 <= len(resp):
-        n = int.from_bytes(resp[pos : pos + 3], "little")
-        packets.append(resp[pos + 4 : pos + 4 + n])
-        pos += 4 + n
+def first_value(resp: bytes) -> bytes | None:
+    """The first column of the first row of a text result set (the proxy's own queries), read
+    without CLIENT_DEPRECATE_EOF knowledge: a row is the first packet after the column
+    definitions that is not an EOF packet."""
+    packets = payloads(resp)
     if not packets or packets[0][:1] in (b"\x00", b"\xff"):
         return None
-    ncols = packets[0][0]
-    row_index = 1 + ncols + (0 if caps & (1 << 24) else 1)
-    if row_index >= len(packets) or packets[row_index][:1] == b"\xfb":
+    i = 1 + packets[0][0]  # the column count packet, then that many definitions
+    if i < len(packets) and packets[i][:1] == b"\xfe" and len(packets[i]) < 9:
+        i += 1  # the EOF after the definitions (no CLIENT_DEPRECATE_EOF)
+    if i >= len(packets) or packets[i][:1] in (b"\xfb", b"\xfe", b"\xff"):
         return None
-    value, _ = read_lenenc_str(packets[row_index], 0)
+    value, _ = read_lenenc_str(packets[i], 0)
     return value
-

@@ -38,6 +38,7 @@ typedef struct {
     PyObject_HEAD
     /* public attributes */
     int status;
+    int warnings;  /* of the last OK/EOF read, like status */
     char error;
     char local_infile;
     char deprecate_eof;
@@ -76,10 +77,13 @@ le24(const unsigned char *p)
     return (uint32_t)p[0] | ((uint32_t)p[1] << 8) | ((uint32_t)p[2] << 16);
 }
 
+/* Status flags of an OK packet (header, lenenc, lenenc, status u16,
+ * warnings u16); its warning count goes to s->warnings. */
 static int
-ok_status(const unsigned char *p, Py_ssize_t n)
+ok_status(ScannerObject *s, const unsigned char *p, Py_ssize_t n)
 {
     Py_ssize_t i = 1;
+    s->warnings = 0;
     for (int k = 0; k < 2; k++) {
         if (i >= n)
             return 0;
@@ -88,21 +92,26 @@ ok_status(const unsigned char *p, Py_ssize_t n)
     }
     if (i + 2 > n)
         return 0;
+    s->warnings = i + 4 <= n ? (p[i + 2] | (p[i + 3] << 8)) : 0;
     return p[i] | (p[i + 1] << 8);
 }
 
+/* Status flags of an EOF packet (0xFE, warnings u16, status u16). */
 static inline int
-eof_status(const unsigned char *p, Py_ssize_t n)
+eof_status(ScannerObject *s, const unsigned char *p, Py_ssize_t n)
 {
-    return n >= 5 ? (p[3] | (p[4] << 8)) : 0;
+    if (n < 5)
+        return 0;
+    s->warnings = p[1] | (p[2] << 8);
+    return p[3] | (p[4] << 8);
 }
 
 static inline int
 fe_status(ScannerObject *s, const unsigned char *p, Py_ssize_t n)
 {
     if (s->deprecate_eof && n >= 7)
-        return ok_status(p, n);
-    return eof_status(p, n);
+        return ok_status(s, p, n);
+    return eof_status(s, p, n);
 }
 
 static int
@@ -240,7 +249,7 @@ end_logical(ScannerObject *s)
     case S_FIRST: {
         uint64_t count;
         if (first == 0x00 || first == 0xFE) {
-            status = s->status = first == 0 ? ok_status(p, n) : fe_status(s, p, n);
+            status = s->status = first == 0 ? ok_status(s, p, n) : fe_status(s, p, n);
             if (status & MORE_RESULTS)
                 return 0;
             return done(s);
@@ -297,7 +306,7 @@ end_logical(ScannerObject *s)
         return done(s);
     case S_SIMPLE:
         if (first == 0x00)
-            s->status = ok_status(p, n);
+            s->status = ok_status(s, p, n);
         else if (first == 0xFE)
             s->status = fe_status(s, p, n);
         return done(s);
@@ -432,6 +441,7 @@ reset(ScannerObject *s, int kind)
     s->count = 0;
     buf_shrink(s);
     s->status = 0;
+    s->warnings = 0;
     s->error = 0;
     s->local_infile = 0;
     s->packets = 0;
@@ -525,6 +535,7 @@ static PyMethodDef Scanner_methods[] = {
 static PyMemberDef Scanner_members[] = {
     {"deprecate_eof", T_BOOL, offsetof(ScannerObject, deprecate_eof), READONLY, NULL},
     {"status", T_INT, offsetof(ScannerObject, status), READONLY, NULL},
+    {"warnings", T_INT, offsetof(ScannerObject, warnings), READONLY, NULL},
     {"error", T_BOOL, offsetof(ScannerObject, error), READONLY, NULL},
     {"final", T_OBJECT, offsetof(ScannerObject, final), READONLY, NULL},
     {"local_infile", T_BOOL, offsetof(ScannerObject, local_infile), READONLY, NULL},

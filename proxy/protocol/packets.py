@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from proxy.protocol.constants import (
     CLIENT_PROTOCOL_41,
+    COM_STMT_CLOSE,
     CLIENT_SESSION_TRACK,
     MAX_PACKET,
     SERVER_SESSION_STATE_CHANGED,
@@ -26,6 +27,26 @@ class ProtocolError(Exception):
 
 def header(length: int, seq: int) -> bytes:
     return struct.pack("<I", length | ((seq & 0xFF) << 24))
+
+
+def packet_length(buf, pos: int = 0) -> int:
+    """The payload length in the 4-byte header at buf[pos] (the one place headers are decoded)."""
+    return buf[pos] | (buf[pos + 1] << 8) | (buf[pos + 2] << 16)
+
+
+def logical_packet(buf, pos: int = 0) -> tuple[int, int]:
+    """(end, size) of the logical packet starting at buf[pos]: `end` is the offset just past it,
+    -1 while it is incomplete; `size` is its payload length as far as the headers seen declare
+    it (a packet of 16 MiB or more is split into physical packets of 0xFFFFFF bytes, the last
+    one shorter)."""
+    size, blen = 0, len(buf)
+    while pos + 4 <= blen:
+        n = buf[pos] | (buf[pos + 1] << 8) | (buf[pos + 2] << 16)
+        size += n
+        pos += 4 + n
+        if n < MAX_PACKET:
+            return (pos if pos <= blen else -1), size
+    return -1, size
 
 
 def frame(payload: bytes, seq: int) -> bytes:
@@ -46,18 +67,63 @@ def frame(payload: bytes, seq: int) -> bytes:
     return b"".join(parts)
 
 
+def command(cmd: int, body: bytes = b"") -> bytes:
+    """A framed command packet (sequence 0) for the proxy's own commands to a server."""
+    return frame(bytes((cmd,)) + body, 0)
+
+
+def stmt_close(stmt_id: int) -> bytes:
+    """COM_STMT_CLOSE for a backend statement id (the server sends no response)."""
+    return command(COM_STMT_CLOSE, stmt_id.to_bytes(4, "little"))
+
+
 def logical_payload(pkt: bytes) -> bytes:
     """Payload of a (possibly split) logical packet given with its headers."""
-    n = pkt[0] | (pkt[1] << 8) | (pkt[2] << 16)
+    n = packet_length(pkt)
     if n < MAX_PACKET:
         return pkt[4 : 4 + n]
     parts, pos = [], 0
     while True:
-        m = pkt[pos] | (pkt[pos + 1] << 8) | (pkt[pos + 2] << 16)
+        m = packet_length(pkt, pos)
         parts.append(pkt[pos + 4 : pos + 4 + m])
         pos += 4 + m
         if m < MAX_PACKET:
             return b"".join(parts)
+
+
+def execute_types_at(pkt, nparams: int) -> int:
+    """Where COM_STMT_EXECUTE's new-params-bound flag sits in the framed packet `pkt` (after the
+    header, command, statement id, flags, iteration count and NULL bitmap); -1 when the statement
+    has no parameters, the packet is split (16 MiB or more) or it is cut short."""
+    if not nparams or len(pkt) >= MAX_PACKET:
+        return -1
+    at = 4 + 10 + (nparams + 7) // 8
+    return at if at < len(pkt) else -1
+
+
+def rewrite_execute(pkt, stmt_id: int, types: bytes | None = None, types_at: int = -1) -> bytes:
+    """COM_STMT_EXECUTE `pkt` made to name backend statement `stmt_id` and, when `types` is given,
+    to carry those parameter types (the new-params-bound flag at `types_at` set to 1). A client
+    sends the types only with the first execute after binding; a connection that missed it
+    needs them put back. The one execute-packet rewriter: every path that sends an execute
+    to a server (own or shared connection) goes through it."""
+    sid = stmt_id.to_bytes(4, "little")
+    if types is not None:
+        body = pkt[4:5] + sid + pkt[9:types_at] + b"\x01" + types + pkt[types_at + 1 :]
+        return len(body).to_bytes(3, "little") + pkt[3:4] + body
+    if pkt[5:9] == sid:
+        return pkt  # a fresh connection often numbers statements as the client does: no copy
+    return pkt[:5] + sid + pkt[9:]
+
+
+def payloads(data: bytes) -> list[bytes]:
+    """The payloads of the whole physical packets in `data` (a collected response)."""
+    out, pos = [], 0
+    while pos + 4 <= len(data):
+        n = packet_length(data, pos)
+        out.append(data[pos + 4 : pos + 4 + n])
+        pos += 4 + n
+    return out
 
 
 def lenenc_int(n: int) -> bytes:
@@ -160,10 +226,6 @@ def err_packet(seq: int, error: tuple[int, bytes], message: str, capabilities: i
     return frame(err_payload(code, state, message, capabilities), seq)
 
 
-def eof_payload(status: int, warnings: int = 0) -> bytes:
-    return b"\xfe" + _u16.pack(warnings) + _u16.pack(status)
-
-
 @dataclass(slots=True)
 class OK:
     affected_rows: int
@@ -174,22 +236,42 @@ class OK:
     session_state: bytes  # raw session-state-change block (may be empty)
 
 
-def parse_ok(payload: bytes, capabilities: int) -> OK:
-    """Decode an OK (0x00 or 0xFE header) packet payload."""
-    affected, pos = read_lenenc_int(payload, 1)
-    insert_id, pos = read_lenenc_int(payload, pos)
-    status, warnings = struct.unpack_from("<HH", payload, pos)
+def parse_ok(payload: bytes, capabilities: int = 0) -> OK:
+    """Decode an OK packet payload (0x00 header, or 0xFE ending a result with CLIENT_DEPRECATE_EOF).
+
+    Fields a cut-short packet lacks read as 0 (an old server's OK has no warnings, as the
+    response scanners assume too)."""
+    n = len(payload)
+    affected, pos = _lenenc_or_zero(payload, 1)
+    insert_id, pos = _lenenc_or_zero(payload, pos)
+    status = payload[pos] | (payload[pos + 1] << 8) if pos + 2 <= n else 0
+    warnings = payload[pos + 2] | (payload[pos + 3] << 8) if pos + 4 <= n else 0
     pos += 4
-    info = b""
-    state = b""
-    if pos < len(payload):
+    info = state = b""
+    if pos < n:
         if capabilities & CLIENT_SESSION_TRACK:
             info, pos = read_lenenc_str(payload, pos)
-            if status & SERVER_SESSION_STATE_CHANGED and pos < len(payload):
+            if status & SERVER_SESSION_STATE_CHANGED and pos < n:
                 state, pos = read_lenenc_str(payload, pos)
         else:
             info = bytes(payload[pos:])
-    return OK(affected or 0, insert_id or 0, status, warnings, info, state)
+    return OK(affected, insert_id, status, warnings, info, state)
+
+
+def _lenenc_or_zero(buf, pos: int) -> tuple[int, int]:
+    """A length-encoded integer where one is due; past the end, NULL or 0xFF (never valid
+    there) read as a one-byte 0, as the C scanner reads them."""
+    if pos >= len(buf) or buf[pos] in (0xFB, 0xFF):
+        return 0, pos + 1
+    value, end = read_lenenc_int(buf, pos)
+    return value, end
+
+
+def parse_eof(payload: bytes) -> tuple[int, int]:
+    """(status flags, warnings) of an EOF packet payload (0xFE, warnings u16, status u16)."""
+    if len(payload) < 5:
+        return 0, 0
+    return payload[3] | (payload[4] << 8), payload[1] | (payload[2] << 8)
 
 
 def parse_err(payload: bytes) -> tuple[int, str, str]:
@@ -198,14 +280,3 @@ def parse_err(payload: bytes) -> tuple[int, str, str]:
     if len(payload) > 3 and payload[3:4] == b"#":
         return code, payload[4:9].decode("ascii", "replace"), payload[9:].decode("utf-8", "replace")
     return code, "HY000", payload[3:].decode("utf-8", "replace")
-
-
-def session_track_entries(block: bytes) -> list[tuple[int, bytes]]:
-    """Split a session-state-change block into (type, data) entries."""
-    out = []
-    pos = 0
-    while pos < len(block):
-        kind = block[pos]
-        data, pos = read_lenenc_str(block, pos + 1)
-        out.append((kind, data))
-    return out

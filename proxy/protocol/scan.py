@@ -41,6 +41,8 @@ from __future__ import annotations
 
 import os
 
+from proxy.protocol.packets import parse_eof, parse_ok
+
 __all__ = [
     "RESULT", "PREPARE", "FIELD_LIST", "SIMPLE", "STATISTICS", "ROWS",
     "SERVER_MORE_RESULTS_EXISTS", "SERVER_STATUS_CURSOR_EXISTS",
@@ -69,30 +71,11 @@ _START_STATE = {
 }
 
 
-def _ok_status(p: bytes) -> int:
-    """Status flags of an OK packet (header, lenenc, lenenc, status u16)."""
-    n = len(p)
-    i = 1
-    for _ in range(2):
-        if i >= n:
-            return 0
-        b = p[i]
-        i += 3 if b == 0xFC else 4 if b == 0xFD else 9 if b == 0xFE else 1
-    if i + 2 > n:
-        return 0
-    return p[i] | p[i + 1] << 8
-
-
-def _eof_status(p: bytes) -> int:
-    """Status flags of an EOF packet (0xFE, warnings u16, status u16)."""
-    return p[3] | p[4] << 8 if len(p) >= 5 else 0
-
-
 class PyScanner:
     """Pure-Python response scanner; the reference for the C version.
 
-    After feed() returned >= 0: ``status`` (flags of the last OK/EOF of the
-    response, kept on ERR), ``error``, ``final`` (payload of the last
+    After feed() returned >= 0: ``status`` and ``warnings`` (of the last
+    OK/EOF of the response, kept on ERR), ``error``, ``final`` (payload of the last
     OK/EOF/ERR; the prepare OK with deprecate_eof; the string for
     STATISTICS), ``local_infile``, ``packets`` (logical packets) and, for
     PREPARE, ``stmt_id``/``num_params``/``num_columns``.  feed() before the
@@ -100,7 +83,7 @@ class PyScanner:
     """
 
     __slots__ = (
-        "deprecate_eof", "status", "error", "final", "local_infile", "packets",
+        "deprecate_eof", "status", "warnings", "error", "final", "local_infile", "packets",
         "stmt_id", "num_params", "num_columns",
         "_kind", "_state", "_mode", "_hdr", "_need", "_plen", "_full",
         "_collect", "_buf", "_count", "_rows_lim",
@@ -127,6 +110,7 @@ class PyScanner:
         self._buf.clear()
         self._count = 0
         self.status = 0
+        self.warnings = 0
         self.error = False
         self.final = b""
         self.local_infile = False
@@ -159,10 +143,18 @@ class PyScanner:
         else:
             self._mode = _M_SKIP
 
+    def _ok_status(self, p) -> int:
+        ok = parse_ok(p)
+        self.warnings = ok.warnings
+        return ok.status
+
     def _fe_status(self, p) -> int:
         if self.deprecate_eof and len(p) >= 7:
-            return _ok_status(p)
-        return _eof_status(p)
+            return self._ok_status(p)
+        status, warnings = parse_eof(p)
+        if len(p) >= 5:
+            self.warnings = warnings
+        return status
 
     def _end_logical(self) -> bool:
         """A logical packet is complete; advance the grammar.  True = done."""
@@ -200,7 +192,7 @@ class PyScanner:
             return self._done()
         if st == _FIRST:
             if first == 0x00 or first == 0xFE:
-                status = self.status = _ok_status(p) if first == 0 else self._fe_status(p)
+                status = self.status = self._ok_status(p) if first == 0 else self._fe_status(p)
                 if status & SERVER_MORE_RESULTS_EXISTS:
                     return False  # another result follows: stay in _FIRST
                 return self._done()
@@ -245,7 +237,7 @@ class PyScanner:
             return self._done()
         if st == _SIMPLE:
             if first == 0x00:
-                self.status = _ok_status(p)
+                self.status = self._ok_status(p)
             elif first == 0xFE:
                 self.status = self._fe_status(p)
             return self._done()

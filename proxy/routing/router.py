@@ -1,81 +1,101 @@
-"""Where each statement runs: (statement class, session state, topology) -> server.
+"""Where each statement runs: (statement class, session state, topology) -> a Plan.
 
-Pure decisions, no I/O, so every rule is unit-testable. The order of the
-checks is the order of precedence: operator rules, then anything that ties
-the session to one connection (transactions, locks, temporary tables,
-connection-bound functions), then writes, then hints and read-your-writes,
-then the balancer.
+Decide, then act: Router.plan is a pure decision (no I/O, no change to the session) that
+the session carries out, so every rule is unit-testable without sockets
+(tests/test_router.py). The order of the checks is the order of precedence: operator rules,
+then anything that ties the session to one connection (read-only transactions on a replica,
+connection-bound functions, transactions, locks, temporary tables), then writes, then hints
+and read-your-writes, then the balancer.
 """
 
 from __future__ import annotations
 
-import itertools
 import time
 
+from proxy.cluster.gtid import reached
+from proxy.config.schema import (
+    BALANCE_LEAST_OUTSTANDING, ROUTE_PRIMARY, ROUTE_REJECT, ROUTE_REPLICA, RYW_GTID, RYW_SESSION,
+)
+from proxy.cluster.topology import UP
+from proxy.protocol.constants import ER_UNKNOWN_ERROR
 from proxy.routing import classify as C
-from proxy.cluster.topology import REPLICA
-
-PRIMARY = "primary"  # sentinel target: the session's writer
+from proxy.routing.balancer import Balancer
 
 
-class Reject(Exception):
-    def __init__(self, code: int, message: str):
-        super().__init__(message)
-        self.code = code
-        self.message = message
+class _Writer:
+    """The session's writer: the primary, or in master-master mode the master the session
+    (or its transaction) was given. A unique object, so no backend name can be mistaken for it."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "WRITER"
 
 
-class NoServer(Exception):
-    """No server may take this statement now (reported to the client as an error)."""
+WRITER = _Writer()
 
 
-class Balancer:
-    """Picks a replica from the read pool: weighted least-outstanding (default), round-robin, lowest-lag."""
+class Why:
+    """Why a plan sends a statement where it does (sessions table, logs, tests)."""
 
-    def __init__(self, policy: str):
-        self.policy = policy
-        self.outstanding: dict[str, int] = {}  # statements in flight per server
-        self.routed: dict[str, int] = {}  # statements sent per server, ever
-        self._rr = itertools.count()
+    RULE = "rule"
+    HINT = "hint"
+    READ_ONLY_TRX = "read-only transaction"
+    CONN_BOUND = "connection-bound"
+    WRITE = "write"
+    USER_VAR = "user variable"
+    NO_SPLIT = "read_write_split off"
+    USER_ROUTE = "user default_route"
+    RYW_WINDOW = "read-your-writes window"
+    GTID_CAUGHT_UP = "replica has its GTID"
+    GTID_WAIT = "waits for its GTID"
+    READ = "read"
+    NO_REPLICA = "no replica"
+    # pins (SessionState.pin) are reasons too: transaction, temporary table, ...
 
-    def started(self, name: str) -> None:
-        self.outstanding[name] = self.outstanding.get(name, 0) + 1
-        self.routed[name] = self.routed.get(name, 0) + 1
 
-    def finished(self, name: str) -> None:
-        n = self.outstanding.get(name, 0)
-        self.outstanding[name] = n - 1 if n > 0 else 0
+# Statement flags that keep a read off shared connections: anything but a routing hint.
+_NO_SHARE = ~(C.F_HINT_PRIMARY | C.F_HINT_REPLICA)
+_READ, _CONN_BOUND = C.READ, C.F_CONN_BOUND
 
-    def pick(self, cands: list, exclude: frozenset = frozenset()):
-        if exclude:
-            cands = [s for s in cands if s.name not in exclude]
-        n = len(cands)
-        if n < 2:
-            return cands[0] if n and cands[0].weight > 0 else None
-        policy = self.policy
-        if policy == "round-robin":
-            # weighted: a server appears `weight` times in the cycle
-            wheel = [s for s in cands for _ in range(min(s.weight, 100))]
-            return wheel[next(self._rr) % len(wheel)] if wheel else None
-        if policy == "lowest-lag":
-            live = [s for s in cands if s.weight > 0]
-            return min(live, key=lambda s: (s.lag_ms if s.lag_ms is not None else 1e12, self.outstanding.get(s.name, 0)), default=None)
-        out = self.outstanding
-        # least (outstanding + 1) / weight; ties broken round-robin so idle servers share reads
-        start = next(self._rr)
-        best, best_score = None, 1e300
-        for i in range(n):
-            s = cands[(start + i) % n]
-            w = s.weight
-            if w > 0:
-                score = (out.get(s.name, 0) + 1) / w
-                if score < best_score:
-                    best, best_score = s, score
-        return best
+
+class Plan:
+    """What the session does with one statement.
+
+    target: a server name, or WRITER (resolved by the session: the primary, or its master).
+    share: it may go on a shared connection (multiplexing; the digest must still be known to
+        answer small and fast, which the shared connections decide).
+    hold: it must wait for a writable primary (failover or switchover under way).
+    wait_gtid: the replica must first reach the session's last GTID (MASTER_GTID_WAIT).
+    replay_shared: a connection-bound statement right after a read that ran on a shared
+        connection: that read runs again on the session's own connection first.
+    error: (code, sqlstate, message) to answer instead (a reject rule, no server).
+    """
+
+    __slots__ = ("target", "why", "share", "hold", "wait_gtid", "replay_shared", "error")
+
+    def __init__(self, target, why: str, share: bool = False, hold: bool = False, wait_gtid: bool = False,
+                 replay_shared: bool = False, error: tuple | None = None):
+        self.target = target
+        self.why = why
+        self.share = share
+        self.hold = hold
+        self.wait_gtid = wait_gtid
+        self.replay_shared = replay_shared
+        self.error = error
+
+    @property
+    def to_writer(self) -> bool:
+        return self.target is WRITER
+
+    def __repr__(self) -> str:
+        flags = [k for k in ("share", "hold", "wait_gtid", "replay_shared") if getattr(self, k)]
+        return f"Plan({self.target!r}, {self.why!r}{', ' if flags else ''}{', '.join(flags)}" + (
+            f", error={self.error!r})" if self.error else ")")
 
 
 class Router:
-    """One per worker; sessions call route() for every statement."""
+    """One per worker; sessions ask plan() for every statement."""
 
     def __init__(self, config):
         r = config.routing
@@ -84,24 +104,73 @@ class Router:
         self.primary_serves_reads = r.primary_serves_reads
         self.reads_on_primary = r.reads_on_primary_when_no_replica
         self.window = r.read_your_writes_window
-        self.balancer = Balancer(r.balance)
+        self.balancer = Balancer(r.balance or BALANCE_LEAST_OUTSTANDING)
         self.rules = tuple(r.rules)
         self._topo = None  # the snapshot _pool was computed from
         self._pool: list = []
 
-    def _read_pool(self, topology) -> list:
-        """Servers that may take reads, computed once per topology snapshot."""
-        if topology is not self._topo:
-            pool = [r for r in topology.readers if r.weight > 0]
-            if self.primary_serves_reads:
-                p = topology.primary
-                if p is not None and p.state == "up":
-                    pool.append(p)
-            self._topo, self._pool = topology, pool
-        return self._pool
+    def plan(self, s, cls, topology, sql: str = "", *, autocommit: bool = True, primary_ok: bool = True,
+             sharing: bool = False, after_shared: bool = False) -> Plan:
+        """The plan for statement class `cls` of session state `s`.
+
+        sql: the statement text, only needed when operator rules exist. autocommit: the session's
+        autocommit as the primary last reported it. primary_ok: a writable primary exists and writes
+        are not held. sharing: this worker multiplexes. after_shared: the session's previous statement
+        was answered on a shared connection.
+        """
+        target, why, wait = self._route(s, cls, topology, sql)
+        if target is None:
+            return Plan(None, why, error=wait)
+        flags = cls.flags
+        to_writer = target is WRITER
+        share = (sharing and cls.route == _READ and not flags & _NO_SHARE and autocommit and not wait
+                 and not s.pin() and not s.user_vars and s.ro_trx is None and not s.pending_write
+                 and (primary_ok or not to_writer))
+        return Plan(target, why, share, to_writer and not primary_ok, wait,
+                    after_shared and bool(flags & _CONN_BOUND))
+
+    def _route(self, s, cls, topology, sql: str):
+        """(target, why, wait for the GTID); (None, why, error) when the statement must be refused."""
+        flags = cls.flags
+        if s.ro_trx is not None:  # inside START TRANSACTION READ ONLY on a replica
+            return s.ro_trx, Why.READ_ONLY_TRX, False
+        forced = None
+        if self.rules:
+            forced = self.check_rules(s.user.name, sql, cls.digest)
+            if type(forced) is tuple:
+                return None, Why.RULE, forced
+        if flags & C.F_CONN_BOUND and s.last_backend is not None:
+            return s.last_backend, Why.CONN_BOUND, False
+        pin = s.pin()
+        if pin:
+            return WRITER, pin, False
+        if forced == ROUTE_PRIMARY:
+            return WRITER, Why.RULE, False
+        if flags & C.F_HINT_PRIMARY:
+            return WRITER, Why.HINT, False
+        to_replica = forced == ROUTE_REPLICA or flags & C.F_HINT_REPLICA
+        if cls.route != C.READ and not (flags & C.F_READ_ONLY_TXN):
+            if to_replica:
+                return self._replica(s, topology, Why.RULE if forced else Why.HINT)
+            return WRITER, Why.WRITE, False
+        if to_replica:
+            return self._replica(s, topology, Why.RULE if forced else Why.HINT)
+        if flags & C.F_USER_VAR_READ and s.user_vars:
+            return WRITER, Why.USER_VAR, False
+        if not self.split:
+            return WRITER, Why.NO_SPLIT, False
+        if s.user.default_route == ROUTE_PRIMARY:
+            return WRITER, Why.USER_ROUTE, False
+        mode = s.ryw_mode
+        if mode == RYW_SESSION and s.last_write and time.monotonic() - s.last_write < self.window:
+            return WRITER, Why.RYW_WINDOW, False
+        if mode == RYW_GTID and s.last_gtid:
+            return self._gtid_replica(s, topology)
+        return self._replica(s, topology, Why.READ)
 
     def check_rules(self, user: str, sql: str, digest: str):
-        """Operator rules: returns 'primary', 'replica' or None; raises Reject."""
+        """Operator rules: ROUTE_PRIMARY, ROUTE_REPLICA, an error (code, sqlstate, message) for a
+        reject rule, or None when no rule matches."""
         for rule in self.rules:
             if rule.users and user not in rule.users:
                 continue
@@ -110,87 +179,49 @@ class Router:
                     continue
             elif rule.digest != digest:
                 continue
-            if rule.route == "reject":
-                raise Reject(rule.error_code, rule.error_message)
+            if rule.route == ROUTE_REJECT:
+                return (rule.error_code, "HY000", rule.error_message)
             return rule.route
         return None
 
-    def route(self, s, cls, topology, sql: str = "") -> str:
-        """Return the name of the server for this statement, or PRIMARY."""
-        flags = cls.flags
-        if s.ro_trx is not None:  # inside START TRANSACTION READ ONLY on a replica
-            return s.ro_trx
-        forced = self.check_rules(s.user.name, sql, cls.digest) if self.rules else None
-        if flags & C.F_CONN_BOUND and s.last_backend is not None:
-            return s.last_backend
-        if s.pinned():
-            return PRIMARY
-        if forced == "primary" or flags & C.F_HINT_PRIMARY:
-            return PRIMARY
-        if cls.route != C.READ and not (flags & C.F_READ_ONLY_TXN):
-            if forced == "replica" or flags & C.F_HINT_REPLICA:
-                return self._replica(s, topology)
-            return PRIMARY
-        if forced == "replica" or flags & C.F_HINT_REPLICA:
-            return self._replica(s, topology)
-        if flags & C.F_USER_VAR_READ and s.user_vars:
-            return PRIMARY
-        if not self.split or s.user.default_route == "primary":
-            return PRIMARY
-        mode = s.ryw_mode
-        if mode == "session" and s.last_write and time.monotonic() - s.last_write < self.window:
-            return PRIMARY
-        if mode == "gtid" and s.last_gtid:
-            return self._gtid_replica(s, topology)
-        return self._replica(s, topology)
+    def _read_pool(self, topology) -> list:
+        """Servers that may take reads, computed once per topology snapshot."""
+        if topology is not self._topo:
+            pool = [r for r in topology.readers if r.weight > 0]
+            if self.primary_serves_reads:
+                p = topology.primary
+                if p is not None and p.state == UP:
+                    pool.append(p)
+            self._topo, self._pool = topology, pool
+        return self._pool
 
-    def _replica(self, s, topology) -> str:
-        """A replica from the read pool; the primary (or an error) when there is none."""
+    def _replica(self, s, topology, why: str):
+        """A replica from the read pool; the writer (or an error) when there is none."""
         pick = self.balancer.pick(self._read_pool(topology), s.failed_servers)
         if pick is not None:
-            return pick.name
+            return pick.name, why, False
         if self.reads_on_primary:
-            return PRIMARY
-        raise NoServer("no replica is available for reads and reads_on_primary_when_no_replica = false")
+            return WRITER, Why.NO_REPLICA, False
+        return None, Why.NO_REPLICA, (ER_UNKNOWN_ERROR[0], "HY000",
+                                      "no replica is available for reads and reads_on_primary_when_no_replica = false")
 
-    def _gtid_replica(self, s, topology) -> str:
+    def _gtid_replica(self, s, topology):
         """A replica known to have applied the session's last write, else one to wait on."""
         readers = [r for r in topology.readers if r.name not in s.failed_servers]
         caught_up = [r for r in readers if gtid_covers(r.gtid_slave_pos or r.gtid_current_pos, s.last_gtid)]
-        if caught_up:
-            pick = self.balancer.pick(caught_up)
-            return pick.name
+        pick = self.balancer.pick(caught_up) if caught_up else None
+        if pick is not None:
+            return pick.name, Why.GTID_CAUGHT_UP, False
         pick = self.balancer.pick(readers)
         if pick is None:
-            return PRIMARY
-        s.gtid_wait = True  # the session waits for the GTID on this replica before the read
-        return pick.name
-
-
-def parse_gtids(pos: str) -> dict[int, int]:
-    """'0-1-100,1-2-7' -> {domain: seq} (server id is irrelevant for ordering within a domain)."""
-    out = {}
-    for part in pos.split(","):
-        part = part.strip()
-        if not part:
-            continue
-        try:
-            d, _, seq = part.split("-")
-            out[int(d)] = max(out.get(int(d), 0), int(seq))
-        except ValueError:
-            continue
-    return out
+            return WRITER, Why.NO_REPLICA, False
+        return pick.name, Why.GTID_WAIT, True  # the session waits for the GTID there before the read
 
 
 def gtid_covers(position: str, gtid: str) -> bool:
-    """True if a server at `position` has applied every transaction in `gtid`."""
-    if not position:
-        return False
-    have = parse_gtids(position)
-    for d, seq in parse_gtids(gtid).items():
-        if have.get(d, -1) < seq:
-            return False
-    return True
+    """True if a server at `position` has applied every transaction in `gtid` (an unknown
+    position covers nothing)."""
+    return bool(position) and reached(position, gtid)
 
 
-__all__ = ["Router", "Balancer", "Reject", "NoServer", "PRIMARY", "REPLICA", "gtid_covers"]
+__all__ = ["Router", "Plan", "Why", "WRITER", "gtid_covers"]

@@ -17,46 +17,61 @@ from proxy.protocol.constants import SERVER_STATUS_AUTOCOMMIT, SERVER_STATUS_IN_
 
 _versions = itertools.count(1)
 
+# What pins a session to the primary (SessionState.pin; also a Plan's `why`).
+PIN_TRANSACTION = "transaction"
+PIN_TEMP_TABLE = "temporary table"
+PIN_LOCK_TABLES = "LOCK TABLES"
+PIN_NAMED_LOCK = "named lock"
+PIN_HISTORY = "session history not replayable"
+
 
 class SessionState:
     __slots__ = (
         "user", "ryw_mode", "in_trx", "ro_trx", "temp_tables", "lock_tables", "named_locks",
         "user_vars", "history", "history_overflow", "max_history", "last_backend", "last_write",
-        "last_gtid", "gtid_wait", "failed_servers", "pending_write", "trx_server", "writer",
-        "hversion",
+        "last_gtid", "failed_servers", "pending_write", "trx_server", "writer", "hversion",
     )
 
     def __init__(self, user, default_ryw: str, max_history: int):
-        self.user = user
-        self.ryw_mode = user.read_your_writes or default_ryw
-        self.max_history = max_history
+        self.user = user  # the UserConfig the client logged in as
+        self.ryw_mode = user.read_your_writes or default_ryw  # read-your-writes: none, session, gtid
+        self.max_history = max_history  # SET/USE entries kept for replay before the session pins
         self.reset()
 
     def reset(self) -> None:
         """A fresh session (login, COM_CHANGE_USER, COM_RESET_CONNECTION)."""
-        self.in_trx = False
+        self.in_trx = False  # a transaction is open (or autocommit is off) on the primary
         self.trx_server: str | None = None  # the primary a transaction runs on
         self.writer: str | None = None  # the master this session writes to (master-master)
         self.ro_trx: str | None = None  # replica running a START TRANSACTION READ ONLY
-        self.temp_tables = False
-        self.lock_tables = False
-        self.named_locks = 0
-        self.user_vars = False
+        self.temp_tables = False  # CREATE TEMPORARY TABLE ran: its tables live on the primary connection
+        self.lock_tables = False  # LOCK TABLES held
+        self.named_locks = 0  # GET_LOCK() calls not yet released
+        self.user_vars = False  # a user variable was set by an expression (only the primary knows it)
         self.history: list[bytes] = []  # raw command packets (seq 0) to replay on other backends
         self.hversion = next(_versions)  # changes with `history` (shared connections are keyed by it)
-        self.history_overflow = False
-        self.last_backend: str | None = None
-        self.last_write = 0.0
-        self.last_gtid = ""
+        self.history_overflow = False  # more SET/USE than max_history, or a SET prepared: primary only
+        self.last_backend: str | None = None  # where the previous statement ran (connection-bound reads)
+        self.last_write = 0.0  # monotonic time of the last write that became visible (session mode)
+        self.last_gtid = ""  # the GTID of that write (gtid mode)
         self.pending_write = False  # a write ran on the primary whose transaction has not ended yet
-        self.gtid_wait = False
-        self.failed_servers: frozenset = frozenset()
+        self.failed_servers: frozenset = frozenset()  # replicas that failed the statement being retried
 
-    def pinned(self) -> bool:
-        """True while only the primary connection may see this session's statements."""
-        return (
-            self.in_trx or self.temp_tables or self.lock_tables or self.named_locks > 0 or self.history_overflow
-        )
+    def pin(self) -> str:
+        """Why only the primary connection may see this session's statements now ("" when nothing
+        pins it): a transaction, temporary tables, LOCK TABLES, named locks, or a SET/USE history
+        that cannot be replayed elsewhere."""
+        if self.in_trx:
+            return PIN_TRANSACTION
+        if self.temp_tables:
+            return PIN_TEMP_TABLE
+        if self.lock_tables:
+            return PIN_LOCK_TABLES
+        if self.named_locks > 0:
+            return PIN_NAMED_LOCK
+        if self.history_overflow:
+            return PIN_HISTORY
+        return ""
 
     def record(self, packet: bytes, flags: int) -> None:
         """Keep a successful session-changing command for lazy replay (bounded, de-duplicated)."""

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 from collections import OrderedDict
 
-from proxy.protocol.constants import MAX_PACKET
+from proxy.protocol.constants import CURSOR_TYPE_NO_CURSOR, MAX_PACKET
+from proxy.protocol.packets import execute_types_at, rewrite_execute
 
 # MariaDB's direct execution (10.2+): a client may pipeline COM_STMT_PREPARE and a COM_STMT_EXECUTE
 # (or SEND_LONG_DATA, RESET, FETCH) whose statement id is -1, "the statement prepared last".
@@ -32,6 +33,40 @@ class Stmt:
         self.long_data = False  # COM_STMT_SEND_LONG_DATA went to the primary since the last execute
         self.last: str | None = None  # server of the last execute (cursor fetches go there)
 
+    def packet_for(self, pkt: bytes, server: str, backend_id: int) -> bytes:
+        """The client's COM_STMT_EXECUTE for the session's own connection to `server`: that
+        backend's id, and the parameter types if this connection has not seen the current ones."""
+        at = execute_types_at(pkt, self.nparams)
+        types = None
+        if at >= 0:
+            if pkt[at] == 1:  # new types bound: remember them; only `server` has seen them
+                self.types = pkt[at + 1 : at + 1 + 2 * self.nparams]
+                self.types_sent = {server}
+            elif self.types is not None and server not in self.types_sent:
+                types = self.types
+                self.types_sent.add(server)
+        return rewrite_execute(pkt, backend_id, types, at)
+
+    def shared_packet(self, pkt: bytes, backend_id: int) -> bytes | None:
+        """The client's COM_STMT_EXECUTE for a shared connection: the backend's id, and always the
+        parameter types (another session's may be the last ones sent there). None when it cannot
+        share: it opens a cursor, it is split, or the types were never sent."""
+        if len(pkt) < 10 or pkt[9] != CURSOR_TYPE_NO_CURSOR or len(pkt) >= MAX_PACKET:
+            return None
+        types, at = None, -1
+        if self.nparams:
+            at = execute_types_at(pkt, self.nparams)
+            if at < 0:
+                return None
+            if pkt[at] == 1:
+                self.types = pkt[at + 1 : at + 1 + 2 * self.nparams]
+                self.types_sent = set()  # the session's own connections have not seen these
+            elif self.types is None:
+                return None
+            else:
+                types = self.types
+        return rewrite_execute(pkt, backend_id, types, at)
+
 
 class StatementMap:
     """Client statement ids -> Stmt, plus a per-server LRU bound of open backend statements."""
@@ -49,13 +84,6 @@ class StatementMap:
         self.stmts[sid] = stmt
         self.last = sid
         return sid
-
-    def direct(self, pkt: bytes) -> bytes:
-        """A statement command with id -1 (direct execution) made to name the statement prepared
-        last; unchanged when there is none, so it fails as the server's would (unknown 4294967295)."""
-        if self.last:
-            return pkt[:5] + self.last.to_bytes(4, "little") + pkt[9:]
-        return pkt
 
     def bind(self, sid: int, server: str, backend_id: int) -> list[int]:
         """Record a backend id; returns backend ids to close on that server to stay within the bound."""
@@ -96,22 +124,3 @@ class StatementMap:
         self.stmts.clear()
         self.lru.clear()
         self.last = 0
-
-
-def execute_packet_for(pkt: bytes, stmt: Stmt, server: str, backend_id: int) -> bytes:
-    """Rewrite a client's COM_STMT_EXECUTE for one backend: its statement id, and the
-    parameter types if this backend has not seen the current ones."""
-    n = stmt.nparams
-    if n and len(pkt) < MAX_PACKET:
-        bound_at = 4 + 10 + (n + 7) // 8  # header, cmd+id+flags+iteration, NULL bitmap
-        if bound_at < len(pkt):
-            if pkt[bound_at] == 1:
-                stmt.types = pkt[bound_at + 1 : bound_at + 1 + 2 * n]
-                stmt.types_sent = {server}
-            elif stmt.types is not None and server not in stmt.types_sent:
-                body = pkt[4:bound_at] + b"\x01" + stmt.types + pkt[bound_at + 1 :]
-                stmt.types_sent.add(server)
-                pkt = len(body).to_bytes(3, "little") + pkt[3:4] + body
-    if pkt[5:9] != backend_id.to_bytes(4, "little"):
-        pkt = pkt[:5] + backend_id.to_bytes(4, "little") + pkt[9:]
-    return pkt

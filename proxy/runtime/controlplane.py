@@ -19,7 +19,7 @@ log = logging.getLogger("rwproxy.controlplane")
 
 class ControlPlane:
     def __init__(self, config, workers: int, publish):
-        from proxy.cluster.failover.controller import Failover
+        from proxy.cluster.failover import Failover
 
         self.config = config
         self.workers = workers
@@ -61,7 +61,7 @@ class ControlPlane:
     def status(self, _req=None) -> dict:
         topo = self.monitor.topology  # what the routers act on
         fresh = self.monitor.current_states()  # positions and lag as of the latest checks
-        fo = self.failover.state()  # writes_held lives here, not in the monitor's snapshot
+        fo = self.failover.status()  # writes_held lives here, not in the monitor's snapshot
         counters = self.stats.read()
         servers = []
         for name, s in topo.servers.items():

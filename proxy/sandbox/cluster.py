@@ -14,7 +14,8 @@ import pymysql
 
 from proxy.sandbox import render, template
 from proxy.sandbox.node import Node, check_server_option
-from proxy.sandbox.util import SandboxError, check_ports_free, find_binary, gtid_reached, socket_path
+from proxy.cluster.gtid import reached
+from proxy.sandbox.util import SandboxError, check_ports_free, find_binary, socket_path
 
 TOPOLOGIES = ("primary-replica", "master-master")
 DEFAULTS = {"replicas": 2, "topology": "primary-replica", "base_port": 23306, "semi_sync": False, "tls": False,
@@ -347,7 +348,7 @@ class Cluster:
             while True:
                 ss = replica.slave_status() or {}
                 io, sql = ss.get("Slave_IO_Running"), ss.get("Slave_SQL_Running")
-                if io == "Yes" and sql == "Yes" and gtid_reached(replica.variable("gtid_current_pos"), target):
+                if io == "Yes" and sql == "Yes" and reached(replica.variable("gtid_current_pos"), target):
                     break
                 for thread, running, errno_key, err_key in (("IO", io, "Last_IO_Errno", "Last_IO_Error"),
                                                             ("SQL", sql, "Last_SQL_Errno", "Last_SQL_Error")):

@@ -114,19 +114,3 @@ def tail(path: Path, lines: int = 8, start: int = 0) -> str:
     return "\n".join(data.splitlines()[-lines:])
 
 
-def parse_gtid_list(text: str | None) -> dict[int, int]:
-    """'0-1-5,1-2-7' -> {domain: seq_no}; server ids don't matter for catch-up checks."""
-    out: dict[int, int] = {}
-    for item in (text or "").split(","):
-        item = item.strip()
-        if not item:
-            continue
-        domain, _server, seq = item.split("-")
-        out[int(domain)] = max(out.get(int(domain), 0), int(seq))
-    return out
-
-
-def gtid_reached(current: str | None, target: str | None) -> bool:
-    """True if every domain in target has been reached in current."""
-    cur = parse_gtid_list(current)
-    return all(cur.get(d, 0) >= s for d, s in parse_gtid_list(target).items())

@@ -19,6 +19,7 @@ import pymysql
 import pymysql.cursors
 
 from proxy.backend.tls import pymysql_connect
+from proxy.cluster.gtid import merge, reached, seqs
 from proxy.cluster.sqlerrors import describe
 
 log = logging.getLogger("rwproxy.failover")
@@ -29,61 +30,6 @@ SYSTEM_USERS = ("system user", "event_scheduler", "unauthenticated user")
 
 class StepError(Exception):
     """A failover/switchover step failed; str() says which step and why, for the log and the caller."""
-
-
-# ---- GTID positions ---------------------------------------------------------------
-
-def gtids(pos: str | None) -> dict[int, tuple[int, int]]:
-    """'0-1-57,1-2-9' -> {0: (1, 57), 1: (2, 9)}: per domain the (server_id, seq_no) of the newest."""
-    out: dict[int, tuple[int, int]] = {}
-    for part in (pos or "").replace("\n", "").split(","):
-        try:
-            domain, server, seq = (int(x) for x in part.strip().split("-"))
-        except ValueError:
-            continue
-        if domain not in out or seq > out[domain][1]:
-            out[domain] = (server, seq)
-    return out
-
-
-def gtid_text(pos: dict[int, tuple[int, int]]) -> str:
-    return ",".join(f"{d}-{s}-{n}" for d, (s, n) in sorted(pos.items()))
-
-
-def merge(*positions: str | None) -> str:
-    """The newest GTID of each domain across several positions (e.g. gtid_binlog_pos and gtid_current_pos)."""
-    out: dict[int, tuple[int, int]] = {}
-    for pos in positions:
-        for d, (s, n) in gtids(pos).items():
-            if d not in out or n > out[d][1]:
-                out[d] = (s, n)
-    return gtid_text(out)
-
-
-def seqs(pos: str | None) -> dict[int, int]:
-    return {d: n for d, (_s, n) in gtids(pos).items()}
-
-
-def ahead(have: str | None, base: str | None) -> dict[int, int]:
-    """Per domain, how many transactions `have` holds beyond `base` (only domains where it is ahead).
-
-    Sequence numbers count transactions within a domain (gtid_strict_mode keeps them
-    contiguous), so the difference is the number of transactions the other side never saw,
-    as long as `base` is a prefix of the same history: the position a new primary had when
-    it took over from the server being compared.
-    """
-    b = seqs(base)
-    return {d: n - b.get(d, 0) for d, n in sorted(seqs(have).items()) if n > b.get(d, 0)}
-
-
-def describe_ahead(extra: dict[int, int]) -> str:
-    parts = [f"{n} transaction{'s' if n != 1 else ''} in domain {d}" for d, n in extra.items()]
-    return " and ".join(parts)
-
-
-def reached(have: str | None, want: str | None) -> bool:
-    h = seqs(have)
-    return all(h.get(d, -1) >= n for d, n in seqs(want).items())
 
 
 # ---- one server's facts -------------------------------------------------------------

@@ -8,7 +8,7 @@ transaction the new primary never saw: their GTID position is compared with the
 position the new primary had when it took over (the end of the shared history),
 per domain.  A server that is ahead is kept out (MAINTENANCE) with one plain log
 line, because rejoining it would either fail or silently drop those
-transactions.  Functions take the Failover and run on its thread.
+transactions.  Functions take the failover's Actions (act) and run on its thread.
 """
 
 from __future__ import annotations
@@ -16,7 +16,10 @@ from __future__ import annotations
 import logging
 import time
 
+from proxy.cluster import gtid
 from proxy.cluster.failover import ops
+from proxy.cluster.failover.actions import label
+from proxy.cluster.failover.detect import replicates_from
 from proxy.cluster.failover.ops import StepError
 from proxy.cluster.topology import DOWN, MAINTENANCE, PRIMARY, ServerState, Topology
 
@@ -25,18 +28,12 @@ log = logging.getLogger("rwproxy.failover")
 REJOIN_RETRY = 5.0  # s between two fence/rejoin attempts on one server
 
 
-def label(s) -> str:
-    return f"{s.name} ({s.address})"
+def _once(act, key: str, level: int, message: str) -> None:
+    if act.state.first_time(key):
+        log.log(level, "%s", message)
 
 
-def replicates_from(s: ServerState, p: ServerState) -> bool:
-    """s is configured to replicate from p: same server id, or the same host:port."""
-    if s.source_id is not None and p.server_id is not None and s.source_id == p.server_id:
-        return True
-    return bool(s.source) and s.source == p.address
-
-
-def designate_initial(fo, topo: Topology) -> None:
+def designate_initial(act, topo: Topology) -> None:
     """The first primary: the live writer (the one most replicas follow if several), else the dead
     server the replicas follow (so a primary that died before rwproxy started is failed over)."""
     servers = topo.servers
@@ -48,68 +45,64 @@ def designate_initial(fo, topo: Topology) -> None:
 
     live = [s for s in servers.values() if s.role == PRIMARY and s.state not in (DOWN, MAINTENANCE)]
     if live:
-        chosen = max(live, key=lambda p: (followers(p), -fo._order[p.name]))
+        chosen = max(live, key=lambda p: (followers(p), -act.order[p.name]))
         if len(live) > 1:
             log.warning("several writable servers (%s): %s is the primary (%d replicas follow it); "
                         "the others are fenced", ", ".join(s.name for s in live), chosen.name, followers(chosen))
-            with fo._lock:
-                fo._demoted.update({s.name: None for s in live if s is not chosen})
+            act.state.demote_unless_known([s.name for s in live if s is not chosen])
     else:
         dead = [s for s in servers.values() if s.state == DOWN and followers(s)]
         if not dead:
-            fo._once("noprimary", logging.WARNING,
+            _once(act, "noprimary", logging.WARNING,
                      "no writable server and no replica follows a known backend: no primary yet")
             return
         chosen = max(dead, key=followers)
         log.warning("no writable server; the replicas follow %s, which is down", label(chosen))
-    fo._designate(chosen.name)
+    act.designate(chosen.name)
     log.info("primary: %s", label(chosen))
-    fo._learn_semi(chosen)
+    act.learn_semi(chosen)
 
 
-def adopt(fo, topo: Topology, p: ServerState) -> bool:
+def adopt(act, topo: Topology, p: ServerState) -> bool:
     """The primary went read-only and replicates from a writable server: someone switched over
     by hand (or with another tool). Follow it rather than fence the new writer."""
     if p.state in (DOWN, MAINTENANCE) or p.fails or p.read_only is not True:
-        fo._said.discard("readonly")
+        act.state.forget("readonly")
         return False
     src = next((s for s in topo.servers.values() if s.name != p.name and s.read_only is False
                 and s.state not in (DOWN, MAINTENANCE) and not s.fails and replicates_from(p, s)), None)
     if src is None:
-        fo._once("readonly", logging.WARNING,
+        _once(act, "readonly", logging.WARNING,
                  f"the primary {label(p)} is read-only: writes wait for a writer (use switchover to change primaries)")
         return False
     log.warning("the primary %s is read-only and replicates from %s, which is writable: following that "
                 "switchover made outside rwproxy", label(p), label(src))
-    fo._designate(src.name)
-    fo._learn_semi(src)
+    act.designate(src.name)
+    act.learn_semi(src)
     return True
 
 
-def fence_and_rejoin(fo, topo: Topology, p: ServerState) -> None:
+def fence_and_rejoin(act, topo: Topology, p: ServerState) -> None:
     """While the primary is healthy: fence every other writable server, rejoin old primaries and the
     replicas still following one (each server at most every REJOIN_RETRY seconds)."""
     if p.state in (DOWN, MAINTENANCE) or p.fails:
         return
-    now = time.monotonic()
     for s in topo.servers.values():
         if s.name == p.name or s.state in (DOWN, MAINTENANCE) or s.fails or not s.last_ok:
             continue
-        with fo._lock:
-            demoted = dict(fo._demoted)
+        demoted = act.state.demoted()
         src = next((d for d in demoted if d in topo.servers and replicates_from(s, topo.servers[d])), None)
         if not (s.read_only is False or s.name in demoted or src):
             continue
-        if now < fo._retry_at.get(s.name, 0.0):
+        if not act.state.retry_due(s.name, REJOIN_RETRY):
             continue
-        fo._retry_at[s.name] = now + REJOIN_RETRY
         try:
-            rejoin(fo, s, p, demoted, src)
+            rejoin(act, s, p, demoted, src)
         except StepError as exc:
             log.warning("rejoin of %s failed (retrying in %.0f s): %s", s.name, REJOIN_RETRY, exc)
 
 
-def rejoin(fo, s: ServerState, p: ServerState, demoted: dict, src: str | None) -> None:
+def rejoin(act, s: ServerState, p: ServerState, demoted: dict, src: str | None) -> None:
     """Fence s; if it is (or follows) a demoted server, make it a replica of p unless it is ahead.
 
     Decided on fresh facts, not on the snapshot that triggered it. Its gtid_slave_pos is set to
@@ -117,48 +110,44 @@ def rejoin(fo, s: ServerState, p: ServerState, demoted: dict, src: str | None) -
     or ancient, and MASTER_USE_GTID=slave_pos would otherwise replay history it already has.
     """
     t = time.monotonic()
-    with fo._link(s) as link:
-        f = ops.read_facts(link, fo._facts(s))
+    cfg, state = act.cfg, act.state
+    with act.link(s) as link:
+        f = act.read_facts(link, s)
         if not f.read_only:
             link.q("SET GLOBAL read_only = 1")
             log.warning("fenced %s: SET GLOBAL read_only=1 (it was writable; %s is the primary)", label(s), p.name)
         if s.name not in demoted and src is None:
             return  # a stray writable replica: fencing was all it needed
         if f.follows(p.host, p.port, p.server_id):
-            with fo._lock:  # already done (the snapshot that brought us here was older)
-                fo._demoted.pop(s.name, None)
+            state.undemote(s.name)  # already done (the snapshot that brought us here was older)
             return
-        if not fo.cfg.auto_rejoin:
+        if not cfg.auto_rejoin:
             log.warning("%s stays fenced and out of replication (auto_rejoin = false)", label(s))
-            with fo._lock:
-                fo._demoted.pop(s.name, None)
+            state.undemote(s.name)
             return
         if f.replicating:  # from a demoted server: stop it so the position compared is the one used
             link.q("STOP SLAVE")
-            f = ops.read_facts(link, fo._facts(s))
-        with fo._link(p) as plink:
-            pf = ops.read_facts(plink, fo._facts(p))
+            f = act.read_facts(link, s)
+        with act.link(p) as plink:
+            pf = act.read_facts(plink, p)
         base = demoted.get(s.name) if s.name in demoted else demoted.get(src)
         if base is None:
             base = pf.applied
         mine = f.applied
-        extra = ops.ahead(mine, base)
+        extra = gtid.ahead(mine, base)
         if extra:
-            msg = (f"{s.name} has {ops.describe_ahead(extra)} the new primary never saw; not rejoining: "
+            msg = (f"{s.name} has {gtid.describe_ahead(extra)} the new primary never saw; not rejoining: "
                    f"resolve by hand")
             log.error("%s (its position %s, the primary took over at %s)", msg, mine, base)
-            with fo._lock:
-                fo._kept_out[s.name] = msg
-                fo._demoted.pop(s.name, None)
-            fo.monitor.set_maintenance(s.name, msg)
+            state.keep_out(s.name, msg)
+            act.monitor.set_maintenance(s.name, msg)
             return
-        if not fo.cfg.replication_user and not f.master_user:
+        if not cfg.replication_user and not f.master_user:
             raise StepError(f"{s.name} has no replication credentials of its own: set [failover] "
                             f"replication_user and replication_password")
         semi = {"enabled": True} if pf.semi_master else None
-        ops.replicate_from(link, p.host, p.port, fo.cfg.replication_user, fo.cfg.replication_password,
-                           semi, slave_pos=mine, connect_retry=None if f.replicating else fo._connect_retry)
-    with fo._lock:
-        fo._demoted.pop(s.name, None)
+        ops.replicate_from(link, p.host, p.port, cfg.replication_user, cfg.replication_password,
+                           semi, slave_pos=mine, connect_retry=None if f.replicating else state.connect_retry)
+    state.undemote(s.name)
     log.warning("rejoined %s as a replica of %s from GTID %s (%.0f ms)", label(s), p.name, mine or "-",
                 (time.monotonic() - t) * 1000)

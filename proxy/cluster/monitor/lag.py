@@ -34,25 +34,7 @@ import time
 from collections import deque
 from dataclasses import dataclass
 
-
-def parse_gtid(pos: str | None) -> dict[int, int]:
-    """'0-1-57,1-2-9' -> {0: 57, 1: 9} (domain -> highest seq_no)."""
-    out: dict[int, int] = {}
-    for part in (pos or "").replace("\n", "").split(","):
-        part = part.strip()
-        if not part:
-            continue
-        try:
-            domain, _server, seq = (int(x) for x in part.split("-"))
-        except ValueError:
-            continue
-        out[domain] = max(out.get(domain, 0), seq)
-    return out
-
-
-def reached(have: dict[int, int], want: dict[int, int]) -> bool:
-    """True when position `have` contains every transaction of position `want`."""
-    return all(have.get(d, -1) >= seq for d, seq in want.items())
+from proxy.cluster.gtid import contains, seqs
 
 
 @dataclass(slots=True)
@@ -81,8 +63,8 @@ class Timeline:
             if self._runs and gtid == self._runs[-1].text:
                 self._runs[-1].last = t
                 return
-            parsed = parse_gtid(gtid)
-            if self._runs and not reached(parsed, self._runs[-1].gtid):
+            parsed = seqs(gtid)
+            if self._runs and not contains(parsed, self._runs[-1].gtid):
                 self._runs.clear()  # RESET MASTER or similar: positions no longer comparable
             self._runs.append(_Run(t, t, parsed, gtid))
 
@@ -109,7 +91,7 @@ class Timeline:
             lo, hi = 0, n  # first run not reached (positions only grow, so reached is a prefix)
             while lo < hi:
                 mid = (lo + hi) // 2
-                if reached(have, runs[mid].gtid):
+                if contains(have, runs[mid].gtid):
                     lo = mid + 1
                 else:
                     hi = mid

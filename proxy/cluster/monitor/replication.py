@@ -10,7 +10,8 @@ import pymysql
 import pymysql.cursors
 
 from proxy.cluster.monitor.health import Observation
-from proxy.cluster.monitor.lag import LagReading, estimate, parse_gtid
+from proxy.cluster.gtid import seqs
+from proxy.cluster.monitor.lag import LagReading, estimate
 from proxy.cluster.sqlerrors import describe, error_code
 from proxy.cluster.topology import DOWN, MASTER, PRIMARY
 
@@ -126,7 +127,7 @@ class ReplicationReading:
                     if error_code(exc) not in NO_TABLE | DENIED:
                         raise
             stale = time.monotonic() - writer.timeline.updated > self._stale_after
-            reading = estimate(writer.timeline, parse_gtid(obs.gtid_current_pos), now,
+            reading = estimate(writer.timeline, seqs(obs.gtid_current_pos), now,
                                float(hb_ts) if hb_ts is not None else None,
                                float(hb_now) if hb_now is not None else None, stale)
         if reading is None:

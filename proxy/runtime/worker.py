@@ -1,0 +1,244 @@
+"""One worker process: a uvloop event loop serving client sessions with its own pools,
+classifier, router and shared connections.
+
+The worker's view of the cluster is the latest topology snapshot the control plane sent down
+its pipe (runtime/channels.py); set_topology swaps it in and tells sessions about servers that
+went down.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import logging
+import os
+import signal
+import ssl
+
+from proxy.backend.pool import Pools
+from proxy.backend.shared import SharedLines
+from proxy.backend.tls import policies_for
+from proxy.cluster.topology import DOWN, MAINTENANCE
+from proxy.frontend.login import Authenticator
+from proxy.protocol import auth
+from proxy.routing.classify import Classifier
+from proxy.routing.router import Router
+from proxy.frontend.kill import Peers
+from proxy.frontend.session import ClientConnection
+from proxy.runtime.channels import subscribe
+from proxy.runtime.control import socket_path
+
+import uvloop
+
+log = logging.getLogger("rwproxy.server")
+
+
+class Worker:
+    """Everything one worker process serves sessions with. Built in the supervisor before the
+    fork (or by a test, without running it); run() starts its event loop."""
+
+    def __init__(self, config, index: int, sock, topology, server_version: bytes, rsa_pem: bytes | None,
+                 topology_fd: int | None = None, tls_context: ssl.SSLContext | None = None):
+        self.config = config
+        self.index = index
+        self.sock = sock
+        self.topology_fd = topology_fd
+        self.server_version = server_version
+        self.servers = {b.name: b for b in config.backends}
+        self.classifier = Classifier(config.routing.readonly_functions, config.routing.digest_cache_size)
+        self.router = Router(config)
+        self.multi_master = config.cluster.topology == "master-master"
+        self.spread_per_transaction = self.multi_master and config.cluster.write_spread == "transaction"
+        self._writer_rr = 0
+        self.topology = topology
+        self.primary_name = topology.primary.name
+        self.live_writers = [s.name for s in topology.writers]
+        self.auth_plugin = config.proxy.auth_plugin
+        self.authenticator = Authenticator(
+            {u.name: u for u in config.users}, self.auth_plugin, auth.RSAKeyPair(rsa_pem) if rsa_pem else None, set()
+        )
+        self.tls_context = tls_context  # front-end TLS, loaded (and checked) by the supervisor
+        self.backend_tls = policies_for(config)
+        self.pools = Pools(config.pool, self.backend_tls)
+        self.shared = (SharedLines(self.pools, config.pool, config.routing.max_prepared_per_connection)
+                       if config.pool.multiplex else None)
+        self.users = {u.name: u for u in config.users}
+        self.count = config.proxy.workers or os.cpu_count() or 1  # worker processes in all
+        self.peers = None  # kill.Peers: KILL requests to and from the other workers
+        self.clients: set = set()
+        self.loop = None
+        self._next_id = 1
+        self.stats = None  # SharedStats, set by the process that runs this worker
+        self._primary_waiters: list = []
+        self._topology_waiters: list = []
+        self.primary_ok = True  # a writable primary exists and writes are not held
+
+    def set_topology(self, topology) -> None:
+        """Swap in a new picture of the cluster (from the control plane)."""
+        old = self.topology
+        self.topology = topology
+        if [s.name for s in topology.readers] != [s.name for s in old.readers]:
+            log.debug("worker %d: read pool is now %s", self.index, ", ".join(s.name for s in topology.readers) or "empty")
+        primary = topology.primary
+        if primary is not None:
+            self.primary_name = primary.name
+        self.live_writers = [s.name for s in topology.writers]
+        for name, s in topology.servers.items():
+            before = old.servers.get(name)
+            if s.state == DOWN and (before is None or before.state != DOWN):
+                self.pools.drop_server(name)  # no reuse of connections to a dead server
+                if self.shared is not None:
+                    self.shared.drop_server(name)
+                for c in list(self.clients):  # nor by sessions; in-flight reads move elsewhere
+                    c.server_down(name)
+        self.primary_ok = self.writable_primary() is not None
+        if self._topology_waiters:
+            waiters, self._topology_waiters = self._topology_waiters, []
+            for f in waiters:
+                if not f.done():
+                    f.set_result(None)
+        if self._primary_waiters and self.primary_ok:
+            waiters, self._primary_waiters = self._primary_waiters, []
+            for f in waiters:
+                if not f.done():
+                    f.set_result(None)
+
+    def pick_writer(self) -> str:
+        """Master-master: spread sessions (or transactions) over the live masters in turn."""
+        live = self.live_writers
+        if not live:
+            return self.primary_name
+        self._writer_rr += 1
+        return live[self._writer_rr % len(live)]
+
+    def writable_primary(self):
+        """The primary new writes may go to now, or None while failover/switchover holds them."""
+        t = self.topology
+        p = t.primary
+        if t.writes_held or p is None or p.state in (DOWN, MAINTENANCE):
+            return None
+        return p
+
+    async def next_topology(self, timeout: float) -> None:
+        """Wait for the next snapshot from the control plane (or the timeout)."""
+        f = self.loop.create_future()
+        self._topology_waiters.append(f)
+        try:
+            await asyncio.wait_for(f, timeout)
+        except asyncio.TimeoutError:
+            pass
+
+    async def wait_for_primary(self) -> str:
+        """Hold a statement for the primary until there is one (failover, switchover)."""
+        timeout = self.config.failover.write_hold_timeout
+        deadline = self.loop.time() + timeout
+        while self.writable_primary() is None:
+            remaining = deadline - self.loop.time()
+            if remaining <= 0:
+                raise TimeoutError(f"no writable primary within failover.write_hold_timeout ({timeout:g} s)")
+            f = self.loop.create_future()
+            self._primary_waiters.append(f)
+            try:
+                await asyncio.wait_for(f, remaining)
+            except asyncio.TimeoutError:
+                pass
+        return self.writable_primary().name
+
+    def admit(self, client) -> bool:
+        if len(self.clients) >= self.config.proxy.max_connections:
+            return False
+        self.clients.add(client)
+        return True
+
+    def forget(self, client) -> None:
+        self.clients.discard(client)
+
+    def _factory(self):
+        return ClientConnection(self, self.new_session_id())
+
+    def new_session_id(self) -> int:
+        """Session ids are (worker index + 1) << 24 | n: the worker that owns a session is known
+        from its id (KILL from another worker), and ids stay clear of the small thread ids
+        of freshly started servers, so a backend thread id is not mistaken for a session."""
+        n = self._next_id & 0xFFFFFF or 1
+        self._next_id = n + 1
+        return ((self.index + 1) << 24) | n
+
+    @staticmethod
+    def worker_of(session_id: int) -> int | None:
+        owner = (session_id >> 24) - 1
+        return owner if 0 <= owner < 255 else None
+
+    def run(self) -> None:
+        # What exists now (modules, sqlglot's tables, the config) lives as long as the worker:
+        # frozen, it is left out of every garbage collection, so a full collection costs a few
+        # ms instead of ~40 ms stalls for every client of this worker.
+        gc.freeze()
+        cpu = pin_worker(self.index, self.config.proxy.cpu_affinity)
+        self.loop = uvloop.new_event_loop()
+        asyncio.set_event_loop(self.loop)
+        stop = self.loop.create_future()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self.loop.add_signal_handler(sig, lambda: stop.done() or stop.set_result(None))
+
+        async def main():
+            server = await self.loop.create_server(self._factory, sock=self.sock, backlog=1024)
+            if self.topology_fd is not None:
+                await subscribe(self.loop, self.topology_fd, self.set_topology)
+            self.loop.create_task(self._housekeeping())
+            self._start_peers()
+            log.info("worker %d serving on %s%s", self.index, self.config.proxy.listen,
+                     f" (pinned to CPU {cpu})" if cpu is not None else "")
+            await stop
+            server.close()
+            if self.peers is not None:
+                self.peers.stop()
+            for c in list(self.clients):
+                c.close()
+            self.pools.close_all()
+            if self.shared is not None:
+                self.shared.close_all()
+
+        self.loop.run_until_complete(main())
+
+    def _start_peers(self) -> None:
+        peers = Peers(self, socket_path(self.config)[: -len(".sock")])
+        try:
+            peers.start(self.loop)
+            self.peers = peers
+        except OSError as e:
+            log.warning("worker %d: KILL from other workers' sessions will not reach this one: %s", self.index, e)
+
+    async def _housekeeping(self):
+        """Counters to the control plane twice a second; idle pool connections expire."""
+        n = 0
+        while True:
+            await asyncio.sleep(0.5)
+            if self.stats is not None:
+                sh = self.shared
+                self.stats.write(self.index, len(self.clients), self.router.balancer.routed, self.pools.open_count,
+                                 sh.statements if sh is not None else 0, sh.open_per_server() if sh is not None else None)
+            n += 1
+            if n % 10 == 0:
+                self.pools.expire_idle()
+                if self.shared is not None:
+                    self.shared.expire_idle(self.config.pool.idle_timeout)
+
+
+def pin_worker(index: int, mode: str) -> int | None:
+    """cpu_affinity = "spread": worker i runs only on the i-th CPU this process may use.
+
+    A worker that stays on one core keeps its caches warm and is not migrated
+    between cores at every wakeup (on the 2-core benchmark machine the gain was
+    within noise, so it is opt-in). CPUs come from the inherited affinity, so
+    `taskset` and cgroup cpusets are respected. Returns the CPU, or None."""
+    if mode != "spread":
+        return None
+    try:
+        cpus = sorted(os.sched_getaffinity(0))
+        cpu = cpus[index % len(cpus)]
+        os.sched_setaffinity(0, {cpu})
+        return cpu
+    except OSError as exc:
+        log.warning("worker %d: cannot pin to a CPU (%s); running unpinned", index, exc)
+        return None

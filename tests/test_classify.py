@@ -10,7 +10,6 @@ import random
 import re
 import subprocess
 import sys
-import time
 
 import pytest
 
@@ -612,12 +611,11 @@ def test_huge_statements_are_cheap_and_conservative():
          C.F_OVERSIZED | C.F_LOAD_DATA | C.F_HINT_PRIMARY),
     ]
     for raw, flags in cases:
-        t0 = time.perf_counter()
         got = c.classify(raw)
-        assert time.perf_counter() - t0 < 0.5, raw[:40]
         assert (got.route, flag_names(got.flags)) == (WRITE, flag_names(flags)), raw[:40]
         assert got == c.full_classify(raw)
-    assert c.cache_info()["size"] == 0
+    # what bounds their cost: the cheap C-level scan only, never the Python lexer or sqlglot
+    assert c.cache_info()["size"] == 0 and c.parses == 0
 
 
 def test_big_batch_insert_below_scan_limit_skips_the_lexer():
@@ -645,12 +643,11 @@ def test_str_and_bytes_agree():
         assert c.classify(sql) == c.classify(sql.encode()) == c.classify(bytearray(sql.encode()))
 
 
-def test_whole_corpus_is_fast():
+def test_whole_corpus_classifies_through_the_cache_as_through_the_full_path():
+    """(Its speed is benchmarks/classify_micro.py's business, not a test's.)"""
     c = Classifier(readonly_functions=RO_FUNCS)
-    t0 = time.perf_counter()
     for sql, _, _ in CORPUS:
-        c.full_classify(sql)
-    assert time.perf_counter() - t0 < 5
+        assert c.classify(sql) == c.full_classify(sql)
 
 
 _PURE_SCRIPT = r"""

@@ -77,7 +77,6 @@ def test_defaults():
     assert cfg.monitor.interval == 0.1 and cfg.monitor.heartbeat_schema == "rwproxy"
     assert cfg.cluster.topology == "primary-replica"
     assert cfg.failover.failover_cooldown == 60.0 and cfg.pool.reset_on_release is True
-    assert (cfg.admin.enabled, cfg.admin.host, cfg.admin.port) == (False, "127.0.0.1", 6032)
     assert cfg.monitor_credentials() == ("app", "app")  # falls back to the first user
     assert cfg.user("nobody") is None
     assert cfg == parse_config(MINIMAL) and hash(cfg) == hash(parse_config(MINIMAL))
@@ -312,3 +311,10 @@ def test_example_shows_every_key():
 def test_rule_regex_is_case_insensitive():
     rule = RuleConfig(match=r"^\s*select\b", route="replica")
     assert rule.regex.search("  SELECT 1") and RuleConfig(digest="SELECT ?").regex is None
+
+
+def test_admin_section_is_refused_until_the_admin_port_exists():
+    """[admin] was validated but started nothing: a config asking for it must not pass silently."""
+    with pytest.raises(ConfigError) as e:
+        parse_config(MINIMAL + "[admin]\nenabled = true\n", "x.toml")
+    assert "x.toml: admin: unknown key" in str(e.value)

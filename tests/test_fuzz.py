@@ -9,7 +9,6 @@ import os
 import random
 import socket
 import struct
-import time
 
 from proxy.protocol import auth
 from proxy.protocol.constants import PROXY_CAPABILITIES
@@ -78,22 +77,15 @@ def test_malformed_packets_get_answers_and_proxy_keeps_serving(cluster, tmp_path
     p = start_proxy(cluster, tmp_path / "fz")
     rng = random.Random(int(os.environ.get("RWPROXY_FUZZ_SEED", "2026")))
     problems: list[str] = []
-    deadline = time.monotonic() + 60
-    try:
+    try:  # a fixed number of cases (bounded in count; pytest-timeout bounds the time)
         for i in range(60):  # handshake phase
-            if time.monotonic() > deadline:
-                break
             with socket.create_connection((p.host, p.port), timeout=5) as s:
                 greeting = s.recv(4096)
                 resp, seq = _handshake(rng, parse_greeting(greeting[4:]).salt)
                 s.sendall(frame(resp, seq))
                 if _reply(s, 5.0) is None:
                     problems.append(f"handshake {resp.hex()}: no answer")
-        cases = 0
         for i in range(400):  # command phase, on an authenticated session
-            if time.monotonic() > deadline:
-                break
-            cases += 1
             c = RawClient(p.host, p.port)
             try:
                 if rng.random() < 0.7:
@@ -116,7 +108,6 @@ def test_malformed_packets_get_answers_and_proxy_keeps_serving(cluster, tmp_path
             probe = RawClient(p.host, p.port)  # everyone else is still served
             assert probe.command(b"\x0e")[0] == 0, f"after {pl.hex()}"
             probe.close()
-        assert cases >= 50, f"only {cases} command cases ran within the time bound"
     finally:
         p.process.stop()
     log = open(p.process.log_path, encoding="utf-8", errors="replace").read()

@@ -118,7 +118,6 @@ def test_kill_query_interrupts_the_statement_on_the_server(proxy, direct, locker
             cur.execute(f"KILL QUERY {victim.thread_id()}")
         out["thread"].join(15)
         assert out.get("error") == 1317, out  # Query execution was interrupted
-        assert out["took"] < 10
         assert _wait(lambda: not _waiting(direct), 5), "the UPDATE still runs on the primary"
         locker.commit()
         assert _row_value(direct) == 0, "the killed UPDATE ran after all"
@@ -140,7 +139,6 @@ def test_kill_connection_ends_the_session_from_another_worker(proxy, direct, loc
         killer.kill(victim.thread_id())  # PyMySQL's kill() is COM_PROCESS_KILL
         out["thread"].join(15)
         assert out.get("error") in (1317, 1927, 2013), out  # interrupted, or the connection went
-        assert out["took"] < 10
         assert _wait(lambda: not _waiting(direct), 5)
         with pytest.raises((pymysql.err.OperationalError, pymysql.err.InterfaceError)):
             with victim.cursor() as cur:

@@ -111,7 +111,6 @@ class BackendConnection(asyncio.Protocol):
         self._buf = bytearray()
         self._waiter: asyncio.Future | None = None
         self._collect = False
-        self._paused = False
         self.relayed = 0  # bytes of the current response already sent to the client
         self.dirty = False  # session options a reset does not undo (COM_SET_OPTION)
         self.db_touched = False  # the client may have changed the current database

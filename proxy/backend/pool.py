@@ -26,8 +26,6 @@ class Pools:
         self.tls = tls or {}  # server name -> backend_tls.BackendTLS
         self.idle: dict[tuple, list[BackendConnection]] = defaultdict(list)
         self.open_count: dict[str, int] = defaultdict(int)  # per server name, in use + idle
-        self.created = 0
-        self.reused = 0
 
     async def acquire(self, server, user: str, password: str, caps: int, charset: int, db: str | None) -> BackendConnection:
         key = (server.name, user, caps, charset, db)
@@ -35,7 +33,6 @@ class Pools:
         while idle:
             conn = idle.pop()
             if not conn.closed:
-                self.reused += 1
                 return conn
             self._forget(conn)
         if server.max_connections and self.open_count[server.name] >= server.max_connections:
@@ -47,7 +44,6 @@ class Pools:
         except BaseException:
             self.open_count[server.name] -= 1
             raise
-        self.created += 1
         return conn
 
     def release(self, conn: BackendConnection) -> None:

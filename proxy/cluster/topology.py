@@ -11,13 +11,28 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field, replace
+from enum import StrEnum
 
 log = logging.getLogger("rwproxy.topology")
 
-# Roles.
-PRIMARY, REPLICA, MASTER, UNKNOWN = "primary", "replica", "master", "unknown"
-# States.
-UP, LAGGING, DOWN, MAINTENANCE = "up", "lagging", "down", "maintenance"
+class Role(StrEnum):
+    """What a server is in the cluster (a str, so status JSON and messages show the word)."""
+    PRIMARY = "primary"
+    REPLICA = "replica"
+    MASTER = "master"  # master-master: one of several writers
+    UNKNOWN = "unknown"  # not checked yet
+
+
+class State(StrEnum):
+    """How a server is doing, as the monitor judged it."""
+    UP = "up"
+    LAGGING = "lagging"  # answers, but may not serve reads (lag, replication stopped)
+    DOWN = "down"  # failed `failcount` checks in a row
+    MAINTENANCE = "maintenance"  # kept out by an operator or by failover (rejoin refused)
+
+
+PRIMARY, REPLICA, MASTER, UNKNOWN = Role.PRIMARY, Role.REPLICA, Role.MASTER, Role.UNKNOWN
+UP, LAGGING, DOWN, MAINTENANCE = State.UP, State.LAGGING, State.DOWN, State.MAINTENANCE
 
 
 @dataclass(frozen=True, slots=True)
@@ -26,8 +41,8 @@ class ServerState:
     host: str
     port: int
     weight: int = 1
-    role: str = UNKNOWN
-    state: str = UP
+    role: Role = UNKNOWN
+    state: State = UP
     read_only: bool | None = None
     readable: bool = False  # in the read pool (after hysteresis); set by the monitor
     lag_ms: float | None = None  # heartbeat age on a replica; None when unknown
@@ -94,7 +109,7 @@ def from_config(config) -> Topology:
     """The picture before any check: configured roles, everything assumed up."""
     servers = {}
     for b in config.backends:
-        role = b.role if b.role != "auto" else UNKNOWN
+        role = Role(b.role) if b.role != "auto" else UNKNOWN
         servers[b.name] = ServerState(b.name, b.host, b.port, weight=b.weight, role=role)
     return Topology(servers, 0, time.time())
 

@@ -19,7 +19,7 @@ import tempfile
 import tomllib
 
 from proxy.config.schema import (  # noqa: F401 - re-exported public API
-    AUTH_PLUGINS, RYW_MODES, AdminConfig, BackendConfig, ClusterConfig, Config, FailoverConfig,
+    AUTH_PLUGINS, MASTER_MASTER, PRIMARY_REPLICA, RYW_MODES, BackendConfig, ClusterConfig, Config, FailoverConfig,
     MonitorConfig, PoolConfig, ProxyConfig, RoutingConfig, RuleConfig, TLSConfig, UserConfig,
     format_hostport, parse_listen, show, spec_fields,
 )
@@ -27,7 +27,7 @@ from proxy.config.schema import (  # noqa: F401 - re-exported public API
 __all__ = [
     "ConfigError", "load_config", "parse_config", "build_config", "write_config", "check_config_main",
     "Config", "ProxyConfig", "TLSConfig", "BackendConfig", "UserConfig", "RoutingConfig", "RuleConfig",
-    "MonitorConfig", "ClusterConfig", "FailoverConfig", "PoolConfig", "AdminConfig",
+    "MonitorConfig", "ClusterConfig", "FailoverConfig", "PoolConfig",
 ]
 
 
@@ -210,9 +210,9 @@ class _Validator:
         primary = None
         for i, b in enumerate(cfg.backends):
             at = self.where("backends", i)
-            if b.role == "master" and cfg.cluster.topology != "master-master":
+            if b.role == "master" and cfg.cluster.topology != MASTER_MASTER:
                 err(at + ".role", '"master" needs cluster.topology = "master-master"', "cluster.topology")
-            if b.role == "primary" and cfg.cluster.topology == "primary-replica":
+            if b.role == "primary" and cfg.cluster.topology == PRIMARY_REPLICA:
                 if primary is not None:
                     err(at + ".role", f'only one backend may be "primary" ({primary} already is)',
                         "cluster.topology")
@@ -228,7 +228,7 @@ class _Validator:
                         err(f"{at}.{key}", 'only used with route = "reject"')
             for j, name in enumerate(rule.users):
                 if cfg.user(name) is None and not any(p.startswith("users[") for p in self.bad):
-                    err(f"{at}.users[{j}]", f"unknown user {show(name)}" + _suggest(name, cfg._users))
+                    err(f"{at}.users[{j}]", f"unknown user {show(name)}" + _suggest(name, [u.name for u in cfg.users]))
         if cfg.monitor.password and not cfg.monitor.user:
             err("monitor.password", "set but monitor.user is empty (the first [[users]] entry would be used)",
                 "monitor.user")

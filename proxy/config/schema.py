@@ -20,6 +20,8 @@ BALANCE_LEAST_OUTSTANDING, BALANCE_ROUND_ROBIN, BALANCE_LOWEST_LAG = BALANCE_POL
     "least-outstanding", "round-robin", "lowest-lag")
 ROUTE_PRIMARY, ROUTE_REPLICA, ROUTE_REJECT = RULE_ROUTES = ("primary", "replica", "reject")
 ROUTE_AUTO = "auto"  # [[users]] default_route: split as the statement says
+PRIMARY_REPLICA, MASTER_MASTER = TOPOLOGIES = ("primary-replica", "master-master")
+SPREAD_SESSION, SPREAD_TRANSACTION = WRITE_SPREADS = ("session", "transaction")
 # TLS from rwproxy to a backend, named and meant as the mysql/mariadb clients' --ssl-mode
 BACKEND_TLS_MODES = ("disabled", "preferred", "required", "verify_ca", "verify_identity")
 
@@ -273,8 +275,8 @@ class MonitorConfig:
 
 @dataclass(frozen=True)
 class ClusterConfig:
-    topology: str = E("primary-replica", "primary-replica", "master-master")
-    write_spread: str = E("session", "session", "transaction")
+    topology: str = E(PRIMARY_REPLICA, *TOPOLOGIES)
+    write_spread: str = E(SPREAD_SESSION, *WRITE_SPREADS)
 
 
 @dataclass(frozen=True)
@@ -310,19 +312,6 @@ class PoolConfig:
 
 
 @dataclass(frozen=True)
-class AdminConfig:
-    enabled: bool = B(False)
-    listen: str = S("127.0.0.1:6032", check=listen_error)
-    user: str = S("admin", nonempty=True)
-    password: str = S("admin", repr=False)
-    host: str = field(init=False, default="")
-    port: int = field(init=False, default=0)
-
-    def __post_init__(self):
-        _set_hostport(self)
-
-
-@dataclass(frozen=True)
 class Config:
     proxy: ProxyConfig = T(ProxyConfig)
     backends: tuple[BackendConfig, ...] = A(BackendConfig, min_items=1)
@@ -333,7 +322,6 @@ class Config:
     cluster: ClusterConfig = T(ClusterConfig)
     failover: FailoverConfig = T(FailoverConfig)
     pool: PoolConfig = T(PoolConfig)
-    admin: AdminConfig = T(AdminConfig)
     source: str = field(default="<string>", compare=False)  # where it was read from; not a key
     _users: dict = field(init=False, default=None, repr=False, compare=False)
 

@@ -21,20 +21,20 @@ import time
 
 from proxy.backend.connection import BackendError
 from proxy.config.schema import RYW_GTID
-from proxy.frontend import commands, kill, prepared
-from proxy.frontend.login import AccessDenied, handshake, open_session
+from proxy.frontend import commands, kill, prepared, sharing, slowpath
+from proxy.frontend.login import handshake, open_session
 from proxy.frontend.reader import CLOSING, COMMAND, HANDSHAKE, PacketReader
 from proxy.frontend.tls import TLSLayer
 from proxy.protocol.constants import (
-    COM_QUERY, COM_STMT_EXECUTE, CR_SERVER_LOST, DEFAULT_CHARSET, ER_ACCESS_DENIED_ERROR, ER_UNKNOWN_ERROR, MAX_PACKET,
+    COM_QUERY, COM_STMT_EXECUTE, CR_SERVER_LOST, DEFAULT_CHARSET, ER_UNKNOWN_ERROR, MAX_PACKET,
     SERVER_STATUS_AUTOCOMMIT, SESSION_SHAPING_CAPABILITIES,
 )
-from proxy.protocol.packets import command, err_packet, err_payload, frame, payloads, read_lenenc_str
+from proxy.protocol.packets import command, err_packet, err_payload, frame
 from proxy.protocol.scan import RESULT
 from proxy.routing import classify as C
 from proxy.routing.router import WRITER
 from proxy.routing.state import SessionState
-from proxy.routing.statements import DIRECT_ID, StatementMap
+from proxy.routing.statements import StatementMap
 
 log = logging.getLogger("rwproxy.client")
 
@@ -67,7 +67,7 @@ class ClientConnection(asyncio.Protocol):
     __slots__ = (
         "worker", "conn_id", "transport", "tls_layer", "reader", "phase", "busy", "closed", "write_paused",
         "host", "tls", "salt", "user", "caps", "charset", "db", "login_db", "status", "state", "backends",
-        "stmts", "inflight", "sent_at", "shared_on", "shared_entry", "last_shared", "share_keys",
+        "stmts", "inflight", "sent_at", "shared_on", "shared_entry", "last_shared", "share_keys", "last_active",
     )
 
     def __init__(self, worker, conn_id: int):
@@ -98,6 +98,7 @@ class ClientConnection(asyncio.Protocol):
         self.shared_entry = None  # its entry in that connection's queue
         self.last_shared: Command | None = None  # the previous command, if a shared connection answered it
         self.share_keys: dict = {}  # server name -> (history version, key of the shared connections to use)
+        self.last_active = _monotonic()  # when the client last sent something or a command ended (idle timeout)
 
     # ---- transport events -----------------------------------------------------
     def connection_made(self, transport):
@@ -144,6 +145,7 @@ class ClientConnection(asyncio.Protocol):
             self.data_received(early)
 
     def data_received(self, data):
+        self.last_active = _monotonic()
         if self.tls_layer is not None:
             try:
                 data = self.tls_layer.feed(data)
@@ -254,92 +256,36 @@ class ClientConnection(asyncio.Protocol):
         if st.trx_server is not None and st.in_trx and self._trx_lost(name):
             return
         cmd = Command(cls, pkt, kind, name, stmt_sid)
-        if plan.share and self._try_shared(cmd):
+        if plan.share and sharing.try_shared(self, cmd):
             return
         if plan.replay_shared:
             # LAST_INSERT_ID(), FOUND_ROWS(), SHOW WARNINGS... after a statement that ran on a shared
             # connection: the values it asks about are on that connection, not ours.
-            return self.spawn(self._replay_shared(cmd, to_writer))
+            return self.spawn(slowpath.replay_shared(self, cmd, to_writer))
         be = self.backends.get(name)
         if to_writer and be is not None and not be.closed and be.peer_gone():
             self.drop_backend(be)  # the server closed it (crash, restart, failover): never write into it
             be = None
         self.busy = True
         if plan.hold or plan.wait_gtid or be is None or be.closed or be.applied != len(st.history):
-            return self.spawn(self._slow_send(cmd, to_writer, plan.wait_gtid))
+            return self.spawn(slowpath.send(self, cmd, to_writer, plan.wait_gtid))
         out = pkt
         if stmt_sid:
             stmt = self.stmts.stmts[stmt_sid]
             bid = stmt.ids.get(name)
             if bid is None:  # not prepared on this server yet
-                return self.spawn(self._slow_send(cmd, to_writer))
+                return self.spawn(slowpath.send(self, cmd, to_writer))
             self.stmts.touch(stmt_sid, name)
             stmt.last = name
             out = stmt.packet_for(pkt, name, bid)
-        self._send(be, out, cmd)
+        self.send(be, out, cmd)
 
-    def _send(self, be, out, cmd: Command) -> None:
+    def send(self, be, out, cmd: Command) -> None:
+        """Relay `cmd` (as `out`, its packet for that connection) on the session's connection `be`."""
         self.inflight = cmd
         self.worker.router.balancer.started(cmd.server)
         self.sent_at = _monotonic()
         be.relay(out, cmd.kind, self)
-
-    def _try_shared(self, cmd: Command) -> bool:
-        """Queue an eligible statement on a shared connection (backend/shared.py); False: use our own."""
-        w = self.worker
-        sh = w.shared
-        est = sh.profiles.shareable(cmd.cls.digest)
-        if est is None:  # not known to answer small and fast (yet)
-            return False
-        st = self.state
-        name = cmd.server
-        known = self.share_keys.get(name)
-        if known is not None and known[0] == st.hversion:
-            key = known[1]
-        else:  # sessions share only with sessions of the same SET/USE history (SET NAMES, sql_mode...)
-            key = (name, self.user.name, self.caps & SESSION_SHAPING_CAPABILITIES, self.charset, self.login_db,
-                   tuple(st.history))
-            self.share_keys[name] = (st.hversion, key)
-        line = sh.pick(w.servers[name], key, self.user.password)
-        if line is None or line.closed:
-            return False
-        sid = cmd.stmt_id
-        if sid:
-            stmt = self.stmts.stmts[sid]
-            bid = line.prepared(stmt.sql)
-            if bid is None:
-                if not line.direct_ok:
-                    return False
-                out = stmt.shared_packet(cmd.packet, DIRECT_ID)
-                if out is None:
-                    return False
-                e = line.send(self, out, cmd.kind, est, stmt.sql, stmt.prepare_packet)
-            else:
-                out = stmt.shared_packet(cmd.packet, bid)
-                if out is None:
-                    return False
-                e = line.send(self, out, cmd.kind, est)
-        else:
-            e = line.send(self, cmd.packet, cmd.kind, est)
-        self.busy = True
-        self.shared_on, self.shared_entry = line, e
-        self.inflight = cmd
-        w.router.balancer.started(name)
-        return True
-
-    async def _replay_shared(self, cmd: Command, to_writer: bool):
-        """Run the session's last shared read again on its own connection, then the connection-bound
-        statement there, so that it sees what that read left (warnings, FOUND_ROWS()). The digest stops
-        sharing, so the next time needs no replay."""
-        last, self.last_shared = self.last_shared, None
-        self.worker.shared.profiles.never(last.cls.digest)
-        if last.server == cmd.server:
-            be = await self.backend_for(cmd.server)
-            out = (await prepared.stmt_packet(self, last.packet, last.stmt_id, cmd.server, be, quiet=True)
-                   if last.stmt_id else last.packet)
-            if out is not None:  # (None: the statement was closed since, or does not prepare there)
-                await be.command(out, last.kind)
-        await self._slow_send(cmd, to_writer)
 
     # ---- completion interface (backend and shared connections) -----------------------------
     def command_done(self, conn, relayed: int = -1, service: float = -1.0) -> None:
@@ -387,9 +333,9 @@ class ClientConnection(asyncio.Protocol):
         if w.spread_per_transaction and not st.pin():
             st.writer = None  # the next transaction may go to another master
         if fetch_gtid:  # busy until the GTID it produced is known; _fetch_gtid finishes the command
-            w.loop.create_task(self._fetch_gtid(conn))
+            w.loop.create_task(slowpath.fetch_gtid(self, conn))
             return
-        self._finish()
+        self.finish()
 
     def command_lost(self, conn, relayed: int, cancelled: bool = False) -> None:
         """`conn` died while answering the command, after `relayed` bytes reached the client."""
@@ -420,15 +366,16 @@ class ClientConnection(asyncio.Protocol):
         if relayed == 0:
             self.write(err_packet(1, CR_SERVER_LOST, f"Lost connection to backend server {name} "
                                                      f"({conn.server.where}) during query"))
-            self._finish()
+            self.finish()
         else:
             # Part of the result already reached the client: the stream cannot be
             # repaired, so the client sees a lost connection, as with a crashed server.
             self.close()
 
-    def _finish(self) -> None:
+    def finish(self) -> None:
         """The command is over: take the next one the client sent meanwhile."""
         self.busy = False
+        self.last_active = _monotonic()
         if self.reader.buf and self.phase == COMMAND and not self.closed:
             self._process()
 
@@ -436,24 +383,7 @@ class ClientConnection(asyncio.Protocol):
     def spawn(self, coro) -> None:
         """Run a slow path; the session stays busy until it is over."""
         self.busy = True
-        self.worker.loop.create_task(self._run(coro))
-
-    async def _run(self, coro):
-        try:
-            await coro
-        except BackendError as e:
-            self.send_error(e.code, e.sqlstate, e.message)
-        except AccessDenied as e:
-            self.write(err_packet(e.seq, ER_ACCESS_DENIED_ERROR, str(e), self.caps))
-            self.close()
-        except (ConnectionError, asyncio.TimeoutError) as e:
-            if not self.closed:
-                self.write(err_packet(1, CR_SERVER_LOST, f"Lost connection to backend during query: {e or 'timeout'}"))
-        except Exception:
-            log.exception("session %d: internal error", self.conn_id)
-            self.send_error(ER_UNKNOWN_ERROR[0], "HY000", "rwproxy internal error; see the proxy log")
-        if self.inflight is None and self.reader.infile is None:
-            self._finish()
+        self.worker.loop.create_task(slowpath.run(self, coro))
 
     async def backend_for(self, name: str):
         """The session's connection to `name`, opened and brought up to the session's state."""
@@ -475,57 +405,10 @@ class ClientConnection(asyncio.Protocol):
         await be.replay(self.state.history)
         return be
 
-    async def _slow_send(self, cmd: Command, to_writer: bool = False, wait_gtid: bool = False):
-        """Send a statement whose connection needs work first: connect and replay, wait for a
-        writable primary (failover, switchover), wait for a GTID; route around a replica that
-        cannot be used."""
-        st = self.state
-        w = self.worker
-        name = cmd.server
-        deadline = w.loop.time() + w.config.failover.write_hold_timeout
-        while True:
-            if to_writer:
-                await w.wait_for_primary()  # held while failover/switchover runs
-                name = self.writer()
-            try:
-                be = await self.backend_for(name)
-                if wait_gtid:
-                    wait_gtid = False
-                    if not await self._gtid_wait(be):
-                        to_writer = True
-                        continue
-                break
-            except (BackendError, ConnectionError, asyncio.TimeoutError) as e:
-                if isinstance(e, BackendError) and e.code not in (2003, 2013):
-                    raise  # the server answered (access denied, unknown database...): not a failure to route around
-                if to_writer or self.is_writer(name) or st.pin():
-                    remaining = deadline - w.loop.time()
-                    if st.in_trx or remaining <= 0:
-                        raise
-                    # The primary is unreachable: the monitor will say so and failover will
-                    # publish a new one; hold the statement meanwhile.
-                    log.info("session %d: primary %s unreachable (%s); holding the statement", self.conn_id, name, e)
-                    await w.next_topology(min(0.5, remaining))
-                    to_writer = True
-                    continue
-                log.info("session %d: replica %s unusable (%s); routing elsewhere", self.conn_id, name, e)
-                st.failed_servers = st.failed_servers | {name}
-                plan = w.router.plan(st, cmd.cls, w.topology)
-                to_writer = plan.target is WRITER or plan.error is not None
-                wait_gtid = plan.wait_gtid
-                name = self.writer() if to_writer else plan.target
-        cmd.server = name
-        out = cmd.packet
-        if cmd.stmt_id:
-            out = await prepared.stmt_packet(self, out, cmd.stmt_id, name, be)
-            if out is None:
-                return
-        self._send(be, out, cmd)
-
     async def send_command(self, pkt, cls, kind: int, name: str, stmt_id: int = 0) -> None:
         """Send a command to server `name` by the slow path (statement commands that must follow
         their statement: fetch, reset)."""
-        await self._slow_send(Command(cls, pkt, kind, name, stmt_id))
+        await slowpath.send(self, Command(cls, pkt, kind, name, stmt_id))
 
     def writer(self) -> str:
         """The server this session writes to: the primary, or in master-master mode the
@@ -558,6 +441,13 @@ class ClientConnection(asyncio.Protocol):
         self.send_error(1213, "40001", msg)
         return True
 
+    def idle_for(self, now: float) -> float:
+        """Seconds this logged-in session has been waiting for its client's next command (0 while
+        a command runs or before login)."""
+        if self.phase != COMMAND or self.busy:
+            return 0.0
+        return now - self.last_active
+
     def server_down(self, name: str) -> None:
         """The monitor declared `name` down: stop using it (an in-flight read is retried elsewhere)."""
         be = self.backends.get(name)
@@ -567,22 +457,6 @@ class ClientConnection(asyncio.Protocol):
             be.transport.abort()  # -> command_lost(): retried if nothing reached the client yet
         elif self.state is None or self.state.trx_server != name:
             self.drop_backend(be)
-
-    async def _gtid_wait(self, be) -> bool:
-        """MASTER_GTID_WAIT on a replica before a read that must see the session's last write."""
-        timeout = self.worker.config.routing.gtid_wait_timeout
-        sql = f"SELECT MASTER_GTID_WAIT('{self.state.last_gtid}', {timeout})".encode()
-        resp = await be.command(command(COM_QUERY, sql), RESULT, timeout=timeout + 2)
-        return first_value(resp) == b"0"
-
-    async def _fetch_gtid(self, be):
-        """After a write in gtid read-your-writes mode: remember the GTID it produced."""
-        try:
-            value = first_value(await be.command(_LAST_GTID, RESULT, timeout=5))
-            self.state.wrote(value.decode() if value else "")
-        except (ConnectionError, asyncio.TimeoutError):
-            self.state.wrote()
-        self._finish()
 
     # ---- teardown ------------------------------------------------------------------------
     def drop_backend(self, be) -> None:
@@ -610,19 +484,3 @@ _LINGER = 2.0  # seconds a refused client may go on sending before the connectio
 
 def _rule_text(pkt: bytes) -> str:
     return bytes(pkt[5:]).decode("utf-8", "replace") if pkt[4] == COM_QUERY else ""
-
-
-def first_value(resp: bytes) -> bytes | None:
-    """The first column of the first row of a text result set (the proxy's own queries), read
-    without CLIENT_DEPRECATE_EOF knowledge: a row is the first packet after the column
-    definitions that is not an EOF packet."""
-    packets = payloads(resp)
-    if not packets or packets[0][:1] in (b"\x00", b"\xff"):
-        return None
-    i = 1 + packets[0][0]  # the column count packet, then that many definitions
-    if i < len(packets) and packets[i][:1] == b"\xfe" and len(packets[i]) < 9:
-        i += 1  # the EOF after the definitions (no CLIENT_DEPRECATE_EOF)
-    if i >= len(packets) or packets[i][:1] in (b"\xfb", b"\xfe", b"\xff"):
-        return None
-    value, _ = read_lenenc_str(packets[i], 0)
-    return value

@@ -35,24 +35,25 @@ def _xor(a: bytes, b: bytes) -> bytes:
     return bytes(x ^ y for x, y in zip(a, b))
 
 
-def native_token(password: str | bytes, salt: bytes) -> bytes:
-    """mysql_native_password: SHA1(pw) XOR SHA1(salt + SHA1(SHA1(pw)))."""
+def _scramble(hash_fn, password: str | bytes, salt: bytes, salt_first: bool) -> bytes:
+    """H(pw) XOR H(salt + H(H(pw))) (salt_first) or H(pw) XOR H(H(H(pw)) + salt): the token both
+    scrambling plugins send instead of the password."""
     if not password:
         return b""
     pw = password.encode() if isinstance(password, str) else password
-    h1 = hashlib.sha1(pw).digest()
-    h2 = hashlib.sha1(h1).digest()
-    return _xor(h1, hashlib.sha1(salt[:20] + h2).digest())
+    h1 = hash_fn(pw).digest()
+    h2 = hash_fn(h1).digest()
+    return _xor(h1, hash_fn(salt[:20] + h2 if salt_first else h2 + salt[:20]).digest())
+
+
+def native_token(password: str | bytes, salt: bytes) -> bytes:
+    """mysql_native_password: SHA1(pw) XOR SHA1(salt + SHA1(SHA1(pw)))."""
+    return _scramble(hashlib.sha1, password, salt, True)
 
 
 def sha2_token(password: str | bytes, salt: bytes) -> bytes:
     """caching_sha2_password fast path: SHA256(pw) XOR SHA256(SHA256(SHA256(pw)) + salt)."""
-    if not password:
-        return b""
-    pw = password.encode() if isinstance(password, str) else password
-    h1 = hashlib.sha256(pw).digest()
-    h2 = hashlib.sha256(h1).digest()
-    return _xor(h1, hashlib.sha256(h2 + salt[:20]).digest())
+    return _scramble(hashlib.sha256, password, salt, False)
 
 
 def token_for(plugin: str, password: str, salt: bytes) -> bytes:

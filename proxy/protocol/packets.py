@@ -280,3 +280,19 @@ def parse_err(payload: bytes) -> tuple[int, str, str]:
     if len(payload) > 3 and payload[3:4] == b"#":
         return code, payload[4:9].decode("ascii", "replace"), payload[9:].decode("utf-8", "replace")
     return code, "HY000", payload[3:].decode("utf-8", "replace")
+
+
+def first_value(resp: bytes) -> bytes | None:
+    """The first column of the first row of a text result set (the proxy's own queries), read
+    without CLIENT_DEPRECATE_EOF knowledge: a row is the first packet after the column
+    definitions that is not an EOF packet."""
+    packets = payloads(resp)
+    if not packets or packets[0][:1] in (b"\x00", b"\xff"):
+        return None
+    i = 1 + packets[0][0]  # the column count packet, then that many definitions
+    if i < len(packets) and packets[i][:1] == b"\xfe" and len(packets[i]) < 9:
+        i += 1  # the EOF after the definitions (no CLIENT_DEPRECATE_EOF)
+    if i >= len(packets) or packets[i][:1] in (b"\xfb", b"\xfe", b"\xff"):
+        return None
+    value, _ = read_lenenc_str(packets[i], 0)
+    return value

@@ -172,7 +172,7 @@ class Router:
         """Operator rules: ROUTE_PRIMARY, ROUTE_REPLICA, an error (code, sqlstate, message) for a
         reject rule, or None when no rule matches."""
         for rule in self.rules:
-            if rule.users and user not in rule.users:
+            if not rule.applies_to(user):
                 continue
             if rule.regex is not None:
                 if not rule.regex.search(sql):

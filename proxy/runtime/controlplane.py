@@ -11,6 +11,7 @@ import logging
 import os
 import time
 
+from proxy.cluster.topology import REPLICA, UP
 from proxy.runtime.control import ControlServer, socket_path
 from proxy.runtime.stats import SharedStats
 
@@ -89,7 +90,7 @@ def format_status(st: dict) -> str:
     rows = [head]
     for s in st["servers"]:
         lag = "-" if s["lag_ms"] is None else f"{s['lag_ms']:.0f}"
-        rows.append((s["name"], s["address"], s["role"], s["state"], "yes" if s["readable"] and s["role"] == "replica" else "-",
+        rows.append((s["name"], s["address"], s["role"], s["state"], "yes" if s["readable"] and s["role"] == REPLICA else "-",
                      lag, s["gtid"] or "-", str(s["connections"]), str(s.get("shared_connections", 0)), str(s["routed"])))
     widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
     lines = ["  ".join(v.ljust(widths[i]) for i, v in enumerate(r)).rstrip() for r in rows]
@@ -99,7 +100,7 @@ def format_status(st: dict) -> str:
                  f" ({st.get('shared_statements', 0)} over shared connections)"
                  + ("; WRITES HELD" if st.get("writes_held") else ""))
     for s in st["servers"]:
-        if s["last_error"] and s["state"] != "up":
+        if s["last_error"] and s["state"] != UP:
             lines.append(f"{s['name']}: {s['last_error']}")
     fo = st.get("failover") or {}
     if fo:

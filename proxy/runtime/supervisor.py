@@ -82,7 +82,7 @@ def make_tls_context(config) -> ssl.SSLContext | None:
     so a missing, unreadable or mismatched certificate or key is one start-up error, not a
     crash in every worker."""
     tls = config.proxy.tls
-    if not tls.cert:
+    if not tls.enabled:
         return None
     ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     try:

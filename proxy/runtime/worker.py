@@ -14,11 +14,13 @@ import logging
 import os
 import signal
 import ssl
+import time
 
 from proxy.backend.pool import Pools
 from proxy.backend.shared import SharedLines
 from proxy.backend.tls import policies_for
 from proxy.cluster.topology import DOWN, MAINTENANCE
+from proxy.config.schema import MASTER_MASTER, SPREAD_TRANSACTION
 from proxy.frontend.login import Authenticator
 from proxy.protocol import auth
 from proxy.routing.classify import Classifier
@@ -47,8 +49,8 @@ class Worker:
         self.servers = {b.name: b for b in config.backends}
         self.classifier = Classifier(config.routing.readonly_functions, config.routing.digest_cache_size)
         self.router = Router(config)
-        self.multi_master = config.cluster.topology == "master-master"
-        self.spread_per_transaction = self.multi_master and config.cluster.write_spread == "transaction"
+        self.multi_master = config.cluster.topology == MASTER_MASTER
+        self.spread_per_transaction = self.multi_master and config.cluster.write_spread == SPREAD_TRANSACTION
         self._writer_rr = 0
         self.topology = topology
         self.primary_name = topology.primary.name
@@ -92,16 +94,9 @@ class Worker:
                 for c in list(self.clients):  # nor by sessions; in-flight reads move elsewhere
                     c.server_down(name)
         self.primary_ok = self.writable_primary() is not None
-        if self._topology_waiters:
-            waiters, self._topology_waiters = self._topology_waiters, []
-            for f in waiters:
-                if not f.done():
-                    f.set_result(None)
-        if self._primary_waiters and self.primary_ok:
-            waiters, self._primary_waiters = self._primary_waiters, []
-            for f in waiters:
-                if not f.done():
-                    f.set_result(None)
+        _wake(self._topology_waiters)
+        if self.primary_ok:
+            _wake(self._primary_waiters)
 
     def pick_writer(self) -> str:
         """Master-master: spread sessions (or transactions) over the live masters in turn."""
@@ -121,8 +116,12 @@ class Worker:
 
     async def next_topology(self, timeout: float) -> None:
         """Wait for the next snapshot from the control plane (or the timeout)."""
+        await self._wait(self._topology_waiters, timeout)
+
+    async def _wait(self, waiters: list, timeout: float) -> None:
+        """Until set_topology wakes `waiters` (or the timeout)."""
         f = self.loop.create_future()
-        self._topology_waiters.append(f)
+        waiters.append(f)
         try:
             await asyncio.wait_for(f, timeout)
         except asyncio.TimeoutError:
@@ -136,12 +135,7 @@ class Worker:
             remaining = deadline - self.loop.time()
             if remaining <= 0:
                 raise TimeoutError(f"no writable primary within failover.write_hold_timeout ({timeout:g} s)")
-            f = self.loop.create_future()
-            self._primary_waiters.append(f)
-            try:
-                await asyncio.wait_for(f, remaining)
-            except asyncio.TimeoutError:
-                pass
+            await self._wait(self._primary_waiters, remaining)
         return self.writable_primary().name
 
     def admit(self, client) -> bool:
@@ -209,6 +203,19 @@ class Worker:
         except OSError as e:
             log.warning("worker %d: KILL from other workers' sessions will not reach this one: %s", self.index, e)
 
+    def close_idle_sessions(self) -> None:
+        """[proxy] client_idle_timeout: close sessions whose client sent nothing for that long, as a
+        server does at wait_timeout (the client learns it at its next command: the connection is gone)."""
+        limit = self.config.proxy.client_idle_timeout
+        if not limit:
+            return
+        now = time.monotonic()
+        for c in list(self.clients):
+            idle = c.idle_for(now)
+            if idle > limit:
+                log.info("session %d: idle for %.0f s (client_idle_timeout %g s); closing it", c.conn_id, idle, limit)
+                c.close()
+
     async def _housekeeping(self):
         """Counters to the control plane twice a second; idle pool connections expire."""
         n = 0
@@ -219,10 +226,21 @@ class Worker:
                 self.stats.write(self.index, len(self.clients), self.router.balancer.routed, self.pools.open_count,
                                  sh.statements if sh is not None else 0, sh.open_per_server() if sh is not None else None)
             n += 1
+            if n % 2 == 0:
+                self.close_idle_sessions()
             if n % 10 == 0:
                 self.pools.expire_idle()
                 if self.shared is not None:
                     self.shared.expire_idle(self.config.pool.idle_timeout)
+
+
+def _wake(waiters: list) -> None:
+    """Release every coroutine waiting on `waiters` (Worker._wait)."""
+    pending = waiters[:]
+    waiters.clear()
+    for f in pending:
+        if not f.done():
+            f.set_result(None)
 
 
 def pin_worker(index: int, mode: str) -> int | None:

@@ -24,6 +24,7 @@ class Load:
         self.ok: list[tuple[float, object]] = []  # (time.monotonic(), what step returned)
         self.errors: list[tuple[float, str]] = []
         self.max_latency = 0.0
+        self.done = [0] * clients  # statements each client completed (ok or error)
         self.threads = [threading.Thread(target=self._run, args=(i,), daemon=True) for i in range(clients)]
 
     def _run(self, i: int) -> None:
@@ -43,12 +44,14 @@ class Load:
                 except pymysql.err.MySQLError as e:
                     with self.lock:
                         self.errors.append((time.monotonic(), f"{i}/{n}: {e}"))
+                        self.done[i] += 1
                     time.sleep(0.02)
                     continue
                 now = time.monotonic()
                 with self.lock:
                     self.ok.append((now, value))
                     self.max_latency = max(self.max_latency, now - t0)
+                    self.done[i] += 1
                 time.sleep(self.pause)
 
     def __enter__(self) -> "Load":
@@ -60,6 +63,14 @@ class Load:
         self.stop.set()
         for t in self.threads:
             t.join(40)
+
+    def completed(self) -> list[int]:
+        with self.lock:
+            return list(self.done)
+
+    def count_since(self, t0: float) -> int:
+        with self.lock:
+            return sum(1 for t, _ in self.ok if t >= t0)
 
     def values_between(self, t0: float, t1: float) -> set:
         with self.lock:

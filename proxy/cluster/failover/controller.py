@@ -31,10 +31,9 @@ from proxy.cluster.failover.ops import Facts, Link, StepError
 from proxy.cluster.failover.state import FailoverState
 from proxy.cluster.monitor import Monitor
 from proxy.cluster.topology import DOWN, MAINTENANCE, ServerState, Topology
+from proxy.config.schema import MASTER_MASTER
 
 log = logging.getLogger("rwproxy.failover")
-
-MASTER_MASTER = "master-master"
 
 
 class Failover:

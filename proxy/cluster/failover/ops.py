@@ -49,7 +49,6 @@ class Facts:
     replicating: bool = False
     io_state: str = ""
     sql_state: str = ""
-    sql_running_state: str = ""
     sql_error: str = ""
     sql_delay: int = 0  # MASTER_DELAY: such a replica is never promoted (its relay log is hours long on purpose)
     source_host: str = ""
@@ -195,12 +194,6 @@ class LinkCache:
         with self._lock:
             return name in self._idle
 
-    def drop(self, name: str) -> None:
-        with self._lock:
-            link = self._idle.pop(name, None)
-        if link is not None:
-            link.close()
-
     def close(self) -> None:
         with self._lock:
             links, self._idle = list(self._idle.values()), {}
@@ -224,7 +217,6 @@ def read_facts(link: Link, facts: Facts) -> Facts:
         r = rows[0]
         facts.io_pos = r.get("Gtid_IO_Pos") or ""
         facts.io_state, facts.sql_state = r.get("Slave_IO_Running") or "", r.get("Slave_SQL_Running") or ""
-        facts.sql_running_state = r.get("Slave_SQL_Running_State") or ""
         facts.sql_error = r.get("Last_SQL_Error") or ""
         facts.sql_delay = int(r.get("SQL_Delay") or 0)
         facts.source_host, facts.source_port = r["Master_Host"], int(r["Master_Port"])

@@ -54,10 +54,6 @@ class FailoverState:
         with self._lock:
             self._holding = held
 
-    @property
-    def holding(self) -> bool:
-        return self._holding
-
     def begin(self, kind: str) -> None:
         with self._lock:
             self._in_progress = kind

@@ -25,6 +25,7 @@ from proxy.cluster.monitor.health import Observation, Policy, Tracker, decide, s
 from proxy.cluster.monitor.lag import Timeline
 from proxy.cluster.monitor.replication import DENIED, NO_TABLE, READ_ONLY, ReplicationReading
 from proxy.cluster.sqlerrors import describe, error_code
+from proxy.config.schema import MASTER_MASTER
 from proxy.cluster.topology import DOWN, LAGGING, MAINTENANCE, MASTER, PRIMARY, REPLICA, UP, ServerState, Topology, from_config
 
 log = logging.getLogger("rwproxy.monitor")
@@ -44,7 +45,6 @@ class _Node:
         self.source_id: int | None = None  # Master_Server_Id
         self.source_addr = ""
         self.hb_denied = False  # heartbeat writes refused (privileges): replicas fall back to SBM
-        self.hb_ok = 0.0  # time.monotonic() of the last successful heartbeat write
         self.hb_paused = False  # failover/switchover: no heartbeat writes here (see pause_heartbeat)
         self.hb_lock = threading.Lock()  # held around each heartbeat write
         # The last SHOW ALL SLAVES STATUS reading, reused by checks in between (see _replication):
@@ -71,7 +71,7 @@ class Monitor(ReplicationReading):
         self._user, self._password = config.monitor_credentials()
         self._policy = Policy(failcount=m.failcount, readmit_after=m.readmit_after,
                               max_lag_ms=config.routing.max_replica_lag * 1000.0,
-                              master_master=config.cluster.topology == "master-master")
+                              master_master=config.cluster.topology == MASTER_MASTER)
         # A writer whose samples stopped this long ago is "stale": lags are then measured against
         # its last known time. 1 s keeps a caught-up replica's reading (<= half of this) far below
         # any sane max_replica_lag while the primary is unreachable.
@@ -395,7 +395,6 @@ class Monitor(ReplicationReading):
                 cur.execute("SELECT UNIX_TIMESTAMP(NOW(6)), @@gtid_binlog_pos")
                 now, pos = cur.fetchone()
             node.timeline.add(float(now), pos or "")
-            node.hb_ok = time.monotonic()
             if node.hb_denied:
                 node.hb_denied = False
                 log.info("%s: heartbeat writes work again; replica lag is measured by heartbeat", node.label)

@@ -10,9 +10,9 @@ Runs on the hot path of every COM_QUERY / COM_STMT_PREPARE, so:
    unwrapped, rwproxy hints kept, long literal lists folded), and looked up in a bounded LRU of
    Classification objects.  The `digest` shown in a Classification (whitespace and all literal
    lists folded as well) is computed only on a miss.
-3. On a miss the statement is lexed (classify_lex), split at top-level ';', and each statement
-   is classified by its leading keywords (classify_rules); query-shaped statements are parsed
-   with sqlglot and their AST walked (classify_query).  Anything unknown or unparseable is
+3. On a miss the statement is lexed (lex.py), split at top-level ';', and each statement
+   is classified by its leading keywords (rules.py); query-shaped statements are parsed
+   with sqlglot and their AST walked (query.py).  Anything unknown or unparseable is
    WRITE | F_UNPARSED.
 
 A cached result is reused for every text with the same key, so a classification must not

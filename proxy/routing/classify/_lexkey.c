@@ -1,5 +1,5 @@
 /*
- * C twin of the hot line of proxy.classify_lex.cache_key:  _B_LIT.sub(b"?", raw).
+ * C twin of the hot line of proxy.routing.classify.lex.cache_key:  _B_LIT.sub(b"?", raw).
  *
  * Every statement the proxy relays goes through cache_key, and that regex pass was
  * ~0.5 us of the ~4 us of Python per statement.  literal_key() does the same pass
@@ -9,7 +9,7 @@
  *
  * Contract, checked by tests/test_lexkey.py on random texts: when the result is
  * not None it equals _B_LIT.sub(b"?", raw) byte for byte.  The number rules follow
- * _NUM_BODY in classify_lex.py, including the order in which the regex backtracks.
+ * _NUM_BODY in lex.py, including the order in which the regex backtracks.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -182,7 +182,7 @@ static PyMethodDef methods[] = {
 };
 
 static struct PyModuleDef lexkeymodule = {
-    PyModuleDef_HEAD_INIT, "_lexkey", "C fast path of classify_lex.cache_key", -1, methods,
+    PyModuleDef_HEAD_INIT, "_lexkey", "C fast path of lex.cache_key", -1, methods,
 };
 
 PyMODINIT_FUNC

@@ -30,7 +30,6 @@ WRITE_FUNCS = _names(
     WSREP_LAST_WRITTEN_GTID WSREP_SYNC_WAIT_UPTO_GTID
     """
 )
-UNSAFE_FUNCS = LOCK_FUNCS | RELEASE_FUNCS | CONN_FUNCS | WRITE_FUNCS
 
 # System variables (@@name) whose value belongs to the connection that ran the previous statement.
 CONN_VARS = frozenset(

@@ -1,7 +1,7 @@
 """sqlglot side of the classifier: parse a query-shaped statement and walk its AST.
 
 A statement is a READ only if sqlglot (mysql dialect, errors raised, never IGNORE) parses it
-as a single pure query AND the token scan (classify_rules) finds nothing suspicious: two
+as a single pure query AND the token scan (rules.py) finds nothing suspicious: two
 independent detectors, so a construct one of them drops does not send a write to a replica.
 """
 

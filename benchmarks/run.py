@@ -60,6 +60,16 @@ MODE_TESTS = {"primary": ["oltp_point_select", "oltp_read_only"],
               "primary-16k": ["oltp_point_select"],
               "forwarder": ["oltp_point_select"]}
 BIG_RESULT_MODES = ("primary", "primary-pinned", "primary-tls", "primary-16k", "forwarder")  # 1,000-row figure measured in these
+BEFORE = "@before"  # a mode with this suffix runs rwproxy from the checkout given by --baseline
+
+
+def base_mode(mode: str) -> str:
+    return mode.split("@")[0]
+
+
+def mode_name(mode: str) -> str:
+    name = MODE_NAMES[base_mode(mode)]
+    return name + (" -- rwproxy from the --baseline checkout (the code before the change)" if mode.endswith(BEFORE) else "")
 
 VARIANTS = {  # name -> (sysbench test, extra options)
     "oltp_point_select": ("oltp_point_select", []),
@@ -172,18 +182,18 @@ def write_mode_config(mode: str, port: int, workers: int, cluster, tmp: str) -> 
     """rwproxy's config file for a routing mode (see MODE_NAMES)."""
     data = {
         "proxy": {"listen": f"127.0.0.1:{port}", "workers": workers,
-                  "cpu_affinity": "spread" if mode.endswith("-pinned") else "none"},
+                  "cpu_affinity": "spread" if base_mode(mode).endswith("-pinned") else "none"},
         "backends": [{"name": n.name, "host": "127.0.0.1", "port": n.port,
-                      **({"socket": str(n.socket)} if mode.endswith("-unix") else {})} for n in cluster.nodes],
+                      **({"socket": str(n.socket)} if base_mode(mode).endswith("-unix") else {})} for n in cluster.nodes],
         "users": [{"name": "app", "password": "app"}],
         "monitor": {"user": "rwproxy", "password": "rwproxy"},
-        "routing": {"read_write_split": mode == "split"},
+        "routing": {"read_write_split": base_mode(mode) == "split"},
     }
-    if mode.endswith("-16k"):
+    if base_mode(mode).endswith("-16k"):
         data["pool"] = {"backend_net_buffer": 0}
-    if mode.endswith("-tls"):
+    if base_mode(mode).endswith("-tls"):
         data["backend_tls"] = {"mode": "verify_identity", "ca": str(cluster.tls_dir / "ca.pem")}
-    path = str(Path(tmp) / f"rwproxy-{mode}.toml")
+    path = str(Path(tmp) / f"rwproxy-{mode.replace('@', '-')}.toml")
     write_config(build_config(data, source=path), path)
     return path
 
@@ -251,6 +261,9 @@ def main(argv=None) -> int:
                          "sockets), primary-tls (as primary, TLS to the servers), primary-16k (as primary, "
                          "backend_net_buffer = 0), forwarder (reference: a bare uvloop forwarder, not rwproxy)")
     ap.add_argument("--workers", type=int, default=0, help="rwproxy workers (0 = CPU count)")
+    ap.add_argument("--baseline", default="", metavar="DIR",
+                    help="another checkout of rwproxy (e.g. `git worktree add DIR <commit>`, extensions built in "
+                         "place); modes named MODE@before run from it, in the same rounds as the others")
     ap.add_argument("--idle", type=int, default=1000, help="idle clients for the memory figure")
     ap.add_argument("--tag", default="dataplane")
     ap.add_argument("--server-option", action="append", default=[], metavar="NAME[=VALUE]",
@@ -262,6 +275,8 @@ def main(argv=None) -> int:
     threads = [int(t) for t in args.threads.split(",")]
     tests = args.tests.split(",")
     modes = args.modes.split(",")
+    if any(m.endswith(BEFORE) for m in modes) and not args.baseline:
+        ap.error("modes ending in @before need --baseline DIR")
     workers = args.workers or os.cpu_count() or 1
     tables, size = 4, 10000
 
@@ -288,16 +303,17 @@ def main(argv=None) -> int:
                     proxies[mode] = ForwarderProcess(port, primary, workers, log_path).start()
                 else:
                     cfgs[mode] = write_mode_config(mode, port, args.workers, cluster, tmp)
-                    proxies[mode] = ProxyProcess(cfgs[mode], "127.0.0.1", port, log_path=log_path).start()
+                    proxies[mode] = ProxyProcess(cfgs[mode], "127.0.0.1", port, log_path=log_path,
+                                                 source=args.baseline if mode.endswith(BEFORE) else None).start()
                 stack.callback(proxies[mode].stop)
             time.sleep(1.0)  # let the workers finish starting before measuring
             for mode, proxy in proxies.items():
                 background[mode] = idle_cpu(proxy, 3.0 if args.quick else 10.0)
                 print(f"[{mode}] idle CPU: {background[mode]} ms/s", flush=True)
-            first = next(iter(cfgs), None)
-            if first:
-                idle = idle_memory(proxies[first], args.idle)  # on a fresh process
-                print(f"[{first}] idle clients: {idle}", flush=True)
+            # on fresh processes: the first mode, and its @before twin if there is one
+            for first in [m for m in cfgs if args.idle > 0 and m in (next(iter(cfgs)), next(iter(cfgs)) + BEFORE)]:
+                idle[first] = idle_memory(proxies[first], args.idle)
+                print(f"[{first}] idle clients: {idle[first]}", flush=True)
 
             def through(mode: str, test: str, th: int) -> dict:
                 proxy, rwproxy = proxies[mode], mode in cfgs
@@ -312,7 +328,7 @@ def main(argv=None) -> int:
                 return res
 
             for test in tests:
-                test_modes = [m for m in modes if test in MODE_TESTS[m]]
+                test_modes = [m for m in modes if test in MODE_TESTS[base_mode(m)]]
                 if not test_modes:
                     continue
                 for th in threads:
@@ -331,7 +347,7 @@ def main(argv=None) -> int:
                             runs.append({"mode": m, "test": test, "threads": th, "round": r + 1,
                                          "direct": got["direct"], "proxy": got[m]})
 
-            big_modes = [m for m in modes if m in BIG_RESULT_MODES]
+            big_modes = [m for m in modes if base_mode(m) in BIG_RESULT_MODES]
             per_round: dict[str, list[dict]] = {m: [] for m in big_modes}
             for r in range(args.rounds):
                 for mode in _rotated(big_modes, r):
@@ -345,7 +361,8 @@ def main(argv=None) -> int:
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "kernel": platform.release()},
         "settings": {"rounds": args.rounds, "seconds": args.time, "tables": tables, "table_size": size,
-                     "proxy_workers": workers, "modes": {m: MODE_NAMES[m] for m in modes},
+                     "proxy_workers": workers, "modes": {m: mode_name(m) for m in modes},
+                     "baseline": args.baseline,
                      "server_options": args.server_option},
         "summary": summary, "big_result": big, "idle_memory": idle, "idle_cpu_ms_per_s": background, "runs": runs,
     }
@@ -410,7 +427,6 @@ def markdown(result: dict) -> str:
             f"{r['direct_p95_ms']} / {r['proxy_p95_ms']} | {r['direct_p99_ms']} / {r['proxy_p99_ms']} | "
             f"{r['proxy_cpu_us_per_query']} | {r['errors']} | {_share(r['routed'])} |"
         )
-    m = result["idle_memory"]
     lines.append("")
     for mode, b in result["big_result"].items():
         lines.append(
@@ -420,10 +436,14 @@ def markdown(result: dict) -> str:
             f"spread over its queries, {b['net_us_per_query']} µs the relaying itself."
             + (f" With {b['sysbench_threads']} sysbench threads reading at once (libmariadb): {b['proxy_cpu_us_per_query_sysbench']} µs "
                f"per query at {b['sysbench_qps']:.0f} results/s ({b['sysbench_queries']} queries)." if "sysbench_threads" in b else ""))
-    if m:  # measured on rwproxy only: absent from a forwarder-only run
+    idle = result["idle_memory"]
+    if idle and "connections" in idle:  # (older results: one mode's figure, not keyed by mode)
+        idle = {"rwproxy": idle}
+    for mode, m in idle.items():  # measured on rwproxy only: absent from a forwarder-only run
         lines.append(
-            f"- Idle clients: {m['connections']} connections held open grew rwproxy's RSS by {m['rss_after_kib'] - m['rss_before_kib']} KiB "
-            f"= {m['kib_per_connection']} KiB per connection (each holds its primary backend connection too).")
+            f"- [{mode}] Idle clients: {m['connections']} connections held open grew rwproxy's RSS by "
+            f"{m['rss_after_kib'] - m['rss_before_kib']} KiB = {m['kib_per_connection']} KiB per connection "
+            "(each holds its primary backend connection too).")
     lines.append("")
     return "\n".join(lines)
 

@@ -308,6 +308,7 @@ def test_idle_sessions_are_closed_after_client_idle_timeout(kit):
     try:
         idle, busy = kit.session(), kit.session()
         busy.send(query(b"SELECT SLEEP(10)"))  # a long statement is not idleness
+        kit.worker.close_idle_sessions()  # the first sweep that sees them waiting starts the clock
         kit.wait(0.1)
         kit.worker.close_idle_sessions()
         kit.settle()

@@ -4,7 +4,7 @@ missed, and what may not go to a shared connection."""
 
 from __future__ import annotations
 
-from proxy.protocol.packets import execute_types_at, rewrite_execute
+from proxy.protocol.packets import execute_types_offset, rewrite_execute
 from proxy.routing.statements import DIRECT_ID, StatementMap, Stmt
 
 
@@ -22,14 +22,14 @@ def params(pkt: bytes) -> bytes:
 
 def test_rewriter_changes_the_id_and_puts_types_in():
     pkt = execute(7, types=None, value=43)
-    at = execute_types_at(pkt, 1)
+    at = execute_types_offset(1)
     assert at == 4 + 10 + 1 and pkt[at] == 0
     assert rewrite_execute(pkt, 7) is pkt  # same id, no types: no copy
     out = rewrite_execute(pkt, 99, b"\x08\x00", at)
     assert int.from_bytes(out[:3], "little") == len(out) - 4
     assert out[5:9] == (99).to_bytes(4, "little")
     assert params(out) == b"\x01\x08\x00" + (43).to_bytes(8, "little")
-    assert execute_types_at(pkt, 0) == -1 and execute_types_at(pkt[:15], 1) == -1
+    assert execute_types_offset(0) == -1 and execute_types_offset(9) == 4 + 10 + 2
 
 
 def test_own_connections_get_types_they_missed_once():

@@ -30,24 +30,15 @@ def _unknown(sid: int, cmd: int | None = None) -> tuple:
     return code, state, f"Unknown prepared statement handler ({sid}){where}"
 
 
-def _stmt_id(s, pkt, cmd: int) -> int:
-    """The client statement id a statement command names (-1, MariaDB's direct execution, is
-    the statement prepared last; the server ignores COM_STMT_CLOSE of -1)."""
-    sid = int.from_bytes(pkt[5:9], "little") if len(pkt) >= 9 else -1
-    if sid == DIRECT_ID and cmd != COM_STMT_CLOSE:
-        sid = s.stmts.last or DIRECT_ID
-    return sid
-
-
 def execute(s, pkt) -> None:
     """COM_STMT_EXECUTE (the hot path of prepared statements)."""
-    sid = _stmt_id(s, pkt, COM_STMT_EXECUTE)
+    sid = int.from_bytes(pkt[5:9], "little") if len(pkt) >= 9 else -1
+    if sid == DIRECT_ID and s.stmts.last:  # MariaDB's direct execution: the statement prepared last
+        sid = s.stmts.last
+        pkt = pkt[:5] + sid.to_bytes(4, "little") + pkt[9:]
     stmt = s.stmts.stmts.get(sid)
     if stmt is None:
-        s.send_error(*_unknown(sid, COM_STMT_EXECUTE))
-        return
-    if sid != int.from_bytes(pkt[5:9], "little"):
-        pkt = pkt[:5] + sid.to_bytes(4, "little") + pkt[9:]
+        return s.send_error(*_unknown(sid, COM_STMT_EXECUTE))
     if stmt.long_data:  # long data was sent to the primary; the execute must follow it
         stmt.long_data = False
         return s.dispatch(pkt, C.Classification(C.WRITE, stmt.cls.flags, stmt.cls.digest), RESULT, sid)
@@ -108,8 +99,9 @@ async def prepare(s, pkt) -> None:
 
 def other(s, pkt, cmd: int) -> None:
     """COM_STMT_CLOSE, SEND_LONG_DATA, RESET and FETCH."""
-    sid = _stmt_id(s, pkt, cmd)
-    if sid != (int.from_bytes(pkt[5:9], "little") if len(pkt) >= 9 else -1):
+    sid = int.from_bytes(pkt[5:9], "little") if len(pkt) >= 9 else -1
+    if sid == DIRECT_ID and cmd != COM_STMT_CLOSE and s.stmts.last:  # (the server ignores CLOSE of -1)
+        sid = s.stmts.last
         pkt = pkt[:5] + sid.to_bytes(4, "little") + pkt[9:]
     stmt = s.stmts.stmts.get(sid)
     if stmt is None:

@@ -26,7 +26,7 @@ from proxy.frontend.login import handshake, open_session
 from proxy.frontend.reader import CLOSING, COMMAND, HANDSHAKE, PacketReader
 from proxy.frontend.tls import TLSLayer
 from proxy.protocol.constants import (
-    COM_QUERY, COM_STMT_EXECUTE, CR_SERVER_LOST, DEFAULT_CHARSET, ER_UNKNOWN_ERROR, MAX_PACKET,
+    COM_QUERY, COM_STMT_EXECUTE, CR_SERVER_LOST, DEFAULT_CHARSET, ER_CON_COUNT_ERROR, ER_UNKNOWN_ERROR, MAX_PACKET,
     SERVER_STATUS_AUTOCOMMIT, SESSION_SHAPING_CAPABILITIES,
 )
 from proxy.protocol.packets import command, err_packet, err_payload, frame
@@ -45,7 +45,7 @@ _STATEMENTS = (COM_QUERY, COM_STMT_EXECUTE)
 _monotonic = time.monotonic
 _HUGE = C.Classification(C.WRITE, C.F_UNPARSED, "<statement over 16 MiB>")
 _SET_AUTOCOMMIT_0 = command(COM_QUERY, b"SET autocommit=0")
-_LAST_GTID = command(COM_QUERY, b"SELECT @@last_gtid")
+_NO_SERVERS = frozenset()
 
 
 class Command:
@@ -67,7 +67,8 @@ class ClientConnection(asyncio.Protocol):
     __slots__ = (
         "worker", "conn_id", "transport", "tls_layer", "reader", "phase", "busy", "closed", "write_paused",
         "host", "tls", "salt", "user", "caps", "charset", "db", "login_db", "status", "state", "backends",
-        "stmts", "inflight", "sent_at", "shared_on", "shared_entry", "last_shared", "share_keys", "last_active",
+        "stmts", "inflight", "sent_at", "shared_on", "shared_entry", "last_shared", "share_keys", "activity",
+        "idle_seen", "idle_since",
     )
 
     def __init__(self, worker, conn_id: int):
@@ -98,7 +99,9 @@ class ClientConnection(asyncio.Protocol):
         self.shared_entry = None  # its entry in that connection's queue
         self.last_shared: Command | None = None  # the previous command, if a shared connection answered it
         self.share_keys: dict = {}  # server name -> (history version, key of the shared connections to use)
-        self.last_active = _monotonic()  # when the client last sent something or a command ended (idle timeout)
+        self.activity = 0  # chunks received from the client (client_idle_timeout: did it send anything?)
+        self.idle_seen = -1  # `activity` as the last idle sweep saw it
+        self.idle_since = 0.0  # when a sweep first saw the session waiting for its client
 
     # ---- transport events -----------------------------------------------------
     def connection_made(self, transport):
@@ -108,7 +111,7 @@ class ClientConnection(asyncio.Protocol):
             self.host = peer[0]
         transport.set_write_buffer_limits(high=256 * 1024)
         if not self.worker.admit(self):
-            transport.write(err_packet(0, (1040, b"08004"), "Too many connections"))
+            transport.write(err_packet(0, ER_CON_COUNT_ERROR, "Too many connections"))
             transport.close()
             self.closed = True
             return
@@ -145,7 +148,7 @@ class ClientConnection(asyncio.Protocol):
             self.data_received(early)
 
     def data_received(self, data):
-        self.last_active = _monotonic()
+        self.activity += 1
         if self.tls_layer is not None:
             try:
                 data = self.tls_layer.feed(data)
@@ -239,16 +242,17 @@ class ClientConnection(asyncio.Protocol):
                 prepared.execute(self, pkt)
             else:
                 commands.run(self, pkt, cmd)
-        r.commands_taken()
+        if r.paused:
+            r.commands_taken()
 
     def dispatch(self, pkt, cls, kind: int, stmt_sid: int = 0) -> None:
         """Plan a statement (router) and carry the plan out: relay it on an open connection that
         carries the session's state, queue it on a shared one, or take a slow path."""
         w = self.worker
         st = self.state
-        plan = w.router.plan(st, cls, w.topology, _rule_text(pkt) if w.router.rules else "",
-                             autocommit=self.status & SERVER_STATUS_AUTOCOMMIT, primary_ok=w.primary_ok,
-                             sharing=w.shared is not None, after_shared=self.last_shared is not None)
+        plan = w.router.plan(st, cls, w.topology, _rule_text(pkt) if w.router.rules else "",  # (positional: hot)
+                             self.status & SERVER_STATUS_AUTOCOMMIT, w.primary_ok, w.shared is not None,
+                             self.last_shared is not None)
         if plan.error is not None:
             return self.send_error(*plan.error)
         to_writer = plan.target is WRITER
@@ -329,7 +333,8 @@ class ClientConnection(asyncio.Protocol):
                         fetch_gtid = True
                     else:
                         st.wrote()
-        st.failed_servers = frozenset()
+        if st.failed_servers:
+            st.failed_servers = _NO_SERVERS
         if w.spread_per_transaction and not st.pin():
             st.writer = None  # the next transaction may go to another master
         if fetch_gtid:  # busy until the GTID it produced is known; _fetch_gtid finishes the command
@@ -375,7 +380,6 @@ class ClientConnection(asyncio.Protocol):
     def finish(self) -> None:
         """The command is over: take the next one the client sent meanwhile."""
         self.busy = False
-        self.last_active = _monotonic()
         if self.reader.buf and self.phase == COMMAND and not self.closed:
             self._process()
 
@@ -442,11 +446,14 @@ class ClientConnection(asyncio.Protocol):
         return True
 
     def idle_for(self, now: float) -> float:
-        """Seconds this logged-in session has been waiting for its client's next command (0 while
-        a command runs or before login)."""
-        if self.phase != COMMAND or self.busy:
+        """Seconds this logged-in session has been waiting for its client, as seen by the worker's
+        sweeps (once a second): from the first sweep that found it idle with nothing received
+        since the sweep before. 0 while a command runs or before login. Counting received chunks
+        instead of stamping every command keeps the clock off the hot path."""
+        if self.phase != COMMAND or self.busy or self.activity != self.idle_seen:
+            self.idle_seen, self.idle_since = self.activity, now
             return 0.0
-        return now - self.last_active
+        return now - self.idle_since
 
     def server_down(self, name: str) -> None:
         """The monitor declared `name` down: stop using it (an in-flight read is retried elsewhere)."""

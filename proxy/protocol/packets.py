@@ -91,14 +91,12 @@ def logical_payload(pkt: bytes) -> bytes:
             return b"".join(parts)
 
 
-def execute_types_at(pkt, nparams: int) -> int:
-    """Where COM_STMT_EXECUTE's new-params-bound flag sits in the framed packet `pkt` (after the
-    header, command, statement id, flags, iteration count and NULL bitmap); -1 when the statement
-    has no parameters, the packet is split (16 MiB or more) or it is cut short."""
-    if not nparams or len(pkt) >= MAX_PACKET:
-        return -1
-    at = 4 + 10 + (nparams + 7) // 8
-    return at if at < len(pkt) else -1
+def execute_types_offset(nparams: int) -> int:
+    """Where COM_STMT_EXECUTE's new-params-bound flag sits in a framed packet for a statement of
+    `nparams` parameters: after the header, command, statement id, flags, iteration count and
+    NULL bitmap (-1: no parameters, no flag). The flag is there only if the packet is that long
+    and not split (16 MiB or more)."""
+    return 4 + 10 + (nparams + 7) // 8 if nparams else -1
 
 
 def rewrite_execute(pkt, stmt_id: int, types: bytes | None = None, types_at: int = -1) -> bytes:

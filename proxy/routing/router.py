@@ -108,8 +108,9 @@ class Router:
         self.rules = tuple(r.rules)
         self._topo = None  # the snapshot _pool was computed from
         self._pool: list = []
+        self._plans: dict[tuple, Plan] = {}  # every distinct plan made (few: servers x reasons x flags)
 
-    def plan(self, s, cls, topology, sql: str = "", *, autocommit: bool = True, primary_ok: bool = True,
+    def plan(self, s, cls, topology, sql: str = "", autocommit: bool = True, primary_ok: bool = True,
              sharing: bool = False, after_shared: bool = False) -> Plan:
         """The plan for statement class `cls` of session state `s`.
 
@@ -117,56 +118,55 @@ class Router:
         autocommit as the primary last reported it. primary_ok: a writable primary exists and writes
         are not held. sharing: this worker multiplexes. after_shared: the session's previous statement
         was answered on a shared connection.
-        """
-        target, why, wait = self._route(s, cls, topology, sql)
-        if target is None:
-            return Plan(None, why, error=wait)
-        flags = cls.flags
-        to_writer = target is WRITER
-        share = (sharing and cls.route == _READ and not flags & _NO_SHARE and autocommit and not wait
-                 and not s.pin() and not s.user_vars and s.ro_trx is None and not s.pending_write
-                 and (primary_ok or not to_writer))
-        return Plan(target, why, share, to_writer and not primary_ok, wait,
-                    after_shared and bool(flags & _CONN_BOUND))
 
-    def _route(self, s, cls, topology, sql: str):
-        """(target, why, wait for the GTID); (None, why, error) when the statement must be refused."""
+        Plans are values: equal decisions give the same (cached) Plan object, which keeps the hot
+        path from building one per statement.
+        """
         flags = cls.flags
+        wait = False
+        pin = ""
         if s.ro_trx is not None:  # inside START TRANSACTION READ ONLY on a replica
-            return s.ro_trx, Why.READ_ONLY_TRX, False
-        forced = None
-        if self.rules:
-            forced = self.check_rules(s.user.name, sql, cls.digest)
-            if type(forced) is tuple:
-                return None, Why.RULE, forced
-        if flags & C.F_CONN_BOUND and s.last_backend is not None:
-            return s.last_backend, Why.CONN_BOUND, False
-        pin = s.pin()
-        if pin:
-            return WRITER, pin, False
-        if forced == ROUTE_PRIMARY:
-            return WRITER, Why.RULE, False
-        if flags & C.F_HINT_PRIMARY:
-            return WRITER, Why.HINT, False
-        to_replica = forced == ROUTE_REPLICA or flags & C.F_HINT_REPLICA
-        if cls.route != C.READ and not (flags & C.F_READ_ONLY_TXN):
-            if to_replica:
-                return self._replica(s, topology, Why.RULE if forced else Why.HINT)
-            return WRITER, Why.WRITE, False
-        if to_replica:
-            return self._replica(s, topology, Why.RULE if forced else Why.HINT)
-        if flags & C.F_USER_VAR_READ and s.user_vars:
-            return WRITER, Why.USER_VAR, False
-        if not self.split:
-            return WRITER, Why.NO_SPLIT, False
-        if s.user.default_route == ROUTE_PRIMARY:
-            return WRITER, Why.USER_ROUTE, False
-        mode = s.ryw_mode
-        if mode == RYW_SESSION and s.last_write and time.monotonic() - s.last_write < self.window:
-            return WRITER, Why.RYW_WINDOW, False
-        if mode == RYW_GTID and s.last_gtid:
-            return self._gtid_replica(s, topology)
-        return self._replica(s, topology, Why.READ)
+            target, why = s.ro_trx, Why.READ_ONLY_TRX
+        else:
+            forced = None
+            if self.rules:
+                forced = self.check_rules(s.user.name, sql, cls.digest)
+                if type(forced) is tuple:
+                    return Plan(None, Why.RULE, error=forced)
+            if flags & _CONN_BOUND and s.last_backend is not None:
+                target, why = s.last_backend, Why.CONN_BOUND
+            elif (pin := s.pin()):
+                target, why = WRITER, pin
+            elif forced == ROUTE_PRIMARY:
+                target, why = WRITER, Why.RULE
+            elif flags & C.F_HINT_PRIMARY:
+                target, why = WRITER, Why.HINT
+            elif forced == ROUTE_REPLICA or flags & C.F_HINT_REPLICA:
+                target, why, wait = self._replica(s, topology, Why.RULE if forced else Why.HINT)
+            elif cls.route != _READ and not flags & C.F_READ_ONLY_TXN:
+                target, why = WRITER, Why.WRITE
+            elif flags & C.F_USER_VAR_READ and s.user_vars:
+                target, why = WRITER, Why.USER_VAR
+            elif not self.split:
+                target, why = WRITER, Why.NO_SPLIT
+            elif s.user.default_route == ROUTE_PRIMARY:
+                target, why = WRITER, Why.USER_ROUTE
+            elif s.ryw_mode == RYW_SESSION and s.last_write and time.monotonic() - s.last_write < self.window:
+                target, why = WRITER, Why.RYW_WINDOW
+            elif s.ryw_mode == RYW_GTID and s.last_gtid:
+                target, why, wait = self._gtid_replica(s, topology)
+            else:
+                target, why, wait = self._replica(s, topology, Why.READ)
+            if target is None:  # (no replica, and reads may not go to the primary)
+                return Plan(None, why, error=wait)
+        to_writer = target is WRITER
+        share = (sharing and cls.route == _READ and not flags & _NO_SHARE and autocommit and not wait and not pin
+                 and not s.user_vars and s.ro_trx is None and not s.pending_write and (primary_ok or not to_writer))
+        key = (target, why, share, to_writer and not primary_ok, wait, after_shared and bool(flags & _CONN_BOUND))
+        p = self._plans.get(key)
+        if p is None:
+            p = self._plans[key] = Plan(*key)
+        return p
 
     def check_rules(self, user: str, sql: str, digest: str):
         """Operator rules: ROUTE_PRIMARY, ROUTE_REPLICA, an error (code, sqlstate, message) for a
@@ -197,7 +197,8 @@ class Router:
 
     def _replica(self, s, topology, why: str):
         """A replica from the read pool; the writer (or an error) when there is none."""
-        pick = self.balancer.pick(self._read_pool(topology), s.failed_servers)
+        pool = self._pool if topology is self._topo else self._read_pool(topology)
+        pick = self.balancer.pick(pool, s.failed_servers)
         if pick is not None:
             return pick.name, why, False
         if self.reads_on_primary:

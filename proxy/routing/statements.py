@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections import OrderedDict
 
 from proxy.protocol.constants import CURSOR_TYPE_NO_CURSOR, MAX_PACKET
-from proxy.protocol.packets import execute_types_at, rewrite_execute
+from proxy.protocol.packets import execute_types_offset, rewrite_execute
 
 # MariaDB's direct execution (10.2+): a client may pipeline COM_STMT_PREPARE and a COM_STMT_EXECUTE
 # (or SEND_LONG_DATA, RESET, FETCH) whose statement id is -1, "the statement prepared last".
@@ -20,13 +20,15 @@ DIRECT_ID = 0xFFFFFFFF
 
 
 class Stmt:
-    __slots__ = ("sql", "cls", "prepare_packet", "nparams", "ids", "types", "types_sent", "long_data", "last")
+    __slots__ = ("sql", "cls", "prepare_packet", "nparams", "types_at", "ids", "types", "types_sent", "long_data",
+                 "last")
 
     def __init__(self, sql: bytes, cls, prepare_packet: bytes, nparams: int):
         self.sql = sql
         self.cls = cls
         self.prepare_packet = prepare_packet  # the client's COM_STMT_PREPARE, to prepare elsewhere
         self.nparams = nparams
+        self.types_at = execute_types_offset(nparams)  # where an execute's new-params-bound flag sits
         self.ids: dict[str, int] = {}  # server name -> backend statement id
         self.types: bytes | None = None  # last parameter-type block the client sent
         self.types_sent: set[str] = set()  # servers that received `types`
@@ -36,9 +38,9 @@ class Stmt:
     def packet_for(self, pkt: bytes, server: str, backend_id: int) -> bytes:
         """The client's COM_STMT_EXECUTE for the session's own connection to `server`: that
         backend's id, and the parameter types if this connection has not seen the current ones."""
-        at = execute_types_at(pkt, self.nparams)
+        at = self.types_at
         types = None
-        if at >= 0:
+        if 0 <= at < len(pkt) < MAX_PACKET:
             if pkt[at] == 1:  # new types bound: remember them; only `server` has seen them
                 self.types = pkt[at + 1 : at + 1 + 2 * self.nparams]
                 self.types_sent = {server}
@@ -53,10 +55,9 @@ class Stmt:
         share: it opens a cursor, it is split, or the types were never sent."""
         if len(pkt) < 10 or pkt[9] != CURSOR_TYPE_NO_CURSOR or len(pkt) >= MAX_PACKET:
             return None
-        types, at = None, -1
+        types, at = None, self.types_at
         if self.nparams:
-            at = execute_types_at(pkt, self.nparams)
-            if at < 0:
+            if at >= len(pkt):
                 return None
             if pkt[at] == 1:
                 self.types = pkt[at + 1 : at + 1 + 2 * self.nparams]

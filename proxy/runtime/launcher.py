@@ -15,12 +15,14 @@ import time
 
 
 class ProxyProcess:
-    def __init__(self, config_path: str, host: str, port: int, log_path: str | None = None, log_level: str = "INFO"):
+    def __init__(self, config_path: str, host: str, port: int, log_path: str | None = None, log_level: str = "INFO",
+                 source: str | None = None):
         self.config_path = str(config_path)
         self.host = host
         self.port = port
         self.log_path = log_path or self.config_path + ".log"
         self.log_level = log_level
+        self.source = source or _repo_root()  # the checkout whose `proxy` package runs (benchmark A/Bs)
         self.proc: subprocess.Popen | None = None
 
     @property
@@ -35,7 +37,7 @@ class ProxyProcess:
         log = open(self.log_path, "ab")
         cmd = self.command()
         env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [_repo_root(), env.get("PYTHONPATH")]))
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [self.source, env.get("PYTHONPATH")]))
         self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
         log.close()
         deadline = time.monotonic() + timeout

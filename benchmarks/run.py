@@ -354,6 +354,8 @@ def main(argv=None) -> int:
                     per_round[mode].append(big_result_cpu(proxies[mode], 2.0 if args.quick else 4.0))
             for mode, rs in per_round.items():
                 big[mode] = big_result_summary(rs, background[mode])
+                big[mode]["per_round"] = [{k: x[k] for k in ("proxy_cpu_us_per_query", "proxy_cpu_us_per_query_pymysql",
+                                                            "proxy_cpu_us_per_query_sysbench")} for x in rs]
                 print(f"[{mode}] 1,000-row result: {big[mode]}", flush=True)
 
     summary = summarize(runs)

@@ -129,9 +129,10 @@ BIG_SQL = "SELECT seq, REPEAT('r', 120) FROM seq_1_to_1000"
 def routed(cfg_path: str) -> dict:
     """Statements the proxy has sent to each backend so far (from its control socket)."""
     from proxy.config.load import load_config
-    from proxy.runtime.control import request, socket_path
+    from proxy.runtime.control import request
+    from proxy.runtime.rundir import control_socket
 
-    st = request(socket_path(load_config(cfg_path)), "status", timeout=10)
+    st = request(control_socket(load_config(cfg_path)), "status", timeout=10)
     roles = {s["name"]: s["role"] for s in st["servers"]}
     return {f"{name}({roles[name]})": s["routed"] for name, s in ((s["name"], s) for s in st["servers"])}
 

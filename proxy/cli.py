@@ -10,7 +10,8 @@ from proxy import __version__
 
 def _serve(args) -> int:
     from proxy.config.load import ConfigError, load_config
-    from proxy.runtime.supervisor import StartupError, serve, setup_logging
+    from proxy.logs import setup_logging
+    from proxy.runtime.supervisor import StartupError, serve
 
     setup_logging(args.log_level)
     try:
@@ -30,17 +31,28 @@ def _check_config(args) -> int:
 
 
 def _control(args, cmd: str, **extra) -> dict | None:
-    """Send a command to the running proxy for this config; None (and a message) if not running."""
+    """Send a command to the running proxy for this config; None (and a message) if not running,
+    or if what answers is another instance (started with another config)."""
+    import os
+
     from proxy.config.load import ConfigError, load_config
-    from proxy.runtime.control import request, socket_path
+    from proxy.runtime.control import request
+    from proxy.runtime.rundir import control_socket
 
     try:
         config = load_config(args.config)
     except ConfigError as e:
         print(f"rwproxy: {e}", file=sys.stderr)
         return None
-    path = socket_path(config)
+    path = control_socket(config)
     try:
+        hello = request(path, "hello", timeout=10)
+        mine = os.path.realpath(args.config)
+        if hello.get("config") != mine:
+            print(f"rwproxy: the proxy answering at {path} (pid {hello.get('pid')}) was started with "
+                  f"{hello.get('config')}, not {mine}; give each instance its own listen address or "
+                  f"[proxy] runtime_dir", file=sys.stderr)
+            return None
         return request(path, cmd, **extra)
     except (FileNotFoundError, ConnectionRefusedError):
         print(f"rwproxy: no proxy is running for {args.config} (no control socket at {path}); "
@@ -147,4 +159,12 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    return int(args.func(args) or 0)
+    try:
+        return int(args.func(args) or 0)
+    except BrokenPipeError:
+        # `rwproxy status | head`: the reader left; exit quietly, as a Unix tool does on SIGPIPE
+        import os
+
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # (so Python's own flush at exit does not complain)
+        return 141

@@ -10,6 +10,7 @@ import pymysql
 import pytest
 
 from proxy.config.load import build_config, write_config
+from proxy.config.schema import parse_listen
 from proxy.runtime.launcher import ProxyProcess, free_port
 
 SHA2_USER, SHA2_PASSWORD = "sha2user", "s3cret-sha2"
@@ -81,13 +82,14 @@ class RunningProxy:
 def start_proxy(sandbox, dirpath, /, **sections) -> RunningProxy:
     """rwproxy in front of `sandbox`; keyword arguments override config sections (e.g. cluster=...)."""
     dirpath.mkdir(parents=True, exist_ok=True)
-    port = free_port()
+    listen = sections.get("proxy", {}).get("listen")
+    host, port = parse_listen(listen) if listen else ("127.0.0.1", free_port())
     cfg = build_config(proxy_config_dict(sandbox, port, **sections), source=str(dirpath / "rwproxy.toml"))
     path = str(dirpath / "rwproxy.toml")
     write_config(cfg, path)
-    proc = ProxyProcess(path, "127.0.0.1", port, log_path=str(dirpath / "rwproxy.log")).start()
+    proc = ProxyProcess(path, host, port, log_path=str(dirpath / "rwproxy.log")).start()
     tls = sections.get("proxy", {}).get("tls", {})
-    return RunningProxy("127.0.0.1", port, proc, sandbox, tls.get("cert", ""), tls.get("key", ""))
+    return RunningProxy(host, port, proc, sandbox, tls.get("cert", ""), tls.get("key", ""))
 
 
 def ensure_backend_user(cluster, user: str, password: str) -> None:

@@ -79,7 +79,7 @@ def test_designation_wins_over_read_only():
     assert learned_role("auto", False, UP, mm=False, designated=False) == REPLICA  # a fenced old primary
     assert learned_role("primary", False, UP, mm=False, designated=False) == REPLICA  # even if configured
     assert learned_role("auto", False, REPLICA, mm=False, designated=True) == PRIMARY
-    assert learned_role("auto", True, PRIMARY, mm=False, designated=True) == REPLICA  # made read-only by hand
+    assert learned_role("auto", True, PRIMARY, mm=False, designated=True) == PRIMARY  # made read-only by hand: 1290s
     assert learned_role("auto", False, REPLICA, mm=True, designated=False) == "master"  # no authority in mm
 
 

@@ -9,6 +9,7 @@ import sys
 import threading
 import time
 
+import pymysql
 import pytest
 
 from helpers import start_proxy
@@ -135,17 +136,26 @@ def test_lagging_and_stopped_replicas_leave_and_return(setup):
         t.join(10)
 
 
-def test_primary_read_only_flip_is_followed(setup):
+def test_a_primary_made_read_only_by_hand_answers_writes_with_its_own_error(setup):
+    """Issue 20: writes to a primary set read_only by hand (no failover, no switchover) waited
+    write_hold_timeout and then failed with 1927; they get the server's own 1290 now."""
     cl, p = setup
-    with cl.primary.connect() as c, c.cursor() as cur:
-        cur.execute("SET GLOBAL read_only=1")
-        try:
-            assert wait_until(lambda: _status(p)["node1"]["role"] != "primary", 5)
-        finally:
-            cur.execute("SET GLOBAL read_only=0")
-    assert wait_until(lambda: _status(p)["node1"]["role"] == "primary", 5)
     with p.connect(autocommit=True) as c, c.cursor() as cur:
         cur.execute("CREATE TABLE IF NOT EXISTS flip (id INT)")
+    with cl.primary.connect() as admin, admin.cursor() as cur:
+        cur.execute("SET GLOBAL read_only=1")
+        try:
+            assert wait_until(lambda: _status(p)["node1"]["read_only"] is True, 5)
+            assert _status(p)["node1"]["role"] == "primary"  # still the primary: no failover for this
+            with p.connect(autocommit=True) as c, c.cursor() as wcur:
+                with pytest.raises(pymysql.err.MySQLError) as e:
+                    wcur.execute("INSERT INTO flip VALUES (1)")
+                assert e.value.args[0] == 1290 and "read-only" in e.value.args[1], e.value.args
+                wcur.execute("SELECT COUNT(*) FROM flip")  # reads carry on
+        finally:
+            cur.execute("SET GLOBAL read_only=0")
+    assert wait_until(lambda: _status(p)["node1"]["read_only"] is False, 5)
+    with p.connect(autocommit=True) as c, c.cursor() as cur:
         cur.execute("INSERT INTO flip VALUES (1)")
 
 

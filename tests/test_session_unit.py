@@ -329,3 +329,56 @@ def test_kinds_of_answers_are_scanned_not_decoded(kit):
         be.answer(data[i:i + 1])
     assert s.received() == data and not s.conn.busy
     assert RESULT == 0 and DOWN == "down"
+
+
+def test_state_a_new_connection_cannot_restore_ends_the_session_as_a_server_would(kit):
+    """Issue 20: the server ended the session's connection (wait_timeout, KILL, a restart); the
+    session had a temporary table there. A silent reconnect would lose it: ERROR 1927, then close."""
+    s = kit.session()
+    s.send(query(b"CREATE TEMPORARY TABLE tt (a INT)"))
+    p = kit.sent_to("node1")
+    p.transport.take()
+    p.answer(ok())
+    s.received()
+    p.hang_up()  # idle: the server closed it
+    s.send(query(b"SELECT * FROM tt"))
+    out = s.received()
+    assert out[4] == 0xFF and out[5:7] == (1927).to_bytes(2, "little") and b"temporary tables" in out
+    assert s.transport.closed
+    assert len(kit.connections("node1")) == 1  # no new connection was opened behind the client's back
+
+
+def test_a_session_whose_settings_replay_reconnects_silently(kit):
+    s = kit.session()
+    s.send(query(b"SET SESSION sql_mode = 'ANSI_QUOTES'"))
+    p = kit.sent_to("node1")
+    p.transport.take()
+    p.answer(ok())
+    s.received()
+    p.hang_up()
+    s.send(query(b"INSERT INTO t VALUES (1)"))
+    fresh = kit.connections("node1")[-1]
+    assert fresh is not p
+    assert fresh.transport.take() == query(b"SET SESSION sql_mode = 'ANSI_QUOTES'")  # replayed first
+    fresh.answer(ok())
+    kit.settle()
+    assert fresh.transport.take() == query(b"INSERT INTO t VALUES (1)")
+    fresh.answer(ok())
+    assert s.received() == ok() and not s.transport.closed
+
+
+def test_a_transaction_and_a_named_lock_lost_together_close_the_session(kit):
+    s = kit.session()
+    s.send(query(b"SELECT GET_LOCK('x', 1)"))
+    p = kit.sent_to("node1")
+    p.transport.take()
+    p.answer(result(b"1"))
+    s.received()
+    s.send(query(b"BEGIN"))
+    p.transport.take()
+    p.answer(ok(AUTOCOMMIT | IN_TRANS))
+    s.received()
+    p.hang_up()
+    s.send(query(b"UPDATE t SET v = 1"))
+    out = s.received()
+    assert out[5:7] == (1213).to_bytes(2, "little") and s.transport.closed  # one error, then closed

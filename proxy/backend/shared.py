@@ -31,6 +31,7 @@ import time
 from collections import OrderedDict, deque
 
 from proxy.backend.connection import BackendConnection, BackendError, connect
+from proxy.logs import clean
 from proxy.protocol.constants import ER_QUERY_INTERRUPTED
 from proxy.protocol.packets import stmt_close
 from proxy.protocol.scan import PREPARE
@@ -259,7 +260,7 @@ class SharedLines:
             if conn is not None:
                 conn.close()
             self.failed[key] = _monotonic()
-            log.info("shared connection to %s not opened: %s", name, getattr(e, "message", None) or e)
+            log.info("shared connection to %s not opened: %s", name, clean(getattr(e, "message", None) or str(e), 256))
             return
         finally:
             self.opening[key] -= 1

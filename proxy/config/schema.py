@@ -164,6 +164,8 @@ class ProxyConfig:
     max_allowed_packet: int = I(64 << 20, 1024, 1 << 30)  # bytes; a bigger client packet gets 1153
     client_idle_timeout: float = F(28800.0)
     auth_plugin: str = E("mysql_native_password", *AUTH_PLUGINS)
+    runtime_dir: str = S(check=lambda v: None if not v or v.startswith("/") else
+                         f"must be an absolute path (or \"\" for the default), got {show(v)}")
     tls: TLSConfig = T(TLSConfig)
     host: str = field(init=False, default="")   # derived from listen
     port: int = field(init=False, default=0)    # derived from listen
@@ -255,6 +257,7 @@ class RoutingConfig:
     digest_cache_size: int = I(10000, 16)
     max_session_history: int = I(1000, 1)
     max_prepared_per_connection: int = I(1024, 1)
+    replica_error_backoff: float = F(5.0)  # s a replica that refused a user's connection gets no new reads of that user
     rules: tuple[RuleConfig, ...] = A(RuleConfig)
 
 

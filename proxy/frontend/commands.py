@@ -6,13 +6,15 @@ Functions of a ClientConnection (`s`), using only its public interface.
 
 from __future__ import annotations
 
+import asyncio
+
 from proxy.backend.connection import BackendError
 from proxy.frontend import kill, prepared
-from proxy.frontend.login import parse_change_user
+from proxy.frontend.login import admit_user, parse_change_user
 from proxy.protocol.constants import (
     COM_CHANGE_USER, COM_FIELD_LIST, COM_INIT_DB, COM_PING, COM_PROCESS_KILL, COM_QUIT, COM_RESET_CONNECTION,
     COM_SET_OPTION, COM_STATISTICS, COM_STMT_CLOSE, COM_STMT_FETCH, COM_STMT_PREPARE, COM_STMT_RESET,
-    COM_STMT_SEND_LONG_DATA, ER_UNKNOWN_COM_ERROR, SERVER_STATUS_AUTOCOMMIT,
+    COM_STMT_SEND_LONG_DATA, ER_NET_READ_INTERRUPTED, ER_UNKNOWN_COM_ERROR, SERVER_STATUS_AUTOCOMMIT,
 )
 from proxy.protocol.packets import ProtocolError, logical_payload, ok_packet
 from proxy.protocol.scan import FIELD_LIST, SIMPLE, STATISTICS
@@ -79,7 +81,15 @@ async def _change_user(s, pkt) -> None:
         req = parse_change_user(logical_payload(pkt), s.caps)
     except ProtocolError as e:  # as MariaDB answers: the session carries on unchanged
         return s.send_error(*ER_UNKNOWN_COM_ERROR, f"Unknown command: malformed COM_CHANGE_USER packet ({e})")
-    user, seq = await s.worker.authenticator.login(s, req.user, req.plugin, req.auth_response, s.salt, 1, s.host, s.tls)
+    auth = s.worker.authenticator
+    try:
+        user, seq = await auth.login(s, req.user, req.plugin, req.auth_response, s.salt, 1, s.host, s.tls)
+    except asyncio.TimeoutError:  # as a server's net_read_timeout ends it
+        s.send_error(*ER_NET_READ_INTERRUPTED, f"Got timeout reading communication packets: the client did not "
+                     f"answer COM_CHANGE_USER's authentication within {auth.timeout:g} s")
+        return s.close()
+    if not admit_user(s, user, seq):
+        return s.close()
     s.release_backends()
     s.stmts.clear()
     if req.charset:

@@ -122,20 +122,20 @@ async def kill_session(worker, target: int, connection: bool, user, by_thread: b
 class Peers:
     """Worker-to-worker KILL requests: one unix datagram socket per worker."""
 
-    def __init__(self, worker, base_path: str):
+    def __init__(self, worker, directory: str):
         self.worker = worker
-        self.base = base_path
+        self.directory = directory  # the instance's runtime directory (runtime/rundir.py)
         self.sock: socket.socket | None = None
         self.pending: dict[int, asyncio.Future] = {}
         self.seq = 0
 
     def path(self, index: int) -> str:
-        return f"{self.base}.w{index}"
+        return os.path.join(self.directory, f"worker-{index}.sock")
 
     def start(self, loop) -> None:
         path = self.path(self.worker.index)
         try:
-            os.unlink(path)  # left by a worker that was killed
+            os.unlink(path)  # left by this instance's worker that was killed (the directory is this instance's)
         except FileNotFoundError:
             pass
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)

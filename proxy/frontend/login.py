@@ -17,6 +17,7 @@ import struct
 from dataclasses import dataclass
 
 from proxy.backend.connection import BackendError
+from proxy.logs import Throttle, clean
 from proxy.protocol import auth, ed25519
 from proxy.protocol.constants import (
     CLIENT_CONNECT_ATTRS,
@@ -28,6 +29,7 @@ from proxy.protocol.constants import (
     ER_ACCESS_DENIED_ERROR,
     ER_HANDSHAKE_ERROR,
     ER_SECURE_TRANSPORT_REQUIRED,
+    ER_TOO_MANY_USER_CONNECTIONS,
     PROXY_CAPABILITIES,
     SERVER_STATUS_AUTOCOMMIT,
     SESSION_SHAPING_CAPABILITIES,
@@ -37,6 +39,7 @@ from proxy.protocol.handshake import build_greeting, parse_response
 from proxy.protocol.packets import ProtocolError, err_packet, err_payload, frame, ok_packet, read_lenenc_int, read_nul_str
 
 log = logging.getLogger("rwproxy.login")
+FAILED_LOGINS = Throttle(log)  # a client may try as often as it likes; the log says so a few times a second
 
 
 class AccessDenied(Exception):
@@ -96,28 +99,35 @@ def access_denied_message(user: str, host: str, token: bytes) -> str:
 class Authenticator:
     """Verifies one client login; `io` is the client connection (read_packet/write)."""
 
-    def __init__(self, users, default_plugin: str, rsa: auth.RSAKeyPair | None, sha2_cache: set):
+    def __init__(self, users, default_plugin: str, rsa: auth.RSAKeyPair | None, sha2_cache: set,
+                 timeout: float = 30.0):
         self.users = users  # name -> UserConfig
         self.default_plugin = default_plugin
         self.rsa = rsa
         self.sha2_cache = sha2_cache
+        self.timeout = timeout  # seconds a client has to answer each step of the exchange
 
     async def login(self, io, user: str, plugin: str, token: bytes, salt: bytes, seq: int, host: str, tls: bool):
-        """Run the plugin exchange; returns (UserConfig, next seq). Raises AccessDenied with the message."""
+        """Run the plugin exchange; returns (UserConfig, next seq). Raises AccessDenied with the
+        message, asyncio.TimeoutError when the client stops answering."""
         ucfg = self.users.get(user)
-        if ucfg is None:
-            raise AccessDenied(access_denied_message(user, host, token), seq)
-        wanted = ucfg.auth_plugin or (plugin if plugin in auth.SUPPORTED else self.default_plugin)
+        wanted = (ucfg.auth_plugin if ucfg is not None else "") or (
+            plugin if plugin in auth.SUPPORTED else self.default_plugin)
         if wanted == auth.ED25519:
             return await self._ed25519(io, ucfg, seq, host)
         # Auth switch: ask the client to answer with the plugin this user needs. A client
         # whose plugin differs from the greeting's may also have sent no data at all
-        # (libmariadb does), expecting the switch to bring a salt for its plugin.
-        if plugin != wanted or (not token and ucfg.password and plugin != self.default_plugin):
+        # (libmariadb does), expecting the switch to bring a salt for its plugin. An unknown
+        # user goes the same way as a known one with a password (as MariaDB does), so the
+        # exchange does not tell who exists.
+        password = ucfg.password if ucfg is not None else "?"
+        if plugin != wanted or (not token and password and plugin != self.default_plugin):
             salt = auth.nonce()
             io.write(frame(b"\xfe" + wanted.encode() + b"\x00" + salt + b"\x00", seq))
-            seq, token = await io.read_packet()
+            seq, token = await io.read_packet(self.timeout)
             seq += 1
+        if ucfg is None:
+            raise AccessDenied(access_denied_message(user, host, token), seq)
         if wanted == auth.NATIVE:
             if not auth.verify(auth.NATIVE, ucfg.password, salt, token):
                 raise AccessDenied(access_denied_message(user, host, token), seq)
@@ -129,7 +139,7 @@ class Authenticator:
         whose scramble is 32 random bytes (sent without a NUL, as the server does)."""
         scramble = os.urandom(32)
         io.write(frame(b"\xfe" + auth.ED25519.encode() + b"\x00" + scramble, seq))
-        seq, signature = await io.read_packet()
+        seq, signature = await io.read_packet(self.timeout)
         seq += 1
         if not ed25519.verify(ucfg.password.encode(), scramble, signature):
             raise AccessDenied(access_denied_message(ucfg.name, host, signature), seq)
@@ -144,7 +154,7 @@ class Authenticator:
             io.write(frame(b"\x01" + auth.SHA2_FAST_AUTH_OK, seq))
             return ucfg, seq + 1
         io.write(frame(b"\x01" + auth.SHA2_PERFORM_FULL_AUTH, seq))
-        seq, data = await io.read_packet()
+        seq, data = await io.read_packet(self.timeout)
         seq += 1
         if tls:
             clear = data.rstrip(b"\x00")
@@ -152,7 +162,7 @@ class Authenticator:
             if data != auth.SHA2_REQUEST_PUBLIC_KEY or self.rsa is None:
                 raise AccessDenied(access_denied_message(ucfg.name, host, token), seq)
             io.write(frame(b"\x01" + self.rsa.public_pem, seq))
-            seq, data = await io.read_packet()
+            seq, data = await io.read_packet(self.timeout)
             seq += 1
             try:
                 clear = self.rsa.decrypt_password(data, salt)
@@ -207,7 +217,7 @@ async def handshake(io, worker, conn_id: int, host: str) -> Login | None:
         try:
             user, seq = await w.authenticator.login(io, resp.user, resp.plugin, resp.auth_response, salt, seq, host, tls)
         except AccessDenied as e:
-            log.info("client %s: %s", host, e)
+            FAILED_LOGINS.info("client %s: %s", host, clean(str(e), 256))
             io.write(err_packet(e.seq, ER_ACCESS_DENIED_ERROR, str(e), caps))
             return None
         if user.require_tls and not tls:
@@ -220,6 +230,22 @@ async def handshake(io, worker, conn_id: int, host: str) -> Login | None:
         return None
     except (ConnectionError, asyncio.TimeoutError, OSError):
         return None
+
+
+def admit_user(s, user, seq: int) -> bool:
+    """Count session `s` against `user`'s max_connections (releasing the user it counted against
+    before, after COM_CHANGE_USER); False after the error was sent, as MariaDB words it."""
+    if s.counted_user is not None:
+        s.worker.release_user(s.counted_user)
+        s.counted_user = None
+    if not s.worker.admit_user(user):
+        log.info("session %d: user %s is at its max_connections (%d)", s.conn_id, clean(user.name),
+                 user.max_connections)
+        s.write(err_packet(seq, ER_TOO_MANY_USER_CONNECTIONS, f"User {user.name} already has more than "
+                              "'max_user_connections' active connections", s.caps))
+        return False
+    s.counted_user = user.name
+    return True
 
 
 async def open_session(session, seq: int) -> bool:

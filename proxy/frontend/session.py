@@ -21,10 +21,11 @@ import time
 
 from proxy.backend.connection import BackendError
 from proxy.config.schema import RYW_GTID
-from proxy.frontend import commands, kill, prepared, sharing, slowpath
-from proxy.frontend.login import handshake, open_session
+from proxy.frontend import commands, kill, losses, prepared, sharing, slowpath
+from proxy.frontend.login import admit_user, handshake, open_session
 from proxy.frontend.reader import CLOSING, COMMAND, HANDSHAKE, PacketReader
 from proxy.frontend.tls import TLSLayer
+from proxy.logs import clean
 from proxy.protocol.constants import (
     COM_QUERY, COM_STMT_EXECUTE, CR_SERVER_LOST, DEFAULT_CHARSET, ER_CON_COUNT_ERROR, ER_UNKNOWN_ERROR, MAX_PACKET,
     SERVER_STATUS_AUTOCOMMIT, SESSION_SHAPING_CAPABILITIES,
@@ -68,7 +69,7 @@ class ClientConnection(asyncio.Protocol):
         "worker", "conn_id", "transport", "tls_layer", "reader", "phase", "busy", "closed", "write_paused",
         "host", "tls", "salt", "user", "caps", "charset", "db", "login_db", "status", "state", "backends",
         "stmts", "inflight", "sent_at", "shared_on", "shared_entry", "last_shared", "share_keys", "activity",
-        "idle_seen", "idle_since",
+        "idle_seen", "idle_since", "counted_user",
     )
 
     def __init__(self, worker, conn_id: int):
@@ -102,6 +103,7 @@ class ClientConnection(asyncio.Protocol):
         self.activity = 0  # chunks received from the client (client_idle_timeout: did it send anything?)
         self.idle_seen = -1  # `activity` as the last idle sweep saw it
         self.idle_since = 0.0  # when a sweep first saw the session waiting for its client
+        self.counted_user: str | None = None  # the user this session counts against (max_connections)
 
     # ---- transport events -----------------------------------------------------
     def connection_made(self, transport):
@@ -122,6 +124,8 @@ class ClientConnection(asyncio.Protocol):
         if login is None:
             return self.close()
         self.salt, self.caps, self.charset, self.tls = login.salt, login.caps, login.charset, login.tls
+        if not admit_user(self, login.user, login.seq):
+            return self.close()
         self.start_session(login.user, login.database)
         if not await open_session(self, login.seq):
             return self.close()
@@ -153,7 +157,7 @@ class ClientConnection(asyncio.Protocol):
             try:
                 data = self.tls_layer.feed(data)
             except ssl.SSLError as e:
-                log.info("client %s: TLS error: %s", self.host, e)
+                log.info("client %s: TLS error: %s", self.host, clean(str(e)))
                 return self.close()
             if not data:
                 return
@@ -176,6 +180,9 @@ class ClientConnection(asyncio.Protocol):
         if self.shared_on is not None:
             self.shared_on.client_paused(self)  # never leave a shared connection paused for us
         self.release_backends()
+        if self.counted_user is not None:
+            self.worker.release_user(self.counted_user)
+            self.counted_user = None
         self.worker.forget(self)
 
     def pause_writing(self):
@@ -257,7 +264,7 @@ class ClientConnection(asyncio.Protocol):
             return self.send_error(*plan.error)
         to_writer = plan.target is WRITER
         name = self.writer() if to_writer else plan.target
-        if st.trx_server is not None and st.in_trx and self._trx_lost(name):
+        if st.trx_server is not None and st.in_trx and losses.trx_lost(self, name):
             return
         cmd = Command(cls, pkt, kind, name, stmt_sid)
         if plan.share and sharing.try_shared(self, cmd):
@@ -371,6 +378,9 @@ class ClientConnection(asyncio.Protocol):
         if relayed == 0:
             self.write(err_packet(1, CR_SERVER_LOST, f"Lost connection to backend server {name} "
                                                      f"({conn.server.where}) during query"))
+            lost = st.unrestorable() if writer else None
+            if lost:
+                return losses.end_lost_session(self, name, lost)
             self.finish()
         else:
             # Part of the result already reached the client: the stream cannot be
@@ -395,6 +405,10 @@ class ClientConnection(asyncio.Protocol):
         if be is None or be.closed:
             if be is not None:
                 self.drop_backend(be)
+            if self.is_writer(name):
+                lost = self.state.unrestorable()
+                if lost:  # a new connection would silently lack them
+                    raise slowpath.SessionLost(name, lost)
             w = self.worker
             be = await w.pools.acquire(w.servers[name], self.user.name, self.user.password,
                                        self.caps & SESSION_SHAPING_CAPABILITIES, self.charset, self.login_db)
@@ -428,22 +442,6 @@ class ClientConnection(asyncio.Protocol):
 
     def is_writer(self, name: str) -> bool:
         return name == self.state.writer or name == self.worker.primary_name
-
-    def _trx_lost(self, name: str) -> bool:
-        """A transaction whose server died or stopped being the primary cannot continue
-        anywhere: tell the client clearly, once, and start afresh."""
-        st = self.state
-        tb = self.backends.get(st.trx_server)
-        if st.trx_server == name and tb is not None and not tb.closed:
-            return False
-        msg = (f"rwproxy: the transaction was lost because its server {st.trx_server} failed or stopped being "
-               f"the primary; it was rolled back there. Restart the transaction.")
-        log.info("session %d: %s", self.conn_id, msg)
-        st.in_trx = False
-        st.trx_server = None
-        st.pending_write = False
-        self.send_error(1213, "40001", msg)
-        return True
 
     def idle_for(self, now: float) -> float:
         """Seconds this logged-in session has been waiting for its client, as seen by the worker's

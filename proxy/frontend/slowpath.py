@@ -13,8 +13,9 @@ import asyncio
 import logging
 
 from proxy.backend.connection import BackendError
-from proxy.frontend.login import AccessDenied
-from proxy.frontend import prepared
+from proxy.frontend.login import FAILED_LOGINS, AccessDenied
+from proxy.logs import clean
+from proxy.frontend import losses, prepared
 from proxy.protocol.constants import COM_QUERY, CR_SERVER_LOST, ER_ACCESS_DENIED_ERROR, ER_UNKNOWN_ERROR
 from proxy.protocol.packets import command, err_packet, first_value
 from proxy.protocol.scan import RESULT
@@ -25,14 +26,23 @@ log = logging.getLogger("rwproxy.client")
 _LAST_GTID = command(COM_QUERY, b"SELECT @@last_gtid")
 
 
+class SessionLost(Exception):
+    """The server ended the connection holding state a new connection cannot restore (temporary
+    tables, named locks, user variables...): the client must be told, as a server would tell it,
+    by an error and a closed connection."""
+
+
 async def run(s, coro) -> None:
     """Run one of the session's slow paths, answering the client when it fails; then finish the
     command unless it is still relayed (its backend calls command_done)."""
     try:
         await coro
+    except SessionLost as e:
+        losses.end_lost_session(s, *e.args)
     except BackendError as e:
         s.send_error(e.code, e.sqlstate, e.message)
     except AccessDenied as e:
+        FAILED_LOGINS.info("client %s: COM_CHANGE_USER: %s", s.host, clean(str(e), 256))
         s.write(err_packet(e.seq, ER_ACCESS_DENIED_ERROR, str(e), s.caps))
         s.close()
     except (ConnectionError, asyncio.TimeoutError) as e:
@@ -66,20 +76,31 @@ async def send(s, cmd, to_writer: bool = False, wait_gtid: bool = False):
                     continue
             break
         except (BackendError, ConnectionError, asyncio.TimeoutError) as e:
-            if isinstance(e, BackendError) and e.code not in (2003, 2013):
-                raise  # the server answered (access denied, unknown database...): not a failure to route around
-            if to_writer or s.is_writer(name) or st.pin():
+            writer = to_writer or s.is_writer(name) or st.pin()
+            if writer and isinstance(e, BackendError) and e.code not in (2003, 2013):
+                raise  # the writer answered (access denied, unknown database...): that is the answer
+            if writer:
                 remaining = deadline - w.loop.time()
                 if st.in_trx or remaining <= 0:
                     raise
                 # The primary is unreachable: the monitor will say so and failover will
                 # publish a new one; hold the statement meanwhile.
-                log.info("session %d: primary %s unreachable (%s); holding the statement", s.conn_id, name, e)
+                log.info("session %d: primary %s unreachable (%s); holding the statement", s.conn_id, name,
+                         clean(str(e), 256))
                 await w.next_topology(min(0.5, remaining))
                 to_writer = True
                 continue
-            log.info("session %d: replica %s unusable (%s); routing elsewhere", s.conn_id, name, e)
+            # A replica that cannot take the read, for whatever reason (down, full, the user missing
+            # there): nothing reached the client yet, so another server answers, and the user's new
+            # reads stay off this one for a while.
             st.failed_servers = st.failed_servers | {name}
+            if isinstance(e, BackendError) and e.code not in (2003, 2013) and w.router.back_off(s.user.name, name):
+                w.refused[name] = w.refused.get(name, 0) + 1
+                log.warning("replica %s refused user %s (%s); its reads go to other servers for %g s",
+                            name, clean(s.user.name), clean(f"{e.code}: {e.message}", 256), w.router.backoff_secs)
+            else:
+                log.info("session %d: replica %s unusable (%s); routing elsewhere", s.conn_id, name,
+                         clean(str(e), 256))
             plan = w.router.plan(st, cmd.cls, w.topology)
             to_writer = plan.target is WRITER or plan.error is not None
             wait_gtid = plan.wait_gtid

@@ -109,6 +109,33 @@ class Router:
         self._topo = None  # the snapshot _pool was computed from
         self._pool: list = []
         self._plans: dict[tuple, Plan] = {}  # every distinct plan made (few: servers x reasons x flags)
+        self.backoff_secs = r.replica_error_backoff
+        self.backoff: dict[str, dict[str, float]] = {}  # user -> {replica -> monotonic end of its back-off}
+
+    def back_off(self, user: str, server: str) -> bool:
+        """`server` refused a connection for `user`: none of that user's new reads go there for
+        replica_error_backoff seconds. True if it was not backed off already (say it once)."""
+        if not self.backoff_secs:
+            return False
+        now = time.monotonic()
+        mine = self.backoff.setdefault(user, {})
+        fresh = mine.get(server, 0.0) <= now
+        mine[server] = now + self.backoff_secs
+        return fresh
+
+    def _excluded(self, s) -> frozenset:
+        """Replicas this statement may not use: those that failed it, and those backed off for its user."""
+        mine = self.backoff.get(s.user.name)
+        if not mine:
+            return s.failed_servers
+        now = time.monotonic()
+        for server, until in list(mine.items()):
+            if until <= now:
+                del mine[server]
+        if not mine:
+            del self.backoff[s.user.name]
+            return s.failed_servers
+        return s.failed_servers | mine.keys()
 
     def plan(self, s, cls, topology, sql: str = "", autocommit: bool = True, primary_ok: bool = True,
              sharing: bool = False, after_shared: bool = False) -> Plan:
@@ -198,7 +225,7 @@ class Router:
     def _replica(self, s, topology, why: str):
         """A replica from the read pool; the writer (or an error) when there is none."""
         pool = self._pool if topology is self._topo else self._read_pool(topology)
-        pick = self.balancer.pick(pool, s.failed_servers)
+        pick = self.balancer.pick(pool, self._excluded(s) if self.backoff else s.failed_servers)
         if pick is not None:
             return pick.name, why, False
         if self.reads_on_primary:
@@ -208,7 +235,8 @@ class Router:
 
     def _gtid_replica(self, s, topology):
         """A replica known to have applied the session's last write, else one to wait on."""
-        readers = [r for r in topology.readers if r.name not in s.failed_servers]
+        excluded = self._excluded(s)
+        readers = [r for r in topology.readers if r.name not in excluded]
         caught_up = [r for r in readers if gtid_covers(r.gtid_slave_pos or r.gtid_current_pos, s.last_gtid)]
         pick = self.balancer.pick(caught_up) if caught_up else None
         if pick is not None:

@@ -73,6 +73,24 @@ class SessionState:
             return PIN_HISTORY
         return ""
 
+    def unrestorable(self) -> list[str]:
+        """What a new connection to the writer could not give back: the state that lives only on
+        the connection the session has been using there ([] when the SET/USE history, replayed,
+        restores everything). An open transaction is not listed: it ends as a rolled-back
+        transaction (ERROR 1213), after which the session can go on."""
+        lost = []
+        if self.temp_tables:
+            lost.append("temporary tables")
+        if self.lock_tables:
+            lost.append("LOCK TABLES")
+        if self.named_locks > 0:
+            lost.append("named locks (GET_LOCK)")
+        if self.user_vars:
+            lost.append("user variables")
+        if self.history_overflow:
+            lost.append("session settings that cannot be replayed")
+        return lost
+
     def record(self, packet: bytes, flags: int) -> None:
         """Keep a successful session-changing command for lazy replay (bounded, de-duplicated)."""
         if flags & (C.F_AUTOCOMMIT_OFF | C.F_AUTOCOMMIT_ON) and not flags & C.F_USE_DB:

@@ -1,8 +1,9 @@
 """The control socket: operator commands (`rwproxy status`, switchover, ...) to a running proxy.
 
 One JSON request line in, one JSON reply line out, over a unix socket only the proxy's user
-can reach (mode 0600). The supervisor serves it; the CLI and the workers' KILL sockets find
-it by path.
+can reach (mode 0600), in the instance's runtime directory (rundir.py). The supervisor serves it;
+the CLI finds it from the config, and asks `hello` first to check it reached the instance that
+config names.
 """
 
 from __future__ import annotations
@@ -12,15 +13,9 @@ import logging
 import os
 import socket
 import socketserver
-import tempfile
 import threading
 
 log = logging.getLogger("rwproxy.control")
-
-
-def socket_path(config) -> str:
-    """Where a proxy listening on config.proxy.port answers `rwproxy status` and friends."""
-    return os.path.join(tempfile.gettempdir(), f"rwproxy-{os.getuid()}-{config.proxy.port}.sock")
 
 
 class ControlServer:

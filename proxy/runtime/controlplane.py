@@ -11,8 +11,9 @@ import logging
 import os
 import time
 
-from proxy.cluster.topology import REPLICA, UP
-from proxy.runtime.control import ControlServer, socket_path
+from proxy.cluster.topology import PRIMARY, REPLICA, UP
+from proxy.runtime import rundir
+from proxy.runtime.control import ControlServer
 from proxy.runtime.stats import SharedStats
 
 log = logging.getLogger("rwproxy.controlplane")
@@ -34,8 +35,9 @@ class ControlPlane:
     def start(self) -> None:
         """Call after forking the workers: the control plane's threads live in the supervisor only."""
         self.failover.start()
-        path = socket_path(self.config)
+        path = rundir.control_socket(self.config)
         handlers = {
+            "hello": lambda _req: {"ok": True, **self.identity()},
             "status": self.status,
             "switchover": lambda req: self.failover.switchover(req["to"], req.get("timeout")),
             "enable-failover": self._enable_failover,
@@ -45,6 +47,10 @@ class ControlPlane:
             self.control = ControlServer(path, handlers)
         except OSError as e:
             log.warning("control socket %s unavailable (%s); `rwproxy status` will not work", path, e)
+
+    def identity(self) -> dict:
+        """Which instance this is (the CLI checks it reached the one its --config names)."""
+        return {"pid": os.getpid(), "config": os.path.realpath(self.config.source), "listen": self.config.proxy.listen}
 
     def _enable_failover(self, _req) -> dict:
         self.failover.enable_auto_failover()
@@ -70,10 +76,11 @@ class ControlPlane:
             now = fresh.get(name, s)
             servers.append({
                 "name": name, "address": s.address, "role": s.role, "state": s.state, "readable": s.readable,
+                "read_only": s.read_only,
                 "lag_ms": now.lag_ms, "gtid": now.gtid_current_pos, "io_running": s.io_running,
                 "sql_running": s.sql_running, "source": s.source, "last_error": s.last_error,
                 "connections": c.get("connections", 0), "shared_connections": c.get("shared_connections", 0),
-                "routed": c.get("routed", 0),
+                "routed": c.get("routed", 0), "refused": c.get("refused", 0),
             })
         return {
             "ok": True, "pid": os.getpid(), "listen": self.config.proxy.listen, "workers": self.workers,
@@ -90,7 +97,8 @@ def format_status(st: dict) -> str:
     rows = [head]
     for s in st["servers"]:
         lag = "-" if s["lag_ms"] is None else f"{s['lag_ms']:.0f}"
-        rows.append((s["name"], s["address"], s["role"], s["state"], "yes" if s["readable"] and s["role"] == REPLICA else "-",
+        role = s["role"] + (" (read-only)" if s["role"] == PRIMARY and s.get("read_only") else "")
+        rows.append((s["name"], s["address"], role, s["state"], "yes" if s["readable"] and s["role"] == REPLICA else "-",
                      lag, s["gtid"] or "-", str(s["connections"]), str(s.get("shared_connections", 0)), str(s["routed"])))
     widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
     lines = ["  ".join(v.ljust(widths[i]) for i, v in enumerate(r)).rstrip() for r in rows]

@@ -60,9 +60,9 @@ class ProxyProcess:
         """The control socket (for `rwproxy status`) is up too, not just the listening port."""
         try:
             from proxy.config.load import load_config
-            from proxy.runtime.control import socket_path
+            from proxy.runtime.rundir import control_socket
 
-            path = socket_path(load_config(self.config_path))
+            path = control_socket(load_config(self.config_path))
         except Exception:
             return True  # not a config we can read: the port is all we can wait for
         try:  # a stale socket file from a killed proxy refuses connections

@@ -13,7 +13,7 @@ import struct
 
 class SharedStats:
     HEAD = 3  # clients, statements relayed, of which over shared connections (multiplexing)
-    PER_SERVER = 3  # routed, backend connections, of which shared
+    PER_SERVER = 4  # routed, backend connections, of which shared, connections it refused (back-offs)
 
     def __init__(self, workers: int, servers: list[str]):
         self.workers = workers
@@ -23,11 +23,11 @@ class SharedStats:
         self.mm = mmap.mmap(-1, self._row.size * workers)  # MAP_SHARED|MAP_ANONYMOUS: survives fork
 
     def write(self, worker: int, clients: int, routed: dict, conns: dict, shared: int = 0,
-              shared_conns: dict | None = None) -> None:
+              shared_conns: dict | None = None, refused: dict | None = None) -> None:
         values = [clients, sum(routed.values()), shared]
-        shared_conns = shared_conns or {}
+        shared_conns, refused = shared_conns or {}, refused or {}
         for name in self.servers:
-            values += (routed.get(name, 0), conns.get(name, 0), shared_conns.get(name, 0))
+            values += (routed.get(name, 0), conns.get(name, 0), shared_conns.get(name, 0), refused.get(name, 0))
         self._row.pack_into(self.mm, worker * self._row.size, *values)
 
     def read(self) -> dict:
@@ -38,5 +38,6 @@ class SharedStats:
         out = {"clients": total[0], "statements": total[1], "shared_statements": total[2], "servers": {}}
         for i, name in enumerate(self.servers):
             at = self.HEAD + self.PER_SERVER * i
-            out["servers"][name] = {"routed": total[at], "connections": total[at + 1], "shared_connections": total[at + 2]}
+            out["servers"][name] = {"routed": total[at], "connections": total[at + 1], "shared_connections": total[at + 2],
+                                    "refused": total[at + 3]}
         return out

@@ -15,12 +15,13 @@ import os
 import signal
 import socket
 import ssl
-import sys
 import time
 
 from proxy.backend.tls import BackendTLSError, policies_for
 from proxy.cluster import topology as topo_mod
+from proxy.runtime.admission import Admission
 from proxy.runtime.channels import Publisher
+from proxy.runtime.rundir import RuntimeDir, RuntimeDirError, path_for
 from proxy.runtime.controlplane import ControlPlane
 from proxy.runtime.worker import Worker
 
@@ -53,14 +54,6 @@ def bind_sockets(host: str, port: int, count: int) -> list[socket.socket]:
         s.setblocking(False)
         socks.append(s)
     return socks
-
-
-def setup_logging(level: str = "INFO") -> None:
-    logging.basicConfig(
-        level=getattr(logging, level.upper(), logging.INFO),
-        format="%(asctime)s %(levelname)s rwproxy[%(process)d] %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
 
 
 def raise_fd_limit() -> None:
@@ -100,6 +93,18 @@ def serve(config) -> int:
         policies_for(config)  # unreadable backend_tls files: one line now, not at the first query
     except BackendTLSError as e:
         raise StartupError(str(e)) from None
+    rdir = RuntimeDir(path_for(config))
+    try:
+        rdir.claim({"pid": os.getpid(), "config": os.path.realpath(config.source), "listen": config.proxy.listen})
+    except RuntimeDirError as e:
+        raise StartupError(str(e)) from None
+    try:
+        return _serve(config, workers, tls_context)
+    finally:
+        rdir.release()
+
+
+def _serve(config, workers: int, tls_context) -> int:
     raise_fd_limit()
     socks = bind_sockets(config.proxy.host, config.proxy.port, workers)
     topology = topo_mod.probe(config)
@@ -116,8 +121,9 @@ def serve(config) -> int:
     # threads would otherwise compete with the event loop for the GIL.
     publisher = Publisher(workers)
     plane = ControlPlane(config, workers, publisher.publish)
+    admission = Admission(workers, config.proxy.max_connections, {u.name: u.max_connections for u in config.users})
     try:
-        return _supervise(config, socks, topology, server_version, rsa_pem, tls_context, publisher, plane)
+        return _supervise(config, socks, topology, server_version, rsa_pem, tls_context, publisher, plane, admission)
     finally:
         plane.stop()
         publisher.stop()
@@ -138,11 +144,12 @@ def _rsa_pem(config) -> bytes:
     return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
 
 
-def _supervise(config, socks, topology, server_version, rsa_pem, tls_context, publisher, plane) -> int:
+def _supervise(config, socks, topology, server_version, rsa_pem, tls_context, publisher, plane, admission) -> int:
     children: dict[int, int] = {}  # pid -> worker index
     stopping = False
 
     def spawn(i: int) -> None:
+        admission.reset_worker(i)  # a predecessor's clients died with it
         fd = publisher.new_pipe(i)
         gc.freeze()  # collections in the child then leave the pages it shares with us untouched
         pid = os.fork()
@@ -159,6 +166,7 @@ def _supervise(config, socks, topology, server_version, rsa_pem, tls_context, pu
                 worker = Worker(config, i, socks[i], start, server_version, rsa_pem, topology_fd=fd,
                                 tls_context=tls_context)
                 worker.stats = plane.stats
+                worker.admission = admission
                 worker.run()
             except BaseException:
                 log.exception("worker %d crashed", i)

@@ -21,14 +21,14 @@ from proxy.backend.shared import SharedLines
 from proxy.backend.tls import policies_for
 from proxy.cluster.topology import DOWN, MAINTENANCE
 from proxy.config.schema import MASTER_MASTER, SPREAD_TRANSACTION
-from proxy.frontend.login import Authenticator
+from proxy.frontend.login import FAILED_LOGINS, Authenticator
 from proxy.protocol import auth
 from proxy.routing.classify import Classifier
 from proxy.routing.router import Router
 from proxy.frontend.kill import Peers
 from proxy.frontend.session import ClientConnection
 from proxy.runtime.channels import subscribe
-from proxy.runtime.control import socket_path
+from proxy.runtime import rundir
 
 import uvloop
 
@@ -57,7 +57,8 @@ class Worker:
         self.live_writers = [s.name for s in topology.writers]
         self.auth_plugin = config.proxy.auth_plugin
         self.authenticator = Authenticator(
-            {u.name: u for u in config.users}, self.auth_plugin, auth.RSAKeyPair(rsa_pem) if rsa_pem else None, set()
+            {u.name: u for u in config.users}, self.auth_plugin, auth.RSAKeyPair(rsa_pem) if rsa_pem else None, set(),
+            timeout=config.pool.connect_timeout + 8,
         )
         self.tls_context = tls_context  # front-end TLS, loaded (and checked) by the supervisor
         self.backend_tls = policies_for(config)
@@ -68,9 +69,12 @@ class Worker:
         self.count = config.proxy.workers or os.cpu_count() or 1  # worker processes in all
         self.peers = None  # kill.Peers: KILL requests to and from the other workers
         self.clients: set = set()
+        self.refused: dict[str, int] = {}  # server name -> connections it refused (the user backed off there)
         self.loop = None
         self._next_id = 1
         self.stats = None  # SharedStats, set by the process that runs this worker
+        self.admission = None  # runtime.admission.Admission (proxy-wide limits), set likewise
+        self._user_counts: dict[str, int] = {}  # without `admission` (tests): this worker's clients per user
         self._primary_waiters: list = []
         self._topology_waiters: list = []
         self.primary_ok = True  # a writable primary exists and writes are not held
@@ -139,13 +143,36 @@ class Worker:
         return self.writable_primary().name
 
     def admit(self, client) -> bool:
-        if len(self.clients) >= self.config.proxy.max_connections:
+        """A new client connection, if [proxy] max_connections (across all workers) allows it."""
+        if self.admission is not None:
+            if not self.admission.admit(self.index):
+                return False
+        elif len(self.clients) >= self.config.proxy.max_connections:
             return False
         self.clients.add(client)
         return True
 
+    def admit_user(self, user) -> bool:
+        """A logged-in session of `user`, if its [[users]] max_connections (across all workers) allows it."""
+        if self.admission is not None:
+            return self.admission.admit(self.index, user.name)
+        n = self._user_counts.get(user.name, 0)
+        if user.max_connections and n >= user.max_connections:
+            return False
+        self._user_counts[user.name] = n + 1
+        return True
+
+    def release_user(self, name: str) -> None:
+        if self.admission is not None:
+            self.admission.release(self.index, name)
+        elif self._user_counts.get(name):
+            self._user_counts[name] -= 1
+
     def forget(self, client) -> None:
-        self.clients.discard(client)
+        if client in self.clients:
+            self.clients.discard(client)
+            if self.admission is not None:
+                self.admission.release(self.index)
 
     def _factory(self):
         return ClientConnection(self, self.new_session_id())
@@ -196,7 +223,7 @@ class Worker:
         self.loop.run_until_complete(main())
 
     def _start_peers(self) -> None:
-        peers = Peers(self, socket_path(self.config)[: -len(".sock")])
+        peers = Peers(self, rundir.path_for(self.config))
         try:
             peers.start(self.loop)
             self.peers = peers
@@ -224,10 +251,12 @@ class Worker:
             if self.stats is not None:
                 sh = self.shared
                 self.stats.write(self.index, len(self.clients), self.router.balancer.routed, self.pools.open_count,
-                                 sh.statements if sh is not None else 0, sh.open_per_server() if sh is not None else None)
+                                 sh.statements if sh is not None else 0, sh.open_per_server() if sh is not None else None,
+                                 self.refused)
             n += 1
             if n % 2 == 0:
                 self.close_idle_sessions()
+                FAILED_LOGINS.flush()
             if n % 10 == 0:
                 self.pools.expire_idle()
                 if self.shared is not None:

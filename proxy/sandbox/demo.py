@@ -84,11 +84,12 @@ def _tour(pymysql, port: int, cluster) -> None:
     conn.close()
     time.sleep(0.6)  # the workers publish their counters twice a second
     from proxy.config.load import load_config
-    from proxy.runtime.control import request, socket_path
+    from proxy.runtime.control import request
+    from proxy.runtime.rundir import control_socket
     from proxy.runtime.controlplane import format_status
 
     try:
         print("\n$ rwproxy status --config " + str(cluster.config_path))
-        print(format_status(request(socket_path(load_config(str(cluster.config_path))), "status", timeout=10)))
+        print(format_status(request(control_socket(load_config(str(cluster.config_path))), "status", timeout=10)))
     except OSError as e:
         print(f"(status unavailable: {e})")

@@ -73,7 +73,8 @@ def adopt(act, topo: Topology, p: ServerState) -> bool:
                 and s.state not in (DOWN, MAINTENANCE) and not s.fails and replicates_from(p, s)), None)
     if src is None:
         _once(act, "readonly", logging.WARNING,
-                 f"the primary {label(p)} is read-only: writes wait for a writer (use switchover to change primaries)")
+                 f"the primary {label(p)} is read-only: writes get its read-only error (1290) until it is "
+                 f"writable again (use switchover to change primaries)")
         return False
     log.warning("the primary %s is read-only and replicates from %s, which is writable: following that "
                 "switchover made outside rwproxy", label(p), label(src))

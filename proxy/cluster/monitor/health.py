@@ -66,14 +66,13 @@ def learned_role(configured: str, read_only: bool | None, prev: str, mm: bool,
 
     Once failover has designated the primary (designated is True/False, primary-replica only),
     that choice wins over both: any other server is a replica even when it says read_only=0
-    (an old primary restarting from its my.cnf must never look like a second writer).
+    (an old primary restarting from its my.cnf must never look like a second writer), and the
+    designated primary stays the primary when someone sets read_only=1 on it by hand: writes
+    still go to it and get the server's own answer (ERROR 1290) instead of waiting for a writer
+    that no failover will bring (a switchover made outside rwproxy is followed: rejoin.adopt).
     """
     if designated is not None and not mm:
-        if not designated:
-            return REPLICA
-        if read_only is None:
-            return prev if prev != UNKNOWN else PRIMARY
-        return PRIMARY if (not read_only or configured == PRIMARY) else REPLICA
+        return PRIMARY if designated else REPLICA
     if configured in (PRIMARY, REPLICA, MASTER):
         return configured
     if read_only is None:
@@ -143,6 +142,9 @@ def decide(prev: ServerState, obs: Observation, tr: Tracker, policy: Policy,
         last_check=obs.at, last_ok=obs.at, fails=0, server_id=obs.server_id,
         source_id=obs.source_id if obs.replicating else None)
     msgs = []
+    if designated and prev.read_only is not None and obs.read_only != prev.read_only:
+        msgs.append("read_only=1: writes get the server's read-only error (1290) until it is writable again"
+                    if obs.read_only else "read_only=0: writable again")
     if role != prev.role and not (first and prev.role == UNKNOWN):
         fenced = " (not the designated primary)" if designated is False and not obs.read_only else ""
         msgs.append(f"role {prev.role} -> {role} (read_only={int(bool(obs.read_only))}){fenced}")

@@ -1,0 +1,94 @@
+"""Proxy-wide connection limits across worker processes: `[proxy] max_connections` and
+`[[users]] max_connections` (MariaDB's max_connections and max_user_connections).
+
+Each worker counts its own clients (in all, and per user) in a row of a shared mapping made
+before forking; a check sums the rows. The check and the count it admits happen under one
+lock shared by all workers (a POSIX semaphore: uncontended, about a microsecond, and only at
+connect and login), so two workers admitting at the same instant cannot both take the last
+slot. A worker that dies takes its sessions with it: the supervisor zeroes its row before
+starting its successor.
+"""
+
+from __future__ import annotations
+
+import logging
+import mmap
+import multiprocessing
+import struct
+
+log = logging.getLogger("rwproxy.server")
+
+_LOCK_WAIT = 0.5  # s; a lock held this long means a worker died holding it: admit, and say so once
+
+
+class Admission:
+    def __init__(self, workers: int, max_connections: int, user_limits: dict[str, int]):
+        self.max_connections = max_connections
+        self.users = {name: i for i, name in enumerate(user_limits)}  # user name -> column - 1
+        self.limits = list(user_limits.values())  # per user; 0 = no limit of its own
+        self.cols = 1 + len(self.users)
+        self.workers = workers
+        self._row = struct.Struct(f"<{self.cols}q")
+        self._mm = mmap.mmap(-1, self._row.size * workers)  # MAP_SHARED: the workers see each other's rows
+        self._lock = multiprocessing.Lock()
+        self._stuck_said = False
+
+    # ---- one worker's side ----------------------------------------------------------------
+    def admit(self, worker: int, user: str | None = None) -> bool:
+        """Count one more client of `worker` (in all, or for `user` once it logged in) if the
+        proxy-wide limit allows it; False (nothing counted) when it is reached."""
+        col, limit = (0, self.max_connections) if user is None else self._user(user)
+        if col is None:
+            return True  # a user the configuration no longer knows: nothing to count
+        locked = self._lock.acquire(timeout=_LOCK_WAIT)
+        if not locked and not self._stuck_said:
+            self._stuck_said = True
+            log.error("worker %d: the connection-count lock is stuck (a worker died holding it?); "
+                      "connection limits are not enforced until rwproxy restarts", worker)
+        try:
+            if limit and locked and self._total(col) >= limit:
+                return False
+            self._add(worker, col, 1)
+            return True
+        finally:
+            if locked:
+                self._lock.release()
+
+    def release(self, worker: int, user: str | None = None) -> None:
+        col = 0 if user is None else self._user(user)[0]
+        if col is None:
+            return
+        locked = self._lock.acquire(timeout=_LOCK_WAIT)
+        try:
+            self._add(worker, col, -1)
+        finally:
+            if locked:
+                self._lock.release()
+
+    def limit_of(self, user: str) -> int:
+        return self._user(user)[1]
+
+    # ---- the supervisor's side ----------------------------------------------------------------
+    def reset_worker(self, worker: int) -> None:
+        """The worker is gone and so are its clients (before its successor starts)."""
+        self._row.pack_into(self._mm, worker * self._row.size, *([0] * self.cols))
+
+    def totals(self) -> dict:
+        """Clients in all and per user, across the workers (status)."""
+        sums = [self._total(c) for c in range(self.cols)]
+        return {"clients": sums[0], "users": {u: sums[1 + i] for u, i in self.users.items()}}
+
+    # ---- rows ------------------------------------------------------------------------------------
+    def _user(self, user: str) -> tuple[int | None, int]:
+        i = self.users.get(user)
+        return (None, 0) if i is None else (1 + i, self.limits[i])
+
+    def _total(self, col: int) -> int:
+        size = self._row.size
+        return sum(self._row.unpack_from(self._mm, w * size)[col] for w in range(self.workers))
+
+    def _add(self, worker: int, col: int, n: int) -> None:
+        off = worker * self._row.size
+        row = list(self._row.unpack_from(self._mm, off))
+        row[col] = max(0, row[col] + n)
+        self._row.pack_into(self._mm, off, *row)

@@ -1,0 +1,349 @@
+"""Issue 20's defects, against real servers: each test fails on the code before the fix."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import pymysql
+import pytest
+
+from helpers import SHA2_PASSWORD, SHA2_USER, self_signed_cert, start_proxy
+from proxy.protocol import auth
+from proxy.protocol.constants import CLIENT_SSL, PROXY_CAPABILITIES
+from proxy.protocol.handshake import build_response
+from proxy.protocol.packets import frame
+from proxy.runtime.launcher import free_port
+from proxy.testing.rawclient import RawClient
+
+
+def _kill_backend_of(cluster, session) -> None:
+    """KILL, on the primary, the backend connection that carries `session` there (as a DBA would)."""
+    with session.cursor() as cur:
+        cur.execute("SELECT CONNECTION_ID()")  # connection-bound: answered where the last statement ran
+        thread = cur.fetchone()[0]
+    cluster.primary.query(f"KILL {int(thread)}")
+
+
+@pytest.mark.parametrize("setup, then, what", [
+    ("CREATE TEMPORARY TABLE lost_tmp (a INT)", "SELECT * FROM lost_tmp", "temporary tables"),
+    ("SELECT @lost_v := 42", "SELECT @lost_v", "user variables"),
+    ("SELECT GET_LOCK('issue20-lost', 0)", "SELECT RELEASE_LOCK('issue20-lost')", "named locks"),
+])
+def test_state_lost_with_the_server_connection_is_an_error_then_a_closed_connection(proxy, cluster, setup, then, what):
+    c = proxy.connect(autocommit=True)
+    try:
+        with c.cursor() as cur:
+            cur.execute(setup)
+            cur.fetchall()
+        _kill_backend_of(cluster, c)
+        with pytest.raises(pymysql.err.OperationalError) as e:
+            with c.cursor() as cur:
+                cur.execute(then)
+        assert e.value.args[0] == 1927 and what in e.value.args[1], e.value.args  # not a silent NULL / "doesn't exist"
+        with pytest.raises((pymysql.err.OperationalError, pymysql.err.InterfaceError)):
+            with c.cursor() as cur:  # ... and the connection is closed, as a server closes a killed one
+                cur.execute("SELECT 1")
+        assert f"a new one cannot restore its {what}" in proxy.process.log_tail(200)
+    finally:
+        c.close()
+
+
+def test_state_lost_to_the_servers_wait_timeout(proxy, cluster):
+    c = proxy.connect(autocommit=True)
+    try:
+        with c.cursor() as cur:
+            cur.execute("SET SESSION wait_timeout = 1")  # the server ends idle connections after 1 s
+            cur.execute("CREATE TEMPORARY TABLE lost_wt (a INT)")
+        time.sleep(2.5)
+        with pytest.raises(pymysql.err.OperationalError) as e:
+            with c.cursor() as cur:
+                cur.execute("INSERT INTO lost_wt VALUES (1)")
+        assert e.value.args[0] == 1927 and "temporary tables" in e.value.args[1]
+    finally:
+        c.close()
+
+
+def test_a_session_with_only_replayable_state_reconnects_silently(proxy, cluster):
+    c = proxy.connect(autocommit=True)
+    try:
+        with c.cursor() as cur:
+            cur.execute("SET SESSION sql_mode = 'ANSI_QUOTES'")
+            cur.execute("CREATE TABLE IF NOT EXISTS app.silent (a INT)")
+        _kill_backend_of(cluster, c)
+        with c.cursor() as cur:
+            cur.execute("INSERT INTO silent VALUES (1)")  # a new connection, the SET replayed: no error
+            cur.execute("/* rwproxy:primary */ SELECT @@sql_mode")
+            assert cur.fetchone()[0] == "ANSI_QUOTES"
+    finally:
+        c.close()
+
+
+# ---- 2. instances never cross wires ------------------------------------------------------------
+
+def _cli(p, *args, timeout=30):
+    return subprocess.run([sys.executable, "-m", "proxy", *args, "--config", p.process.config_path],
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def test_two_instances_on_one_port_keep_their_own_control_and_kill_sockets(cluster, tmp_path):
+    port = free_port()
+    a = start_proxy(cluster, tmp_path / "a", proxy={"listen": f"127.0.0.1:{port}", "workers": 2})
+    b = start_proxy(cluster, tmp_path / "b", proxy={"listen": f"127.0.0.2:{port}", "workers": 2})
+    try:
+        for p in (a, b):
+            st = json.loads(_cli(p, "status", "--json").stdout)
+            assert st["pid"] == p.process.pid and st["listen"] == f"{p.host}:{port}"
+        # a session in B running a long statement; A is asked to KILL that id
+        victims = [b.connect() for _ in range(3)]
+        victim = victims[-1]
+        out: dict = {}
+
+        def run():
+            try:
+                with victim.cursor() as cur:
+                    cur.execute("SELECT SLEEP(3)")
+                    out["result"] = cur.fetchone()
+            except pymysql.err.MySQLError as e:
+                out["error"] = e.args
+
+        t = threading.Thread(target=run)
+        t.start()
+        time.sleep(0.5)
+        killer = a.connect()
+        with pytest.raises(pymysql.err.OperationalError) as e:
+            with killer.cursor() as cur:
+                cur.execute(f"KILL QUERY {victim.thread_id()}")
+        assert e.value.args[0] == 1094  # Unknown thread id: A has no such session
+        t.join(10)
+        assert out.get("result") == (0,), out  # B's statement ran to its end
+        killer.close()
+        for c in victims:
+            c.close()
+        # stopping B leaves A's control socket alone
+        b.process.stop()
+        st = json.loads(_cli(a, "status", "--json").stdout)
+        assert st["pid"] == a.process.pid
+    finally:
+        a.process.stop()
+        b.process.stop()
+
+
+def test_a_second_instance_with_the_same_runtime_dir_refuses_to_start(cluster, tmp_path):
+    a = start_proxy(cluster, tmp_path / "a", proxy={"workers": 1, "runtime_dir": str(tmp_path / "run")})
+    try:
+        with pytest.raises(RuntimeError) as e:
+            start_proxy(cluster, tmp_path / "b", proxy={"workers": 1, "runtime_dir": str(tmp_path / "run")})
+        assert f"another rwproxy (pid {a.process.pid}" in str(e.value)
+        assert json.loads(_cli(a, "status", "--json").stdout)["pid"] == a.process.pid  # A untouched
+    finally:
+        a.process.stop()
+
+
+def test_the_cli_refuses_to_talk_to_an_instance_another_config_started(cluster, tmp_path):
+    a = start_proxy(cluster, tmp_path / "a", proxy={"workers": 1})
+    try:
+        other = tmp_path / "copy.toml"
+        other.write_text(open(a.process.config_path).read())  # same listen address, another file
+        r = subprocess.run([sys.executable, "-m", "proxy", "status", "--config", str(other)],
+                           capture_output=True, text=True, timeout=30)
+        assert r.returncode == 1 and f"was started with {os.path.realpath(a.process.config_path)}" in r.stderr
+    finally:
+        a.process.stop()
+
+
+def test_status_into_a_closed_pipe_exits_quietly(proxy):
+    r = subprocess.run(f"{sys.executable} -m proxy status --config {proxy.process.config_path} | true",
+                       shell=True, capture_output=True, text=True, timeout=30)
+    assert "Traceback" not in r.stderr and "BrokenPipe" not in r.stderr, r.stderr
+
+
+# ---- 5. a replica that refuses connections costs clients nothing --------------------------------
+
+@pytest.fixture
+def refusing(cluster_factory, tmp_path):
+    cl = cluster_factory(replicas=2)
+    p = start_proxy(cl, tmp_path, proxy={"workers": 2}, routing={"read_your_writes": "none"},
+                    pool={"multiplex": False, "max_idle_per_backend": 0})  # every session connects anew
+    yield cl, p
+    p.process.stop()
+
+
+def _reads(p, sessions: int = 20) -> tuple[set, list]:
+    ports, errors = set(), []
+    for _ in range(sessions):  # new sessions: each opens its replica connection afresh
+        try:
+            with p.connect(autocommit=True) as c, c.cursor() as cur:
+                cur.execute("SELECT @@port")
+                ports.add(cur.fetchone()[0])
+        except pymysql.err.MySQLError as e:
+            errors.append(e.args)
+    return ports, errors
+
+
+@pytest.mark.parametrize("refusal", ["max_connections", "user dropped"])
+def test_reads_go_elsewhere_when_a_replica_refuses_the_connection(refusing, refusal):
+    cl, p = refusing
+    victim, other = cl.node("node2"), cl.node("node3")
+    undo = {"max_connections": ["SET GLOBAL max_connections = 151"],
+            "user dropped": ["SET SESSION sql_log_bin = 0", "CREATE USER app@'%' IDENTIFIED BY 'app'",
+                             "GRANT ALL PRIVILEGES ON app.* TO app@'%'"]}[refusal]
+    hogs = []
+    with victim.connect() as admin, admin.cursor() as cur:
+        if refusal == "max_connections":
+            cur.execute("SET GLOBAL max_connections = 10")  # (MariaDB's least) then fill it: new ones get 1040
+            for _ in range(20):
+                try:
+                    hogs.append(pymysql.connect(host="127.0.0.1", port=victim.port, user="app", password="app"))
+                except pymysql.err.OperationalError as e:
+                    assert e.args[0] == 1040
+                    break
+        else:
+            cur.execute("SET SESSION sql_log_bin = 0")  # on this replica only: new logins get 1045
+            cur.execute("DROP USER app@'%'")
+        try:
+            ports, errors = _reads(p)
+            assert errors == [], errors  # zero client errors while another server can answer
+            assert victim.port not in ports and other.port in ports
+            st = {s["name"]: s for s in json.loads(_cli(p, "status", "--json").stdout)["servers"]}
+            assert st["node2"]["refused"] >= 1
+            log = p.process.log_tail(300)
+            assert "replica node2 refused user app" in log and ("1040" in log if refusal == "max_connections" else "1045" in log)
+        finally:
+            for c in hogs:
+                c.close()
+            for sql in undo:
+                cur.execute(sql)
+
+
+# ---- 3. connection limits hold across workers ------------------------------------------------------
+
+def _try_connect(p, user="app", password="app"):
+    try:
+        return p.connect(user=user, password=password)
+    except pymysql.err.OperationalError as e:
+        return e.args
+
+
+def test_max_connections_is_proxy_wide_and_per_user(cluster, tmp_path):
+    p = start_proxy(cluster, tmp_path, proxy={"workers": 2, "max_connections": 4},
+                    users=[{"name": "app", "password": "app", "max_connections": 2},
+                           {"name": SHA2_USER, "password": SHA2_PASSWORD}])
+    opened = []
+    try:
+        got = [_try_connect(p) for _ in range(3)]
+        opened += [c for c in got if not isinstance(c, tuple)]
+        assert len(opened) == 2, got  # the user's limit, across both workers
+        refused = next(c for c in got if isinstance(c, tuple))
+        assert refused[0] == 1203 and "User app already has more than 'max_user_connections'" in refused[1]
+        others = [_try_connect(p, SHA2_USER, SHA2_PASSWORD) for _ in range(4)]
+        opened += [c for c in others if not isinstance(c, tuple)]
+        assert len(opened) == 4, others  # the proxy's limit, across both workers
+        assert [c[0] for c in others if isinstance(c, tuple)] == [1040, 1040]
+        opened.pop(0).close()  # one of app's sessions ends: a new one fits again
+        deadline = time.monotonic() + 10
+        again = _try_connect(p)
+        while isinstance(again, tuple) and time.monotonic() < deadline:
+            time.sleep(0.1)
+            again = _try_connect(p)
+        assert not isinstance(again, tuple), again
+        opened.append(again)
+    finally:
+        for c in opened:
+            c.close()
+        p.process.stop()
+
+
+# ---- 4. a bad TLS certificate or key is one line at start-up ---------------------------------------
+
+@pytest.mark.parametrize("problem", ["missing", "garbage", "mismatched"])
+def test_a_bad_tls_certificate_or_key_stops_serve_with_one_line(tmp_path, problem):
+    cert, key = self_signed_cert(str(tmp_path))
+    if problem == "missing":
+        key = str(tmp_path / "nope.pem")
+    elif problem == "garbage":
+        open(key, "w").write("not a key\n")
+    else:
+        other = tmp_path / "other"
+        other.mkdir()
+        key = self_signed_cert(str(other))[1]  # a key that does not belong to the certificate
+    cfg = tmp_path / "rw.toml"
+    cfg.write_text(f'[proxy]\nlisten = "127.0.0.1:0"\n[proxy.tls]\ncert = "{cert}"\nkey = "{key}"\n'
+                   '[[backends]]\nhost = "127.0.0.1"\nport = 1\n[[users]]\nname = "app"\n')
+    r = subprocess.run([sys.executable, "-m", "proxy", "serve", "--config", str(cfg)],
+                       capture_output=True, text=True, timeout=30)
+    assert r.returncode == 1
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and f"proxy.tls: cannot load certificate {cert} / key {key}" in lines[0], r.stderr
+
+
+# ---- 6. client strings in the log are harmless ----------------------------------------------------------
+
+def test_client_supplied_names_cannot_forge_or_flood_log_lines(proxy):
+    before = os.path.getsize(proxy.process.log_path)
+    forged = "evil\n2026-12-04 12:00:00,000 WARNING rwproxy[1] rwproxy.failover: failover done in 5 ms: FAKE"
+    with pytest.raises(pymysql.err.OperationalError):
+        pymysql.connect(host=proxy.host, port=proxy.port, user=forged, password="x")
+    for _ in range(20):
+        with pytest.raises(pymysql.err.OperationalError):
+            pymysql.connect(host=proxy.host, port=proxy.port, user="u" * 900_000, password="x")
+    time.sleep(1.2)  # the next second's first failed login (or the timer) reports what was left out
+    with pytest.raises(pymysql.err.OperationalError):
+        pymysql.connect(host=proxy.host, port=proxy.port, user="late", password="x")
+    time.sleep(1.2)
+    with open(proxy.process.log_path, "rb") as f:
+        f.seek(before)
+        new = f.read().decode("utf-8", "replace")
+    assert len(new) < 50_000, len(new)  # 20 MB before the fix
+    assert not any(line.startswith("2026-12-04 12:00:00,000 WARNING") for line in new.splitlines())
+    assert "evil\\n2026-12-04" in new  # shown, escaped, on the line it belongs to
+    assert "more lines like the one before were left out" in new
+
+
+# ---- 7. the handshake does not tell who exists -----------------------------------------------------------
+
+def _first_answer(p, user: str) -> bytes:
+    """The proxy's first packet after a handshake response for `user` that names mysql_native_password
+    and sends no auth data (as libmariadb does when its plugin differs from the server's default)."""
+    with socket.create_connection((p.host, p.port), timeout=10) as s:
+        s.recv(4096)  # the greeting
+        s.sendall(frame(build_response(PROXY_CAPABILITIES & ~CLIENT_SSL, 45, user, b"", "app", auth.NATIVE), 1))
+        data = s.recv(4096)
+        return data[4:]
+
+
+def test_known_and_unknown_users_get_the_same_first_answer(cluster, tmp_path):
+    p = start_proxy(cluster, tmp_path, proxy={"workers": 1, "auth_plugin": "caching_sha2_password"})
+    try:
+        known, unknown = _first_answer(p, "app"), _first_answer(p, "nobody-here")
+        assert known[:1] == unknown[:1] == b"\xfe"  # both asked to switch (before: unknown users got 1045 at once)
+        assert known.split(b"\x00")[0] == unknown.split(b"\x00")[0]  # to the same plugin
+    finally:
+        p.process.stop()
+
+
+# ---- 8. an unanswered COM_CHANGE_USER authentication -------------------------------------------------------
+
+def test_unanswered_change_user_authentication_times_out_with_a_reason(cluster, tmp_path):
+    p = start_proxy(cluster, tmp_path, proxy={"workers": 1}, pool={"connect_timeout": 0.5})
+    try:
+        c = RawClient(p.host, p.port)
+        # a switch to caching_sha2_password is needed (the user's plugin); the client never answers it
+        body = (b"\x11" + SHA2_USER.encode() + b"\x00" + bytes((20,)) + bytes(20) + b"app\x00"
+                + (45).to_bytes(2, "little") + b"mysql_native_password\x00")
+        c.send(body, 0)
+        first = c.read()[1]
+        assert first[:1] == b"\xfe", first
+        t0 = time.monotonic()
+        _, answer = c.read()  # (RawClient's socket timeout is 10 s; the proxy's is connect_timeout + 8)
+        assert answer[:1] == b"\xff" and int.from_bytes(answer[1:3], "little") == 1159, answer
+        assert b"did not answer COM_CHANGE_USER" in answer and time.monotonic() - t0 < 10
+        with pytest.raises((ConnectionError, OSError)):
+            c.read()  # then closed, as the server closes it
+    finally:
+        p.process.stop()

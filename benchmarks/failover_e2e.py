@@ -2,12 +2,13 @@
 
 Each repetition starts a fresh semi-sync sandbox (primary + 2 replicas) and
 rwproxy with default settings, runs 8 clients inserting uniquely numbered
-rows, then either SIGKILLs the primary or runs `rwproxy switchover`. Measured:
-the time from the kill to the first acknowledged write, acknowledged rows
-missing afterwards, statements that failed; for switchover the failed writes
-and the longest gap between acknowledged writes.
+rows, then SIGKILLs the primary (a crash), SIGSTOPs it (a hang: a frozen VM, a
+stuck disk; it answers nobody but its sockets stay open), or runs `rwproxy
+switchover`. Measured: the time from the fault to the first acknowledged write,
+acknowledged rows missing afterwards, statements that failed; for switchover the
+failed writes and the longest gap between acknowledged writes.
 
-    python -m benchmarks.failover_e2e [--runs 3]
+    python -m benchmarks.failover_e2e [--runs 3] [--kinds failover,hang,switchover]
 Results: benchmarks/results/failover-e2e-<date>.json and .md (and -latest).
 """
 
@@ -77,12 +78,16 @@ def one_run(kind: str, tmp: Path) -> dict:
                 t0 = time.monotonic()
                 if kind == "failover":
                     cl.primary.kill(signal.SIGKILL)
+                elif kind == "hang":
+                    cl.primary.kill(signal.SIGSTOP, wait=False)
                 else:
                     r = subprocess.run([sys.executable, "-m", "proxy", "switchover", "--to", "node2", "--config", cfg],
                                        capture_output=True, text=True, timeout=60)
                     if r.returncode != 0:
                         raise RuntimeError(r.stdout + r.stderr)
-                time.sleep(3.0)
+                time.sleep(5.0 if kind == "hang" else 3.0)
+            if kind == "hang":
+                cl.primary.kill(signal.SIGCONT, wait=False)  # (so that it can be stopped at the end)
             with w.lock:
                 after = sorted(t for t, _ in w.ok if t > t0 + 0.005)
                 times = sorted(t for t, _ in w.ok)
@@ -100,26 +105,30 @@ def main(argv=None) -> int:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--kinds", default="failover,hang,switchover")
     args = ap.parse_args(argv)
+    kinds = args.kinds.split(",")
     runs = []
-    for kind in ("failover", "switchover"):
+    for kind in kinds:
         for i in range(args.runs):
             with tempfile.TemporaryDirectory(prefix="rwp-fo-") as tmp:
                 r = one_run(kind, Path(tmp))
             print(json.dumps(r), flush=True)
             runs.append(r)
-    fo = [r for r in runs if r["kind"] == "failover"]
-    sw = [r for r in runs if r["kind"] == "switchover"]
     med = lambda rs, k: statistics.median(r[k] for r in rs if r[k] is not None)  # noqa: E731
-    summary = {
-        "failover_first_write_ms_median": med(fo, "first_ack_after_ms"),
-        "failover_first_write_ms_max": max(r["first_ack_after_ms"] for r in fo),
-        "failover_acknowledged_missing": sum(r["acknowledged_missing"] for r in fo),
-        "failover_failed_statements_median": med(fo, "failed_statements"),
-        "switchover_failed_writes": sum(r["failed_statements"] for r in sw),
-        "switchover_longest_gap_ms_median": med(sw, "longest_gap_ms"),
-        "switchover_acknowledged_missing": sum(r["acknowledged_missing"] for r in sw),
-    }
+    summary = {}
+    for kind in ("failover", "hang"):
+        rs = [r for r in runs if r["kind"] == kind]
+        if rs:
+            summary |= {f"{kind}_first_write_ms_median": med(rs, "first_ack_after_ms"),
+                        f"{kind}_first_write_ms_max": max(r["first_ack_after_ms"] for r in rs),
+                        f"{kind}_acknowledged_missing": sum(r["acknowledged_missing"] for r in rs),
+                        f"{kind}_failed_statements_median": med(rs, "failed_statements")}
+    sw = [r for r in runs if r["kind"] == "switchover"]
+    if sw:
+        summary |= {"switchover_failed_writes": sum(r["failed_statements"] for r in sw),
+                    "switchover_longest_gap_ms_median": med(sw, "longest_gap_ms"),
+                    "switchover_acknowledged_missing": sum(r["acknowledged_missing"] for r in sw)}
     stamp = datetime.datetime.now()
     result = {"date": stamp.isoformat(timespec="seconds"), "runs": runs, "summary": summary,
               "settings": "defaults (monitor interval 0.1 s, failover.failcount 5), semi-sync, 8 writers, 2 workers"}
@@ -130,12 +139,17 @@ def main(argv=None) -> int:
         "",
         "| figure | value |",
         "|---|---:|",
-        f"| SIGKILL of the primary -> first acknowledged write through rwproxy (median / max) | {summary['failover_first_write_ms_median']:.0f} ms / {summary['failover_first_write_ms_max']:.0f} ms |",
-        f"| acknowledged writes lost by failover (all runs) | {summary['failover_acknowledged_missing']} |",
-        f"| statements failed by failover (median per run: in flight at the kill, outcome unknown) | {summary['failover_failed_statements_median']:.0f} |",
-        f"| switchover: failed writes (all runs) | {summary['switchover_failed_writes']} |",
-        f"| switchover: longest gap between acknowledged writes (median) | {summary['switchover_longest_gap_ms_median']:.0f} ms |",
-        f"| switchover: acknowledged writes lost (all runs) | {summary['switchover_acknowledged_missing']} |",
+        *[line for kind, fault in (("failover", "SIGKILL (crash)"), ("hang", "SIGSTOP (hang)"))
+          if f"{kind}_first_write_ms_median" in summary for line in (
+            f"| {fault} of the primary -> first acknowledged write through rwproxy (median / max) | "
+            f"{summary[f'{kind}_first_write_ms_median']:.0f} ms / {summary[f'{kind}_first_write_ms_max']:.0f} ms |",
+            f"| {fault}: acknowledged writes lost (all runs) | {summary[f'{kind}_acknowledged_missing']} |",
+            f"| {fault}: statements failed (median per run: in flight at the fault, outcome unknown) | "
+            f"{summary[f'{kind}_failed_statements_median']:.0f} |")],
+        *([f"| switchover: failed writes (all runs) | {summary['switchover_failed_writes']} |",
+           f"| switchover: longest gap between acknowledged writes (median) | {summary['switchover_longest_gap_ms_median']:.0f} ms |",
+           f"| switchover: acknowledged writes lost (all runs) | {summary['switchover_acknowledged_missing']} |"]
+          if sw else []),
         "",
     ])
     save("failover-e2e", result, md)

@@ -75,6 +75,32 @@ def test_verdict_needs_failcount_and_the_replicas():
     assert verdict(topo(p, _st("r1", 2, state=DOWN)), "p", 5, True)[0] == "unconfirmed"
 
 
+def test_verdict_takes_a_hang_from_the_replicas_silence():
+    """A hung primary: one failed check (or one left unanswered), no answer for replica_silence,
+    and every replica heard nothing (no event, no heartbeat) for that long and 2.5 heartbeats."""
+    now = 1000.0
+    p = _st("p", 1, role=PRIMARY, state=UP, fails=1, server_id=1, last_ok=now - 0.7, last_error="timed out")
+
+    def rep(name, silent, period=0.2, io=True):
+        return _st(name, 2, role=REPLICA, state=UP, source_id=1, io_running=io, source_silent=silent,
+                   heartbeat_period=period)
+
+    def judge(*replicas, primary=p, silence=0.6, **kw):
+        return verdict(Topology({s.name: s for s in (primary, *replicas)}), "p", 5, True, silence, now=now, **kw)
+
+    kind, detail = judge(rep("r1", 0.7), rep("r2", 0.65))
+    assert kind == "dead" and "r1, r2 heard nothing from it for 0.7 s" in detail and "hung" in detail
+    assert judge(rep("r1", 0.7), rep("r2", 0.3))[0] == "suspect"  # r2 still hears it: only rwproxy's path
+    assert judge(rep("r1", 0.7), rep("r2", 0.9, period=5.0))[0] == "suspect"  # 0.9 s is no silence at 5 s heartbeats
+    assert judge(rep("r1", 0.7), rep("r2", None, io=False))[0] == "dead"  # r2 lost it outright
+    assert judge(rep("r1", 0.7), silence=0.0)[0] == "suspect"  # replica_silence = 0: failcount only
+    answered = _st("p", 1, role=PRIMARY, state=UP, fails=1, server_id=1, last_ok=now - 0.2)
+    assert judge(rep("r1", 0.7), primary=answered)[0] == "suspect"  # it answered 0.2 s ago
+    waiting = _st("p", 1, role=PRIMARY, state=UP, fails=0, server_id=1, last_ok=now - 0.7)
+    assert judge(rep("r1", 0.7), primary=waiting)[0] == "alive"
+    assert judge(rep("r1", 0.7), primary=waiting, unanswered=0.65)[0] == "dead"  # the check under way hangs
+
+
 def test_designation_wins_over_read_only():
     assert learned_role("auto", False, UP, mm=False, designated=False) == REPLICA  # a fenced old primary
     assert learned_role("primary", False, UP, mm=False, designated=False) == REPLICA  # even if configured

@@ -13,6 +13,7 @@ import pymysql
 import pytest
 
 from helpers import start_proxy
+from proxy.runtime.launcher import free_port
 from proxy.testing.loadgen import Load, insert_numbered
 
 FAILOVER = {"replication_user": "repl", "replication_password": "repl"}
@@ -168,3 +169,64 @@ def test_open_transaction_on_dead_primary_gets_a_clear_error(cluster_factory, tm
         c.close()
     finally:
         p.process.stop()
+
+
+def test_a_hung_primary_fails_over_without_waiting_for_slave_net_timeout(semisync, tmp_path):
+    """Issue 20: SIGSTOP (a frozen VM, a stuck disk) used to take 14 s: the replicas' IO threads
+    kept their connections up for slave_net_timeout, then STOP SLAVE waited 2 s per replica. The
+    replicas' own silence confirms it now, and their IO threads stop in parallel. The time it
+    takes is benchmarks/failover_e2e.py's figure; here: it happens, once, losing nothing."""
+    cl = semisync
+    p = start_proxy(cl, tmp_path, proxy={"workers": 2}, failover=FAILOVER)
+    try:
+        assert wait_until(lambda: _primary(p) == "node1", 10)
+        with Writers(p) as w:
+            assert wait_until(lambda: len(w.ok) > 50, 15)
+            cl.primary.kill(signal.SIGSTOP, wait=False)
+            try:
+                # well before the replicas' slave_net_timeout (10 s in the sandbox) would say anything
+                assert wait_until(lambda: _primary(p) in ("node2", "node3"), 8), _status(p)
+                new = cl.node(_primary(p))
+                done = len(w.ok)
+                assert wait_until(lambda: len(w.ok) > done + 20, 15)  # writes flow on the new primary
+            finally:
+                cl.primary.kill(signal.SIGCONT, wait=False)
+        acked = {v for _, v in w.ok}
+        assert not acked - _rows(new)  # every acknowledged write is on the new primary
+        log = p.process.log_tail(400)
+        assert log.count("failover done in") == 1 and "hung" in log
+    finally:
+        p.process.stop()
+
+
+def test_no_failover_when_only_rwproxys_path_to_the_primary_hangs(cluster_factory, tmp_path):
+    """The replicas still hear the primary's heartbeats: a frozen path between rwproxy and the
+    primary (here a forwarder that rwproxy alone goes through, SIGSTOPped) is no failover."""
+    cl = cluster_factory(replicas=2)
+    port = free_port()
+    fwd = subprocess.Popen([sys.executable, "-m", "proxy.testing.tcpfwd", str(port), str(cl.primary.port)],
+                           stdout=subprocess.PIPE, text=True)
+    try:
+        assert fwd.stdout.readline().strip() == "ready"
+        p = start_proxy(cl, tmp_path, proxy={"workers": 1}, failover=FAILOVER,
+                        backends=[{"name": "node1", "host": "127.0.0.1", "port": port},
+                                  *({"name": n.name, "host": "127.0.0.1", "port": n.port} for n in cl.replicas)])
+        try:
+            assert wait_until(lambda: _primary(p) == "node1", 10)
+            assert wait_until(lambda: "MASTER_HEARTBEAT_PERIOD" in p.process.log_tail(100), 10)
+            fwd.send_signal(signal.SIGSTOP)
+            try:
+                assert wait_until(lambda: "not failing over" in p.process.log_tail(100), 15)
+                time.sleep(2.0)  # longer than replica_silence and failcount checks: still no failover
+                assert "promoting a replica" not in p.process.log_tail(300)
+                for r in cl.replicas:  # nothing was touched on the servers
+                    assert r.variable("read_only") == 1 and r.slave_status()["Master_Port"] == cl.primary.port
+                assert cl.primary.variable("read_only") == 0
+            finally:
+                fwd.send_signal(signal.SIGCONT)
+            assert wait_until(lambda: "answers again" in p.process.log_tail(100), 15)
+        finally:
+            p.process.stop()
+    finally:
+        fwd.kill()
+        fwd.wait(5)

@@ -347,3 +347,50 @@ def test_unanswered_change_user_authentication_times_out_with_a_reason(cluster, 
             c.read()  # then closed, as the server closes it
     finally:
         p.process.stop()
+
+
+# ---- accounts that exist only on the servers ([auth] server_accounts) --------------------------------------
+
+def test_accounts_only_the_server_knows_log_in_without_rwproxy_knowing_the_password(cluster, tmp_path):
+    with cluster.primary.connect() as c, c.cursor() as cur:
+        cur.execute("CREATE USER IF NOT EXISTS 'runtime_u'@'%' IDENTIFIED BY 'pw-one'")
+        cur.execute("GRANT ALL PRIVILEGES ON app.* TO 'runtime_u'@'%'")
+        cur.execute("CREATE USER IF NOT EXISTS 'runtime_ed'@'%' IDENTIFIED VIA unix_socket")
+    cluster.wait_replicas_caught_up(30)
+    plain = start_proxy(cluster, tmp_path / "off", proxy={"workers": 1})
+    p = start_proxy(cluster, tmp_path / "on", proxy={"workers": 1}, auth={"server_accounts": True},
+                    routing={"read_your_writes": "none"})
+    try:
+        with pytest.raises(pymysql.err.OperationalError) as e:  # off by default
+            plain.connect(user="runtime_u", password="pw-one")
+        assert e.value.args[0] == 1045
+        ports = set()
+        with p.connect(user="runtime_u", password="pw-one", autocommit=True) as c, c.cursor() as cur:
+            cur.execute("CREATE TABLE IF NOT EXISTS app.server_acct (a INT)")
+            cur.execute("INSERT INTO app.server_acct VALUES (1)")  # the primary, logged in to with SHA1(password)
+            for _ in range(6):
+                cur.execute("SELECT @@port")  # the replicas, likewise
+                ports.add(cur.fetchone()[0])
+            cur.execute("SELECT CURRENT_USER()")
+            assert cur.fetchone()[0] == "runtime_u@%"
+        assert ports & {n.port for n in cluster.replicas}
+        for user, password in (("runtime_u", "wrong"), ("nobody-at-all", "x"), ("runtime_ed", "pw-ed")):
+            with pytest.raises(pymysql.err.OperationalError) as e:
+                p.connect(user=user, password=password)
+            assert e.value.args[0] == 1045, (user, e.value.args)
+        assert "runtime_ed@127.0.0.1 uses unix_socket" in p.process.log_tail(100)
+        # the password changes on the server: the new one works at once (looked up again), the old one not
+        with cluster.primary.connect() as c, c.cursor() as cur:
+            cur.execute("ALTER USER 'runtime_u'@'%' IDENTIFIED BY 'pw-two'")
+        cluster.wait_replicas_caught_up(30)
+        with p.connect(user="runtime_u", password="pw-two") as c, c.cursor() as cur:
+            cur.execute("SELECT 1")
+        with pytest.raises(pymysql.err.OperationalError):
+            p.connect(user="runtime_u", password="pw-one")
+        assert "pw-one" not in open(p.process.log_path).read() and "pw-two" not in open(p.process.log_path).read()
+    finally:
+        plain.process.stop()
+        p.process.stop()
+        with cluster.primary.connect() as c, c.cursor() as cur:
+            cur.execute("DROP USER IF EXISTS 'runtime_u'@'%'")
+            cur.execute("DROP USER IF EXISTS 'runtime_ed'@'%'")

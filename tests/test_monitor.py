@@ -254,12 +254,14 @@ def test_master_delay_lag_measured_and_readmitted(cluster, run_monitor):
                                 "ORDER BY id DESC LIMIT 1)")
                     now, ts = cur.fetchone()
                     reading = rec.of(r.name)[-1]
+                    if reading.lag_ms is None:  # (replication restarted under it: another rwproxy of
+                        continue                # the session tunes the replicas' heartbeat period)
                     true_ms = (float(now) - float(ts) - (t0 - reading.last_check)) * 1000
                     errors.append(abs(reading.lag_ms - true_ms))
                     assert 900 < reading.lag_ms < 3500 and not reading.readable
                     time.sleep(0.07)
             # an apply burst between the reading and the probe spoils a sample; the median is robust
-            assert statistics.median(errors) < 150, errors
+            assert len(errors) >= 10 and statistics.median(errors) < 150, errors
         finally:
             r.query("STOP SLAVE")
             r.query("CHANGE MASTER TO MASTER_DELAY=0")

@@ -273,7 +273,7 @@ class BackendConnection(asyncio.Protocol):
                 raise BackendError(CR_SSL_CONNECTION_ERROR, "HY000", f"TLS to backend {self.server.name} is required (backend_tls "
                                    f"mode {tls.mode}) but the server does not offer it (have_ssl is not YES there)")
         plugin = g.plugin or auth.NATIVE
-        if plugin not in auth.SUPPORTED:
+        if plugin not in auth.SUPPORTED or isinstance(password, auth.Stage1):
             plugin = auth.NATIVE
         token = auth.token_for(plugin, password, g.salt)
         resp = build_response(caps, charset, user, token, db, plugin, attrs)
@@ -294,7 +294,11 @@ class BackendConnection(asyncio.Protocol):
                 salt = payload[name_end + 1 :]  # kept whole: each plugin takes its length (ed25519's may end in 0x00)
                 if plugin not in auth.BACKEND:
                     raise BackendError(1251, "08004", f"backend asks for unsupported auth plugin {plugin}")
-                self.transport.write(frame(auth.token_for(plugin, password, salt), seq + 1))
+                try:
+                    answer = auth.token_for(plugin, password, salt)
+                except ValueError as e:  # a Stage1 (server account) and a plugin that needs the password
+                    raise BackendError(1251, "08004", f"backend {self.server.name}: {e}") from None
+                self.transport.write(frame(answer, seq + 1))
             elif first == 0x01:  # caching_sha2 more data
                 if payload[1:2] == auth.SHA2_FAST_AUTH_OK:
                     continue

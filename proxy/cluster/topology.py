@@ -62,6 +62,11 @@ class ServerState:
     fails: int = 0
     server_id: int | None = None
     source_id: int | None = None  # Master_Server_Id while this server replicates
+    # Replica evidence of a silent source (a hung primary): seconds since this replica last
+    # received anything from its source, event or heartbeat (None: unknown), and its
+    # MASTER_HEARTBEAT_PERIOD (an idle source sends a heartbeat that often).
+    source_silent: float | None = None
+    heartbeat_period: float | None = None
 
     @property
     def address(self) -> str:

@@ -287,6 +287,12 @@ class FailoverConfig:
     auto_failover: bool = B(True)
     failcount: int = I(5, 1)
     verify_with_replicas: bool = B(True)
+    # s an unanswering primary and all its replicas' receiving ends must have been silent (no
+    # answer; no event, no heartbeat) for it to count as hung without waiting for failcount (0 = off)
+    replica_silence: float = F(0.6)
+    # s: MASTER_HEARTBEAT_PERIOD rwproxy gives the replicas (0 = leave theirs), so an idle primary
+    # still tells them it lives, and a silent one can be told from a quiet one
+    replica_heartbeat_period: float = F(0.2)
     failover_cooldown: float = F(60.0)
     write_hold_timeout: float = F(10.0)
     auto_rejoin: bool = B(True)
@@ -315,11 +321,20 @@ class PoolConfig:
 
 
 @dataclass(frozen=True)
+class AuthConfig:
+    """Who may log in besides [[users]]."""
+    # accounts that exist only on the primary (mysql_native_password), looked up by the monitor user
+    server_accounts: bool = B(False)
+    server_accounts_ttl: float = F(60.0, positive=True)  # s a looked-up account is trusted
+
+
+@dataclass(frozen=True)
 class Config:
     proxy: ProxyConfig = T(ProxyConfig)
     backends: tuple[BackendConfig, ...] = A(BackendConfig, min_items=1)
     backend_tls: BackendTLSConfig = T(BackendTLSConfig)
     users: tuple[UserConfig, ...] = A(UserConfig, min_items=1)
+    auth: AuthConfig = T(AuthConfig)
     routing: RoutingConfig = T(RoutingConfig)
     monitor: MonitorConfig = T(MonitorConfig)
     cluster: ClusterConfig = T(ClusterConfig)

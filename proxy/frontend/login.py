@@ -17,6 +17,7 @@ import struct
 from dataclasses import dataclass
 
 from proxy.backend.connection import BackendError
+from proxy.config.schema import UserConfig
 from proxy.logs import Throttle, clean
 from proxy.protocol import auth, ed25519
 from proxy.protocol.constants import (
@@ -100,17 +101,20 @@ class Authenticator:
     """Verifies one client login; `io` is the client connection (read_packet/write)."""
 
     def __init__(self, users, default_plugin: str, rsa: auth.RSAKeyPair | None, sha2_cache: set,
-                 timeout: float = 30.0):
+                 timeout: float = 30.0, accounts=None):
         self.users = users  # name -> UserConfig
         self.default_plugin = default_plugin
         self.rsa = rsa
         self.sha2_cache = sha2_cache
         self.timeout = timeout  # seconds a client has to answer each step of the exchange
+        self.accounts = accounts  # frontend.accounts.ServerAccounts ([auth] server_accounts), or None
 
     async def login(self, io, user: str, plugin: str, token: bytes, salt: bytes, seq: int, host: str, tls: bool):
         """Run the plugin exchange; returns (UserConfig, next seq). Raises AccessDenied with the
         message, asyncio.TimeoutError when the client stops answering."""
         ucfg = self.users.get(user)
+        if ucfg is None and self.accounts is not None:
+            return await self._server_account(io, user, plugin, token, salt, seq, host)
         wanted = (ucfg.auth_plugin if ucfg is not None else "") or (
             plugin if plugin in auth.SUPPORTED else self.default_plugin)
         if wanted == auth.ED25519:
@@ -133,6 +137,23 @@ class Authenticator:
                 raise AccessDenied(access_denied_message(user, host, token), seq)
             return ucfg, seq
         return await self._sha2(io, ucfg, salt, token, seq, host, tls)
+
+    async def _server_account(self, io, user: str, plugin: str, token: bytes, salt: bytes, seq: int, host: str):
+        """A user only the primary knows: mysql_native_password against its stored hash; the session
+        then logs in to the backends with SHA1(password) recovered from the client's answer."""
+        account = await self.accounts.lookup(user, host)
+        if plugin != auth.NATIVE or not token:  # (an unknown name takes the same turn: nothing to tell)
+            salt = auth.nonce()
+            io.write(frame(b"\xfe" + auth.NATIVE.encode() + b"\x00" + salt + b"\x00", seq))
+            seq, token = await io.read_packet(self.timeout)
+            seq += 1
+        credential = _server_credential(account, salt, token)
+        if credential is None and account is not None:
+            account = await self.accounts.lookup(user, host, fresh=True)  # its password may have changed
+            credential = _server_credential(account, salt, token)
+        if credential is None:
+            raise AccessDenied(access_denied_message(user, host, token), seq)
+        return UserConfig(name=user, password=credential), seq
 
     async def _ed25519(self, io, ucfg, seq, host):
         """Always an auth switch: the greeting's 20-byte salt is too short for this plugin,
@@ -174,6 +195,16 @@ class Authenticator:
         log.info("user %s: caching_sha2_password full authentication (%s) succeeded", ucfg.name, "TLS" if tls else "RSA")
         return ucfg, seq
 
+
+
+def _server_credential(account, salt: bytes, token: bytes):
+    """What the session logs in to the backends with for a server account: "" (no password) or
+    the Stage1; None when the client's answer does not match the account."""
+    if account is None:
+        return None
+    if not account.stored:
+        return "" if not token.strip(b"\x00") else None
+    return auth.native_stage1(account.stored, salt, token)
 
 
 @dataclass(slots=True)

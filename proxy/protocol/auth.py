@@ -56,7 +56,34 @@ def sha2_token(password: str | bytes, salt: bytes) -> bytes:
     return _scramble(hashlib.sha256, password, salt, False)
 
 
-def token_for(plugin: str, password: str, salt: bytes) -> bytes:
+class Stage1(bytes):
+    """SHA1(password): all mysql_native_password needs to log in, without the password itself.
+    What rwproxy holds for an account that exists only on the server ([auth] server_accounts):
+    recovered from the client's answer and the server's stored hash (native_stage1)."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "Stage1(...)"  # never in a log
+
+
+def native_stage1(stored: bytes, salt: bytes, token: bytes) -> Stage1 | None:
+    """The client's SHA1(password), if `token` answers `salt` for the account whose stored
+    mysql_native_password hash is `stored` (SHA1(SHA1(password)), the 20 bytes behind '*'):
+    token XOR SHA1(salt + stored) is SHA1(password) exactly when SHA1 of it is `stored`."""
+    if len(token) != 20 or len(stored) != 20:
+        return None
+    h1 = _xor(token, hashlib.sha1(salt[:20] + stored).digest())
+    return Stage1(h1) if hmac.compare_digest(hashlib.sha1(h1).digest(), stored) else None
+
+
+def token_for(plugin: str, password, salt: bytes) -> bytes:
+    """The answer to `salt` for `plugin`, from a clear password or (native only) a Stage1."""
+    if isinstance(password, Stage1):
+        if plugin != NATIVE:
+            raise ValueError(f"the server asks for {plugin}, and rwproxy holds only this account's "
+                             f"mysql_native_password hash ([auth] server_accounts covers that plugin alone)")
+        return _xor(password, hashlib.sha1(salt[:20] + hashlib.sha1(password).digest()).digest())
     if plugin == NATIVE:
         return native_token(password, salt)
     if plugin == CACHING_SHA2:

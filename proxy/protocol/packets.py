@@ -280,17 +280,34 @@ def parse_err(payload: bytes) -> tuple[int, str, str]:
     return code, "HY000", payload[3:].decode("utf-8", "replace")
 
 
-def first_value(resp: bytes) -> bytes | None:
-    """The first column of the first row of a text result set (the proxy's own queries), read
-    without CLIENT_DEPRECATE_EOF knowledge: a row is the first packet after the column
-    definitions that is not an EOF packet."""
+def text_rows(resp: bytes) -> list[list[bytes | None]] | None:
+    """The rows of a whole text result set (the proxy's own small queries); None for an OK or ERR.
+    Read without knowing CLIENT_DEPRECATE_EOF: an EOF is a 0xFE packet shorter than 9 bytes, and a
+    text row never starts with 0xFE unless it is 16 MiB long."""
     packets = payloads(resp)
     if not packets or packets[0][:1] in (b"\x00", b"\xff"):
         return None
-    i = 1 + packets[0][0]  # the column count packet, then that many definitions
+    ncols, _ = read_lenenc_int(packets[0], 0)
+    i = 1 + (ncols or 0)  # the column count, then its definitions
     if i < len(packets) and packets[i][:1] == b"\xfe" and len(packets[i]) < 9:
         i += 1  # the EOF after the definitions (no CLIENT_DEPRECATE_EOF)
-    if i >= len(packets) or packets[i][:1] in (b"\xfb", b"\xfe", b"\xff"):
-        return None
-    value, _ = read_lenenc_str(packets[i], 0)
-    return value
+    rows = []
+    for p in packets[i:]:
+        if p[:1] in (b"\xfe", b"\xff") and len(p) < 0xFFFFFF:
+            break  # the terminator (or an error)
+        row, pos = [], 0
+        for _ in range(ncols or 0):
+            if p[pos] == 0xFB:
+                row.append(None)
+                pos += 1
+            else:
+                value, pos = read_lenenc_str(p, pos)
+                row.append(value)
+        rows.append(row)
+    return rows
+
+
+def first_value(resp: bytes) -> bytes | None:
+    """The first column of the first row of a text result set (the proxy's own queries)."""
+    rows = text_rows(resp)
+    return rows[0][0] if rows else None

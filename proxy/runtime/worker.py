@@ -25,6 +25,7 @@ from proxy.frontend.login import FAILED_LOGINS, Authenticator
 from proxy.protocol import auth
 from proxy.routing.classify import Classifier
 from proxy.routing.router import Router
+from proxy.frontend.accounts import ServerAccounts
 from proxy.frontend.kill import Peers
 from proxy.frontend.session import ClientConnection
 from proxy.runtime.channels import subscribe
@@ -59,6 +60,7 @@ class Worker:
         self.authenticator = Authenticator(
             {u.name: u for u in config.users}, self.auth_plugin, auth.RSAKeyPair(rsa_pem) if rsa_pem else None, set(),
             timeout=config.pool.connect_timeout + 8,
+            accounts=ServerAccounts(self, config.auth.server_accounts_ttl) if config.auth.server_accounts else None,
         )
         self.tls_context = tls_context  # front-end TLS, loaded (and checked) by the supervisor
         self.backend_tls = policies_for(config)

@@ -185,7 +185,7 @@ class Actions:
             try:
                 with steps(f"{f.name}: replicate from {best.name} (CHANGE MASTER ... MASTER_USE_GTID=slave_pos)"):
                     ops.replicate_from(links[f.name], best.host, best.port, self.cfg.replication_user,
-                                       self.cfg.replication_password, semi)
+                                       self.cfg.replication_password, semi, heartbeat=self.cfg.replica_heartbeat_period)
                 return f.name
             except StepError as exc:
                 log.warning("%s: could not repoint %s (retried later): %s", kind, f.name, exc)

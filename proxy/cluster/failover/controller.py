@@ -26,7 +26,7 @@ from typing import Callable
 from proxy.cluster import gtid
 from proxy.cluster.failover import ops, rejoin, switchover
 from proxy.cluster.failover.actions import Actions, Steps, label
-from proxy.cluster.failover.detect import ALIVE, DEAD, UNCONFIRMED, verdict
+from proxy.cluster.failover.detect import ALIVE, DEAD, UNCONFIRMED, replicates_from, verdict
 from proxy.cluster.failover.ops import Facts, Link, StepError
 from proxy.cluster.failover.state import FailoverState
 from proxy.cluster.monitor import Monitor
@@ -47,6 +47,8 @@ class Failover:
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._suspect = False  # the primary failed a check: judge it often (its replicas' silence grows)
+        self._tuned: dict[str, float] = {}  # replica -> when its heartbeat period was last set (or tried)
         self.state = FailoverState(self.cfg.auto_failover)
         self.monitor = Monitor(config, self.observe, **monitor_kwargs)
         self.actions = Actions(config, self.monitor, self.state)
@@ -112,10 +114,18 @@ class Failover:
     # ---- the failover thread ----------------------------------------------------------
 
     def _run(self) -> None:
-        complained = 0.0
+        complained, last = 0.0, 0.0
+        slow = 2 * self.config.monitor.interval
         while not self._stop.is_set():
-            self._wake.wait(0.5)
+            woken = self._wake.wait(self.config.monitor.interval)
             self._wake.clear()
+            # A published change, a primary under suspicion, or one whose check hangs (nothing is
+            # published while it does) is judged at once; otherwise twice a second.
+            designated = self.monitor.designated
+            if not (woken or self._suspect or time.monotonic() - last >= 0.5
+                    or (designated is not None and self.monitor.unanswered(designated) > slow)):
+                continue
+            last = time.monotonic()
             topo = self.state.latest
             if self._stop.is_set() or self._mm or not self.state.actionable(topo):
                 continue
@@ -135,8 +145,12 @@ class Failover:
         if name is None:
             rejoin.designate_initial(self.actions, topo)
             return
-        kind, detail = verdict(topo, name, self.cfg.failcount, self.cfg.verify_with_replicas)
+        # the replicas' latest readings (their silence grows with every check, published or not)
+        topo = replace(topo, servers={n: self.monitor.current_states().get(n, s) for n, s in topo.servers.items()})
+        kind, detail = verdict(topo, name, self.cfg.failcount, self.cfg.verify_with_replicas, self.cfg.replica_silence,
+                               unanswered=self.monitor.unanswered(name))
         p = topo.servers[name]
+        self._suspect = kind != ALIVE
         if kind == DEAD:
             self._on_dead(topo, p, detail)
         elif kind == UNCONFIRMED:
@@ -148,7 +162,31 @@ class Failover:
                 log.warning("primary %s answers again", label(p))
             if not rejoin.adopt(self.actions, topo, p):
                 rejoin.fence_and_rejoin(self.actions, topo, p)
+                self._tune_heartbeats(topo, p)
         self.actions.warm(topo)
+
+    def _tune_heartbeats(self, topo: Topology, p: ServerState) -> None:
+        """Give healthy replicas of the primary replica_heartbeat_period, so that its silence can be
+        told from its idleness (verdict). Once per replica (retried after a minute if it failed);
+        the monitor ignores the moment replication is restarted."""
+        period = self.cfg.replica_heartbeat_period
+        if not period:
+            return
+        now = time.monotonic()
+        for s in topo.servers.values():
+            if (s.name == p.name or s.state in (DOWN, MAINTENANCE) or s.fails or not s.io_running or not s.sql_running
+                    or s.heartbeat_period is None or abs(s.heartbeat_period - period) < 0.001
+                    or not replicates_from(s, p) or now - self._tuned.get(s.name, -1e9) < 60):
+                continue
+            self._tuned[s.name] = now
+            self.monitor.quiet(s.name, 0.5)
+            try:
+                with self.actions.link(s) as link:
+                    ops.set_heartbeat(link, period)
+                log.info("%s: MASTER_HEARTBEAT_PERIOD %g -> %g s (replica_heartbeat_period: a silent primary is "
+                         "told from an idle one within replica_silence)", label(s), s.heartbeat_period, period)
+            except StepError as exc:
+                log.warning("%s: could not set MASTER_HEARTBEAT_PERIOD (retried in a minute): %s", label(s), exc)
 
     def _once(self, key: str, level: int, message: str) -> None:
         if self.state.first_time(key):
@@ -178,7 +216,11 @@ class Failover:
         act.hold(True)
         links: dict[str, Link] = {}
         best = None
+        stopped: list[str] = []
         try:
+            with steps("stop the replicas' IO threads") as note:
+                stopped = self._stop_io(topo, old)
+                note["text"] = ", ".join(stopped) or "none reachable"
             with steps("survey the replicas") as note:
                 facts = self._survey(topo, old, links)
                 note["text"] = "; ".join(f"{f.name} received {f.received or '-'} applied {f.applied or '-'}"
@@ -203,6 +245,7 @@ class Failover:
                        steps, started)
             for link in links.values():
                 link.release()
+            self._restart_io(topo, stopped)
             self._end()
             return
         # best is the primary now: whatever else fails, it is published and the writes are released.
@@ -222,6 +265,40 @@ class Failover:
         self.state.forget("cooldown")
         if self.cfg.post_failover_hook:
             act.hook("post", old.address, best.address, "failover")
+
+    def _stop_io(self, topo: Topology, old: ServerState) -> list[str]:
+        """STOP SLAVE IO_THREAD on every reachable replica of the dead primary, all at once: their
+        relay logs are final before one is chosen, and the promotion and repointing steps after it
+        no longer wait on a connection to a hung primary (a semi-sync replica's IO thread takes
+        2 s to stop then: MariaDB first tries to KILL its dump thread over a new connection)."""
+        # Not where the SQL thread is stopped: with both threads stopped, MariaDB (GTID mode) drops
+        # the relay log when the SQL thread starts again, and with it what was received but not
+        # applied (catch_up starts that SQL thread while the IO thread still runs).
+        mine = [s for s in topo.servers.values() if s.name != old.name and s.state not in (DOWN, MAINTENANCE)
+                and replicates_from(s, old) and s.sql_running]
+
+        def stop(s) -> str | None:
+            try:
+                with self.actions.link(s) as link:
+                    link.q("STOP SLAVE IO_THREAD")
+                return s.name
+            except StepError as exc:
+                log.warning("failover: %s: %s", s.name, exc)
+                return None
+
+        if not mine:
+            return []
+        with ThreadPoolExecutor(max_workers=len(mine)) as pool:
+            return [n for n in pool.map(stop, mine) if n]
+
+    def _restart_io(self, topo: Topology, names: list[str]) -> None:
+        """The failover failed: the replicas whose IO threads it stopped go back to their source."""
+        for name in names:
+            try:
+                with self.actions.link(topo.servers[name]) as link:
+                    link.q("START SLAVE IO_THREAD")
+            except StepError as exc:
+                log.warning("failover: could not restart %s's IO thread: %s", name, exc)
 
     def _survey(self, topo: Topology, old: ServerState, links: dict[str, Link]) -> list[Facts]:
         """Fresh facts from every reachable server but the old primary (in parallel, config order)."""

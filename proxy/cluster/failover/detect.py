@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 from proxy.cluster.topology import DOWN, MAINTENANCE, ServerState, Topology
 
 # verdict() kinds
@@ -15,17 +17,34 @@ def replicates_from(s: ServerState, p: ServerState) -> bool:
     return bool(s.source) and s.source == p.address
 
 
-def verdict(topo: Topology, name: str, failcount: int, verify: bool) -> tuple[str, str]:
+def verdict(topo: Topology, name: str, failcount: int, verify: bool, silence: float = 0.0,
+            now: float | None = None, unanswered: float = 0.0) -> tuple[str, str]:
     """Is the primary `name` dead?  (ALIVE | SUSPECT | UNCONFIRMED | DEAD, detail).
 
     Dead needs the monitor's DOWN state after at least `failcount` consecutive failed checks
     and, with `verify`, every reachable replica that replicates from it having lost it too
     (IO thread not running). A replica still receiving its binlog means the trouble is between
     rwproxy and the primary, not the primary: no failover.
+
+    A hung primary (a frozen VM, a stuck disk) answers nobody, but its replicas' IO threads keep
+    their connections up until slave_net_timeout (60 s by default), and each check of it takes a
+    whole read_timeout to fail. With `silence` (seconds, the replica_silence setting) the replicas'
+    own evidence decides as soon as it is there: the primary is dead when a check of it failed or
+    the one under way has waited `silence` seconds (`unanswered`), it has not answered rwproxy for
+    `silence` seconds (`now`: time.time()), and every reachable
+    replica of it has lost it or has received nothing from it (no event, no heartbeat) for
+    `silence` seconds and for 2.5 of its heartbeat periods. If only rwproxy's path to the primary
+    is broken, the replicas still hear its heartbeats: no failover.
     """
     p = topo.servers.get(name)
     if p is None or p.state == MAINTENANCE:
         return ALIVE, ""
+    now = time.time() if now is None else now
+    if verify and silence and (p.fails or unanswered >= silence) and now - p.last_ok >= silence:
+        hung = _silent(topo, p, silence)
+        if hung:
+            why = f"{p.fails} failed checks: {p.last_error}" if p.fails else "a check unanswered"
+            return DEAD, f"no answer for {now - p.last_ok:.1f} s ({why}); {hung}"
     if p.state != DOWN or p.fails < failcount:
         return (SUSPECT if p.fails else ALIVE), ""
     detail = f"{p.fails} failed checks: {p.last_error}"
@@ -39,3 +58,22 @@ def verdict(topo: Topology, name: str, failcount: int, verify: bool) -> tuple[st
         return UNCONFIRMED, f"{', '.join(still)} still receive{'s' if len(still) == 1 else ''} its binlog"
     lost = [s.name for s in others if replicates_from(s, p)]
     return DEAD, detail + (f"; {', '.join(lost)} lost it too" if lost else "")
+
+
+def _silent(topo: Topology, p: ServerState, silence: float) -> str:
+    """'' unless every reachable replica of `p` lost it or has heard nothing from it for long
+    enough; then what they say, for the log."""
+    mine = [s for s in topo.servers.values() if s.name != p.name and s.state not in (DOWN, MAINTENANCE)
+            and replicates_from(s, p)]
+    if not mine:
+        return ""
+    quiet = []
+    for s in mine:
+        if s.io_running is False:
+            continue  # lost it outright
+        if s.source_silent is None or s.source_silent < max(silence, 2.5 * (s.heartbeat_period or 0.0)):
+            return ""
+        quiet.append(s.source_silent)
+    return (f"{', '.join(s.name for s in mine)} heard nothing from it "
+            + (f"for {min(quiet):.1f} s (heartbeat every {mine[0].heartbeat_period or 0:g} s): hung" if quiet
+               else "any more"))

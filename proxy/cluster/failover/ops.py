@@ -276,7 +276,8 @@ def promote(link: Link, semi: dict | None) -> str:
 
 
 def replicate_from(link: Link, source_host: str, source_port: int, user: str, password: str,
-                   semi: dict | None, slave_pos: str | None = None, connect_retry: int | None = None) -> None:
+                   semi: dict | None, slave_pos: str | None = None, connect_retry: int | None = None,
+                   heartbeat: float = 0.0) -> None:
     """STOP SLAVE; [gtid_slave_pos]; CHANGE MASTER ... MASTER_USE_GTID=slave_pos; START SLAVE.
 
     An empty user keeps the credentials the replica already has (CHANGE MASTER leaves unnamed
@@ -293,12 +294,25 @@ def replicate_from(link: Link, source_host: str, source_port: int, user: str, pa
     if connect_retry:
         opts.append("MASTER_CONNECT_RETRY = %s")
         args.append(int(connect_retry))
+    if heartbeat:
+        opts.append("MASTER_HEARTBEAT_PERIOD = %s")
+        args.append(float(heartbeat))
     opts.append("MASTER_USE_GTID = slave_pos")
     link.q("CHANGE MASTER TO " + ", ".join(opts), args)
     if semi is not None:
         link.q("SET GLOBAL rpl_semi_sync_master_enabled = OFF")
         link.q("SET GLOBAL rpl_semi_sync_slave_enabled = ON")
     link.q("START SLAVE")
+
+
+def set_heartbeat(link: Link, period: float) -> None:
+    """Give a running replica MASTER_HEARTBEAT_PERIOD = period (CHANGE MASTER needs it stopped for
+    a moment; it resumes where it was)."""
+    link.q("STOP SLAVE")
+    try:
+        link.q("CHANGE MASTER TO MASTER_HEARTBEAT_PERIOD = %s", (float(period),))
+    finally:
+        link.q("START SLAVE")
 
 
 def busy_sessions(link: Link, skip_users: tuple[str, ...]) -> list[dict]:

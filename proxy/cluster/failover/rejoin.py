@@ -148,7 +148,8 @@ def rejoin(act, s: ServerState, p: ServerState, demoted: dict, src: str | None) 
                             f"replication_user and replication_password")
         semi = {"enabled": True} if pf.semi_master else None
         ops.replicate_from(link, p.host, p.port, cfg.replication_user, cfg.replication_password,
-                           semi, slave_pos=mine, connect_retry=None if f.replicating else state.connect_retry)
+                           semi, slave_pos=mine, connect_retry=None if f.replicating else state.connect_retry,
+                           heartbeat=cfg.replica_heartbeat_period)
     state.undemote(s.name)
     log.warning("rejoined %s as a replica of %s from GTID %s (%.0f ms)", label(s), p.name, mine or "-",
                 (time.monotonic() - t) * 1000)

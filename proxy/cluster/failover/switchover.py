@@ -126,7 +126,8 @@ def run(act, topo, target: str, deadline: float, res: dict) -> dict:
         with steps(f"{old.name}: replicate from {tgt.name} from GTID {end or '-'}"):
             try:
                 ops.replicate_from(old_link, tgt.host, tgt.port, cfg.replication_user, cfg.replication_password,
-                                   semi, slave_pos=end, connect_retry=tf.connect_retry)
+                                   semi, slave_pos=end, connect_retry=tf.connect_retry,
+                                   heartbeat=cfg.replica_heartbeat_period)
                 done.append(old.name)
                 state.undemote(old.name)
             except StepError as exc:

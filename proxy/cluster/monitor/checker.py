@@ -51,6 +51,10 @@ class _Node:
         # (fields copied into each Observation, read_only it was taken under, time.monotonic()).
         self.repl: tuple[dict, bool, float] | None = None
         self.hb_merge = False  # the heartbeat table was readable here: checks read it too (_check_query)
+        self.heard: tuple | None = None  # what it had received from its source at the last fresh reading
+        self.heard_at = time.monotonic()  # when that last changed (ServerState.source_silent)
+        self.quiet_until = 0.0  # time.monotonic() before which its checks are not judged (see Monitor.quiet)
+        self.check_started = 0.0  # time.monotonic() the check under way began (0: none under way)
         self.label = f"{backend.name} ({backend.where})"
 
 
@@ -211,6 +215,18 @@ class Monitor(ReplicationReading):
                 self._dirty = True
                 self._cond.notify_all()
 
+    def unanswered(self, name: str) -> float:
+        """Seconds the check of `name` under way has waited for its answer (0 when none is)."""
+        started = self._nodes[name].check_started
+        return time.monotonic() - started if started else 0.0
+
+    def quiet(self, name: str, seconds: float) -> None:
+        """Do not judge `name`'s checks for a moment: rwproxy itself restarts its replication (a
+        replica stopped for a few ms must not leave the read pool for readmit_after checks)."""
+        node = self._nodes[name]
+        node.quiet_until = time.monotonic() + seconds
+        node.repl = None  # (and read its replication afresh after)
+
     def pause_heartbeat(self, name: str, paused: bool = True) -> None:
         """Stop (or resume) heartbeat writes on one server; on return no write is under way there.
 
@@ -278,13 +294,22 @@ class Monitor(ReplicationReading):
 
     def _check_once(self, node: _Node, conn: list) -> None:
         gen = self._gen
-        obs = self._observe(node, conn)
+        node.check_started = time.monotonic()
+        try:
+            obs = self._observe(node, conn)
+        finally:
+            node.check_started = 0.0
         with self._cond:
             if gen != self._gen:
                 return  # a designation happened while this check ran: its view predates it
             prev = self._states[node.name]
             designated = None if self._designated is None else self._designated == node.name
         new, message = decide(prev, obs, node.tracker, self._policy, node.configured_role, designated)
+        if time.monotonic() < node.quiet_until and obs.ok:
+            # rwproxy is restarting its replication (quiet): positions and lag count, health does not
+            new = replace(new, state=prev.state, readable=prev.readable, last_error=prev.last_error,
+                          io_running=prev.io_running, sql_running=prev.sql_running, changed_at=prev.changed_at)
+            message = ""
         if message:  # logged before anyone can see the new state
             worse = (new.state != prev.state and new.state in (DOWN, LAGGING)) or (prev.readable and not new.readable)
             level = logging.WARNING if worse else logging.INFO

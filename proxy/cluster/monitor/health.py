@@ -40,6 +40,8 @@ class Observation:
     seconds_behind: int | None = None
     source: str = ""  # host:port of the (default) replication source
     source_id: int | None = None  # Master_Server_Id of the (default) source
+    heartbeat_period: float | None = None  # Slave_heartbeat_period of the (default) connection
+    source_silent: float | None = None  # seconds since it last received anything from its source
     lag: LagReading | None = None
 
 
@@ -140,7 +142,9 @@ def decide(prev: ServerState, obs: Observation, tr: Tracker, policy: Policy,
         sql_running=(obs.sql_state == "Yes") if obs.replicating else None,
         seconds_behind=obs.seconds_behind, source=obs.source, lag_ms=lag_ms,
         last_check=obs.at, last_ok=obs.at, fails=0, server_id=obs.server_id,
-        source_id=obs.source_id if obs.replicating else None)
+        source_id=obs.source_id if obs.replicating else None,
+        source_silent=obs.source_silent if obs.replicating else None,
+        heartbeat_period=obs.heartbeat_period if obs.replicating else None)
     msgs = []
     if designated and prev.read_only is not None and obs.read_only != prev.read_only:
         msgs.append("read_only=1: writes get the server's read-only error (1290) until it is writable again"

@@ -22,7 +22,7 @@ READ_ONLY = 1290
 
 # Observation fields that come from SHOW ALL SLAVES STATUS (reused between readings).
 _REPL_FIELDS = ("replicating", "repl_error", "io_state", "sql_state", "io_error", "sql_error",
-                "seconds_behind", "source", "source_id")
+                "seconds_behind", "source", "source_id", "heartbeat_period")
 
 
 class ReplicationReading:
@@ -34,12 +34,17 @@ class ReplicationReading:
         up to `replication_interval`; it is read afresh at once after any problem, a read_only
         flip, a reconnect, or while lag can only come from Seconds_Behind_Master."""
         cached = node.repl
+        src = self._source_node(node)
+        if src is not None and (src.tracker.fails or (src.check_started
+                                                      and time.monotonic() - src.check_started > self._mon.interval)):
+            cached = None  # its source is slow to answer us, or stopped: read afresh what the replica hears from it
         if cached is not None:
             fields, read_only, at = cached
             if (read_only == obs.read_only and time.monotonic() - at < self._mon.replication_interval
                     and (not fields["replicating"] or self._heartbeat_usable(node))):
                 for k, v in fields.items():
                     setattr(obs, k, v)
+                obs.source_silent = time.monotonic() - node.heard_at
                 return
         node.repl = None
         self._read_replication(node, conn, obs)
@@ -77,6 +82,15 @@ class ReplicationReading:
         sbm = [r["Seconds_Behind_Master"] for r in rows]
         obs.seconds_behind = None if any(s is None for s in sbm) else max(int(s) for s in sbm)
         obs.source = f"{main['Master_Host']}:{main['Master_Port']}"
+        period = main.get("Slave_heartbeat_period")
+        obs.heartbeat_period = float(period) if period is not None else None
+        # Anything received from the source (an event, or a heartbeat while it is idle) moves one of these.
+        heard = (main.get("Slave_received_heartbeats"), main.get("Gtid_IO_Pos"), main.get("Read_Master_Log_Pos"),
+                 main.get("Master_Log_File"))
+        now = time.monotonic()
+        if heard != node.heard:
+            node.heard, node.heard_at = heard, now
+        obs.source_silent = now - node.heard_at
         node.source_id = int(main["Master_Server_Id"]) if main.get("Master_Server_Id") else None
         obs.source_id = node.source_id
         node.source_addr = obs.source

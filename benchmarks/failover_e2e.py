@@ -131,7 +131,7 @@ def main(argv=None) -> int:
                     "switchover_acknowledged_missing": sum(r["acknowledged_missing"] for r in sw)}
     stamp = datetime.datetime.now()
     result = {"date": stamp.isoformat(timespec="seconds"), "runs": runs, "summary": summary,
-              "settings": "defaults (monitor interval 0.1 s, failover.failcount 5), semi-sync, 8 writers, 2 workers"}
+              "settings": "defaults (monitor interval 0.1 s, failover.failcount 5, replica_silence 0.6 s, replica_heartbeat_period 0.2 s), semi-sync, 8 writers, 2 workers"}
     md = "\n".join([
         f"# Failover and switchover through rwproxy, {result['date']}",
         "",

@@ -9,7 +9,7 @@ cd "$(dirname "$0")"
 
 PY=${RWPROXY_PYTHON:-python3}
 VENV=${RWPROXY_VENV:-.venv}
-APT_PACKAGES="mariadb-server mariadb-client sysbench python3-venv pkg-config libmariadb-dev gcc python3-dev"
+APT_PACKAGES="mariadb-server mariadb-client sysbench python3-venv pkg-config libmariadb-dev gcc python3-dev haproxy prometheus curl"
 
 say() { echo "dev.sh: $*" >&2; }
 

@@ -65,13 +65,57 @@ def _control(args, cmd: str, **extra) -> dict | None:
 def _status(args) -> int:
     import json
 
+    from proxy.observe.tables import NAMES
     from proxy.runtime.controlplane import format_status
 
-    st = _control(args, "status", timeout=10)
+    st = _control(args, "status", timeout=15)
     if st is None:
         return 1
-    print(json.dumps(st, indent=2) if args.json else format_status(st))
+    names = NAMES if args.all else [n.strip() for n in (args.tables or "").split(",") if n.strip()]
+    unknown = [n for n in names if n not in NAMES]
+    if unknown:
+        print(f"rwproxy: unknown table(s) {', '.join(unknown)}; the tables are: {', '.join(NAMES)}", file=sys.stderr)
+        return 2
+    if names:
+        got = _control(args, "tables", timeout=30, names=names)
+        if got is None:
+            return 1
+        st["tables"] = got.get("tables", {})
+    if args.json:
+        print(json.dumps(st, indent=2, default=str))
+    else:
+        print(format_status(st))
+        for name, rows in st.get("tables", {}).items():
+            print(f"\n{name} ({len(rows)} row(s)):")
+            for r in rows:
+                print("  " + ", ".join(f"{k}={v}" for k, v in r.items()))
     return 0
+
+
+def _reload(args) -> int:
+    r = _control(args, "reload", timeout=60)
+    if r is None:
+        return 1
+    print(r.get("message") or r)
+    for k in r.get("changed", []):
+        print(f"  changed: {k}" + ("  (needs a restart; the old value runs)" if k in r.get("restart_required", []) else ""))
+    return 0 if r.get("ok") else 1
+
+
+def _said(r) -> int:
+    """Print a control-plane answer's message; the exit status says whether it worked."""
+    if r is None:
+        return 1
+    print(r.get("message") or r)
+    return 0 if r.get("ok") else 1
+
+
+def _server_state(args) -> int:
+    return _said(_control(args, "server-state", timeout=30, server=args.server, state=args.state))
+
+
+def _kill(args) -> int:
+    return _said(_control(args, "kill", timeout=30, id=args.id, query_only=args.query))
 
 
 def _switchover(args) -> int:
@@ -89,11 +133,7 @@ def _switchover(args) -> int:
 def _simple(cmd):
     def run(args) -> int:
         extra = {"server": args.server} if getattr(args, "server", None) else {}
-        r = _control(args, cmd, timeout=30, **extra)
-        if r is None:
-            return 1
-        print(r.get("message") or r)
-        return 0 if r.get("ok") else 1
+        return _said(_control(args, cmd, timeout=30, **extra))
     return run
 
 
@@ -123,7 +163,35 @@ def build_parser() -> argparse.ArgumentParser:
     st = sub.add_parser("status", help="show the running proxy's view of the cluster")
     st.add_argument("--config", "-c", required=True, help="the config the proxy was started with")
     st.add_argument("--json", action="store_true", help="machine-readable output")
+    st.add_argument("--tables", help="also these admin tables, comma-separated (servers, digests, pools, sessions, "
+                    "rules, users, config, events, status)")
+    st.add_argument("--all", action="store_true", help="also every admin table")
     st.set_defaults(func=_status)
+
+    rl = sub.add_parser("reload", help="re-read the config file and apply what changed (as SIGHUP does)")
+    rl.add_argument("--config", "-c", required=True)
+    rl.set_defaults(func=_reload)
+
+    dr = sub.add_parser("drain", help="stop gracefully: not ready, stop accepting, end sessions after their "
+                        "transactions, exit (as SIGTERM does)")
+    dr.add_argument("--config", "-c", required=True)
+    dr.set_defaults(func=_simple("drain"))
+
+    sv = sub.add_parser("server", help="take a server out (offline: drain it; maintenance: at once) or back online")
+    sv.add_argument("server", help="backend name (or host:port)")
+    sv.add_argument("state", choices=["offline", "online", "maintenance"])
+    sv.add_argument("--config", "-c", required=True)
+    sv.set_defaults(func=_server_state)
+
+    kl = sub.add_parser("kill", help="end a client session (its id is in the sessions table)")
+    kl.add_argument("id", type=int)
+    kl.add_argument("--query", action="store_true", help="only its running statement")
+    kl.add_argument("--config", "-c", required=True)
+    kl.set_defaults(func=_kill)
+
+    rs = sub.add_parser("reset-stats", help="clear the digests and rule hit counts")
+    rs.add_argument("--config", "-c", required=True)
+    rs.set_defaults(func=_simple("reset-stats"))
 
     sw = sub.add_parser("switchover", help="planned switchover: make another server the primary")
     sw.add_argument("--config", "-c", required=True)

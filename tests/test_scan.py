@@ -544,7 +544,7 @@ def check_case(case, impls, nrandom, exhaustive=True):
             got = attrs(sc)
             assert consumed == len(case.data), (case, cls, sizes[:10], rets[-3:])
             assert got == case.expect, (case, cls, sizes[:10])
-            results.append((rets, got))
+            results.append((rets, got, sc.rows))
         assert all(r == results[0] for r in results), (case, sizes[:10])
 
 
@@ -552,6 +552,30 @@ SMALL = [c for dep in (False, True) for c in small_cases(dep)]
 
 
 # -- tests ------------------------------------------------------------------------
+
+
+ROW_COUNTS = {"select-1": 1, "select-empty": 0, "tricky-text-rows": len(TRICKY_ROWS), "many-rows": 400,
+              "300-columns": 3, "multi": 2, "call": 2, "ok": 0, "err": 0, "binary-rows": len(TRICKY_ROWS)}
+
+
+@pytest.mark.parametrize("cls", IMPLS)
+def test_rows_counted(cls):
+    """`rows` (the digests' rows sent) counts the rows of every result set of a response,
+    whatever the chunking, rows >= 16 MiB once each, and nothing else."""
+    impl = _impl(cls)
+    named = [c for c in SMALL if c.name.split("-", 1)[1] in ROW_COUNTS]
+    assert len(named) == 2 * len(ROW_COUNTS)
+    rng = random.Random(7)
+    for case in named:
+        want = ROW_COUNTS[case.name.split("-", 1)[1]]
+        for sizes in chunkings(case.data, rng, 3, exhaustive=False):
+            sc = impl(case.dep)
+            drive(sc, case.kind, case.data, sizes)
+            assert sc.rows == want, (case, sizes[:10])
+    for case in big_cases(True):
+        sc = impl(case.dep)
+        drive(sc, case.kind, case.data, [len(case.data)])
+        assert sc.rows == {"dep-split-rows": 4, "dep-split-fetch": 1}[case.name]
 
 
 def test_kind_constants():

@@ -26,6 +26,14 @@ class Pools:
         self.tls = tls or {}  # server name -> backend_tls.BackendTLS
         self.idle: dict[tuple, list[BackendConnection]] = defaultdict(list)
         self.open_count: dict[str, int] = defaultdict(int)  # per server name, in use + idle
+        self.connects: dict[tuple, list[int]] = {}  # (server, user) -> [connections opened, attempts failed]
+
+    def note_connect(self, server: str, user: str, ok: bool) -> None:
+        """Count a connection attempt (admin `pools` table, metrics)."""
+        c = self.connects.get((server, user))
+        if c is None:
+            c = self.connects[(server, user)] = [0, 0]
+        c[0 if ok else 1] += 1
 
     async def acquire(self, server, user: str, password: str, caps: int, charset: int, db: str | None) -> BackendConnection:
         key = (server.name, user, caps, charset, db)
@@ -43,8 +51,19 @@ class Pools:
                                  self.tls.get(server.name), net_buffer=self.cfg.backend_net_buffer)
         except BaseException:
             self.open_count[server.name] -= 1
+            self.note_connect(server.name, user, False)
             raise
+        self.note_connect(server.name, user, True)
         return conn
+
+    def idle_per_key(self) -> dict[tuple, int]:
+        """(server, user) -> idle pooled connections."""
+        out: dict[tuple, int] = {}
+        for key, conns in self.idle.items():
+            n = sum(1 for c in conns if not c.closed)
+            if n:
+                out[key[:2]] = out.get(key[:2], 0) + n
+        return out
 
     def release(self, conn: BackendConnection) -> None:
         """Return a connection a client no longer needs; it is reset before reuse."""

@@ -219,6 +219,14 @@ class SharedLines:
         self.profiles = Profiles(self.max_bytes, self.max_secs)
         self.statements = 0  # commands answered over shared connections
 
+    def reconfigure(self, pool_config, max_statements: int) -> None:
+        """A reload: new limits for what may share and how many connections per key."""
+        self.size = pool_config.shared_connections
+        self.max_bytes = pool_config.multiplex_max_bytes
+        self.max_secs = pool_config.multiplex_max_time
+        self.max_statements = max_statements
+        self.profiles.max_bytes, self.profiles.max_secs = self.max_bytes, self.max_secs
+
     def pick(self, server, key: tuple, password: str) -> SharedBackend | None:
         """The first shared connection with less than SPILL_AFTER of work queued; when all have
         more, the least loaded one, and another is opened in the background (up to the limit)."""
@@ -257,6 +265,7 @@ class SharedLines:
             await conn.replay(history, pools.cfg.connect_timeout)  # the SET/USE history every session of this key ran
         except (BackendError, ConnectionError, OSError, asyncio.TimeoutError) as e:
             pools.open_count[name] -= 1
+            pools.note_connect(name, user, False)
             if conn is not None:
                 conn.close()
             self.failed[key] = _monotonic()
@@ -264,6 +273,7 @@ class SharedLines:
             return
         finally:
             self.opening[key] -= 1
+        pools.note_connect(name, user, True)
         conn.lines = self
         conn.direct_ok = b"mariadb" in conn.server_version.lower()
         if conn.closed:
@@ -274,6 +284,13 @@ class SharedLines:
         global _call_soon
         _call_soon = asyncio.get_running_loop().call_soon
         self.lines.setdefault(key, []).append(conn)
+
+    def open_per_key(self) -> dict[tuple, int]:
+        """(server, user) -> open shared connections."""
+        out: dict[tuple, int] = {}
+        for key, conns in self.lines.items():
+            out[key[:2]] = out.get(key[:2], 0) + len(conns)
+        return out
 
     def open_per_server(self) -> dict[str, int]:
         """Open shared connections per server name (for `rwproxy status`)."""

@@ -19,7 +19,7 @@ import tempfile
 import tomllib
 
 from proxy.config.schema import (  # noqa: F401 - re-exported public API
-    AUTH_PLUGINS, MASTER_MASTER, PRIMARY_REPLICA, RYW_MODES, BackendConfig, ClusterConfig, Config, FailoverConfig,
+    AdminConfig, is_native_hash, secret_keys, AUTH_PLUGINS, MASTER_MASTER, PRIMARY_REPLICA, RYW_MODES, BackendConfig, ClusterConfig, Config, FailoverConfig,
     MonitorConfig, PoolConfig, ProxyConfig, RoutingConfig, RuleConfig, TLSConfig, UserConfig,
     format_hostport, parse_listen, show, spec_fields,
 )
@@ -229,9 +229,53 @@ class _Validator:
             for j, name in enumerate(rule.users):
                 if cfg.user(name) is None and not any(p.startswith("users[") for p in self.bad):
                     err(f"{at}.users[{j}]", f"unknown user {show(name)}" + _suggest(name, [u.name for u in cfg.users]))
-        if cfg.monitor.password and not cfg.monitor.user:
+        if (cfg.monitor.password or cfg.monitor.password_env or cfg.monitor.password_file) and not cfg.monitor.user:
             err("monitor.password", "set but monitor.user is empty (the first [[users]] entry would be used)",
                 "monitor.user")
+        self.passwords(cfg)
+        self.operator(cfg)
+
+    def passwords(self, cfg: Config) -> None:
+        """Hashed passwords only where rwproxy can still log in with them."""
+        for i, u in enumerate(cfg.users):
+            if not is_native_hash(u.password):
+                continue
+            at = self.where("users", i)
+            plugin = u.auth_plugin or cfg.proxy.auth_plugin
+            if plugin != "mysql_native_password":
+                self.cross(at + ".password", f'a hashed password ("*" + 40 hex digits) works with mysql_native_password '
+                           f'only; this user authenticates with {plugin} (set auth_plugin = "mysql_native_password" '
+                           f'or give the clear password, e.g. through password_env)', at + ".auth_plugin")
+            if i == 0 and not cfg.monitor.user:
+                self.cross("monitor.user", f"needed: {at} has a hashed password, which the monitor cannot log "
+                           "in with (give [monitor] user and password)", at + ".password")
+
+    def operator(self, cfg: Config) -> None:
+        """The admin port and the metrics endpoint."""
+        admin = cfg.admin
+        if not admin.users and admin.listen != AdminConfig.listen:
+            self.cross("admin.users", "the admin port needs at least one [[admin.users]] entry with a password "
+                       "(rwproxy has no default admin password)", "admin.listen")
+        names = {}
+        for i, u in enumerate(admin.users):
+            at = self.where("admin.users", i)
+            if not (u.password or u.password_env or u.password_file):
+                self.cross(at + ".password", "required: the admin port has no default password and takes no "
+                           "empty one (password, password_env or password_file)")
+            if u.name in names:
+                self.error(at + ".name", f"duplicate admin user {show(u.name)} (same as {names[u.name]})")
+            names.setdefault(u.name, at)
+        taken = {format_hostport(cfg.proxy.host, cfg.proxy.port): "proxy.listen"}
+        if admin.users:
+            addr = format_hostport(admin.host, admin.port)
+            if addr in taken and admin.port:
+                self.cross("admin.listen", f"same address as {taken[addr]}", taken[addr])
+            taken.setdefault(addr, "admin.listen")
+        m = cfg.metrics
+        if m.listen:
+            addr = format_hostport(m.host, m.port)
+            if addr in taken and m.port:
+                self.cross("metrics.listen", f"same address as {taken[addr]}", taken[addr])
 
     def duplicates(self, cfg: Config) -> None:
         addresses, names, users = {}, {}, {}
@@ -266,6 +310,54 @@ def _resolve_tls(cfg: Config, base_dir: str) -> Config:
     return dataclasses.replace(cfg, proxy=dataclasses.replace(cfg.proxy, tls=tls), backend_tls=btls)
 
 
+def _read_secret(path: str, base_dir: str | None) -> str:
+    if base_dir is not None and not os.path.isabs(path):
+        path = os.path.normpath(os.path.join(base_dir, path))
+    with open(path, "rb") as f:
+        data = f.read(65537)
+    if len(data) > 65536:
+        raise ValueError(f"{path} is larger than 64 KiB; expected one line holding the password")
+    text = data.decode("utf-8")
+    return text.splitlines()[0] if text else ""
+
+
+def _resolve_secrets(obj, path: str, errors: list[str], base_dir: str | None):
+    """Fill each password from its `_env` variable or `_file` (exactly one source per password);
+    returns the section with the values in place (recursively)."""
+    changes = {}
+    for key in secret_keys(type(obj)):
+        env, file = getattr(obj, key + "_env"), getattr(obj, key + "_file")
+        given = [k for k, v in ((key, getattr(obj, key)), (key + "_env", env), (key + "_file", file)) if v]
+        at = _join(path, key)
+        if len(given) > 1:
+            errors.append(f"{at}: give only one of {', '.join(given)}")
+            continue
+        if env:
+            value = os.environ.get(env)
+            if value is None:
+                errors.append(f"{at}_env: environment variable {env} is not set")
+                continue
+            changes[key] = value
+        elif file:
+            try:
+                changes[key] = _read_secret(file, base_dir)
+            except OSError as e:
+                errors.append(f"{at}_file: cannot read {file}: {e.strerror or e}")
+            except (ValueError, UnicodeDecodeError) as e:
+                errors.append(f"{at}_file: {file}: {e}")
+    for f in spec_fields(type(obj)):
+        kind, value = f.metadata["kind"], getattr(obj, f.name)
+        if kind == "table":
+            new = _resolve_secrets(value, _join(path, f.name), errors, base_dir)
+            if new is not value:
+                changes[f.name] = new
+        elif kind == "tables":
+            items = tuple(_resolve_secrets(x, f"{_join(path, f.name)}[{i}]", errors, base_dir) for i, x in enumerate(value))
+            if any(a is not b for a, b in zip(items, value)):
+                changes[f.name] = items
+    return dataclasses.replace(obj, **changes) if changes else obj
+
+
 def build_config(data: dict, source: str = "<dict>", base_dir: str | None = None) -> Config:
     """Validate an already-parsed TOML document (a dict) into a Config."""
     v = _Validator()
@@ -273,6 +365,17 @@ def build_config(data: dict, source: str = "<dict>", base_dir: str | None = None
     v.cross_check(cfg)
     if v.errors:
         raise ConfigError([f"{source}: {e}" for e in v.errors])
+    errors: list[str] = []
+    cfg = _resolve_secrets(cfg, "", errors, base_dir)
+    if not errors:  # the same checks again on passwords that came from a variable or a file
+        after = _Validator()
+        after.passwords(cfg)
+        errors = after.errors
+        errors += [f"admin.users[{i}].password: {'$' + u.password_env if u.password_env else u.password_file} "
+                   "is empty; the admin port takes no empty password"
+                   for i, u in enumerate(cfg.admin.users) if not u.password]
+    if errors:
+        raise ConfigError([f"{source}: {e}" for e in errors])
     if base_dir is not None:
         cfg = _resolve_tls(cfg, base_dir)
     return dataclasses.replace(cfg, source=source)

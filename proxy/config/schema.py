@@ -69,6 +69,36 @@ def regex_error(value: str) -> str | None:
     return None
 
 
+_HASH_RE = re.compile(r"\*[0-9A-Fa-f]{40}")
+
+
+def is_native_hash(password: str) -> bool:
+    """A mysql_native_password hash as the server stores it ("*" + 40 hex digits of
+    SHA1(SHA1(password))), given instead of the clear password."""
+    return isinstance(password, str) and bool(_HASH_RE.fullmatch(password))
+
+
+def secret_keys(cls) -> list[str]:
+    """The password keys of a section that may also come from `<key>_env` or `<key>_file`."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    return [n for n in names if n + "_env" in names and n + "_file" in names]
+
+
+_ESCAPES = {'"': '\\"', "\\": "\\\\", "\b": "\\b", "\t": "\\t", "\n": "\\n", "\f": "\\f", "\r": "\\r"}
+
+
+def toml_str(s: str) -> str:
+    parts = []
+    for ch in s:
+        if ch in _ESCAPES:
+            parts.append(_ESCAPES[ch])
+        elif ord(ch) < 0x20 or ord(ch) == 0x7F:
+            parts.append(f"\\u{ord(ch):04x}")
+        else:
+            parts.append(ch)
+    return '"' + "".join(parts) + '"'
+
+
 def show(value) -> str:
     """Render a user value JSON-style for error messages (strings in double quotes)."""
     if isinstance(value, bool):
@@ -76,7 +106,7 @@ def show(value) -> str:
     if isinstance(value, dict):
         return "a table"
     if isinstance(value, str):
-        return _toml_str(value)
+        return toml_str(value)
     if isinstance(value, (list, tuple)):
         return "[" + ", ".join(show(v) for v in value) + "]"
     if isinstance(value, float) and not math.isfinite(value):
@@ -154,6 +184,30 @@ class TLSConfig:
         return bool(self.cert)
 
 
+def optional_listen_error(value: str) -> str | None:
+    return listen_error(value) if value else None
+
+
+def env_name_error(value: str) -> str | None:
+    if value and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", value):
+        return f"expected an environment variable name, got {show(value)}"
+    return None
+
+
+def absolute_path_error(value: str) -> str | None:
+    return None if not value or value.startswith("/") else f"must be an absolute path, got {show(value)}"
+
+
+def PW_ENV():
+    """The environment variable a password is read from (at start and at every reload)."""
+    return S(check=env_name_error)
+
+
+def PW_FILE():
+    """A file whose first line is the password (owner-only permissions expected)."""
+    return S()
+
+
 @dataclass(frozen=True)
 class ProxyConfig:
     listen: str = S("127.0.0.1:6033", check=listen_error)
@@ -166,6 +220,11 @@ class ProxyConfig:
     auth_plugin: str = E("mysql_native_password", *AUTH_PLUGINS)
     runtime_dir: str = S(check=lambda v: None if not v or v.startswith("/") else
                          f"must be an absolute path (or \"\" for the default), got {show(v)}")
+    # s `rwproxy drain` / SIGTERM lets sessions finish their transactions before closing them
+    shutdown_timeout: float = F(30.0)
+    # s a draining proxy keeps accepting after /health/ready turned 503 (only with [metrics] listen:
+    # a load balancer needs a few checks to notice; without a health endpoint nobody is watching)
+    drain_grace: float = F(2.0)
     tls: TLSConfig = T(TLSConfig)
     host: str = field(init=False, default="")   # derived from listen
     port: int = field(init=False, default=0)    # derived from listen
@@ -217,7 +276,9 @@ class BackendTLSConfig:
 @dataclass(frozen=True)
 class UserConfig:
     name: str = S("app", nonempty=True, required=True)
-    password: str = S(repr=False)
+    password: str = S(repr=False)  # clear text, or the mysql_native_password hash "*<40 hex digits>"
+    password_env: str = PW_ENV()
+    password_file: str = PW_FILE()
     auth_plugin: str = E("", "", *AUTH_PLUGINS, "client_ed25519")  # ed25519: per user only (an auth switch)
     default_route: str = E(ROUTE_AUTO, ROUTE_AUTO, ROUTE_PRIMARY, ROUTE_REPLICA)
     read_your_writes: str = E("", "", *RYW_MODES)
@@ -265,6 +326,8 @@ class RoutingConfig:
 class MonitorConfig:
     user: str = S()
     password: str = S(repr=False)
+    password_env: str = PW_ENV()
+    password_file: str = PW_FILE()
     interval: float = F(0.1, positive=True)
     connect_timeout: float = F(0.5, positive=True)
     read_timeout: float = F(0.5, positive=True)
@@ -303,6 +366,8 @@ class FailoverConfig:
     catchup_timeout: float = F(10.0, positive=True)
     replication_user: str = S()
     replication_password: str = S(repr=False)
+    replication_password_env: str = PW_ENV()
+    replication_password_file: str = PW_FILE()
 
 
 @dataclass(frozen=True)
@@ -329,6 +394,59 @@ class AuthConfig:
 
 
 @dataclass(frozen=True)
+class StatsConfig:
+    """Per-statement statistics in every worker (digests, latency histograms, per-server counters)."""
+    enabled: bool = B(True)
+    max_digests: int = I(10000, 100)  # per worker; the least recently seen 10% go when it is full
+    max_digest_length: int = I(1024, 64, 1 << 20)  # characters of digest text kept
+    events: int = I(200, 10)  # topology, failover and reload events kept for the admin `events` table
+
+
+ADMIN_ROLES = ("admin", "stats")
+
+
+@dataclass(frozen=True)
+class AdminUserConfig:
+    name: str = S(nonempty=True, required=True)
+    password: str = S(repr=False)  # clear text or "*<40 hex>" (mysql_native_password hash)
+    password_env: str = PW_ENV()
+    password_file: str = PW_FILE()
+    role: str = E("admin", *ADMIN_ROLES)  # stats: read the tables only
+
+
+@dataclass(frozen=True)
+class AdminConfig:
+    """The admin SQL port (mysql-mimic): on when at least one [[admin.users]] entry exists."""
+    listen: str = S("127.0.0.1:6032", check=listen_error)
+    max_connections: int = I(32, 1, 10000)
+    query_timeout: float = F(10.0, positive=True)  # s an admin query may run before it is stopped
+    max_rows: int = I(100000, 1)  # rows an admin query may return
+    users: tuple[AdminUserConfig, ...] = A(AdminUserConfig)
+    host: str = field(init=False, default="")
+    port: int = field(init=False, default=0)
+
+    def __post_init__(self):
+        _set_hostport(self)
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.users)
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    """Prometheus /metrics and the /health/live, /health/ready checks, over HTTP."""
+    listen: str = S(check=optional_listen_error)  # "" = off; e.g. "127.0.0.1:9033"
+    ready_without_primary: bool = B(False)  # read-only mode: ready while no primary is known
+    host: str = field(init=False, default="")
+    port: int = field(init=False, default=0)
+
+    def __post_init__(self):
+        if self.listen:
+            _set_hostport(self)
+
+
+@dataclass(frozen=True)
 class Config:
     proxy: ProxyConfig = T(ProxyConfig)
     backends: tuple[BackendConfig, ...] = A(BackendConfig, min_items=1)
@@ -340,6 +458,9 @@ class Config:
     cluster: ClusterConfig = T(ClusterConfig)
     failover: FailoverConfig = T(FailoverConfig)
     pool: PoolConfig = T(PoolConfig)
+    stats: StatsConfig = T(StatsConfig)
+    admin: AdminConfig = T(AdminConfig)
+    metrics: MetricsConfig = T(MetricsConfig)
     source: str = field(default="<string>", compare=False)  # where it was read from; not a key
     _users: dict = field(init=False, default=None, repr=False, compare=False)
 
@@ -359,57 +480,13 @@ class Config:
 
     def to_toml(self) -> str:
         """TOML text that parse_config() turns back into an equal Config."""
+        from proxy.config.emit import emit  # the emitter reads these classes; import late
+
         out = ["# rwproxy configuration (generated by Config.to_toml)"]
-        _emit(self, "", None, out)
+        emit(self, "", None, out)
         return "\n".join(out) + "\n"
 
 
 def spec_fields(cls) -> list[dataclasses.Field]:
     """The fields of a section class that are TOML keys (derived fields excluded)."""
     return [f for f in dataclasses.fields(cls) if "kind" in f.metadata]
-
-
-# -- TOML emitter ---------------------------------------------------------------
-
-_ESCAPES = {'"': '\\"', "\\": "\\\\", "\b": "\\b", "\t": "\\t", "\n": "\\n", "\f": "\\f", "\r": "\\r"}
-
-
-def _toml_str(s: str) -> str:
-    parts = []
-    for ch in s:
-        if ch in _ESCAPES:
-            parts.append(_ESCAPES[ch])
-        elif ord(ch) < 0x20 or ord(ch) == 0x7F:
-            parts.append(f"\\u{ord(ch):04x}")
-        else:
-            parts.append(ch)
-    return '"' + "".join(parts) + '"'
-
-
-def _toml_value(v) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, (int, float)):
-        return repr(v)
-    if isinstance(v, str):
-        return _toml_str(v)
-    if isinstance(v, tuple):
-        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
-    raise TypeError(f"cannot emit {type(v).__name__} as TOML")
-
-
-def _emit(obj, prefix: str, header: str | None, out: list[str]) -> None:
-    """Scalars first, then sub-tables and arrays of tables, as TOML requires."""
-    specs = spec_fields(type(obj))
-    if header:
-        out += ["", header]
-    for f in specs:
-        if f.metadata["kind"] not in ("table", "tables"):
-            out.append(f"{f.name} = {_toml_value(getattr(obj, f.name))}")
-    for f in specs:
-        path, value = prefix + f.name, getattr(obj, f.name)
-        if f.metadata["kind"] == "table":
-            _emit(value, path + ".", f"[{path}]", out)
-        elif f.metadata["kind"] == "tables":
-            for item in value:
-                _emit(item, path + ".", f"[[{path}]]", out)

@@ -96,6 +96,8 @@ async def kill_session(worker, target: int, connection: bool, user, by_thread: b
         return MISSING
     target = client.conn_id
     same_user = client.user.name == user.name
+    if same_user:
+        user = client.user  # (its credential logs in even when the config holds only a hash)
     running = [be for be in client.backends.values() if be.relaying_for(client)]
     e = client.shared_entry
     if e is not None and e.relayed == 0:
@@ -246,11 +248,11 @@ async def _kill_on(s, owner, target: int, connection: bool, by_thread: bool):
     return await w.peers.kill(owner, target, connection, s.user, by_thread)
 
 
-def stop_running(s) -> None:
-    """The client of session `s` disconnected: stop what its statement still runs on a backend."""
+def stop_running(s, why: str = "client went away during a statement") -> None:
+    """The client of session `s` disconnected (or an operator said so): stop what its statement
+    still runs on a backend."""
     w = s.worker
     for be in s.backends.values():
         if be.relaying_for(s) and be.thread_id:
-            log.info("session %d: client went away during a statement; killing it on %s (thread %d)",
-                     s.conn_id, be.server.name, be.thread_id)
+            log.info("session %d: %s; killing it on %s (thread %d)", s.conn_id, why, be.server.name, be.thread_id)
             w.loop.create_task(kill_backend_thread(w, be.server.name, s.user, be.thread_id, False))

@@ -11,13 +11,14 @@ take the fast path.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import struct
 from dataclasses import dataclass
 
 from proxy.backend.connection import BackendError
-from proxy.config.schema import UserConfig
+from proxy.config.schema import UserConfig, is_native_hash
 from proxy.logs import Throttle, clean
 from proxy.protocol import auth, ed25519
 from proxy.protocol.constants import (
@@ -133,6 +134,13 @@ class Authenticator:
         if ucfg is None:
             raise AccessDenied(access_denied_message(user, host, token), seq)
         if wanted == auth.NATIVE:
+            if is_native_hash(ucfg.password):
+                # configured as the server stores it: the client's answer gives SHA1(password),
+                # which logs the session in to the backends (as for [auth] server_accounts)
+                stage1 = auth.native_stage1(bytes.fromhex(ucfg.password[1:]), salt, token)
+                if stage1 is None:
+                    raise AccessDenied(access_denied_message(user, host, token), seq)
+                return dataclasses.replace(ucfg, password=stage1), seq
             if not auth.verify(auth.NATIVE, ucfg.password, salt, token):
                 raise AccessDenied(access_denied_message(user, host, token), seq)
             return ucfg, seq

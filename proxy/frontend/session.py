@@ -69,7 +69,7 @@ class ClientConnection(asyncio.Protocol):
         "worker", "conn_id", "transport", "tls_layer", "reader", "phase", "busy", "closed", "write_paused",
         "host", "tls", "salt", "user", "caps", "charset", "db", "login_db", "status", "state", "backends",
         "stmts", "inflight", "sent_at", "shared_on", "shared_entry", "last_shared", "share_keys", "activity",
-        "idle_seen", "idle_since", "counted_user",
+        "idle_seen", "idle_since", "counted_user", "stat_rows", "stat_table", "stat_db", "done_at", "started",
     )
 
     def __init__(self, worker, conn_id: int):
@@ -104,6 +104,10 @@ class ClientConnection(asyncio.Protocol):
         self.idle_seen = -1  # `activity` as the last idle sweep saw it
         self.idle_since = 0.0  # when a sweep first saw the session waiting for its client
         self.counted_user: str | None = None  # the user this session counts against (max_connections)
+        self.stat_rows: dict = {}  # server name -> this user's statistics row there (observe.recorder)
+        self.stat_table, self.stat_db = None, None  # the digest table of this user and database, and the database
+        self.done_at = 0.0  # when the last statement was answered (sessions table: seconds idle)
+        self.started = _monotonic()  # when the client connected
 
     # ---- transport events -----------------------------------------------------
     def connection_made(self, transport):
@@ -140,6 +144,7 @@ class ClientConnection(asyncio.Protocol):
         self.db = self.login_db = db
         self.share_keys = {}
         self.last_shared = None
+        self.stat_rows, self.stat_table = {}, None
         cfg = self.worker.config.routing
         self.state = SessionState(user, cfg.read_your_writes, cfg.max_session_history)
 
@@ -319,6 +324,8 @@ class ClientConnection(asyncio.Protocol):
         fetch_gtid = False
         if cmd is not None:
             w.router.balancer.finished(name)
+            if w.recorder is not None:
+                w.recorder.record(self, cmd, name, error, sc.rows, conn.relayed if relayed < 0 else relayed)
             cls = cmd.cls
             flags = cls.flags
             if w.shared is not None and cls.route == _READ and not flags & _NO_SHARE and not error:
@@ -361,6 +368,8 @@ class ClientConnection(asyncio.Protocol):
         cmd, self.inflight = self.inflight, None
         if cmd is not None:
             self.worker.router.balancer.finished(name)
+            if self.worker.recorder is not None:
+                self.worker.recorder.lost(self, cmd, name)
         if self.closed:
             return
         st = self.state

@@ -52,5 +52,6 @@ def try_shared(s, cmd) -> bool:
     s.busy = True
     s.shared_on, s.shared_entry = line, e
     s.inflight = cmd
+    s.sent_at = e.sent
     w.router.balancer.started(name)
     return True

@@ -43,6 +43,7 @@ typedef struct {
     char local_infile;
     char deprecate_eof;
     Py_ssize_t packets;
+    Py_ssize_t rows;  /* rows of the result sets (statistics: rows sent) */
     unsigned int stmt_id;
     int num_params;
     int num_columns;
@@ -209,6 +210,10 @@ end_logical(ScannerObject *s)
     int status;
 
     if (!s->collect) {
+        if (st == S_ROWS) {
+            s->rows++;
+            return 0;
+        }
         if (st == S_COLS || st == S_PREP_PARAMS || st == S_PREP_COLS) {
             if (--s->count > 0)
                 return 0;
@@ -347,6 +352,7 @@ scan(ScannerObject *s, const unsigned char *d, Py_ssize_t n)
                     }
                     pos = p - d;
                     s->packets += pk;
+                    s->rows += pk;
                 }
                 else if (!s->full && (st == S_COLS || st == S_PREP_PARAMS ||
                                       st == S_PREP_COLS)) {
@@ -445,6 +451,7 @@ reset(ScannerObject *s, int kind)
     s->error = 0;
     s->local_infile = 0;
     s->packets = 0;
+    s->rows = 0;
     s->stmt_id = 0;
     s->num_params = 0;
     s->num_columns = 0;
@@ -540,6 +547,7 @@ static PyMemberDef Scanner_members[] = {
     {"final", T_OBJECT, offsetof(ScannerObject, final), READONLY, NULL},
     {"local_infile", T_BOOL, offsetof(ScannerObject, local_infile), READONLY, NULL},
     {"packets", T_PYSSIZET, offsetof(ScannerObject, packets), READONLY, NULL},
+    {"rows", T_PYSSIZET, offsetof(ScannerObject, rows), READONLY, NULL},
     {"stmt_id", T_UINT, offsetof(ScannerObject, stmt_id), READONLY, NULL},
     {"num_params", T_INT, offsetof(ScannerObject, num_params), READONLY, NULL},
     {"num_columns", T_INT, offsetof(ScannerObject, num_columns), READONLY, NULL},

@@ -77,13 +77,14 @@ class PyScanner:
     After feed() returned >= 0: ``status`` and ``warnings`` (of the last
     OK/EOF of the response, kept on ERR), ``error``, ``final`` (payload of the last
     OK/EOF/ERR; the prepare OK with deprecate_eof; the string for
-    STATISTICS), ``local_infile``, ``packets`` (logical packets) and, for
+    STATISTICS), ``local_infile``, ``packets`` (logical packets), ``rows`` (rows of the
+    result sets: the digests' rows sent) and, for
     PREPARE, ``stmt_id``/``num_params``/``num_columns``.  feed() before the
     first start() or after completion consumes nothing and returns 0.
     """
 
     __slots__ = (
-        "deprecate_eof", "status", "warnings", "error", "final", "local_infile", "packets",
+        "deprecate_eof", "status", "warnings", "error", "final", "local_infile", "packets", "rows",
         "stmt_id", "num_params", "num_columns",
         "_kind", "_state", "_mode", "_hdr", "_need", "_plen", "_full",
         "_collect", "_buf", "_count", "_rows_lim",
@@ -115,6 +116,7 @@ class PyScanner:
         self.final = b""
         self.local_infile = False
         self.packets = 0
+        self.rows = 0
         self.stmt_id = 0
         self.num_params = 0
         self.num_columns = 0
@@ -161,6 +163,9 @@ class PyScanner:
         st = self._state
         dep = self.deprecate_eof
         if not self._collect:
+            if st == _ROWS:
+                self.rows += 1
+                return False
             if st == _COLS or st == _PREP_PARAMS or st == _PREP_COLS:
                 self._count -= 1
                 if self._count > 0:
@@ -297,6 +302,7 @@ class PyScanner:
                                     break
                                 pos = end
                                 packets += 1
+                            self.rows += packets - self.packets
                             self.packets = packets
                         elif state == _COLS or state == _PREP_PARAMS or state == _PREP_COLS:
                             # Definitions: skip all but the last one (whose

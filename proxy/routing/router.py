@@ -106,6 +106,7 @@ class Router:
         self.window = r.read_your_writes_window
         self.balancer = Balancer(r.balance or BALANCE_LEAST_OUTSTANDING)
         self.rules = tuple(r.rules)
+        self.rule_hits = [0] * len(self.rules)  # statements each rule decided (admin `rules` table)
         self._topo = None  # the snapshot _pool was computed from
         self._pool: list = []
         self._plans: dict[tuple, Plan] = {}  # every distinct plan made (few: servers x reasons x flags)
@@ -198,7 +199,7 @@ class Router:
     def check_rules(self, user: str, sql: str, digest: str):
         """Operator rules: ROUTE_PRIMARY, ROUTE_REPLICA, an error (code, sqlstate, message) for a
         reject rule, or None when no rule matches."""
-        for rule in self.rules:
+        for i, rule in enumerate(self.rules):
             if not rule.applies_to(user):
                 continue
             if rule.regex is not None:
@@ -206,6 +207,7 @@ class Router:
                     continue
             elif rule.digest != digest:
                 continue
+            self.rule_hits[i] += 1
             if rule.route == ROUTE_REJECT:
                 return (rule.error_code, "HY000", rule.error_message)
             return rule.route

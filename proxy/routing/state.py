@@ -29,7 +29,7 @@ class SessionState:
     __slots__ = (
         "user", "ryw_mode", "in_trx", "ro_trx", "temp_tables", "lock_tables", "named_locks",
         "user_vars", "history", "history_overflow", "max_history", "last_backend", "last_write",
-        "last_gtid", "failed_servers", "pending_write", "trx_server", "writer", "hversion",
+        "last_gtid", "failed_servers", "pending_write", "trx_server", "writer", "hversion", "trx_since",
     )
 
     def __init__(self, user, default_ryw: str, max_history: int):
@@ -41,6 +41,7 @@ class SessionState:
     def reset(self) -> None:
         """A fresh session (login, COM_CHANGE_USER, COM_RESET_CONNECTION)."""
         self.in_trx = False  # a transaction is open (or autocommit is off) on the primary
+        self.trx_since = 0.0  # monotonic time in_trx last became true (sessions table)
         self.trx_server: str | None = None  # the primary a transaction runs on
         self.writer: str | None = None  # the master this session writes to (master-master)
         self.ro_trx: str | None = None  # replica running a START TRANSACTION READ ONLY
@@ -72,6 +73,16 @@ class SessionState:
         if self.history_overflow:
             return PIN_HISTORY
         return ""
+
+    def ties(self) -> list[str]:
+        """Everything that ties this session to its connections now (sessions table): its pin,
+        and user variables (reads that use them go to the primary)."""
+        out = [self.pin()] if self.pin() else []
+        if self.user_vars:
+            out.append("user variable")
+        if self.ro_trx is not None:
+            out.append("read-only transaction on " + self.ro_trx)
+        return out
 
     def unrestorable(self) -> list[str]:
         """What a new connection to the writer could not give back: the state that lives only on
@@ -112,7 +123,10 @@ class SessionState:
         """Update pins after a statement finished on `server`."""
         self.last_backend = server
         if on_primary:
-            self.in_trx = bool(status & SERVER_STATUS_IN_TRANS) or not status & SERVER_STATUS_AUTOCOMMIT
+            in_trx = bool(status & SERVER_STATUS_IN_TRANS) or not status & SERVER_STATUS_AUTOCOMMIT
+            if in_trx and not self.in_trx:
+                self.trx_since = time.monotonic()
+            self.in_trx = in_trx
             self.trx_server = server if status & SERVER_STATUS_IN_TRANS else None
         elif self.ro_trx is not None or flags & C.F_READ_ONLY_TXN:
             self.ro_trx = server if status & SERVER_STATUS_IN_TRANS else None

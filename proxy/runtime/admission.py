@@ -19,6 +19,7 @@ import struct
 log = logging.getLogger("rwproxy.server")
 
 _LOCK_WAIT = 0.5  # s; a lock held this long means a worker died holding it: admit, and say so once
+SPARE_USERS = 64  # columns kept for users a reload adds
 
 
 class Admission:
@@ -26,7 +27,7 @@ class Admission:
         self.max_connections = max_connections
         self.users = {name: i for i, name in enumerate(user_limits)}  # user name -> column - 1
         self.limits = list(user_limits.values())  # per user; 0 = no limit of its own
-        self.cols = 1 + len(self.users)
+        self.cols = 1 + len(self.users) + SPARE_USERS
         self.workers = workers
         self._row = struct.Struct(f"<{self.cols}q")
         self._mm = mmap.mmap(-1, self._row.size * workers)  # MAP_SHARED: the workers see each other's rows
@@ -64,6 +65,24 @@ class Admission:
         finally:
             if locked:
                 self._lock.release()
+
+    def reconfigure(self, max_connections: int, user_limits: dict[str, int]) -> None:
+        """A reload: new limits. Every process applies the same reloads in the same order, so a new
+        user gets the same spare column everywhere; users beyond the spares are not limited until
+        a restart (said once)."""
+        self.max_connections = max_connections
+        for name, limit in user_limits.items():
+            i = self.users.get(name)
+            if i is None:
+                if len(self.users) >= self.cols - 1:
+                    if limit:
+                        log.warning("user %s: max_connections %d is enforced after a restart (more than %d users "
+                                    "added since the start)", name, limit, SPARE_USERS)
+                    continue
+                i = self.users[name] = len(self.users)
+                self.limits.append(limit)
+            else:
+                self.limits[i] = limit
 
     def limit_of(self, user: str) -> int:
         return self._user(user)[1]

@@ -39,6 +39,8 @@ class ControlServer:
                     req = json.loads(self.rfile.readline(65536) or b"{}")
                     fn = handlers_.get(req.get("cmd"))
                     reply = fn(req) if fn else {"ok": False, "message": f"unknown command {req.get('cmd')!r}"}
+                except ValueError as e:  # refused (unknown server, not allowed now): the message says why
+                    reply = {"ok": False, "message": str(e)}
                 except Exception as e:  # an operator tool must get an answer, not a hang
                     log.exception("control command failed")
                     reply = {"ok": False, "message": f"{type(e).__name__}: {e}"}

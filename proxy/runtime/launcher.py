@@ -108,10 +108,12 @@ class ProxyProcess:
                 pass
         return total
 
-    def stop(self, timeout: float = 10.0) -> None:
+    def stop(self, timeout: float = 10.0, drain: bool = False) -> None:
+        """SIGINT (stop now), or SIGTERM with drain=True (graceful: sessions end after their
+        transactions); SIGKILL to every process of the proxy if it is still there after `timeout`."""
         if not self.proc or self.proc.poll() is not None:
             return
-        self.proc.send_signal(signal.SIGTERM)
+        self.proc.send_signal(signal.SIGTERM if drain else signal.SIGINT)
         try:
             self.proc.wait(timeout)
         except subprocess.TimeoutExpired:

@@ -70,7 +70,7 @@ class RuntimeDir:
 
     def claim(self, identity: dict) -> None:
         """Create (0700) and lock the directory for this process; raises RuntimeDirError."""
-        if len(worker_socket(self.path, 254)) > MAX_SOCKET_PATH:
+        if len(worker_socket(self.path, 254)) + 4 > MAX_SOCKET_PATH:  # (+4: worker-254.ctl.sock)
             raise RuntimeDirError(f"runtime directory {self.path} is too long for unix socket paths "
                                   f"(at most {MAX_SOCKET_PATH - 16} characters); set a shorter [proxy] runtime_dir")
         parent = os.path.dirname(self.path)

@@ -15,6 +15,7 @@ import os
 import signal
 import socket
 import ssl
+import threading
 import time
 
 from proxy.backend.tls import BackendTLSError, policies_for
@@ -121,9 +122,15 @@ def _serve(config, workers: int, tls_context) -> int:
     # threads would otherwise compete with the event loop for the GIL.
     publisher = Publisher(workers)
     plane = ControlPlane(config, workers, publisher.publish)
+    try:
+        plane.bind()  # the admin and metrics ports: taken now, or a start-up error
+    except OSError as e:
+        for s in socks:
+            s.close()
+        raise StartupError(str(e)) from None
     admission = Admission(workers, config.proxy.max_connections, {u.name: u.max_connections for u in config.users})
     try:
-        return _supervise(config, socks, topology, server_version, rsa_pem, tls_context, publisher, plane, admission)
+        return _supervise(socks, topology, server_version, rsa_pem, tls_context, publisher, plane, admission)
     finally:
         plane.stop()
         publisher.stop()
@@ -144,7 +151,9 @@ def _rsa_pem(config) -> bytes:
     return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
 
 
-def _supervise(config, socks, topology, server_version, rsa_pem, tls_context, publisher, plane, admission) -> int:
+def _supervise(socks, topology, server_version, rsa_pem, tls_context, publisher, plane, admission) -> int:
+    """Fork the workers, restart any that dies, and stop: at once on SIGINT, by draining on
+    SIGTERM or `rwproxy drain`; SIGHUP reloads the config."""
     children: dict[int, int] = {}  # pid -> worker index
     stopping = False
 
@@ -160,12 +169,14 @@ def _supervise(config, socks, topology, server_version, rsa_pem, tls_context, pu
                 for j, s in enumerate(socks):
                     if j != i:
                         s.close()
-                signal.signal(signal.SIGTERM, signal.SIG_DFL)
-                signal.signal(signal.SIGINT, signal.SIG_DFL)
+                for fd_ in plane.listening_fds():
+                    os.close(fd_)
+                for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                    signal.signal(sig, signal.SIG_DFL)
                 start = publisher.latest or topology
-                worker = Worker(config, i, socks[i], start, server_version, rsa_pem, topology_fd=fd,
+                worker = Worker(plane.config, i, socks[i], start, server_version, rsa_pem, topology_fd=fd,
                                 tls_context=tls_context)
-                worker.stats = plane.stats
+                worker.config_version = plane.config_version
                 worker.admission = admission
                 worker.run()
             except BaseException:
@@ -178,16 +189,35 @@ def _supervise(config, socks, topology, server_version, rsa_pem, tls_context, pu
         publisher.forked(i)
 
     def on_stop(signum, frame):
+        """SIGINT: stop now (every worker closes its sessions)."""
         nonlocal stopping
         stopping = True
         for pid in list(children):
             try:
-                os.kill(pid, signal.SIGTERM)
+                os.kill(pid, signal.SIGINT)
             except ProcessLookupError:
                 pass
 
-    signal.signal(signal.SIGTERM, on_stop)
+    def in_thread(fn, *args):
+        threading.Thread(target=fn, args=args, daemon=True).start()
+
+    def on_term(signum, frame):
+        """SIGTERM: drain (a service manager's stop, or a rolling restart behind a load balancer)."""
+        in_thread(plane.drain, "SIGTERM")
+
+    def on_hup(signum, frame):
+        in_thread(plane.reload, "SIGHUP")
+
+    def watchdog():
+        """After a drain was ordered: workers that outlive shutdown_timeout are stopped."""
+        plane.drained.wait()
+        time.sleep(max(plane.config.proxy.shutdown_timeout, plane.config.proxy.drain_grace) + 5)
+        on_stop(signal.SIGINT, None)
+
+    signal.signal(signal.SIGTERM, on_term)
     signal.signal(signal.SIGINT, on_stop)
+    signal.signal(signal.SIGHUP, on_hup)
+    in_thread(watchdog)
     for i in range(len(socks)):
         spawn(i)
     plane.start()  # after forking: the monitor's threads live in the supervisor only
@@ -200,7 +230,7 @@ def _supervise(config, socks, topology, server_version, rsa_pem, tls_context, pu
         except InterruptedError:
             continue
         i = children.pop(pid, None)
-        if i is None or stopping:
+        if i is None or stopping or plane.draining:
             continue
         log.error("worker %d (pid %d) exited with status %d; restarting it", i, pid, status)
         now = time.monotonic()

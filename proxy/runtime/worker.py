@@ -26,10 +26,15 @@ from proxy.protocol import auth
 from proxy.routing.classify import Classifier
 from proxy.routing.router import Router
 from proxy.frontend.accounts import ServerAccounts
+from proxy.frontend import kill
 from proxy.frontend.kill import Peers
+from proxy.frontend.reader import COMMAND
 from proxy.frontend.session import ClientConnection
+from proxy.observe import report
+from proxy.observe.recorder import Recorder
 from proxy.runtime.channels import subscribe
 from proxy.runtime import rundir
+from proxy.runtime.workerctl import WorkerControl
 
 import uvloop
 
@@ -74,12 +79,18 @@ class Worker:
         self.refused: dict[str, int] = {}  # server name -> connections it refused (the user backed off there)
         self.loop = None
         self._next_id = 1
-        self.stats = None  # SharedStats, set by the process that runs this worker
         self.admission = None  # runtime.admission.Admission (proxy-wide limits), set likewise
         self._user_counts: dict[str, int] = {}  # without `admission` (tests): this worker's clients per user
         self._primary_waiters: list = []
         self._topology_waiters: list = []
         self.primary_ok = True  # a writable primary exists and writes are not held
+        st = config.stats
+        self.recorder = Recorder(st.max_digests, st.max_digest_length) if st.enabled else None  # per-statement statistics
+        self.draining = False  # rwproxy drain / SIGTERM: no new clients; sessions end after their transactions
+        self.config_version = 0  # reloads applied
+        self.control = None  # runtime.workerctl.WorkerControl: the control plane's questions and orders
+        self.server = None  # the listening asyncio server (closed when draining)
+        self.stop_future = None  # set to end run()
 
     def set_topology(self, topology) -> None:
         """Swap in a new picture of the cluster (from the control plane)."""
@@ -93,13 +104,17 @@ class Worker:
         self.live_writers = [s.name for s in topology.writers]
         for name, s in topology.servers.items():
             before = old.servers.get(name)
-            if s.state == DOWN and (before is None or before.state != DOWN):
+            if s.state in (DOWN, MAINTENANCE) and (before is None or before.state != s.state):
+                # dead, or taken out by an operator or failover: no reuse of its connections
                 self.pools.drop_server(name)  # no reuse of connections to a dead server
                 if self.shared is not None:
                     self.shared.drop_server(name)
                 for c in list(self.clients):  # nor by sessions; in-flight reads move elsewhere
                     c.server_down(name)
         self.primary_ok = self.writable_primary() is not None
+        if len(self.servers) > len(self.config.backends):  # a reload removed servers: forget them once unseen
+            configured = {b.name for b in self.config.backends}
+            self.servers = {n: b for n, b in self.servers.items() if n in configured or n in topology.servers}
         _wake(self._topology_waiters)
         if self.primary_ok:
             _wake(self._primary_waiters)
@@ -200,22 +215,29 @@ class Worker:
         cpu = pin_worker(self.index, self.config.proxy.cpu_affinity)
         self.loop = uvloop.new_event_loop()
         asyncio.set_event_loop(self.loop)
-        stop = self.loop.create_future()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            self.loop.add_signal_handler(sig, lambda: stop.done() or stop.set_result(None))
+        stop = self.stop_future = self.loop.create_future()
+        # SIGINT: stop now. SIGTERM: drain, as the supervisor orders it (a service manager may send
+        # SIGTERM to every process of the service at once).
+        self.loop.add_signal_handler(signal.SIGINT, lambda: stop.done() or stop.set_result(None))
+        p = self.config.proxy
+        self.loop.add_signal_handler(signal.SIGTERM, lambda: self.drain(
+            p.drain_grace if self.config.metrics.listen else 0.0, max(p.shutdown_timeout, p.drain_grace)))
 
         async def main():
-            server = await self.loop.create_server(self._factory, sock=self.sock, backlog=1024)
+            server = self.server = await self.loop.create_server(self._factory, sock=self.sock, backlog=1024)
             if self.topology_fd is not None:
                 await subscribe(self.loop, self.topology_fd, self.set_topology)
             self.loop.create_task(self._housekeeping())
             self._start_peers()
+            await self._start_control()
             log.info("worker %d serving on %s%s", self.index, self.config.proxy.listen,
                      f" (pinned to CPU {cpu})" if cpu is not None else "")
             await stop
             server.close()
             if self.peers is not None:
                 self.peers.stop()
+            if self.control is not None:
+                self.control.stop()
             for c in list(self.clients):
                 c.close()
             self.pools.close_all()
@@ -232,6 +254,132 @@ class Worker:
         except OSError as e:
             log.warning("worker %d: KILL from other workers' sessions will not reach this one: %s", self.index, e)
 
+    async def _start_control(self) -> None:
+        ctl = WorkerControl(self.index, rundir.path_for(self.config), self.control_handlers())
+        try:
+            await ctl.start(self.loop)
+            self.control = ctl
+        except OSError as e:
+            log.warning("worker %d: statistics and reload will not reach this worker: %s", self.index, e)
+
+    def control_handlers(self) -> dict:
+        """What the control plane may ask of this worker (runtime/workerctl.py)."""
+        return {
+            report.SUMMARY: lambda _m: report.summary(self),
+            report.SESSIONS: lambda _m: report.sessions(self),
+            report.DIGESTS: lambda _m: report.digests(self),
+            report.POOLS: lambda _m: report.pools(self),
+            "reset-stats": self._reset_stats,
+            "kill-session": self._kill_session,
+            "reload": lambda m: self.apply_config(m["config"], m["version"]),
+            "drain": lambda m: self.drain(m["grace"], m["timeout"]),
+        }
+
+    def apply_config(self, config, version: int) -> dict:
+        """A reload (the control plane validated it and kept the restart-only keys as they run):
+        users, rules, routing, pools, statistics and backends change for every statement from now
+        on; sessions go on with the user settings they logged in with."""
+        old = self.config
+        self.config = config
+        self.config_version = version
+        new_servers = {b.name: b for b in config.backends}
+        for name in set(self.servers) - set(new_servers):  # removed: idle connections go at once
+            self.pools.drop_server(name)
+            if self.shared is not None:
+                self.shared.drop_server(name)
+            for c in list(self.clients):
+                c.server_down(name)
+        # keep a removed server's entry while the topology still names it (a statement planned on
+        # the previous snapshot must still find it); set_topology prunes it
+        self.servers = {**{n: b for n, b in self.servers.items() if n in self.topology.servers}, **new_servers}
+        r = config.routing
+        if (r.readonly_functions, r.digest_cache_size) != (old.routing.readonly_functions, old.routing.digest_cache_size):
+            self.classifier = Classifier(r.readonly_functions, r.digest_cache_size)
+        balancer = self.router.balancer
+        self.router = Router(config)
+        balancer.policy = self.router.balancer.policy
+        self.router.balancer = balancer  # (its counters are the status figures)
+        self.users = {u.name: u for u in config.users}
+        a = self.authenticator
+        a.users = dict(self.users)
+        a.timeout = config.pool.connect_timeout + 8
+        if config.auth.server_accounts and a.accounts is None:
+            a.accounts = ServerAccounts(self, config.auth.server_accounts_ttl)
+        elif not config.auth.server_accounts:
+            a.accounts = None
+        elif a.accounts is not None:
+            a.accounts.ttl = config.auth.server_accounts_ttl
+        self.pools.cfg = config.pool
+        if self.shared is not None:
+            self.shared.reconfigure(config.pool, r.max_prepared_per_connection)
+        st = config.stats
+        if not st.enabled:
+            self.recorder = None
+        elif self.recorder is None:
+            self.recorder = Recorder(st.max_digests, st.max_digest_length)
+        else:
+            self.recorder.max_digests, self.recorder.max_text = st.max_digests, st.max_digest_length
+        if self.admission is not None:
+            self.admission.reconfigure(config.proxy.max_connections, {u.name: u.max_connections for u in config.users})
+        return {"ok": True, "worker": self.index}
+
+    def drain(self, grace: float, timeout: float) -> dict:
+        """rwproxy drain / SIGTERM: keep accepting for `grace` seconds (a load balancer is noticing
+        that /health/ready fails), then stop accepting; end every session once it is between
+        transactions and quiet for a moment (DRAIN_QUIET), all of them at `timeout`; then exit."""
+        if not self.draining:
+            self.draining = True
+            log.info("worker %d: draining: %d session(s) end after their transactions (at most %g s)",
+                     self.index, len(self.clients), timeout)
+            self.loop.create_task(self._drain(grace, timeout))
+        return {"ok": True, "worker": self.index, "sessions": len(self.clients)}
+
+    async def _drain(self, grace: float, timeout: float) -> None:
+        deadline = self.loop.time() + timeout
+        stopped_accepting = False
+        while True:
+            now = self.loop.time()
+            if not stopped_accepting and (now - deadline + timeout >= grace or now >= deadline):
+                stopped_accepting = True
+                if self.server is not None:
+                    self.server.close()  # connections still in the backlog are served by run()'s end
+            mono = time.monotonic()
+            for c in list(self.clients):
+                st = c.state
+                if c.closed or c.phase != COMMAND or st is None:
+                    continue
+                if not c.busy and not st.in_trx and not c.reader.buf and c.idle_for(mono) >= DRAIN_QUIET:
+                    c.close()
+            if (stopped_accepting and not any(not c.closed for c in self.clients)) or now >= deadline:
+                break
+            await asyncio.sleep(0.1)
+        left = [c for c in self.clients if not c.closed]
+        if left:
+            log.warning("worker %d: shutdown_timeout reached; closing %d session(s) still in a transaction or "
+                        "statement", self.index, len(left))
+        if self.stop_future is not None and not self.stop_future.done():
+            self.stop_future.set_result(None)
+
+    def _reset_stats(self, _msg) -> dict:
+        if self.recorder is not None:
+            self.recorder.reset()
+            for c in self.clients:
+                c.stat_table = None
+        self.router.rule_hits = [0] * len(self.router.rules)
+        return {"ok": True}
+
+    def _kill_session(self, msg) -> dict:
+        """KILL SESSION from the admin port: end session `id` of this worker, as a server's KILL does."""
+        for c in list(self.clients):
+            if c.conn_id == msg["id"] and not c.closed:
+                log.info("session %d: killed from the admin port%s", c.conn_id, " (its statement)" if msg.get("query_only") else "")
+                if msg.get("query_only"):
+                    kill.stop_running(c, "KILL QUERY from the admin port")
+                else:
+                    c.close()  # (connection_lost stops what its statement still runs)
+                return {"ok": True, "found": True}
+        return {"ok": True, "found": False}
+
     def close_idle_sessions(self) -> None:
         """[proxy] client_idle_timeout: close sessions whose client sent nothing for that long, as a
         server does at wait_timeout (the client learns it at its next command: the connection is gone)."""
@@ -246,15 +394,10 @@ class Worker:
                 c.close()
 
     async def _housekeeping(self):
-        """Counters to the control plane twice a second; idle pool connections expire."""
+        """Idle sessions close (client_idle_timeout), idle pool connections expire."""
         n = 0
         while True:
             await asyncio.sleep(0.5)
-            if self.stats is not None:
-                sh = self.shared
-                self.stats.write(self.index, len(self.clients), self.router.balancer.routed, self.pools.open_count,
-                                 sh.statements if sh is not None else 0, sh.open_per_server() if sh is not None else None,
-                                 self.refused)
             n += 1
             if n % 2 == 0:
                 self.close_idle_sessions()
@@ -263,6 +406,10 @@ class Worker:
                 self.pools.expire_idle()
                 if self.shared is not None:
                     self.shared.expire_idle(self.config.pool.idle_timeout)
+
+
+DRAIN_QUIET = 1.0  # s a draining session must be idle before it is closed (a client between two
+# statements of one unit of work is not cut off; one idle this long is the pool's, and reconnects)
 
 
 def _wake(waiters: list) -> None:

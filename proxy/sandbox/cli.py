@@ -7,6 +7,7 @@ import sys
 import time
 
 from proxy.sandbox.cluster import DEFAULTS, TOPOLOGIES, Cluster
+from proxy.sandbox.render import admin_ports
 from proxy.sandbox.util import SandboxError
 
 
@@ -83,6 +84,11 @@ def cmd_up(args) -> int:
         print(f"\nsandbox {was} in {time.monotonic() - t0:.1f}s ({cluster.topology}) in {cluster.dir}")
         print(f"proxy config: {cluster.config_path}")
         print(f"admin shell:  mariadb --defaults-file={cluster.primary.cnf}")
+        admin_port, metrics_port = admin_ports(cluster.proxy_port)
+        if admin_port:
+            print(f"rwproxy admin port (once rwproxy runs): mariadb -h127.0.0.1 -P{admin_port} -uadmin "
+                  f"-p'{cluster.admin_password}'")
+            print(f"metrics: http://127.0.0.1:{metrics_port}/metrics   (the password is in {cluster.config_path})")
         return 0
     return _run(go, args)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -75,6 +76,8 @@ class Cluster:
         self.tls: bool = bool(params["tls"])  # servers accept TLS (certificates from DIR/tls, our own CA)
         self.tls_dir = self.dir / "tls"
         self.proxy_port: int = int(params["proxy_port"])
+        # The admin port has no default password: each sandbox gets its own, kept across `up`s.
+        self.admin_password: str = (state or {}).get("admin_password") or secrets.token_urlsafe(12)
         if self.topology not in TOPOLOGIES:
             raise SandboxError(f"unknown topology {self.topology!r}; use one of: {', '.join(TOPOLOGIES)}")
         if self.replicas_count < 0:
@@ -164,7 +167,7 @@ class Cluster:
         state = {
             "version": 1, "topology": self.topology, "replicas": self.replicas_count,
             "base_port": self.base_port, "semi_sync": self.semi_sync, "tls": self.tls, "proxy_port": self.proxy_port,
-            "server_options": list(self.server_options),
+            "admin_password": self.admin_password, "server_options": list(self.server_options),
             "bootstrapped": self.bootstrapped, "mariadbd": self.nodes[0].mariadbd,
             "nodes": [n.spec() for n in self.nodes],
             "users": {u: {k: v for k, v in info.items() if k != "why"} for u, info in USERS.items()},
@@ -192,8 +195,12 @@ class Cluster:
         else:
             self._create(timeout)
         self._save_state()
-        self.config_path.write_text(render.proxy_config_toml(self.nodes, self.topology, self.proxy_port,
-                                                             ca="tls/ca.pem" if self.tls else ""))
+        text = render.proxy_config_toml(self.nodes, self.topology, self.proxy_port,
+                                        ca="tls/ca.pem" if self.tls else "", admin_password=self.admin_password)
+        fd = os.open(self.config_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # it holds passwords
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.chmod(self.config_path, 0o600)
         return self
 
     def _make_certificates(self) -> None:

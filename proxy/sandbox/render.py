@@ -13,12 +13,15 @@ def _toml_str(value: str) -> str:
 def proxy_config_toml(nodes: Iterable[Any], topology: str, proxy_port: int,
                       app_user: tuple[str, str] = ("app", "app"),
                       monitor_user: tuple[str, str] = ("rwproxy", "rwproxy"),
-                      repl_user: tuple[str, str] = ("repl", "repl"), ca: str = "") -> str:
+                      repl_user: tuple[str, str] = ("repl", "repl"), ca: str = "",
+                      admin_password: str = "") -> str:
     """rwproxy.toml for this cluster; written here so the sandbox does not depend on proxy.config.
 
     Backends carry no role: the proxy learns roles from read_only, as it must after a failover.
     The replication account lets failover repoint replicas and rejoin an old primary.
     With a CA (a sandbox made with --tls) the proxy talks TLS to the servers and checks their certificates.
+    With an admin password, the admin port listens one below the proxy port (6032 beside 6033, as
+    ProxySQL's do) and the metrics endpoint 3000 above it (9033).
     """
     out = ["# Written by `rwproxy sandbox up`: a proxy config for this sandbox cluster.",
            "[proxy]", f"listen = {_toml_str(f'127.0.0.1:{proxy_port}')}", ""]
@@ -32,7 +35,19 @@ def proxy_config_toml(nodes: Iterable[Any], topology: str, proxy_port: int,
             "[cluster]", f"topology = {_toml_str(topology)}", "",
             "[failover]", f"replication_user = {_toml_str(repl_user[0])}",
             f"replication_password = {_toml_str(repl_user[1])}", ""]
+    if admin_password:
+        admin_port, metrics_port = admin_ports(proxy_port)
+        out += ["[admin]", f"listen = {_toml_str(f'127.0.0.1:{admin_port}')}", "",
+                "[[admin.users]]", 'name = "admin"', f"password = {_toml_str(admin_password)}", "",
+                "[metrics]", f"listen = {_toml_str(f'127.0.0.1:{metrics_port}')}", ""]
     return "\n".join(out)
+
+
+def admin_ports(proxy_port: int) -> tuple[int, int]:
+    """(admin port, metrics port) written beside a proxy port; 0 (any free port) stays 0."""
+    if not proxy_port:
+        return 0, 0
+    return (proxy_port - 1 if proxy_port > 1024 else proxy_port + 1), (proxy_port + 3000 if proxy_port < 62535 else 0)
 
 
 COLUMNS = [("node", "NODE"), ("port", "PORT"), ("role", "ROLE"), ("state", "STATE"),

@@ -60,6 +60,14 @@ class Actions:
         self.order = {b.name: i for i, b in enumerate(config.backends)}
         self.links = ops.LinkCache(self._connect)
 
+    def reconfigure(self, config) -> None:
+        """A reload: new settings and backends (cached links to a re-addressed server are dropped
+        when they fail; a removed server is never acted on, the monitor no longer reports it)."""
+        self.config, self.cfg = config, config.failover
+        self.user, self.password = config.monitor_credentials()
+        self.backends = {b.name: b for b in config.backends}
+        self.order = {b.name: i for i, b in enumerate(config.backends)}
+
     # ---- connections and facts ---------------------------------------------------------
     def link(self, s) -> Link:
         """A cached admin connection (release() returns it); a new one only when none is idle."""

@@ -76,6 +76,21 @@ class Failover:
         self._publish(replace(topo, writes_held=True) if held and not topo.writes_held else topo)
         self._wake.set()
 
+    def reconfigure(self, config) -> list[str]:
+        """A reload (the caller checked that the primary stays in the config)."""
+        with self._action:  # never in the middle of a failover or switchover
+            was = self.cfg.auto_failover
+            self.config, self.cfg = config, config.failover
+            self.actions.reconfigure(config)
+            said = self.monitor.reconfigure(config)
+        if config.failover.auto_failover != was:  # the operator changed it (not a failed failover's stop)
+            if config.failover.auto_failover:
+                self.state.enable()
+            else:
+                self.state.disable("auto_failover = false in the config")
+        self._wake.set()
+        return said
+
     def enable_auto_failover(self) -> None:
         self.state.enable()
         log.warning("automatic failover enabled")

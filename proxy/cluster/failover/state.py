@@ -22,6 +22,7 @@ class FailoverState:
         self._disabled_reason = "" if auto_failover else "auto_failover = false in the config"
         self._cooldown_until = 0.0  # time.time() before which no automatic failover starts
         self._last: dict[str, dict] = {}  # "failover" / "switchover" -> the last one's record
+        self._counts: dict[str, int] = {}  # "failover ok" / "switchover failed" ... -> how many (metrics)
         self._in_progress: str | None = None  # "failover" or "switchover" while one runs
         self._demoted: dict[str, str | None] = {}  # to fence/rejoin -> GTID end of its history (None: unknown)
         self._kept_out: dict[str, str] = {}  # servers kept out of the cluster -> why
@@ -69,6 +70,8 @@ class FailoverState:
         starts the cooldown."""
         with self._lock:
             self._last[kind] = result
+            key = f"{kind} {'ok' if result.get('ok') else 'failed'}"
+            self._counts[key] = self._counts.get(key, 0) + 1
             if cooldown:
                 self._cooldown_until = time.time() + cooldown
 
@@ -172,4 +175,5 @@ class FailoverState:
                     "in_progress": self._in_progress, "writes_held": self._holding,
                     "cooldown_until": self._cooldown_until if left else None, "cooldown_left_s": round(left, 1),
                     "last_failover": self._last.get("failover"), "last_switchover": self._last.get("switchover"),
-                    "kept_out": dict(self._kept_out), "awaiting_rejoin": sorted(self._demoted)}
+                    "kept_out": dict(self._kept_out), "awaiting_rejoin": sorted(self._demoted),
+                    "counts": dict(self._counts)}

@@ -21,8 +21,8 @@ import pymysql
 import pymysql.cursors
 
 from proxy.backend.tls import control_connect
-from proxy.cluster.monitor.health import Observation, Policy, Tracker, decide, significant
-from proxy.cluster.monitor.lag import Timeline
+from proxy.cluster.monitor.health import Observation, Policy, decide, significant
+from proxy.cluster.monitor.node import Node, close_quietly, moved
 from proxy.cluster.monitor.replication import DENIED, NO_TABLE, READ_ONLY, ReplicationReading
 from proxy.cluster.sqlerrors import describe, error_code
 from proxy.config.schema import MASTER_MASTER
@@ -31,33 +31,6 @@ from proxy.cluster.topology import DOWN, LAGGING, MAINTENANCE, MASTER, PRIMARY, 
 log = logging.getLogger("rwproxy.monitor")
 
 PUBLISH_EVERY = 1.0  # s: lag values reach the workers at least this often
-# Error codes meaning "the monitor user may not do this": reported once, never counted as a failed check.
-class _Node:
-    """Everything the monitor keeps about one backend besides its published ServerState."""
-
-    def __init__(self, backend):
-        self.name, self.host, self.port = backend.name, backend.host, backend.port
-        self.backend = backend
-        self.configured_role = backend.role
-        self.tracker = Tracker()
-        self.timeline = Timeline()  # this server's binlog position over time, while it is writable
-        self.server_id: int | None = None
-        self.source_id: int | None = None  # Master_Server_Id
-        self.source_addr = ""
-        self.hb_denied = False  # heartbeat writes refused (privileges): replicas fall back to SBM
-        self.hb_paused = False  # failover/switchover: no heartbeat writes here (see pause_heartbeat)
-        self.hb_lock = threading.Lock()  # held around each heartbeat write
-        # The last SHOW ALL SLAVES STATUS reading, reused by checks in between (see _replication):
-        # (fields copied into each Observation, read_only it was taken under, time.monotonic()).
-        self.repl: tuple[dict, bool, float] | None = None
-        self.hb_merge = False  # the heartbeat table was readable here: checks read it too (_check_query)
-        self.heard: tuple | None = None  # what it had received from its source at the last fresh reading
-        self.heard_at = time.monotonic()  # when that last changed (ServerState.source_silent)
-        self.quiet_until = 0.0  # time.monotonic() before which its checks are not judged (see Monitor.quiet)
-        self.check_started = 0.0  # time.monotonic() the check under way began (0: none under way)
-        self.label = f"{backend.name} ({backend.where})"
-
-
 class Monitor(ReplicationReading):
     """Checks every backend, decides roles/health/read-pool membership, publishes Topology snapshots.
 
@@ -70,8 +43,28 @@ class Monitor(ReplicationReading):
         self.config = config
         self._on_update = on_update
         self._on_check = on_check
-        m = config.monitor
-        self._mon = m
+        self._settings(config)
+        self._schema = config.monitor.heartbeat_schema
+        # A replica's newest applied heartbeat from another server: in the check query, or alone (_lag).
+        self._hb_newest = f"(SELECT MAX(ts) FROM `{self._schema}`.heartbeat WHERE server_id <> @@server_id)"
+        initial = from_config(config)
+        self._topology = initial
+        self._states: dict[str, ServerState] = dict(initial.servers)
+        self._nodes = {b.name: Node(b) for b in config.backends}
+        self._cond = threading.Condition()
+        self._dirty = False
+        # Failover's authority (primary-replica only): the designated primary's name, or None while
+        # roles come from the config and read_only. _gen changes with every designation so that a
+        # check that was under way across the change is dropped instead of undoing it.
+        self._designated: str | None = None
+        self._gen = 0
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._admin: dict[str, str] = {}  # server -> "offline" / "maintenance", set by an operator
+
+    def _settings(self, config) -> None:
+        """What the monitor takes from the config: at start and again on every reload."""
+        m = self._mon = config.monitor
         self._user, self._password = config.monitor_credentials()
         self._policy = Policy(failcount=m.failcount, readmit_after=m.readmit_after,
                               max_lag_ms=config.routing.max_replica_lag * 1000.0,
@@ -80,26 +73,10 @@ class Monitor(ReplicationReading):
         # its last known time. 1 s keeps a caught-up replica's reading (<= half of this) far below
         # any sane max_replica_lag while the primary is unreachable.
         self._stale_after = max(1.0, 3 * m.heartbeat_interval, 3 * m.interval)
-        self._schema = m.heartbeat_schema
-        # A replica's newest applied heartbeat from another server: in the check query, or alone (_lag).
-        self._hb_newest = f"(SELECT MAX(ts) FROM `{self._schema}`.heartbeat WHERE server_id <> @@server_id)"
         # Workers route on GTID positions only in gtid read-your-writes mode (see significant()).
         self._gtid_routing = "gtid" in {config.routing.read_your_writes, *(u.read_your_writes for u in config.users)}
-        initial = from_config(config)
-        self._topology = initial
-        self._states: dict[str, ServerState] = dict(initial.servers)
-        self._nodes = {b.name: _Node(b) for b in config.backends}
-        self._cond = threading.Condition()
-        self._dirty = False
-        # Failover's authority (primary-replica only): the designated primary's name, or None while
-        # roles come from the config and read_only. _gen changes with every designation so that a
-        # check that was under way across the change is dropped instead of undoing it.
-        self._designated: str | None = None
-        self._gen = 0
         # Failed checks are published at once up to this count: failover counts them.
         self._fail_cap = max(m.failcount, config.failover.failcount)
-        self._stop = threading.Event()
-        self._threads: list[threading.Thread] = []
 
     # ---- public API ------------------------------------------------------------
 
@@ -113,9 +90,7 @@ class Monitor(ReplicationReading):
             raise RuntimeError("monitor already started")
         self._stop.clear()
         for node in self._nodes.values():
-            self._spawn(f"check-{node.name}", self._check_loop, node)
-            if self._mon.heartbeat:
-                self._spawn(f"heartbeat-{node.name}", self._heartbeat_loop, node)
+            self._watch(node)
         self._spawn("publish", self._publish_loop)
         return self
 
@@ -185,15 +160,18 @@ class Monitor(ReplicationReading):
                     if new.role != st.role or new.state != st.state:
                         new = replace(new, changed_at=now)
                     self._states[sname] = new
-            self._dirty = True
-            self._cond.notify_all()
+            self._changed()
             return self._topology.version + 1
 
     def refresh(self) -> None:
         """Publish a snapshot now (on the publisher thread), e.g. after on_update's annotation changed."""
         with self._cond:
-            self._dirty = True
-            self._cond.notify_all()
+            self._changed()
+
+    def _changed(self) -> None:
+        """(Under self._cond.) Something a router acts on changed: the publisher runs now."""
+        self._dirty = True
+        self._cond.notify_all()
 
     def set_maintenance(self, name: str, reason: str) -> None:
         """Keep a server out of every pool until clear_maintenance (checks only refresh last_check)."""
@@ -202,8 +180,7 @@ class Monitor(ReplicationReading):
             self._states[name] = replace(st, state=MAINTENANCE, readable=False, last_error=reason,
                                          role=REPLICA if st.role in (PRIMARY, MASTER) else st.role,
                                          changed_at=time.time())
-            self._dirty = True
-            self._cond.notify_all()
+            self._changed()
 
     def clear_maintenance(self, name: str) -> None:
         """Judge the server from its checks again (it re-enters the read pool after readmit_after)."""
@@ -212,8 +189,65 @@ class Monitor(ReplicationReading):
             if st.state == MAINTENANCE:
                 self._states[name] = replace(st, state=LAGGING, last_error="", changed_at=time.time())
                 self._nodes[name].tracker.good = 0
-                self._dirty = True
-                self._cond.notify_all()
+                self._changed()
+
+    def reconfigure(self, config) -> list[str]:
+        """A reload: new settings, backends added, removed, re-addressed or re-weighted. Returns
+        one line per backend change. (The caller refused a reload that removes the primary.)"""
+        old = {b.name: b for b in self.config.backends}
+        new = {b.name: b for b in config.backends}
+        said = []
+        with self._cond:
+            self.config = config
+            self._settings(config)
+            fresh = from_config(config).servers
+            for name, b in old.items():
+                if name not in new or moved(b, new[name]):
+                    self._nodes.pop(name).retired.set()
+                    self._states.pop(name, None)
+                    self._admin.pop(name, None)
+                    said.append(f"{name}: removed" if name not in new else f"{name}: now at {new[name].where}")
+            started = []
+            for name, b in new.items():
+                if name not in self._nodes:
+                    self._nodes[name] = Node(b)
+                    self._states[name] = replace(fresh[name], state=LAGGING, last_error="not checked yet")
+                    started.append(self._nodes[name])
+                    if name not in old:
+                        said.append(f"{name}: added ({b.where})")
+                else:
+                    node = self._nodes[name]
+                    node.backend, node.configured_role = b, b.role
+                    st = self._states[name]
+                    if st.weight != b.weight:
+                        self._states[name] = replace(st, weight=b.weight)
+                        said.append(f"{name}: weight {st.weight} -> {b.weight}")
+            self._changed()
+        if self._threads:  # (a monitor not started by its owner stays so)
+            for node in started:
+                self._watch(node)
+        return said
+
+    def admin_states(self) -> dict[str, str]:
+        with self._cond:
+            return dict(self._admin)
+
+    def set_admin_state(self, name: str, state: str) -> None:
+        """An operator's OFFLINE (no new statements; running ones and read-only transactions
+        finish), MAINTENANCE (out of every pool at once) or ONLINE ("": judged by its checks
+        again, back in the read pool after readmit_after good checks)."""
+        with self._cond:
+            before = self._admin.pop(name, "")
+            if state:
+                self._admin[name] = state
+            st = self._states[name]
+            if state == "offline":
+                self._states[name] = replace(st, readable=False, changed_at=time.time())
+            self._changed()
+        if state == "maintenance":
+            self.set_maintenance(name, "set by an operator (SET SERVER ... MAINTENANCE)")
+        elif before == "maintenance":
+            self.clear_maintenance(name)
 
     def unanswered(self, name: str) -> float:
         """Seconds the check of `name` under way has waited for its answer (0 when none is)."""
@@ -238,30 +272,30 @@ class Monitor(ReplicationReading):
         with node.hb_lock:
             node.hb_paused = paused
 
-    def __enter__(self) -> "Monitor":
-        return self.start()
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
-
     # ---- threads ---------------------------------------------------------------
+
+    def _watch(self, node: Node) -> None:
+        self._spawn(f"check-{node.name}", self._check_loop, node)
+        if self._mon.heartbeat:
+            self._spawn(f"heartbeat-{node.name}", self._heartbeat_loop, node)
 
     def _spawn(self, name: str, target, *args) -> None:
         t = threading.Thread(target=target, args=args, name=f"rwproxy-monitor-{name}", daemon=True)
         t.start()
         self._threads.append(t)
 
-    def _connect(self, node: _Node) -> pymysql.connections.Connection:
+    def _connect(self, node: Node) -> pymysql.connections.Connection:
         m = self._mon
         return control_connect(self.config, node.backend, user=self._user, password=self._password,
                                connect_timeout=m.connect_timeout, read_timeout=m.read_timeout,
                                write_timeout=m.read_timeout, autocommit=True, charset="utf8mb4")
 
-    def _paced(self, period: float, body) -> None:
-        """Run body every `period` seconds (no bursts after an overrun) until stopped."""
+    def _paced(self, period, body, node: Node | None = None) -> None:
+        """Run body every period() seconds (no bursts after an overrun) until stopped (or the node
+        is retired by a reload). period is read each round, so a reload changes it."""
         due = time.monotonic()
         complained = 0.0
-        while not self._stop.is_set():
+        while not self._stop.is_set() and not (node is not None and node.retired.is_set()):
             try:
                 body()
             except Exception:  # a bug must not silently end this server's checks
@@ -269,30 +303,27 @@ class Monitor(ReplicationReading):
                     complained = time.monotonic()
                     log.exception("unexpected error in %s (logged at most once a minute)",
                                   threading.current_thread().name)
-            due += period
-            now = time.monotonic()
-            if due < now:
-                due = now
-            self._stop.wait(due - now)
+            due = max(due + period(), time.monotonic())
+            self._stop.wait(due - time.monotonic())
 
-    def _check_loop(self, node: _Node) -> None:
+    def _check_loop(self, node: Node) -> None:
         conn: list = [None]
         try:
-            self._paced(self._mon.interval, lambda: self._check_once(node, conn))
+            self._paced(lambda: self._mon.interval, lambda: self._check_once(node, conn), node)
         finally:
-            _close(conn[0])
+            close_quietly(conn[0])
 
-    def _heartbeat_loop(self, node: _Node) -> None:
+    def _heartbeat_loop(self, node: Node) -> None:
         conn: list = [None]
         state = {"table": False, "retry_at": 0.0}
         try:
-            self._paced(self._mon.heartbeat_interval, lambda: self._beat(node, conn, state))
+            self._paced(lambda: self._mon.heartbeat_interval, lambda: self._beat(node, conn, state), node)
         finally:
-            _close(conn[0])
+            close_quietly(conn[0])
 
     # ---- checks ----------------------------------------------------------------
 
-    def _check_once(self, node: _Node, conn: list) -> None:
+    def _check_once(self, node: Node, conn: list) -> None:
         gen = self._gen
         node.check_started = time.monotonic()
         try:
@@ -300,8 +331,8 @@ class Monitor(ReplicationReading):
         finally:
             node.check_started = 0.0
         with self._cond:
-            if gen != self._gen:
-                return  # a designation happened while this check ran: its view predates it
+            if gen != self._gen or node.retired.is_set():
+                return  # a designation happened while this check ran (its view predates it), or a reload removed it
             prev = self._states[node.name]
             designated = None if self._designated is None else self._designated == node.name
         new, message = decide(prev, obs, node.tracker, self._policy, node.configured_role, designated)
@@ -315,19 +346,20 @@ class Monitor(ReplicationReading):
             level = logging.WARNING if worse else logging.INFO
             log.log(level, "%s: %s", node.label, message)
         with self._cond:
-            if gen != self._gen or self._states[node.name] is not prev:
-                return  # designated, or put in maintenance, meanwhile
+            if gen != self._gen or self._states.get(node.name) is not prev:
+                return  # designated, put in maintenance or removed meanwhile
+            if new.readable and self._admin.get(node.name) == "offline":
+                new = replace(new, readable=False)  # an operator took it out of the read pool
             self._states[node.name] = new
             if significant(prev, new, self._gtid_routing) or (new.fails != prev.fails and new.fails <= self._fail_cap):
-                self._dirty = True
-                self._cond.notify_all()
+                self._changed()
         if self._on_check is not None:
             try:
                 self._on_check(new)
             except Exception:
                 log.exception("on_check callback failed")
 
-    def _observe(self, node: _Node, conn: list) -> Observation:
+    def _observe(self, node: Node, conn: list) -> Observation:
         """One round of queries on the node's dedicated connection; any connection error fails it."""
         try:
             if conn[0] is None:
@@ -352,7 +384,7 @@ class Monitor(ReplicationReading):
                 node.hb_merge = False
             return obs
         except (pymysql.MySQLError, OSError) as exc:
-            _close(conn[0])
+            close_quietly(conn[0])
             conn[0] = None
             node.repl = None
             return Observation(ok=False, at=time.time(), error=describe(exc))
@@ -360,7 +392,7 @@ class Monitor(ReplicationReading):
     _CHECK = ("SELECT @@read_only, @@server_id, @@gtid_current_pos, @@gtid_slave_pos, @@gtid_binlog_pos, "
               "UNIX_TIMESTAMP(NOW(6))")
 
-    def _check_query(self, node: _Node, conn) -> tuple:
+    def _check_query(self, node: Node, conn) -> tuple:
         """The check's one round trip. On a replica whose heartbeat table was readable last time
         it also reads the newest heartbeat (else _lag would need a second round trip every check:
         a third of the monitor's queries). hb_ts is a 1-tuple (value) when it was read, else None."""
@@ -380,21 +412,22 @@ class Monitor(ReplicationReading):
 
     # ---- heartbeat -------------------------------------------------------------
 
-    def _beat(self, node: _Node, conn: list, state: dict) -> None:
+    def _beat(self, node: Node, conn: list, state: dict) -> None:
         """Write this server's heartbeat row if it is a live writer; never counts as a check.
 
         A writer is what the topology says (role), not just read_only=0: a fenced old primary
         that restarted writable must not get rows the rest of the cluster never sees.
         """
         with node.hb_lock:
-            self._beat_locked(node, conn, state)
+            if not node.retired.is_set():
+                self._beat_locked(node, conn, state)
 
-    def _beat_locked(self, node: _Node, conn: list, state: dict) -> None:
+    def _beat_locked(self, node: Node, conn: list, state: dict) -> None:
         st = self._states[node.name]
         if (st.read_only is not False or st.state in (DOWN, MAINTENANCE) or st.role not in (PRIMARY, MASTER)
                 or node.hb_paused):
             if conn[0] is not None:
-                _close(conn[0])
+                close_quietly(conn[0])
                 conn[0] = None
                 state["table"] = False
             return
@@ -435,7 +468,7 @@ class Monitor(ReplicationReading):
                 return
             if code != READ_ONLY:  # read_only just flipped: the checker will notice the role change
                 log.debug("%s: heartbeat write failed: %s", node.label, describe(exc))
-            _close(conn[0])
+            close_quietly(conn[0])
             conn[0] = None
             state["table"] = False
 
@@ -454,7 +487,7 @@ class Monitor(ReplicationReading):
                     continue
                 self._dirty = False
                 prev = self._topology
-                servers = {name: self._states[name] for name in prev.servers}
+                servers = {name: self._states[name] for name in self._nodes if name in self._states}
                 topo = Topology(servers, prev.version + 1, time.time())
                 self._topology = topo
                 self._cond.notify_all()
@@ -463,12 +496,3 @@ class Monitor(ReplicationReading):
                 self._on_update(topo)
             except Exception:
                 log.exception("on_update callback failed")
-
-
-def _close(conn) -> None:
-    if conn is None:
-        return
-    try:
-        conn.close()
-    except Exception:
-        pass

@@ -1,0 +1,166 @@
+"""The SQL engine behind the admin port's tables: SQLite, fed from a live snapshot per query.
+
+ProxySQL's admin is SQLite underneath, and for the same reason: operators get WHERE, ORDER BY,
+GROUP BY, LIMIT, joins, CTEs and aggregates for free. A statement arrives parsed by sqlglot
+(MySQL dialect), is checked to read only known tables, is written out in SQLite's dialect and
+runs on a fresh in-memory database holding just the tables it names (filled from the control
+plane's tables at that moment, so every query sees the present).
+
+Hostile or careless SQL stays harmless: the database is private to the query; an authorizer
+allows reading and nothing else (no ATTACH, no PRAGMA, no writes, no extension loading); a
+progress handler stops a query after [admin] query_timeout; strings and blobs are capped at
+16 MiB (SQLite's SQLITE_LIMIT_LENGTH) and results at [admin] max_rows rows.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+
+from sqlglot import exp
+from sqlglot.errors import SqlglotError
+
+from proxy.observe.tables import COLUMNS
+
+DATABASE = "rwproxy"
+ER_NO_SUCH_TABLE = (1146, "42S02")
+ER_BAD_DB = (1049, "42000")
+ER_PARSE = (1064, "42000")
+ER_READ_ONLY = (1290, "HY000")
+ER_STATEMENT_TIMEOUT = (1969, "70100")
+ER_TOO_BIG = (1104, "42000")
+ER_UNKNOWN = (1105, "HY000")
+ER_BAD_FIELD = (1054, "42S22")
+ER_NO_FUNCTION = (1305, "42000")
+
+_ALLOWED = {sqlite3.SQLITE_SELECT, sqlite3.SQLITE_READ, sqlite3.SQLITE_FUNCTION, sqlite3.SQLITE_RECURSIVE}
+_DENIED_FUNCTIONS = {"load_extension", "readfile", "writefile", "edit", "fts3_tokenizer"}
+MAX_LENGTH = 16 << 20
+
+
+class QueryError(Exception):
+    """An error the admin client receives: (code, sqlstate), message."""
+
+    def __init__(self, error: tuple[int, str], message: str):
+        super().__init__(message)
+        self.code, self.sqlstate = error
+        self.message = message
+
+
+def _authorize(action, arg1, arg2, dbname, source):
+    if action == sqlite3.SQLITE_FUNCTION and (arg2 or "").lower() in _DENIED_FUNCTIONS:
+        return sqlite3.SQLITE_DENY
+    return sqlite3.SQLITE_OK if action in _ALLOWED else sqlite3.SQLITE_DENY
+
+
+def is_query(expression) -> bool:
+    """A statement that only reads (SELECT, UNION ..., WITH ... SELECT)."""
+    return isinstance(expression, exp.Query)
+
+
+def referenced(expression, database: str | None, info_tables: dict) -> tuple[set[str], set[str]]:
+    """(rwproxy tables, information_schema tables) the statement reads; QueryError for anything else."""
+    ctes = {c.alias_or_name.lower() for c in expression.find_all(exp.CTE)}
+    mine, info = set(), set()
+    for t in expression.find_all(exp.Table):
+        if not isinstance(t.this, exp.Identifier):
+            raise QueryError(ER_PARSE, "table functions are not supported on the admin port")
+        db = (t.db or database or "").lower()
+        name = t.name.lower()
+        if not t.db and name in ctes:
+            continue
+        if db in ("", DATABASE):
+            if name not in COLUMNS:
+                raise QueryError(ER_NO_SUCH_TABLE, f"Table '{DATABASE}.{name}' doesn't exist; "
+                                 f"the tables are: {', '.join(COLUMNS)}")
+            mine.add(name)
+        elif db == "information_schema":
+            if name not in info_tables:
+                raise QueryError(ER_NO_SUCH_TABLE, f"Table 'information_schema.{name}' doesn't exist")
+            info.add(name)
+        else:
+            raise QueryError(ER_BAD_DB, f"Unknown database '{db}'")
+    return mine, info
+
+
+def _unqualify(node):
+    """rwproxy.x -> x (the tables live in SQLite's main database)."""
+    if isinstance(node, exp.Table) and node.db.lower() == DATABASE:
+        node.set("db", None)
+    return node
+
+
+def to_sqlite(expression, database: str | None) -> str:
+    expr = expression.copy().transform(_unqualify)
+    if database and database.lower() == "information_schema":
+        def qualify(node):
+            if isinstance(node, exp.Table) and not node.db:
+                node.set("db", exp.to_identifier("information_schema"))
+            return node
+        expr = expr.transform(qualify)
+    try:
+        return expr.sql(dialect="sqlite")
+    except SqlglotError as e:
+        raise QueryError(ER_PARSE, f"cannot run this statement: {e}") from None
+
+
+def run(expression, database: str | None, fetch, info_tables: dict, timeout: float, max_rows: int):
+    """Run a read-only statement; (column names, rows). `fetch(names)` returns {name: [row dicts]};
+    `info_tables` is {name: (columns, rows)} for information_schema."""
+    if not is_query(expression):
+        raise QueryError(ER_READ_ONLY, "the rwproxy admin tables are read-only; change things with the admin "
+                         "commands (type HELP) or in the config file and RELOAD CONFIG")
+    mine, info = referenced(expression, database, info_tables)
+    sql = to_sqlite(expression, database)
+    data = fetch(sorted(mine)) if mine else {}
+    db = sqlite3.connect(":memory:", check_same_thread=False)
+    try:
+        db.setlimit(sqlite3.SQLITE_LIMIT_LENGTH, MAX_LENGTH)
+        db.setlimit(sqlite3.SQLITE_LIMIT_ATTACHED, 1)
+        for name in mine:
+            cols = COLUMNS[name]
+            _load(db, "main", name, [c for c, _ in cols], [t for _, t in cols],
+                  [tuple(r.get(c) for c, _ in cols) for r in data.get(name, [])])
+        if info:
+            db.execute("ATTACH DATABASE ':memory:' AS information_schema")
+            for name in info:
+                cols, rows = info_tables[name]
+                _load(db, "information_schema", name, cols, ["" for _ in cols], rows)
+        deadline = time.monotonic() + timeout
+        db.set_progress_handler(lambda: 1 if time.monotonic() > deadline else 0, 2000)
+        db.set_authorizer(_authorize)
+        try:
+            cur = db.execute(sql)
+            rows = cur.fetchmany(max_rows + 1)
+        except sqlite3.OperationalError as e:
+            text = str(e)
+            if text == "interrupted":
+                raise QueryError(ER_STATEMENT_TIMEOUT, f"Query execution was interrupted (the admin port's "
+                                 f"query_timeout of {timeout:g} s was exceeded)") from None
+            if text.startswith("not authorized"):
+                raise QueryError(ER_READ_ONLY, "not allowed on the admin port (it only reads its tables)") from None
+            if text.startswith("no such column: "):
+                raise QueryError(ER_BAD_FIELD, f"Unknown column '{text[16:]}'") from None
+            if text.startswith("no such function: "):
+                raise QueryError(ER_NO_FUNCTION, f"FUNCTION {text[18:]} does not exist on the admin port "
+                                 "(its tables run on SQLite: see docs/admin.md)") from None
+            raise QueryError(ER_UNKNOWN, f"{text} (in: {sql[:200]})") from None
+        except (sqlite3.DataError, sqlite3.Error) as e:
+            if "too big" in str(e):
+                raise QueryError(ER_TOO_BIG, f"result too large: {e}") from None
+            raise QueryError(ER_UNKNOWN, str(e)) from None
+        if len(rows) > max_rows:
+            raise QueryError(ER_TOO_BIG, f"the result has more than {max_rows} rows ([admin] max_rows); add a "
+                             f"LIMIT or a WHERE")
+        names = [d[0] for d in cur.description or ()]
+        return names, rows
+    finally:
+        db.close()
+
+
+def _load(db, schema: str, name: str, cols: list[str], types: list[str], rows: list[tuple]) -> None:
+    decl = ", ".join(f'"{c}" {t}'.rstrip() for c, t in zip(cols, types))
+    db.execute(f'CREATE TABLE {schema}."{name}" ({decl})')
+    if rows:
+        marks = ", ".join("?" * len(cols))
+        db.executemany(f'INSERT INTO {schema}."{name}" VALUES ({marks})', rows)

@@ -1,0 +1,64 @@
+"""What a reload changes: the keys that differ between two configurations, which of them need a
+restart, and the configuration that runs meanwhile (the new one, with the restart-only keys
+kept as they are running)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from proxy.config.schema import Config, spec_fields
+
+# Keys a running proxy cannot change: sockets already bound, processes already forked, TLS
+# contexts already loaded, the cluster mode everything was built for.
+RESTART_ONLY = ("proxy.listen", "proxy.workers", "proxy.cpu_affinity", "proxy.runtime_dir", "proxy.tls.",
+                "proxy.auth_plugin", "proxy.server_version", "admin.listen", "metrics.listen", "cluster.topology",
+                "backend_tls.", "pool.multiplex")
+
+
+def flatten(cfg: Config) -> dict[str, object]:
+    """section.key -> value; arrays of named tables by name (backends[node2].weight), others by index."""
+    out: dict[str, object] = {}
+
+    def walk(obj, prefix: str) -> None:
+        for f in spec_fields(type(obj)):
+            value, path, kind = getattr(obj, f.name), prefix + f.name, f.metadata["kind"]
+            if kind == "table":
+                walk(value, path + ".")
+            elif kind == "tables":
+                for i, item in enumerate(value):
+                    key = getattr(item, "name", None) or str(i)
+                    walk(item, f"{path}[{key}].")
+            else:
+                out[path] = value
+
+    walk(cfg, "")
+    return out
+
+
+def changes(old: Config, new: Config) -> list[str]:
+    a, b = flatten(old), flatten(new)
+    return sorted(k for k in a.keys() | b.keys() if a.get(k, _MISSING) != b.get(k, _MISSING))
+
+
+def restart_only(key: str) -> bool:
+    return any(key == r or (r.endswith(".") and key.startswith(r)) for r in RESTART_ONLY)
+
+
+def effective(old: Config, new: Config) -> Config:
+    """`new`, with every restart-only key as `old` runs it."""
+    rep = dataclasses.replace
+    proxy = rep(new.proxy, listen=old.proxy.listen, workers=old.proxy.workers, cpu_affinity=old.proxy.cpu_affinity,
+                runtime_dir=old.proxy.runtime_dir, tls=old.proxy.tls, auth_plugin=old.proxy.auth_plugin,
+                server_version=old.proxy.server_version)
+    return rep(new, proxy=proxy, admin=rep(new.admin, listen=old.admin.listen),
+               metrics=rep(new.metrics, listen=old.metrics.listen),
+               cluster=rep(new.cluster, topology=old.cluster.topology), backend_tls=old.backend_tls,
+               pool=rep(new.pool, multiplex=old.pool.multiplex))
+
+
+class _Missing:
+    def __repr__(self) -> str:
+        return "<absent>"
+
+
+_MISSING = _Missing()

@@ -1,0 +1,361 @@
+"""Issue 21: the admin SQL port (mysql-mimic), against real servers and real clients."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import socket
+import struct
+import subprocess
+import sys
+import time
+
+import pymysql
+import pytest
+
+from helpers import start_proxy
+from proxy.protocol import auth
+from proxy.protocol.constants import PROXY_CAPABILITIES
+from proxy.protocol.handshake import build_response, parse_greeting
+from proxy.protocol.packets import frame
+from proxy.runtime.launcher import free_port
+
+ADMIN_PW, STATS_PW, HASHED_PW = "adm1n-pw", "st4ts-pw", "h4shed-pw"
+
+
+def native_hash(pw: str) -> str:
+    return "*" + hashlib.sha1(hashlib.sha1(pw.encode()).digest()).hexdigest().upper()
+
+
+@pytest.fixture(scope="module")
+def admin_proxy(cluster, tmp_path_factory):
+    port = free_port()
+    p = start_proxy(cluster, tmp_path_factory.mktemp("admin"), admin={
+        "listen": f"127.0.0.1:{port}", "query_timeout": 1.0, "max_rows": 5000,
+        "users": [{"name": "admin", "password": ADMIN_PW}, {"name": "watcher", "password": STATS_PW, "role": "stats"},
+                  {"name": "hashed", "password": native_hash(HASHED_PW)}]})
+    p.admin_port = port
+    try:
+        yield p
+    finally:
+        p.process.stop()
+
+
+def admin(p, user="admin", password=ADMIN_PW, **kw):
+    return pymysql.connect(host="127.0.0.1", port=p.admin_port, user=user, password=password, **kw)
+
+
+def q(conn, sql):
+    with conn.cursor() as cur:
+        cur.execute(sql)
+        return cur.fetchall()
+
+
+# ---- the two holes of mysql-mimic 3.0.5, and its other soft spots ------------------------------
+
+def _raw_login(port, user, password):
+    """Greeting, then a login; returns (socket, the first reply packet's payload)."""
+    s = socket.create_connection(("127.0.0.1", port), timeout=5)
+    buf = b""
+    while len(buf) < 4 or len(buf) < 4 + int.from_bytes(buf[:3], "little"):
+        buf += s.recv(65536)
+    n = int.from_bytes(buf[:3], "little")
+    greeting = parse_greeting(buf[4:4 + n])
+    token = auth.native_token(password, greeting.salt)
+    s.sendall(frame(build_response(PROXY_CAPABILITIES & ~(1 << 20), 45, user, token, None, auth.NATIVE), 1))
+    reply = b""
+    while len(reply) < 4 or len(reply) < 4 + int.from_bytes(reply[:3], "little"):
+        chunk = s.recv(65536)
+        if not chunk:
+            break
+        reply += chunk
+    return s, reply[4:]
+
+
+def _rest(s) -> bytes:
+    """Everything the server still sends until it closes (b"" if it closed at once)."""
+    s.settimeout(3)
+    out = b""
+    try:
+        while True:
+            chunk = s.recv(65536)
+            if not chunk:
+                return out
+            out += chunk
+    except socket.timeout:
+        return out + b"<still open>"
+    except ConnectionResetError:
+        return out
+
+
+@pytest.mark.parametrize("user, password", [("admin", "wrong"), ("nobody", ADMIN_PW), ("hashed", "*x")])
+def test_a_failed_login_closes_the_connection_before_any_query_runs(admin_proxy, user, password):
+    """mysql-mimic writes "Access denied" and starts the command phase anyway; a raw client that
+    ignores the error must get nothing for the query it sends next."""
+    s, reply = _raw_login(admin_proxy.admin_port, user, password)
+    assert reply[:1] == b"\xff" and struct.unpack_from("<H", reply, 1)[0] == 1045
+    try:
+        s.sendall(frame(b"\x03SELECT name, password FROM users", 0))
+    except OSError:
+        pass  # closed already: nothing can come back
+    assert _rest(s) == b""
+    s.close()
+
+
+def test_a_failed_change_user_closes_the_connection(admin_proxy):
+    s, reply = _raw_login(admin_proxy.admin_port, "admin", ADMIN_PW)
+    assert reply[:1] == b"\x00"
+    token = b"\x01" * 20  # not the answer to any scramble
+    s.sendall(frame(b"\x11watcher\x00" + bytes([len(token)]) + token + b"\x00" + struct.pack("<H", 45)
+                    + b"mysql_native_password\x00", 0))
+    first = s.recv(65536)
+    assert first[4:5] == b"\xff"  # access denied ...
+    try:
+        s.sendall(frame(b"\x03SELECT COUNT(*) FROM users", 0))
+    except OSError:
+        pass
+    assert _rest(s) == b""  # ... and the connection ends (it does not stay logged in as admin)
+    s.close()
+
+
+def test_prepared_statements_are_refused_and_never_substituted(admin_proxy):
+    """mysql-mimic pastes COM_STMT_EXECUTE parameters into SQL unescaped: every prepared-statement
+    command is refused, and an execute of a statement id that a naive server would accept runs
+    nothing."""
+    s, reply = _raw_login(admin_proxy.admin_port, "admin", ADMIN_PW)
+    assert reply[:1] == b"\x00"
+
+    def cmd(payload):
+        s.sendall(frame(payload, 0))
+        data = s.recv(65536)
+        return data[4:4 + int.from_bytes(data[:3], "little")]
+
+    err = cmd(b"\x16SELECT name FROM users WHERE name = ?")
+    assert err[:1] == b"\xff" and struct.unpack_from("<H", err, 1)[0] == 1295
+    inj = b"x' OR '1'='1"
+    execute = (b"\x17" + struct.pack("<IBI", 1, 0, 1) + b"\x00" + b"\x01" + b"\xfe\x00"
+               + bytes([len(inj)]) + inj)
+    err = cmd(execute)
+    assert err[:1] == b"\xff" and struct.unpack_from("<H", err, 1)[0] == 1295
+    # the connection is still usable, with text queries
+    reply = cmd(b"\x03SELECT 1")
+    assert reply[:1] != b"\xff"
+    s.close()
+
+
+def test_oversized_packets_and_silent_clients_are_cut_off(admin_proxy):
+    s = socket.create_connection(("127.0.0.1", admin_proxy.admin_port), timeout=5)
+    s.recv(65536)  # greeting
+    s.sendall(b"\xff\xff\xff\x01" + b"x" * 65536)  # a 16 MiB packet announced before login
+    assert _rest(s) == b""  # closed without reading the rest (no error packet, no OOM)
+    s.close()
+    silent = socket.create_connection(("127.0.0.1", admin_proxy.admin_port), timeout=15)
+    silent.recv(65536)
+    t0 = time.monotonic()
+    assert _rest(silent) in (b"", b"<still open>")
+    silent.settimeout(15)
+    assert silent.recv(100) == b""  # closed within the login timeout
+    assert time.monotonic() - t0 < 14
+    silent.close()
+
+
+def test_no_default_password_and_loopback_by_default(cluster, tmp_path):
+    from proxy.config.load import ConfigError, parse_config
+
+    base = (f"[[backends]]\nhost = '127.0.0.1'\nport = {cluster.primary.port}\n"
+            "[[users]]\nname = 'app'\npassword = 'app'\n")
+    with pytest.raises(ConfigError, match="admin.users: the admin port needs at least one"):
+        parse_config(base + "[admin]\nlisten = '127.0.0.1:7032'\n")
+    with pytest.raises(ConfigError, match=r"admin.users\[0\].password: required"):
+        parse_config(base + "[[admin.users]]\nname = 'admin'\n")
+    cfg = parse_config(base + "[[admin.users]]\nname = 'admin'\npassword = 'x'\n")
+    assert cfg.admin.host == "127.0.0.1" and cfg.admin.port == 6032
+    assert not parse_config(base).admin.enabled  # off unless configured
+
+
+# ---- roles, tables, commands -------------------------------------------------------------------
+
+def test_stats_role_reads_but_cannot_change_anything(admin_proxy):
+    c = admin(admin_proxy, "watcher", STATS_PW)
+    assert q(c, "SELECT COUNT(*) FROM servers")[0][0] == 3
+    for sql in ("SET SERVER 'node2' OFFLINE", "RESET STATS", "RELOAD CONFIG", "KILL SESSION 1", "ENABLE FAILOVER"):
+        with pytest.raises(pymysql.err.OperationalError) as e:
+            q(c, sql)
+        assert e.value.args[0] == 1227, sql
+    with pytest.raises(pymysql.err.MySQLError) as e:
+        q(c, "DELETE FROM digests")
+    assert e.value.args[0] == 1290
+
+
+def test_hashed_admin_password_and_the_mariadb_cli(admin_proxy):
+    out = subprocess.run(["mariadb", "-h127.0.0.1", f"-P{admin_proxy.admin_port}", "-uhashed", f"-p{HASHED_PW}",
+                          "-N", "-e", "SELECT name FROM servers ORDER BY name"],
+                         capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["node1", "node2", "node3"]
+
+
+def test_other_client_libraries_connect(admin_proxy):
+    import MySQLdb
+    import mysql.connector
+
+    m = MySQLdb.connect(host="127.0.0.1", port=admin_proxy.admin_port, user="admin", passwd=ADMIN_PW)
+    cur = m.cursor()
+    cur.execute("SELECT name FROM servers WHERE role = 'primary'")
+    assert cur.fetchall() == (("node1",),)
+    m.close()
+    c = mysql.connector.connect(host="127.0.0.1", port=admin_proxy.admin_port, user="admin", password=ADMIN_PW)
+    cur = c.cursor()
+    cur.execute("SELECT COUNT(*) FROM servers")
+    assert cur.fetchall()[0][0] == 3
+    c.close()
+
+
+def test_digests_find_the_slowest_statement(admin_proxy):
+    app = admin_proxy.connect(autocommit=True)
+    with app.cursor() as cur:
+        for i in range(20):
+            cur.execute("SELECT %s + 1 AS adminquick", (i,))
+        cur.execute("SELECT SLEEP(0.3) AS adminslow")
+    with pytest.raises(pymysql.err.ProgrammingError):
+        with app.cursor() as cur:
+            cur.execute("SELECT * FROM no_such_table_admin")
+    c = admin(admin_proxy)
+    rows = q(c, "SELECT digest_text, count, max_ms, p99_ms, rows_sent, route, user, db FROM digests "
+                "WHERE digest_text LIKE '%admin%' ORDER BY max_ms DESC")
+    assert rows[0][0] == "SELECT SLEEP(?) AS adminslow" and rows[0][2] >= 290 and rows[0][3] >= 290
+    quick = [r for r in rows if r[0] == "SELECT ? + ? AS adminquick"]
+    assert quick and quick[0][1] == 20 and quick[0][4] == 20 and quick[0][5] == "read"
+    assert quick[0][6:] == ("app", "app")
+    err = q(c, "SELECT errors FROM digests WHERE digest_text LIKE '%no_such_table_admin%'")
+    assert err == ((1,),)
+    # GROUP BY and a join between tables
+    by_route = dict(q(c, "SELECT route, SUM(count) FROM digests GROUP BY route"))
+    assert by_route.get("read", 0) >= 21
+    joined = q(c, "SELECT s.name, s.role, SUM(p.queries) FROM servers s JOIN pools p ON p.server = s.name "
+                  "GROUP BY s.name, s.role ORDER BY s.name")
+    assert [r[0] for r in joined] and all(r[2] >= 0 for r in joined)
+    app.close()
+
+
+def test_sessions_show_what_pins_them(admin_proxy):
+    app = admin_proxy.connect(autocommit=True)
+    with app.cursor() as cur:
+        cur.execute("CREATE TEMPORARY TABLE admin_tmp (a INT)")
+        cur.execute("SELECT CONNECTION_ID()")
+    c = admin(admin_proxy)
+    rows = q(c, "SELECT id, user, state, pinned, ties, servers FROM sessions WHERE pinned <> ''")
+    assert any(r[1] == "app" and r[3] == "temporary table" and "node1" in r[5] for r in rows), rows
+    sid = app.thread_id()
+    assert q(c, f"SELECT COUNT(*) FROM sessions WHERE id = {sid}")[0][0] == 1
+    with c.cursor() as cur:
+        cur.execute(f"KILL SESSION {sid}")
+        assert "closed" in cur.fetchall()[0][1]
+    with pytest.raises(pymysql.err.OperationalError):
+        with app.cursor() as cur:
+            cur.execute("SELECT 1")
+    with pytest.raises(pymysql.err.OperationalError) as e:
+        q(c, "KILL SESSION 99999999")
+    assert e.value.args[0] == 1094
+
+
+def test_offline_drains_a_replica_and_online_brings_it_back(admin_proxy, cluster):
+    c = admin(admin_proxy)
+    app = admin_proxy.connect(autocommit=True)
+
+    def answering(n=40):
+        seen = set()
+        with app.cursor() as cur:
+            for _ in range(n):
+                cur.execute("SELECT @@port")
+                seen.add(cur.fetchone()[0])
+        return seen
+
+    node2 = cluster.nodes[1].port
+    deadline = time.monotonic() + 10
+    while node2 not in answering() and time.monotonic() < deadline:
+        pass
+    assert node2 in answering(80)
+    msg = q(c, "SET SERVER 'node2' OFFLINE")[0][1]
+    assert "OFFLINE" in msg
+    time.sleep(0.5)  # the next snapshot reaches the workers
+    assert node2 not in answering(80)
+    assert q(c, "SELECT admin_state, in_read_pool FROM servers WHERE name = 'node2'") == (("offline", 0),)
+    with pytest.raises(pymysql.err.OperationalError) as e:
+        q(c, "SET SERVER 'node1' MAINTENANCE")
+    assert "SWITCHOVER" in e.value.args[1]
+    q(c, "SET SERVER 'node2' ONLINE")
+    deadline = time.monotonic() + 10
+    while node2 not in answering() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert node2 in answering(80)
+    events = [r[0] for r in q(c, "SELECT message FROM events ORDER BY id")]
+    assert any("node2 set OFFLINE" in m for m in events) and any("node2 set ONLINE" in m for m in events)
+    app.close()
+
+
+def test_reset_stats_and_rule_hits(admin_proxy):
+    c = admin(admin_proxy)
+    assert q(c, "SELECT COUNT(*) FROM digests")[0][0] > 0
+    q(c, "RESET STATS")
+    assert q(c, "SELECT COUNT(*) FROM digests")[0][0] == 0
+    assert q(c, "SELECT COUNT(*) FROM rules")[0][0] == 0
+
+
+def test_users_and_config_never_show_secrets(admin_proxy):
+    c = admin(admin_proxy)
+    users = q(c, "SELECT name, password FROM users")
+    assert dict(users) == {"app": "set", "sha2user": "set"}
+    text = json.dumps(q(c, "SELECT * FROM config"), default=str)
+    for secret in (ADMIN_PW, STATS_PW, native_hash(HASHED_PW), "s3cret-sha2"):
+        assert secret not in text, secret
+    pw = dict((r[0], r[1]) for r in q(c, "SELECT variable_name, variable_value FROM config WHERE variable_name LIKE '%password%'"))
+    assert pw["monitor.password"] == "set" and pw["admin.users[2].password"] == "hashed (mysql_native_password)"
+
+
+# ---- hostile SQL stays harmless -------------------------------------------------------------------
+
+@pytest.mark.parametrize("sql, code", [
+    ("ATTACH DATABASE '/tmp/x.db' AS x", 1064),
+    ("PRAGMA table_info(servers)", 1290),
+    ("SELECT * FROM mysql.user", 1049),
+    ("SELECT * FROM nosuch", 1146),
+    ("SELECT load_extension('/tmp/x')", 1290),
+    ("WITH RECURSIVE r(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM r) SELECT COUNT(*) FROM r", 1969),
+    ("SELECT REPEAT('x', 2000000000)", 1305),
+    ("SELECT zeroblob(1000000000)", 1104),
+    ("SELECT * FROM digests, digests d2, digests d3, digests d4", None),
+    ("CREATE TABLE t (a INT)", 1290),
+    ("SELECT (((((((((((((((((((((((((((((((1)))))))))))))))))))))))))))))))", None),
+])
+def test_hostile_sql_gets_an_error_and_the_port_keeps_serving(admin_proxy, sql, code):
+    c = admin(admin_proxy)
+    try:
+        q(c, sql)
+        got = None
+    except pymysql.err.MySQLError as e:
+        got = e.args[0]
+    if code is not None:
+        assert got == code, (sql, got)
+    assert q(admin(admin_proxy), "SELECT COUNT(*) FROM servers")[0][0] == 3
+
+
+def test_information_schema_and_show_for_gui_clients(admin_proxy):
+    c = admin(admin_proxy)
+    tables = {r[0] for r in q(c, "SHOW TABLES")}
+    assert {"servers", "digests", "pools", "sessions", "rules", "users", "config", "events", "status"} <= tables
+    cols = [r[0] for r in q(c, "SHOW COLUMNS FROM digests")]
+    assert cols[:3] == ["digest", "digest_text", "user"]
+    assert q(c, "SELECT COUNT(*) FROM information_schema.tables WHERE table_schema = 'rwproxy'")[0][0] == len(tables)
+    assert q(c, "SELECT DATABASE()")[0][0] == "rwproxy"
+    assert "rwproxy" in q(c, "SELECT @@version_comment")[0][0]
+
+
+def test_status_json_covers_every_table(admin_proxy):
+    out = subprocess.run([sys.executable, "-m", "proxy", "status", "--config", admin_proxy.process.config_path,
+                          "--json", "--all"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    st = json.loads(out.stdout)
+    assert set(st["tables"]) == {"servers", "digests", "pools", "sessions", "rules", "users", "config", "events",
+                                 "status"}
+    assert [s["name"] for s in st["tables"]["servers"]] == ["node1", "node2", "node3"]

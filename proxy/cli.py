@@ -37,14 +37,16 @@ def _control(args, cmd: str, **extra) -> dict | None:
 
     from proxy.config.load import ConfigError, load_config
     from proxy.runtime.control import request
-    from proxy.runtime.rundir import control_socket
+    from proxy.runtime.rundir import control_socket, find_control_socket
 
     try:
-        config = load_config(args.config)
+        path = control_socket(load_config(args.config))
     except ConfigError as e:
-        print(f"rwproxy: {e}", file=sys.stderr)
-        return None
-    path = control_socket(config)
+        # reload: the running proxy reads the file itself, refuses it, logs and counts that
+        path = find_control_socket(args.config) if cmd == "reload" else None
+        if path is None:
+            print(f"rwproxy: {e}", file=sys.stderr)
+            return None
     try:
         hello = request(path, "hello", timeout=10)
         mine = os.path.realpath(args.config)

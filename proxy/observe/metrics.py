@@ -19,6 +19,7 @@ from prometheus_client.registry import CollectorRegistry
 from proxy import __version__
 from proxy.observe import report
 from proxy.observe.recorder import BOUNDS
+from proxy.routing.state import TIE_REASONS
 from proxy.runtime.launcher import process_cpu_seconds
 
 ROUTES = ("read", "write", "session")
@@ -114,8 +115,8 @@ class Collector:
         yield GaugeMetricFamily("rwproxy_client_sessions", "logged-in client sessions", value=s["sessions"])
         p = GaugeMetricFamily("rwproxy_pinned_sessions", "sessions tied to their connections, by reason",
                               labels=["reason"])
-        for reason, n in sorted(s["pinned"].items()):
-            p.add_metric([reason], n)
+        for reason in sorted({*TIE_REASONS, *s["pinned"]}):
+            p.add_metric([reason], s["pinned"].get(reason, 0))
         yield p
         b = GaugeMetricFamily("rwproxy_backend_connections", "connections to each server (sessions' own, pooled "
                               "and shared)", labels=["server"])

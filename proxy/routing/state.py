@@ -23,6 +23,9 @@ PIN_TEMP_TABLE = "temporary table"
 PIN_LOCK_TABLES = "LOCK TABLES"
 PIN_NAMED_LOCK = "named lock"
 PIN_HISTORY = "session history not replayable"
+# Every reason ties() gives (read-only transactions without the server name): /metrics shows each, 0 or not.
+TIE_REASONS = (PIN_TRANSACTION, PIN_TEMP_TABLE, PIN_LOCK_TABLES, PIN_NAMED_LOCK, PIN_HISTORY, "user variable",
+               "read-only transaction")
 
 
 class SessionState:
@@ -73,6 +76,11 @@ class SessionState:
         if self.history_overflow:
             return PIN_HISTORY
         return ""
+
+    def open_transaction(self) -> bool:
+        """A transaction really runs (the server said SERVER_STATUS_IN_TRANS), on the primary or a
+        read-only one on a replica; autocommit off alone is none (drain closes such a session)."""
+        return self.trx_server is not None or self.ro_trx is not None
 
     def ties(self) -> list[str]:
         """Everything that ties this session to its connections now (sessions table): its pin,

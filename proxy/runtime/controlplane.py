@@ -52,6 +52,7 @@ class ControlPlane:
         self.reloads = {"ok": 0, "failed": 0}
         self.config_version = 0  # reloads applied
         self.draining = False  # rwproxy drain / SIGTERM under way: not ready
+        self.drain_grace_used = 0.0  # s the workers kept accepting after the drain began
         self.drained = threading.Event()  # set when a drain has been ordered (the supervisor waits on it)
         self._reload_lock = threading.Lock()
         self.admin = None  # proxy.admin.server.AdminServer when [[admin.users]] exist
@@ -283,11 +284,18 @@ class ControlPlane:
         if self.draining:
             return {"ok": True, "message": "already draining"}
         self.draining = True
-        grace = self.config.proxy.drain_grace if self.http is not None else 0.0
+        grace = self.drain_grace_used = self.config.proxy.drain_grace if self.http is not None else 0.0
         timeout = max(self.config.proxy.shutdown_timeout, grace)
         dlog.warning("draining (%s): not ready; accepting for %.1f s more, then sessions end after their "
                      "transactions (at most %g s)", how, grace, timeout)
-        replies = self.ask.ask_all({"cmd": "drain", "grace": grace, "timeout": timeout})
+        msg = {"cmd": "drain", "grace": grace, "timeout": timeout}
+        replies = self.ask.ask_all(msg)
+        # A worker still starting (its control socket not up yet) is asked again, or it would
+        # serve on and the proxy never exit. Bounded: a dead one is the watchdog's business.
+        until = time.monotonic() + 10.0
+        while None in replies and time.monotonic() < until:
+            time.sleep(0.1)
+            replies = [r if r is not None else self.ask.ask_one(i, msg, timeout=2.0) for i, r in enumerate(replies)]
         self.drained.set()
         n = sum(r.get("sessions", 0) for r in replies if r)
         return {"ok": True, "message": f"draining {n} session(s); rwproxy exits when they are done "

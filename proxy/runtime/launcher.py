@@ -16,7 +16,8 @@ import time
 
 class ProxyProcess:
     def __init__(self, config_path: str, host: str, port: int, log_path: str | None = None, log_level: str = "INFO",
-                 source: str | None = None):
+                 source: str | None = None, env: dict | None = None):
+        self.env = env or {}  # extra environment (e.g. a password_env variable)
         self.config_path = str(config_path)
         self.host = host
         self.port = port
@@ -36,7 +37,7 @@ class ProxyProcess:
     def start(self, timeout: float = 20.0) -> "ProxyProcess":
         log = open(self.log_path, "ab")
         cmd = self.command()
-        env = dict(os.environ)
+        env = {**os.environ, **self.env}
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [self.source, env.get("PYTHONPATH")]))
         self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
         log.close()

@@ -49,6 +49,33 @@ def control_socket(config) -> str:
     return os.path.join(path_for(config), "control.sock")
 
 
+def find_control_socket(config_path: str) -> str | None:
+    """The control socket of the running instance started with `config_path`, found without
+    validating the file (`rwproxy reload` of a file that now has an error must still reach the
+    proxy, so that it refuses, logs and counts it): its raw [proxy] keys, else the default
+    runtime directories' instance.json."""
+    import tomllib
+
+    mine = os.path.realpath(config_path)
+    try:
+        with open(config_path, "rb") as f:
+            raw = tomllib.load(f).get("proxy", {})
+        if isinstance(raw.get("runtime_dir"), str) and raw["runtime_dir"]:
+            return os.path.join(raw["runtime_dir"], "control.sock")
+    except (OSError, ValueError, AttributeError):
+        pass
+    root = os.path.join(tempfile.gettempdir(), f"rwproxy-{os.getuid()}")
+    try:
+        names = os.listdir(root)
+    except OSError:
+        return None
+    for name in names:
+        ident = read_identity(os.path.join(root, name)) or {}
+        if ident.get("config") == mine:
+            return os.path.join(root, name, "control.sock")
+    return None
+
+
 def worker_socket(directory: str, index: int) -> str:
     return os.path.join(directory, f"worker-{index}.sock")
 

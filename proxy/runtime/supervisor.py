@@ -209,9 +209,16 @@ def _supervise(socks, topology, server_version, rsa_pem, tls_context, publisher,
         in_thread(plane.reload, "SIGHUP")
 
     def watchdog():
-        """After a drain was ordered: workers that outlive shutdown_timeout are stopped."""
+        """After a drain was ordered: once the workers stop accepting, our copies of their listening
+        sockets close too (else a new client would wait in a backlog nobody accepts from, instead
+        of being refused at once and tried elsewhere); workers that outlive shutdown_timeout are
+        stopped."""
         plane.drained.wait()
-        time.sleep(max(plane.config.proxy.shutdown_timeout, plane.config.proxy.drain_grace) + 5)
+        grace = plane.drain_grace_used
+        time.sleep(grace)
+        for s in socks:
+            s.close()
+        time.sleep(max(plane.config.proxy.shutdown_timeout, grace) - grace + 5)
         on_stop(signal.SIGINT, None)
 
     signal.signal(signal.SIGTERM, on_term)

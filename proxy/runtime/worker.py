@@ -348,7 +348,7 @@ class Worker:
                 st = c.state
                 if c.closed or c.phase != COMMAND or st is None:
                     continue
-                if not c.busy and not st.in_trx and not c.reader.buf and c.idle_for(mono) >= DRAIN_QUIET:
+                if not c.busy and not st.open_transaction() and not c.reader.buf and c.idle_for(mono) >= DRAIN_QUIET:
                     c.close()
             if (stopped_accepting and not any(not c.closed for c in self.clients)) or now >= deadline:
                 break

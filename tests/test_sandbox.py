@@ -124,12 +124,18 @@ def test_state_file_and_proxy_config(cluster):
     assert cfg["users"] == [{"name": "app", "password": "app"}]
     assert cfg["monitor"] == {"user": "rwproxy", "password": "rwproxy"}
     assert cfg["cluster"] == {"topology": "primary-replica"}
+    # the admin port gets a random password of its own, kept across `up`s; the file holding it is private
+    (admin,) = cfg["admin"]["users"]
+    assert admin["name"] == "admin" and len(admin["password"]) >= 16 and admin["password"] == state["admin_password"]
+    assert cfg["admin"]["listen"] == "127.0.0.1:6032" and cfg["metrics"]["listen"] == "127.0.0.1:9033"
+    assert cluster.config_path.stat().st_mode & 0o077 == 0
 
 
 def test_up_again_is_a_no_op_and_topology_change_is_refused(cluster):
     pids = [n.pid() for n in cluster.nodes]
     again = Cluster(cluster.dir).up(timeout=30)
     assert [n.pid() for n in again.nodes] == pids
+    assert again.admin_password == cluster.admin_password
     with pytest.raises(SandboxError, match="topology"):
         Cluster(cluster.dir, topology="master-master")
     with pytest.raises(SandboxError, match="replicas"):

@@ -169,6 +169,8 @@ class ControlPlane:
             old = self.config
             changed = diff.changes(old, new)
             later = [k for k in changed if diff.restart_only(k)]
+            if self.admin is None and new.admin.enabled:
+                later.append("admin.users")  # no admin port was opened at start: it opens at the next
             if not changed:
                 rlog.info("reload (%s): nothing changed", how)
                 return {"ok": True, "message": "nothing changed", "changed": [], "restart_required": []}

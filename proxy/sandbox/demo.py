@@ -93,3 +93,28 @@ def _tour(pymysql, port: int, cluster) -> None:
         print(format_status(request(control_socket(load_config(str(cluster.config_path))), "status", timeout=10)))
     except OSError as e:
         print(f"(status unavailable: {e})")
+    _admin_tour(pymysql, cluster)
+
+
+def _admin_tour(pymysql, cluster) -> None:
+    """The admin port and the health check the sandbox config turned on."""
+    import urllib.request
+
+    from proxy.sandbox.render import admin_ports
+
+    admin_port, metrics_port = admin_ports(cluster.proxy_port)
+    if not admin_port:
+        return
+    sql = "SELECT digest_text, count, ROUND(p99_ms, 2) AS p99_ms FROM digests ORDER BY total_ms DESC LIMIT 3"
+    print(f"\n$ mariadb -h127.0.0.1 -P{admin_port} -uadmin -p... -e \"{sql}\"   (the admin port)")
+    try:
+        conn = pymysql.connect(host="127.0.0.1", port=admin_port, user="admin", password=cluster.admin_password)
+        with conn.cursor() as cur:
+            cur.execute(sql)
+            for row in cur.fetchall():
+                print("  " + " | ".join(str(v) for v in row))
+        conn.close()
+        with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/health/ready", timeout=5) as r:
+            print(f"\n$ curl http://127.0.0.1:{metrics_port}/health/ready\n  {r.read().decode().strip()}")
+    except (OSError, pymysql.MySQLError) as e:
+        print(f"(admin port unavailable: {e})")

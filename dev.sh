@@ -22,6 +22,10 @@ system_deps() {
     pkg-config --exists libmariadb 2>/dev/null || missing+=(libmariadb-dev)
     command -v gcc >/dev/null 2>&1 || missing+=(gcc)
     "$PY" -c 'import venv, ensurepip' >/dev/null 2>&1 || missing+=(python3-venv)
+    # the operator tests run a real HAProxy in front of rwproxy and a real Prometheus scraping it
+    command -v haproxy >/dev/null 2>&1 || [ -x /usr/sbin/haproxy ] || missing+=(haproxy)
+    { command -v prometheus && command -v promtool; } >/dev/null 2>&1 || missing+=(prometheus)
+    command -v curl >/dev/null 2>&1 || missing+=(curl)
     [ ${#missing[@]} -eq 0 ] && return 0
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
         say "installing Debian packages: ${missing[*]}"

@@ -28,11 +28,11 @@ CASES = ["point select (replica)", "UPDATE (primary)", "BEGIN (primary)", "prepa
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def instructions(tree: Path, n: int, case: str) -> int:
+def instructions(tree: Path, n: int, case: str, stats: str = "on") -> int:
     """Instructions callgrind counts for dispatch_micro in `tree` with n statements of `case`."""
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "cg.out"
-        env = dict(os.environ, PYTHONPATH=str(tree), PYTHONHASHSEED="0")
+        env = dict(os.environ, PYTHONPATH=str(tree), PYTHONHASHSEED="0", RWPROXY_DISPATCH_STATS=stats)
         res = subprocess.run(["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", sys.executable,
                               "-m", "benchmarks.dispatch_micro", str(n), case],
                              cwd=tree, env=env, capture_output=True, text=True, timeout=1800)
@@ -42,8 +42,8 @@ def instructions(tree: Path, n: int, case: str) -> int:
         return int(m.group(1))
 
 
-def per_statement(tree: Path, n: int, case: str) -> float:
-    return (instructions(tree, n, case) - instructions(tree, 0, case)) / n
+def per_statement(tree: Path, n: int, case: str, stats: str = "on") -> float:
+    return (instructions(tree, n, case, stats) - instructions(tree, 0, case, stats)) / n
 
 
 def main(argv=None) -> int:
@@ -52,14 +52,19 @@ def main(argv=None) -> int:
     ap.add_argument("--other", default="", help="another checkout of rwproxy to compare with (e.g. the commit before)")
     ap.add_argument("--other-label", default="other")
     ap.add_argument("--tag", default="dispatch-instructions")
+    ap.add_argument("--stats-off", action="store_true",
+                    help="compare this tree with itself under [stats] enabled = false (what statistics cost)")
     args = ap.parse_args(argv)
     trees = {"this tree": ROOT}
     if args.other:
         trees[args.other_label] = Path(args.other).resolve()
+    elif args.stats_off:
+        trees["stats off"] = ROOT
     table: dict[str, dict[str, float]] = {case: {} for case in CASES}
     for case in CASES:
         for label, tree in trees.items():
-            table[case][label] = round(per_statement(tree, args.statements, case))
+            stats = "off" if label == "stats off" else "on"
+            table[case][label] = round(per_statement(tree, args.statements, case, stats))
             print(f"{case:24s} {label:12s} {table[case][label]:>9,.0f} instructions per statement", flush=True)
     result = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "statements": args.statements,
               "trees": {k: str(v) for k, v in trees.items()}, "instructions_per_statement": table}

@@ -10,6 +10,7 @@ per statement (the syscalls the real path adds are measured by benchmarks.run).
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 
 import uvloop
@@ -67,6 +68,8 @@ def main(n: int = 100_000, only: str = "") -> None:
         "backends": [{"name": f"node{i}", "host": "127.0.0.1", "port": 1 + i} for i in range(1, 4)],
         "users": [{"name": "app", "password": "app", "read_your_writes": "none"}],
         "pool": {"multiplex": False},  # the session's own connections (shared ones need a running loop)
+        # RWPROXY_DISPATCH_STATS=off: without the per-statement statistics ([stats] enabled = false)
+        "stats": {"enabled": os.environ.get("RWPROXY_DISPATCH_STATS", "on") != "off"},
     }
     config = build_config(data)
     servers = {"node1": ServerState("node1", "127.0.0.1", 2, role=PRIMARY, readable=True),

@@ -373,7 +373,7 @@ def test_sigterm_drains_too(cluster, tmp_path):
 # ---- behind HAProxy --------------------------------------------------------------------------------
 
 def test_two_instances_behind_haproxy_drain_with_zero_client_errors(cluster, tmp_path):
-    haproxy = shutil.which("haproxy")
+    haproxy = shutil.which("haproxy") or shutil.which("haproxy", path="/usr/sbin")
     assert haproxy, "haproxy is installed by dev.sh (Debian package haproxy)"
     ports = {name: free_port() for name in ("front", "a", "a_m", "b", "b_m", "stats")}
     a = start_proxy(cluster, tmp_path / "a", proxy={"listen": f"127.0.0.1:{ports['a']}", "drain_grace": 2.0},

@@ -78,6 +78,11 @@ def test_engine_runs_mysql_syntax_on_the_snapshot_and_fetches_only_what_it_reads
     assert _run("SELECT 1 + 1")[1] == [(2,)] and _run("SELECT 1 + 1")[2] == []
 
 
+def test_engine_names_columns_as_mysql_does_and_has_now():
+    cols, rows, _ = _run("SELECT CONCAT('a', 'b'), IFNULL(NULL, 2) AS x, name, NOW() > '2020' FROM servers LIMIT 1")
+    assert cols == ["CONCAT('a', 'b')", "x", "name", "NOW() > '2020'"] and rows == [("ab", 2, "node1", 1)]
+
+
 @pytest.mark.parametrize("sql, code", [
     ("DELETE FROM servers", 1290), ("UPDATE servers SET weight = 0", 1290), ("DROP TABLE servers", 1290),
     ("SELECT * FROM nosuch", 1146), ("SELECT nosuch FROM servers", 1054), ("SELECT * FROM mysql.user", 1049),

@@ -126,6 +126,8 @@ def run(expression, database: str | None, fetch, info_tables: dict, timeout: flo
             for name in info:
                 cols, rows = info_tables[name]
                 _load(db, "information_schema", name, cols, ["" for _ in cols], rows)
+        for name, nargs, fn in _FUNCTIONS:
+            db.create_function(name, nargs, fn)
         deadline = time.monotonic() + timeout
         db.set_progress_handler(lambda: 1 if time.monotonic() > deadline else 0, 2000)
         db.set_authorizer(_authorize)
@@ -143,7 +145,7 @@ def run(expression, database: str | None, fetch, info_tables: dict, timeout: flo
                 raise QueryError(ER_BAD_FIELD, f"Unknown column '{text[16:]}'") from None
             if text.startswith("no such function: "):
                 raise QueryError(ER_NO_FUNCTION, f"FUNCTION {text[18:]} does not exist on the admin port "
-                                 "(its tables run on SQLite: see docs/admin.md)") from None
+                                 "(its tables run on SQLite: see docs/operations.md)") from None
             raise QueryError(ER_UNKNOWN, f"{text} (in: {sql[:200]})") from None
         except (sqlite3.DataError, sqlite3.Error) as e:
             if "too big" in str(e):
@@ -152,10 +154,36 @@ def run(expression, database: str | None, fetch, info_tables: dict, timeout: flo
         if len(rows) > max_rows:
             raise QueryError(ER_TOO_BIG, f"the result has more than {max_rows} rows ([admin] max_rows); add a "
                              f"LIMIT or a WHERE")
-        names = [d[0] for d in cur.description or ()]
-        return names, rows
+        return _names(expression, [d[0] for d in cur.description or ()]), rows
     finally:
         db.close()
+
+
+def _now() -> str:
+    """NOW(): the same UTC text the tables' times use, so `last_seen > NOW() - ...` style filters compare."""
+    t = time.time()
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(t)) + f".{int((t % 1) * 1000):03d}"
+
+
+# MySQL functions an operator reaches for that SQLite lacks (sqlglot translates CONCAT, IFNULL, ...)
+_FUNCTIONS = (("NOW", 0, _now), ("UNIX_TIMESTAMP", 0, lambda: int(time.time())))
+
+
+def _names(expression, sqlite_names: list[str]) -> list[str]:
+    """Column names as MySQL would give them (`CONCAT('a', 'b')`, not SQLite's `'a' || 'b'`)."""
+    if not isinstance(expression, exp.Select):
+        return sqlite_names
+    picks = expression.expressions
+    if len(picks) != len(sqlite_names) or any(isinstance(e, exp.Star) or isinstance(e.unalias(), exp.Star)
+                                               for e in picks):
+        return sqlite_names
+    out = []
+    for e, fallback in zip(picks, sqlite_names):
+        if isinstance(e, (exp.Alias, exp.Column)):
+            out.append(e.alias_or_name or fallback)
+        else:
+            out.append(e.sql(dialect="mysql"))
+    return out
 
 
 def _load(db, schema: str, name: str, cols: list[str], types: list[str], rows: list[tuple]) -> None:

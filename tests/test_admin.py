@@ -159,6 +159,31 @@ def test_oversized_packets_and_silent_clients_are_cut_off(admin_proxy):
     silent.close()
 
 
+def test_packets_that_would_hang_mysql_mimic_are_refused(admin_proxy):
+    """mysql-mimic's compiled reader of NUL-terminated strings loops forever at a packet's end:
+    an unterminated user name in a login, or a one-byte COM_FIELD_LIST, would stop the port."""
+    for login in (struct.pack("<II", 0xFFFFFFFF, 1 << 24) + b"\x21" + bytes(23) + b"admin",  # no NUL, no password yet
+                  struct.pack("<II", PROXY_CAPABILITIES, 1 << 24) + b"\x21" + bytes(23) + b"admin\0\x00mysql_nat",
+                  b"\x01\x02"):
+        s = socket.create_connection(("127.0.0.1", admin_proxy.admin_port), timeout=5)
+        s.recv(65536)
+        s.sendall(frame(login, 1))
+        reply = _rest(s)
+        assert b"<still open>" not in reply and b"Bad handshake" in reply, reply
+        s.close()
+    c = admin(admin_proxy)
+    s, reply = _raw_login(admin_proxy.admin_port, "admin", ADMIN_PW)
+    assert reply[0] == 0
+    s.sendall(frame(b"\x04", 0))  # COM_FIELD_LIST without its table name
+    got = s.recv(65536)
+    assert got[4] == 0xFF and struct.unpack("<H", got[5:7])[0] == 1835, got
+    s.sendall(frame(b"\x03SELECT '\xe9'", 0))  # not UTF-8
+    got = s.recv(65536)
+    assert struct.unpack("<H", got[5:7])[0] == 1300 and b"Invalid utf8mb4 character string" in got, got
+    s.close()
+    assert q(c, "SELECT COUNT(*) FROM servers")[0][0] == 3  # and everyone else is still served
+
+
 def test_no_default_password_and_loopback_by_default(cluster, tmp_path):
     from proxy.config.load import ConfigError, parse_config
 

@@ -150,6 +150,9 @@ def test_recorder_counts_per_digest_and_server():
     assert summary["servers"]["node2"]["ok"][C.READ] == 4 and summary["servers"]["node2"]["err"][C.READ] == 1
     assert summary["servers"]["node2"]["lost"][C.READ] == 1 and summary["servers"]["node1"]["ok"][C.WRITE] == 1
     assert summary["servers"]["node2"]["bytes_in"] == 500
+    buckets, total = summary["hist"]["read"]
+    assert len(buckets) == NB and sum(buckets) == 5 and abs(total - sel[6]) < 1e-9  # sum = the digest's total
+    assert sum(summary["hist"]["write"][0]) == 1
 
 
 def test_recorder_memory_is_bounded_and_evicted_figures_are_kept_in_totals():

@@ -14,6 +14,9 @@ mysql-mimic 3.0.5 is used for the protocol only, with its known holes closed her
   unknown name is checked against a random hash, so the answer does not tell who exists;
 - a packet is read without any size limit, and a silent client holds its connection forever:
   here packets are capped at 1 MiB and the login must finish within 10 s;
+- its reader of NUL-terminated strings loops forever when the packet ends first, so one login
+  packet with an unterminated user name (before any password) or a 1-byte COM_FIELD_LIST would
+  stop the whole admin port: here such packets are refused before it reads them (guard.py);
 - KILL ends other admin connections, and static SELECTs and information_schema queries run in
   sqlglot's Python executor (`SELECT REPEAT('x', 1e9)` exhausts memory): here KILL means a
   client session of the proxy (admin role), and every query runs in the bounded SQLite engine.
@@ -43,7 +46,7 @@ from mysql_mimic.variables import SYSTEM_VARIABLES, GlobalVariables, SessionVari
 from sqlglot.errors import SqlglotError
 
 from proxy import __version__
-from proxy.admin import commands, engine
+from proxy.admin import commands, engine, guard
 from proxy.config.schema import is_native_hash
 from proxy.observe.http import bound_socket
 from proxy.logs import Throttle, clean
@@ -59,13 +62,16 @@ ADMIN, STATS = "admin", "stats"
 
 _SQLSTATES = {1054: "42S22", 1305: "42000", 1040: "08004", 1043: "08S01", 1045: "28000", 1046: "3D000", 1047: "08S01", 1049: "42000",
               1064: "42000", 1065: "42000", 1094: "HY000", 1104: "42000", 1146: "42S02", 1193: "HY000",
-              1227: "42000", 1231: "42000", 1235: "42000", 1290: "HY000", 1295: "HY000", 1969: "70100"}
+              1227: "42000", 1231: "42000", 1235: "42000", 1290: "HY000", 1295: "HY000", 1300: "HY000", 1835: "HY000", 1969: "70100"}
 
 _VARIABLES = dict(SYSTEM_VARIABLES)
 _VARIABLES["version"] = (str, f"10.11.0-rwproxy-admin-{__version__}", False)
 _VARIABLES["version_comment"] = (str, "rwproxy admin port", False)
 _VARIABLES["default_storage_engine"] = (str, "rwproxy", True)
 _VARIABLES["default_tmp_storage_engine"] = (str, "rwproxy", True)
+
+
+guard.install()
 
 
 class _Closed(BaseException):

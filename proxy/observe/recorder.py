@@ -24,6 +24,7 @@ from bisect import bisect_left
 from proxy.routing import classify as C
 
 # Histogram bucket upper bounds in seconds (Prometheus `le`); one more bucket for +Inf.
+# (record() spells the indexes below as literals: NB is 17, the index of a histogram's sum.)
 BOUNDS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 NB = len(BOUNDS) + 1
 ROUTES = {C.READ: "read", C.WRITE: "write", C.SESSION: "session"}
@@ -67,48 +68,47 @@ class Recorder:
         self.evicted = 0  # digest entries evicted since start (or RESET STATS)
         self.folded = {r: [0, 0.0, 0, 0] for r in ROUTES}  # route -> count, total, errors, rows of evicted entries
         self.rows: dict[tuple, list] = {}  # (server, user) -> server row (never reset: Prometheus counters)
-        self.hist = [[0] * NB for _ in range(4)]  # per route: bucket counts
-        self.hsum = [0.0] * 4  # per route: latency sum
+        self.hist = [[0] * NB + [0.0] for _ in range(4)]  # per route: bucket counts, then the latency sum
         self.reset_at = time.time()
 
     # ---- the hot path -----------------------------------------------------------------
     def record(self, s, cmd, name: str, error: bool, rows: int, nbytes: int) -> None:
-        """Statement `cmd` of session `s` was answered by server `name`."""
+        """Statement `cmd` of session `s` was answered by server `name`.
+
+        Written for the bytecode count (callgrind: ~8,000 instructions per statement before these
+        rewrites): literal indexes instead of the named constants above, one error branch, and
+        the route's latency sum kept in its histogram's last slot."""
         now = _monotonic()
         t = now - s.sent_at
         s.done_at = now
         cls = cmd.cls
         route = cls.route
-        srow = s.stat_rows.get(name)
-        if srow is None:
-            srow = self._server_row(s, name)
         b = bisect_left(BOUNDS, t)
-        if error:
-            srow[ERR0 + route] += 1
-        else:
-            srow[route] += 1
-        srow[BYTES_IN] += nbytes
-        srow[BYTES_OUT] += len(cmd.packet)
-        srow[LATENCY] += t
-        self.hist[route][b] += 1
-        self.hsum[route] += t
+        srow = s.stat_rows.get(name) or self._server_row(s, name)
         tab = s.stat_table
-        if tab is None or s.stat_db != s.db:
+        if tab is None or s.stat_db is not s.db:
             tab = self._table(s)
-        e = tab.get(cls.digest)
-        if e is None:
-            e = self._entry(tab, cls.digest, route, now)
-        e[0] += 1
-        e[1] += t
-        if t < e[2]:
-            e[2] = t
-        if t > e[3]:
-            e[3] = t
+        e = tab.get(cls.digest) or self._entry(tab, cls.digest, route, now)
         if error:
-            e[4] += 1
-        e[5] += rows
-        e[7] = now
-        e[9 + b] += 1
+            srow[4 + route] += 1  # ERR0
+            e[4] += 1  # ERRORS
+        else:
+            srow[route] += 1  # OK0
+        srow[12] += nbytes  # BYTES_IN
+        srow[13] += len(cmd.packet)  # BYTES_OUT
+        srow[14] += t  # LATENCY
+        h = self.hist[route]
+        h[b] += 1
+        h[17] += t  # (NB: the sum)
+        e[0] += 1  # COUNT
+        e[1] += t  # TOTAL
+        if t < e[2]:  # MIN
+            e[2] = t
+        if t > e[3]:  # MAX
+            e[3] = t
+        e[5] += rows  # ROWS
+        e[7] = now  # LAST
+        e[9 + b] += 1  # B0
 
     def lost(self, s, cmd, name: str) -> None:
         """Statement `cmd` of `s` was lost with its connection to `name` (rare path)."""
@@ -200,7 +200,7 @@ class Recorder:
             s["latency"] += r[LATENCY]
         return {
             "servers": servers,
-            "hist": {ROUTES[r]: (list(self.hist[r]), self.hsum[r]) for r in ROUTES},
+            "hist": {ROUTES[r]: (self.hist[r][:NB], self.hist[r][NB]) for r in ROUTES},
             "digests": self.ndigests, "evicted": self.evicted,
         }
 

@@ -1,0 +1,149 @@
+"""Packets mysql-mimic 3.0.5 must never parse.
+
+Its reader of NUL-terminated strings (compiled, in mysql_mimic.types) loops forever when the
+packet ends before the NUL. One login packet with an unterminated user name, sent before any
+password, or a one-byte COM_FIELD_LIST, would then spin the admin port's thread for good. The
+compiled parsers cannot be changed from here, so the Python callers' references to them are
+replaced with checks that walk the same fields and refuse a packet whose NUL-terminated
+strings are not all there (1043 Bad handshake at login, 1835 Malformed packet after), then
+call the original parser. A statement that is not valid UTF-8 gets the server's 1300 instead
+of Python's codec message.
+"""
+
+from __future__ import annotations
+
+from mysql_mimic import auth as mimic_auth
+from mysql_mimic import connection as mimic_connection
+from mysql_mimic import packets as mimic_packets
+from mysql_mimic.errors import MysqlError
+
+from proxy.protocol.constants import (
+    CLIENT_CONNECT_WITH_DB, CLIENT_PLUGIN_AUTH, CLIENT_PLUGIN_AUTH_LENENC_CLIENT_DATA, CLIENT_PROTOCOL_41,
+    CLIENT_SECURE_CONNECTION,
+)
+
+
+class Malformed(ValueError):
+    pass
+
+
+def _nul(data: bytes, pos: int) -> int:
+    """The position after the NUL-terminated string at pos."""
+    end = data.find(b"\0", pos)
+    if end < 0:
+        raise Malformed("a string has no terminating NUL")
+    return end + 1
+
+
+def _lenenc(data: bytes, pos: int) -> int:
+    """The position after the length-encoded string at pos."""
+    if pos >= len(data):
+        raise Malformed("packet ends inside a length")
+    first = data[pos]
+    size = {0xFC: 2, 0xFD: 3, 0xFE: 8}.get(first, 0)
+    if first in (0xFB, 0xFF):
+        raise Malformed("bad length prefix")
+    n = int.from_bytes(data[pos + 1:pos + 1 + size], "little") if size else first
+    return pos + 1 + size + n
+
+
+def check_handshake_response(capabilities: int, data: bytes) -> None:
+    caps = int(capabilities) & int.from_bytes(data[:4], "little")
+    if len(data) < 32:
+        raise Malformed("login packet too short")
+    if len(data) == 32:
+        return  # an SSL request
+    if not caps & CLIENT_PROTOCOL_41:
+        raise Malformed("pre-4.1 login packet")
+    pos = _nul(data, 32)  # user name
+    if caps & CLIENT_PLUGIN_AUTH_LENENC_CLIENT_DATA:
+        pos = _lenenc(data, pos)
+    else:
+        pos += 1 + (data[pos] if pos < len(data) else 0)
+    if caps & CLIENT_CONNECT_WITH_DB:
+        pos = _nul(data, pos)
+    if caps & CLIENT_PLUGIN_AUTH:
+        _nul(data, pos)
+
+
+def check_change_user(capabilities: int, data: bytes) -> None:
+    caps = int(capabilities)
+    pos = _nul(data, 0)  # user name
+    if caps & CLIENT_SECURE_CONNECTION:
+        pos += 1 + (data[pos] if pos < len(data) else 0)
+    else:
+        pos = _nul(data, pos)
+    pos = _nul(data, pos)  # database
+    if pos < len(data):  # the optional part
+        if caps & CLIENT_PROTOCOL_41:
+            pos += 2
+        if caps & CLIENT_PLUGIN_AUTH:
+            _nul(data, pos)
+
+
+def _guarded(parse, check, code: int, message: str):
+    def guarded(*args, **kw):  # (mysql-mimic passes capabilities= and data= by keyword)
+        capabilities = kw["capabilities"] if "capabilities" in kw else args[0]
+        data = kw["data"] if "data" in kw else args[-1]
+        try:
+            check(capabilities, data)
+        except Malformed:
+            raise MysqlError(message, code) from None
+        return parse(*args, **kw)
+    return guarded
+
+
+def _field_list(parse):
+    def guarded(*args, **kw):
+        data = kw["data"] if "data" in kw else args[-1]
+        if b"\0" not in data:
+            raise MysqlError("Malformed communication packet", 1835)
+        return parse(*args, **kw)
+    return guarded
+
+
+def _query(parse):
+    def guarded(*args, **kw):
+        try:
+            return parse(*args, **kw)
+        except UnicodeDecodeError as e:  # as the server words it, not Python's codec message
+            bad = e.object[e.start:e.start + 8].hex().upper()
+            raise MysqlError(f"Invalid utf8mb4 character string: '{bad}'", 1300) from None
+    return guarded
+
+
+def _str_null(reader) -> bytes:
+    start = reader.tell()
+    rest = reader.read()
+    end = rest.find(b"\0")
+    if end < 0:
+        raise MysqlError("Malformed communication packet", 1835)
+    reader.seek(start + end + 1)
+    return rest[:end]
+
+
+_installed = False
+
+
+def install() -> None:
+    """Put the checks in front of mysql-mimic's parsers (once; a changed mysql-mimic fails loudly)."""
+    global _installed
+    if _installed:
+        return
+    for module, name in ((mimic_packets, "parse_handshake_response"), (mimic_packets, "parse_handshake_response_41"),
+                         (mimic_packets, "parse_com_change_user"), (mimic_packets, "parse_com_query"),
+                         (mimic_connection, "parse_com_field_list"),
+                         (mimic_auth, "read_str_null")):
+        if not callable(getattr(module, name, None)):
+            raise ImportError(f"mysql-mimic changed: {module.__name__}.{name} is gone; recheck proxy/admin/guard.py")
+    bad_login = (1043, "Bad handshake")
+    mimic_packets.parse_handshake_response = _guarded(mimic_packets.parse_handshake_response,
+                                                      check_handshake_response, *bad_login)
+    mimic_packets.parse_handshake_response_41 = _guarded(mimic_packets.parse_handshake_response_41,
+                                                         check_handshake_response, *bad_login)
+    mimic_packets.parse_com_change_user = _guarded(mimic_packets.parse_com_change_user, check_change_user,
+                                                   1835, "Malformed communication packet")
+    mimic_packets.parse_com_query = _query(mimic_packets.parse_com_query)
+    mimic_connection.parse_com_field_list = _field_list(mimic_connection.parse_com_field_list)
+    mimic_auth.read_str_null = _str_null  # (pure Python there: the clear-password plugin's reader)
+    _installed = True

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import socket
 import struct
 import subprocess
@@ -182,6 +183,31 @@ def test_packets_that_would_hang_mysql_mimic_are_refused(admin_proxy):
     assert struct.unpack("<H", got[5:7])[0] == 1300 and b"Invalid utf8mb4 character string" in got, got
     s.close()
     assert q(c, "SELECT COUNT(*) FROM servers")[0][0] == 3  # and everyone else is still served
+
+
+def test_seeded_garbage_before_and_after_login_never_stops_the_port(admin_proxy):
+    import random
+
+    rnd = random.Random(int(os.environ.get("RWPROXY_FUZZ_SEED", "21")))
+    for i in range(120):
+        if i % 2:
+            s = socket.create_connection(("127.0.0.1", admin_proxy.admin_port), timeout=5)
+            s.recv(65536)
+            s.sendall(frame(struct.pack("<II", rnd.getrandbits(32), rnd.getrandbits(32)) + bytes([rnd.randrange(256)])
+                            + bytes(23) + rnd.randbytes(rnd.randint(0, 60)), 1))
+        else:
+            s, reply = _raw_login(admin_proxy.admin_port, "admin", ADMIN_PW)
+            assert reply[0] == 0
+            s.sendall(frame(bytes([rnd.choice([2, 3, 4, 9, 0x0d, 0x0e, 0x11, 0x16, 0x17, 0x1a, 0x1f, 0xff])])
+                            + rnd.randbytes(rnd.randint(0, 40)), 0))
+        s.settimeout(5)
+        try:
+            s.recv(65536)  # an answer (or the connection closed), never silence
+        except ConnectionResetError:
+            pass
+        s.close()
+    assert q(admin(admin_proxy), "SELECT COUNT(*) FROM servers")[0][0] == 3
+    assert "Traceback" not in admin_proxy.process.log_tail(400)
 
 
 def test_no_default_password_and_loopback_by_default(cluster, tmp_path):

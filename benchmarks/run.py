@@ -36,6 +36,7 @@ from proxy.testing.rawclient import RawClient
 from proxy.testing.clusters import running_cluster
 
 from .forwarder import ForwarderProcess
+from .haproxy import HAProxyProcess
 from .report import save
 
 SB_DB = "sbtest"
@@ -50,6 +51,8 @@ MODE_NAMES = {"primary": "read_write_split = false (every statement to the prima
                              "the sandbox's servers then accept TLS, which sysbench and the direct runs do not use)",
               "primary-16k": "as primary, with [pool] backend_net_buffer = 0 (the servers write results in their "
                              "own 16 KB net_buffer_length chunks, as to the forwarder and the direct runs)",
+              "haproxy": "peer, not rwproxy: HAProxy in TCP mode to the primary, as many threads as rwproxy has "
+                         "workers (benchmarks/haproxy.py)",
               "forwarder": "reference, not rwproxy: benchmarks/forwarder.py, a bare uvloop TCP forwarder to the primary "
                            "(same worker count, no parsing, routing or pools): the floor for any Python proxy here"}
 MODE_TESTS = {"primary": ["oltp_point_select", "oltp_read_only"],
@@ -58,8 +61,9 @@ MODE_TESTS = {"primary": ["oltp_point_select", "oltp_read_only"],
               "primary-unix": ["oltp_point_select"],
               "primary-tls": ["oltp_point_select"],
               "primary-16k": ["oltp_point_select"],
+              "haproxy": ["oltp_point_select"],
               "forwarder": ["oltp_point_select"]}
-BIG_RESULT_MODES = ("primary", "primary-pinned", "primary-tls", "primary-16k", "forwarder")  # 1,000-row figure measured in these
+BIG_RESULT_MODES = ("primary", "primary-pinned", "primary-tls", "primary-16k", "haproxy", "forwarder")  # 1,000-row figure measured in these
 BEFORE = "@before"  # a mode with this suffix runs rwproxy from the checkout given by --baseline
 
 
@@ -302,6 +306,8 @@ def main(argv=None) -> int:
                 port, log_path = free_port(), str(Path(tmp) / f"{mode}.log")
                 if mode == "forwarder":
                     proxies[mode] = ForwarderProcess(port, primary, workers, log_path).start()
+                elif mode == "haproxy":
+                    proxies[mode] = HAProxyProcess(port, primary, workers, log_path, tmp).start()
                 else:
                     cfgs[mode] = write_mode_config(mode, port, args.workers, cluster, tmp)
                     proxies[mode] = ProxyProcess(cfgs[mode], "127.0.0.1", port, log_path=log_path,
@@ -417,7 +423,7 @@ def markdown(result: dict) -> str:
            if s.get("server_options") else ""),
         "",
         "Routing modes:",
-        *[f"- **{m}**: {name}" + ("" if m == "forwarder" else
+        *[f"- **{m}**: {name}" + ("" if m in ("forwarder", "haproxy") else
           f"; idle rwproxy CPU {result.get('idle_cpu_ms_per_s', {}).get(m, '?')} ms per second "
           "(monitor checks and heartbeats, included in the per-query figures)") for m, name in s.get("modes", {}).items()],
         "",

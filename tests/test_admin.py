@@ -210,6 +210,36 @@ def test_seeded_garbage_before_and_after_login_never_stops_the_port(admin_proxy)
     assert "Traceback" not in admin_proxy.process.log_tail(400)
 
 
+def test_admin_limits_are_the_configured_ones(admin_proxy, cluster, tmp_path):
+    c = admin(admin_proxy)  # the fixture: max_rows = 5000, query_timeout = 1 s
+    assert len(q(c, "WITH RECURSIVE r(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM r WHERE n < 5000) SELECT n FROM r")) == 5000
+    with pytest.raises(pymysql.err.MySQLError) as e:
+        q(c, "WITH RECURSIVE r(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM r WHERE n < 5001) SELECT n FROM r")
+    assert e.value.args[0] == 1104 and "max_rows" in e.value.args[1]
+    with pytest.raises(pymysql.err.MySQLError) as e:
+        q(c, "WITH RECURSIVE r(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM r) SELECT COUNT(*) FROM r")
+    assert e.value.args[0] == 1969 and "query_timeout of 1 s" in e.value.args[1]
+    port = free_port()
+    p = start_proxy(cluster, tmp_path, admin={"listen": f"127.0.0.1:{port}", "max_connections": 2,
+                                              "users": [{"name": "admin", "password": ADMIN_PW}]})
+    try:
+        held = [pymysql.connect(host="127.0.0.1", port=port, user="admin", password=ADMIN_PW) for _ in range(2)]
+        with pytest.raises(pymysql.err.OperationalError) as e:
+            pymysql.connect(host="127.0.0.1", port=port, user="admin", password=ADMIN_PW)
+        assert e.value.args[0] == 1040
+        held.pop().close()
+        wait_until = time.monotonic() + 10
+        while True:  # the slot comes back once the server has seen the close
+            try:
+                pymysql.connect(host="127.0.0.1", port=port, user="admin", password=ADMIN_PW).close()
+                break
+            except pymysql.err.OperationalError:
+                assert time.monotonic() < wait_until
+                time.sleep(0.1)
+    finally:
+        p.process.stop()
+
+
 def test_no_default_password_and_loopback_by_default(cluster, tmp_path):
     from proxy.config.load import ConfigError, parse_config
 

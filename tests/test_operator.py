@@ -323,7 +323,7 @@ def test_reload_applies_changes_without_dropping_sessions(cluster, tmp_path):
 def test_drain_lets_transactions_finish_then_exits(cluster, tmp_path):
     mport = free_port()
     p = start_proxy(cluster, tmp_path, metrics={"listen": f"127.0.0.1:{mport}"},
-                    proxy={"drain_grace": 1.0, "shutdown_timeout": 30})
+                    proxy={"drain_grace": 3.0, "shutdown_timeout": 30})
     trx, idle = p.connect(autocommit=False), p.connect()
     with trx.cursor() as cur:
         cur.execute("CREATE TABLE IF NOT EXISTS drain_t (id INT PRIMARY KEY)")
@@ -334,9 +334,10 @@ def test_drain_lets_transactions_finish_then_exits(cluster, tmp_path):
     assert r.returncode == 0 and "draining" in r.stdout, r.stdout + r.stderr
     assert http(mport, "/health/ready") == (503, "not ready: draining\n")
     assert http(mport, "/health/live")[0] == 200
+    p.connect().close()  # within drain_grace a new client is still served (the balancer has not noticed yet)
     # the idle session is closed as a restarting server would close it: the next statement
     # fails with "server has gone away" / "lost connection", never with a wrong answer
-    time.sleep(2.5)
+    time.sleep(4.0)
     with pytest.raises(pymysql.err.OperationalError) as e:
         with idle.cursor() as cur:
             cur.execute("SELECT 1")
@@ -356,10 +357,12 @@ def test_drain_lets_transactions_finish_then_exits(cluster, tmp_path):
 
 
 def test_sigterm_drains_too(cluster, tmp_path):
-    p = start_proxy(cluster, tmp_path, proxy={"shutdown_timeout": 30})
+    p = start_proxy(cluster, tmp_path, proxy={"shutdown_timeout": 30}, stats={"enabled": False})
     trx = p.connect(autocommit=False)
     with trx.cursor() as cur:
         cur.execute("SELECT 1 FOR UPDATE")
+    # ([stats] enabled = false: no digests are kept)
+    assert json.loads(cli(p, "status", "--json", "--tables", "digests").stdout)["tables"]["digests"] == []
     os.kill(p.process.pid, signal.SIGTERM)
     time.sleep(1.0)
     assert p.process.proc.poll() is None  # still there: a transaction is open
@@ -368,6 +371,64 @@ def test_sigterm_drains_too(cluster, tmp_path):
         assert cur.fetchone() == (2,)
     trx.commit()
     assert p.process.proc.wait(20) == 0
+
+
+def test_shutdown_timeout_ends_a_transaction_that_never_finishes(cluster, tmp_path):
+    p = start_proxy(cluster, tmp_path, proxy={"shutdown_timeout": 2.0})
+    trx = p.connect(autocommit=False)
+    with trx.cursor() as cur:
+        cur.execute("CREATE TABLE IF NOT EXISTS stuck_t (id INT PRIMARY KEY)")
+        cur.execute("DELETE FROM stuck_t")
+        trx.commit()
+        cur.execute("INSERT INTO stuck_t VALUES (1)")  # and the client never commits
+    os.kill(p.process.pid, signal.SIGTERM)
+    assert p.process.proc.wait(30) == 0
+    assert "shutdown_timeout reached" in p.process.log_tail(40)
+    with pytest.raises(pymysql.err.OperationalError):
+        with trx.cursor() as cur:
+            cur.execute("COMMIT")
+    with cluster.primary.connect() as c, c.cursor() as cur:  # rolled back, as when a server restarts
+        cur.execute("SELECT COUNT(*) FROM app.stuck_t")
+        assert cur.fetchone() == (0,)
+
+
+def test_stats_settings_bound_what_is_kept(cluster, tmp_path):
+    mport = free_port()
+    p = start_proxy(cluster, tmp_path, proxy={"workers": 1}, metrics={"listen": f"127.0.0.1:{mport}"},
+                    stats={"max_digests": 100, "max_digest_length": 64, "events": 10})
+    c = p.connect(autocommit=True)
+    with c.cursor() as cur:
+        for i in range(300):
+            cur.execute(f"SELECT {i} AS c{i}")
+        cur.execute("SELECT 1 AS " + ", 1 AS ".join(f"long_column_name_{i}" for i in range(20)))
+    c.close()
+    for _ in range(12):
+        assert cli(p, "reload").returncode == 0  # each one an event
+    st = json.loads(cli(p, "status", "--json", "--tables", "digests,events").stdout)["tables"]
+    assert 0 < len(st["digests"]) <= 100
+    assert all(len(d["digest_text"]) <= 67 for d in st["digests"])
+    assert any(d["digest_text"].endswith("...") for d in st["digests"])
+    assert len(st["events"]) == 10
+    got = samples(http(mport, "/metrics")[1])
+    assert got["rwproxy_digests_evicted_total"][0][1] >= 200 and got["rwproxy_digests"][0][1] <= 100
+
+
+@pytest.mark.parametrize("read_only_ok", [False, True])
+def test_ready_without_a_primary_only_when_configured(cluster, tmp_path, read_only_ok):
+    mport = free_port()
+    replicas = [{"name": n.name, "host": "127.0.0.1", "port": n.port} for n in cluster.nodes[1:]]
+    p = start_proxy(cluster, tmp_path, backends=replicas, metrics={"listen": f"127.0.0.1:{mport}",
+                                                                   "ready_without_primary": read_only_ok},
+                    failover={"auto_failover": False, "auto_rejoin": False, "replica_heartbeat_period": 0})
+    try:
+        time.sleep(1.5)  # the first checks
+        status, body = http(mport, "/health/ready")
+        if read_only_ok:
+            assert status == 200 and "read-only" in body, body
+        else:
+            assert (status, body) == (503, "not ready: no primary known\n")
+    finally:
+        p.process.stop()
 
 
 # ---- behind HAProxy --------------------------------------------------------------------------------

@@ -192,3 +192,25 @@ def test_merge_adds_workers_and_takes_percentiles_from_buckets():
     assert m["p50_ms"] == BOUNDS[3] * 1000
     assert percentile(buckets, 100, 0.99, 0.2) == 0.2  # capped at the max seen
     assert percentile([0] * NB, 0, 0.99, 1.0) == 0.0
+
+
+# ---- secrets -----------------------------------------------------------------------------------------
+
+def test_every_password_can_come_from_a_variable_or_a_file(tmp_path, monkeypatch):
+    from proxy.config.load import ConfigError
+
+    (tmp_path / "adm.secret").write_text("from-a-file\nsecond line ignored\n")
+    monkeypatch.setenv("RWP_T_MON", "mon-pw")
+    monkeypatch.setenv("RWP_T_REPL", "repl-pw")
+    text = (BASE + "[monitor]\nuser = 'm'\npassword_env = 'RWP_T_MON'\n"
+            "[failover]\nreplication_user = 'r'\nreplication_password_env = 'RWP_T_REPL'\n"
+            "[[admin.users]]\nname = 'a'\npassword_file = 'adm.secret'\n")
+    cfg = parse_config(text, "x.toml", base_dir=str(tmp_path))
+    assert cfg.monitor.password == "mon-pw" and cfg.failover.replication_password == "repl-pw"
+    assert cfg.admin.users[0].password == "from-a-file"
+    assert "mon-pw" not in cfg.to_toml() and "from-a-file" not in cfg.to_toml()  # written back as references
+    monkeypatch.delenv("RWP_T_REPL")
+    with pytest.raises(ConfigError, match=r"failover.replication_password_env: environment variable RWP_T_REPL is not set"):
+        parse_config(text, "x.toml", base_dir=str(tmp_path))
+    with pytest.raises(ConfigError, match="give only one of password, password_env"):
+        parse_config(BASE.replace("password = 'x'", "password = 'x'\npassword_env = 'RWP_T_MON'"), "x.toml")

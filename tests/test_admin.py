@@ -430,6 +430,15 @@ def test_information_schema_and_show_for_gui_clients(admin_proxy):
     assert q(c, "SELECT COUNT(*) FROM information_schema.tables WHERE table_schema = 'rwproxy'")[0][0] == len(tables)
     assert q(c, "SELECT DATABASE()")[0][0] == "rwproxy"
     assert "rwproxy" in q(c, "SELECT @@version_comment")[0][0]
+    assert q(c, "SHOW INDEX FROM servers") == () and q(c, "SELECT 1 + 1 FROM DUAL") == ((2,),)
+    app = admin_proxy.connect()  # SHOW PROCESSLIST lists the proxy's client sessions
+    with app.cursor() as cur:
+        cur.execute("SELECT CONNECTION_ID()")
+    with c.cursor() as cur:
+        cur.execute("SHOW FULL PROCESSLIST")
+        assert [d[0] for d in cur.description][:3] == ["Id", "User", "Host"]
+        assert any(r[1] == "app" for r in cur.fetchall())
+    app.close()
 
 
 def test_status_json_covers_every_table(admin_proxy):

@@ -18,6 +18,7 @@ import sqlite3
 import time
 
 from sqlglot import exp
+from sqlglot.dialects.sqlite import SQLite
 from sqlglot.errors import SqlglotError
 
 from proxy.observe.tables import COLUMNS
@@ -90,6 +91,26 @@ def _unqualify(node):
     return node
 
 
+class _SQLite(SQLite):
+    """SQLite with every identifier in backticks: mysql-mimic's SHOW rewrites alias columns to
+    keywords (`Table`), and SQLite reads an unknown double-quoted name as a string literal, so a
+    misspelt column would answer with its own name instead of ERROR 1054."""
+
+    class Tokenizer(SQLite.Tokenizer):
+        IDENTIFIERS = ["`"]
+
+
+def without_dual(expression):
+    """`SELECT 1 FROM DUAL` as MySQL means it: no table at all."""
+    for sel in expression.find_all(exp.Select):
+        key = "from_" if "from_" in sel.args else "from"  # (sqlglot renamed the argument)
+        f = sel.args.get(key)
+        if (f is not None and isinstance(f.this, exp.Table) and not f.this.db and f.this.name.lower() == "dual"
+                and not sel.args.get("joins")):
+            sel.set(key, None)
+    return expression
+
+
 def to_sqlite(expression, database: str | None) -> str:
     expr = expression.copy().transform(_unqualify)
     if database and database.lower() == "information_schema":
@@ -99,7 +120,7 @@ def to_sqlite(expression, database: str | None) -> str:
             return node
         expr = expr.transform(qualify)
     try:
-        return expr.sql(dialect="sqlite")
+        return expr.sql(dialect=_SQLite, identify=True)
     except SqlglotError as e:
         raise QueryError(ER_PARSE, f"cannot run this statement: {e}") from None
 
@@ -110,6 +131,7 @@ def run(expression, database: str | None, fetch, info_tables: dict, timeout: flo
     if not is_query(expression):
         raise QueryError(ER_READ_ONLY, "the rwproxy admin tables are read-only; change things with the admin "
                          "commands (type HELP) or in the config file and RELOAD CONFIG")
+    expression = without_dual(expression)
     mine, info = referenced(expression, database, info_tables)
     sql = to_sqlite(expression, database)
     data = fetch(sorted(mine)) if mine else {}

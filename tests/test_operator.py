@@ -314,6 +314,14 @@ def test_reload_applies_changes_without_dropping_sessions(cluster, tmp_path):
             assert cur.fetchone() == (2,)
         got = samples(http(mport, "/metrics")[1])["rwproxy_config_reloads_total"]
         assert {lb["outcome"]: v for lb, v in got} == {"ok": 4.0, "failed": 1.0}
+
+        # an admin password changed in the file: the old one stops working at once
+        _edit(p, lambda d: d["admin"]["users"][0].update(password="new-admin-pw"))
+        assert cli(p, "reload").returncode == 0
+        with pytest.raises(pymysql.err.OperationalError) as e:
+            pymysql.connect(host="127.0.0.1", port=aport, user="admin", password=ADMIN_PW)
+        assert e.value.args[0] == 1045
+        pymysql.connect(host="127.0.0.1", port=aport, user="admin", password="new-admin-pw").close()
     finally:
         p.process.stop()
 

@@ -574,3 +574,31 @@ def test_passwords_from_environment_file_and_hash(cluster, tmp_path):
         assert "hashed-pw" not in open(tmp_path / "rwproxy.log").read()
     finally:
         proc.stop()
+
+
+def test_reload_moving_a_backend_drops_its_old_connections(cluster, tmp_path):
+    """A backend given another address by a reload: no session goes on using a connection to
+    the old one. Here node3 moves from TCP to its Unix socket, which the server itself tells
+    apart (USER() is app@localhost through a socket)."""
+    node2, node3 = cluster.nodes[1], cluster.nodes[2]
+    p = start_proxy(cluster, tmp_path, routing={"balance": "round-robin"})
+    try:
+        s = p.connect(autocommit=True)
+
+        def seen(n=8):
+            out = set()
+            with s.cursor() as cur:
+                for _ in range(n):
+                    cur.execute("SELECT @@port, USER()")  # app@localhost through a socket, app@127.0.0.1 by TCP
+                    port, user = cur.fetchone()
+                    out.add((port, "socket" if user.endswith("@localhost") else "tcp"))
+            return out
+        wait_for(lambda: seen() == {(node2.port, "tcp"), (node3.port, "tcp")}, 30, "reads on both replicas")
+        _edit(p, lambda d: d["backends"][2].update(socket=str(node3.socket)))
+        r = cli(p, "reload")
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert "node3: now at" in p.process.log_tail(20)
+        wait_for(lambda: (node3.port, "socket") in seen(), 30, "node3 read through its socket")
+        assert (node3.port, "tcp") not in seen(12)  # the session's connection to the old address is gone
+    finally:
+        p.process.stop()

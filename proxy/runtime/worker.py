@@ -283,7 +283,9 @@ class Worker:
         self.config = config
         self.config_version = version
         new_servers = {b.name: b for b in config.backends}
-        for name in set(self.servers) - set(new_servers):  # removed: idle connections go at once
+        moved = {n for n, b in new_servers.items() if n in self.servers
+                 and (self.servers[n].host, self.servers[n].port, self.servers[n].socket) != (b.host, b.port, b.socket)}
+        for name in (set(self.servers) - set(new_servers)) | moved:  # removed or re-addressed: connections go at once
             self.pools.drop_server(name)
             if self.shared is not None:
                 self.shared.drop_server(name)

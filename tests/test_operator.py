@@ -594,6 +594,11 @@ def test_reload_moving_a_backend_drops_its_old_connections(cluster, tmp_path):
                     out.add((port, "socket" if user.endswith("@localhost") else "tcp"))
             return out
         wait_for(lambda: seen() == {(node2.port, "tcp"), (node3.port, "tcp")}, 30, "reads on both replicas")
+        good = Path(p.process.config_path).read_text()
+        _edit(p, lambda d: d["backends"][0].update(socket=str(cluster.nodes[0].socket)))  # the primary: refused
+        r = cli(p, "reload")
+        assert r.returncode == 1 and "node1 is the primary and cannot be given another address" in r.stdout, r.stdout
+        Path(p.process.config_path).write_text(good)
         _edit(p, lambda d: d["backends"][2].update(socket=str(node3.socket)))
         r = cli(p, "reload")
         assert r.returncode == 0, r.stdout + r.stderr

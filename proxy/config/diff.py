@@ -35,6 +35,12 @@ def flatten(cfg: Config) -> dict[str, object]:
     return out
 
 
+def readdressed(old, new) -> bool:
+    """A backend (same name) that a reload gives another address: its connections and its
+    checker start again from scratch."""
+    return (old.host, old.port, old.socket) != (new.host, new.port, new.socket)
+
+
 def changes(old: Config, new: Config) -> list[str]:
     a, b = flatten(old), flatten(new)
     return sorted(k for k in a.keys() | b.keys() if a.get(k, _MISSING) != b.get(k, _MISSING))

@@ -198,12 +198,17 @@ class ControlPlane:
 
     def _check_reload(self, new) -> None:
         """Changes a running proxy refuses (ConfigError: nothing changes)."""
-        names = {b.name for b in new.backends}
+        now = {b.name: b for b in new.backends}
+        was = {b.name: b for b in self.config.backends}
         writers = [s.name for s in self.monitor.topology.servers.values() if s.role in (PRIMARY, MASTER) and s.is_writer]
-        gone = [w for w in writers if w not in names]
+        gone = [w for w in writers if w not in now]
         if gone:
             raise ConfigError([f"{new.source}: backends: {', '.join(gone)} is the primary and cannot be removed by a "
                                "reload; switch over to another server first"])
+        moved = [w for w in writers if w in was and diff.readdressed(was[w], now[w])]
+        if moved:  # its open transactions would end as if it had failed
+            raise ConfigError([f"{new.source}: backends: {', '.join(moved)} is the primary and cannot be given "
+                               "another address by a reload; switch over to another server first"])
 
     # ---- operator commands ---------------------------------------------------------------------
     def admin_command(self, cmd) -> tuple[list[str], list[tuple]]:

@@ -20,6 +20,7 @@ from proxy.backend.pool import Pools
 from proxy.backend.shared import SharedLines
 from proxy.backend.tls import policies_for
 from proxy.cluster.topology import DOWN, MAINTENANCE
+from proxy.config.diff import readdressed
 from proxy.config.schema import MASTER_MASTER, SPREAD_TRANSACTION
 from proxy.frontend.login import FAILED_LOGINS, Authenticator
 from proxy.protocol import auth
@@ -283,8 +284,7 @@ class Worker:
         self.config = config
         self.config_version = version
         new_servers = {b.name: b for b in config.backends}
-        moved = {n for n, b in new_servers.items() if n in self.servers
-                 and (self.servers[n].host, self.servers[n].port, self.servers[n].socket) != (b.host, b.port, b.socket)}
+        moved = {n for n, b in new_servers.items() if n in self.servers and readdressed(self.servers[n], b)}
         for name in (set(self.servers) - set(new_servers)) | moved:  # removed or re-addressed: connections go at once
             self.pools.drop_server(name)
             if self.shared is not None:

@@ -22,9 +22,10 @@ import pymysql.cursors
 
 from proxy.backend.tls import control_connect
 from proxy.cluster.monitor.health import Observation, Policy, decide, significant
-from proxy.cluster.monitor.node import Node, close_quietly, moved
+from proxy.cluster.monitor.node import Node, close_quietly
 from proxy.cluster.monitor.replication import DENIED, NO_TABLE, READ_ONLY, ReplicationReading
 from proxy.cluster.sqlerrors import describe, error_code
+from proxy.config.diff import readdressed
 from proxy.config.schema import MASTER_MASTER
 from proxy.cluster.topology import DOWN, LAGGING, MAINTENANCE, MASTER, PRIMARY, REPLICA, UP, ServerState, Topology, from_config
 
@@ -202,7 +203,7 @@ class Monitor(ReplicationReading):
             self._settings(config)
             fresh = from_config(config).servers
             for name, b in old.items():
-                if name not in new or moved(b, new[name]):
+                if name not in new or readdressed(b, new[name]):
                     self._nodes.pop(name).retired.set()
                     self._states.pop(name, None)
                     self._admin.pop(name, None)

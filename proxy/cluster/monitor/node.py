@@ -36,11 +36,6 @@ class Node:
         self.retired = threading.Event()  # removed from the config by a reload: its threads end
 
 
-def moved(old, new) -> bool:
-    """A reload gave this backend another address: its checker starts again from scratch."""
-    return (old.host, old.port, old.socket) != (new.host, new.port, new.socket)
-
-
 def close_quietly(conn) -> None:
     if conn is None:
         return

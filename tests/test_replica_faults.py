@@ -104,7 +104,7 @@ def test_lagging_and_stopped_replicas_leave_and_return(setup):
     # replication delay: a steady write load and MASTER_DELAY=3 make it lag past max_replica_lag
     with victim.connect() as c, c.cursor() as cur:
         cur.execute("STOP SLAVE")
-        cur.execute("CHANGE MASTER TO MASTER_DELAY=3")
+        cur.execute("CHANGE MASTER TO MASTER_DELAY=3, MASTER_HEARTBEAT_PERIOD=0.2")
         cur.execute("START SLAVE")
     stop = threading.Event()
 
@@ -128,7 +128,7 @@ def test_lagging_and_stopped_replicas_leave_and_return(setup):
                 assert cur.fetchone()[0] == other.port
         with victim.connect() as c, c.cursor() as cur:
             cur.execute("STOP SLAVE")
-            cur.execute("CHANGE MASTER TO MASTER_DELAY=0")
+            cur.execute("CHANGE MASTER TO MASTER_DELAY=0, MASTER_HEARTBEAT_PERIOD=0.2")
             cur.execute("START SLAVE")
         assert wait_until(lambda: _status(p)["node2"]["readable"], 20)
     finally:

@@ -220,7 +220,7 @@ def _delayed_cluster(cluster_factory, delay):
     rep = cl.replicas[0]
     with rep.connect() as c, c.cursor() as cur:
         cur.execute("STOP SLAVE")
-        cur.execute(f"CHANGE MASTER TO MASTER_DELAY={delay}")
+        cur.execute(f"CHANGE MASTER TO MASTER_DELAY={delay}, MASTER_HEARTBEAT_PERIOD=0.2")
         cur.execute("START SLAVE")
     with cl.primary.connect(database="app") as c, c.cursor() as cur:
         cur.execute("CREATE TABLE ryw (id INT PRIMARY KEY)")

@@ -253,6 +253,8 @@ class ForwarderProcess(ProxyProcess):
         return [sys.executable, "-m", "benchmarks.forwarder", str(self.port), str(self.backend_port), str(self.workers),
                 *(["--pipeline", str(self.pipeline)] if self.pipeline else [])]
 
+    stop_signal = signal.SIGTERM  # (the forwarder stops on SIGTERM only)
+
     def _control_ready(self) -> bool:
         return True  # no control socket: listening is all there is
 

@@ -23,6 +23,38 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+def _children(pid: int) -> list[int]:
+    out = []
+    try:
+        for task in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{task}/children") as f:
+                out += [int(x) for x in f.read().split()]
+    except OSError:
+        pass
+    return out
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_leaked_processes():
+    """After the whole session (torn down last): every rwproxy, HAProxy or Prometheus a test
+    started must be stopped. A leaked one goes on checking (and tuning) the servers of the
+    tests after it; it is killed by pid and reported as an error."""
+    yield
+    leaked = []
+    for pid in _children(os.getpid()):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmd = f.read().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if any(word in cmd for word in (" proxy serve ", "haproxy", "prometheus", "benchmarks.forwarder")):
+            leaked.append(f"{pid}: {cmd[:160]}")
+            for child in _children(pid):
+                os.kill(child, 9)
+            os.kill(pid, 9)
+    assert not leaked, "processes left running by the tests:\n" + "\n".join(leaked)
+
+
 @pytest.fixture(scope="session")
 def cluster(tmp_path_factory) -> Cluster:
     """Primary + 2 replicas (app/app, rwproxy/rwproxy), ports searched from 24306 upward.

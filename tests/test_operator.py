@@ -332,93 +332,105 @@ def test_drain_lets_transactions_finish_then_exits(cluster, tmp_path):
     mport = free_port()
     p = start_proxy(cluster, tmp_path, metrics={"listen": f"127.0.0.1:{mport}"},
                     proxy={"drain_grace": 3.0, "shutdown_timeout": 30})
-    trx, idle = p.connect(autocommit=False), p.connect()
-    with trx.cursor() as cur:
-        cur.execute("CREATE TABLE IF NOT EXISTS drain_t (id INT PRIMARY KEY)")
-        cur.execute("DELETE FROM drain_t")
+    try:
+        trx, idle = p.connect(autocommit=False), p.connect()
+        with trx.cursor() as cur:
+            cur.execute("CREATE TABLE IF NOT EXISTS drain_t (id INT PRIMARY KEY)")
+            cur.execute("DELETE FROM drain_t")
+            trx.commit()
+            cur.execute("INSERT INTO drain_t VALUES (1)")
+        r = cli(p, "drain")
+        assert r.returncode == 0 and "draining" in r.stdout, r.stdout + r.stderr
+        assert http(mport, "/health/ready") == (503, "not ready: draining\n")
+        assert http(mport, "/health/live")[0] == 200
+        p.connect().close()  # within drain_grace a new client is still served (the balancer has not noticed yet)
+        # the idle session is closed as a restarting server would close it: the next statement
+        # fails with "server has gone away" / "lost connection", never with a wrong answer
+        time.sleep(4.0)
+        with pytest.raises(pymysql.err.OperationalError) as e:
+            with idle.cursor() as cur:
+                cur.execute("SELECT 1")
+        assert e.value.args[0] in (2006, 2013), e.value
+        # past drain_grace new clients are not accepted
+        with pytest.raises(pymysql.err.OperationalError):
+            p.connect(connect_timeout=2)
+        # the transaction goes on and commits
+        with trx.cursor() as cur:
+            cur.execute("INSERT INTO drain_t VALUES (2)")
         trx.commit()
-        cur.execute("INSERT INTO drain_t VALUES (1)")
-    r = cli(p, "drain")
-    assert r.returncode == 0 and "draining" in r.stdout, r.stdout + r.stderr
-    assert http(mport, "/health/ready") == (503, "not ready: draining\n")
-    assert http(mport, "/health/live")[0] == 200
-    p.connect().close()  # within drain_grace a new client is still served (the balancer has not noticed yet)
-    # the idle session is closed as a restarting server would close it: the next statement
-    # fails with "server has gone away" / "lost connection", never with a wrong answer
-    time.sleep(4.0)
-    with pytest.raises(pymysql.err.OperationalError) as e:
-        with idle.cursor() as cur:
-            cur.execute("SELECT 1")
-    assert e.value.args[0] in (2006, 2013), e.value
-    # past drain_grace new clients are not accepted
-    with pytest.raises(pymysql.err.OperationalError):
-        p.connect(connect_timeout=2)
-    # the transaction goes on and commits
-    with trx.cursor() as cur:
-        cur.execute("INSERT INTO drain_t VALUES (2)")
-    trx.commit()
-    assert p.process.proc.wait(20) == 0  # then the proxy exits by itself
-    with cluster.primary.connect() as c, c.cursor() as cur:
-        cur.execute("SELECT COUNT(*) FROM app.drain_t")
-        assert cur.fetchone() == (2,)
-    assert "draining" in p.process.log_tail(40)
+        assert p.process.proc.wait(20) == 0  # then the proxy exits by itself
+        with cluster.primary.connect() as c, c.cursor() as cur:
+            cur.execute("SELECT COUNT(*) FROM app.drain_t")
+            assert cur.fetchone() == (2,)
+        assert "draining" in p.process.log_tail(40)
+    finally:
+        p.process.stop()
 
 
 def test_sigterm_drains_too(cluster, tmp_path):
     p = start_proxy(cluster, tmp_path, proxy={"shutdown_timeout": 30}, stats={"enabled": False})
-    trx = p.connect(autocommit=False)
-    with trx.cursor() as cur:
-        cur.execute("SELECT 1 FOR UPDATE")
-    # ([stats] enabled = false: no digests are kept)
-    assert json.loads(cli(p, "status", "--json", "--tables", "digests").stdout)["tables"]["digests"] == []
-    os.kill(p.process.pid, signal.SIGTERM)
-    time.sleep(1.0)
-    assert p.process.proc.poll() is None  # still there: a transaction is open
-    with trx.cursor() as cur:
-        cur.execute("SELECT 2")
-        assert cur.fetchone() == (2,)
-    trx.commit()
-    assert p.process.proc.wait(20) == 0
+    try:
+        trx = p.connect(autocommit=False)
+        with trx.cursor() as cur:
+            cur.execute("SELECT 1 FOR UPDATE")
+        # ([stats] enabled = false: no digests are kept)
+        assert json.loads(cli(p, "status", "--json", "--tables", "digests").stdout)["tables"]["digests"] == []
+        os.kill(p.process.pid, signal.SIGTERM)
+        time.sleep(1.0)
+        assert p.process.proc.poll() is None  # still there: a transaction is open
+        with trx.cursor() as cur:
+            cur.execute("SELECT 2")
+            assert cur.fetchone() == (2,)
+        trx.commit()
+        assert p.process.proc.wait(20) == 0
+    finally:
+        p.process.stop()
 
 
 def test_shutdown_timeout_ends_a_transaction_that_never_finishes(cluster, tmp_path):
     p = start_proxy(cluster, tmp_path, proxy={"shutdown_timeout": 2.0})
-    trx = p.connect(autocommit=False)
-    with trx.cursor() as cur:
-        cur.execute("CREATE TABLE IF NOT EXISTS stuck_t (id INT PRIMARY KEY)")
-        cur.execute("DELETE FROM stuck_t")
-        trx.commit()
-        cur.execute("INSERT INTO stuck_t VALUES (1)")  # and the client never commits
-    os.kill(p.process.pid, signal.SIGTERM)
-    assert p.process.proc.wait(30) == 0
-    assert "shutdown_timeout reached" in p.process.log_tail(40)
-    with pytest.raises(pymysql.err.OperationalError):
+    try:
+        trx = p.connect(autocommit=False)
         with trx.cursor() as cur:
-            cur.execute("COMMIT")
-    with cluster.primary.connect() as c, c.cursor() as cur:  # rolled back, as when a server restarts
-        cur.execute("SELECT COUNT(*) FROM app.stuck_t")
-        assert cur.fetchone() == (0,)
+            cur.execute("CREATE TABLE IF NOT EXISTS stuck_t (id INT PRIMARY KEY)")
+            cur.execute("DELETE FROM stuck_t")
+            trx.commit()
+            cur.execute("INSERT INTO stuck_t VALUES (1)")  # and the client never commits
+        os.kill(p.process.pid, signal.SIGTERM)
+        assert p.process.proc.wait(30) == 0
+        assert "shutdown_timeout reached" in p.process.log_tail(40)
+        with pytest.raises(pymysql.err.OperationalError):
+            with trx.cursor() as cur:
+                cur.execute("COMMIT")
+        with cluster.primary.connect() as c, c.cursor() as cur:  # rolled back, as when a server restarts
+            cur.execute("SELECT COUNT(*) FROM app.stuck_t")
+            assert cur.fetchone() == (0,)
+    finally:
+        p.process.stop()
 
 
 def test_stats_settings_bound_what_is_kept(cluster, tmp_path):
     mport = free_port()
     p = start_proxy(cluster, tmp_path, proxy={"workers": 1}, metrics={"listen": f"127.0.0.1:{mport}"},
                     stats={"max_digests": 100, "max_digest_length": 64, "events": 10})
-    c = p.connect(autocommit=True)
-    with c.cursor() as cur:
-        for i in range(300):
-            cur.execute(f"SELECT {i} AS c{i}")
-        cur.execute("SELECT 1 AS " + ", 1 AS ".join(f"long_column_name_{i}" for i in range(20)))
-    c.close()
-    for _ in range(12):
-        assert cli(p, "reload").returncode == 0  # each one an event
-    st = json.loads(cli(p, "status", "--json", "--tables", "digests,events").stdout)["tables"]
-    assert 0 < len(st["digests"]) <= 100
-    assert all(len(d["digest_text"]) <= 67 for d in st["digests"])
-    assert any(d["digest_text"].endswith("...") for d in st["digests"])
-    assert len(st["events"]) == 10
-    got = samples(http(mport, "/metrics")[1])
-    assert got["rwproxy_digests_evicted_total"][0][1] >= 200 and got["rwproxy_digests"][0][1] <= 100
+    try:
+        c = p.connect(autocommit=True)
+        with c.cursor() as cur:
+            for i in range(300):
+                cur.execute(f"SELECT {i} AS c{i}")
+            cur.execute("SELECT 1 AS " + ", 1 AS ".join(f"long_column_name_{i}" for i in range(20)))
+        c.close()
+        for _ in range(12):
+            assert cli(p, "reload").returncode == 0  # each one an event
+        st = json.loads(cli(p, "status", "--json", "--tables", "digests,events").stdout)["tables"]
+        assert 0 < len(st["digests"]) <= 100
+        assert all(len(d["digest_text"]) <= 67 for d in st["digests"])
+        assert any(d["digest_text"].endswith("...") for d in st["digests"])
+        assert len(st["events"]) == 10
+        got = samples(http(mport, "/metrics")[1])
+        assert got["rwproxy_digests_evicted_total"][0][1] >= 200 and got["rwproxy_digests"][0][1] <= 100
+    finally:
+        p.process.stop()
 
 
 @pytest.mark.parametrize("read_only_ok", [False, True])

@@ -109,12 +109,16 @@ class ProxyProcess:
                 pass
         return total
 
+    stop_signal = signal.SIGINT  # rwproxy: stop now (SIGTERM drains)
+
     def stop(self, timeout: float = 10.0, drain: bool = False) -> None:
         """SIGINT (stop now), or SIGTERM with drain=True (graceful: sessions end after their
-        transactions); SIGKILL to every process of the proxy if it is still there after `timeout`."""
+        transactions); SIGKILL to every process of the proxy if it is still there after `timeout`.
+        Its worker processes are looked up first, so none outlives a supervisor that exited."""
         if not self.proc or self.proc.poll() is not None:
             return
-        self.proc.send_signal(signal.SIGTERM if drain else signal.SIGINT)
+        children = {pid: _cmdline(pid) for pid in self.child_pids() if pid != self.proc.pid}
+        self.proc.send_signal(signal.SIGTERM if drain else self.stop_signal)
         try:
             self.proc.wait(timeout)
         except subprocess.TimeoutExpired:
@@ -124,12 +128,29 @@ class ProxyProcess:
                 except ProcessLookupError:
                     pass
             self.proc.wait(5)
+        deadline = time.monotonic() + 5.0
+        for pid, cmd in children.items():  # (the same process, not a reused pid)
+            while _cmdline(pid) == cmd and cmd and time.monotonic() < deadline:
+                time.sleep(0.05)
+            if _cmdline(pid) == cmd and cmd:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
 
     def __enter__(self):
         return self.start()
 
     def __exit__(self, *exc):
         self.stop()
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read()
+    except OSError:
+        return b""
 
 
 def process_cpu_seconds(pid: int) -> float:

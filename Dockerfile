@@ -13,5 +13,10 @@ COPY --from=build /wheels /wheels
 RUN pip install --no-cache-dir /wheels/*.whl && rm -rf /wheels
 COPY config/rwproxy.toml /etc/rwproxy/rwproxy.toml
 USER rwproxy
-EXPOSE 6033
+# 6033: clients. 6032 (admin SQL port) and 9033 (/metrics, /health/ready) only when the config
+# turns them on; inside a container give them "0.0.0.0:..." (they default to loopback).
+EXPOSE 6033 6032 9033
+# `docker stop` sends SIGTERM: rwproxy drains (not ready, transactions finish, exit by
+# [proxy] shutdown_timeout, 30 s); give `docker stop -t` at least that long.
+STOPSIGNAL SIGTERM
 ENTRYPOINT ["rwproxy", "serve", "--config", "/etc/rwproxy/rwproxy.toml"]

@@ -15,6 +15,7 @@ Results: benchmarks/results/issue21-operator-<date>.{json,md} (and -latest).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import statistics
@@ -87,14 +88,22 @@ def stats_ab(tmp: Path, cluster, rounds: int, seconds: float, threads: int) -> d
             "stats_cost_us": round(statistics.median(diffs), 1), "stats_cost_us_rounds": [round(d, 1) for d in diffs]}
 
 
-def _open_sessions(port: int, n: int) -> list:
-    conns = []
-    for i in range(n):
-        conns.append(pymysql.connect(host="127.0.0.1", port=port, user="app", password="app", database=SB_DB,
-                                     autocommit=True))
-        if (i + 1) % 250 == 0:
-            _progress(f"  {i + 1}/{n} sessions open")
-    return conns
+@contextlib.contextmanager
+def _serving(tmp: Path, cluster, name: str, sessions: int = 0, **sections):
+    """(a started rwproxy, `sessions` idle autocommit sessions on it); all closed and stopped after."""
+    p = _proxy(tmp, cluster, name, **sections)
+    conns: list = []
+    try:
+        for i in range(sessions):
+            conns.append(pymysql.connect(host="127.0.0.1", port=p.port, user="app", password="app", database=SB_DB,
+                                         autocommit=True))
+            if (i + 1) % 250 == 0:
+                _progress(f"  {i + 1}/{sessions} sessions open")
+        yield p, conns
+    finally:
+        for c in conns:
+            c.close()
+        p.stop()
 
 
 def _timed(fn, n: int) -> dict:
@@ -110,12 +119,9 @@ def _timed(fn, n: int) -> dict:
 
 def scrape(tmp: Path, cluster, sessions: int, digests: int) -> dict:
     mport, aport = free_port(), free_port()
-    p = _proxy(tmp, cluster, "scrape", metrics={"listen": f"127.0.0.1:{mport}"},
-               admin={"listen": f"127.0.0.1:{aport}", "users": [{"name": "admin", "password": ADMIN_PW}]},
-               stats={"max_digests": digests})  # per worker: the 10,000 all stay, none evicted
-    conns = []
-    try:
-        conns = _open_sessions(p.port, sessions)
+    with _serving(tmp, cluster, "scrape", sessions, metrics={"listen": f"127.0.0.1:{mport}"},
+                  admin={"listen": f"127.0.0.1:{aport}", "users": [{"name": "admin", "password": ADMIN_PW}]},
+                  stats={"max_digests": digests}) as (p, conns):  # per worker: the 10,000 all stay, none evicted
         per = max(1, digests // len(conns))
         done = 0
         for c in conns:
@@ -145,17 +151,10 @@ def scrape(tmp: Path, cluster, sessions: int, digests: int) -> dict:
         a.close()
         _progress(f"scrape: {out}")
         return out
-    finally:
-        for c in conns:
-            c.close()
-        p.stop()
 
 
 def reload(tmp: Path, cluster, sessions: int) -> dict:
-    p = _proxy(tmp, cluster, "reload")
-    conns = []
-    try:
-        conns = _open_sessions(p.port, sessions)
+    with _serving(tmp, cluster, "reload", sessions) as (p, conns):
         path = Path(p.config_path)
         data = tomllib.loads(path.read_text())
         data["backends"][1]["weight"] = 3
@@ -184,17 +183,12 @@ def reload(tmp: Path, cluster, sessions: int) -> dict:
                "sessions_seen_after": st.get("clients")}
         _progress(f"reload: {out}")
         return out
-    finally:
-        for c in conns:
-            c.close()
-        p.stop()
 
 
 def idle(tmp: Path, cluster, seconds: float) -> dict:
     mport = free_port()
-    p = _proxy(tmp, cluster, "idle", metrics={"listen": f"127.0.0.1:{mport}"},
-               admin={"listen": f"127.0.0.1:{free_port()}", "users": [{"name": "admin", "password": ADMIN_PW}]})
-    try:
+    with _serving(tmp, cluster, "idle", metrics={"listen": f"127.0.0.1:{mport}"},
+                  admin={"listen": f"127.0.0.1:{free_port()}", "users": [{"name": "admin", "password": ADMIN_PW}]}) as (p, _):
         time.sleep(3.0)
         sup = p.pid
 
@@ -217,8 +211,6 @@ def idle(tmp: Path, cluster, seconds: float) -> dict:
                "scraped_1s_control_plane_ms_per_s": scraped[0], "scraped_1s_all_ms_per_s": scraped[1]}
         _progress(f"idle: {out}")
         return out
-    finally:
-        p.stop()
 
 
 def main(argv=None) -> int:

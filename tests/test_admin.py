@@ -152,11 +152,9 @@ def test_oversized_packets_and_silent_clients_are_cut_off(admin_proxy):
     s.close()
     silent = socket.create_connection(("127.0.0.1", admin_proxy.admin_port), timeout=15)
     silent.recv(65536)
-    t0 = time.monotonic()
     assert _rest(silent) in (b"", b"<still open>")
     silent.settimeout(15)
-    assert silent.recv(100) == b""  # closed within the login timeout
-    assert time.monotonic() - t0 < 14
+    assert silent.recv(100) == b""  # closed by the 10 s login timeout (a timeout here raises)
     silent.close()
 
 

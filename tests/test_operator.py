@@ -211,6 +211,15 @@ def test_health_endpoints(op_proxy):
 
 # ---- hot reload -----------------------------------------------------------------------------------
 
+def _open_transaction(conn, table: str) -> None:
+    """An empty `table`, then a transaction on `conn` that has inserted row 1 and not committed."""
+    with conn.cursor() as cur:
+        cur.execute(f"CREATE TABLE IF NOT EXISTS {table} (id INT PRIMARY KEY)")
+        cur.execute(f"DELETE FROM {table}")
+        conn.commit()
+        cur.execute(f"INSERT INTO {table} VALUES (1)")
+
+
 def _edit(p, change) -> None:
     """Rewrite the proxy's TOML file through a dict."""
     path = Path(p.process.config_path)
@@ -232,11 +241,7 @@ def test_reload_applies_changes_without_dropping_sessions(cluster, tmp_path):
                     admin={"listen": f"127.0.0.1:{aport}", "users": [{"name": "admin", "password": ADMIN_PW}]})
     try:
         in_trx, idle = p.connect(autocommit=False), p.connect()
-        with in_trx.cursor() as cur:
-            cur.execute("CREATE TABLE IF NOT EXISTS reload_t (id INT PRIMARY KEY)")
-            cur.execute("DELETE FROM reload_t")
-            in_trx.commit()
-            cur.execute("INSERT INTO reload_t VALUES (1)")  # a transaction stays open across the reloads
+        _open_transaction(in_trx, "reload_t")  # a transaction stays open across the reloads
         with pytest.raises(pymysql.err.OperationalError):
             p.connect(user="reload_u", password="reload-pw")
 
@@ -334,11 +339,7 @@ def test_drain_lets_transactions_finish_then_exits(cluster, tmp_path):
                     proxy={"drain_grace": 3.0, "shutdown_timeout": 30})
     try:
         trx, idle = p.connect(autocommit=False), p.connect()
-        with trx.cursor() as cur:
-            cur.execute("CREATE TABLE IF NOT EXISTS drain_t (id INT PRIMARY KEY)")
-            cur.execute("DELETE FROM drain_t")
-            trx.commit()
-            cur.execute("INSERT INTO drain_t VALUES (1)")
+        _open_transaction(trx, "drain_t")
         r = cli(p, "drain")
         assert r.returncode == 0 and "draining" in r.stdout, r.stdout + r.stderr
         assert http(mport, "/health/ready") == (503, "not ready: draining\n")
@@ -391,11 +392,7 @@ def test_shutdown_timeout_ends_a_transaction_that_never_finishes(cluster, tmp_pa
     p = start_proxy(cluster, tmp_path, proxy={"shutdown_timeout": 2.0})
     try:
         trx = p.connect(autocommit=False)
-        with trx.cursor() as cur:
-            cur.execute("CREATE TABLE IF NOT EXISTS stuck_t (id INT PRIMARY KEY)")
-            cur.execute("DELETE FROM stuck_t")
-            trx.commit()
-            cur.execute("INSERT INTO stuck_t VALUES (1)")  # and the client never commits
+        _open_transaction(trx, "stuck_t")  # and the client never commits
         os.kill(p.process.pid, signal.SIGTERM)
         assert p.process.proc.wait(30) == 0
         assert "shutdown_timeout reached" in p.process.log_tail(40)

@@ -95,10 +95,9 @@ def test_engine_refuses_with_the_servers_codes(sql, code):
 
 
 def test_engine_bounds_time_and_rows():
-    t0 = time.monotonic()
     with pytest.raises(engine.QueryError) as e:
         _run("WITH RECURSIVE r(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM r) SELECT COUNT(*) FROM r", timeout=0.2)
-    assert e.value.code == 1969 and time.monotonic() - t0 < 30
+    assert e.value.code == 1969  # (the query never ends by itself: only the timeout stops it)
     with pytest.raises(engine.QueryError) as e:
         _run("SELECT * FROM servers", max_rows=2)
     assert e.value.code == 1104

@@ -69,7 +69,6 @@ class Recorder:
         self.folded = {r: [0, 0.0, 0, 0] for r in ROUTES}  # route -> count, total, errors, rows of evicted entries
         self.rows: dict[tuple, list] = {}  # (server, user) -> server row (never reset: Prometheus counters)
         self.hist = [[0] * NB + [0.0] for _ in range(4)]  # per route: bucket counts, then the latency sum
-        self.reset_at = time.time()
 
     # ---- the hot path -----------------------------------------------------------------
     def record(self, s, cmd, name: str, error: bool, rows: int, nbytes: int) -> None:
@@ -169,7 +168,6 @@ class Recorder:
         self.ndigests = 0
         self.evicted = 0
         self.folded = {r: [0, 0.0, 0, 0] for r in ROUTES}
-        self.reset_at = time.time()
 
     # ---- snapshots (the control plane asks) ------------------------------------------------
     def digest_rows(self) -> list[tuple]:

@@ -84,18 +84,10 @@ class Admission:
             else:
                 self.limits[i] = limit
 
-    def limit_of(self, user: str) -> int:
-        return self._user(user)[1]
-
     # ---- the supervisor's side ----------------------------------------------------------------
     def reset_worker(self, worker: int) -> None:
         """The worker is gone and so are its clients (before its successor starts)."""
         self._row.pack_into(self._mm, worker * self._row.size, *([0] * self.cols))
-
-    def totals(self) -> dict:
-        """Clients in all and per user, across the workers (status)."""
-        sums = [self._total(c) for c in range(self.cols)]
-        return {"clients": sums[0], "users": {u: sums[1 + i] for u, i in self.users.items()}}
 
     # ---- rows ------------------------------------------------------------------------------------
     def _user(self, user: str) -> tuple[int | None, int]:

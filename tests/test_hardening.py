@@ -115,7 +115,17 @@ def test_two_instances_on_one_port_keep_their_own_control_and_kill_sockets(clust
         t = threading.Thread(target=run)
         t.start()
         time.sleep(0.5)
-        killer = a.connect()
+        killers = [a.connect()]  # (ids are per instance: A may have a session with the victim's number)
+        while killers[-1].thread_id() == victim.thread_id() and len(killers) < 8:
+            killers.append(a.connect())
+        killer = killers.pop()
+        for c in killers:  # (closed: A must hold no session with the victim's number)
+            c.close()
+        deadline = time.monotonic() + 10
+        while killers and json.loads(_cli(a, "status", "--json").stdout).get("clients") != 1:
+            assert time.monotonic() < deadline, "A did not see its extra sessions close"
+            time.sleep(0.1)
+        assert killer.thread_id() != victim.thread_id()
         with pytest.raises(pymysql.err.OperationalError) as e:
             with killer.cursor() as cur:
                 cur.execute(f"KILL QUERY {victim.thread_id()}")

@@ -136,6 +136,9 @@ class FakePools:
         self.released: list = []
         self.discarded: list = []
         self.open_count: dict[str, int] = {}
+        self.waiting = 0  # (the real pools' queue at max_server_connections: never used here)
+        self.waiters: dict = {}
+        self.released_idle = 0
 
     async def acquire(self, server, user, password, caps, charset, db) -> FakeBackend:
         if server.name in self.refuse:

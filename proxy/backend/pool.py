@@ -4,6 +4,13 @@ A pooled connection is reused only when its session state is known clean: a
 client's connection goes back through COM_RESET_CONNECTION (and is dropped if
 that fails). Connections that die while idle remove themselves, so checkout
 never hands out a dead one.
+
+Each server gets at most `[pool] max_server_connections` connections from the instance (a
+backend's own `max_connections` overrides it), split evenly over the workers. At that limit a
+checkout first closes an idle connection of another key, then asks sessions holding idle
+connections to that server to give them back (`on_pressure`), then waits in line for up to
+`queue_timeout`; only then does the client get ERROR 1040. This is what lets ten thousand
+clients share a few dozen server connections (docs/multiplexing.md).
 """
 
 from __future__ import annotations
@@ -11,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import defaultdict
+from collections import defaultdict, deque
 
 from proxy.backend.connection import BackendConnection, BackendError, connect
 
@@ -21,12 +28,24 @@ log = logging.getLogger("rwproxy.pool")
 class Pools:
     """All pools of one worker process."""
 
-    def __init__(self, pool_config, tls: dict | None = None):
+    def __init__(self, pool_config, tls: dict | None = None, workers: int = 1):
         self.cfg = pool_config
         self.tls = tls or {}  # server name -> backend_tls.BackendTLS
+        self.workers = max(1, workers)  # worker processes sharing the instance-wide limits
         self.idle: dict[tuple, list[BackendConnection]] = defaultdict(list)
         self.open_count: dict[str, int] = defaultdict(int)  # per server name, in use + idle
         self.connects: dict[tuple, list[int]] = {}  # (server, user) -> [connections opened, attempts failed]
+        self.waiters: dict[str, deque] = {}  # server name -> futures of checkouts waiting at the limit
+        self.waiting = 0  # checkouts waiting now, all servers (sessions look at it after every statement)
+        self.queued: dict[str, list[int]] = {}  # server name -> [checkouts that waited, that timed out]
+        self.released = 0  # connections sessions gave back while idle (idle_release, pressure)
+        self.on_pressure = None  # callable(server name, how many): sessions give back idle connections
+        self.shed = None  # callable(server name) -> bool: close an idle shared connection (SharedLines.shed)
+
+    def limit(self, server) -> int:
+        """This worker's share of the connections `server` may get (0: no limit)."""
+        total = server.max_connections or self.cfg.max_server_connections
+        return -(-total // self.workers) if total else 0
 
     def note_connect(self, server: str, user: str, ok: bool) -> None:
         """Count a connection attempt (admin `pools` table, metrics)."""
@@ -37,15 +56,33 @@ class Pools:
 
     async def acquire(self, server, user: str, password: str, caps: int, charset: int, db: str | None) -> BackendConnection:
         key = (server.name, user, caps, charset, db)
-        idle = self.idle.get(key)
-        while idle:
-            conn = idle.pop()
-            if not conn.closed:
-                return conn
-            self._forget(conn)
-        if server.max_connections and self.open_count[server.name] >= server.max_connections:
-            raise BackendError(1040, "08004", f"Too many connections to backend {server.name} (max_connections reached)")
-        self.open_count[server.name] += 1
+        name = server.name
+        deadline = 0.0
+        again = False
+        while True:
+            idle = self.idle.get(key)
+            while idle:
+                conn = idle.pop()
+                if not conn.closed:
+                    conn.last_used = time.monotonic()
+                    return conn
+                self._forget(conn)
+            limit = self.limit(server)
+            if not limit or self.open_count[name] < limit or self.make_room(name):
+                break
+            loop = asyncio.get_running_loop()
+            if not deadline:
+                deadline = loop.time() + self.cfg.queue_timeout
+                self.queued.setdefault(name, [0, 0])[0] += 1
+            left = deadline - loop.time()
+            if left <= 0:
+                self.queued.setdefault(name, [0, 0])[1] += 1
+                raise BackendError(1040, "08004", f"Too many connections: no connection to backend {name} became "
+                                   f"free within queue_timeout ({self.cfg.queue_timeout:g} s; this instance opens at "
+                                   f"most {limit * self.workers} to it)")
+            await self._wait(name, left, again)
+            again = True
+        self.open_count[name] += 1
         try:
             conn = await connect(server, key, caps, user, password, db, charset, self.cfg.connect_timeout,
                                  self.tls.get(server.name), net_buffer=self.cfg.backend_net_buffer)
@@ -55,6 +92,58 @@ class Pools:
             raise
         self.note_connect(server.name, user, True)
         return conn
+
+    def make_room(self, name: str, shared: bool = True) -> bool:
+        """At the limit: close one idle connection to `name` (pooled, of any key, else a shared
+        one with nothing queued) so a new one may open."""
+        for key, conns in self.idle.items():
+            if key[0] == name:
+                while conns:
+                    c = conns.pop(0)
+                    if not c.closed:
+                        c.close()
+                    self._forget(c)
+                    return True
+        return shared and self.shed is not None and self.shed(name)
+
+    async def _wait(self, name: str, timeout: float, again: bool) -> None:
+        """Wait in line for a connection to `name` (one freed wakes the first in line)."""
+        q = self.waiters.get(name)
+        if q is None:
+            q = self.waiters[name] = deque()
+        f = asyncio.get_running_loop().create_future()
+        if again:
+            q.appendleft(f)  # (woken but beaten to it: keep its place at the front)
+        else:
+            q.append(f)
+        self.waiting += 1
+        try:
+            if self.on_pressure is not None:
+                self.on_pressure(name, len(q))
+            await asyncio.wait_for(f, timeout)
+        except asyncio.TimeoutError:
+            pass
+        finally:
+            self.waiting -= 1
+            if not f.done():
+                f.cancel()
+            try:
+                q.remove(f)
+            except ValueError:
+                pass
+
+    def _wake(self, name: str) -> None:
+        """A connection to `name` became available (idle again, or closed): the first in line looks."""
+        q = self.waiters.get(name)
+        while q:
+            f = q.popleft()
+            if not f.done():
+                f.set_result(None)
+                return
+
+    def waiting_for(self, name: str) -> int:
+        q = self.waiters.get(name)
+        return len(q) if q else 0
 
     def idle_per_key(self) -> dict[tuple, int]:
         """(server, user) -> idle pooled connections."""
@@ -94,6 +183,7 @@ class Pools:
         if ok:
             conn.last_used = time.monotonic()
             self.idle[conn.key].append(conn)
+            self._wake(conn.server.name)
         else:
             conn.close()
             self._forget(conn)
@@ -105,9 +195,20 @@ class Pools:
         self._forget(conn)
 
     def _forget(self, conn: BackendConnection) -> None:
-        n = self.open_count[conn.server.name]
+        name = conn.server.name
+        n = self.open_count[name]
         if n > 0:
-            self.open_count[conn.server.name] = n - 1
+            self.open_count[name] = n - 1
+        if self.waiting:
+            self._wake(name)
+
+    def uncount(self, name: str) -> None:
+        """A connection counted here (a shared one) closed."""
+        n = self.open_count[name]
+        if n > 0:
+            self.open_count[name] = n - 1
+        if self.waiting:
+            self._wake(name)
 
     def drop_server(self, name: str) -> None:
         """Close every idle connection to a server (it died or left the cluster)."""

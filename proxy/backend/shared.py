@@ -249,8 +249,9 @@ class SharedLines:
 
     def _open(self, server, key, password) -> None:
         pools = self.pools
-        if server.max_connections and pools.open_count[server.name] >= server.max_connections:
-            return
+        limit = pools.limit(server)
+        if limit and pools.open_count[server.name] >= limit and not pools.make_room(server.name, shared=False):
+            return  # (the statement uses the session's own connection meanwhile)
         self.opening[key] = self.opening.get(key, 0) + 1
         pools.open_count[server.name] += 1
         asyncio.get_running_loop().create_task(self._connect(server, key, password))
@@ -264,7 +265,7 @@ class SharedLines:
                                  pools.tls.get(name), factory=SharedBackend, net_buffer=pools.cfg.backend_net_buffer)
             await conn.replay(history, pools.cfg.connect_timeout)  # the SET/USE history every session of this key ran
         except (BackendError, ConnectionError, OSError, asyncio.TimeoutError) as e:
-            pools.open_count[name] -= 1
+            pools.uncount(name)
             pools.note_connect(name, user, False)
             if conn is not None:
                 conn.close()
@@ -277,7 +278,7 @@ class SharedLines:
         conn.lines = self
         conn.direct_ok = b"mariadb" in conn.server_version.lower()
         if conn.closed:
-            pools.open_count[name] -= 1
+            pools.uncount(name)
             return
         conn.ready = True
         conn.done_at = _monotonic()
@@ -316,6 +317,19 @@ class SharedLines:
             if now - when > RETRY_AFTER:
                 del self.failed[key]
 
+    def shed(self, name: str) -> bool:
+        """The pool is at its limit for `name`: close one of its shared connections with nothing
+        queued (it opens again on demand). True if one was closed."""
+        for key, conns in self.lines.items():
+            if key[0] == name:
+                for c in conns:
+                    if not c.queue and not c.out:
+                        conns.remove(c)
+                        self._uncount(c)
+                        c.close()
+                        return True
+        return False
+
     def forget(self, conn: SharedBackend) -> None:
         conns = self.lines.get(conn.key)
         if conns and conn in conns:
@@ -323,9 +337,7 @@ class SharedLines:
             self._uncount(conn)
 
     def _uncount(self, conn: SharedBackend) -> None:
-        n = self.pools.open_count[conn.server.name]
-        if n > 0:
-            self.pools.open_count[conn.server.name] = n - 1
+        self.pools.uncount(conn.server.name)
 
     def drop_server(self, name: str) -> None:
         """The server went down: end its shared connections (their reads are retried elsewhere)."""

@@ -383,6 +383,13 @@ class PoolConfig:
     # bytes: the servers send results to rwproxy in chunks of this size (backend.grow_net_buffer);
     # 0 = the server's own net_buffer_length (16 KiB by default)
     backend_net_buffer: int = I(128 << 10, 0, 16 << 20)
+    # ms a session's connection may sit unused before it goes back to the pool, when nothing ties
+    # the session to it (0 = never; the session keeps its connections for life)
+    idle_release: int = I(1000, 0)
+    # connections each server gets from this rwproxy instance (all workers together; 0 = no limit);
+    # a backend's own max_connections overrides it
+    max_server_connections: int = I(64, 0)
+    queue_timeout: float = F(10.0, positive=True)  # s a statement waits for a connection at that limit
 
 
 @dataclass(frozen=True)

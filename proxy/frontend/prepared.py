@@ -39,6 +39,8 @@ def execute(s, pkt) -> None:
     stmt = s.stmts.stmts.get(sid)
     if stmt is None:
         return s.send_error(*_unknown(sid, COM_STMT_EXECUTE))
+    if len(pkt) > 9 and pkt[9]:  # a cursor: its fetches need this connection (idle_release keeps it)
+        s.state.cursor = True
     if stmt.long_data:  # long data was sent to the primary; the execute must follow it
         stmt.long_data = False
         return s.dispatch(pkt, C.Classification(C.WRITE, stmt.cls.flags, stmt.cls.digest), RESULT, sid)

@@ -19,18 +19,17 @@ import logging
 import ssl
 import time
 
-from proxy.backend.connection import BackendError
 from proxy.config.schema import RYW_GTID
-from proxy.frontend import commands, kill, losses, prepared, sharing, slowpath
+from proxy.frontend import commands, idle, kill, losses, prepared, sharing, slowpath
 from proxy.frontend.login import admit_user, handshake, open_session
 from proxy.frontend.reader import CLOSING, COMMAND, HANDSHAKE, PacketReader
 from proxy.frontend.tls import TLSLayer
 from proxy.logs import clean
 from proxy.protocol.constants import (
-    COM_QUERY, COM_STMT_EXECUTE, CR_SERVER_LOST, DEFAULT_CHARSET, ER_CON_COUNT_ERROR, ER_UNKNOWN_ERROR, MAX_PACKET,
+    COM_QUERY, COM_STMT_EXECUTE, CR_SERVER_LOST, DEFAULT_CHARSET, ER_CON_COUNT_ERROR, MAX_PACKET,
     SERVER_STATUS_AUTOCOMMIT, SESSION_SHAPING_CAPABILITIES,
 )
-from proxy.protocol.packets import command, err_packet, err_payload, frame
+from proxy.protocol.packets import err_packet, err_payload, frame
 from proxy.protocol.scan import RESULT
 from proxy.routing import classify as C
 from proxy.routing.router import WRITER
@@ -40,13 +39,12 @@ from proxy.routing.statements import StatementMap
 log = logging.getLogger("rwproxy.client")
 
 _F_KILL = C.F_KILL
-_READ, _SESSION = C.READ, C.SESSION
+_READ, _SESSION, _WRITE, _NOT_VAR = C.READ, C.SESSION, C.WRITE, ~C.F_USER_VAR_WRITE
 _NO_SHARE = ~(C.F_HINT_PRIMARY | C.F_HINT_REPLICA)  # flags that keep a read's profile unlearned
 _STATEMENTS = (COM_QUERY, COM_STMT_EXECUTE)
 _monotonic = time.monotonic
 _HUGE = C.Classification(C.WRITE, C.F_UNPARSED, "<statement over 16 MiB>")
-_SET_AUTOCOMMIT_0 = command(COM_QUERY, b"SET autocommit=0")
-_NO_SERVERS = frozenset()
+_NO_SERVERS, _LINGER = frozenset(), 2.0  # (_LINGER: s a refused client may go on sending before the close)
 
 
 class Command:
@@ -185,6 +183,7 @@ class ClientConnection(asyncio.Protocol):
         if self.shared_on is not None:
             self.shared_on.client_paused(self)  # never leave a shared connection paused for us
         self.release_backends()
+        self.worker.holders.discard(self)
         if self.counted_user is not None:
             self.worker.release_user(self.counted_user)
             self.counted_user = None
@@ -331,7 +330,11 @@ class ClientConnection(asyncio.Protocol):
             if w.shared is not None and cls.route == _READ and not flags & _NO_SHARE and not error:
                 w.shared.profiles.learn(cls.digest, conn.relayed if relayed < 0 else relayed,
                                         _monotonic() - self.sent_at if service < 0 else service, sc.warnings > 0)
-            st.after(flags, on_primary, name, self.status if on_primary else status, error)
+            # (a SET of user variables to literals is replayed with the history: it ties nothing)
+            st.after(flags & _NOT_VAR if cls.route == _SESSION and not cmd.stmt_id else flags, on_primary, name,
+                     self.status if on_primary else status, error)
+            st.warnings = sc.warnings > 0
+            st.last_digest = cls.digest
             if not error:
                 if cls.route == _SESSION:
                     if cmd.stmt_id:  # SET through a prepared statement: cannot be replayed elsewhere
@@ -342,6 +345,8 @@ class ClientConnection(asyncio.Protocol):
                     if flags & C.F_USE_DB:
                         conn.db_touched = True
                         self.db = cls.db
+                if on_primary and cls.route == _WRITE:
+                    st.wrote_ok(sc.final)
                 if on_primary and cmd.packet[4] in _STATEMENTS and st.write_completed(cls.route, flags):
                     if st.ryw_mode == RYW_GTID:
                         fetch_gtid = True
@@ -354,6 +359,9 @@ class ClientConnection(asyncio.Protocol):
         if fetch_gtid:  # busy until the GTID it produced is known; _fetch_gtid finishes the command
             w.loop.create_task(slowpath.fetch_gtid(self, conn))
             return
+        if w.pools.waiting and self.backends and w.release_after:  # others wait for a connection: give ours back now
+            self.busy = False
+            idle.release(self, 0.0, 0.0, w.pools.waiters)
         self.finish()
 
     def command_lost(self, conn, relayed: int, cancelled: bool = False) -> None:
@@ -421,14 +429,15 @@ class ClientConnection(asyncio.Protocol):
             w = self.worker
             be = await w.pools.acquire(w.servers[name], self.user.name, self.user.password,
                                        self.caps & SESSION_SHAPING_CAPABILITIES, self.charset, self.login_db)
+            if self.closed:  # (the client left while it waited for the connection)
+                w.pools.release(be)
+                raise ConnectionError("client gone")
             be.client = self
             be.applied = 0
             self.backends[name] = be
-            if self.is_writer(name) and not self.status & SERVER_STATUS_AUTOCOMMIT:
-                # autocommit=0 is not in the replay history (replicas keep autocommit on)
-                resp = await be.command(_SET_AUTOCOMMIT_0, RESULT)
-                if resp[4] == 0xFF:
-                    raise BackendError(ER_UNKNOWN_ERROR[0], "HY000", f"could not restore autocommit=0 on {name}")
+            w.holders.add(self)
+            if self.is_writer(name):
+                await idle.restore_writer(be, self.status & SERVER_STATUS_AUTOCOMMIT, self.state.insert_id)
         await be.replay(self.state.history)
         return be
 
@@ -453,14 +462,8 @@ class ClientConnection(asyncio.Protocol):
         return name == self.state.writer or name == self.worker.primary_name
 
     def idle_for(self, now: float) -> float:
-        """Seconds this logged-in session has been waiting for its client, as seen by the worker's
-        sweeps (once a second): from the first sweep that found it idle with nothing received
-        since the sweep before. 0 while a command runs or before login. Counting received chunks
-        instead of stamping every command keeps the clock off the hot path."""
-        if self.phase != COMMAND or self.busy or self.activity != self.idle_seen:
-            self.idle_seen, self.idle_since = self.activity, now
-            return 0.0
-        return now - self.idle_since
+        """Seconds this logged-in session has been waiting for its client (frontend/idle.py)."""
+        return idle.idle_for(self, now)
 
     def server_down(self, name: str) -> None:
         """The monitor declared `name` down: stop using it (an in-flight read is retried elsewhere)."""
@@ -491,9 +494,6 @@ class ClientConnection(asyncio.Protocol):
             else:
                 pools.release(be)
         self.backends = {}
-
-
-_LINGER = 2.0  # seconds a refused client may go on sending before the connection is closed
 
 
 def _rule_text(pkt: bytes) -> str:

@@ -13,6 +13,7 @@ import time
 
 from proxy.routing import classify as C
 from proxy.protocol.constants import SERVER_STATUS_AUTOCOMMIT, SERVER_STATUS_IN_TRANS
+from proxy.protocol.packets import parse_ok
 
 
 _versions = itertools.count(1)
@@ -23,9 +24,13 @@ PIN_TEMP_TABLE = "temporary table"
 PIN_LOCK_TABLES = "LOCK TABLES"
 PIN_NAMED_LOCK = "named lock"
 PIN_HISTORY = "session history not replayable"
+# What else keeps a session's connections from going back to the pool when it is idle (idle_release):
+TIE_WARNINGS = "warnings not yet read"  # SHOW WARNINGS must find them on the same connection
+TIE_FOUND_ROWS = "FOUND_ROWS() pending"  # after SQL_CALC_FOUND_ROWS
+TIE_CURSOR = "open cursor"  # a prepared statement executed with a cursor: fetches go to its connection
 # Every reason ties() gives (read-only transactions without the server name): /metrics shows each, 0 or not.
 TIE_REASONS = (PIN_TRANSACTION, PIN_TEMP_TABLE, PIN_LOCK_TABLES, PIN_NAMED_LOCK, PIN_HISTORY, "user variable",
-               "read-only transaction")
+               "read-only transaction", TIE_WARNINGS, TIE_FOUND_ROWS, TIE_CURSOR)
 
 
 class SessionState:
@@ -33,6 +38,7 @@ class SessionState:
         "user", "ryw_mode", "in_trx", "ro_trx", "temp_tables", "lock_tables", "named_locks",
         "user_vars", "history", "history_overflow", "max_history", "last_backend", "last_write",
         "last_gtid", "failed_servers", "pending_write", "trx_server", "writer", "hversion", "trx_since",
+        "insert_id", "warnings", "last_digest", "cursor",
     )
 
     def __init__(self, user, default_ryw: str, max_history: int):
@@ -60,6 +66,11 @@ class SessionState:
         self.last_gtid = ""  # the GTID of that write (gtid mode)
         self.pending_write = False  # a write ran on the primary whose transaction has not ended yet
         self.failed_servers: frozenset = frozenset()  # replicas that failed the statement being retried
+        # What a released connection would take with it, kept or tied (idle_release):
+        self.insert_id = 0  # the last AUTO_INCREMENT value a write generated (LAST_INSERT_ID() on a new connection)
+        self.warnings = False  # the last statement left warnings
+        self.last_digest = ""  # the last statement's digest (FOUND_ROWS() after SQL_CALC_FOUND_ROWS needs its connection)
+        self.cursor = False  # a prepared statement was executed with a cursor (fetches follow it)
 
     def pin(self) -> str:
         """Why only the primary connection may see this session's statements now ("" when nothing
@@ -90,7 +101,24 @@ class SessionState:
             out.append("user variable")
         if self.ro_trx is not None:
             out.append("read-only transaction on " + self.ro_trx)
+        if self.warnings:
+            out.append(TIE_WARNINGS)
+        if self.found_rows_pending():
+            out.append(TIE_FOUND_ROWS)
+        if self.cursor:
+            out.append(TIE_CURSOR)
         return out
+
+    def releasable(self) -> bool:
+        """Nothing ties the session to its connections: an idle one may go back to the pool and a
+        new one (its SET/USE history replayed, LAST_INSERT_ID() restored) serve the next statement."""
+        return not (self.in_trx or self.temp_tables or self.lock_tables or self.named_locks > 0
+                    or self.history_overflow or self.user_vars or self.ro_trx is not None or self.warnings
+                    or self.cursor or self.pending_write or self.found_rows_pending())
+
+    def found_rows_pending(self) -> bool:
+        """The last statement was a SELECT SQL_CALC_FOUND_ROWS (checked when idle, not per statement)."""
+        return "SQL_CALC_FOUND_ROWS" in self.last_digest.upper()
 
     def unrestorable(self) -> list[str]:
         """What a new connection to the writer could not give back: the state that lives only on
@@ -168,6 +196,14 @@ class SessionState:
             self.pending_write = False
             return True
         return False
+
+    def wrote_ok(self, final: bytes) -> None:
+        """A write succeeded on the primary; `final` is its OK packet's payload: keep the
+        AUTO_INCREMENT value it generated, if any (LAST_INSERT_ID() on a new connection)."""
+        if final and final[0] == 0:
+            iid = parse_ok(final).last_insert_id
+            if iid:
+                self.insert_id = iid
 
     def wrote(self, gtid: str = "") -> None:
         self.last_write = time.monotonic()

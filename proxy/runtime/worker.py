@@ -27,7 +27,7 @@ from proxy.protocol import auth
 from proxy.routing.classify import Classifier
 from proxy.routing.router import Router
 from proxy.frontend.accounts import ServerAccounts
-from proxy.frontend import kill
+from proxy.frontend import idle, kill
 from proxy.frontend.kill import Peers
 from proxy.frontend.reader import COMMAND
 from proxy.frontend.session import ClientConnection
@@ -70,11 +70,16 @@ class Worker:
         )
         self.tls_context = tls_context  # front-end TLS, loaded (and checked) by the supervisor
         self.backend_tls = policies_for(config)
-        self.pools = Pools(config.pool, self.backend_tls)
+        self.count = config.proxy.workers or os.cpu_count() or 1  # worker processes in all
+        self.pools = Pools(config.pool, self.backend_tls, self.count)
+        self.pools.on_pressure = self.release_for
         self.shared = (SharedLines(self.pools, config.pool, config.routing.max_prepared_per_connection)
                        if config.pool.multiplex else None)
+        if self.shared is not None:
+            self.pools.shed = self.shared.shed
         self.users = {u.name: u for u in config.users}
-        self.count = config.proxy.workers or os.cpu_count() or 1  # worker processes in all
+        self.holders: set = set()  # sessions that hold backend connections of their own (idle_release looks at these)
+        self.release_after = config.pool.idle_release / 1000.0  # s (0: sessions keep their connections)
         self.peers = None  # kill.Peers: KILL requests to and from the other workers
         self.clients: set = set()
         self.refused: dict[str, int] = {}  # server name -> connections it refused (the user backed off there)
@@ -229,6 +234,7 @@ class Worker:
             if self.topology_fd is not None:
                 await subscribe(self.loop, self.topology_fd, self.set_topology)
             self.loop.create_task(self._housekeeping())
+            self.loop.create_task(self._releases())
             self._start_peers()
             await self._start_control()
             log.info("worker %d serving on %s%s", self.index, self.config.proxy.listen,
@@ -312,6 +318,7 @@ class Worker:
         elif a.accounts is not None:
             a.accounts.ttl = config.auth.server_accounts_ttl
         self.pools.cfg = config.pool
+        self.release_after = config.pool.idle_release / 1000.0
         if self.shared is not None:
             self.shared.reconfigure(config.pool, r.max_prepared_per_connection)
         st = config.stats
@@ -394,6 +401,23 @@ class Worker:
             if idle > limit:
                 log.info("session %d: idle for %.0f s (client_idle_timeout %g s); closing it", c.conn_id, idle, limit)
                 c.close()
+
+    def release_idle(self, now: float) -> None:
+        """[pool] idle_release: sessions give back the connections they have not used for that long."""
+        idle.sweep(self, now)
+
+    def release_for(self, name: str, wanted: int) -> None:
+        """Checkouts wait for a connection to `name` (Pools.on_pressure)."""
+        idle.under_pressure(self, name, wanted)
+
+    async def _releases(self):
+        """Look for idle connections four times per idle_release (so they go back after 1 to 1.25
+        times it), at most every 10 ms."""
+        while True:
+            after = self.release_after
+            await asyncio.sleep(max(0.01, after / 4) if after else 0.5)
+            if self.holders:
+                self.release_idle(time.monotonic())
 
     async def _housekeeping(self):
         """Idle sessions close (client_idle_timeout), idle pool connections expire."""

@@ -18,10 +18,9 @@ from dataclasses import replace
 from typing import Callable
 
 import pymysql
-import pymysql.cursors
 
-from proxy.backend.tls import control_connect
 from proxy.cluster.monitor.health import Observation, Policy, decide, significant
+from proxy.cluster.monitor import wire
 from proxy.cluster.monitor.node import Node, close_quietly
 from proxy.cluster.monitor.replication import DENIED, NO_TABLE, READ_ONLY, ReplicationReading
 from proxy.cluster.sqlerrors import describe, error_code
@@ -285,11 +284,9 @@ class Monitor(ReplicationReading):
         t.start()
         self._threads.append(t)
 
-    def _connect(self, node: Node) -> pymysql.connections.Connection:
+    def _connect(self, node: Node) -> wire.WireConnection:
         m = self._mon
-        return control_connect(self.config, node.backend, user=self._user, password=self._password,
-                               connect_timeout=m.connect_timeout, read_timeout=m.read_timeout,
-                               write_timeout=m.read_timeout, autocommit=True, charset="utf8mb4")
+        return wire.connect(self.config, node.backend, self._user, self._password, m.connect_timeout, m.read_timeout)
 
     def _paced(self, period, body, node: Node | None = None) -> None:
         """Run body every period() seconds (no bursts after an overrun) until stopped (or the node
@@ -399,17 +396,13 @@ class Monitor(ReplicationReading):
         a third of the monitor's queries). hb_ts is a 1-tuple (value) when it was read, else None."""
         if node.hb_merge:
             try:
-                with conn.cursor() as cur:
-                    cur.execute(f"{self._CHECK}, {self._hb_newest}")
-                    *row, hb_ts = cur.fetchone()
+                *row, hb_ts = conn.query(f"{self._CHECK}, {self._hb_newest}")[0]
                 return (*row, (hb_ts,))
             except pymysql.MySQLError as exc:
                 if error_code(exc) not in NO_TABLE | DENIED:
                     raise
                 node.hb_merge = False  # table gone or not readable: plain check; _lag finds out
-        with conn.cursor() as cur:
-            cur.execute(self._CHECK)
-            return (*cur.fetchone(), None)
+        return (*conn.query(self._CHECK)[0], None)
 
     # ---- heartbeat -------------------------------------------------------------
 
@@ -438,21 +431,21 @@ class Monitor(ReplicationReading):
         try:
             if conn[0] is None:
                 conn[0] = self._connect(node)
-            with conn[0].cursor() as cur:
-                if not state["table"]:
-                    cur.execute(f"CREATE DATABASE IF NOT EXISTS `{schema}`")
-                    cur.execute(
-                        f"CREATE TABLE IF NOT EXISTS `{schema}`.heartbeat ("
+            c = conn[0]
+            if not state["table"]:
+                c.query(f"CREATE DATABASE IF NOT EXISTS `{schema}`")
+                c.query(f"CREATE TABLE IF NOT EXISTS `{schema}`.heartbeat ("
                         " server_id INT UNSIGNED NOT NULL PRIMARY KEY COMMENT '@@server_id of the writer',"
                         " ts DECIMAL(20,6) NOT NULL COMMENT 'writer clock: UNIX_TIMESTAMP(NOW(6))',"
                         " writer VARCHAR(255) NOT NULL DEFAULT '' COMMENT 'backend name in the rwproxy config'"
                         ") ENGINE=InnoDB COMMENT='rwproxy replication heartbeat'")
-                    state["table"] = True
-                cur.execute(f"INSERT INTO `{schema}`.heartbeat (server_id, ts, writer) "
-                            "VALUES (@@server_id, UNIX_TIMESTAMP(NOW(6)), %s) "
-                            "ON DUPLICATE KEY UPDATE ts = VALUES(ts), writer = VALUES(writer)", (node.name,))
-                cur.execute("SELECT UNIX_TIMESTAMP(NOW(6)), @@gtid_binlog_pos")
-                now, pos = cur.fetchone()
+                state["table"] = True
+            # The row, then where the writer's clock and binlog stood right after it (a timeline sample
+            # that brackets the heartbeat's own transaction; see lag.py).
+            c.query(f"INSERT INTO `{schema}`.heartbeat (server_id, ts, writer) "
+                    f"VALUES (@@server_id, UNIX_TIMESTAMP(NOW(6)), {wire.quote(node.name)}) "
+                    "ON DUPLICATE KEY UPDATE ts = VALUES(ts), writer = VALUES(writer)")
+            now, pos = c.query("SELECT UNIX_TIMESTAMP(NOW(6)), @@gtid_binlog_pos")[0]
             node.timeline.add(float(now), pos or "")
             if node.hb_denied:
                 node.hb_denied = False

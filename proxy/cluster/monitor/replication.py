@@ -7,7 +7,6 @@ from __future__ import annotations
 import time
 
 import pymysql
-import pymysql.cursors
 
 from proxy.cluster.monitor.health import Observation
 from proxy.cluster.gtid import seqs
@@ -58,9 +57,7 @@ class ReplicationReading:
 
     def _read_replication(self, node, conn, obs: Observation) -> None:
         try:
-            with conn.cursor(pymysql.cursors.DictCursor) as cur:
-                cur.execute("SHOW ALL SLAVES STATUS")
-                rows = [r for r in cur.fetchall() if r.get("Master_Host")]
+            rows = [r for r in conn.query_dicts("SHOW ALL SLAVES STATUS") if r.get("Master_Host")]
         except pymysql.MySQLError as exc:
             if error_code(exc) not in DENIED:
                 raise
@@ -133,9 +130,7 @@ class ReplicationReading:
                 hb_now, hb_ts = now, merged[0]
             else:
                 try:
-                    with conn.cursor() as cur:
-                        cur.execute(f"SELECT UNIX_TIMESTAMP(NOW(6)), {self._hb_newest}")
-                        hb_now, hb_ts = cur.fetchone()
+                    hb_now, hb_ts = conn.query(f"SELECT UNIX_TIMESTAMP(NOW(6)), {self._hb_newest}")[0]
                     node.hb_merge = True  # readable: the next checks read it in the same round trip
                 except pymysql.MySQLError as exc:
                     if error_code(exc) not in NO_TABLE | DENIED:

@@ -1,0 +1,102 @@
+"""Idle sessions give their server connections back ([pool] idle_release).
+
+Why: one server connection per client session, held for the session's life, is what made 3,000
+idle clients cost 3,010 server connections, and the 2,001st get `Too many connections` from
+the servers. A session with nothing that ties it to its connections (SessionState.releasable:
+no transaction, temporary table, lock, expression-set user variable, unreplayable SET, open
+cursor, unread warnings, pending FOUND_ROWS()) gives back a connection it has not used for
+`idle_release`, and at once when other sessions wait for a connection to that server
+(backend/pool.py's queue at max_server_connections). Its next statement takes a connection from
+the pool and replays the session's SET/USE history there (ClientConnection.backend_for), as a
+session's first statement on a replica always has.
+
+Functions of a ClientConnection (`s`) and a Worker (`w`), using their public attributes.
+"""
+
+from __future__ import annotations
+
+from proxy.backend.connection import BackendError
+from proxy.frontend.reader import COMMAND
+from proxy.protocol.constants import COM_QUERY, ER_UNKNOWN_ERROR
+from proxy.protocol.packets import command
+from proxy.protocol.scan import RESULT
+
+_SET_AUTOCOMMIT_0 = command(COM_QUERY, b"SET autocommit=0")
+
+
+def idle_for(s, now: float) -> float:
+    """Seconds logged-in session `s` has been waiting for its client, as seen by the worker's
+    sweeps (once a second): from the first sweep that found it idle with nothing received
+    since the sweep before. 0 while a command runs or before login. Counting received chunks
+    instead of stamping every command keeps the clock off the hot path."""
+    if s.phase != COMMAND or s.busy or s.activity != s.idle_seen:
+        s.idle_seen, s.idle_since = s.activity, now
+        return 0.0
+    return now - s.idle_since
+
+
+async def restore_writer(be, autocommit: int, insert_id: int) -> None:
+    """A new connection to the session's writer: what the SET/USE history does not carry."""
+    if not autocommit:  # autocommit=0 is not in the replay history (replicas keep autocommit on)
+        resp = await be.command(_SET_AUTOCOMMIT_0, RESULT)
+        if resp[4] == 0xFF:
+            raise BackendError(ER_UNKNOWN_ERROR[0], "HY000", f"could not restore autocommit=0 on {be.server.name}")
+    if insert_id:  # LAST_INSERT_ID() answers on this connection as it did on the one given back
+        await be.command(command(COM_QUERY, b"DO LAST_INSERT_ID(%d)" % insert_id), RESULT)
+
+
+def release(s, now: float, min_idle: float, servers=None) -> int:
+    """Give back to the pool the connections of session `s` unused for `min_idle` seconds (of
+    `servers` only, a mapping whose true values name them, if given) when nothing ties the
+    session to them. Returns how many went back."""
+    st = s.state
+    if s.busy or s.closed or s.phase != COMMAND or st is None or s.reader.infile is not None:
+        return 0
+    if not st.releasable():
+        return 0
+    pools = s.worker.pools
+    n = 0
+    for name, be in list(s.backends.items()):
+        if servers is not None and not servers.get(name):
+            continue
+        if be.closed or now - max(be.done_at, be.last_used) < min_idle:
+            continue
+        del s.backends[name]
+        s.stmts.forget_server(name)  # (prepared again there, or elsewhere, at the next execute)
+        if be.dirty:
+            pools.discard(be)
+        else:
+            pools.release(be)
+        n += 1
+    pools.released += n
+    return n
+
+
+def sweep(w, now: float) -> None:
+    """Every session holding connections gives back those idle for idle_release."""
+    after = w.release_after
+    if not after:
+        return
+    holders = w.holders
+    for c in list(holders):
+        if not c.closed and c.backends:
+            release(c, now, after)
+        if c.closed or not c.backends:
+            holders.discard(c)
+
+
+def under_pressure(w, name: str, wanted: int) -> None:
+    """`wanted` checkouts wait for a connection to `name`: sessions holding an idle one there,
+    with nothing tying them to it, give it back now."""
+    if not w.release_after:
+        return
+    given = 0
+    only = {name: True}
+    holders = w.holders
+    for c in list(holders):
+        if name in c.backends:
+            given += release(c, 0.0, 0.0, only)
+            if not c.backends:
+                holders.discard(c)
+            if given >= wanted:
+                return

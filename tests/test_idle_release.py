@@ -1,0 +1,236 @@
+"""Idle sessions give their server connections back ([pool] idle_release) and many clients share
+a bounded number of server connections ([pool] max_server_connections, queue_timeout), against
+the real cluster: what each client reads back after its connection went back to the pool, what
+keeps a session on its connection, how many connections the servers saw, and the error a client
+gets when none became free in time."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+import time
+
+import pymysql
+import pytest
+
+from helpers import ensure_backend_user, start_proxy
+
+USER = "idl"
+
+
+@pytest.fixture(scope="module")
+def idle_proxy(cluster, tmp_path_factory):
+    """One worker (its limits are the instance's), connections back after 200 ms idle, at most 4
+    per server, 2 s in line."""
+    ensure_backend_user(cluster, USER, USER)
+    with cluster.primary.connect(database="app") as c, c.cursor() as cur:
+        cur.execute("CREATE TABLE IF NOT EXISTS idl (id INT AUTO_INCREMENT PRIMARY KEY, v VARCHAR(20))")
+        cur.execute("CREATE DATABASE IF NOT EXISTS idl_other")
+        cur.execute("GRANT ALL ON idl_other.* TO 'idl'@'%'")
+    cluster.wait_replicas_caught_up(30)
+    p = start_proxy(cluster, tmp_path_factory.mktemp("idle"), proxy={"workers": 1},
+                    users=[{"name": USER, "password": USER}],
+                    pool={"idle_release": 200, "max_server_connections": 4, "queue_timeout": 2.0})
+    try:
+        yield p
+    finally:
+        p.process.stop()
+
+
+def connect(p, **kw):
+    return p.connect(user=USER, password=USER, autocommit=True, **kw)
+
+
+def one(c, sql, args=None):
+    with c.cursor() as cur:
+        cur.execute(sql, args)
+        return cur.fetchone()
+
+
+def sessions_table(p) -> list[dict]:
+    r = subprocess.run([sys.executable, "-m", "proxy", "status", "--json", "--tables", "sessions",
+                        "--config", p.process.config_path], capture_output=True, text=True, timeout=20)
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)["tables"]["sessions"]
+
+
+def server_connections(cluster) -> dict[int, int]:
+    """Connections of USER on each server (port -> count)."""
+    out = {}
+    for node in cluster.nodes:
+        with node.connect() as c, c.cursor() as cur:
+            cur.execute("SELECT COUNT(*) FROM information_schema.PROCESSLIST WHERE USER = %s", (USER,))
+            out[node.port] = cur.fetchone()[0]
+    return out
+
+
+def wait_until(pred, timeout=5.0, what="condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"{what} not reached within {timeout} s")
+
+
+def holds(p) -> list[str]:
+    """The servers each session of USER holds a connection to (comma-separated, "" = none)."""
+    return [r["servers"] for r in sessions_table(p) if r["user"] == USER]
+
+
+def test_an_idle_session_gives_its_connection_back_and_keeps_its_state(idle_proxy):
+    c = connect(idle_proxy, database="app")
+    try:
+        one(c, "SET SESSION sql_mode = 'ANSI_QUOTES'")
+        one(c, "SET @greeting = 'hello'")  # a literal user variable: replayed, does not tie the session
+        one(c, "INSERT INTO idl (v) VALUES ('a')")
+        inserted = one(c, "SELECT LAST_INSERT_ID()")[0]
+        one(c, "USE idl_other")
+        wait_until(lambda: holds(idle_proxy) == [""], what="the session giving its connection back")
+        # a new connection (or the same one, reset by COM_RESET_CONNECTION) serves the session now
+        assert one(c, "SELECT LAST_INSERT_ID()")[0] == inserted
+        assert "ANSI_QUOTES" in one(c, "SELECT @@SESSION.sql_mode")[0]
+        assert one(c, "SELECT DATABASE()")[0] == "idl_other"
+        assert one(c, "SELECT @greeting")[0] == "hello"
+        one(c, "INSERT INTO app.idl (v) VALUES ('b')")
+        assert one(c, "SELECT LAST_INSERT_ID()")[0] == inserted + 1
+    finally:
+        c.close()
+
+
+def test_a_prepared_statement_survives_its_connection_going_back(idle_proxy):
+    import mysql.connector
+
+    mc = mysql.connector.connect(host=idle_proxy.host, port=idle_proxy.port, user=USER, password=USER,
+                                 database="app", autocommit=True)
+    try:
+        cur = mc.cursor(prepared=True)
+        cur.execute("INSERT INTO idl (v) VALUES (%s)", ("ps",))
+        cur.execute("SELECT COUNT(*) FROM idl WHERE v = %s", ("ps",))
+        n = cur.fetchall()[0][0]
+        assert n >= 1
+        wait_until(lambda: all(h == "" for h in holds(idle_proxy)), what="connections given back")
+        cur.execute("INSERT INTO idl (v) VALUES (%s)", ("ps",))  # prepared again on a new connection
+        cur.execute("SELECT COUNT(*) FROM idl WHERE v = %s", ("ps",))
+        assert cur.fetchall()[0][0] == n + 1
+        cur.close()
+    finally:
+        mc.close()
+
+
+@pytest.mark.parametrize("setup,check,tie", [
+    (["BEGIN", "INSERT INTO idl (v) VALUES ('trx')"], "SELECT COUNT(*) FROM idl WHERE v = 'trx'", "transaction"),
+    (["CREATE TEMPORARY TABLE tmp_idl (x INT)", "INSERT INTO tmp_idl VALUES (7)"], "SELECT x FROM tmp_idl",
+     "temporary table"),
+    (["SELECT GET_LOCK('idl_lock', 1)"], "SELECT IS_USED_LOCK('idl_lock') = CONNECTION_ID()", "named lock"),
+    (["SET @n := (SELECT 41 + 1)"], "SELECT @n", "user variable"),
+    (["SELECT SQL_CALC_FOUND_ROWS id FROM idl LIMIT 1"], "SELECT FOUND_ROWS() > 0", "FOUND_ROWS() pending"),
+])
+def test_what_ties_a_session_keeps_its_connection(idle_proxy, setup, check, tie):
+    c = connect(idle_proxy, database="app")
+    try:
+        for sql in setup:
+            one(c, sql)
+        found_rows = tie == "FOUND_ROWS() pending"  # (CONNECTION_ID() would answer FOUND_ROWS' question)
+        thread = None if found_rows else one(c, "SELECT CONNECTION_ID()")[0]
+        time.sleep(0.6)  # three times idle_release
+        rows = [r for r in sessions_table(idle_proxy) if r["user"] == USER]
+        assert len(rows) == 1
+        assert tie in rows[0]["ties"], rows[0]
+        assert rows[0]["servers"], rows[0]  # it still holds its connection
+        if not found_rows:
+            assert rows[0]["servers"] == idle_proxy.cluster.primary.name
+        assert one(c, check)[0] in (1, 7, 42)
+        if thread is not None:
+            assert one(c, "SELECT CONNECTION_ID()")[0] == thread
+    finally:
+        c.close()
+
+
+def test_warnings_are_read_on_the_connection_that_left_them(idle_proxy):
+    c = connect(idle_proxy, database="app")
+    try:
+        one(c, "SELECT CAST('12abc' AS SIGNED)")
+        time.sleep(0.6)
+        with c.cursor() as cur:
+            cur.execute("SHOW WARNINGS")
+            rows = cur.fetchall()
+        assert rows and rows[0][1] == 1292, rows
+    finally:
+        c.close()
+
+
+def test_many_clients_share_a_few_server_connections(idle_proxy):
+    """40 clients writing and reading at once through at most 4 connections per server: every
+    client gets every answer right, and the servers never see more than 4 of this user's
+    connections."""
+    cluster = idle_proxy.cluster
+    stop = threading.Event()
+    peaks = {n.port: 0 for n in cluster.nodes}
+
+    def sample():
+        while not stop.is_set():
+            for port, n in server_connections(cluster).items():
+                peaks[port] = max(peaks[port], n)
+            time.sleep(0.05)
+
+    errors: list = []
+
+    def client(i: int):
+        try:
+            c = connect(idle_proxy, database="app")
+            try:
+                for j in range(5):
+                    one(c, "INSERT INTO idl (v) VALUES (%s)", (f"m{i}-{j}",))
+                    iid = one(c, "SELECT LAST_INSERT_ID()")[0]
+                    assert one(c, "SELECT v FROM idl WHERE id = %s", (iid,)) in (None, (f"m{i}-{j}",))
+                    assert one(c, "SELECT %s", (i * 100 + j,))[0] == i * 100 + j
+            finally:
+                c.close()
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(f"client {i}: {e!r}")
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(40)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    stop.set()
+    sampler.join(10)
+    assert not errors, errors[:5]
+    assert all(not t.is_alive() for t in threads)
+    assert max(peaks.values()) <= 4, peaks
+    assert peaks[cluster.primary.port] >= 1
+
+
+def test_a_client_gets_too_many_connections_when_none_becomes_free(idle_proxy):
+    """Four sessions hold the primary's four connections in open transactions: a fifth client
+    waits queue_timeout (2 s) at login, then gets the server's 1040; once one transaction ends,
+    a new client gets in."""
+    held = [connect(idle_proxy, database="app") for _ in range(4)]
+    try:
+        for i, c in enumerate(held):
+            one(c, "BEGIN")
+            one(c, "INSERT INTO idl (v) VALUES (%s)", (f"held-{i}",))
+        t0 = time.monotonic()
+        with pytest.raises(pymysql.err.OperationalError) as e:
+            connect(idle_proxy, database="app")
+        assert e.value.args[0] == 1040, e.value.args
+        assert "queue_timeout" in e.value.args[1]
+        assert time.monotonic() - t0 >= 1.5  # it waited in line first
+        one(held[0], "COMMIT")
+        late = connect(idle_proxy, database="app")
+        try:
+            assert one(late, "SELECT 1")[0] == 1
+        finally:
+            late.close()
+        for i, c in enumerate(held[1:], 1):  # their transactions were untouched
+            assert one(c, "SELECT COUNT(*) FROM idl WHERE v = %s", (f"held-{i}",))[0] == 1
+            one(c, "COMMIT")
+    finally:
+        for c in held:
+            c.close()

@@ -24,6 +24,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -218,6 +219,37 @@ def big_result_summary(rounds: list[dict], background_ms_per_s: float) -> dict:
             "background_us_per_query": round(bg, 1), "net_us_per_query": round(cpu - bg, 1)}
 
 
+class ConnectionSampler:
+    """Peak count of the benchmark user's connections on each server while a block runs (sampled
+    five times a second from the process lists): what a proxy asked of the servers."""
+
+    def __init__(self, cluster, user: str = "app"):
+        self.cluster, self.user = cluster, user
+        self.peaks: dict[str, int] = {n.name: 0 for n in cluster.nodes}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join(10)
+
+    def _run(self):
+        conns = {n.name: n.connect() for n in self.cluster.nodes}
+        try:
+            while not self._stop.wait(0.2):
+                for name, c in conns.items():
+                    with c.cursor() as cur:
+                        cur.execute("SELECT COUNT(*) FROM information_schema.PROCESSLIST WHERE USER = %s", (self.user,))
+                        self.peaks[name] = max(self.peaks[name], cur.fetchone()[0])
+        finally:
+            for c in conns.values():
+                c.close()
+
+
 def _rotated(items: list, r: int) -> list:
     """Round r's order: the list rotated by r, so each entry runs first, second, ... in turn."""
     k = r % len(items)
@@ -326,7 +358,9 @@ def main(argv=None) -> int:
                 proxy, rwproxy = proxies[mode], mode in cfgs
                 cpu0 = proxy.cpu_seconds()
                 routed0 = routed(cfgs[mode]) if rwproxy else {}
-                res = sysbench(test, "127.0.0.1", proxy.port, th, args.time, tables, size)
+                with ConnectionSampler(cluster) as sampled:
+                    res = sysbench(test, "127.0.0.1", proxy.port, th, args.time, tables, size)
+                res["server_connections_peak"] = sampled.peaks
                 res["proxy_cpu_us_per_query"] = round((proxy.cpu_seconds() - cpu0) / res["queries"] * 1e6, 1)
                 if rwproxy:
                     time.sleep(0.6)  # workers publish counters twice a second

@@ -234,3 +234,25 @@ def test_a_client_gets_too_many_connections_when_none_becomes_free(idle_proxy):
     finally:
         for c in held:
             c.close()
+
+
+def test_autocommit_off_sessions_queue_and_keep_autocommit_off(idle_proxy):
+    """PyMySQL's default session (autocommit=0, no transaction open yet) holds nothing: twelve of
+    them log in one after the other through four connections; a new connection gets autocommit=0
+    back, so a ROLLBACK still undoes what the session wrote."""
+    conns = []
+    try:
+        for _ in range(12):
+            conns.append(idle_proxy.connect(user=USER, password=USER, database="app"))
+        for i, c in enumerate(conns):
+            one(c, "INSERT INTO idl (v) VALUES (%s)", (f"ac0-{i}",))
+            assert one(c, "SELECT @@autocommit")[0] == 0
+            c.rollback()
+        check = connect(idle_proxy, database="app")
+        try:
+            assert one(check, "SELECT COUNT(*) FROM idl WHERE v LIKE 'ac0-%%'")[0] == 0
+        finally:
+            check.close()
+    finally:
+        for c in conns:
+            c.close()

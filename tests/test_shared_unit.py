@@ -53,3 +53,17 @@ def test_profiles_share_only_small_fast_quiet_digests():
     assert p.shareable("a") == 0.001 and p.shareable("unknown") is None
     p.learn("warns", 100, 0.001, False)  # a warning once is enough: SHOW WARNINGS must find it
     assert p.shareable("warns") is None
+
+
+def test_a_fast_digest_keeps_sharing_through_stalls_and_a_slow_one_stops():
+    p = Profiles(max_bytes=1000, max_secs=0.01)
+    for _ in range(50):
+        p.learn("fast", 100, 0.0002, False)
+    for _ in range(5):  # a stall of the event loop: a few responses read 80 ms late
+        p.learn("fast", 100, 0.08, False)
+        assert p.shareable("fast") is not None
+    p.learn("fast", 100, 0.0002, False)
+    assert p.shareable("fast") is not None
+    for _ in range(200):  # slow for good (the table grew, an index went): it stops sharing
+        p.learn("fast", 100, 0.05, False)
+    assert p.shareable("fast") is None

@@ -59,7 +59,7 @@ def release(s, now: float, min_idle: float, servers=None) -> int:
     for name, be in list(s.backends.items()):
         if servers is not None and not servers.get(name):
             continue
-        if be.closed or now - max(be.done_at, be.last_used) < min_idle:
+        if be.closed or (min_idle > 0 and now - max(be.done_at, be.last_used) < min_idle):
             continue
         del s.backends[name]
         s.stmts.forget_server(name)  # (prepared again there, or elsewhere, at the next execute)

@@ -111,8 +111,10 @@ class SessionState:
 
     def releasable(self) -> bool:
         """Nothing ties the session to its connections: an idle one may go back to the pool and a
-        new one (its SET/USE history replayed, LAST_INSERT_ID() restored) serve the next statement."""
-        return not (self.in_trx or self.temp_tables or self.lock_tables or self.named_locks > 0
+        new one (its SET/USE history replayed, LAST_INSERT_ID() restored) serve the next statement.
+        autocommit=0 alone does not tie it (PyMySQL's default): no transaction is open until the
+        server says one is (SERVER_STATUS_IN_TRANS), and a new connection gets autocommit=0 back."""
+        return not (self.trx_server is not None or self.temp_tables or self.lock_tables or self.named_locks > 0
                     or self.history_overflow or self.user_vars or self.ro_trx is not None or self.warnings
                     or self.cursor or self.pending_write or self.found_rows_pending())
 

@@ -441,11 +441,11 @@ class Monitor(ReplicationReading):
                         ") ENGINE=InnoDB COMMENT='rwproxy replication heartbeat'")
                 state["table"] = True
             # The row, then where the writer's clock and binlog stood right after it (a timeline sample
-            # that brackets the heartbeat's own transaction; see lag.py).
-            c.query(f"INSERT INTO `{schema}`.heartbeat (server_id, ts, writer) "
-                    f"VALUES (@@server_id, UNIX_TIMESTAMP(NOW(6)), {wire.quote(node.name)}) "
-                    "ON DUPLICATE KEY UPDATE ts = VALUES(ts), writer = VALUES(writer)")
-            now, pos = c.query("SELECT UNIX_TIMESTAMP(NOW(6)), @@gtid_binlog_pos")[0]
+            # that brackets the heartbeat's own transaction; see lag.py): one round trip.
+            now, pos = c.query(f"INSERT INTO `{schema}`.heartbeat (server_id, ts, writer) "
+                               f"VALUES (@@server_id, UNIX_TIMESTAMP(NOW(6)), {wire.quote(node.name)}) "
+                               "ON DUPLICATE KEY UPDATE ts = VALUES(ts), writer = VALUES(writer); "
+                               "SELECT UNIX_TIMESTAMP(NOW(6)), @@gtid_binlog_pos")[0]
             node.timeline.add(float(now), pos or "")
             if node.hb_denied:
                 node.hb_denied = False

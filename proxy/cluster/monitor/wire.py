@@ -25,14 +25,15 @@ import pymysql
 from proxy.backend.tls import DISABLED, CR_SSL_CONNECTION_ERROR, policies_for
 from proxy.protocol import auth
 from proxy.protocol.constants import (
-    CLIENT_LONG_FLAG, CLIENT_LONG_PASSWORD, CLIENT_SSL, CLIENT_TRANSACTIONS, COM_QUERY, COM_QUIT,
-    SERVER_STATUS_AUTOCOMMIT,
+    CLIENT_LONG_FLAG, CLIENT_LONG_PASSWORD, CLIENT_MULTI_RESULTS, CLIENT_MULTI_STATEMENTS, CLIENT_SSL,
+    CLIENT_TRANSACTIONS, COM_QUERY, COM_QUIT, SERVER_MORE_RESULTS_EXISTS, SERVER_STATUS_AUTOCOMMIT,
 )
 from proxy.protocol.handshake import build_response, build_ssl_request, parse_greeting, response_caps
 from proxy.protocol.packets import parse_err, read_lenenc_int, read_lenenc_str
 
 UTF8MB4 = 45  # utf8mb4_general_ci
-_CAPS = CLIENT_LONG_PASSWORD | CLIENT_LONG_FLAG | CLIENT_TRANSACTIONS
+# Multi-statements: the heartbeat's write and the reading after it go in one round trip.
+_CAPS = CLIENT_LONG_PASSWORD | CLIENT_LONG_FLAG | CLIENT_TRANSACTIONS | CLIENT_MULTI_STATEMENTS | CLIENT_MULTI_RESULTS
 CR_SERVER_LOST = 2013
 CR_CONN_HOST_ERROR = 2003
 
@@ -59,11 +60,11 @@ class WireConnection:
         return self.server_version
 
     def query(self, sql: str) -> list[tuple]:
-        """Run one statement; its rows (values as str, NULL as None); [] for a statement without."""
+        """Run `sql`; the rows of its (last) result, values as str, NULL as None; [] for none."""
         return self._query(sql)[1]
 
     def query_dicts(self, sql: str) -> list[dict]:
-        names, rows = self._query(sql)
+        names, rows = self._query(sql, True)
         return [dict(zip(names, r)) for r in rows]
 
     def close(self) -> None:
@@ -77,45 +78,16 @@ class WireConnection:
             pass
 
     # ---- the protocol ---------------------------------------------------------------------
-    def _query(self, sql: str) -> tuple[list[str], list[tuple]]:
+    def _query(self, sql: str, names: bool = False) -> tuple[list[str], list[tuple]]:
+        """Send `sql` (one statement, or several separated by ';'); the last result's column names
+        (when asked for) and rows."""
         body = bytes([COM_QUERY]) + sql.encode()
         try:
             self.sock.sendall(struct.pack("<I", len(body))[:3] + b"\x00" + body)
-            first = self._packet()
-            head = first[0]
-            if head == 0xFF:
-                code, _state, msg = parse_err(first)
-                raise WireError(code, msg)
-            if head == 0x00:
-                return [], []
-            ncols, _ = read_lenenc_int(first, 0)
-            names = []
-            for _ in range(ncols or 0):
-                col = self._packet()
-                pos = 0
-                for _skip in range(4):  # catalog, schema, table, org_table
-                    _, pos = read_lenenc_str(col, pos)
-                name, _ = read_lenenc_str(col, pos)
-                names.append(name.decode("utf-8", "replace"))
-            self._packet()  # EOF after the column definitions (CLIENT_DEPRECATE_EOF is not asked for)
-            rows = []
             while True:
-                p = self._packet()
-                if p[0] == 0xFE and len(p) < 9:
-                    return names, rows
-                if p[0] == 0xFF:
-                    code, _state, msg = parse_err(p)
-                    raise WireError(code, msg)
-                row = []
-                pos = 0
-                for _ in range(ncols):
-                    if p[pos] == 0xFB:
-                        row.append(None)
-                        pos += 1
-                    else:
-                        v, pos = read_lenenc_str(p, pos)
-                        row.append(v.decode("utf-8", "replace"))
-                rows.append(tuple(row))
+                cols, rows, status = self._result(names)
+                if not status & SERVER_MORE_RESULTS_EXISTS:
+                    return cols, rows
         except socket.timeout:
             raise _lost("timed out waiting for the server's answer") from None
         except OSError as e:
@@ -123,7 +95,47 @@ class WireConnection:
         except (IndexError, ValueError, TypeError):
             raise _lost("malformed answer") from None
 
-    def _packet(self) -> bytes:
+    def _result(self, names: bool) -> tuple[list[str], list[tuple], int]:
+        first = self.packet()
+        head = first[0]
+        if head == 0xFF:
+            code, _state, msg = parse_err(first)
+            raise WireError(code, msg)
+        if head == 0x00:
+            _, pos = read_lenenc_int(first, 1)
+            _, pos = read_lenenc_int(first, pos)
+            return [], [], first[pos] | first[pos + 1] << 8
+        ncols, _ = read_lenenc_int(first, 0)
+        cols = []
+        for _ in range(ncols or 0):
+            col = self.packet()
+            if names:  # (the checks read values by position: only SHOW ALL SLAVES STATUS wants names)
+                pos = 0
+                for _skip in range(4):  # catalog, schema, table, org_table
+                    _, pos = read_lenenc_str(col, pos)
+                name, _ = read_lenenc_str(col, pos)
+                cols.append(name.decode("utf-8", "replace"))
+        self.packet()  # EOF after the column definitions (CLIENT_DEPRECATE_EOF is not asked for)
+        rows = []
+        while True:
+            p = self.packet()
+            if p[0] == 0xFE and len(p) < 9:
+                return cols, rows, p[3] | p[4] << 8
+            if p[0] == 0xFF:
+                code, _state, msg = parse_err(p)
+                raise WireError(code, msg)
+            row = []
+            pos = 0
+            for _ in range(ncols):
+                if p[pos] == 0xFB:
+                    row.append(None)
+                    pos += 1
+                else:
+                    v, pos = read_lenenc_str(p, pos)
+                    row.append(v.decode("utf-8", "replace"))
+            rows.append(tuple(row))
+
+    def packet(self) -> bytes:
         """One logical packet's payload (large packets are not expected by the monitor)."""
         hdr = self._read(4)
         n = hdr[0] | hdr[1] << 8 | hdr[2] << 16
@@ -141,7 +153,7 @@ class WireConnection:
         del buf[:n]
         return out
 
-    def _send(self, payload: bytes, seq: int) -> None:
+    def send_packet(self, payload: bytes, seq: int) -> None:
         self.sock.sendall(struct.pack("<I", len(payload))[:3] + bytes([seq & 0xFF]) + payload)
 
 
@@ -174,7 +186,7 @@ def connect(config, backend, user: str, password: str, connect_timeout: float, r
 
 
 def _handshake(conn: WireConnection, backend, tls, user: str, password: str) -> None:
-    g = parse_greeting(conn._packet())
+    g = parse_greeting(conn.packet())
     conn.server_version = g.server_version.decode("utf-8", "replace")
     caps = _CAPS & g.capabilities
     seq = conn.seq
@@ -182,15 +194,15 @@ def _handshake(conn: WireConnection, backend, tls, user: str, password: str) -> 
         if g.capabilities & CLIENT_SSL:
             caps |= CLIENT_SSL
             seq += 1
-            conn._send(build_ssl_request(response_caps(caps, None, None), UTF8MB4), seq)
+            conn.send_packet(build_ssl_request(response_caps(caps, None, None), UTF8MB4), seq)
             conn.sock = tls.context.wrap_socket(conn.sock, server_hostname=tls.hostname)
         elif tls.required:
             raise WireError(CR_SSL_CONNECTION_ERROR, f"TLS to backend {backend.name} is required (backend_tls mode "
                             f"{tls.mode}) but the server does not offer it")
     plugin = g.plugin if g.plugin in auth.BACKEND else auth.NATIVE
-    conn._send(build_response(caps, UTF8MB4, user, auth.token_for(plugin, password, g.salt), None, plugin), seq + 1)
+    conn.send_packet(build_response(caps, UTF8MB4, user, auth.token_for(plugin, password, g.salt), None, plugin), seq + 1)
     while True:
-        p = conn._packet()
+        p = conn.packet()
         if p[0] == 0x00:
             break
         if p[0] == 0xFF:
@@ -201,7 +213,7 @@ def _handshake(conn: WireConnection, backend, tls, user: str, password: str) -> 
             plugin = p[1:end].decode()
             if plugin not in auth.BACKEND:
                 raise WireError(1251, f"the server asks for the unsupported auth plugin {plugin}")
-            conn._send(auth.token_for(plugin, password, p[end + 1:]), conn.seq + 1)
+            conn.send_packet(auth.token_for(plugin, password, p[end + 1:]), conn.seq + 1)
         else:
             raise WireError(1251, f"unexpected packet 0x{p[0]:02x} during authentication")
     if not g.status & SERVER_STATUS_AUTOCOMMIT:

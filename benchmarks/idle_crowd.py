@@ -187,7 +187,7 @@ def main(argv=None) -> int:
     result = {"date": datetime.datetime.now().isoformat(timespec="seconds"),
               "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
               "settings": {"workers": args.workers, "concurrency": args.concurrency,
-                           "config": "default (read/write split, idle_release 1000 ms, max_server_connections 64)"},
+                           "config": "read/write split, idle_release 1000 ms, max_server_connections 64"},
               "result": got}
     save("idle-crowd", result, report(result))
     return 0

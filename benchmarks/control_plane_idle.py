@@ -1,0 +1,97 @@
+"""The control plane's CPU with no clients (issue 22): monitor checks, heartbeats, publishing.
+
+rwproxy with the default configuration (3-server sandbox, checks every 100 ms, heartbeat every
+250 ms) sits idle; the supervisor process's CPU is read from /proc per thread, so the figure
+says where it goes (one checker thread per server, the primary's heartbeat thread, the event
+loop). Then the same with `[monitor] interval` set to each of --intervals, as side notes.
+
+    python -m benchmarks.control_plane_idle          # ~2 minutes
+Results: benchmarks/results/control-plane-idle-<date>.{json,md} (and -latest).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from proxy.config.load import build_config, write_config
+from proxy.runtime.launcher import ProxyProcess, free_port
+from proxy.testing.clusters import running_cluster
+
+from .report import save
+
+
+def _threads(pid: int) -> dict[str, int]:
+    out = {}
+    for t in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{t}/stat") as f:
+                fields = f.read().rpartition(")")[2].split()
+        except OSError:
+            continue
+        out[t] = int(fields[11]) + int(fields[12])
+    return out
+
+
+def measure(tmp: str, cluster, seconds: float, monitor: dict) -> dict:
+    port = free_port()
+    data = {"proxy": {"listen": f"127.0.0.1:{port}", "workers": 2},
+            "backends": [{"name": n.name, "host": "127.0.0.1", "port": n.port} for n in cluster.nodes],
+            "users": [{"name": "app", "password": "app"}],
+            "monitor": {"user": "rwproxy", "password": "rwproxy", **monitor}}
+    path = str(Path(tmp) / f"rwproxy-{port}.toml")
+    write_config(build_config(data, source=path), path)
+    p = ProxyProcess(path, "127.0.0.1", port, log_path=str(Path(tmp) / f"rwproxy-{port}.log")).start()
+    try:
+        time.sleep(3.0)
+        tck = os.sysconf("SC_CLK_TCK")
+        a, all0, t0 = _threads(p.pid), p.cpu_seconds(), time.monotonic()
+        time.sleep(seconds)
+        b, all1, dt = _threads(p.pid), p.cpu_seconds(), time.monotonic() - t0
+        per = sorted((round((b[t] - a.get(t, 0)) / tck / dt * 1000, 2) for t in b), reverse=True)
+        return {"monitor": monitor, "seconds": round(dt, 1),
+                "control_plane_ms_per_s": round(sum(per), 1),
+                "all_processes_ms_per_s": round((all1 - all0) / dt * 1000, 1),
+                "threads_ms_per_s": [x for x in per if x > 0]}
+    finally:
+        p.stop()
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--seconds", type=float, default=30.0)
+    ap.add_argument("--intervals", default="0.25,0.5")
+    args = ap.parse_args(argv)
+    runs = []
+    with tempfile.TemporaryDirectory(prefix="rwp-cp-") as tmp, running_cluster(
+            Path(tmp) / "sandbox", replicas=2, port_start=26006) as cluster:
+        for monitor in [{}] + [{"interval": float(x)} for x in args.intervals.split(",") if x]:
+            print(f"idle, monitor {monitor or 'defaults'}: {args.seconds:g} s ...", file=sys.stderr, flush=True)
+            runs.append(measure(tmp, cluster, args.seconds, monitor))
+            print(f"  {runs[-1]}", file=sys.stderr, flush=True)
+    result = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "runs": runs}
+    save("control-plane-idle", result, report(result))
+    return 0
+
+
+def report(r: dict) -> str:
+    lines = [f"# The control plane at idle, {r['date']}", "",
+             "rwproxy, 2 workers, 3-server sandbox (a primary, 2 replicas), no clients; CPU of the supervisor process "
+             "(monitor, heartbeat, publishing, admin/metrics loop) read per thread from /proc (10 ms ticks). "
+             "Produced by `python -m benchmarks.control_plane_idle`.", "",
+             "| [monitor] | control plane ms/s | all rwproxy processes ms/s | busiest threads ms/s |",
+             "|---|---:|---:|---|"]
+    for x in r["runs"]:
+        m = ", ".join(f"{k} = {v:g}" for k, v in x["monitor"].items()) or "defaults (interval 0.1, heartbeat 0.25)"
+        lines.append(f"| {m} | {x['control_plane_ms_per_s']} | {x['all_processes_ms_per_s']} | "
+                     f"{' / '.join(str(t) for t in x['threads_ms_per_s'][:6])} |")
+    return "\n".join(lines + [""])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

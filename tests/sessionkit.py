@@ -138,7 +138,8 @@ class FakePools:
         self.open_count: dict[str, int] = {}
         self.waiting = 0  # (the real pools' queue at max_server_connections: never used here)
         self.waiters: dict = {}
-        self.released_idle = 0
+        self.given_back = 0
+        self.queued: dict = {}
 
     async def acquire(self, server, user, password, caps, charset, db) -> FakeBackend:
         if server.name in self.refuse:

@@ -11,6 +11,8 @@ import pytest
 from proxy.backend import shared as shared_mod
 from proxy.backend.connection import BackendError
 from proxy.cluster.topology import DOWN
+from proxy.protocol.constants import CLIENT_MULTI_STATEMENTS, CLIENT_SESSION_TRACK
+from proxy.protocol.packets import frame, lenenc_str
 from proxy.protocol.scan import RESULT
 
 from sessionkit import AUTOCOMMIT, IN_TRANS, FakeBackend, FakeTransport, Kit, err, ok, query, result, run_soon, topology
@@ -188,15 +190,69 @@ def test_a_transaction_pins_until_commit(kit):
     assert answered_read(kit, s) in REPLICAS  # the transaction wrote nothing: no read-your-writes window
 
 
-def test_gtid_read_your_writes_fetches_the_gtid_and_finishes_the_statement():
-    """The known defect of issue 19: after a write in gtid mode the rest of the completion never ran."""
+def _ok_with_gtid(gtid: bytes, info: bytes = b"") -> bytes:
+    """An OK packet carrying last_gtid in its session state (CLIENT_SESSION_TRACK)."""
+    var = lenenc_str(b"last_gtid") + lenenc_str(gtid)
+    state = bytes((0,)) + lenenc_str(var)
+    payload = b"\x00\x01\x00" + (AUTOCOMMIT | 0x4000).to_bytes(2, "little") + b"\x00\x00" + lenenc_str(info) + lenenc_str(state)
+    return frame(payload, 1)
+
+
+def _gtid_session(kit, caps_off: int = 0):
+    s = kit.session()
+    s.conn.caps &= ~caps_off
+    s.state.failed_servers = frozenset({"node3"})  # left by an earlier retried read
+    s.send(query(b"INSERT INTO t VALUES (1)"))
+    p = kit.sent_to("node1")
+    return s, p
+
+
+def test_gtid_read_your_writes_takes_the_gtid_from_the_ok_packet():
+    """A client that negotiated session tracking: last_gtid is tracked on its writer connection
+    too, the write's OK carries it, and no SELECT @@last_gtid follows."""
     kit = Kit(routing={"read_your_writes": "gtid"})
     try:
-        s = kit.session()
-        s.state.failed_servers = frozenset({"node3"})  # left by an earlier retried read
-        s.send(query(b"INSERT INTO t VALUES (1)"))
-        p = kit.sent_to("node1")
+        s, p = _gtid_session(kit)
+        assert b"session_track_system_variables" in p.transport.take()  # (added to what the client tracks)
+        p.answer(ok())
+        kit.settle()
+        assert p.transport.take() == query(b"INSERT INTO t VALUES (1)")
+        p.answer(_ok_with_gtid(b"0-1-41"))
+        assert s.received() == _ok_with_gtid(b"0-1-41")  # the client asked for tracking: it gets the state
+        assert s.state.last_gtid == "0-1-41" and not s.conn.busy
+        assert p.transport.take() == b""  # no extra round trip
+        assert kit.worker.gtid_learned == [1, 0]
+    finally:
+        kit.close()
+
+
+def test_a_client_without_session_tracking_gets_the_ok_it_expects():
+    kit = Kit(routing={"read_your_writes": "gtid"})
+    try:
+        s, p = _gtid_session(kit, caps_off=CLIENT_SESSION_TRACK | CLIENT_MULTI_STATEMENTS)
+        assert b"session_track_schema = OFF" in p.transport.take()  # last_gtid tracked for the proxy alone
+        p.answer(ok())
+        kit.settle()
+        assert p.transport.take() == query(b"INSERT INTO t VALUES (1)")
+        p.answer(_ok_with_gtid(b"0-1-43", info=b"Rows matched: 1"))
+        got = s.received()
+        assert got == frame(b"\x00\x01\x00" + AUTOCOMMIT.to_bytes(2, "little") + b"\x00\x00"
+                            + lenenc_str(b"Rows matched: 1"), 1)  # state gone, flag cleared, info kept
+        assert s.state.last_gtid == "0-1-43" and not s.conn.busy
+    finally:
+        kit.close()
+
+
+def test_gtid_read_your_writes_fetches_the_gtid_when_the_server_cannot_track_it():
+    """The fallback (and the known defect of issue 19: after a write in gtid mode the rest of the
+    completion never ran)."""
+    kit = Kit(routing={"read_your_writes": "gtid"})
+    try:
+        s, p = _gtid_session(kit)
         p.transport.take()
+        p.answer(err(1193, "Unknown system variable 'session_track_system_variables'", b"HY000"))
+        kit.settle()
+        assert p.transport.take() == query(b"INSERT INTO t VALUES (1)")
         p.answer(ok())
         kit.settle()
         assert s.conn.busy  # until the GTID is known
@@ -205,6 +261,7 @@ def test_gtid_read_your_writes_fetches_the_gtid_and_finishes_the_statement():
         assert s.received() == ok()  # the client got its OK (and nothing of the proxy's own query)
         assert s.state.last_gtid == "0-1-42" and not s.conn.busy
         assert s.state.failed_servers == frozenset()
+        assert kit.worker.gtid_learned == [0, 1]
     finally:
         kit.close()
 
@@ -217,6 +274,7 @@ def test_per_transaction_spreading_moves_to_another_master_after_a_write_in_gtid
                                  for n, s in masters.servers.items() if n != "node3"}, 2, masters.updated)
         kit.set_topology(masters)
         s = kit.session()
+        s.conn.caps &= ~CLIENT_SESSION_TRACK  # (several statements per packet allowed: GTIDs asked for)
         writers = []
         for i in range(4):
             s.send(query(b"INSERT INTO t VALUES (%d)" % i))

@@ -16,7 +16,7 @@ import ssl
 import time
 
 from proxy.backend.tls import CR_SSL_CONNECTION_ERROR, DISABLED
-from proxy.protocol import auth
+from proxy.protocol import auth, tracking
 from proxy.protocol.constants import (
     CLIENT_CONNECT_ATTRS,
     CLIENT_DEPRECATE_EOF,
@@ -93,6 +93,8 @@ class BackendConnection(asyncio.Protocol):
         "applied",
         "done_at",
         "_poll",
+        "hold",
+        "gtid_tracked",
     )
 
     def __init__(self, server, key, caps: int):
@@ -117,6 +119,10 @@ class BackendConnection(asyncio.Protocol):
         self.applied = 0  # how many entries of the owning session's history this connection carries
         self.done_at = 0.0  # monotonic time the last relayed response ended (0: none yet)
         self._poll = None
+        # Session tracking negotiated for the proxy's sake only (protocol/tracking.py): each
+        # response's last bytes are held back so its final OK's session state can be stripped.
+        self.hold: bytearray | None = None
+        self.gtid_tracked = False  # its OK packets report last_gtid (read-your-writes in gtid mode)
 
     # ---- asyncio.Protocol -------------------------------------------------
     def connection_made(self, transport):
@@ -144,6 +150,8 @@ class BackendConnection(asyncio.Protocol):
             n = self.scanner.feed(data)
             client = self.client
             if client is not None:
+                if self.hold is not None:
+                    data = self._held(data, n)
                 client.transport.write(data)
                 self.relayed += len(data)
                 if n >= 0:
@@ -161,8 +169,25 @@ class BackendConnection(asyncio.Protocol):
         elif self._waiter is not None:
             self._wake(None)
 
+    def _held(self, data, n: int) -> bytes:
+        """Relay all but the response's last HOLD bytes; at its end, the rest with the final OK
+        packet's session state stripped (a client that did not negotiate session tracking)."""
+        h = self.hold
+        h += data
+        if n < 0:
+            if len(h) <= tracking.HOLD:
+                return b""
+            out = bytes(h[:-tracking.HOLD])
+            del h[:-tracking.HOLD]
+            return out
+        out = bytes(h)
+        h.clear()
+        return tracking.rewrite_tail(out, self.scanner.final)
+
     def connection_lost(self, exc):
         self.closed = True
+        if self.hold is not None:
+            self.hold.clear()
         client = self.client
         if self.mode == _MODE_RELAY and client is not None:
             self.mode = _MODE_COLLECT
@@ -189,6 +214,8 @@ class BackendConnection(asyncio.Protocol):
     def relay(self, packet, kind: int, client) -> None:
         """Send a client's command and stream the response to it (no await)."""
         self.client = client
+        if self.hold:
+            self.hold.clear()
         self.scanner.start(kind)
         self.mode = _MODE_RELAY
         self.relayed = 0

@@ -38,7 +38,7 @@ class Pools:
         self.waiters: dict[str, deque] = {}  # server name -> futures of checkouts waiting at the limit
         self.waiting = 0  # checkouts waiting now, all servers (sessions look at it after every statement)
         self.queued: dict[str, list[int]] = {}  # server name -> [checkouts that waited, that timed out]
-        self.released = 0  # connections sessions gave back while idle (idle_release, pressure)
+        self.given_back = 0  # connections sessions gave back while idle (idle_release, pressure)
         self.on_pressure = None  # callable(server name, how many): sessions give back idle connections
         self.shed = None  # callable(server name) -> bool: close an idle shared connection (SharedLines.shed)
 

@@ -1,4 +1,5 @@
-"""Idle sessions give their server connections back ([pool] idle_release).
+"""A session's own server connections: taken from the pool (acquire), and given back when the
+session is idle ([pool] idle_release).
 
 Why: one server connection per client session, held for the session's life, is what made 3,000
 idle clients cost 3,010 server connections, and the 2,001st get `Too many connections` from
@@ -17,7 +18,12 @@ from __future__ import annotations
 
 from proxy.backend.connection import BackendError
 from proxy.frontend.reader import COMMAND
-from proxy.protocol.constants import COM_QUERY, ER_UNKNOWN_ERROR
+from proxy.config.schema import RYW_GTID
+from proxy.protocol import tracking
+from proxy.protocol.constants import (
+    CLIENT_MULTI_STATEMENTS, CLIENT_SESSION_TRACK, COM_QUERY, ER_UNKNOWN_ERROR, SERVER_STATUS_AUTOCOMMIT,
+    SESSION_SHAPING_CAPABILITIES,
+)
 from proxy.protocol.packets import command
 from proxy.protocol.scan import RESULT
 
@@ -35,8 +41,48 @@ def idle_for(s, now: float) -> float:
     return now - s.idle_since
 
 
-async def restore_writer(be, autocommit: int, insert_id: int) -> None:
+async def acquire(s, name: str):
+    """A connection to `name` for session `s` from the pool (it may wait in line there), set up
+    for the session: the state the SET/USE history does not carry is restored on the writer.
+    (The caller replays the history.)"""
+    w = s.worker
+    track = gtid_tracking(s, name)
+    be = await w.pools.acquire(w.servers[name], s.user.name, s.user.password,
+                               s.caps & SESSION_SHAPING_CAPABILITIES | (CLIENT_SESSION_TRACK if track else 0),
+                               s.charset, s.login_db)
+    if s.closed:  # (the client left while it waited for the connection)
+        w.pools.release(be)
+        raise ConnectionError("client gone")
+    be.client = s
+    be.applied = 0
+    be.hold, be.gtid_tracked = None, False
+    s.backends[name] = be
+    w.holders.add(s)
+    if s.is_writer(name):
+        await restore_writer(be, s.status & SERVER_STATUS_AUTOCOMMIT, s.state.insert_id, track)
+    return be
+
+
+def gtid_tracking(s, name: str) -> int:
+    """How session `s`'s new connection to `name` learns the GTIDs of its writes
+    (protocol/tracking.py): 0 = not at all (SELECT @@last_gtid after each write, or no gtid
+    read-your-writes), 1 = the client tracks session state too, 2 = tracked for the proxy alone.
+    A client sending several statements in one packet gets 0 in place of 2: the OK packets
+    between them would carry state that only the final one is stripped of."""
+    if s.state.ryw_mode != RYW_GTID or not s.is_writer(name):
+        return 0
+    if s.caps & CLIENT_SESSION_TRACK:
+        return 1
+    return 0 if s.caps & CLIENT_MULTI_STATEMENTS else 2
+
+
+async def restore_writer(be, autocommit: int, insert_id: int, track: int = 0) -> None:
     """A new connection to the session's writer: what the SET/USE history does not carry."""
+    be.hold = bytearray() if track == 2 else None
+    be.gtid_tracked = False
+    if track:
+        resp = await be.command(command(COM_QUERY, tracking.TRACK_ALSO if track == 1 else tracking.TRACK_ONLY), RESULT)
+        be.gtid_tracked = resp[4] != 0xFF  # (a server that cannot track last_gtid: asked after each write)
     if not autocommit:  # autocommit=0 is not in the replay history (replicas keep autocommit on)
         resp = await be.command(_SET_AUTOCOMMIT_0, RESULT)
         if resp[4] == 0xFF:
@@ -68,7 +114,7 @@ def release(s, now: float, min_idle: float, servers=None) -> int:
         else:
             pools.release(be)
         n += 1
-    pools.released += n
+    pools.given_back += n
     return n
 
 

@@ -27,8 +27,9 @@ from proxy.frontend.tls import TLSLayer
 from proxy.logs import clean
 from proxy.protocol.constants import (
     COM_QUERY, COM_STMT_EXECUTE, CR_SERVER_LOST, DEFAULT_CHARSET, ER_CON_COUNT_ERROR, MAX_PACKET,
-    SERVER_STATUS_AUTOCOMMIT, SESSION_SHAPING_CAPABILITIES,
+    SERVER_STATUS_AUTOCOMMIT,
 )
+from proxy.protocol import tracking
 from proxy.protocol.packets import err_packet, err_payload, frame
 from proxy.protocol.scan import RESULT
 from proxy.routing import classify as C
@@ -348,8 +349,12 @@ class ClientConnection(asyncio.Protocol):
                 if on_primary and cls.route == _WRITE:
                     st.wrote_ok(sc.final)
                 if on_primary and cmd.packet[4] in _STATEMENTS and st.write_completed(cls.route, flags):
-                    if st.ryw_mode == RYW_GTID:
-                        fetch_gtid = True
+                    if st.ryw_mode == RYW_GTID:  # from the OK's session state, else one more round trip
+                        gtid = conn.gtid_tracked and tracking.last_gtid(sc.final)
+                        fetch_gtid = not gtid
+                        w.gtid_learned[fetch_gtid] += 1
+                        if gtid:
+                            st.wrote(gtid)
                     else:
                         st.wrote()
         if st.failed_servers:
@@ -426,18 +431,7 @@ class ClientConnection(asyncio.Protocol):
                 lost = self.state.unrestorable()
                 if lost:  # a new connection would silently lack them
                     raise slowpath.SessionLost(name, lost)
-            w = self.worker
-            be = await w.pools.acquire(w.servers[name], self.user.name, self.user.password,
-                                       self.caps & SESSION_SHAPING_CAPABILITIES, self.charset, self.login_db)
-            if self.closed:  # (the client left while it waited for the connection)
-                w.pools.release(be)
-                raise ConnectionError("client gone")
-            be.client = self
-            be.applied = 0
-            self.backends[name] = be
-            w.holders.add(self)
-            if self.is_writer(name):
-                await idle.restore_writer(be, self.status & SERVER_STATUS_AUTOCOMMIT, self.state.insert_id)
+            be = await idle.acquire(self, name)
         await be.replay(self.state.history)
         return be
 

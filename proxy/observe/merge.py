@@ -40,17 +40,21 @@ def digests(per_worker: list) -> list[dict]:
     return out
 
 
+# Plain counters every worker reports and the control plane adds up (report.summary).
+COUNTERS = ("idle_released", "queue_waits", "queue_timeouts", "gtid_from_ok", "gtid_fetched")
+
+
 def summaries(per_worker: list) -> dict:
     """The workers' summaries added up (None entries: a worker that did not answer)."""
     total = {"workers_answering": 0, "clients": 0, "sessions": 0, "pinned": {}, "open": {}, "shared_open": {},
              "statements": 0, "shared_statements": 0, "routed": {}, "refused": {}, "cache": {"hits": 0, "misses": 0},
              "rule_hits": [], "servers": {}, "hist": {}, "digests": 0, "evicted": 0, "draining": False,
-             "config_versions": [], "pids": []}
+             "config_versions": [], "pids": [], **dict.fromkeys(COUNTERS, 0)}
     for s in per_worker:
         if not s:
             continue
         total["workers_answering"] += 1
-        for k in ("clients", "sessions", "statements", "shared_statements", "digests", "evicted"):
+        for k in ("clients", "sessions", "statements", "shared_statements", "digests", "evicted", *COUNTERS):
             total[k] += s.get(k, 0)
         for k in ("pinned", "open", "shared_open", "routed", "refused"):
             _add(total[k], s.get(k) or {})

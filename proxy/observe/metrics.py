@@ -97,6 +97,17 @@ class Collector:
         yield h
         yield CounterMetricFamily("rwproxy_shared_statements", "statements answered over shared (multiplexed) "
                                   "connections", value=s["shared_statements"])
+        yield CounterMetricFamily("rwproxy_idle_releases", "backend connections idle sessions gave back to the pool "
+                                  "([pool] idle_release, or at once while others waited)", value=s.get("idle_released", 0))
+        yield CounterMetricFamily("rwproxy_backend_queue_waits", "checkouts that waited in line at "
+                                  "[pool] max_server_connections", value=s.get("queue_waits", 0))
+        yield CounterMetricFamily("rwproxy_backend_queue_timeouts", "checkouts that got no connection within "
+                                  "[pool] queue_timeout (the client got ERROR 1040)", value=s.get("queue_timeouts", 0))
+        gtid = CounterMetricFamily("rwproxy_write_gtids", "GTIDs of writes learned for read-your-writes (gtid mode), "
+                                   "by how", labels=["source"])
+        gtid.add_metric(["ok_packet"], s.get("gtid_from_ok", 0))
+        gtid.add_metric(["query"], s.get("gtid_fetched", 0))
+        yield gtid
         yield CounterMetricFamily("rwproxy_digest_cache_hits", "statement classifications served from the digest cache",
                                   value=s["cache"].get("hits", 0))
         yield CounterMetricFamily("rwproxy_digest_cache_misses", "statement classifications that had to be computed",

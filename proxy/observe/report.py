@@ -31,6 +31,11 @@ def summary(w) -> dict:
         "cache": {"hits": w.classifier.hits, "misses": w.classifier.misses},
         "rule_hits": list(w.router.rule_hits), "refused": dict(w.refused), "draining": w.draining,
         "config_version": w.config_version,
+        # connections sessions gave back (idle_release), checkouts that waited at / timed out at
+        # max_server_connections, GTIDs of writes read from their OK packet / asked for afterwards
+        "idle_released": w.pools.given_back, "queue_waits": sum(q[0] for q in w.pools.queued.values()),
+        "queue_timeouts": sum(q[1] for q in w.pools.queued.values()),
+        "gtid_from_ok": w.gtid_learned[0], "gtid_fetched": w.gtid_learned[1],
     }
     if w.recorder is not None:
         out.update(w.recorder.summary())

@@ -376,6 +376,7 @@ class ControlPlane:
             "workers_answering": summary["workers_answering"],
             "uptime_s": round(time.time() - self.started, 1), "clients": summary["clients"],
             "statements": summary["statements"], "shared_statements": summary["shared_statements"],
+            **{k: summary.get(k, 0) for k in merge.COUNTERS},
             "pinned": summary["pinned"], "topology_version": topo.version, "ready": ready, "ready_reason": why,
             "draining": self.draining, "config_version": self.config_version, "reloads": dict(self.reloads),
             "writes_held": fo["writes_held"], "servers": servers, "failover": fo,

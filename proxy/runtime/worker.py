@@ -78,6 +78,7 @@ class Worker:
         if self.shared is not None:
             self.pools.shed = self.shared.shed
         self.users = {u.name: u for u in config.users}
+        self.gtid_learned = [0, 0]  # GTIDs of writes read from their OK packet, asked for after (gtid mode)
         self.holders: set = set()  # sessions that hold backend connections of their own (idle_release looks at these)
         self.release_after = config.pool.idle_release / 1000.0  # s (0: sessions keep their connections)
         self.peers = None  # kill.Peers: KILL requests to and from the other workers

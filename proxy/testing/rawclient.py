@@ -13,7 +13,8 @@ from proxy.protocol.packets import frame, parse_err
 
 
 class RawClient:
-    def __init__(self, host: str, port: int, user="app", password="app", db="app", deprecate_eof=True, timeout=10.0):
+    def __init__(self, host: str, port: int, user="app", password="app", db="app", deprecate_eof=True, timeout=10.0,
+                 drop_caps: int = 0):
         self.sock = socket.create_connection((host, port), timeout=timeout)
         self.buf = b""
         seq, payload = self.read()
@@ -21,6 +22,7 @@ class RawClient:
         caps = PROXY_CAPABILITIES & ~(1 << 20) | CLIENT_MULTI_RESULTS | CLIENT_PS_MULTI_RESULTS
         if not deprecate_eof:
             caps &= ~CLIENT_DEPRECATE_EOF
+        caps &= ~drop_caps
         self.caps = caps
         token = auth.native_token(password, self.greeting.salt)
         self.send(build_response(caps, 45, user, token, db, auth.NATIVE), seq + 1)

@@ -37,7 +37,7 @@ from proxy.protocol.constants import CLIENT_DEPRECATE_EOF, PROXY_CAPABILITIES
 from proxy.protocol.handshake import build_response, parse_greeting
 from proxy.protocol.scan import RESULT, Scanner
 from proxy.runtime.launcher import ProxyProcess, free_port
-from proxy.testing.clusters import running_cluster
+from proxy.testing.clusters import running_cluster, user_connections
 
 from .report import save
 from .run import SB_DB, write_mode_config
@@ -115,15 +115,6 @@ async def crowd(port: int, n: int, concurrency: int) -> list[Client]:
     return clients
 
 
-def server_connections(cluster, user: str = "app") -> dict[str, int]:
-    out = {}
-    for node in cluster.nodes:
-        with node.connect() as c, c.cursor() as cur:
-            cur.execute("SELECT COUNT(*) FROM information_schema.PROCESSLIST WHERE USER = %s", (user,))
-            out[node.name] = cur.fetchone()[0]
-    return out
-
-
 async def measure(proxy: ProxyProcess, cluster, n: int, concurrency: int, wakes: int, idle_s: float) -> dict:
     rss0 = proxy.rss_kib()
     t0 = time.monotonic()
@@ -135,14 +126,14 @@ async def measure(proxy: ProxyProcess, cluster, n: int, concurrency: int, wakes:
     _progress(f"  all logged in after {login_s:.1f} s; idle for {idle_s:g} s")
     await asyncio.sleep(idle_s)
     rss1 = proxy.rss_kib()
-    conns = server_connections(cluster)
+    conns = user_connections(cluster, "app")
     times, errors = [], 0
     rng = random.Random(22)
     for c in rng.sample(clients, min(wakes, len(clients))):
         dt, ok = await c.timed_query(QUERY)
         times.append(dt * 1000)
         errors += not ok
-    conns_after = server_connections(cluster)
+    conns_after = user_connections(cluster, "app")
     for c in clients:
         c.close()
     times.sort()

@@ -15,6 +15,8 @@ import time
 import pymysql
 import pytest
 
+from proxy.testing.clusters import user_connections
+
 from helpers import ensure_backend_user, start_proxy
 
 USER = "idl"
@@ -54,16 +56,6 @@ def sessions_table(p) -> list[dict]:
                         "--config", p.process.config_path], capture_output=True, text=True, timeout=20)
     assert r.returncode == 0, r.stderr
     return json.loads(r.stdout)["tables"]["sessions"]
-
-
-def server_connections(cluster) -> dict[int, int]:
-    """Connections of USER on each server (port -> count)."""
-    out = {}
-    for node in cluster.nodes:
-        with node.connect() as c, c.cursor() as cur:
-            cur.execute("SELECT COUNT(*) FROM information_schema.PROCESSLIST WHERE USER = %s", (USER,))
-            out[node.port] = cur.fetchone()[0]
-    return out
 
 
 def wait_until(pred, timeout=5.0, what="condition"):
@@ -168,12 +160,12 @@ def test_many_clients_share_a_few_server_connections(idle_proxy):
     connections."""
     cluster = idle_proxy.cluster
     stop = threading.Event()
-    peaks = {n.port: 0 for n in cluster.nodes}
+    peaks = {n.name: 0 for n in cluster.nodes}
 
     def sample():
         while not stop.is_set():
-            for port, n in server_connections(cluster).items():
-                peaks[port] = max(peaks[port], n)
+            for name, n in user_connections(cluster, USER).items():
+                peaks[name] = max(peaks[name], n)
             time.sleep(0.05)
 
     errors: list = []
@@ -204,7 +196,7 @@ def test_many_clients_share_a_few_server_connections(idle_proxy):
     assert not errors, errors[:5]
     assert all(not t.is_alive() for t in threads)
     assert max(peaks.values()) <= 4, peaks
-    assert peaks[cluster.primary.port] >= 1
+    assert peaks[cluster.primary.name] >= 1
 
 
 def test_a_client_gets_too_many_connections_when_none_becomes_free(idle_proxy):

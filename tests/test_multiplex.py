@@ -22,6 +22,7 @@ import pymysql
 import pytest
 
 from proxy.protocol.scan import RESULT
+from proxy.testing.clusters import user_connections
 from proxy.testing.rawclient import RawClient
 
 from helpers import ensure_backend_user, start_proxy
@@ -66,12 +67,8 @@ def one(c, sql, args=None):
 
 def server_connections(cluster) -> dict[int, int]:
     """Connections of USER on each server (port -> count)."""
-    out = {}
-    for node in cluster.nodes:
-        with node.connect() as c, c.cursor() as cur:
-            cur.execute("SELECT COUNT(*) FROM information_schema.PROCESSLIST WHERE USER = %s", (USER,))
-            out[node.port] = cur.fetchone()[0]
-    return out
+    by_name = user_connections(cluster, USER)
+    return {n.port: by_name[n.name] for n in cluster.nodes}
 
 
 def status(proxy) -> dict:

@@ -195,15 +195,10 @@ class Pools:
         self._forget(conn)
 
     def _forget(self, conn: BackendConnection) -> None:
-        name = conn.server.name
-        n = self.open_count[name]
-        if n > 0:
-            self.open_count[name] = n - 1
-        if self.waiting:
-            self._wake(name)
+        self.uncount(conn.server.name)
 
     def uncount(self, name: str) -> None:
-        """A connection counted here (a shared one) closed."""
+        """A connection counted here (pooled or shared) closed: one fewer, and the first in line looks."""
         n = self.open_count[name]
         if n > 0:
             self.open_count[name] = n - 1

@@ -77,3 +77,14 @@ def cluster_processes(cluster: Cluster) -> list[int]:
         if wanted.intersection(argv):
             pids.append(int(entry))
     return pids
+
+
+def user_connections(cluster, user: str) -> dict[str, int]:
+    """How many connections `user` has on each server of `cluster` now (name -> count, from the
+    process lists): what a proxy holds open to the servers."""
+    out = {}
+    for node in cluster.nodes:
+        with node.connect() as c, c.cursor() as cur:
+            cur.execute("SELECT COUNT(*) FROM information_schema.PROCESSLIST WHERE USER = %s", (user,))
+            out[node.name] = cur.fetchone()[0]
+    return out

@@ -141,10 +141,6 @@ class Pools:
                 f.set_result(None)
                 return
 
-    def waiting_for(self, name: str) -> int:
-        q = self.waiters.get(name)
-        return len(q) if q else 0
-
     def idle_per_key(self) -> dict[tuple, int]:
         """(server, user) -> idle pooled connections."""
         out: dict[tuple, int] = {}

@@ -19,7 +19,7 @@ Two cases, decided per session and writer connection (frontend/idle.py restore_w
 from __future__ import annotations
 
 from proxy.protocol.constants import SERVER_SESSION_STATE_CHANGED
-from proxy.protocol.packets import read_lenenc_int, read_lenenc_str
+from proxy.protocol.packets import lenenc_str, read_lenenc_int, read_lenenc_str
 
 SESSION_TRACK_SYSTEM_VARIABLES = 0x00
 HOLD = 1024  # bytes of a response held back so that its final OK packet can be rewritten
@@ -72,11 +72,7 @@ def strip_state(payload: bytes) -> bytes:
     status &= ~SERVER_SESSION_STATE_CHANGED
     head = bytes(payload[:pos]) + bytes((status & 0xFF, status >> 8)) + bytes(payload[pos + 2:pos + 4])
     info, _ = read_lenenc_str(payload, pos + 4)
-    if info:
-        n = len(info)
-        head += (bytes((n,)) if n < 251 else b"\xfc" + n.to_bytes(2, "little") if n < 65536
-                 else b"\xfd" + n.to_bytes(3, "little")) + bytes(info)
-    return head
+    return head + lenenc_str(bytes(info)) if info else head
 
 
 def rewrite_tail(out: bytes, final: bytes) -> bytes:

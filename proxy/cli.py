@@ -1,4 +1,4 @@
-"""The `rwproxy` command: serve, check-config, sandbox, demo."""
+"""The `rwproxy` command: serve, check-config, status and the operator commands, sandbox, demo, backup."""
 
 from __future__ import annotations
 
@@ -217,9 +217,11 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--exit", action="store_true", help="run the scripted tour and stop instead of serving until Ctrl-C")
     d.set_defaults(func=_demo)
 
+    from proxy.backup.cli import register as register_backup
     from proxy.sandbox.cli import register
 
     register(sub)
+    register_backup(sub)
     return p
 
 

@@ -302,12 +302,13 @@ def _anchored(section, keys: tuple[str, ...], base_dir: str):
 
 
 def _resolve_tls(cfg: Config, base_dir: str) -> Config:
-    """Relative TLS file paths are relative to the config file, not the cwd."""
+    """Relative TLS (and backup key) file paths are relative to the config file, not the cwd."""
     tls = _anchored(cfg.proxy.tls, ("cert", "key", "rsa_private_key"), base_dir)
     btls = _anchored(cfg.backend_tls, ("ca", "cert", "key"), base_dir)
-    if tls is cfg.proxy.tls and btls is cfg.backend_tls:
+    backup = _anchored(cfg.backup, ("key_file",), base_dir)
+    if tls is cfg.proxy.tls and btls is cfg.backend_tls and backup is cfg.backup:
         return cfg
-    return dataclasses.replace(cfg, proxy=dataclasses.replace(cfg.proxy, tls=tls), backend_tls=btls)
+    return dataclasses.replace(cfg, proxy=dataclasses.replace(cfg.proxy, tls=tls), backend_tls=btls, backup=backup)
 
 
 def _read_secret(path: str, base_dir: str | None) -> str:

@@ -209,6 +209,8 @@ class Archiver:
         self.uploads = 0
         self.last_upload = 0.0
         self.source: ServerInfo | None = None
+        self.spool_now: str | None = None  # the directory the reader writes into
+        self.current_at = time.time()       # last moment everything read was also stored
 
     def archived_end(self) -> Position:
         end: Position = {}
@@ -245,6 +247,7 @@ class Archiver:
                           f"continuing from {start_file}")
         self.source = src
         spool = os.path.join(self.spool, str(src.server_id))
+        self.spool_now = spool
         os.makedirs(spool, exist_ok=True)
         for name in os.listdir(spool):  # a fresh read rewrites from the resume file on
             os.unlink(os.path.join(spool, name))
@@ -305,4 +308,25 @@ class Archiver:
         if due:
             self.last_upload = time.monotonic()
         self.uploads += stored
+        if not self._unstored(spool, src):
+            self.current_at = time.time()
         return stored
+
+    def _unstored(self, spool: str, src: ServerInfo) -> bool:
+        for name in os.listdir(spool):
+            prev = self.known.get((src.server_id, name))
+            try:
+                size = os.path.getsize(os.path.join(spool, name))
+            except OSError:
+                continue
+            if prev is None or size > prev.raw_size:
+                return True
+        return False
+
+    def lag(self) -> float:
+        """Seconds the archive is behind the primary's binlog: 0 while everything read is stored;
+        else since the last moment it was (the reader down counts too)."""
+        reading = self.proc is not None and self.proc.poll() is None
+        if reading and self.spool_now and self.source and not self._unstored(self.spool_now, self.source):
+            return 0.0
+        return round(time.time() - self.current_at, 1)

@@ -17,30 +17,12 @@ def _say(text: str) -> None:
     print(text, flush=True)
 
 
-class Context:
-    """The config's [backup] section opened: repository, keys."""
+def Context(config_path: str):
+    """The config's [backup] section opened (repository, keys) for a CLI command."""
+    from proxy.backup.context import BackupContext
+    from proxy.config.load import load_config
 
-    def __init__(self, config_path: str):
-        from proxy.backup import codec
-        from proxy.backup.repo import open_repository
-        from proxy.config.load import load_config
-
-        self.config = load_config(config_path)
-        b = self.config.backup
-        if not b.repository:
-            raise BackupError(f"{config_path}: [backup] repository is not set (e.g. \"file:///var/backups/rwproxy\" "
-                              f"or \"s3://bucket/prefix\")")
-        self.repo = open_repository(b.repository, endpoint=b.s3_endpoint, region=b.s3_region,
-                                    access_key=b.s3_access_key, secret_key=b.s3_secret_key)
-        try:
-            self.keys = codec.load_keys(b.recipients, b.key_file)
-        except codec.CodecError as e:
-            raise BackupError(str(e)) from None
-
-    def spool(self) -> str:
-        from proxy.runtime.rundir import path_for
-
-        return self.config.backup.spool_dir or os.path.join(path_for(self.config), "binlog-spool")
+    return BackupContext(load_config(config_path))
 
 
 def _keygen(args) -> int:

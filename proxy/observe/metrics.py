@@ -43,6 +43,28 @@ class Collector:
         yield from self._connections(s, pools)
         yield from self._servers(plane, s)
         yield from self._failover(plane)
+        yield from self._backups(plane)
+
+    @staticmethod
+    def _backups(plane):
+        """[backup] in serve: what a backup alert rule needs (pgBackRest users scrape the same four)."""
+        if plane.backups is None:
+            return
+        b = plane.backups.status()
+        for name, key, doc in (
+                ("rwproxy_backup_last_success_timestamp_seconds", "last_backup", "end of the newest backup"),
+                ("rwproxy_backup_last_test_restore_timestamp_seconds", "last_test_restore",
+                 "time of the newest successful test restore"),
+                ("rwproxy_backup_archive_lag_seconds", "archive_lag_s",
+                 "seconds the binlog archive is behind the primary's binlog"),
+                ("rwproxy_backup_repository_bytes", "repository_bytes", "bytes stored in the backup repository")):
+            if b.get(key) is not None:
+                yield GaugeMetricFamily(name, doc, value=float(b[key]))
+        if b.get("last_backup_ok") is not None:
+            yield GaugeMetricFamily("rwproxy_backup_last_ok", "1 if the last scheduled backup succeeded",
+                                    value=int(bool(b["last_backup_ok"])))
+        yield CounterMetricFamily("rwproxy_backup_jobs_failed", "scheduled backups and test restores that failed",
+                                  value=b["jobs_failed"])
 
     @staticmethod
     def _proxy(plane, s):

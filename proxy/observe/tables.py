@@ -144,6 +144,13 @@ def status_rows(plane, summary: dict) -> list[dict]:
         "config_version": plane.config_version, "draining": plane.draining,
         **{f"pinned_{k.replace(' ', '_')}": v for k, v in sorted(summary.get("pinned", {}).items())},
     }
+    if plane.backups is not None:  # [backup] schedules / archive_binlogs: the last backup, test restore, archive
+        b = plane.backups.status()
+        vals.update({"backup_last": iso(b["last_backup"]) if b["last_backup"] else "",
+                     "backup_last_ok": b["last_backup_ok"], "backup_last_error": b["last_backup_error"],
+                     "backup_last_test_restore": iso(b["last_test_restore"]) if b["last_test_restore"] else "",
+                     "backup_archive_lag_s": b["archive_lag_s"], "backup_repository_bytes": b["repository_bytes"],
+                     "backup_jobs_failed": b["jobs_failed"]})
     return [{"name": k, "value": _text(v)} for k, v in vals.items()]
 
 

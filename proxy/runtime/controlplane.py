@@ -57,6 +57,7 @@ class ControlPlane:
         self._reload_lock = threading.Lock()
         self.admin = None  # proxy.admin.server.AdminServer when [[admin.users]] exist
         self.http = None  # proxy.observe.http.MetricsServer when [metrics] listen is set
+        self.backups = None  # proxy.backup.daemon.BackupDaemon when [backup] schedules or archive_binlogs are set
         if config.admin.enabled:
             from proxy.admin.server import AdminServer, logging_quiet
 
@@ -112,6 +113,24 @@ class ControlPlane:
         if self.http is not None:
             log.info("metrics and health checks on http://%s/metrics, /health/live, /health/ready",
                      self.config.metrics.listen)
+        self._start_backups()
+
+    def _start_backups(self) -> None:
+        b = self.config.backup
+        if not (b.enabled and (b.archive_binlogs or b.schedule_full or b.schedule_incremental
+                               or b.schedule_test_restore)):
+            return
+        from proxy.backup.context import BackupContext
+        from proxy.backup.daemon import BackupDaemon
+
+        try:
+            ctx = BackupContext(self.config)
+        except Exception as e:  # noqa: BLE001 - the proxy serves on; the operator gets the one line
+            log.error("backups not started: %s", e)
+            return
+        self.backups = BackupDaemon(ctx.config, ctx.repo, ctx.keys, ctx.spool(),
+                                    log_step=logging.getLogger("rwproxy.backup").info)
+        self.backups.run()
 
     @staticmethod
     def _ok(message: str) -> dict:
@@ -130,6 +149,8 @@ class ControlPlane:
         return {"ok": True, "message": f"{req['server']}: fencing/rejoin will be retried"}
 
     def stop(self) -> None:
+        if self.backups is not None:
+            self.backups.join(10)
         for srv in (self.admin, self.http):
             if srv is not None:
                 srv.stop()

@@ -51,6 +51,12 @@ def register(subparsers) -> argparse.ArgumentParser:
     dn = sub.add_parser("down", help="stop every node of the sandbox (data is kept)")
     _dir_arg(dn)
     dn.set_defaults(func=cmd_down)
+
+    ar = sub.add_parser("add-replica", help="a new replica seeded from a backup, replicating from its GTID position")
+    _dir_arg(ar)
+    ar.add_argument("--from-backup", required=True, metavar="ID", help="backup id (`rwproxy backup list`)")
+    ar.add_argument("--config", help="config with the [backup] section (default: DIR/rwproxy.toml)")
+    ar.set_defaults(func=cmd_add_replica)
     return sb
 
 
@@ -108,6 +114,32 @@ def cmd_down(args) -> int:
         cluster = Cluster(args.dir)
         stopped = cluster.down()
         print(f"stopped: {', '.join(stopped)}" if stopped else "no node was running")
+        return 0
+    return _run(go, args)
+
+
+def cmd_add_replica(args) -> int:
+    def go(args) -> int:
+        from proxy.backup.context import BackupContext
+        from proxy.backup.manifest import load_all
+        from proxy.backup.restore import restore
+        from proxy.backup.servers import BackupError
+        from proxy.config.load import ConfigError, load_config
+
+        cluster = Cluster(args.dir)
+        try:
+            ctx = BackupContext(load_config(args.config or str(cluster.config_path)))
+            m = next((m for m in load_all(ctx.repo) if m.id == args.from_backup), None)
+            if m is None:
+                raise SandboxError(f"no backup {args.from_backup} in {ctx.repo.url}")
+            if not m.gtid:
+                raise SandboxError(f"backup {m.id} has no GTID position to start replication from")
+            node = cluster.add_replica(lambda datadir: restore(ctx.repo, ctx.keys, str(datadir), bid=m.id,
+                                                               log_step=print), m.gtid)
+        except (BackupError, ConfigError) as e:
+            raise SandboxError(str(e)) from None
+        print(f"{node.name} on port {node.port}: seeded from {m.id}, replicating from GTID {m.gtid}; "
+              f"{cluster.config_path} lists it (reload a running proxy: rwproxy reload -c {cluster.config_path})")
         return 0
     return _run(go, args)
 

@@ -195,13 +195,22 @@ class Cluster:
         else:
             self._create(timeout)
         self._save_state()
+        self._write_proxy_config()
+        return self
+
+    def _write_proxy_config(self) -> None:
+        key = self.dir / "backup.key"
+        if not key.exists():  # the sandbox's own backup key (age identity, 0600)
+            from proxy.backup.codec import keygen
+
+            keygen(str(key))
         text = render.proxy_config_toml(self.nodes, self.topology, self.proxy_port,
-                                        ca="tls/ca.pem" if self.tls else "", admin_password=self.admin_password)
+                                        ca="tls/ca.pem" if self.tls else "", admin_password=self.admin_password,
+                                        backups=str(self.dir / "backups"))
         fd = os.open(self.config_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # it holds passwords
         with os.fdopen(fd, "w") as f:
             f.write(text)
         os.chmod(self.config_path, 0o600)
-        return self
 
     def _make_certificates(self) -> None:
         if self.tls:
@@ -283,6 +292,48 @@ class Cluster:
         self.wait_replicas_caught_up(timeout)
         if self.semi_sync:
             self._wait_semi_sync(timeout)
+
+    def add_replica(self, restore_into, gtid: str, timeout: float = 120.0) -> Node:
+        """A new replica whose data comes from `restore_into(datadir)` (a backup restored there),
+        replicating from the current primary from `gtid` (the backup's consistent point)."""
+        self._require_exists()
+        i = len(self.nodes)
+        name = f"node{i + 1}"
+        while any(n.name == name for n in self.nodes):
+            i += 1
+            name = f"node{i + 1}"
+        port = max(n.port for n in self.nodes) + 1
+        check_ports_free([port])
+        d = self.dir / name
+        spec = {"name": name, "port": port, "server_id": max(n.server_id for n in self.nodes) + 1, "dir": str(d),
+                "datadir": str(d / "data"), "socket": str(socket_path(self.dir, name)),
+                "pid_file": str(d / "mariadbd.pid"), "cnf": str(d / "my.cnf"), "error_log": str(d / "error.log"),
+                "gtid_domain_id": 0, "master": None, "auto_increment_offset": None, "role": "replica"}
+        source = self._current_primary()
+        spec["master"] = source.name
+        node = Node(spec, mariadbd=self.nodes[0].mariadbd, users={u: v["password"] for u, v in USERS.items()},
+                    semi_sync=self.semi_sync, tls_dir=self.tls_dir if self.tls else None, options=self.server_options)
+        d.mkdir(parents=True, exist_ok=False)
+        restore_into(node.datadir)
+        node.write_cnf()
+        node.start(timeout)
+        node.query("SET GLOBAL gtid_slave_pos = %s", (gtid,))
+        self._change_master(node, source)
+        self.nodes.append(node)
+        self.replicas_count += 1
+        self._save_state()
+        self.wait_replicas_caught_up(timeout, only=[node])
+        self._write_proxy_config()
+        return node
+
+    def _current_primary(self) -> Node:
+        for n in self.nodes:
+            try:
+                if n.is_running() and not int(n.variable("read_only")) and n.slave_status() is None:
+                    return n
+            except pymysql.MySQLError:
+                continue
+        raise SandboxError("no running primary in the sandbox (a writable node that replicates from nobody)")
 
     @staticmethod
     def _change_master(replica: Node, source: Node) -> None:

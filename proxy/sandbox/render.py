@@ -14,7 +14,7 @@ def proxy_config_toml(nodes: Iterable[Any], topology: str, proxy_port: int,
                       app_user: tuple[str, str] = ("app", "app"),
                       monitor_user: tuple[str, str] = ("rwproxy", "rwproxy"),
                       repl_user: tuple[str, str] = ("repl", "repl"), ca: str = "",
-                      admin_password: str = "") -> str:
+                      admin_password: str = "", backups: str = "") -> str:
     """rwproxy.toml for this cluster; written here so the sandbox does not depend on proxy.config.
 
     Backends carry no role: the proxy learns roles from read_only, as it must after a failover.
@@ -22,6 +22,8 @@ def proxy_config_toml(nodes: Iterable[Any], topology: str, proxy_port: int,
     With a CA (a sandbox made with --tls) the proxy talks TLS to the servers and checks their certificates.
     With an admin password, the admin port listens one below the proxy port (6032 beside 6033, as
     ProxySQL's do) and the metrics endpoint 3000 above it (9033).
+    With a backups directory, `rwproxy backup ...` works at once: a repository there, encrypted to
+    the sandbox's own key file (backup.key beside this config).
     """
     out = ["# Written by `rwproxy sandbox up`: a proxy config for this sandbox cluster.",
            "[proxy]", f"listen = {_toml_str(f'127.0.0.1:{proxy_port}')}", ""]
@@ -40,6 +42,8 @@ def proxy_config_toml(nodes: Iterable[Any], topology: str, proxy_port: int,
         out += ["[admin]", f"listen = {_toml_str(f'127.0.0.1:{admin_port}')}", "",
                 "[[admin.users]]", 'name = "admin"', f"password = {_toml_str(admin_password)}", "",
                 "[metrics]", f"listen = {_toml_str(f'127.0.0.1:{metrics_port}')}", ""]
+    if backups:
+        out += ["[backup]", f"repository = {_toml_str('file://' + backups)}", 'key_file = "backup.key"', ""]
     return "\n".join(out)
 
 

@@ -263,10 +263,16 @@ class Archiver:
             self.log_step(f"binlog archiver: reading {src.name} ({src.address}) from {start_file}")
             errf = tempfile.TemporaryFile()
             self.proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=errf, stdin=subprocess.DEVNULL)
+            checked = time.monotonic()
             try:
                 while not self.stop.is_set() and self.proc.poll() is None:
                     self.stop.wait(min(0.5, self.config.backup.archive_interval))
                     self.upload(spool, src)
+                    if time.monotonic() - checked >= 1.0:
+                        checked = time.monotonic()
+                        if not self._still_primary(backend):
+                            self.log_step(f"binlog archiver: {src.name} is no longer the primary; following the new one")
+                            break
             finally:
                 self._terminate()
                 self.upload(spool, src, final=True)
@@ -275,6 +281,20 @@ class Archiver:
             if not self.stop.is_set():
                 self.log_step(f"binlog archiver: the stream from {src.name} ended ({err[-1] if err else 'no message'}); "
                               "finding the primary")
+
+    def _still_primary(self, backend) -> bool:
+        """A switchover leaves the old primary up as a replica (its binlog still grows, by
+        replication): the archive must follow the writes, so the reader moves."""
+        try:
+            conn = connect(self.config, backend, timeout=2, read_timeout=5)
+        except Exception:  # noqa: BLE001 - unreachable: the reader's own exit says so
+            return True
+        try:
+            return not rows(conn, "SELECT @@read_only AS ro")[0]["ro"]
+        except Exception:  # noqa: BLE001
+            return True
+        finally:
+            conn.close()
 
     def _terminate(self) -> None:
         p = self.proc

@@ -18,6 +18,7 @@ from proxy.backup.schedule import Cron
 log = logging.getLogger("rwproxy.backup")
 
 JOBS = ("full", "incremental", "test-restore")
+REFRESH = 15.0  # s between listings of the repository for its size (a big bucket lists in pages of 1,000)
 
 
 def schedules(backup_config) -> dict[str, Cron]:
@@ -83,7 +84,7 @@ class BackupDaemon:
             for job in due(self.plan, last, now):
                 self.run_job(job)
             last = now
-            if time.monotonic() - refreshed > 60:
+            if time.monotonic() - refreshed > REFRESH:
                 self._refresh()
                 refreshed = time.monotonic()
 

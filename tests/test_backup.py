@@ -1,0 +1,490 @@
+"""Backups against real servers: mariadb-backup and mariadb-dump into a directory and into a real S3
+API server (moto's, on loopback), restores checked table by table, the binlog archive across a
+killed archiver, a failover and a purge, point-in-time restores to recorded checksums across a
+switchover, and the replica a backup pauses leaving the proxy's read pool."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pymysql
+import pytest
+
+from helpers import start_proxy
+from proxy.config.load import build_config, write_config
+from proxy.runtime.launcher import free_port
+from proxy.testing.clusters import start_cluster, teardown_cluster
+
+MARKER = "PLAINTEXT-MARKER-7f3a9c"
+FAILOVER = {"replication_user": "repl", "replication_password": "repl"}
+
+
+def rw(*args, timeout=300, check=True) -> subprocess.CompletedProcess:
+    r = subprocess.run([sys.executable, "-m", "proxy", *args], capture_output=True, text=True, timeout=timeout)
+    if check:
+        assert r.returncode == 0, f"rwproxy {' '.join(args)} exited {r.returncode}:\n{r.stdout}\n{r.stderr}"
+    return r
+
+
+def write_cfg(cluster, path: Path, **backup) -> str:
+    data = {"proxy": {"listen": f"127.0.0.1:{free_port()}", "workers": 1},
+            "backends": [{"name": n.name, "host": "127.0.0.1", "port": n.port} for n in cluster.nodes],
+            "users": [{"name": "app", "password": "app"}],
+            "monitor": {"user": "rwproxy", "password": "rwproxy"}, "failover": FAILOVER, "backup": backup}
+    write_config(build_config(data, source=str(path)), str(path))
+    return str(path)
+
+
+def wait_until(pred, timeout, step=0.1):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if pred():
+                return True
+        except Exception:  # noqa: BLE001
+            pass
+        time.sleep(step)
+    return False
+
+
+def checksum(node, table="app.bk") -> int:
+    with node.connect() as c, c.cursor() as cur:
+        cur.execute(f"CHECKSUM TABLE {table}")
+        return int(cur.fetchone()[1])
+
+
+def current_primary(cluster):
+    for n in cluster.nodes:
+        if n.is_running() and not int(n.variable("read_only")):
+            return n
+    raise AssertionError("no primary")
+
+
+def write_rows(cluster, n, note="x"):
+    with current_primary(cluster).connect(database="app") as c, c.cursor() as cur:
+        cur.executemany("INSERT INTO bk (note) VALUES (%s)", [(f"{note}-{i}",) for i in range(n)])
+
+
+def start_restored(out: dict):
+    return pymysql.connect(unix_socket=out["socket"], user="root", password="", autocommit=True)
+
+
+def stop_pid(pid: int, timeout: float = 30) -> None:
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return
+        try:
+            os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            pass
+        time.sleep(0.1)
+    os.kill(pid, signal.SIGKILL)
+
+
+@pytest.fixture(scope="module")
+def bk(tmp_path_factory):
+    """Primary + 2 semi-sync replicas with app.bk, just for the backup tests (they switch it over)."""
+    c = start_cluster(tmp_path_factory.mktemp("bkcluster"), replicas=2, semi_sync=True)
+    with c.primary.connect() as conn, conn.cursor() as cur:
+        cur.execute("CREATE TABLE app.bk (id INT AUTO_INCREMENT PRIMARY KEY, note VARCHAR(100), v INT DEFAULT 0)")
+        cur.execute("CREATE TABLE app.secret (s VARCHAR(100))")
+        cur.execute("INSERT INTO app.secret VALUES (%s)", (MARKER,))
+    write_rows(c, 200)
+    c.wait_replicas_caught_up(30)
+    try:
+        yield c
+    finally:
+        teardown_cluster(c)
+
+
+@pytest.fixture(scope="module")
+def keyfile(tmp_path_factory) -> str:
+    path = str(tmp_path_factory.mktemp("keys") / "backup.key")
+    rw("backup", "keygen", "--out", path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def s3(tmp_path_factory):
+    """moto's S3 server on a loopback port, stopped by pid; a bucket made for the tests."""
+    import boto3
+
+    port = free_port()
+    log = open(tmp_path_factory.mktemp("moto") / "moto.log", "wb")
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    endpoint = f"http://127.0.0.1:{port}"
+    client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id="test",
+                          aws_secret_access_key="test")
+    try:
+        assert wait_until(lambda: client.list_buckets() is not None, 30), "moto server did not start"
+        client.create_bucket(Bucket="rwproxy-backups")
+        yield {"endpoint": endpoint, "client": client}
+    finally:
+        proc.terminate()
+        proc.wait(10)
+        log.close()
+
+
+# ---- taking, verifying and restoring ------------------------------------------------------------
+
+def test_s3_backups_hold_no_plaintext_and_test_restore_matches(bk, keyfile, s3, tmp_path):
+    from proxy.backup.codec import load_keys
+
+    pub = load_keys((), keyfile).recipients[0]
+    # the machine taking backups holds only the recipient: it can back up, not read them back
+    cfg = write_cfg(bk, tmp_path / "enc.toml", repository="s3://rwproxy-backups/c1", s3_endpoint=s3["endpoint"],
+                    s3_region="us-east-1", s3_access_key="test", s3_secret_key="test", recipients=[pub])
+    full = rw("backup", "run", "-c", cfg).stdout.strip().splitlines()[-1]
+    rw("backup", "run", "-c", cfg, "--method", "logical")
+    r = rw("backup", "restore", "-c", cfg, "--target-dir", str(tmp_path / "no"), check=False)
+    assert r.returncode == 1 and "private key" in r.stderr and not (tmp_path / "no").exists()
+    # nothing stored holds the row in clear
+    objs = s3["client"].list_objects_v2(Bucket="rwproxy-backups", Prefix="c1/")["Contents"]
+    assert len(objs) == 4  # two data objects and two manifests
+    for o in objs:
+        body = s3["client"].get_object(Bucket="rwproxy-backups", Key=o["Key"])["Body"].read()
+        assert MARKER.encode() not in body, o["Key"]
+    # where the key is, the same repository verifies and test-restores
+    cfg2 = write_cfg(bk, tmp_path / "dec.toml", repository="s3://rwproxy-backups/c1", s3_endpoint=s3["endpoint"],
+                     s3_region="us-east-1", s3_access_key="test", s3_secret_key="test", key_file=keyfile)
+    assert "all good" in rw("backup", "verify", "-c", cfg2).stdout
+    out = rw("backup", "test-restore", "-c", cfg2, full).stdout
+    assert "checksums match the backup" in out, out
+    info = json.loads(rw("backup", "info", "-c", cfg2, full).stdout)
+    assert info["test_restore"]["ok"] and info["tables"]["app.bk"]["rows"] == 200
+    assert info["server_role"] == "replica" and info["gtid"]
+    listing = rw("backup", "list", "-c", cfg2).stdout
+    assert full in listing and "OK" in listing
+    # a wrong S3 secret is one clear line, not a traceback
+    bad = write_cfg(bk, tmp_path / "bad.toml", repository="s3://no-such-bucket/x", s3_endpoint=s3["endpoint"],
+                    s3_region="us-east-1", s3_access_key="test", s3_secret_key="test", key_file=keyfile)
+    r = rw("backup", "list", "-c", bad, check=False)
+    assert r.returncode == 1 and "no-such-bucket" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_restore_fails_before_touching_the_target(bk, keyfile, tmp_path):
+    repo = tmp_path / "repo"
+    cfg = write_cfg(bk, tmp_path / "c.toml", repository=f"file://{repo}", key_file=keyfile)
+    bid = rw("backup", "run", "-c", cfg).stdout.strip().splitlines()[-1]
+    other = str(tmp_path / "other.key")
+    rw("backup", "keygen", "--out", other)
+    wrong = write_cfg(bk, tmp_path / "w.toml", repository=f"file://{repo}", key_file=other)
+    target = tmp_path / "target"
+    r = rw("backup", "restore", "-c", wrong, "--target-dir", str(target), check=False)
+    assert r.returncode == 1 and "cannot decrypt" in r.stderr and not target.exists(), r.stderr
+    data = next((repo / "backups" / bid).glob("data.*"))
+    raw = bytearray(data.read_bytes())
+    raw[len(raw) // 3] ^= 0x20
+    data.write_bytes(bytes(raw))
+    for cmd in (["restore", "--target-dir", str(target)], ["verify", bid]):
+        r = rw("backup", *cmd, "-c", cfg, check=False)
+        assert r.returncode == 1 and "SHA-256" in (r.stdout + r.stderr), r.stdout + r.stderr
+    assert not target.exists() and not list(tmp_path.glob(".target*"))
+    data.unlink()
+    r = rw("backup", "restore", "-c", cfg, "--target-dir", str(target), check=False)
+    assert r.returncode == 1 and "missing" in r.stderr and not target.exists()
+    # an existing non-empty target is refused, and left as it was
+    target.mkdir()
+    (target / "keep").write_text("mine")
+    r = rw("backup", "restore", "-c", cfg, "--target-dir", str(target), check=False)
+    assert r.returncode == 1 and "not empty" in r.stderr and (target / "keep").read_text() == "mine"
+
+
+def test_incremental_and_logical_restores_hold_their_points_data(bk, keyfile, tmp_path):
+    cfg = write_cfg(bk, tmp_path / "c.toml", repository=f"file://{tmp_path / 'repo'}", key_file=keyfile,
+                    compress_level=3, checksum_tables=False)
+    full = rw("backup", "run", "-c", cfg, "--full", "--from", "node3").stdout.strip().splitlines()[-1]
+    write_rows(bk, 50, "incr")
+    bk.wait_replicas_caught_up(30)
+    at_incr = checksum(bk.node("node3"))
+    inc = rw("backup", "run", "-c", cfg, "--incremental", "--from", "node3").stdout.strip().splitlines()[-1]
+    assert inc.endswith("I")
+    write_rows(bk, 30, "later")
+    bk.wait_replicas_caught_up(30)
+    log_ = rw("backup", "run", "-c", cfg, "--method", "logical").stdout.strip().splitlines()
+    logical, at_logical = log_[-1], checksum(bk.node("node2"))
+    info = json.loads(rw("backup", "info", "-c", cfg, inc).stdout)
+    assert info["chain"] == [full, inc] and info["parent"] == full and info["from_lsn"] > 0
+    assert info["compression"] == "zstd-3" and info["tables"] == {}  # compress_level, checksum_tables
+    for bid, want in ((inc, at_incr), (logical, at_logical)):
+        out = _json_tail(rw("backup", "restore", "-c", cfg, "--backup", bid, "--target-dir", str(tmp_path / bid),
+                            "--start", "--json").stdout)
+        try:
+            with start_restored(out) as c, c.cursor() as cur:
+                cur.execute("CHECKSUM TABLE app.bk")
+                assert int(cur.fetchone()[1]) == want, bid
+        finally:
+            stop_pid(out["pid"])
+
+
+def _json_tail(stdout: str) -> dict:
+    return json.loads(stdout[stdout.index("\n{") + 1:] if not stdout.startswith("{") else stdout)
+
+
+# ---- the binlog archive --------------------------------------------------------------------------
+
+class ArchiverProcess:
+    """`rwproxy backup archive` as a child, stopped (or killed) by its pid."""
+
+    def __init__(self, cfg: str, log: Path):
+        self.log = open(log, "ab")
+        self.proc = subprocess.Popen([sys.executable, "-m", "proxy", "backup", "archive", "-c", cfg],
+                                     stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def kill(self, sig=signal.SIGKILL) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, sig)  # its own session: the mariadb-binlog child goes too
+            self.proc.wait(30)
+        self.log.close()
+
+
+def check_report(cfg: str) -> dict:
+    r = rw("backup", "check", "-c", cfg, "--json", check=False)
+    rep = json.loads(r.stdout)
+    assert r.returncode == (0 if rep["ok"] else 1)
+    return rep
+
+
+def archive_current(cfg: str) -> bool:
+    rep = check_report(cfg)
+    return rep["archive_lag_s"] == 0.0
+
+
+def test_archive_survives_archiver_kill_and_failover_and_reports_a_purge(bk, keyfile, tmp_path):
+    cfg = write_cfg(bk, tmp_path / "c.toml", repository=f"file://{tmp_path / 'repo'}", key_file=keyfile,
+                    archive_interval=0.5, spool_dir=str(tmp_path / "spool"))
+    rw("backup", "run", "-c", cfg)
+    a = ArchiverProcess(cfg, tmp_path / "archiver.log")
+    try:
+        write_rows(bk, 20, "a1")
+        assert wait_until(lambda: archive_current(cfg), 30), check_report(cfg)
+        assert list((tmp_path / "spool").iterdir())  # spool_dir is where the reader writes
+    finally:
+        a.kill()
+    write_rows(bk, 20, "while-dead")  # archived when it comes back: no gap
+    a = ArchiverProcess(cfg, tmp_path / "archiver2.log")
+    p = start_proxy(bk, tmp_path / "proxy", proxy={"workers": 1}, failover=FAILOVER)
+    try:
+        assert wait_until(lambda: archive_current(cfg), 30), check_report(cfg)
+        old = current_primary(bk)
+        old.kill(signal.SIGKILL)
+        assert wait_until(lambda: current_primary(bk) is not old, 30)
+        write_rows(bk, 20, "after-failover")
+        assert wait_until(lambda: archive_current(cfg), 30), check_report(cfg)
+        rep = check_report(cfg)
+        assert rep["ok"] and not rep["gaps"], rep["lines"]
+        new = current_primary(bk)
+        assert rep["primary"]["name"] == new.name
+    finally:
+        a.kill()
+        p.process.stop()
+        old.start()  # it comes back; the proxy is gone, so rejoin it by hand as the sandbox would
+        with old.connect() as c, c.cursor() as cur:
+            cur.execute("SET GLOBAL read_only = 1")
+            cur.execute("STOP SLAVE")
+            cur.execute("CHANGE MASTER TO MASTER_HOST='127.0.0.1', MASTER_PORT=%s, MASTER_USER='repl', "
+                        "MASTER_PASSWORD='repl', MASTER_USE_GTID=slave_pos, MASTER_CONNECT_RETRY=1", (new.port,))
+            cur.execute("START SLAVE")
+    assert "is no longer the primary" in (tmp_path / "archiver2.log").read_text() or \
+        "ended" in (tmp_path / "archiver2.log").read_text()
+    # the archiver stopped; the primary's binlogs are purged before it could read them: a gap, named
+    new = current_primary(bk)
+    write_rows(bk, 20, "purged")
+    with new.connect() as c, c.cursor() as cur:
+        cur.execute("FLUSH BINARY LOGS")
+        cur.execute("SHOW BINARY LOGS")
+        newest = cur.fetchall()[-1][0]
+
+        def purged():  # a file a replica's dump thread still reads is kept: retry until it moved on
+            cur.execute(f"PURGE BINARY LOGS TO '{newest}'")
+            cur.execute("SHOW BINARY LOGS")
+            return [r[0] for r in cur.fetchall()] == [newest]
+        assert wait_until(purged, 30)
+    write_rows(bk, 5, "after-purge")
+    a = ArchiverProcess(cfg, tmp_path / "archiver3.log")
+    try:
+        assert wait_until(lambda: check_report(cfg)["archive_lag_s"] == 0.0, 30), check_report(cfg)
+    finally:
+        a.kill()
+    rep = check_report(cfg)
+    assert not rep["ok"] and len(rep["gaps"]) == 1, rep["lines"]
+    assert rep["unrecoverable_after_gap"]  # the backup taken before it cannot be recovered past it
+    assert any("GAP" in ln for ln in rep["lines"])
+    assert "purged before they were archived" in (tmp_path / "archiver3.log").read_text()
+
+
+def _status(cfg: str) -> dict:
+    return json.loads(rw("status", "--json", "-c", cfg, timeout=30).stdout)
+
+
+def test_backup_takes_the_replica_out_of_the_read_pool_and_back(bk, keyfile, tmp_path):
+    p = start_proxy(bk, tmp_path / "proxy", proxy={"workers": 1}, failover=FAILOVER,
+                    backup={"repository": f"file://{tmp_path / 'repo'}", "key_file": keyfile})
+    cfg = p.process.config_path
+    try:
+        assert wait_until(lambda: sum(s["readable"] and s["role"] == "replica" for s in _status(cfg)["servers"]) == 2, 20)
+        source = next(s["name"] for s in _status(cfg)["servers"] if s["role"] == "replica")
+        errors, answered, seen, done = [], [], set(), threading.Event()
+
+        def read():
+            while not done.is_set():
+                try:
+                    with p.connect(autocommit=True) as c, c.cursor() as cur:
+                        for _ in range(20):
+                            cur.execute("SELECT COUNT(*), @@port FROM bk")
+                            answered.append(cur.fetchone()[1])
+                except pymysql.MySQLError as e:
+                    errors.append(e)
+
+        def watch():
+            while not done.is_set():
+                for s in _status(cfg)["servers"]:
+                    if s["name"] == source:
+                        seen.add(s["admin_state"])
+                time.sleep(0.05)
+
+        threads = [threading.Thread(target=read), threading.Thread(target=watch)]
+        for t in threads:
+            t.start()
+        try:
+            out = rw("backup", "run", "-c", cfg, "--from", source).stdout
+        finally:
+            done.set()
+            for t in threads:
+                t.join(30)
+        assert "taken out of the running proxy's read pool" in out and "back in the running proxy's read pool" in out
+        assert "offline" in seen, seen
+        assert {s["name"]: s["admin_state"] for s in _status(cfg)["servers"]}[source] == ""
+        assert not errors and answered, errors[:3]
+        log = open(p.process.log_path).read()
+        assert f"server {source} set OFFLINE" in log and f"server {source} set ONLINE" in log
+    finally:
+        p.process.stop()
+
+
+def test_serve_archives_binlogs_and_exports_backup_metrics(bk, keyfile, tmp_path):
+    import urllib.request
+
+    mport = free_port()
+    repo = tmp_path / "repo"
+    p = start_proxy(bk, tmp_path / "proxy", proxy={"workers": 1}, failover=FAILOVER,
+                    metrics={"listen": f"127.0.0.1:{mport}"},
+                    backup={"repository": f"file://{repo}", "key_file": keyfile, "archive_binlogs": True,
+                            "archive_interval": 0.5})
+    cfg = p.process.config_path
+    try:
+        rw("backup", "run", "-c", cfg)
+        write_rows(bk, 10, "serve")
+        assert wait_until(lambda: archive_current(cfg), 30), check_report(cfg)
+        assert list(repo.glob("archive/*/*.json"))
+
+        def metrics() -> str:
+            return urllib.request.urlopen(f"http://127.0.0.1:{mport}/metrics", timeout=10).read().decode()
+
+        def gauge(name: str) -> float | None:
+            for line in metrics().splitlines():
+                if line.startswith(name + " "):
+                    return float(line.split()[1])
+            return None
+
+        # the monitor's heartbeat writes 4 times a second, so the archive is "current" within an upload
+        assert wait_until(lambda: gauge("rwproxy_backup_archive_lag_seconds") < 5, 20), metrics()
+        assert wait_until(lambda: gauge("rwproxy_backup_repository_bytes") > 0, 40), metrics()  # listed every 15 s
+        rows = {r["name"]: r["value"] for r in json.loads(rw("status", "--json", "--tables", "status", "-c", cfg).stdout)
+                ["tables"]["status"]}
+        assert float(rows["backup_archive_lag_s"]) < 5 and int(rows["backup_repository_bytes"]) > 0
+    finally:
+        p.process.stop()
+    # the reader stopped with the proxy (its pid was the proxy's child)
+    log = open(p.process.log_path).read()
+    assert "binlog archiver: reading" in log
+
+
+def test_point_in_time_restores_match_checksums_recorded_across_a_switchover(bk, keyfile, tmp_path):
+    """A writer changes a table through rwproxy (a switchover in the middle); every second the
+    writes pause at a whole second and (time, GTID, CHECKSUM TABLE) is recorded; a full and an
+    incremental backup are taken meanwhile; restores to 10 recorded points in random order, by
+    time and by GTID, each give exactly the recorded checksum."""
+    rounds = 60 if os.environ.get("RWPROXY_SLOW") == "1" else 14
+    cfg = write_cfg(bk, tmp_path / "c.toml", repository=f"file://{tmp_path / 'repo'}", key_file=keyfile,
+                    archive_interval=1.0, spool_dir=str(tmp_path / "spool"))
+    p = start_proxy(bk, tmp_path / "proxy", proxy={"workers": 1}, failover=FAILOVER)
+    archiver = ArchiverProcess(cfg, tmp_path / "archiver.log")
+    rng = random.Random(23)
+    points, backups, errors = [], [], []
+    try:
+        with p.connect(autocommit=True) as c, c.cursor() as cur:
+            cur.execute("CREATE TABLE pitr (id INT PRIMARY KEY, v INT NOT NULL)")
+            cur.execute("INSERT INTO pitr VALUES " + ",".join(f"({i}, 0)" for i in range(200)))
+        next_id = 200
+
+        def backup(kind):
+            try:
+                backups.append(rw("backup", "run", "-c", cfg, f"--{kind}").stdout.strip().splitlines()[-1])
+            except AssertionError as e:
+                errors.append(e)
+
+        bt = None
+        for r in range(rounds):
+            if r == 1:
+                bt = threading.Thread(target=backup, args=("full",))
+                bt.start()
+            if r == rounds // 2:
+                bt.join(120)
+                replica = next(s["name"] for s in _status(p.process.config_path)["servers"]
+                               if s["role"] == "replica" and s["readable"])
+                rw("switchover", "-c", p.process.config_path, "--to", replica, timeout=120)
+            if r == rounds // 2 + 2:
+                bt = threading.Thread(target=backup, args=("incremental",))
+                bt.start()
+            stop = time.time() + 0.6
+            with p.connect(autocommit=True) as c, c.cursor() as cur:
+                while time.time() < stop:
+                    if rng.random() < 0.2:
+                        cur.execute("INSERT INTO pitr VALUES (%s, 1)", (next_id,))
+                        next_id += 1
+                    else:
+                        cur.execute("UPDATE pitr SET v = v + 1 WHERE id = %s", (rng.randrange(next_id),))
+            now = time.time()
+            time.sleep(int(now) + 1 - now + 0.05)  # every write so far has a binlog time before T
+            boundary = float(int(time.time()))
+            prim = current_primary(bk)
+            with prim.connect() as c, c.cursor() as cur:
+                cur.execute("SELECT @@gtid_binlog_pos")
+                gtid = cur.fetchone()[0]
+            points.append((boundary, gtid, checksum(prim, "app.pitr")))
+        bt.join(120)
+        assert not errors and len(backups) == 2, errors
+        assert wait_until(lambda: archive_current(cfg), 30), check_report(cfg)
+        assert check_report(cfg)["ok"]
+    finally:
+        archiver.kill()
+        p.process.stop()
+    full = json.loads(rw("backup", "info", "-c", cfg, backups[0]).stdout)
+    usable = [pt for pt in points if pt[0] >= full["consistent_at"] + 1]
+    assert len(usable) >= 10, (len(usable), full["consistent_at"], points[0])
+    chosen = rng.sample(usable, 10)
+    for i, (t, gtid, want) in enumerate(chosen):
+        by = ["--time", time.strftime("%Y-%m-%d %H:%M:%SZ", time.gmtime(t))] if i % 2 == 0 else ["--gtid", gtid]
+        out = _json_tail(rw("backup", "restore", "-c", cfg, *by, "--target-dir", str(tmp_path / f"r{i}"),
+                            "--start", "--json").stdout)
+        try:
+            with start_restored(out) as c, c.cursor() as cur:
+                cur.execute("CHECKSUM TABLE app.pitr")
+                got = int(cur.fetchone()[1])
+        finally:
+            stop_pid(out["pid"])
+        assert got == want, f"restore {by}: checksum {got}, recorded {want} (point {points.index((t, gtid, want))})"

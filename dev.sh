@@ -9,7 +9,7 @@ cd "$(dirname "$0")"
 
 PY=${RWPROXY_PYTHON:-python3}
 VENV=${RWPROXY_VENV:-.venv}
-APT_PACKAGES="mariadb-server mariadb-client sysbench python3-venv pkg-config libmariadb-dev gcc python3-dev haproxy prometheus curl"
+APT_PACKAGES="mariadb-server mariadb-client mariadb-backup sysbench python3-venv pkg-config libmariadb-dev gcc python3-dev haproxy prometheus curl"
 
 say() { echo "dev.sh: $*" >&2; }
 
@@ -17,6 +17,8 @@ system_deps() {
     local missing=()
     command -v mariadbd >/dev/null 2>&1 || [ -x /usr/sbin/mariadbd ] || missing+=(mariadb-server)
     command -v mariadb >/dev/null 2>&1 || missing+=(mariadb-client)
+    # rwproxy backup: physical backups and restores (mariadb-backup, mbstream)
+    command -v mariadb-backup >/dev/null 2>&1 || missing+=(mariadb-backup)
     command -v sysbench >/dev/null 2>&1 || missing+=(sysbench)
     command -v pkg-config >/dev/null 2>&1 || missing+=(pkg-config)
     pkg-config --exists libmariadb 2>/dev/null || missing+=(libmariadb-dev)

@@ -34,9 +34,9 @@ def rw(*args, timeout=300, check=True) -> subprocess.CompletedProcess:
     return r
 
 
-def write_cfg(cluster, path: Path, **backup) -> str:
+def write_cfg(cluster, path: Path, nodes=None, **backup) -> str:
     data = {"proxy": {"listen": f"127.0.0.1:{free_port()}", "workers": 1},
-            "backends": [{"name": n.name, "host": "127.0.0.1", "port": n.port} for n in cluster.nodes],
+            "backends": [{"name": n.name, "host": "127.0.0.1", "port": n.port} for n in nodes or cluster.nodes],
             "users": [{"name": "app", "password": "app"}],
             "monitor": {"user": "rwproxy", "password": "rwproxy"}, "failover": FAILOVER, "backup": backup}
     write_config(build_config(data, source=str(path)), str(path))
@@ -326,6 +326,14 @@ def test_archive_survives_archiver_kill_and_failover_and_reports_a_purge(bk, key
     assert "purged before they were archived" in (tmp_path / "archiver3.log").read_text()
 
 
+def _cmdline(pid: str) -> bytes:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read()
+    except OSError:
+        return b""
+
+
 def _status(cfg: str) -> dict:
     return json.loads(rw("status", "--json", "-c", cfg, timeout=30).stdout)
 
@@ -383,13 +391,16 @@ def test_serve_archives_binlogs_and_exports_backup_metrics(bk, keyfile, tmp_path
     p = start_proxy(bk, tmp_path / "proxy", proxy={"workers": 1}, failover=FAILOVER,
                     metrics={"listen": f"127.0.0.1:{mport}"},
                     backup={"repository": f"file://{repo}", "key_file": keyfile, "archive_binlogs": True,
-                            "archive_interval": 0.5})
+                            "archive_interval": 0.5, "archive_server_id": 4100000123})
     cfg = p.process.config_path
     try:
         rw("backup", "run", "-c", cfg)
         write_rows(bk, 10, "serve")
         assert wait_until(lambda: archive_current(cfg), 30), check_report(cfg)
         assert list(repo.glob("archive/*/*.json"))
+        readers = [pid for pid in os.listdir("/proc") if pid.isdigit() and
+                   b"--stop-never-slave-server-id=4100000123" in _cmdline(pid)]
+        assert len(readers) == 1  # the reader registers with archive_server_id
 
         def metrics() -> str:
             return urllib.request.urlopen(f"http://127.0.0.1:{mport}/metrics", timeout=10).read().decode()
@@ -488,3 +499,69 @@ def test_point_in_time_restores_match_checksums_recorded_across_a_switchover(bk,
         finally:
             stop_pid(out["pid"])
         assert got == want, f"restore {by}: checksum {got}, recorded {want} (point {points.index((t, gtid, want))})"
+
+
+def test_backup_keys_method_credentials_from_primary_catchup_and_command_prefix(bk, keyfile, tmp_path):
+    repo = f"file://{tmp_path / 'repo'}"
+    cfg = write_cfg(bk, tmp_path / "m.toml", repository=repo, key_file=keyfile, method="logical")
+    bid = rw("backup", "run", "-c", cfg).stdout.strip().splitlines()[-1]
+    assert json.loads(rw("backup", "info", "-c", cfg, bid).stdout)["method"] == "logical"
+    bad = write_cfg(bk, tmp_path / "u.toml", repository=repo, key_file=keyfile, user="rwproxy", password="wrong")
+    r = rw("backup", "run", "-c", bad, check=False)
+    assert r.returncode == 1 and "Access denied" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    prim = current_primary(bk)
+    only = write_cfg(bk, tmp_path / "p.toml", nodes=[prim], repository=repo, key_file=keyfile)
+    r = rw("backup", "run", "-c", only, check=False)
+    assert r.returncode == 1 and "no healthy replica" in r.stderr and "from_primary" in r.stderr
+    allowed = write_cfg(bk, tmp_path / "p2.toml", nodes=[prim], repository=repo, key_file=keyfile, from_primary=True)
+    bid = rw("backup", "run", "-c", allowed).stdout.strip().splitlines()[-1]
+    info = json.loads(rw("backup", "info", "-c", allowed, bid).stdout)
+    assert info["server_role"] == "primary" and info["gtid"] and info["tables"] == {}  # GTID from mariadb-backup
+    # catchup_timeout: a replica that cannot catch up (its IO thread stopped) is handed back after it
+    rep = next(n for n in bk.nodes if n is not prim and n.is_running())
+    with rep.connect() as c, c.cursor() as cur:
+        cur.execute("STOP SLAVE IO_THREAD")
+    try:
+        write_rows(bk, 5, "unseen")
+        quick = write_cfg(bk, tmp_path / "q.toml", repository=repo, key_file=keyfile, catchup_timeout=1.0)
+        out = rw("backup", "run", "-c", quick, "--from", rep.name, timeout=120).stdout
+        assert "not caught up within catchup_timeout (1 s)" in out, out
+    finally:
+        with rep.connect() as c, c.cursor() as cur:
+            cur.execute("START SLAVE IO_THREAD")
+    # command_prefix: mariadb-backup runs through it (here a wrapper standing in for ssh, whose
+    # home holds the option file with the password, as a remote account's would)
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / ".my.cnf").write_text("[mariadb-backup]\npassword=rwproxy\n")
+    wrapper = tmp_path / "remote.sh"
+    wrapper.write_text(f"#!/bin/sh\necho \"$@\" > {tmp_path}/called\nHOME={home} exec \"$@\"\n")
+    wrapper.chmod(0o755)
+    via = write_cfg(bk, tmp_path / "r.toml", repository=repo, key_file=keyfile, command_prefix=str(wrapper))
+    bid = rw("backup", "run", "-c", via).stdout.strip().splitlines()[-1]
+    assert (tmp_path / "called").read_text().startswith("mariadb-backup --user=rwproxy")
+    assert "all good" in rw("backup", "verify", "-c", via, bid).stdout
+
+
+def test_sandbox_seeds_a_new_replica_from_a_backup(cluster_factory):
+    """The sandbox's own config has a [backup] section and key: a backup, then add-replica from it."""
+    from proxy.sandbox import Cluster
+
+    c = cluster_factory(replicas=1)
+    cfg = str(c.config_path)
+    with c.primary.connect() as conn, conn.cursor() as cur:
+        cur.execute("CREATE TABLE app.seed (id INT PRIMARY KEY, v VARCHAR(20))")
+        cur.execute("INSERT INTO app.seed VALUES (1, 'before')")
+    c.wait_replicas_caught_up(30)
+    bid = rw("backup", "run", "-c", cfg).stdout.strip().splitlines()[-1]
+    with c.primary.connect() as conn, conn.cursor() as cur:
+        cur.execute("INSERT INTO app.seed VALUES (2, 'after')")  # replicated to the new node from the GTID on
+    out = rw("sandbox", "add-replica", "--dir", str(c.dir), "--from-backup", bid).stdout
+    again = Cluster(c.dir)
+    node = again.node("node3")
+    try:
+        assert "seeded from" in out and node.slave_status()["Slave_SQL_Running"] == "Yes"
+        assert wait_until(lambda: checksum(node, "app.seed") == checksum(c.primary, "app.seed"), 30)
+        assert 'name = "node3"' in c.config_path.read_text()
+    finally:
+        node.stop()

@@ -37,7 +37,7 @@ class Keys:
         """Names the recipient set in manifests (not secret: a hash of the public keys)."""
         return hashlib.sha256("\n".join(sorted(self.recipients)).encode()).hexdigest()[:16]
 
-    def _recipient_objects(self):
+    def recipient_objects(self) -> list:
         return [pyrage.x25519.Recipient.from_str(r) for r in self.recipients]
 
 
@@ -128,7 +128,7 @@ def encode(src: BinaryIO, out, keys: Keys, *, level: int = 1, threads: int = 0,
     cctx = zstandard.ZstdCompressor(level=level, write_checksum=True, threads=threads)
     hashing = _Hashing(out)
     with cctx.stream_reader(counting, read_size=CHUNK) as compressed:
-        pyrage.encrypt_io(compressed, hashing, keys._recipient_objects())
+        pyrage.encrypt_io(compressed, hashing, keys.recipient_objects())
     return Stored(hashing.n, hashing.h.hexdigest(), counting.n)
 
 

@@ -22,7 +22,7 @@ import time
 from contextlib import contextmanager
 
 from proxy.backup import codec
-from proxy.backup.manifest import FULL, INCREMENTAL, LOGICAL, PHYSICAL, Manifest, backup_id, load_all
+from proxy.backup.manifest import FULL, INCREMENTAL, PHYSICAL, Manifest, StoredObject, backup_id, load_all
 from proxy.backup.progress import Progress, mib, rate
 from proxy.backup.repo import Repository
 from proxy.backup.servers import (BackupError, ServerInfo, choose_source, connect, credentials, data_size, rows,
@@ -304,7 +304,6 @@ def run_backup(config, repo: Repository, keys: codec.Keys, *, kind: str | None =
                  version=src.version, gtid=info.get("gtid", ""), consistent_at=consistent_at, from_lsn=parent.to_lsn if parent else 0,
                  to_lsn=info.get("to_lsn", 0), compression=f"zstd-{config.backup.compress_level}",
                  key_id=keys.key_id, tables=tables)
-    from proxy.backup.manifest import StoredObject
 
     m.objects.append(StoredObject(key, stored.size, stored.sha256, stored.raw_size))
     repo.put_bytes(m.key, m.to_json())

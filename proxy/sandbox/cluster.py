@@ -108,13 +108,7 @@ class Cluster:
         masters = 2 if mm else 1
         specs = []
         for i in range(masters + self.replicas_count):
-            name = f"node{i + 1}"
-            d = self.dir / name
-            spec = {"name": name, "port": self.base_port + i, "server_id": i + 1, "dir": str(d),
-                    "datadir": str(d / "data"), "socket": str(socket_path(self.dir, name)),
-                    "pid_file": str(d / "mariadbd.pid"), "cnf": str(d / "my.cnf"),
-                    "error_log": str(d / "error.log"), "gtid_domain_id": 0, "master": "node1",
-                    "auto_increment_offset": None, "role": "replica"}
+            spec = self._node_spec(f"node{i + 1}", self.base_port + i, i + 1, master="node1")
             if i < masters:
                 spec["role"] = "master" if mm else "primary"
                 spec["master"] = ("node2" if i == 0 else "node1") if mm else None
@@ -123,6 +117,13 @@ class Cluster:
                     spec["auto_increment_offset"] = i + 1
             specs.append(spec)
         return specs
+
+    def _node_spec(self, name: str, port: int, server_id: int, master: str | None) -> dict[str, Any]:
+        d = self.dir / name
+        return {"name": name, "port": port, "server_id": server_id, "dir": str(d), "datadir": str(d / "data"),
+                "socket": str(socket_path(self.dir, name)), "pid_file": str(d / "mariadbd.pid"),
+                "cnf": str(d / "my.cnf"), "error_log": str(d / "error.log"), "gtid_domain_id": 0, "master": master,
+                "auto_increment_offset": None, "role": "replica"}
 
     @property
     def exists(self) -> bool:
@@ -297,23 +298,17 @@ class Cluster:
         """A new replica whose data comes from `restore_into(datadir)` (a backup restored there),
         replicating from the current primary from `gtid` (the backup's consistent point)."""
         self._require_exists()
-        i = len(self.nodes)
-        name = f"node{i + 1}"
-        while any(n.name == name for n in self.nodes):
-            i += 1
-            name = f"node{i + 1}"
+        name = f"node{max(int(n.name[4:]) for n in self.nodes if n.name[4:].isdigit()) + 1}"
         port = max(n.port for n in self.nodes) + 1
         check_ports_free([port])
-        d = self.dir / name
-        spec = {"name": name, "port": port, "server_id": max(n.server_id for n in self.nodes) + 1, "dir": str(d),
-                "datadir": str(d / "data"), "socket": str(socket_path(self.dir, name)),
-                "pid_file": str(d / "mariadbd.pid"), "cnf": str(d / "my.cnf"), "error_log": str(d / "error.log"),
-                "gtid_domain_id": 0, "master": None, "auto_increment_offset": None, "role": "replica"}
-        source = self._current_primary()
-        spec["master"] = source.name
+        source = next((self.node(r["node"]) for r in self.status()
+                       if r["state"] == "up" and r["read_only"] == 0 and not r["master_port"]), None)
+        if source is None:
+            raise SandboxError("no running primary in the sandbox (a writable node that replicates from nobody)")
+        spec = self._node_spec(name, port, max(n.server_id for n in self.nodes) + 1, master=source.name)
         node = Node(spec, mariadbd=self.nodes[0].mariadbd, users={u: v["password"] for u, v in USERS.items()},
                     semi_sync=self.semi_sync, tls_dir=self.tls_dir if self.tls else None, options=self.server_options)
-        d.mkdir(parents=True, exist_ok=False)
+        node.dir.mkdir(parents=True, exist_ok=False)
         restore_into(node.datadir)
         node.write_cnf()
         node.start(timeout)
@@ -325,15 +320,6 @@ class Cluster:
         self.wait_replicas_caught_up(timeout, only=[node])
         self._write_proxy_config()
         return node
-
-    def _current_primary(self) -> Node:
-        for n in self.nodes:
-            try:
-                if n.is_running() and not int(n.variable("read_only")) and n.slave_status() is None:
-                    return n
-            except pymysql.MySQLError:
-                continue
-        raise SandboxError("no running primary in the sandbox (a writable node that replicates from nobody)")
 
     @staticmethod
     def _change_master(replica: Node, source: Node) -> None:

@@ -1,0 +1,196 @@
+"""The building blocks of the schema: field specs (S, I, F, ...) and the value checkers they name.
+
+Kept apart from the sections (schema.py) so the schema reads as the list of keys it is.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from dataclasses import field
+
+_LISTEN_RE = re.compile(r"\[([0-9A-Fa-f:.]+(?:%[\w.-]+)?)\]:(\d{1,5})|([^\s:\[\]]+):(\d{1,5})")
+_IDENT_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_$]{0,63}")
+
+
+def parse_listen(text: str) -> tuple[str, int] | None:
+    """Split "host:port" / "[v6]:port" (port 0-65535; 0 = any free port)."""
+    m = _LISTEN_RE.fullmatch(text)
+    if not m:
+        return None
+    host, port = (m[1], m[2]) if m[1] else (m[3], m[4])
+    return (host, int(port)) if int(port) <= 65535 else None
+
+
+def format_hostport(host: str, port: int) -> str:
+    """Inverse of parse_listen: IPv6 literals get brackets."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def listen_error(value: str) -> str | None:
+    if parse_listen(value) is None:
+        return f'expected "host:port" (IPv6 as "[::1]:6033"), got {show(value)}'
+    return None
+
+
+def socket_error(value: str) -> str | None:
+    if value and not value.startswith("/"):
+        return "must be an absolute path to the server's Unix socket (e.g. /run/mysqld/mysqld.sock), or \"\" for TCP"
+    return None
+
+
+def identifier_error(value: str) -> str | None:
+    if not _IDENT_RE.fullmatch(value):
+        return f"expected an identifier ([A-Za-z_][A-Za-z0-9_$]*, at most 64 characters), got {show(value)}"
+    return None
+
+
+def regex_error(value: str) -> str | None:
+    try:
+        re.compile(value, re.IGNORECASE)
+    except re.error as exc:
+        return f"invalid regular expression {show(value)}: {exc}"
+    return None
+
+
+_HASH_RE = re.compile(r"\*[0-9A-Fa-f]{40}")
+
+
+def is_native_hash(password: str) -> bool:
+    """A mysql_native_password hash as the server stores it ("*" + 40 hex digits of
+    SHA1(SHA1(password))), given instead of the clear password."""
+    return isinstance(password, str) and bool(_HASH_RE.fullmatch(password))
+
+
+def secret_keys(cls) -> list[str]:
+    """The password keys of a section that may also come from `<key>_env` or `<key>_file`."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    return [n for n in names if n + "_env" in names and n + "_file" in names]
+
+
+_ESCAPES = {'"': '\\"', "\\": "\\\\", "\b": "\\b", "\t": "\\t", "\n": "\\n", "\f": "\\f", "\r": "\\r"}
+
+
+def toml_str(s: str) -> str:
+    parts = []
+    for ch in s:
+        if ch in _ESCAPES:
+            parts.append(_ESCAPES[ch])
+        elif ord(ch) < 0x20 or ord(ch) == 0x7F:
+            parts.append(f"\\u{ord(ch):04x}")
+        else:
+            parts.append(ch)
+    return '"' + "".join(parts) + '"'
+
+
+def show(value) -> str:
+    """Render a user value JSON-style for error messages (strings in double quotes)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, dict):
+        return "a table"
+    if isinstance(value, str):
+        return toml_str(value)
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(show(v) for v in value) + "]"
+    if isinstance(value, float) and not math.isfinite(value):
+        return repr(value)
+    return str(value)
+
+
+# -- field spec helpers -------------------------------------------------------
+
+def _key(default, kind: str, *, required=False, factory=None, repr=True, **spec):
+    meta = {"kind": kind, "required": required, **spec}
+    if factory is not None:
+        return field(default_factory=factory, metadata=meta, repr=repr)
+    return field(default=default, metadata=meta, repr=repr)
+
+
+def S(default="", *, nonempty=False, check=None, **kw):
+    """String key (optionally non-empty and/or passed through a checker)."""
+    return _key(default, "str", nonempty=nonempty, check=check, **kw)
+
+
+def I(default, lo=None, hi=None, **kw):  # noqa: E743 - short names keep the tables readable
+    """Integer key within [lo, hi] (bool rejected)."""
+    return _key(default, "int", lo=lo, hi=hi, **kw)
+
+
+def F(default, *, positive=False):
+    """Duration in seconds: >= 0, or > 0 when positive; ints become floats."""
+    return _key(float(default), "float", positive=positive)
+
+
+def B(default):
+    return _key(default, "bool")
+
+
+def E(default, *choices, **kw):
+    """String enum; choices listed in the order error messages show them."""
+    return _key(default, "enum", choices=choices, **kw)
+
+
+def L():
+    """Array of strings, stored as a tuple so the config stays hashable."""
+    return _key((), "strs")
+
+
+def T(cls):
+    """Sub-table ([section.sub])."""
+    return _key(None, "table", cls=cls, factory=cls)
+
+
+def A(cls, min_items=0):
+    """Array of tables ([[section]]), stored as a tuple."""
+    return _key((), "tables", cls=cls, min_items=min_items)
+
+
+def set_hostport(obj) -> None:
+    hp = parse_listen(obj.listen)
+    if hp is None:
+        raise ValueError(f"invalid listen address {obj.listen!r}")
+    object.__setattr__(obj, "host", hp[0])
+    object.__setattr__(obj, "port", hp[1])
+
+
+def optional_listen_error(value: str) -> str | None:
+    return listen_error(value) if value else None
+
+
+def env_name_error(value: str) -> str | None:
+    if value and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", value):
+        return f"expected an environment variable name, got {show(value)}"
+    return None
+
+
+def absolute_path_error(value: str) -> str | None:
+    return None if not value or value.startswith("/") else f"must be an absolute path, got {show(value)}"
+
+
+def PW_ENV():
+    """The environment variable a password is read from (at start and at every reload)."""
+    return S(check=env_name_error)
+
+
+def PW_FILE():
+    """A file whose first line is the password (owner-only permissions expected)."""
+    return S()
+
+def repository_error(value: str) -> str | None:
+    if not value or value.startswith(("s3://", "file:///")) or value.startswith("/"):
+        return None
+    return f'expected "file:///ABSOLUTE/PATH", "/ABSOLUTE/PATH" or "s3://BUCKET/PREFIX", got {show(value)}'
+
+
+def cron_error(value: str) -> str | None:
+    if not value:
+        return None
+    from proxy.backup.schedule import CronError, Cron  # late: the schedule module imports nothing of ours
+
+    try:
+        Cron(value)
+    except CronError as e:
+        return str(e)
+    return None

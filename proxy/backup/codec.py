@@ -75,6 +75,63 @@ def keygen(path: str) -> str:
     return pub
 
 
+class Prefetch:
+    """Reads the source on its own thread, up to `depth` chunks ahead: the pipe is drained while
+    the caller compresses and encrypts (zstd releases the GIL), so the producer never waits."""
+
+    def __init__(self, src, depth: int = 16):
+        import queue
+        import threading
+
+        self.q: "queue.Queue[bytes | BaseException]" = queue.Queue(depth)
+        self.buf = b""
+        self.eof = False
+        self.closed = threading.Event()
+        self.t = threading.Thread(target=self._run, args=(src,), daemon=True, name="backup-read")
+        self.t.start()
+
+    def _put(self, item) -> bool:
+        import queue
+
+        while not self.closed.is_set():
+            try:
+                self.q.put(item, timeout=0.5)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _run(self, src) -> None:
+        try:
+            while True:
+                b = src.read(CHUNK)
+                if not self._put(b) or not b:
+                    return
+        except BaseException as e:  # noqa: BLE001 - handed to the reader
+            self._put(e)
+
+    def close(self) -> None:
+        """The consumer gave up (a failed upload): the thread stops instead of waiting forever."""
+        self.closed.set()
+
+    def read(self, n: int = -1) -> bytes:
+        while not self.eof and (n < 0 or len(self.buf) < n):
+            b = self.q.get()
+            if isinstance(b, BaseException):
+                raise b
+            if not b:
+                self.eof = True
+                break
+            self.buf += b
+            if n >= 0:
+                break
+        if n < 0 or n >= len(self.buf):
+            out, self.buf = self.buf, b""
+        else:
+            out, self.buf = self.buf[:n], self.buf[n:]
+        return out
+
+
 class _Counting:
     """Wraps a source reader: counts (and reports) the bytes read before compression."""
 

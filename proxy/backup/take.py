@@ -138,6 +138,11 @@ def _wait_caught_up(conn, timeout: float, name: str, log_step) -> None:
 
 # ---- the stream ------------------------------------------------------------------------------------
 
+# zstd worker threads: on the 2-core test machine a 1 GiB physical backup went from 165 MiB/s
+# (one thread, 64 KiB pipe) to 200 (1 MiB pipe), 235 (+ a reader thread) and 320-380 (+ 2 zstd
+# workers); more than 4 buys little and takes cores from the server it runs beside.
+COMPRESS_THREADS = min(os.cpu_count() or 1, 4)
+
 _CHECKPOINT_RE = re.compile(r"latest check point \(for incremental\): '(\d+)'")
 _REDO_RE = re.compile(r"Redo log \(from LSN (\d+) to (\d+)\) was copied")
 _BINLOG_RE = re.compile(r"GTID of the last change '([0-9,\- ]*)'")
@@ -149,14 +154,18 @@ def _stream(argv: list[str], repo: Repository, key: str, keys: codec.Keys, level
     """Run argv, store its stdout as `key`; returns what was stored and the command's stderr."""
     errf = tempfile.TemporaryFile()
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=errf, stdin=subprocess.DEVNULL)
+    _widen_pipe(proc.stdout.fileno())
     writer = repo.open_write(key)
-    src = proc.stdout if tap is None else tap(proc.stdout)
+    pre = codec.Prefetch(proc.stdout)
+    src = pre if tap is None else tap(pre)
     try:
-        stored = codec.encode(src, writer, keys, level=level, progress=progress)
+        stored = codec.encode(src, writer, keys, level=level, progress=progress,
+                              threads=COMPRESS_THREADS)
         rc = proc.wait()
     except BaseException:
         proc.kill()
         proc.wait()
+        pre.close()
         writer.abort()
         raise
     errf.seek(0)
@@ -167,6 +176,16 @@ def _stream(argv: list[str], repo: Repository, key: str, keys: codec.Keys, level
         raise BackupError(f"{os.path.basename(argv[0]) if argv else 'backup'} failed (exit {rc}):\n{tail}")
     writer.close()
     return stored, err
+
+
+def _widen_pipe(fd: int) -> None:
+    """A 1 MiB pipe instead of 64 KiB: mariadb-backup keeps writing while a chunk is compressed."""
+    import fcntl
+
+    try:
+        fcntl.fcntl(fd, 1031, 1 << 20)  # F_SETPIPE_SZ; the default /proc/sys/fs/pipe-max-size is 1 MiB
+    except OSError:
+        pass
 
 
 class _GtidTap:

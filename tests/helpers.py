@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import time
 from dataclasses import dataclass
 
 import pymysql
@@ -132,3 +133,18 @@ def require_c(impl, module: str):
             pytest.fail(msg + " and RWPROXY_REQUIRE_C=1")
         pytest.skip(msg)
     return impl
+
+
+def wait_until(pred, timeout, step=0.1, ignore_errors=True) -> bool:
+    """Poll PRED until it is true or TIMEOUT seconds pass; errors count as "not yet" (a server
+    that is restarting refuses connections for a while)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if pred():
+                return True
+        except Exception:  # noqa: BLE001
+            if not ignore_errors:
+                raise
+        time.sleep(step)
+    return False

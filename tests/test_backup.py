@@ -18,7 +18,7 @@ from pathlib import Path
 import pymysql
 import pytest
 
-from helpers import start_proxy
+from helpers import start_proxy, wait_until
 from proxy.config.load import build_config, write_config
 from proxy.runtime.launcher import free_port
 from proxy.testing.clusters import start_cluster, teardown_cluster
@@ -41,18 +41,6 @@ def write_cfg(cluster, path: Path, nodes=None, **backup) -> str:
             "monitor": {"user": "rwproxy", "password": "rwproxy"}, "failover": FAILOVER, "backup": backup}
     write_config(build_config(data, source=str(path)), str(path))
     return str(path)
-
-
-def wait_until(pred, timeout, step=0.1):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if pred():
-                return True
-        except Exception:  # noqa: BLE001
-            pass
-        time.sleep(step)
-    return False
 
 
 def checksum(node, table="app.bk") -> int:

@@ -12,23 +12,11 @@ import time
 import pymysql
 import pytest
 
-from helpers import start_proxy
+from helpers import start_proxy, wait_until
 from proxy.runtime.launcher import free_port
 from proxy.testing.loadgen import Load, insert_numbered
 
 FAILOVER = {"replication_user": "repl", "replication_password": "repl"}
-
-
-def wait_until(pred, timeout, step=0.1):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if pred():
-                return True
-        except Exception:
-            pass
-        time.sleep(step)
-    return False
 
 
 def Writers(proxy, n=8):

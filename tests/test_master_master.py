@@ -7,16 +7,7 @@ import time
 
 import pytest
 
-from helpers import start_proxy
-
-
-def wait_until(pred, timeout, step=0.1):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return True
-        time.sleep(step)
-    return False
+from helpers import start_proxy, wait_until
 
 
 @pytest.fixture

@@ -12,22 +12,13 @@ import time
 import pymysql
 import pytest
 
-from helpers import start_proxy
+from helpers import start_proxy, wait_until
 from proxy.testing.loadgen import Load, select_port
 
 
 def Readers(proxy, n=8):
     """8 clients running `SELECT @@port` through the proxy."""
     return Load(lambda: proxy.connect(autocommit=True, ssl_disabled=True, read_timeout=30), select_port, clients=n)
-
-
-def wait_until(pred, timeout, step=0.05):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return True
-        time.sleep(step)
-    return False
 
 
 def _status(p) -> dict:

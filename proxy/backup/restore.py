@@ -94,6 +94,20 @@ class Scratch:
     def cleanup(self) -> None:
         shutil.rmtree(self.sockdir, ignore_errors=True)
 
+    def __enter__(self) -> "Scratch":
+        """`with Scratch(...) as s:` a server that lives for one step: started, then stopped and
+        its socket directory removed however the step ends."""
+        try:
+            self.start()
+        except BaseException:
+            self.cleanup()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+        self.cleanup()
+
 
 def free_port() -> int:
     from proxy.sandbox.util import find_free_base_port
@@ -315,18 +329,13 @@ def restore(repo: Repository, keys: codec.Keys, target_dir: str, *, bid: str | N
         if first.method == LOGICAL:
             datadir = staging / "data"
             _fresh_datadir(datadir)
-            scratch = Scratch(datadir, free_port(), grants=False, writable=True)
-            scratch.start()
-            try:
+            with Scratch(datadir, free_port(), grants=False, writable=True) as scratch:
                 with open(staging / f"{first.id}.sql", "rb") as f:
                     r = subprocess.run(_client(scratch), stdin=f, capture_output=True)
                 if r.returncode != 0:
                     raise BackupError(f"loading dump {first.id} failed: {r.stderr.decode('utf-8', 'replace')[-400:]}")
                 if binlog_files:
                     result["gtid"] = _replay(scratch, binlog_files, p.start, p, log_step)
-            finally:
-                scratch.stop()
-                scratch.cleanup()
         else:
             datadir = staging / first.id
             t1 = time.monotonic()
@@ -334,13 +343,8 @@ def restore(repo: Repository, keys: codec.Keys, target_dir: str, *, bid: str | N
             log_step(f"prepared in {time.monotonic() - t1:.1f} s")
             if binlog_files:
                 t1 = time.monotonic()
-                scratch = Scratch(datadir, free_port(), grants=False)
-                scratch.start()
-                try:
+                with Scratch(datadir, free_port(), grants=False) as scratch:
                     result["gtid"] = _replay(scratch, binlog_files, p.start, p, log_step)
-                finally:
-                    scratch.stop()
-                    scratch.cleanup()
                 result["replay_seconds"] = round(time.monotonic() - t1, 2)
                 result["replay_bytes"] = sum(a.raw_size for a, _ in binlog_files)
         for leftover in ("rwproxy-restored.cnf", "mariadbd.pid"):
@@ -421,17 +425,12 @@ def test_restore(repo: Repository, keys: codec.Keys, bid: str | None = None, *, 
     try:
         try:
             restore(repo, keys, str(work / "data"), bid=m.id, tty=tty, log_step=log_step)
-            s = Scratch(work / "data", free_port(), grants=False)
-            s.start()
-            try:
+            with Scratch(work / "data", free_port(), grants=False) as s:
                 conn = s.connect(cursorclass=pymysql.cursors.DictCursor, read_timeout=3600)
                 try:
                     tables = table_report(conn)
                 finally:
                     conn.close()
-            finally:
-                s.stop()
-                s.cleanup()
         except BackupError as e:
             problems.append(str(e))
         for name, t in tables.items():

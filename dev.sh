@@ -9,7 +9,7 @@ cd "$(dirname "$0")"
 
 PY=${RWPROXY_PYTHON:-python3}
 VENV=${RWPROXY_VENV:-.venv}
-APT_PACKAGES="mariadb-server mariadb-client mariadb-backup sysbench python3-venv pkg-config libmariadb-dev gcc python3-dev haproxy prometheus curl"
+APT_PACKAGES="mariadb-server mariadb-client mariadb-backup sysbench python3-venv pkg-config libmariadb-dev gcc python3-dev haproxy prometheus curl etcd-server etcd-client"
 
 say() { echo "dev.sh: $*" >&2; }
 
@@ -28,6 +28,9 @@ system_deps() {
     command -v haproxy >/dev/null 2>&1 || [ -x /usr/sbin/haproxy ] || missing+=(haproxy)
     { command -v prometheus && command -v promtool; } >/dev/null 2>&1 || missing+=(prometheus)
     command -v curl >/dev/null 2>&1 || missing+=(curl)
+    # several coordinated instances ([cluster] coordination = "etcd"): tests start a real etcd cluster
+    command -v etcd >/dev/null 2>&1 || missing+=(etcd-server)
+    command -v etcdctl >/dev/null 2>&1 || missing+=(etcd-client)
     [ ${#missing[@]} -eq 0 ] && return 0
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
         say "installing Debian packages: ${missing[*]}"

@@ -126,6 +126,8 @@ def _switchover(args) -> int:
     if r is None:
         return 1
     print(r.get("message") or r)
+    if r.get("ran_on"):
+        print(f"(run by {r['ran_on']}, the instance that leads the cluster)")
     if r.get("ok"):
         print(f"new primary {r.get('new')}, old primary {r.get('old')} now replicates from it; "
               f"writes paused {r.get('write_pause_ms')} ms")

@@ -47,7 +47,7 @@ def no_leaked_processes():
                 cmd = f.read().replace(b"\0", b" ").decode(errors="replace")
         except OSError:
             continue
-        if any(word in cmd for word in (" proxy serve ", "haproxy", "prometheus", "benchmarks.forwarder")):
+        if any(word in cmd for word in (" proxy serve ", "haproxy", "prometheus", "benchmarks.forwarder", "bin/etcd ")):
             leaked.append(f"{pid}: {cmd[:160]}")
             for child in _children(pid):
                 os.kill(child, 9)

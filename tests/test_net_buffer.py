@@ -70,8 +70,9 @@ def test_big_results_cross_the_proxy_in_few_reads(cluster, tmp_path_factory):
         # one read of the command, one or two of the ~129 KB answer (128 KiB chunks)
         assert few <= 4, few
         # The server's 16 KB pieces: ~8 reads of the answer, fewer when the kernel has queued
-        # several pieces by the time the worker reads (a loaded machine): compared, not counted.
-        assert many >= few + 2, (few, many)
+        # several pieces by the time the worker reads (on a loaded machine as few as 4 were
+        # seen): compared, not counted.
+        assert many > few, (few, many)
     finally:
         grown.process.stop()
         plain.process.stop()

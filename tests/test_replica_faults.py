@@ -33,10 +33,12 @@ def setup(cluster_factory, tmp_path):
     cl = cluster_factory(replicas=2)
     p = start_proxy(cl, tmp_path, proxy={"workers": 2}, routing={"read_your_writes": "none"})
     reps = {n.port for n in cl.replicas}
-    with p.connect(autocommit=True) as c, c.cursor() as cur:  # both replicas serve reads
-        assert wait_until(lambda: cur.execute("SELECT @@port") is not None and cur.fetchone()[0] in reps, 15)
-    yield cl, p
-    p.process.stop()
+    try:
+        with p.connect(autocommit=True) as c, c.cursor() as cur:  # both replicas serve reads
+            assert wait_until(lambda: cur.execute("SELECT @@port") is not None and cur.fetchone()[0] in reps, 15)
+        yield cl, p
+    finally:
+        p.process.stop()
 
 
 def test_sigkill_replica_under_read_load(setup):

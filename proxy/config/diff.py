@@ -12,7 +12,8 @@ from proxy.config.schema import Config, spec_fields
 # contexts already loaded, the cluster mode everything was built for.
 RESTART_ONLY = ("proxy.listen", "proxy.workers", "proxy.cpu_affinity", "proxy.runtime_dir", "proxy.tls.",
                 "proxy.auth_plugin", "proxy.server_version", "admin.listen", "metrics.listen", "cluster.topology",
-                "backend_tls.", "pool.multiplex")
+                "cluster.coordination", "cluster.etcd_endpoints", "cluster.name", "cluster.instance",
+                "cluster.lease_ttl", "cluster.etcd_timeout", "backend_tls.", "pool.multiplex")
 
 
 def flatten(cfg: Config) -> dict[str, object]:

@@ -46,6 +46,21 @@ def identifier_error(value: str) -> str | None:
     return None
 
 
+_INSTANCE_RE = re.compile(r"[A-Za-z0-9_.:@-]{0,128}")
+
+
+def instance_error(value: str) -> str | None:
+    if not _INSTANCE_RE.fullmatch(value):
+        return f"expected letters, digits and _ . : @ - (at most 128), got {show(value)}"
+    return None
+
+
+def url_error(value: str) -> str | None:
+    if not re.fullmatch(r"https?://[^/\s]+/?", value):
+        return f"expected http://host:port or https://host:port, got {show(value)}"
+    return None
+
+
 def regex_error(value: str) -> str | None:
     try:
         re.compile(value, re.IGNORECASE)

@@ -21,7 +21,7 @@ import tomllib
 from proxy.config.schema import (  # noqa: F401 - re-exported public API
     AdminConfig, is_native_hash, secret_keys, AUTH_PLUGINS, MASTER_MASTER, PRIMARY_REPLICA, RYW_MODES, BackendConfig, ClusterConfig, Config, FailoverConfig,
     MonitorConfig, PoolConfig, ProxyConfig, RoutingConfig, RuleConfig, TLSConfig, UserConfig,
-    format_hostport, parse_listen, show, spec_fields,
+    COORD_ETCD, format_hostport, parse_listen, show, spec_fields, url_error,
 )
 
 __all__ = [
@@ -234,6 +234,22 @@ class _Validator:
                 "monitor.user")
         self.passwords(cfg)
         self.operator(cfg)
+        self.coordination(cfg)
+
+    def coordination(self, cfg: Config) -> None:
+        """[cluster] coordination: endpoints given, and a lease a leader can renew in time."""
+        c = cfg.cluster
+        for i, url in enumerate(c.etcd_endpoints):
+            msg = url_error(url)
+            if msg:
+                self.error(f"cluster.etcd_endpoints[{i}]", msg)
+        if c.coordination == COORD_ETCD and not c.etcd_endpoints:
+            self.cross("cluster.etcd_endpoints", 'required with coordination = "etcd" (e.g. '
+                       '["http://10.0.0.1:2379", "http://10.0.0.2:2379", "http://10.0.0.3:2379"])', "cluster.coordination")
+        if c.coordination == COORD_ETCD and c.etcd_timeout > c.lease_ttl / 3:
+            self.cross("cluster.etcd_timeout", f"{c.etcd_timeout:g} s is more than lease_ttl / 3 "
+                       f"({c.lease_ttl / 3:g} s): the leader renews every lease_ttl / 3 and must be able to retry "
+                       "before its lease runs out", "cluster.lease_ttl")
 
     def passwords(self, cfg: Config) -> None:
         """Hashed passwords only where rwproxy can still log in with them."""

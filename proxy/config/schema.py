@@ -15,8 +15,8 @@ from functools import cached_property
 
 from proxy.config.fields import (  # noqa: F401 - some re-exported: the rest of rwproxy imports them from here
     PW_ENV, PW_FILE, A, B, E, F, I, L, S, T, absolute_path_error, cron_error, env_name_error, format_hostport,
-    identifier_error, is_native_hash, listen_error, optional_listen_error, parse_listen, regex_error,
-    repository_error, secret_keys, set_hostport, show, socket_error, toml_str,
+    identifier_error, instance_error, is_native_hash, listen_error, optional_listen_error, parse_listen, regex_error,
+    repository_error, secret_keys, set_hostport, show, socket_error, toml_str, url_error,
 )
 
 AUTH_PLUGINS = ("mysql_native_password", "caching_sha2_password")
@@ -26,6 +26,7 @@ BALANCE_LEAST_OUTSTANDING, BALANCE_ROUND_ROBIN, BALANCE_LOWEST_LAG = BALANCE_POL
 ROUTE_PRIMARY, ROUTE_REPLICA, ROUTE_REJECT = RULE_ROUTES = ("primary", "replica", "reject")
 ROUTE_AUTO = "auto"  # [[users]] default_route: split as the statement says
 PRIMARY_REPLICA, MASTER_MASTER = TOPOLOGIES = ("primary-replica", "master-master")
+COORD_NONE, COORD_ETCD = COORDINATIONS = ("none", "etcd")
 SPREAD_SESSION, SPREAD_TRANSACTION = WRITE_SPREADS = ("session", "transaction")
 # TLS from rwproxy to a backend, named and meant as the mysql/mariadb clients' --ssl-mode
 BACKEND_TLS_MODES = ("disabled", "preferred", "required", "verify_ca", "verify_identity")
@@ -179,6 +180,14 @@ class MonitorConfig:
 class ClusterConfig:
     topology: str = E(PRIMARY_REPLICA, *TOPOLOGIES)
     write_spread: str = E(SPREAD_SESSION, *WRITE_SPREADS)
+    # several rwproxy instances, one cluster (proxy/coord, docs/coordination.md): "none" = this
+    # instance decides alone; "etcd" = the instances elect a leader, which alone acts on servers
+    coordination: str = E(COORD_NONE, *COORDINATIONS)
+    etcd_endpoints: tuple = L()
+    name: str = S("default", check=identifier_error)  # the cluster's name: etcd keys /rwproxy/<name>/
+    instance: str = S(check=instance_error)  # this instance's name, unique in the cluster ("" = host:port)
+    lease_ttl: int = I(10, 2, 3600)  # s: a silent leader is replaced after at most this
+    etcd_timeout: float = F(1.0, positive=True)  # s per etcd request; at most lease_ttl / 3
 
 
 @dataclass(frozen=True)

@@ -44,6 +44,24 @@ class Collector:
         yield from self._servers(plane, s)
         yield from self._failover(plane)
         yield from self._backups(plane)
+        yield from self._coordination(plane)
+
+    @staticmethod
+    def _coordination(plane):
+        """[cluster] coordination = "etcd": alert when etcd is unreachable or no instance leads."""
+        if plane.coord is None:
+            return
+        c = plane.coord.status(with_instances=False)
+        yield GaugeMetricFamily("rwproxy_coordination_etcd_up", "1 if etcd answered this instance's last request",
+                                value=int(c["etcd_ok"]))
+        yield GaugeMetricFamily("rwproxy_coordination_leader", "1 if this instance leads the cluster (and may act)",
+                                value=int(c["may_act"]))
+        yield GaugeMetricFamily("rwproxy_coordination_leader_known", "1 if some instance is known to lead",
+                                value=int(bool(c["leader"])))
+        yield GaugeMetricFamily("rwproxy_coordination_epoch", "the current leader's epoch (its key's revision)",
+                                value=float(c["epoch"] or 0))
+        yield CounterMetricFamily("rwproxy_coordination_leadership_changes",
+                                  "times this instance became the leader", value=c["leadership_changes"])
 
     @staticmethod
     def _backups(plane):

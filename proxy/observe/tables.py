@@ -151,6 +151,11 @@ def status_rows(plane, summary: dict) -> list[dict]:
                      "backup_last_test_restore": iso(b["last_test_restore"]) if b["last_test_restore"] else "",
                      "backup_archive_lag_s": b["archive_lag_s"], "backup_repository_bytes": b["repository_bytes"],
                      "backup_jobs_failed": b["jobs_failed"]})
+    if plane.coord is not None:  # [cluster] coordination: this instance, the leader, etcd
+        c = plane.coord.status(with_instances=False)
+        vals.update({"coordination_instance": c["instance"], "coordination_leader": c["leader"] or "",
+                     "coordination_leading": c["leading"], "coordination_epoch": c["epoch"],
+                     "coordination_etcd_ok": c["etcd_ok"], "coordination_etcd_error": c["etcd_error"]})
     return [{"name": k, "value": _text(v)} for k, v in vals.items()]
 
 

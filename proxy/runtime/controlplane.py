@@ -46,6 +46,17 @@ class ControlPlane:
         # monitor -> failover (fencing, writes_held) -> publish to the workers
         self.failover = Failover(config, publish)
         self.monitor = self.failover.monitor
+        self.coord = None  # proxy.coord.Coordinator with [cluster] coordination = "etcd"
+        if config.cluster.coordination == "etcd":
+            from proxy.coord.coordinator import Coordinator
+
+            self.coord = Coordinator(config, self.failover)
+            self.coord.requests.handlers.update({
+                "switchover": lambda a: self.failover.switchover(a["to"], a.get("timeout")),
+                "enable-failover": lambda a: self._enable_failover(a),
+                "rejoin": lambda a: self._rejoin(a),
+                "server-state": lambda a: self._ok(self._set_server_state(a["server"], a["state"])),
+            })
         self.control: ControlServer | None = None
         self.ask = Workers(rundir.path_for(config), workers)  # the workers' reports and orders
         self.events = EventLog(config.stats.events)  # the admin `events` table
@@ -86,14 +97,16 @@ class ControlPlane:
     def start(self) -> None:
         """Call after forking the workers: the control plane's threads live in the supervisor only."""
         self.events.attach()
+        if self.coord is not None:
+            self.coord.start()
         self.failover.start()
         path = rundir.control_socket(self.config)
         handlers = {
             "hello": lambda _req: {"ok": True, **self.identity()},
             "status": self.status,
-            "switchover": lambda req: self.failover.switchover(req["to"], req.get("timeout")),
-            "enable-failover": self._enable_failover,
-            "rejoin": self._rejoin,
+            "switchover": lambda req: self.switchover(req["to"], req.get("timeout")),
+            "enable-failover": lambda req: self._leader_runs("enable-failover", {}, self._enable_failover),
+            "rejoin": lambda req: self._leader_runs("rejoin", {"server": req["server"]}, self._rejoin),
             "tables": lambda req: {"ok": True, "tables": self.tables(req.get("names") or tables.NAMES)},
             "reload": lambda req: self.reload("rwproxy reload"),
             "drain": lambda req: self.drain("rwproxy drain"),
@@ -140,6 +153,17 @@ class ControlPlane:
         """Which instance this is (the CLI checks it reached the one its --config names)."""
         return {"pid": os.getpid(), "config": os.path.realpath(self.config.source), "listen": self.config.proxy.listen}
 
+    def _leader_runs(self, op: str, args: dict, here, timeout: float = 30.0) -> dict:
+        """Run an operator command here, or, when another instance leads the cluster, there."""
+        if self.coord is None or self.coord.leading():
+            return here(args)
+        return self.coord.requests.forward(op, args, timeout)
+
+    def switchover(self, target: str, timeout: float | None = None) -> dict:
+        limit = self.config.failover.switchover_timeout if timeout is None else timeout
+        return self._leader_runs("switchover", {"to": target, "timeout": timeout},
+                                 lambda a: self.failover.switchover(a["to"], a.get("timeout")), limit + 15.0)
+
     def _enable_failover(self, _req) -> dict:
         self.failover.enable_auto_failover()
         return {"ok": True, "message": "automatic failover enabled"}
@@ -156,6 +180,8 @@ class ControlPlane:
                 srv.stop()
         if self.control is not None:
             self.control.close()
+        if self.coord is not None:
+            self.coord.stop()  # the lease revoked: another instance leads at once
         self.failover.stop()
         self.ask.close()
         self.events.detach()
@@ -236,20 +262,19 @@ class ControlPlane:
         """An admin-port command (admin/commands.py): (column names, rows) for a person to read;
         CommandError when refused."""
         if cmd.verb == "switchover":
-            r = self.failover.switchover(self._server_name(cmd.target))
+            r = self.switchover(self._server_name(cmd.target))
             if not r.get("ok"):
                 raise CommandError(r.get("message") or "switchover failed")
             return (["result", "new_primary", "old_primary", "write_pause_ms", "message"],
                     [("ok", r.get("new"), r.get("old"), r.get("write_pause_ms"), r.get("message"))])
-        if cmd.verb == "enable-failover":
-            self.failover.enable_auto_failover()
-            return ["result", "message"], [("ok", "automatic failover enabled")]
+        if cmd.verb in ("enable-failover", "rejoin"):
+            args = {"server": self._server_name(cmd.target)} if cmd.verb == "rejoin" else {}
+            r = self._leader_runs(cmd.verb, args, self._enable_failover if cmd.verb == "enable-failover" else self._rejoin)
+            if not r.get("ok"):
+                raise CommandError(r.get("message") or f"{cmd.verb} failed")
+            return ["result", "message"], [("ok", r.get("message"))]
         if cmd.verb == "server-state":
             return ["result", "message"], [("ok", self.set_server_state(cmd.target, cmd.state))]
-        if cmd.verb == "rejoin":
-            name = self._server_name(cmd.target)
-            self.failover.rejoin(name)
-            return ["result", "message"], [("ok", f"{name}: fencing/rejoin will be retried")]
         if cmd.verb == "reload":
             r = self.reload("RELOAD CONFIG")
             if not r["ok"]:
@@ -273,6 +298,16 @@ class ControlPlane:
         raise CommandError(f"unknown server {name!r}; the servers are: {', '.join(servers)}")
 
     def set_server_state(self, name: str, state: str) -> str:
+        """Here, or on the leader when another instance leads (which then publishes it to all)."""
+        if self.coord is None or self.coord.leading():
+            return self._set_server_state(name, state)
+        self._server_name(name)
+        r = self.coord.requests.forward("server-state", {"server": name, "state": state}, 30.0)
+        if not r.get("ok"):
+            raise CommandError(r.get("message") or "the leader refused")
+        return r.get("message", "") + f" (on every instance; set by the leader {r.get('ran_on')})"
+
+    def _set_server_state(self, name: str, state: str) -> str:
         name = self._server_name(name)
         state = state.lower()
         s = self.monitor.topology.servers[name]
@@ -283,6 +318,8 @@ class ControlPlane:
         if state == "online" and kept:
             raise CommandError(f"{name} is kept out by failover ({kept}); resolve that, then REJOIN SERVER '{name}'")
         self.monitor.set_admin_state(name, "" if state == "online" else state)
+        if self.coord is not None:
+            self.coord.poke()  # the leader publishes it: every instance applies it
         logging.getLogger("rwproxy.admin").warning("server %s set %s by an operator", name, state.upper())
         return {"offline": f"{name} is OFFLINE: no new statements go there; running ones and read-only transactions "
                            "finish",
@@ -401,6 +438,7 @@ class ControlPlane:
             "pinned": summary["pinned"], "topology_version": topo.version, "ready": ready, "ready_reason": why,
             "draining": self.draining, "config_version": self.config_version, "reloads": dict(self.reloads),
             "writes_held": fo["writes_held"], "servers": servers, "failover": fo,
+            "coordination": self.coord.status() if self.coord is not None else None,
         }
 
 
@@ -423,6 +461,12 @@ def format_status(st: dict) -> str:
     for s in st["servers"]:
         if s["last_error"] and s["state"] != UP:
             lines.append(f"{s['name']}: {s['last_error']}")
+    co = st.get("coordination")
+    if co:
+        names = [i["name"] + (" (leader)" if i.get("leader") else "") for i in co.get("instances", [])]
+        lines.append(f"cluster {co['cluster']!r}: this is {co['instance']}" + (", the leader" if co["leading"] else
+                     f"; leader {co['leader'] or 'none'}") + f", epoch {co['epoch']}; instances: "
+                     + (", ".join(names) or "-") + ("" if co["etcd_ok"] else f"; ETCD UNREACHABLE: {co['etcd_error']}"))
     fo = st.get("failover") or {}
     if fo:
         lines.append("failover: " + ", ".join(f"{k}={v}" for k, v in fo.items() if v not in (None, "", {}, [])))

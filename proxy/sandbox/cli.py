@@ -40,6 +40,11 @@ def register(subparsers) -> argparse.ArgumentParser:
                          "(repeatable; kept for later ups; change it only while the sandbox is down)")
     up.add_argument("--proxy-port", type=int, default=None,
                     help=f"listen port written to rwproxy.toml (default {DEFAULTS['proxy_port']})")
+    up.add_argument("--proxies", type=int, default=0, metavar="N",
+                    help="also start N rwproxy instances of one coordinated cluster behind HAProxy on the proxy "
+                         "port (needs --etcd; docs/coordination.md)")
+    up.add_argument("--etcd", type=int, default=0, metavar="M",
+                    help="with --proxies: the size of the etcd cluster started for them (3 recommended)")
     up.add_argument("--mariadbd", default=None, help="path of the mariadbd binary (default: search PATH, /usr/sbin)")
     up.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for each step (default 60)")
     up.set_defaults(func=cmd_up)
@@ -86,10 +91,25 @@ def cmd_up(args) -> int:
             was = f"restarted ({', '.join(cluster.last_started)})"
         else:
             was = "already running, checked"
+        fleet = None
+        if args.proxies:
+            from proxy.sandbox import fleet as fleets
+
+            if args.etcd < 1:
+                raise SandboxError("--proxies needs --etcd M (the etcd members to start; 3 is the usual)")
+            fleet = fleets.up(cluster, args.proxies, args.etcd, timeout=args.timeout)
         print(cluster.status_table())
         print(f"\nsandbox {was} in {time.monotonic() - t0:.1f}s ({cluster.topology}) in {cluster.dir}")
         print(f"proxy config: {cluster.config_path}")
         print(f"admin shell:  mariadb --defaults-file={cluster.primary.cnf}")
+        if fleet:
+            print(f"etcd: {', '.join(fleet['etcd'])}")
+            for p in fleet["proxies"]:
+                print(f"{p['name']}: 127.0.0.1:{p['port']} (pid {p['pid']}, metrics :{p['metrics']}, "
+                      f"config {p['config']})")
+            print(f"HAProxy in front of them: mariadb -h127.0.0.1 -P{fleet['front']} -uapp -papp app   "
+                  f"(which instance leads: rwproxy status -c {fleet['proxies'][0]['config']})")
+            return 0
         admin_port, metrics_port = admin_ports(cluster.proxy_port)
         if admin_port:
             print(f"rwproxy admin port (once rwproxy runs): mariadb -h127.0.0.1 -P{admin_port} -uadmin "
@@ -111,8 +131,10 @@ def cmd_status(args) -> int:
 
 def cmd_down(args) -> int:
     def go(args) -> int:
+        from proxy.sandbox import fleet as fleets
+
         cluster = Cluster(args.dir)
-        stopped = cluster.down()
+        stopped = fleets.down(cluster.dir) + cluster.down()
         print(f"stopped: {', '.join(stopped)}" if stopped else "no node was running")
         return 0
     return _run(go, args)

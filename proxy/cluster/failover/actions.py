@@ -59,6 +59,14 @@ class Actions:
         self.backends = {b.name: b for b in config.backends}
         self.order = {b.name: i for i, b in enumerate(config.backends)}
         self.links = ops.LinkCache(self._connect)
+        # proxy/coord's Coordinator when several instances share the cluster: check(what, link)
+        # before any step that changes a server, record(link) on a promoted one, poke() to publish
+        self.fence = None
+
+    def guard(self, what: str, link: Link | None = None) -> None:
+        """StepError unless this instance may still change the servers (always, without coordination)."""
+        if self.fence is not None:
+            self.fence.check(what, link)
 
     def reconfigure(self, config) -> None:
         """A reload: new settings and backends (cached links to a re-addressed server are dropped
@@ -103,9 +111,13 @@ class Actions:
         """Hold (or release) new writes in every worker: published with the next snapshot, now."""
         self.state.hold(held)
         self.monitor.refresh()
+        if self.fence is not None:
+            self.fence.poke()
 
     def designate(self, name: str, updates: dict | None = None) -> None:
         self.state.designated(self.monitor.designate(name, updates))
+        if self.fence is not None:
+            self.fence.poke()
 
     def learn_semi(self, p: ServerState) -> None:
         """Remember the primary's semi-sync settings so a promoted replica gets the same."""
@@ -143,6 +155,7 @@ class Actions:
     def promote(self, link: Link, best: Facts, semi: dict | None, steps: Steps) -> str:
         """Make `best` writable (no longer a replica); returns its GTID position then: the end of
         the history it shares with the old primary."""
+        self.guard(f"promote {best.name}", link)
         with steps(f"{best.name}: STOP SLAVE; RESET SLAVE ALL; " + ("semi-sync master on; " if semi else "")
                    + "read_only=0"):
             return ops.promote(link, semi)
@@ -172,6 +185,15 @@ class Actions:
                 released = time.monotonic()
         self.state.set_semi({"enabled": best.semi_slave, "timeout": None, "wait_point": "AFTER_SYNC"},
                             only_if_unknown=True)
+        if self.fence is not None:
+            # after the writes are released: with semi-sync this commit waits for a replica's
+            # acknowledgement, which only a repointed replica gives (2 s of timeout before)
+            try:
+                with steps(f"{best.name}: record the leader epoch"):
+                    self.fence.record(link)
+            except StepError as exc:
+                log.warning("%s: could not record the leader epoch on %s (a stale leader is still stopped by "
+                            "etcd): %s", steps.kind, best.name, exc)
         return repointed, released
 
     def _install(self, best: Facts, old: str, end_of_old: str, repointed: list[str], steps: Steps) -> None:
@@ -191,6 +213,7 @@ class Actions:
         retries them."""
         def one(f: Facts) -> str | None:
             try:
+                self.guard(f"repoint {f.name}", links[f.name])
                 with steps(f"{f.name}: replicate from {best.name} (CHANGE MASTER ... MASTER_USE_GTID=slave_pos)"):
                     ops.replicate_from(links[f.name], best.host, best.port, self.cfg.replication_user,
                                        self.cfg.replication_password, semi, heartbeat=self.cfg.replica_heartbeat_period)

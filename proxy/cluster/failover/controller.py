@@ -52,6 +52,8 @@ class Failover:
         self.state = FailoverState(self.cfg.auto_failover)
         self.monitor = Monitor(config, self.observe, **monitor_kwargs)
         self.actions = Actions(config, self.monitor, self.state)
+        # proxy/coord: with [cluster] coordination, only the leader instance acts (None: this one alone)
+        self.coord = None
 
     # ---- public API --------------------------------------------------------------
 
@@ -90,6 +92,10 @@ class Failover:
                 self.state.disable("auto_failover = false in the config")
         self._wake.set()
         return said
+
+    def wake(self) -> None:
+        """Judge the cluster now (e.g. this instance just became the leader)."""
+        self._wake.set()
 
     def enable_auto_failover(self) -> None:
         self.state.enable()
@@ -144,6 +150,8 @@ class Failover:
             topo = self.state.latest
             if self._stop.is_set() or self._mm or not self.state.actionable(topo):
                 continue
+            if self.coord is not None and not self.coord.may_act():
+                continue  # another instance leads (or nobody can): this one only follows
             if not self._action.acquire(blocking=False):
                 continue  # a switchover runs on its caller's thread
             try:
@@ -225,6 +233,12 @@ class Failover:
 
     def _failover(self, topo: Topology, old: ServerState, detail: str) -> None:
         act = self.actions
+        try:
+            act.guard("failover")
+        except StepError as exc:
+            self._once("notleader", logging.ERROR, f"primary {label(old)} is down ({detail}); not failing over: {exc}")
+            return
+        self.state.forget("notleader")
         steps, started = Steps("failover"), time.time()
         log.warning("failover: primary %s is down (%s); promoting a replica", label(old), detail)
         self.state.begin("failover")

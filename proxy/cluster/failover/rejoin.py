@@ -113,6 +113,7 @@ def rejoin(act, s: ServerState, p: ServerState, demoted: dict, src: str | None) 
     t = time.monotonic()
     cfg, state = act.cfg, act.state
     with act.link(s) as link:
+        act.guard(f"fence {s.name}", link)
         f = act.read_facts(link, s)
         if not f.read_only:
             link.q("SET GLOBAL read_only = 1")

@@ -167,6 +167,21 @@ class FailoverState:
     def connect_retry(self) -> int | None:
         return self._connect_retry
 
+    # ---- several instances (proxy/coord) ----------------------------------------------------
+    def mirror(self, shared: dict) -> None:
+        """Take the leader's published decisions (coord/shared.py) as this instance's own: what
+        status shows on a follower, and where a new leader carries on from."""
+        with self._lock:
+            self._demoted = dict(shared.get("demoted") or {})
+            self._kept_out = dict(shared.get("kept_out") or {})
+            self._auto = bool(shared.get("auto_failover", self._auto))
+            self._disabled_reason = shared.get("disabled_reason") or ""
+            self._cooldown_until = shared.get("cooldown_until") or 0.0
+            self._in_progress = shared.get("in_progress")
+            for kind in ("failover", "switchover"):
+                if shared.get(f"last_{kind}"):
+                    self._last[kind] = shared[f"last_{kind}"]
+
     # ---- status ------------------------------------------------------------------------------
     def snapshot(self) -> dict:
         with self._lock:

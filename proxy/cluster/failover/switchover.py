@@ -86,6 +86,7 @@ def run(act, topo, target: str, deadline: float, res: dict) -> dict:
         with steps(f"{old.name}: wait until no application session is writing") as note:
             time.sleep(SETTLE)
             note["text"] = _wait_quiet(old_link, skip, deadline)
+        act.guard("switchover", old_link)
         with steps(f"{old.name}: SET GLOBAL read_only=1"):
             act.monitor.pause_heartbeat(old.name)
             old_link.q("SET GLOBAL read_only = 1")

@@ -1,0 +1,218 @@
+"""A small etcd v3 client over its JSON gateway (HTTP), on urllib3.
+
+etcd (3.4 in Debian 12, 3.5 elsewhere) serves the v3 API as JSON on its client port: keys and
+values are base64, 64-bit numbers are strings, and fields at their zero value are left out
+(a PUT event has no "type", a failed transaction no "succeeded"). The `etcd3` package is
+unmaintained and breaks on current protobuf; `etcd3gw` pulls in futurist and pbr for what is a
+dozen POSTs here. urllib3 is already a dependency (boto3's) and is thread-safe with a bounded
+pool. Every call has a timeout; an endpoint that does not answer is skipped for the next.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import threading
+from dataclasses import dataclass
+
+import urllib3
+
+log = logging.getLogger("rwproxy.coord")
+
+
+class EtcdError(Exception):
+    """etcd could not be reached or refused the request; the message says which endpoint and why."""
+
+
+def b64(data: str | bytes) -> str:
+    return base64.b64encode(data.encode() if isinstance(data, str) else data).decode()
+
+
+def unb64(text: str | None) -> bytes:
+    return base64.b64decode(text) if text else b""
+
+
+def prefix_end(prefix: str) -> str:
+    """The range_end that selects every key starting with `prefix` (the prefix, last byte + 1)."""
+    raw = prefix.encode()
+    return b64(raw[:-1] + bytes([raw[-1] + 1]))
+
+
+@dataclass(frozen=True)
+class KV:
+    key: str
+    value: bytes
+    create_revision: int
+    mod_revision: int
+    lease: int
+
+    @classmethod
+    def of(cls, d: dict) -> "KV":
+        return cls(unb64(d.get("key")).decode("utf-8", "replace"), unb64(d.get("value")),
+                   int(d.get("create_revision", 0)), int(d.get("mod_revision", 0)), int(d.get("lease", 0)))
+
+    def json(self):
+        try:
+            return json.loads(self.value)
+        except ValueError:
+            return None
+
+
+@dataclass(frozen=True)
+class Event:
+    kind: str  # "PUT" or "DELETE"
+    kv: KV
+
+
+class Etcd:
+    """Requests to the first endpoint that answers (the last one that did is tried first)."""
+
+    def __init__(self, endpoints: list[str], timeout: float = 1.0):
+        if not endpoints:
+            raise ValueError("no etcd endpoints")
+        self.endpoints = [e.rstrip("/") for e in endpoints]
+        self.timeout = timeout
+        self._http = urllib3.PoolManager(maxsize=4, retries=False)
+        self._good = 0
+        self._lock = threading.Lock()
+
+    def close(self) -> None:
+        self._http.clear()
+
+    # ---- the transport -----------------------------------------------------------------
+    def _order(self) -> list[str]:
+        with self._lock:
+            g = self._good
+        return self.endpoints[g:] + self.endpoints[:g]
+
+    def call(self, path: str, body: dict, timeout: float | None = None) -> dict:
+        """POST to /v3/<path>; the decoded answer. EtcdError when no endpoint answered well."""
+        errors = []
+        data = json.dumps(body).encode()
+        t = self.timeout if timeout is None else timeout
+        for ep in self._order():
+            try:
+                r = self._http.request("POST", f"{ep}/v3/{path}", body=data,
+                                       headers={"Content-Type": "application/json"},
+                                       timeout=urllib3.Timeout(connect=min(t, 1.0), read=t))
+            except urllib3.exceptions.HTTPError as e:
+                errors.append(f"{ep}: {type(e).__name__}")
+                continue
+            try:
+                doc = json.loads(r.data or b"{}")
+            except ValueError:
+                errors.append(f"{ep}: HTTP {r.status}, not JSON")
+                continue
+            if r.status != 200 or "error" in doc:
+                msg = doc.get("error") or doc.get("message") or f"HTTP {r.status}"
+                errors.append(f"{ep}: {msg}")
+                continue  # e.g. "etcdserver: request timed out" from a member without quorum
+            with self._lock:
+                self._good = self.endpoints.index(ep)
+            return doc
+        raise EtcdError("etcd did not answer: " + "; ".join(errors))
+
+    # ---- key-value -----------------------------------------------------------------------
+    def get(self, key: str, *, prefix: bool = False, serializable: bool = False) -> tuple[list[KV], int]:
+        """(the keys, the store's revision)."""
+        body = {"key": b64(key), "serializable": serializable}
+        if prefix:
+            body["range_end"] = prefix_end(key)
+        doc = self.call("kv/range", body)
+        return [KV.of(k) for k in doc.get("kvs", [])], int(doc.get("header", {}).get("revision", 0))
+
+    def put(self, key: str, value: str | bytes, lease: int = 0) -> int:
+        doc = self.call("kv/put", {"key": b64(key), "value": b64(value), "lease": str(lease)})
+        return int(doc.get("header", {}).get("revision", 0))
+
+    def delete(self, key: str) -> None:
+        self.call("kv/deleterange", {"key": b64(key)})
+
+    def txn(self, compare: list[dict], success: list[dict], failure: list[dict] | None = None) -> tuple[bool, dict]:
+        """(succeeded, the whole answer)."""
+        doc = self.call("kv/txn", {"compare": compare, "success": success, "failure": failure or []})
+        return bool(doc.get("succeeded")), doc
+
+    # the pieces of a transaction
+    @staticmethod
+    def created(key: str, revision: int) -> dict:
+        """Compare: `key` was created at `revision` (0: it does not exist)."""
+        return {"key": b64(key), "target": "CREATE", "result": "EQUAL", "create_revision": str(revision)}
+
+    @staticmethod
+    def put_op(key: str, value: str | bytes, lease: int = 0) -> dict:
+        return {"request_put": {"key": b64(key), "value": b64(value), "lease": str(lease)}}
+
+    @staticmethod
+    def get_op(key: str) -> dict:
+        return {"request_range": {"key": b64(key)}}
+
+    @staticmethod
+    def delete_op(key: str) -> dict:
+        return {"request_delete_range": {"key": b64(key)}}
+
+    # ---- leases ----------------------------------------------------------------------------
+    def grant(self, ttl: int) -> int:
+        doc = self.call("lease/grant", {"TTL": str(ttl)})
+        return int(doc["ID"])
+
+    def keepalive(self, lease: int) -> int:
+        """Renew; the TTL left (0: the lease is gone)."""
+        doc = self.call("lease/keepalive", {"ID": str(lease)})
+        return int(doc.get("result", doc).get("TTL", 0))
+
+    def revoke(self, lease: int) -> None:
+        self.call("lease/revoke", {"ID": str(lease)})
+
+    # ---- watching ----------------------------------------------------------------------------
+    def watch(self, prefix: str, start_revision: int, stop: threading.Event, idle: float):
+        """Yield lists of Events under `prefix` from `start_revision` until `stop` is set, nothing
+        arrives for `idle` seconds (the caller watches again: a member cut off from the others
+        must not keep us waiting forever), or the stream breaks (EtcdError)."""
+        body = json.dumps({"create_request": {"key": b64(prefix), "range_end": prefix_end(prefix),
+                                              "start_revision": str(start_revision)}}).encode()
+        last = None
+        for ep in self._order():
+            try:
+                r = self._http.request("POST", f"{ep}/v3/watch", body=body, preload_content=False,
+                                       headers={"Content-Type": "application/json"},
+                                       timeout=urllib3.Timeout(connect=min(self.timeout, 1.0), read=idle))
+            except urllib3.exceptions.HTTPError as e:
+                last = f"{ep}: {type(e).__name__}"
+                continue
+            try:
+                yield from self._events(r, stop)
+                return
+            finally:
+                r.release_conn()
+        raise EtcdError(f"cannot watch: {last}")
+
+    @staticmethod
+    def _events(r, stop: threading.Event):
+        dec = json.JSONDecoder()
+        buf = ""
+        try:
+            for chunk in r.stream(4096, decode_content=False):
+                if stop.is_set():
+                    return
+                buf += chunk.decode("utf-8", "replace")
+                while True:
+                    buf = buf.lstrip()
+                    if not buf:
+                        break
+                    try:
+                        doc, end = dec.raw_decode(buf)
+                    except ValueError:
+                        break  # the rest of the object is still on its way
+                    buf = buf[end:]
+                    res = doc.get("result") or {}
+                    if "error" in doc or res.get("canceled"):
+                        raise EtcdError(f"watch ended: {doc.get('error') or res.get('cancel_reason') or 'canceled'}")
+                    evs = [Event(e.get("type", "PUT"), KV.of(e.get("kv", {}))) for e in res.get("events", [])]
+                    if evs:
+                        yield evs
+        except (urllib3.exceptions.HTTPError, OSError) as e:
+            if isinstance(e, urllib3.exceptions.ReadTimeoutError) or "timed out" in str(e):
+                return  # idle: watch again
+            raise EtcdError(f"watch broke: {type(e).__name__}") from None

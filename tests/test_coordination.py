@@ -1,0 +1,272 @@
+"""Several rwproxy instances, one cluster, coordinated through a real 3-member etcd on loopback
+(issue 24): exactly one instance fails over, every instance follows its decision, a paused
+leader cannot act when it wakes, and without an etcd quorum nobody promotes."""
+
+from __future__ import annotations
+
+import json
+import re
+import signal
+import subprocess
+import sys
+import time
+import uuid
+
+import pymysql
+import pytest
+
+from helpers import start_proxy, wait_until
+from proxy.runtime.launcher import free_port
+from proxy.sandbox.etcd import EtcdCluster
+from proxy.sandbox.fleet import coordination_section, haproxy_binary, haproxy_config
+from proxy.testing.loadgen import Load, insert_numbered
+
+FAILOVER = {"replication_user": "repl", "replication_password": "repl"}
+TTL = 3  # s: short, so a paused leader is replaced within the test's patience
+
+
+@pytest.fixture(scope="module")
+def etcd(tmp_path_factory):
+    c = EtcdCluster.create(tmp_path_factory.mktemp("etcd"), 3, base_port=25379)
+    c.start()
+    try:
+        yield c
+    finally:
+        c.stop()
+
+
+@pytest.fixture
+def semisync(cluster_factory):
+    cl = cluster_factory(replicas=2, semi_sync=True)
+    with cl.primary.connect(database="app") as c, c.cursor() as cur:
+        cur.execute("CREATE TABLE acked (w INT, seq INT, PRIMARY KEY (w, seq))")
+    cl.wait_replicas_caught_up(30)
+    return cl
+
+
+class Fleet:
+    """Three rwproxy instances of one coordinated cluster and HAProxy in front of them."""
+
+    def __init__(self, cl, etcd, tmp_path, n=3):
+        self.cl, self.name = cl, "t" + uuid.uuid4().hex[:8]  # a key prefix of its own per test
+        self.proxies = []
+        self.hp = None
+        try:
+            taken: set[int] = set()
+
+            def port() -> int:
+                while (p := free_port()) in taken:
+                    pass
+                taken.add(p)
+                return p
+
+            for i in range(1, n + 1):
+                mport = port()
+                self.proxies.append(start_proxy(
+                    cl, tmp_path / f"p{i}", proxy={"workers": 1, "listen": f"127.0.0.1:{port()}"}, failover=FAILOVER,
+                    metrics={"listen": f"127.0.0.1:{mport}"},
+                    cluster=coordination_section(etcd.endpoints, f"p{i}", name=self.name, lease_ttl=TTL)))
+                self.proxies[-1].metrics_port = mport
+            self.front = port()
+            cfg = tmp_path / "haproxy.cfg"
+            cfg.write_text(haproxy_config(self.front, [(f"p{i + 1}", p.port, p.metrics_port)
+                                                       for i, p in enumerate(self.proxies)]))
+            self.hp_log = open(tmp_path / "haproxy.log", "wb")
+            self.hp = subprocess.Popen([haproxy_binary(), "-db", "-f", str(cfg)], stdout=self.hp_log,
+                                       stderr=subprocess.STDOUT, start_new_session=True)
+        except BaseException:
+            self.stop()
+            raise
+
+    def stop(self):
+        for p in self.proxies:
+            p.process.proc.send_signal(signal.SIGCONT) if p.process.proc.poll() is None else None
+            p.process.stop()
+        if self.hp is not None:
+            self.hp.terminate()
+            try:
+                self.hp.wait(10)
+            except subprocess.TimeoutExpired:
+                self.hp.kill()
+                self.hp.wait(5)
+
+    def status(self, p) -> dict:
+        r = subprocess.run([sys.executable, "-m", "proxy", "status", "--json", "--config", p.process.config_path],
+                           capture_output=True, text=True, timeout=20)
+        assert r.returncode == 0, r.stderr
+        return json.loads(r.stdout)
+
+    def primary_of(self, p) -> str | None:
+        roles = [s["name"] for s in self.status(p)["servers"] if s["role"] == "primary" and s["state"] == "up"]
+        return roles[0] if len(roles) == 1 else None
+
+    def leader(self) -> str | None:
+        """The instance every live instance names as leader, once they agree."""
+        names = {self.status(p)["coordination"]["leader"] for p in self.proxies if p.process.proc.poll() is None}
+        return names.pop() if len(names) == 1 and None not in names else None
+
+    def by_name(self, name):
+        return self.proxies[int(name[1:]) - 1]
+
+    def all_route_writes_to(self, node) -> bool:
+        for p in self.proxies:
+            with p.connect(autocommit=False, connect_timeout=5, read_timeout=10) as c, c.cursor() as cur:
+                cur.execute("INSERT INTO acked (w, seq) VALUES (%s, %s)", (1000 + int(time.time() * 1000) % 100000,
+                                                                           p.port))
+                cur.execute("SELECT @@port")  # in the write's transaction: the primary answers
+                port = cur.fetchone()[0]
+                c.commit()
+            if port != node.port:
+                return False
+        return True
+
+    def logs(self) -> list[str]:
+        return [open(p.process.log_path, errors="replace").read() for p in self.proxies]
+
+    def front_connect(self):
+        return pymysql.connect(host="127.0.0.1", port=self.front, user="app", password="app", database="app",
+                               autocommit=True, connect_timeout=5, read_timeout=30)
+
+
+def promotions(logs: list[str]) -> int:
+    return sum(len(re.findall(r"failover done in \d+ ms", text)) for text in logs)
+
+
+def _rows(node) -> set:
+    with node.connect(database="app") as c, c.cursor() as cur:
+        cur.execute("SELECT w, seq FROM acked WHERE w < 1000")
+        return set(cur.fetchall())
+
+
+def test_primary_kill_through_haproxy_one_promotion_all_follow(semisync, etcd, tmp_path):
+    cl = semisync
+    f = Fleet(cl, etcd, tmp_path)
+    try:
+        assert wait_until(lambda: f.leader() is not None, 20), [f.status(p)["coordination"] for p in f.proxies]
+        assert wait_until(lambda: all(f.primary_of(p) == "node1" for p in f.proxies), 20)
+        with Load(f.front_connect, insert_numbered, clients=8, pause=0.005, max_seconds=90) as w:
+            assert wait_until(lambda: w.count_since(0) > 50, 20), w.errors[-3:]
+            cl.primary.kill(signal.SIGKILL)
+            killed = time.monotonic()
+            assert wait_until(lambda: all(f.primary_of(p) in ("node2", "node3") for p in f.proxies), 20), \
+                [f.status(p)["failover"] for p in f.proxies]
+            assert wait_until(lambda: w.first_ok_after(killed + 0.05) is not None, 15)
+            time.sleep(1.0)
+        new = cl.node(f.primary_of(f.proxies[0]))
+        assert {f.primary_of(p) for p in f.proxies} == {new.name}
+        assert wait_until(lambda: f.all_route_writes_to(new), 10)
+        logs = f.logs()
+        assert promotions(logs) == 1, [re.findall(r".*failover.*", t)[-5:] for t in logs]
+        leader = f.leader()
+        assert "failover done" in logs[int(leader[1:]) - 1]
+        # the promoted primary records the epoch of the leader that promoted it
+        with new.connect() as c, c.cursor() as cur:
+            cur.execute("SELECT epoch, leader FROM rwproxy.leader_epoch WHERE cluster = %s", (f.name,))
+            epoch, who = cur.fetchone()
+        assert who == leader and epoch == f.status(f.by_name(leader))["coordination"]["epoch"]
+        acked = {v for _, v in w.ok}
+        cl.wait_replicas_caught_up(30, only=[n for n in cl.replicas if n is not new])
+        for node in cl.replicas:
+            missing = acked - _rows(node)
+            assert not missing, f"{node.name} lacks acknowledged rows {sorted(missing)[:5]}"
+        assert len(w.errors) <= 8 * 3, w.errors[:5]  # only statements in flight at the kill
+    finally:
+        f.stop()
+
+
+def test_paused_leader_is_replaced_and_does_nothing_when_it_wakes(semisync, etcd, tmp_path):
+    cl = semisync
+    f = Fleet(cl, etcd, tmp_path)
+    try:
+        assert wait_until(lambda: f.leader() is not None, 20)
+        assert wait_until(lambda: all(f.primary_of(p) == "node1" for p in f.proxies), 20)
+        old = f.by_name(f.leader())
+        others = [p for p in f.proxies if p is not old]
+        old.process.proc.send_signal(signal.SIGSTOP)
+        paused_at = time.monotonic()
+        try:
+            cl.primary.kill(signal.SIGKILL)
+            assert wait_until(lambda: all(f.primary_of(p) in ("node2", "node3") for p in others), 30)
+            new_leader = {f.status(p)["coordination"]["leader"] for p in others}
+            assert len(new_leader) == 1 and old.process.proc.pid and new_leader != {f"p{f.proxies.index(old) + 1}"}
+            time.sleep(max(0.0, TTL + 1 - (time.monotonic() - paused_at)))
+        finally:
+            old.process.proc.send_signal(signal.SIGCONT)
+        mark = len(open(old.process.log_path, errors="replace").read())
+        new = cl.node(f.primary_of(others[0]))
+        assert wait_until(lambda: f.primary_of(old) == new.name, 15), f.status(old)["coordination"]
+        assert wait_until(lambda: f.all_route_writes_to(new), 10)
+        time.sleep(2)
+        after = open(old.process.log_path, errors="replace").read()[mark:]
+        assert "failover: primary" not in after and "promote" not in after.lower().replace("promoted", ""), after
+        assert promotions(f.logs()) == 1
+        assert not f.status(old)["coordination"]["leading"]
+    finally:
+        f.stop()
+
+
+def test_no_etcd_quorum_no_promotion_then_exactly_one(semisync, etcd, tmp_path):
+    cl = semisync
+    f = Fleet(cl, etcd, tmp_path)
+    down = etcd.members[1:]
+    try:
+        assert wait_until(lambda: f.leader() is not None, 20)
+        assert wait_until(lambda: all(f.primary_of(p) == "node1" for p in f.proxies), 20)
+        for m in down:
+            etcd.stop_member(m)
+        assert wait_until(lambda: all(not f.status(p)["coordination"]["etcd_ok"] for p in f.proxies), 15)
+        # routing goes on: a replica's death still moves the reads
+        victim = cl.node("node3")
+        victim.kill(signal.SIGKILL)
+        assert wait_until(lambda: all(not {s["name"]: s for s in f.status(p)["servers"]}["node3"]["readable"]
+                                      for p in f.proxies), 15)
+        for p in f.proxies:
+            with p.connect(autocommit=True, connect_timeout=5, read_timeout=10) as c, c.cursor() as cur:
+                for _ in range(5):
+                    cur.execute("SELECT @@port")
+                    assert cur.fetchone()[0] != victim.port
+        victim.start()
+        # a primary kill promotes nobody while etcd has no quorum
+        cl.primary.kill(signal.SIGKILL)
+        time.sleep(8)
+        assert promotions(f.logs()) == 0
+        assert all(f.primary_of(p) is None or f.primary_of(p) == "node1" for p in f.proxies)
+        for m in down:
+            etcd.restart_member(m)
+        etcd.wait_healthy(30)
+        assert wait_until(lambda: all(f.primary_of(p) in ("node2", "node3") for p in f.proxies), 30), \
+            [f.status(p)["coordination"] for p in f.proxies]
+        time.sleep(2)
+        assert promotions(f.logs()) == 1
+    finally:
+        for m in down:
+            etcd.restart_member(m)
+        etcd.wait_healthy(30)
+        f.stop()
+
+
+def test_switchover_asked_of_a_follower_runs_once_on_the_leader(semisync, etcd, tmp_path):
+    cl = semisync
+    f = Fleet(cl, etcd, tmp_path)
+    try:
+        assert wait_until(lambda: f.leader() is not None, 20)
+        assert wait_until(lambda: all(f.primary_of(p) == "node1" for p in f.proxies), 20)
+        leader = f.leader()
+        follower = next(p for i, p in enumerate(f.proxies) if f"p{i + 1}" != leader)
+        r = subprocess.run([sys.executable, "-m", "proxy", "switchover", "--to", "node2", "--config",
+                            follower.process.config_path], capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert leader in r.stdout, r.stdout
+        assert wait_until(lambda: all(f.primary_of(p) == "node2" for p in f.proxies), 10)
+        assert wait_until(lambda: f.all_route_writes_to(cl.node("node2")), 10)
+        logs = f.logs()
+        assert sum(t.count("switchover done in") for t in logs) == 1
+        assert "switchover done in" in logs[int(leader[1:]) - 1]
+        # an operator's OFFLINE on a follower reaches every instance
+        r = subprocess.run([sys.executable, "-m", "proxy", "server", "node3", "offline", "--config",
+                            follower.process.config_path], capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert wait_until(lambda: all({s["name"]: s for s in f.status(p)["servers"]}["node3"]["admin_state"]
+                                      == "offline" for p in f.proxies), 10)
+    finally:
+        f.stop()

@@ -56,7 +56,7 @@ python_env() {
     if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ setup.py -nt "$stamp" ] || [ -n "$(find proxy -name '*.c' -newer "$stamp")" ]; then
         say "installing rwproxy and its Python dependencies into $VENV"
         "$VENV/bin/python" -m pip install -q --upgrade pip >/dev/null
-        "$VENV/bin/python" -m pip install -q -e ".[test,fast]"
+        "$VENV/bin/python" -m pip install -q -e ".[test,fast,bench]"
         touch "$stamp"
     fi
 }

@@ -75,19 +75,20 @@ def _ts(line: str) -> float | None:
 
 
 class Fleet:
-    def __init__(self, cl, tmp: Path, n: int, etcd: EtcdCluster | None):
+    def __init__(self, cl, tmp: Path, n: int, etcd: EtcdCluster | None, workers: int = 1):
         self.procs, self.cfgs, self.logs = [], [], []
         servers = []
+        name = f"b{int(time.time() * 1000)}"  # one name for the whole fleet: a key prefix of its own
         ports = distinct_ports(2 * n + 1)
         for i in range(1, n + 1):
             port, mport = ports[2 * i - 2: 2 * i]
-            data = {"proxy": {"listen": f"127.0.0.1:{port}", "workers": 1},
+            data = {"proxy": {"listen": f"127.0.0.1:{port}", "workers": workers},
                     "backends": [{"name": x.name, "host": "127.0.0.1", "port": x.port} for x in cl.nodes],
                     "users": [{"name": "app", "password": "app"}], "monitor": {"user": "rwproxy", "password": "rwproxy"},
                     "failover": {"replication_user": "repl", "replication_password": "repl"},
                     "metrics": {"listen": f"127.0.0.1:{mport}"}}
             if etcd is not None:
-                data["cluster"] = coordination_section(etcd.endpoints, f"p{i}", name=f"b{int(time.time())}")
+                data["cluster"] = coordination_section(etcd.endpoints, f"p{i}", name=name)
             cfg = str(tmp / f"p{i}.toml")
             write_config(build_config(data, source=cfg), cfg)
             self.cfgs.append(cfg)
@@ -150,21 +151,28 @@ def failover_round(n: int, tmp: Path, etcd: EtcdCluster | None) -> dict:
 
 
 def throughput(tmp: Path, etcd: EtcdCluster, rounds: int, threads: int, seconds: float) -> list[dict]:
+    """sysbench straight to the primary, and through HAProxy to: one instance with one worker,
+    three coordinated instances with one worker each, and one instance with three workers (the
+    same worker processes as the three instances, one control plane: what coordination costs)."""
     out = []
     with running_cluster(tmp / "tp-sandbox", replicas=2, port_start=28306) as cl:
+        with cl.primary.connect() as c, c.cursor() as cur:
+            cur.execute(f"CREATE DATABASE IF NOT EXISTS {SB_DB}")
+            cur.execute(f"GRANT ALL ON {SB_DB}.* TO 'app'@'%'")
         sysbench("oltp_point_select", "127.0.0.1", cl.primary.port, 4, 0, 4, 10000, action="prepare")
         cl.wait_replicas_caught_up(60)
         fleets = {}
         try:
-            for n in (1, 3):
-                d = tmp / f"tp{n}"
+            for key, n, workers in (("one", 1, 1), ("three", 3, 1), ("one_3w", 1, 3)):
+                d = tmp / f"tp-{key}"
                 d.mkdir()
-                fleets[n] = Fleet(cl, d, n, etcd if n == 3 else None)
-            for c in fleets[3].cfgs:
+                fleets[key] = Fleet(cl, d, n, etcd if n == 3 else None, workers=workers)
+            for c in fleets["three"].cfgs:
                 _wait(lambda: _primary(c) == "node1", 30)
             for r in range(rounds):
                 row = {"round": r + 1}
-                for name, port in (("direct", cl.primary.port), ("one", fleets[1].front), ("three", fleets[3].front)):
+                order = [("direct", cl.primary.port)] + [(k, fleets[k].front) for k in ("one", "three", "one_3w")]
+                for name, port in order[r % len(order):] + order[:r % len(order)]:
                     say(f"throughput round {r + 1}: {name}")
                     row[name] = sysbench("oltp_point_select", "127.0.0.1", port, threads, seconds, 4, 10000)["qps"]
                 out.append(row)
@@ -179,19 +187,24 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=32)
     ap.add_argument("--time", type=float, default=15)
+    ap.add_argument("--only", choices=("failover", "throughput"), default=None,
+                    help="run one part; the other is kept from the last results file")
     args = ap.parse_args(argv)
+    last = Path(__file__).parent / "results" / "coordination-latest.json"
+    kept = json.loads(last.read_text()) if args.only and last.exists() else {}
     tmp = Path(tempfile.mkdtemp(prefix="rwproxy-bench-coord-"))
     etcd = EtcdCluster.create(tmp / "etcd", 3, base_port=29379).start()
     try:
-        fo = []
-        for r in range(args.rounds):
+        fo = kept.get("failover", []) if args.only == "throughput" else []
+        for r in range(args.rounds if args.only != "throughput" else 0):
             for n in (1, 3) if r % 2 == 0 else (3, 1):
                 say(f"failover round {r + 1}: {n} instance(s)")
                 d = tmp / f"fo-{r}-{n}"
                 d.mkdir()
                 fo.append({"round": r + 1, **failover_round(n, d, etcd if n == 3 else None)})
                 say(str(fo[-1]))
-        tp = throughput(tmp, etcd, args.rounds, args.threads, args.time)
+        tp = kept.get("throughput", []) if args.only == "failover" else \
+            throughput(tmp, etcd, args.rounds, args.threads, args.time)
     finally:
         etcd.stop()
     result = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -223,36 +236,55 @@ def markdown(r: dict) -> str:
     lines += ["", f"Median kill -> first acknowledged write: **{_med(one)} ms with one instance, {_med(three)} ms with "
                   f"three** (difference {round(_med(three) - _med(one), 1) if one and three else '-'} ms); the leader's "
                   f"decision reached the last instance in a median {_med(spread)} ms.", "",
-              f"Throughput, oltp_point_select, {r['threads']} threads, {r['seconds']:g} s per run, one HAProxy "
-              "(1 thread per instance's worker count, TCP) in front:", "",
-              "| round | direct QPS | 1 instance | 3 instances | 1 / direct | 3 / direct | 3 / 1 |",
-              "|---|---:|---:|---:|---:|---:|---:|"]
+              f"Throughput, oltp_point_select, {r['threads']} threads, {r['seconds']:g} s per run, the same HAProxy "
+              "(TCP, default threads) in front of each setup, rounds rotating the order; rwproxy in its default "
+              "split configuration:", "",
+              "| round | direct QPS | 1 instance (1 worker) | 3 instances (1 worker each) | 1 instance, 3 workers "
+              "| 1 / direct | 3 / direct | 3 instances / 1 | 3 instances / 1 instance with 3 workers |",
+              "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for x in tp:
-        lines.append(f"| {x['round']} | {x['direct']:.0f} | {x['one']:.0f} | {x['three']:.0f} | "
-                     f"{x['one'] / x['direct']:.2f} | {x['three'] / x['direct']:.2f} | {x['three'] / x['one']:.2f} |")
+        w3, three = x.get("one_3w"), x["three"]
+        w3_qps = f"{w3:.0f}" if w3 else "-"
+        w3_ratio = f"{three / w3:.2f}" if w3 else "-"
+        lines.append(f"| {x['round']} | {x['direct']:.0f} | {x['one']:.0f} | {three:.0f} | {w3_qps} | "
+                     f"{x['one'] / x['direct']:.2f} | {three / x['direct']:.2f} | {three / x['one']:.2f} | {w3_ratio} |")
     if tp:
-        lines += ["", f"Median 3 instances / 1 instance: **{_med([x['three'] / x['one'] for x in tp])}x**."]
+        lines += ["", f"Medians: 3 instances / 1 instance **{_med([x['three'] / x['one'] for x in tp])}x**"
+                      + (f"; 3 instances / 1 instance with 3 workers **{_med([x['three'] / x['one_3w'] for x in tp if x.get('one_3w')])}x**"
+                         if any(x.get("one_3w") for x in tp) else "") + "."]
     return "\n".join(lines) + "\n"
 
 
 def plot(r: dict) -> None:
+    """coordination-latest.png: failover time per round (1 vs 3 instances) and throughput per setup."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
+        say("matplotlib is not installed (pip install -e '.[bench]'): no plot")
         return
-    fig, ax = plt.subplots(figsize=(6, 3.2))
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.6))
     for n, color in ((1, "tab:blue"), (3, "tab:orange")):
-        xs = [x["round"] for x in r["failover"] if x["instances"] == n]
-        ys = [x["first_ack_after_ms"] for x in r["failover"] if x["instances"] == n]
-        ax.plot(xs, ys, "o-", color=color, label=f"{n} instance{'s' if n > 1 else ''}")
-    ax.set_xlabel("round")
-    ax.set_ylabel("SIGKILL -> first acknowledged write, ms")
-    ax.set_ylim(bottom=0)
-    ax.legend()
-    ax.set_title("Failover through HAProxy: one rwproxy vs three on etcd")
+        pts = [(x["round"], x["first_ack_after_ms"]) for x in r["failover"] if x["instances"] == n]
+        a.plot([p[0] for p in pts], [p[1] for p in pts], "o-", color=color,
+               label=f"{n} instance{'s' if n > 1 else ''}")
+    a.set_xlabel("round")
+    a.set_ylabel("ms")
+    a.set_ylim(bottom=0)
+    a.set_title("primary SIGKILL -> first acknowledged write")
+    a.legend()
+    keys = [("direct", "direct"), ("one", "1 instance"), ("three", "3 instances"), ("one_3w", "1 instance,\n3 workers")]
+    keys = [(k, label) for k, label in keys if all(k in x for x in r["throughput"])]
+    for i, x in enumerate(r["throughput"]):
+        w = 0.8 / max(1, len(r["throughput"]))
+        b.bar([j + i * w for j in range(len(keys))], [x[k] for k, _ in keys], width=w, label=f"round {x['round']}")
+    b.set_xticks([j + 0.4 - 0.4 / max(1, len(r["throughput"])) for j in range(len(keys))])
+    b.set_xticklabels([label for _, label in keys])
+    b.set_ylabel("QPS")
+    b.set_title(f"oltp_point_select, {r['threads']} threads, through HAProxy")
+    b.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(Path(__file__).parent / "results" / "coordination-latest.png", dpi=100)
 

@@ -410,6 +410,9 @@ def main(argv=None) -> int:
         "summary": summary, "big_result": big, "idle_memory": idle, "idle_cpu_ms_per_s": background, "runs": runs,
     }
     save(args.tag, result, markdown(result))
+    from .plots import throughput_plot
+
+    throughput_plot(Path(__file__).parent / "results" / f"{args.tag}-latest.json")
     return 0
 
 

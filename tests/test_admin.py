@@ -445,5 +445,6 @@ def test_status_json_covers_every_table(admin_proxy):
     assert out.returncode == 0, out.stderr
     st = json.loads(out.stdout)
     assert set(st["tables"]) == {"servers", "digests", "pools", "sessions", "rules", "users", "config", "events",
-                                 "status"}
+                                 "status", "instances"}
+    assert st["tables"]["instances"] == []  # no [cluster] coordination here
     assert [s["name"] for s in st["tables"]["servers"]] == ["node1", "node2", "node3"]

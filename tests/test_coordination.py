@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 import uuid
 
 import pymysql
@@ -104,6 +105,13 @@ class Fleet:
         """The instance every live instance names as leader, once they agree."""
         names = {self.status(p)["coordination"]["leader"] for p in self.proxies if p.process.proc.poll() is None}
         return names.pop() if len(names) == 1 and None not in names else None
+
+    def metric(self, p, name: str) -> float | None:
+        with urllib.request.urlopen(f"http://127.0.0.1:{p.metrics_port}/metrics", timeout=5) as r:
+            for line in r.read().decode().splitlines():
+                if line.startswith(name + " "):
+                    return float(line.split()[1])
+        return None
 
     def by_name(self, name):
         return self.proxies[int(name[1:]) - 1]
@@ -212,9 +220,13 @@ def test_no_etcd_quorum_no_promotion_then_exactly_one(semisync, etcd, tmp_path):
     try:
         assert wait_until(lambda: f.leader() is not None, 20)
         assert wait_until(lambda: all(f.primary_of(p) == "node1" for p in f.proxies), 20)
+        assert [f.metric(p, "rwproxy_coordination_etcd_up") for p in f.proxies] == [1.0] * 3
+        assert sorted(f.metric(p, "rwproxy_coordination_leader") for p in f.proxies) == [0.0, 0.0, 1.0]
         for m in down:
             etcd.stop_member(m)
         assert wait_until(lambda: all(not f.status(p)["coordination"]["etcd_ok"] for p in f.proxies), 15)
+        assert wait_until(lambda: [f.metric(p, "rwproxy_coordination_etcd_up") for p in f.proxies] == [0.0] * 3, 10)
+        assert wait_until(lambda: [f.metric(p, "rwproxy_coordination_leader") for p in f.proxies] == [0.0] * 3, 15)
         # routing goes on: a replica's death still moves the reads
         victim = cl.node("node3")
         victim.kill(signal.SIGKILL)
@@ -253,6 +265,10 @@ def test_switchover_asked_of_a_follower_runs_once_on_the_leader(semisync, etcd, 
         assert wait_until(lambda: all(f.primary_of(p) == "node1" for p in f.proxies), 20)
         leader = f.leader()
         follower = next(p for i, p in enumerate(f.proxies) if f"p{i + 1}" != leader)
+        # every instance and which one leads, seen from a follower
+        inst = f.status(follower)["coordination"]["instances"]
+        assert [i["name"] for i in inst] == ["p1", "p2", "p3"]
+        assert [i["name"] for i in inst if i["leader"]] == [leader]
         r = subprocess.run([sys.executable, "-m", "proxy", "switchover", "--to", "node2", "--config",
                             follower.process.config_path], capture_output=True, text=True, timeout=60)
         assert r.returncode == 0, r.stdout + r.stderr

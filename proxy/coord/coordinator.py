@@ -83,6 +83,7 @@ class Coordinator:
     def stop(self) -> None:
         self._stop.set()
         self._poke.set()
+        self.etcd.close()  # the watch thread is blocked reading its stream: end it now
         for t in self._threads:
             t.join(self.timeout * 3 + 5)
         with self._lock:
@@ -192,6 +193,12 @@ class Coordinator:
                 return
             self._step_down("the lease expired")
             self._lease = 0
+        kvs, _ = self.etcd.get(self.prefix + "instances/" + self.me)
+        other = kvs[0].json() if kvs else None
+        if isinstance(other, dict) and other.get("pid") != os.getpid():
+            log.error("coordination: instance name %s is already registered (pid %s, listen %s): either a previous "
+                      "run of this instance (gone within lease_ttl) or another instance with the same name; give "
+                      "each instance its own [cluster] instance", self.me, other.get("pid"), other.get("listen"))
         lease = self.etcd.grant(self.ttl)
         with self._lock:
             self._lease, self._renewed_sent = lease, now

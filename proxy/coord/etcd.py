@@ -76,8 +76,16 @@ class Etcd:
         self._http = urllib3.PoolManager(maxsize=4, retries=False)
         self._good = 0
         self._lock = threading.Lock()
+        self._watching = None  # the open watch response (close() shuts it down)
 
     def close(self) -> None:
+        """Also ends a watch blocked in a read (it would otherwise wait out its idle timeout)."""
+        r = self._watching
+        if r is not None:
+            try:
+                r.shutdown()
+            except Exception:  # noqa: BLE001 - already closed
+                pass
         self._http.clear()
 
     # ---- the transport -----------------------------------------------------------------
@@ -181,38 +189,46 @@ class Etcd:
             except urllib3.exceptions.HTTPError as e:
                 last = f"{ep}: {type(e).__name__}"
                 continue
+            self._watching = r
             try:
                 yield from self._events(r, stop)
                 return
             finally:
+                self._watching = None
                 r.release_conn()
         raise EtcdError(f"cannot watch: {last}")
 
     @staticmethod
     def _events(r, stop: threading.Event):
-        dec = json.JSONDecoder()
-        buf = ""
         try:
-            for chunk in r.stream(4096, decode_content=False):
-                if stop.is_set():
-                    return
-                buf += chunk.decode("utf-8", "replace")
-                while True:
-                    buf = buf.lstrip()
-                    if not buf:
-                        break
-                    try:
-                        doc, end = dec.raw_decode(buf)
-                    except ValueError:
-                        break  # the rest of the object is still on its way
-                    buf = buf[end:]
-                    res = doc.get("result") or {}
-                    if "error" in doc or res.get("canceled"):
-                        raise EtcdError(f"watch ended: {doc.get('error') or res.get('cancel_reason') or 'canceled'}")
-                    evs = [Event(e.get("type", "PUT"), KV.of(e.get("kv", {}))) for e in res.get("events", [])]
-                    if evs:
-                        yield evs
+            yield from watch_events(r.stream(4096, decode_content=False), stop)
         except (urllib3.exceptions.HTTPError, OSError) as e:
             if isinstance(e, urllib3.exceptions.ReadTimeoutError) or "timed out" in str(e):
                 return  # idle: watch again
             raise EtcdError(f"watch broke: {type(e).__name__}") from None
+
+
+def watch_events(chunks, stop: threading.Event):
+    """Lists of Events from the bytes of a watch stream: the gateway sends one JSON object per
+    message, and a chunk may end anywhere inside one. EtcdError when etcd ends the watch."""
+    dec = json.JSONDecoder()
+    buf = ""
+    for chunk in chunks:
+        if stop.is_set():
+            return
+        buf += chunk.decode("utf-8", "replace")
+        while True:
+            buf = buf.lstrip()
+            if not buf:
+                break
+            try:
+                doc, end = dec.raw_decode(buf)
+            except ValueError:
+                break  # the rest of the object is still on its way
+            buf = buf[end:]
+            res = doc.get("result") or {}
+            if "error" in doc or res.get("canceled"):
+                raise EtcdError(f"watch ended: {doc.get('error') or res.get('cancel_reason') or 'canceled'}")
+            evs = [Event(e.get("type", "PUT"), KV.of(e.get("kv", {}))) for e in res.get("events", [])]
+            if evs:
+                yield evs

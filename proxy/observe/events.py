@@ -14,7 +14,7 @@ import time
 from collections import deque
 
 SOURCES = ("rwproxy.monitor", "rwproxy.failover", "rwproxy.reload", "rwproxy.admin", "rwproxy.drain",
-           "rwproxy.controlplane", "rwproxy.server")
+           "rwproxy.controlplane", "rwproxy.server", "rwproxy.coord")
 
 
 class EventLog(logging.Handler):

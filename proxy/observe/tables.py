@@ -32,6 +32,9 @@ COLUMNS: dict[str, tuple[tuple[str, str], ...]] = {
     "config": (("variable_name", TEXT), ("variable_value", TEXT)),
     "events": (("id", INT), ("time", TEXT), ("level", TEXT), ("source", TEXT), ("message", TEXT)),
     "status": (("name", TEXT), ("value", TEXT)),
+    # [cluster] coordination: every live instance of the cluster (empty without coordination)
+    "instances": (("name", TEXT), ("listen", TEXT), ("pid", INT), ("started", TEXT), ("leader", INT),
+                  ("this", INT), ("admin", TEXT), ("metrics", TEXT)),
 }
 NAMES = tuple(COLUMNS)
 # what each table needs from the workers (the control plane asks only for that)
@@ -44,6 +47,15 @@ def iso(t: float | None) -> str:
     if not t:
         return ""
     return time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(t)) + f".{int((t % 1) * 1000):03d}"
+
+
+def instances(plane) -> list[dict]:
+    if plane.coord is None:
+        return []
+    me = plane.coord.me
+    return [{"name": i.get("name"), "listen": i.get("listen"), "pid": i.get("pid"), "started": iso(i.get("started")),
+             "leader": int(bool(i.get("leader"))), "this": int(i.get("name") == me), "admin": i.get("admin") or "",
+             "metrics": i.get("metrics") or ""} for i in plane.coord.instances()]
 
 
 def servers(plane, summary: dict) -> list[dict]:

@@ -398,6 +398,7 @@ class ControlPlane:
             "config": lambda: tables.config_rows(cfg),
             "events": lambda: tables.events(self.events),
             "status": lambda: tables.status_rows(self, summary),
+            "instances": lambda: tables.instances(self),
         }
         out = {}
         for n in names:

@@ -270,6 +270,7 @@ def plot(r: dict) -> None:
         pts = [(x["round"], x["first_ack_after_ms"]) for x in r["failover"] if x["instances"] == n]
         a.plot([p[0] for p in pts], [p[1] for p in pts], "o-", color=color,
                label=f"{n} instance{'s' if n > 1 else ''}")
+    a.set_xticks(sorted({x["round"] for x in r["failover"]}))
     a.set_xlabel("round")
     a.set_ylabel("ms")
     a.set_ylim(bottom=0)

@@ -148,3 +148,14 @@ def wait_until(pred, timeout, step=0.1, ignore_errors=True) -> bool:
                 raise
         time.sleep(step)
     return False
+
+
+@pytest.fixture
+def semisync(cluster_factory):
+    """A private semi-sync cluster (primary + 2 replicas) with app.acked (w, seq), for writers whose
+    every acknowledged row is checked after a failover."""
+    cl = cluster_factory(replicas=2, semi_sync=True)
+    with cl.primary.connect(database="app") as c, c.cursor() as cur:
+        cur.execute("CREATE TABLE acked (w INT, seq INT, PRIMARY KEY (w, seq))")
+    cl.wait_replicas_caught_up(30)
+    return cl

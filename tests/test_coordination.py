@@ -36,15 +36,6 @@ def etcd(tmp_path_factory):
         c.stop()
 
 
-@pytest.fixture
-def semisync(cluster_factory):
-    cl = cluster_factory(replicas=2, semi_sync=True)
-    with cl.primary.connect(database="app") as c, c.cursor() as cur:
-        cur.execute("CREATE TABLE acked (w INT, seq INT, PRIMARY KEY (w, seq))")
-    cl.wait_replicas_caught_up(30)
-    return cl
-
-
 class Fleet:
     """Three rwproxy instances of one coordinated cluster and HAProxy in front of them."""
 

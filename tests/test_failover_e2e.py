@@ -43,15 +43,6 @@ def _rows(node) -> set:
         return set(cur.fetchall())
 
 
-@pytest.fixture
-def semisync(cluster_factory):
-    cl = cluster_factory(replicas=2, semi_sync=True)
-    with cl.primary.connect(database="app") as c, c.cursor() as cur:
-        cur.execute("CREATE TABLE acked (w INT, seq INT, PRIMARY KEY (w, seq))")
-    cl.wait_replicas_caught_up(30)
-    return cl
-
-
 def test_primary_sigkill_under_writes_loses_no_acknowledged_row(semisync, tmp_path):
     cl = semisync
     p = start_proxy(cl, tmp_path, proxy={"workers": 2}, failover=FAILOVER)

@@ -17,6 +17,7 @@ import pymysql
 import pytest
 
 from helpers import start_proxy, wait_until
+from proxy.coord.etcd import Etcd
 from proxy.runtime.launcher import free_port
 from proxy.sandbox.etcd import EtcdCluster
 from proxy.sandbox.fleet import coordination_section, haproxy_binary, haproxy_config
@@ -260,6 +261,12 @@ def test_switchover_asked_of_a_follower_runs_once_on_the_leader(semisync, etcd, 
         inst = f.status(follower)["coordination"]["instances"]
         assert [i["name"] for i in inst] == ["p1", "p2", "p3"]
         assert [i["name"] for i in inst if i["leader"]] == [leader]
+        # each instance's registration is bound to a lease of [cluster] lease_ttl seconds
+        e = Etcd(etcd.endpoints)
+        kvs, _ = e.get(f"/rwproxy/{f.name}/instances/", prefix=True)
+        assert len(kvs) == 3
+        for kv in kvs:
+            assert e.call("lease/timetolive", {"ID": str(kv.lease)})["grantedTTL"] == str(TTL)
         r = subprocess.run([sys.executable, "-m", "proxy", "switchover", "--to", "node2", "--config",
                             follower.process.config_path], capture_output=True, text=True, timeout=60)
         assert r.returncode == 0, r.stdout + r.stderr

@@ -307,7 +307,11 @@ def replicate_from(link: Link, source_host: str, source_port: int, user: str, pa
 
 def set_heartbeat(link: Link, period: float) -> None:
     """Give a running replica MASTER_HEARTBEAT_PERIOD = period (CHANGE MASTER needs it stopped for
-    a moment; it resumes where it was)."""
+    a moment; it resumes where it was). A replica whose threads are not both running is left alone:
+    someone stopped it (an operator, a backup's pause), and START SLAVE would undo that."""
+    st = link.q("SHOW SLAVE STATUS")
+    if not st or st[0].get("Slave_IO_Running") != "Yes" or st[0].get("Slave_SQL_Running") != "Yes":
+        raise StepError(f"{link.name}: replication is not running: MASTER_HEARTBEAT_PERIOD left as it is")
     link.q("STOP SLAVE")
     try:
         link.q("CHANGE MASTER TO MASTER_HEARTBEAT_PERIOD = %s", (float(period),))

@@ -5,7 +5,12 @@ rwproxy with the default configuration (3-server sandbox, checks every 100 ms, h
 says where it goes (one checker thread per server, the primary's heartbeat thread, the event
 loop). Then the same with `[monitor] interval` set to each of --intervals, as side notes.
 
-    python -m benchmarks.control_plane_idle          # ~2 minutes
+    python -m benchmarks.control_plane_idle                  # ~4 minutes
+    python -m benchmarks.control_plane_idle --against REV    # this tree and git revision REV, alternating
+
+The default configuration is measured --rounds times (alternating with REV's when given: the
+machine's background drifts by a third between minutes, so only rounds side by side compare);
+the medians are the figures.
 Results: benchmarks/results/control-plane-idle-<date>.{json,md} (and -latest).
 """
 
@@ -14,6 +19,8 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
+import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -38,7 +45,7 @@ def _threads(pid: int) -> dict[str, int]:
     return out
 
 
-def measure(tmp: str, cluster, seconds: float, monitor: dict) -> dict:
+def measure(tmp: str, cluster, seconds: float, monitor: dict, source: str | None = None) -> dict:
     port = free_port()
     data = {"proxy": {"listen": f"127.0.0.1:{port}", "workers": 2},
             "backends": [{"name": n.name, "host": "127.0.0.1", "port": n.port} for n in cluster.nodes],
@@ -46,7 +53,7 @@ def measure(tmp: str, cluster, seconds: float, monitor: dict) -> dict:
             "monitor": {"user": "rwproxy", "password": "rwproxy", **monitor}}
     path = str(Path(tmp) / f"rwproxy-{port}.toml")
     write_config(build_config(data, source=path), path)
-    p = ProxyProcess(path, "127.0.0.1", port, log_path=str(Path(tmp) / f"rwproxy-{port}.log")).start()
+    p = ProxyProcess(path, "127.0.0.1", port, log_path=str(Path(tmp) / f"rwproxy-{port}.log"), source=source).start()
     try:
         time.sleep(3.0)
         tck = os.sysconf("SC_CLK_TCK")
@@ -66,15 +73,33 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seconds", type=float, default=30.0)
     ap.add_argument("--intervals", default="0.25,0.5")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--against", default="", help="a git revision to measure in the same rounds")
     args = ap.parse_args(argv)
-    runs = []
+    runs, rounds = [], {"this tree": []}
     with tempfile.TemporaryDirectory(prefix="rwp-cp-") as tmp, running_cluster(
             Path(tmp) / "sandbox", replicas=2, port_start=26006) as cluster:
-        for monitor in [{}] + [{"interval": float(x)} for x in args.intervals.split(",") if x]:
-            print(f"idle, monitor {monitor or 'defaults'}: {args.seconds:g} s ...", file=sys.stderr, flush=True)
+        trees = {"this tree": None}
+        if args.against:
+            src = Path(tmp) / "against"
+            src.mkdir()
+            archive = subprocess.run(["git", "archive", args.against], check=True, capture_output=True).stdout
+            subprocess.run(["tar", "-x", "-C", str(src)], input=archive, check=True)
+            trees[args.against] = str(src)
+            rounds[args.against] = []
+        for r in range(args.rounds):
+            for name in (list(trees) if r % 2 == 0 else list(trees)[::-1]):
+                print(f"round {r + 1}/{args.rounds}, {name}, defaults: {args.seconds:g} s ...", file=sys.stderr, flush=True)
+                rounds[name].append(measure(tmp, cluster, args.seconds, {}, trees[name]))
+                print(f"  {rounds[name][-1]}", file=sys.stderr, flush=True)
+        for monitor in [{"interval": float(x)} for x in args.intervals.split(",") if x]:
+            print(f"idle, monitor {monitor}: {args.seconds:g} s ...", file=sys.stderr, flush=True)
             runs.append(measure(tmp, cluster, args.seconds, monitor))
             print(f"  {runs[-1]}", file=sys.stderr, flush=True)
-    result = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "runs": runs}
+    result = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "rounds": rounds, "runs": runs,
+              "median": {name: {k: statistics.median(x[k] for x in rs)
+                                for k in ("control_plane_ms_per_s", "all_processes_ms_per_s")}
+                         for name, rs in rounds.items()}}
     save("control-plane-idle", result, report(result))
     return 0
 
@@ -84,8 +109,17 @@ def report(r: dict) -> str:
              "rwproxy, 2 workers, 3-server sandbox (a primary, 2 replicas), no clients; CPU of the supervisor process "
              "(monitor, heartbeat, publishing, admin/metrics loop) read per thread from /proc (10 ms ticks). "
              "Produced by `python -m benchmarks.control_plane_idle`.", "",
-             "| [monitor] | control plane ms/s | all rwproxy processes ms/s | busiest threads ms/s |",
-             "|---|---:|---:|---|"]
+             "The default configuration (interval 0.1, heartbeat 0.25), alternating rounds; medians:", "",
+             "| code | control plane ms/s | all rwproxy processes ms/s | rounds (control plane) | busiest threads ms/s, first round |",
+             "|---|---:|---:|---|---|"]
+    for name, rs in r["rounds"].items():
+        med = r["median"][name]
+        lines.append(f"| {name} | {med['control_plane_ms_per_s']:.1f} | {med['all_processes_ms_per_s']:.1f} | "
+                     f"{' / '.join(str(x['control_plane_ms_per_s']) for x in rs)} | "
+                     f"{' / '.join(str(t) for t in rs[0]['threads_ms_per_s'][:6])} |")
+    lines += ["", "Side notes, one run each:", "",
+              "| [monitor] | control plane ms/s | all rwproxy processes ms/s | busiest threads ms/s |",
+              "|---|---:|---:|---|"]
     for x in r["runs"]:
         m = ", ".join(f"{k} = {v:g}" for k, v in x["monitor"].items()) or "defaults (interval 0.1, heartbeat 0.25)"
         lines.append(f"| {m} | {x['control_plane_ms_per_s']} | {x['all_processes_ms_per_s']} | "

@@ -1,6 +1,6 @@
 """The monitor's reading of replication: thread states (SHOW ALL SLAVES STATUS, reused while
 healthy) and lag (heartbeat + GTID timeline, else Seconds_Behind_Master). A mixin of Monitor,
-kept apart so that monitor.py holds the threads, checks, heartbeat writes and publishing."""
+kept apart so that checker.py holds the loop, checks and publishing."""
 
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ _REPL_FIELDS = ("replicating", "repl_error", "io_state", "sql_state", "io_error"
 class ReplicationReading:
     """Methods of Monitor (uses its _mon, _nodes, _states, _hb_newest, _stale_after)."""
 
-    def _replication(self, node, conn, obs: Observation) -> None:
+    async def _replication(self, node, conn, obs: Observation) -> None:
         """Replication threads' state. SHOW ALL SLAVES STATUS costs a PyMySQL client ~0.45 ms of
         CPU (60-odd columns), five times the rest of a check, so a healthy reading is reused for
         up to `replication_interval`; it is read afresh at once after any problem, a read_only
@@ -46,7 +46,7 @@ class ReplicationReading:
                 obs.source_silent = time.monotonic() - node.heard_at
                 return
         node.repl = None
-        self._read_replication(node, conn, obs)
+        await self._read_replication(node, conn, obs)
         healthy = obs.replicating is False or (obs.replicating and obs.io_state == "Yes" and obs.sql_state == "Yes")
         if healthy and (not obs.replicating or self._heartbeat_usable(node)):
             node.repl = ({k: getattr(obs, k) for k in _REPL_FIELDS}, obs.read_only, time.monotonic())
@@ -55,9 +55,9 @@ class ReplicationReading:
         writer = self._writer_for(node)
         return self._mon.heartbeat and writer is not None and not writer.hb_denied and bool(len(writer.timeline))
 
-    def _read_replication(self, node, conn, obs: Observation) -> None:
+    async def _read_replication(self, node, conn, obs: Observation) -> None:
         try:
-            rows = [r for r in conn.query_dicts("SHOW ALL SLAVES STATUS") if r.get("Master_Host")]
+            rows = [r for r in await conn.query_dicts("SHOW ALL SLAVES STATUS") if r.get("Master_Host")]
         except pymysql.MySQLError as exc:
             if error_code(exc) not in DENIED:
                 raise
@@ -118,7 +118,7 @@ class ReplicationReading:
                 return other
         return None
 
-    def _lag(self, node, conn, obs: Observation, now: float, merged: tuple | None = None) -> LagReading | None:
+    async def _lag(self, node, conn, obs: Observation, now: float, merged: tuple | None = None) -> LagReading | None:
         """Heartbeat + timeline estimate when the writer's heartbeat works, else Seconds_Behind_Master.
         `merged`: (newest heartbeat ts,) when the check query already read it at `now`."""
         writer = self._writer_for(node)
@@ -130,7 +130,7 @@ class ReplicationReading:
                 hb_now, hb_ts = now, merged[0]
             else:
                 try:
-                    hb_now, hb_ts = conn.query(f"SELECT UNIX_TIMESTAMP(NOW(6)), {self._hb_newest}")[0]
+                    hb_now, hb_ts = (await conn.query(f"SELECT UNIX_TIMESTAMP(NOW(6)), {self._hb_newest}"))[0]
                     node.hb_merge = True  # readable: the next checks read it in the same round trip
                 except pymysql.MySQLError as exc:
                     if error_code(exc) not in NO_TABLE | DENIED:

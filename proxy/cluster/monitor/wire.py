@@ -1,24 +1,26 @@
-"""The monitor's own MySQL client: one blocking socket, the text protocol, nothing else.
+"""The monitor's own MySQL client: asyncio, the text protocol, nothing else.
 
-Why: the monitor runs ~40 queries a second at the default intervals (a check every 100 ms on
-each of three servers, a heartbeat write every 250 ms). Through PyMySQL a query cost 84-100 µs
-of CPU (its result object, field descriptors and type converters), a raw socket round trip
-16 µs; PyMySQL was most of the control plane's 18-20 ms of CPU per idle second
-(docs/performance.md). This client sends COM_QUERY and reads the rows as strings (None for
-NULL): the monitor converts the few values it uses itself.
+Why its own: the monitor runs ~40 queries a second at the default intervals (a check every
+100 ms on each of three servers, a heartbeat write every 250 ms). Through PyMySQL a query cost
+84-100 µs of CPU (its result object, field descriptors and type converters), a raw round trip
+16 µs (docs/performance.md). Why asyncio: one monitor thread serves every server's checks and
+heartbeats, so a tick wakes one thread once and sends every check in that wakeup, where a thread
+per server woke six times (two wakeups per blocking query, ~78 µs each on the 2-core VM).
 
 It speaks what the monitor needs: the protocol-10 handshake with the auth plugins rwproxy's
 backend connections speak (proxy.protocol.auth), TLS under the backend's policy
-(backend/tls.py), TCP or a Unix socket, timeouts. Failover, switchover and the sandbox keep
-PyMySQL (rare, and they need its conveniences). Server errors are raised as
-pymysql.err.OperationalError(code, message), so the monitor's error handling
+(backend/tls.py, upgraded with loop.start_tls), TCP or a Unix socket, timeouts. Rows come back
+as tuples of str (None for NULL): the monitor converts the few values it uses. Server errors
+are raised as pymysql.err.OperationalError(code, message), so the monitor's error handling
 (sqlerrors.describe/error_code) reads them like PyMySQL's.
 """
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import struct
+from collections import deque
 
 import pymysql
 
@@ -46,57 +48,94 @@ def _lost(what: str) -> WireError:
     return WireError(CR_SERVER_LOST, f"Lost connection to server: {what}")
 
 
-class WireConnection:
-    """One monitor connection (not thread-safe: each monitor thread has its own)."""
+class WireConnection(asyncio.Protocol):
+    """One monitor connection; used by one coroutine at a time, on the loop that opened it."""
 
-    def __init__(self, sock: socket.socket, server_version: str):
-        self.sock = sock
-        self.server_version = server_version
-        self.buf = bytearray()
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.server_version = ""
+        self.read_timeout = 1.0
         self.seq = 0
+        self._buf = bytearray()
+        self._packets: deque[tuple[bytes, int]] = deque()
+        self._waiter: asyncio.Future | None = None
+        self._gone: Exception | None = None
+        self._names: tuple[bytes, list[str]] = (b"", [])  # the last column definitions read, and their names
+
+    # ---- asyncio.Protocol -----------------------------------------------------------------
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        buf = self._buf
+        buf += data
+        pos, end = 0, len(buf)
+        while end - pos >= 4:
+            n = buf[pos] | buf[pos + 1] << 8 | buf[pos + 2] << 16
+            if end - pos < 4 + n:
+                break
+            self._packets.append((bytes(buf[pos + 4:pos + 4 + n]), buf[pos + 3]))
+            pos += 4 + n
+        if pos:
+            del buf[:pos]
+        self._wake()
+
+    def connection_lost(self, exc) -> None:
+        self._gone = exc or ConnectionResetError("the server closed the connection")
+        self._wake()
+
+    def _wake(self) -> None:
+        w = self._waiter
+        if w is not None and not w.done():
+            w.set_result(None)
 
     # ---- what the monitor calls ------------------------------------------------------------
     def get_server_info(self) -> str:
         return self.server_version
 
-    def query(self, sql: str) -> list[tuple]:
+    async def query(self, sql: str) -> list[tuple]:
         """Run `sql`; the rows of its (last) result, values as str, NULL as None; [] for none."""
-        return self._query(sql)[1]
+        return (await self._query(sql))[1]
 
-    def query_dicts(self, sql: str) -> list[dict]:
-        names, rows = self._query(sql, True)
+    async def query_dicts(self, sql: str) -> list[dict]:
+        names, rows = await self._query(sql, True)
         return [dict(zip(names, r)) for r in rows]
 
     def close(self) -> None:
+        t = self.transport
+        if t is None or t.is_closing():
+            return
         try:
-            self.sock.sendall(struct.pack("<I", 1) + bytes([COM_QUIT]))
-        except OSError:
+            t.write(struct.pack("<I", 1) + bytes([COM_QUIT]))
+        except Exception:
             pass
-        try:
-            self.sock.close()
-        except OSError:
-            pass
+        t.close()
 
     # ---- the protocol ---------------------------------------------------------------------
-    def _query(self, sql: str, names: bool = False) -> tuple[list[str], list[tuple]]:
+    async def _query(self, sql: str, names: bool = False) -> tuple[list[str], list[tuple]]:
         """Send `sql` (one statement, or several separated by ';'); the last result's column names
         (when asked for) and rows."""
         body = bytes([COM_QUERY]) + sql.encode()
         try:
-            self.sock.sendall(struct.pack("<I", len(body))[:3] + b"\x00" + body)
-            while True:
-                cols, rows, status = self._result(names)
-                if not status & SERVER_MORE_RESULTS_EXISTS:
-                    return cols, rows
-        except socket.timeout:
+            async with asyncio.timeout(self.read_timeout):
+                if self._gone is not None:
+                    raise self._gone
+                self.transport.write(struct.pack("<I", len(body))[:3] + b"\x00" + body)
+                while True:
+                    cols, rows, status = await self._result(names)
+                    if not status & SERVER_MORE_RESULTS_EXISTS:
+                        return cols, rows
+        except TimeoutError:
             raise _lost("timed out waiting for the server's answer") from None
+        except WireError:
+            raise
         except OSError as e:
             raise _lost(str(e)) from None
         except (IndexError, ValueError, TypeError):
             raise _lost("malformed answer") from None
 
-    def _result(self, names: bool) -> tuple[list[str], list[tuple], int]:
-        first = self.packet()
+    async def _result(self, names: bool) -> tuple[list[str], list[tuple], int]:
+        first = await self.packet()
         head = first[0]
         if head == 0xFF:
             code, _state, msg = parse_err(first)
@@ -106,19 +145,12 @@ class WireConnection:
             _, pos = read_lenenc_int(first, pos)
             return [], [], first[pos] | first[pos + 1] << 8
         ncols, _ = read_lenenc_int(first, 0)
-        cols = []
-        for _ in range(ncols or 0):
-            col = self.packet()
-            if names:  # (the checks read values by position: only SHOW ALL SLAVES STATUS wants names)
-                pos = 0
-                for _skip in range(4):  # catalog, schema, table, org_table
-                    _, pos = read_lenenc_str(col, pos)
-                name, _ = read_lenenc_str(col, pos)
-                cols.append(name.decode("utf-8", "replace"))
-        self.packet()  # EOF after the column definitions (CLIENT_DEPRECATE_EOF is not asked for)
+        defs = [await self.packet() for _ in range(ncols or 0)]
+        cols = self._column_names(defs) if names else []
+        await self.packet()  # EOF after the column definitions (CLIENT_DEPRECATE_EOF is not asked for)
         rows = []
         while True:
-            p = self.packet()
+            p = await self.packet()
             if p[0] == 0xFE and len(p) < 9:
                 return cols, rows, p[3] | p[4] << 8
             if p[0] == 0xFF:
@@ -135,58 +167,74 @@ class WireConnection:
                     row.append(v.decode("utf-8", "replace"))
             rows.append(tuple(row))
 
-    def packet(self) -> bytes:
-        """One logical packet's payload (large packets are not expected by the monitor)."""
-        hdr = self._read(4)
-        n = hdr[0] | hdr[1] << 8 | hdr[2] << 16
-        self.seq = hdr[3]
-        return self._read(n)
+    def _column_names(self, defs: list[bytes]) -> list[str]:
+        """The columns' names; only SHOW ALL SLAVES STATUS asks (the checks read by position), and
+        its 60-odd definitions are the same every time: decoded once per connection."""
+        key = b"".join(defs)
+        if key != self._names[0]:
+            cols = []
+            for col in defs:
+                pos = 0
+                for _skip in range(4):  # catalog, schema, table, org_table
+                    _, pos = read_lenenc_str(col, pos)
+                name, _ = read_lenenc_str(col, pos)
+                cols.append(name.decode("utf-8", "replace"))
+            self._names = (key, cols)
+        return self._names[1]
 
-    def _read(self, n: int) -> bytes:
-        buf = self.buf
-        while len(buf) < n:
-            chunk = self.sock.recv(max(65536, n - len(buf)))
-            if not chunk:
-                raise ConnectionResetError("the server closed the connection")
-            buf += chunk
-        out = bytes(buf[:n])
-        del buf[:n]
-        return out
+    async def packet(self) -> bytes:
+        """The next packet's payload (large packets are not expected by the monitor)."""
+        while not self._packets:
+            if self._gone is not None:
+                raise self._gone
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        payload, self.seq = self._packets.popleft()
+        return payload
 
     def send_packet(self, payload: bytes, seq: int) -> None:
-        self.sock.sendall(struct.pack("<I", len(payload))[:3] + bytes([seq & 0xFF]) + payload)
+        self.transport.write(struct.pack("<I", len(payload))[:3] + bytes([seq & 0xFF]) + payload)
 
 
-def connect(config, backend, user: str, password: str, connect_timeout: float, read_timeout: float) -> WireConnection:
+async def connect(config, backend, user: str, password: str, connect_timeout: float,
+                  read_timeout: float) -> WireConnection:
     """A monitor connection to `backend` (a BackendConfig) under its TLS policy."""
     tls = policies_for(config).get(backend.name)
+    loop = asyncio.get_running_loop()
+    conn = WireConnection()
     try:
-        if backend.socket:
-            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            sock.settimeout(connect_timeout)
-            sock.connect(backend.socket)
-        else:
-            sock = socket.create_connection((backend.host, backend.port), timeout=connect_timeout)
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    except OSError as e:
-        raise WireError(CR_CONN_HOST_ERROR, f"Can't connect to server on {backend.where} ({e})") from None
-    conn = WireConnection(sock, "")
-    try:
-        _handshake(conn, backend, tls, user, password)
-        conn.sock.settimeout(read_timeout)
+        async with asyncio.timeout(connect_timeout):
+            try:
+                if backend.socket:
+                    await loop.create_unix_connection(lambda: conn, backend.socket)
+                else:
+                    transport, _ = await loop.create_connection(lambda: conn, backend.host, backend.port)
+                    sock = transport.get_extra_info("socket")
+                    if sock is not None:
+                        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            except OSError as e:
+                raise WireError(CR_CONN_HOST_ERROR, f"Can't connect to server on {backend.where} ({e})") from None
+            await _handshake(conn, loop, backend, tls, user, password)
+        conn.read_timeout = read_timeout
         return conn
-    except socket.timeout:
+    except TimeoutError:
         conn.close()
+        if conn.transport is None:
+            raise WireError(CR_CONN_HOST_ERROR, f"Can't connect to server on {backend.where} (timed out)") from None
         raise _lost("timed out during the handshake") from None
+    except WireError:
+        conn.close()
+        raise
     except (OSError, IndexError, ValueError) as e:
         conn.close()
-        if isinstance(e, WireError):
-            raise
         raise _lost(f"during the handshake: {e}") from None
 
 
-def _handshake(conn: WireConnection, backend, tls, user: str, password: str) -> None:
-    g = parse_greeting(conn.packet())
+async def _handshake(conn: WireConnection, loop, backend, tls, user: str, password: str) -> None:
+    g = parse_greeting(await conn.packet())
     conn.server_version = g.server_version.decode("utf-8", "replace")
     caps = _CAPS & g.capabilities
     seq = conn.seq
@@ -195,14 +243,14 @@ def _handshake(conn: WireConnection, backend, tls, user: str, password: str) -> 
             caps |= CLIENT_SSL
             seq += 1
             conn.send_packet(build_ssl_request(response_caps(caps, None, None), UTF8MB4), seq)
-            conn.sock = tls.context.wrap_socket(conn.sock, server_hostname=tls.hostname)
+            conn.transport = await loop.start_tls(conn.transport, conn, tls.context, server_hostname=tls.hostname)
         elif tls.required:
             raise WireError(CR_SSL_CONNECTION_ERROR, f"TLS to backend {backend.name} is required (backend_tls mode "
                             f"{tls.mode}) but the server does not offer it")
     plugin = g.plugin if g.plugin in auth.BACKEND else auth.NATIVE
     conn.send_packet(build_response(caps, UTF8MB4, user, auth.token_for(plugin, password, g.salt), None, plugin), seq + 1)
     while True:
-        p = conn.packet()
+        p = await conn.packet()
         if p[0] == 0x00:
             break
         if p[0] == 0xFF:
@@ -217,7 +265,7 @@ def _handshake(conn: WireConnection, backend, tls, user: str, password: str) -> 
         else:
             raise WireError(1251, f"unexpected packet 0x{p[0]:02x} during authentication")
     if not g.status & SERVER_STATUS_AUTOCOMMIT:
-        conn.query("SET autocommit=1")
+        await conn.query("SET autocommit=1")
 
 
 def quote(value: str) -> str:

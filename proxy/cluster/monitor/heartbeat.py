@@ -1,0 +1,83 @@
+"""The heartbeat writes: a row per writer, read by the replicas' checks for sub-second lag (lag.py).
+A mixin of Monitor, kept apart so that checker.py holds the loop, checks and publishing."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import pymysql
+
+from proxy.cluster.monitor import wire
+from proxy.cluster.monitor.node import Node, close_quietly
+from proxy.cluster.monitor.replication import DENIED, READ_ONLY
+from proxy.cluster.sqlerrors import describe, error_code
+from proxy.cluster.topology import DOWN, MAINTENANCE, MASTER, PRIMARY
+
+log = logging.getLogger("rwproxy.monitor")
+
+
+class HeartbeatWriting:
+    """Methods of Monitor (uses its _states, _schema, _user and _connect)."""
+
+    async def _beat(self, node: Node, conn: list, state: dict) -> None:
+        """Write this server's heartbeat row if it is a live writer; never counts as a check.
+
+        A writer is what the topology says (role), not just read_only=0: a fenced old primary
+        that restarted writable must not get rows the rest of the cluster never sees. node.hb_lock
+        is held across the write (pause_heartbeat waits for it from another thread); only this
+        server's heartbeat task takes it on the loop.
+        """
+        with node.hb_lock:
+            if not node.retired.is_set():
+                await self._beat_locked(node, conn, state)
+
+    async def _beat_locked(self, node: Node, conn: list, state: dict) -> None:
+        st = self._states[node.name]
+        if (st.read_only is not False or st.state in (DOWN, MAINTENANCE) or st.role not in (PRIMARY, MASTER)
+                or node.hb_paused):
+            if conn[0] is not None:
+                close_quietly(conn[0])
+                conn[0] = None
+                state["table"] = False
+            return
+        if node.hb_denied and time.monotonic() < state["retry_at"]:
+            return
+        schema = self._schema
+        try:
+            if conn[0] is None:
+                conn[0] = await self._connect(node)
+            c = conn[0]
+            if not state["table"]:
+                await c.query(f"CREATE DATABASE IF NOT EXISTS `{schema}`")
+                await c.query(f"CREATE TABLE IF NOT EXISTS `{schema}`.heartbeat ("
+                              " server_id INT UNSIGNED NOT NULL PRIMARY KEY COMMENT '@@server_id of the writer',"
+                              " ts DECIMAL(20,6) NOT NULL COMMENT 'writer clock: UNIX_TIMESTAMP(NOW(6))',"
+                              " writer VARCHAR(255) NOT NULL DEFAULT '' COMMENT 'backend name in the rwproxy config'"
+                              ") ENGINE=InnoDB COMMENT='rwproxy replication heartbeat'")
+                state["table"] = True
+            # The row, then where the writer's clock and binlog stood right after it (a timeline sample
+            # that brackets the heartbeat's own transaction; see lag.py): one round trip.
+            now, pos = (await c.query(f"INSERT INTO `{schema}`.heartbeat (server_id, ts, writer) "
+                                      f"VALUES (@@server_id, UNIX_TIMESTAMP(NOW(6)), {wire.quote(node.name)}) "
+                                      "ON DUPLICATE KEY UPDATE ts = VALUES(ts), writer = VALUES(writer); "
+                                      "SELECT UNIX_TIMESTAMP(NOW(6)), @@gtid_binlog_pos"))[0]
+            node.timeline.add(float(now), pos or "")
+            if node.hb_denied:
+                node.hb_denied = False
+                log.info("%s: heartbeat writes work again; replica lag is measured by heartbeat", node.label)
+        except (pymysql.MySQLError, OSError) as exc:
+            code = error_code(exc)
+            if code in DENIED:
+                if not node.hb_denied:
+                    log.error("%s: cannot write the heartbeat (%s): the monitor user %r needs CREATE, INSERT and "
+                              "UPDATE on `%s`.*; replica lag falls back to Seconds_Behind_Master (whole seconds)",
+                              node.label, describe(exc), self._user, schema)
+                node.hb_denied = True
+                state["retry_at"] = time.monotonic() + 30.0
+                return
+            if code != READ_ONLY:  # read_only just flipped: the checker will notice the role change
+                log.debug("%s: heartbeat write failed: %s", node.label, describe(exc))
+            close_quietly(conn[0])
+            conn[0] = None
+            state["table"] = False

@@ -69,6 +69,51 @@ def measure(tmp: str, cluster, seconds: float, monitor: dict, source: str | None
         p.stop()
 
 
+def floor(cluster, seconds: float) -> dict:
+    """The floor under any monitor at the default interval: the monitor's own client (wire.py) on
+    one event loop sending the check query to each server every 100 ms, and nothing else (no
+    decisions, lag, heartbeats or publishing); the CPU of that one thread."""
+    import asyncio
+    import threading
+
+    import uvloop
+
+    from proxy.cluster.monitor import wire
+    from proxy.cluster.monitor.checker import Monitor
+
+    cfg = build_config({"proxy": {"listen": "127.0.0.1:1"},
+                        "backends": [{"name": n.name, "host": "127.0.0.1", "port": n.port} for n in cluster.nodes],
+                        "users": [{"name": "app", "password": "app"}],
+                        "monitor": {"user": "rwproxy", "password": "rwproxy"}}, source="floor")
+    out: dict = {}
+
+    async def run() -> None:
+        conns = [await wire.connect(cfg, b, "rwproxy", "rwproxy", 2.0, 2.0) for b in cfg.backends]
+        epoch = time.monotonic()
+
+        async def ticks(c) -> None:
+            k = 0
+            while True:
+                await c.query(Monitor._CHECK)
+                k += 1
+                await asyncio.sleep(max(0.0, epoch + k * 0.1 - time.monotonic()))
+        tasks = [asyncio.ensure_future(ticks(c)) for c in conns]
+        await asyncio.sleep(2.0)
+        c0, t0 = time.thread_time(), time.monotonic()
+        await asyncio.sleep(seconds)
+        out["ms_per_s"] = round((time.thread_time() - c0) / (time.monotonic() - t0) * 1000, 1)
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for c in conns:
+            c.close()
+
+    t = threading.Thread(target=lambda: uvloop.run(run()))
+    t.start()
+    t.join()
+    return {"checks_per_s": 10 * len(cfg.backends), **out}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seconds", type=float, default=30.0)
@@ -92,11 +137,15 @@ def main(argv=None) -> int:
                 print(f"round {r + 1}/{args.rounds}, {name}, defaults: {args.seconds:g} s ...", file=sys.stderr, flush=True)
                 rounds[name].append(measure(tmp, cluster, args.seconds, {}, trees[name]))
                 print(f"  {rounds[name][-1]}", file=sys.stderr, flush=True)
+        print(f"the floor: bare check queries, {args.seconds:g} s ...", file=sys.stderr, flush=True)
+        bare = floor(cluster, args.seconds)
+        print(f"  {bare}", file=sys.stderr, flush=True)
         for monitor in [{"interval": float(x)} for x in args.intervals.split(",") if x]:
             print(f"idle, monitor {monitor}: {args.seconds:g} s ...", file=sys.stderr, flush=True)
             runs.append(measure(tmp, cluster, args.seconds, monitor))
             print(f"  {runs[-1]}", file=sys.stderr, flush=True)
     result = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "rounds": rounds, "runs": runs,
+              "floor": bare,
               "median": {name: {k: statistics.median(x[k] for x in rs)
                                 for k in ("control_plane_ms_per_s", "all_processes_ms_per_s")}
                          for name, rs in rounds.items()}}
@@ -117,7 +166,10 @@ def report(r: dict) -> str:
         lines.append(f"| {name} | {med['control_plane_ms_per_s']:.1f} | {med['all_processes_ms_per_s']:.1f} | "
                      f"{' / '.join(str(x['control_plane_ms_per_s']) for x in rs)} | "
                      f"{' / '.join(str(t) for t in rs[0]['threads_ms_per_s'][:6])} |")
-    lines += ["", "Side notes, one run each:", "",
+    f = r["floor"]
+    lines += ["", f"The floor: the monitor's client alone sending the check query to each server every 100 ms "
+                  f"({f['checks_per_s']} a second) on one event loop, nothing else: **{f['ms_per_s']} ms/s**.",
+              "", "Side notes, one run each:", "",
               "| [monitor] | control plane ms/s | all rwproxy processes ms/s | busiest threads ms/s |",
               "|---|---:|---:|---|"]
     for x in r["runs"]:

@@ -31,8 +31,10 @@ class ProxyProcess:
         return self.proc.pid if self.proc else None
 
     def command(self) -> list[str]:
-        """The command line start() runs (benchmarks start other proxies the same way)."""
-        return [sys.executable, "-m", "proxy", "serve", "--config", self.config_path, "--log-level", self.log_level]
+        """The command line start() runs (benchmarks start other proxies the same way). -P: the
+        current directory is not put first on the path, so `source` (PYTHONPATH) decides which
+        checkout's `proxy` runs even when started from inside another checkout."""
+        return [sys.executable, "-P", "-m", "proxy", "serve", "--config", self.config_path, "--log-level", self.log_level]
 
     def start(self, timeout: float = 20.0) -> "ProxyProcess":
         log = open(self.log_path, "ab")

@@ -4,8 +4,8 @@ Runs in the supervisor process on a thread of its own with its own event loop
 (the workers' loops never wait on a check).  Per backend there is one check task
 and one heartbeat task on that loop, each with its own connection and timeouts,
 so a hung server only ever stalls its own tasks; the tasks wake on one grid of
-ticks, so a tick costs one wakeup for every server (issue 22: the control plane's
-idle CPU).  A publisher thread turns the per-server states into immutable
+ticks, so a tick is one wakeup for every server (one thread instead of 2N+1; the
+idle CPU measured the same as with threads, docs/performance.md).  A publisher thread turns the per-server states into immutable
 ``Topology`` snapshots and hands them to ``on_update``: at once when something a
 router acts on changed, and at least every second otherwise (lag values).  See
 docs/monitor.md.
@@ -339,8 +339,8 @@ class Monitor(ReplicationReading, HeartbeatWriting):
 
     def _on_grid(self, due: float, period: float) -> float:
         """When to run something due at `due`: the next check tick at or after it when its period is
-        at least the check interval, so that heartbeats go out in the checks' wakeup (a wakeup of the
-        monitor thread costs ~78 µs of CPU on the 2-core VM, the query itself less)."""
+        at least the check interval, so that heartbeats go out in the checks' wakeup instead of one of
+        their own."""
         step = self._mon.interval
         if period < step:
             return due

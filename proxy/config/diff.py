@@ -13,7 +13,9 @@ from proxy.config.schema import Config, spec_fields
 RESTART_ONLY = ("proxy.listen", "proxy.workers", "proxy.cpu_affinity", "proxy.runtime_dir", "proxy.tls.",
                 "proxy.auth_plugin", "proxy.server_version", "admin.listen", "metrics.listen", "cluster.topology",
                 "cluster.coordination", "cluster.etcd_endpoints", "cluster.name", "cluster.instance",
-                "cluster.lease_ttl", "cluster.etcd_timeout", "backend_tls.", "pool.multiplex")
+                "cluster.lease_ttl", "cluster.etcd_timeout", "cluster.etcd_ca", "cluster.etcd_cert", "cluster.etcd_key",
+                "cluster.etcd_user", "cluster.etcd_password", "cluster.etcd_password_env", "cluster.etcd_password_file",
+                "backend_tls.", "pool.multiplex")
 
 
 def flatten(cfg: Config) -> dict[str, object]:

@@ -246,6 +246,20 @@ class _Validator:
         if c.coordination == COORD_ETCD and not c.etcd_endpoints:
             self.cross("cluster.etcd_endpoints", 'required with coordination = "etcd" (e.g. '
                        '["http://10.0.0.1:2379", "http://10.0.0.2:2379", "http://10.0.0.3:2379"])', "cluster.coordination")
+        if bool(c.etcd_cert) != bool(c.etcd_key):
+            self.cross("cluster.etcd_cert" if c.etcd_key else "cluster.etcd_key",
+                       "etcd_cert and etcd_key go together (a client certificate and its key)",
+                       "cluster.etcd_key" if c.etcd_key else "cluster.etcd_cert")
+        tls_files = [k for k in ("etcd_ca", "etcd_cert", "etcd_key") if getattr(c, k)]
+        plain = [u for u in c.etcd_endpoints if not u.lower().startswith("https://")]
+        if tls_files and plain:
+            self.cross(f"cluster.{tls_files[0]}", f"is for https endpoints, but {plain[0]} is http: "
+                       "give every etcd endpoint as https://", "cluster.etcd_endpoints")
+        has_password = bool(c.etcd_password or c.etcd_password_env or c.etcd_password_file)
+        if bool(c.etcd_user) != has_password:
+            self.cross("cluster.etcd_password" if c.etcd_user else "cluster.etcd_user",
+                       "etcd_user and etcd_password go together (etcd_password may come from "
+                       "etcd_password_env or etcd_password_file)", "cluster.etcd_user" if c.etcd_user else "cluster.etcd_password")
         if c.coordination == COORD_ETCD and c.etcd_timeout > c.lease_ttl / 3:
             self.cross("cluster.etcd_timeout", f"{c.etcd_timeout:g} s is more than lease_ttl / 3 "
                        f"({c.lease_ttl / 3:g} s): the leader renews every lease_ttl / 3 and must be able to retry "
@@ -322,9 +336,11 @@ def _resolve_tls(cfg: Config, base_dir: str) -> Config:
     tls = _anchored(cfg.proxy.tls, ("cert", "key", "rsa_private_key"), base_dir)
     btls = _anchored(cfg.backend_tls, ("ca", "cert", "key"), base_dir)
     backup = _anchored(cfg.backup, ("key_file",), base_dir)
-    if tls is cfg.proxy.tls and btls is cfg.backend_tls and backup is cfg.backup:
+    cluster = _anchored(cfg.cluster, ("etcd_ca", "etcd_cert", "etcd_key"), base_dir)
+    if tls is cfg.proxy.tls and btls is cfg.backend_tls and backup is cfg.backup and cluster is cfg.cluster:
         return cfg
-    return dataclasses.replace(cfg, proxy=dataclasses.replace(cfg.proxy, tls=tls), backend_tls=btls, backup=backup)
+    return dataclasses.replace(cfg, proxy=dataclasses.replace(cfg.proxy, tls=tls), backend_tls=btls, backup=backup,
+                               cluster=cluster)
 
 
 def _read_secret(path: str, base_dir: str | None) -> str:
@@ -395,6 +411,13 @@ def build_config(data: dict, source: str = "<dict>", base_dir: str | None = None
         raise ConfigError([f"{source}: {e}" for e in errors])
     if base_dir is not None:
         cfg = _resolve_tls(cfg, base_dir)
+    c = cfg.cluster
+    if c.coordination == COORD_ETCD and (c.etcd_ca or c.etcd_cert):
+        from proxy.coord.etcd import EtcdError, tls_context
+        try:  # (after the paths are anchored: a relative file is next to the config)
+            tls_context(c.etcd_ca, c.etcd_cert, c.etcd_key)
+        except EtcdError as e:
+            raise ConfigError([f"{source}: cluster.{'etcd_ca' if c.etcd_ca else 'etcd_cert'}: {e}"]) from None
     return dataclasses.replace(cfg, source=source)
 
 

@@ -188,6 +188,16 @@ class ClusterConfig:
     instance: str = S(check=instance_error)  # this instance's name, unique in the cluster ("" = host:port)
     lease_ttl: int = I(10, 2, 3600)  # s: a silent leader is replaced after at most this
     etcd_timeout: float = F(1.0, positive=True)  # s per etcd request; at most lease_ttl / 3
+    # https endpoints: the CA bundle that signed etcd's certificate ("" = the system's CAs), and a
+    # client certificate for an etcd started with --client-cert-auth
+    etcd_ca: str = S()
+    etcd_cert: str = S()
+    etcd_key: str = S()
+    # an etcd with authentication enabled: the user rwproxy logs in as (a token, renewed when it expires)
+    etcd_user: str = S()
+    etcd_password: str = S(repr=False)
+    etcd_password_env: str = PW_ENV()
+    etcd_password_file: str = PW_FILE()
 
 
 @dataclass(frozen=True)

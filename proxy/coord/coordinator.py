@@ -52,7 +52,8 @@ class Coordinator:
         self.ttl, self.timeout = c.lease_ttl, c.etcd_timeout
         self.prefix = f"/rwproxy/{c.name}/"
         self.leader_key, self.state_key = self.prefix + "leader", self.prefix + "state"
-        self.etcd = Etcd(list(c.etcd_endpoints), c.etcd_timeout)
+        self.etcd = Etcd(list(c.etcd_endpoints), c.etcd_timeout, ca=c.etcd_ca, cert=c.etcd_cert, key=c.etcd_key,
+                         user=c.etcd_user, password=c.etcd_password)
         self.requests = Requests(self)
         self._lock = threading.Lock()
         self._stop = threading.Event()

@@ -6,6 +6,12 @@ values are base64, 64-bit numbers are strings, and fields at their zero value ar
 unmaintained and breaks on current protobuf; `etcd3gw` pulls in futurist and pbr for what is a
 dozen POSTs here. urllib3 is already a dependency (boto3's) and is thread-safe with a bounded
 pool. Every call has a timeout; an endpoint that does not answer is skipped for the next.
+
+Secured etcd as Patroni users run it: https endpoints checked against `ca` (else the system's
+CAs), a client certificate for --client-cert-auth, and etcd's own users (POST auth/authenticate
+gives a token sent as the Authorization header; etcd forgets tokens after --auth-token-ttl,
+300 s by default, and then answers "invalid auth token": the client logs in again, once, and
+repeats the request).
 """
 
 from __future__ import annotations
@@ -13,6 +19,8 @@ from __future__ import annotations
 import base64
 import json
 import logging
+import os
+import ssl
 import threading
 from dataclasses import dataclass
 
@@ -23,6 +31,27 @@ log = logging.getLogger("rwproxy.coord")
 
 class EtcdError(Exception):
     """etcd could not be reached or refused the request; the message says which endpoint and why."""
+
+
+# What etcd (3.4/3.5) answers when the token is missing, expired or from before a restart.
+_TOKEN_ERRORS = ("invalid auth token", "user name is empty", "auth: revision in header is old")
+
+
+def tls_context(ca: str = "", cert: str = "", key: str = "") -> ssl.SSLContext:
+    """The context for https endpoints; EtcdError (one line) when a file cannot be used."""
+    for path in (ca, cert, key):
+        if path and not os.path.isfile(path):
+            raise EtcdError(f"{path}: no such file")
+        if path and not os.access(path, os.R_OK):
+            raise EtcdError(f"{path}: not readable by this user")
+    try:
+        ctx = ssl.create_default_context(cafile=ca or None)
+        if cert:
+            ctx.load_cert_chain(cert, key or None)
+    except (ssl.SSLError, OSError, ValueError) as e:
+        raise EtcdError(f"cannot use the TLS files (ca {ca or 'system'}, cert {cert or 'none'}): "
+                        f"{getattr(e, 'reason', None) or e}") from None
+    return ctx
 
 
 def b64(data: str | bytes) -> str:
@@ -68,15 +97,21 @@ class Event:
 class Etcd:
     """Requests to the first endpoint that answers (the last one that did is tried first)."""
 
-    def __init__(self, endpoints: list[str], timeout: float = 1.0):
+    def __init__(self, endpoints: list[str], timeout: float = 1.0, *, ca: str = "", cert: str = "", key: str = "",
+                 user: str = "", password: str = ""):
         if not endpoints:
             raise ValueError("no etcd endpoints")
         self.endpoints = [e.rstrip("/") for e in endpoints]
         self.timeout = timeout
-        self._http = urllib3.PoolManager(maxsize=4, retries=False)
+        tls = {}
+        if any(e.lower().startswith("https://") for e in self.endpoints):
+            tls = {"ssl_context": tls_context(ca, cert, key)}
+        self._http = urllib3.PoolManager(maxsize=4, retries=False, **tls)
         self._good = 0
         self._lock = threading.Lock()
         self._watching = None  # the open watch response (close() shuts it down)
+        self._user, self._password = user, password
+        self._token = ""  # etcd auth: the token of the last login (sent as Authorization)
 
     def close(self) -> None:
         """Also ends a watch blocked in a read (it would otherwise wait out its idle timeout)."""
@@ -94,27 +129,58 @@ class Etcd:
             g = self._good
         return self.endpoints[g:] + self.endpoints[:g]
 
+    def _headers(self, token: bool = True) -> dict:
+        h = {"Content-Type": "application/json"}
+        if token and self._token:
+            h["Authorization"] = self._token
+        return h
+
+    def _post(self, ep: str, path: str, data: bytes, t: float, token: bool = True) -> tuple[dict | None, str]:
+        """(the answer, "") or (None, why not) from one endpoint."""
+        try:
+            r = self._http.request("POST", f"{ep}/v3/{path}", body=data, headers=self._headers(token),
+                                   timeout=urllib3.Timeout(connect=min(t, 1.0), read=t))
+        except urllib3.exceptions.SSLError as e:
+            return None, f"TLS: {_reason(e)}"
+        except urllib3.exceptions.HTTPError as e:
+            return None, type(e).__name__
+        try:
+            doc = json.loads(r.data or b"{}")
+        except ValueError:
+            return None, f"HTTP {r.status}, not JSON"
+        if r.status != 200 or "error" in doc:
+            return None, str(doc.get("error") or doc.get("message") or f"HTTP {r.status}")
+        return doc, ""
+
+    def _login(self, ep: str, t: float) -> str:
+        """Get a token from `ep` ("" on success, else why not)."""
+        data = json.dumps({"name": self._user, "password": self._password}).encode()
+        doc, why = self._post(ep, "auth/authenticate", data, t, token=False)
+        if doc is None:
+            self._token = ""
+            return f"login as {self._user!r} failed: {why}"
+        self._token = str(doc.get("token", ""))  # (threads share it: one login serves them all)
+        log.info("etcd: logged in at %s as %r", ep, self._user)
+        return ""
+
     def call(self, path: str, body: dict, timeout: float | None = None) -> dict:
         """POST to /v3/<path>; the decoded answer. EtcdError when no endpoint answered well."""
         errors = []
         data = json.dumps(body).encode()
         t = self.timeout if timeout is None else timeout
         for ep in self._order():
-            try:
-                r = self._http.request("POST", f"{ep}/v3/{path}", body=data,
-                                       headers={"Content-Type": "application/json"},
-                                       timeout=urllib3.Timeout(connect=min(t, 1.0), read=t))
-            except urllib3.exceptions.HTTPError as e:
-                errors.append(f"{ep}: {type(e).__name__}")
-                continue
-            try:
-                doc = json.loads(r.data or b"{}")
-            except ValueError:
-                errors.append(f"{ep}: HTTP {r.status}, not JSON")
-                continue
-            if r.status != 200 or "error" in doc:
-                msg = doc.get("error") or doc.get("message") or f"HTTP {r.status}"
-                errors.append(f"{ep}: {msg}")
+            if self._user and not self._token:
+                why = self._login(ep, t)
+                if why:
+                    errors.append(f"{ep}: {why}")
+                    continue
+            doc, why = self._post(ep, path, data, t)
+            if doc is None and self._user and any(x in why for x in _TOKEN_ERRORS):
+                why = self._login(ep, t)  # the token expired (or etcd restarted): once more with a new one
+                if not why:
+                    doc, why = self._post(ep, path, data, t)
+            if doc is None:
+                errors.append(f"{ep}: {why}")
                 continue  # e.g. "etcdserver: request timed out" from a member without quorum
             with self._lock:
                 self._good = self.endpoints.index(ep)
@@ -183,8 +249,13 @@ class Etcd:
         last = None
         for ep in self._order():
             try:
+                if self._user and not self._token:
+                    why = self._login(ep, self.timeout)
+                    if why:
+                        last = f"{ep}: {why}"
+                        continue
                 r = self._http.request("POST", f"{ep}/v3/watch", body=body, preload_content=False,
-                                       headers={"Content-Type": "application/json"},
+                                       headers=self._headers(),
                                        timeout=urllib3.Timeout(connect=min(self.timeout, 1.0), read=idle))
             except urllib3.exceptions.HTTPError as e:
                 last = f"{ep}: {type(e).__name__}"
@@ -193,6 +264,10 @@ class Etcd:
             try:
                 yield from self._events(r, stop)
                 return
+            except EtcdError as e:
+                if any(x in str(e) for x in _TOKEN_ERRORS):
+                    self._token = ""  # log in again before the next watch
+                raise
             finally:
                 self._watching = None
                 r.release_conn()
@@ -206,6 +281,17 @@ class Etcd:
             if isinstance(e, urllib3.exceptions.ReadTimeoutError) or "timed out" in str(e):
                 return  # idle: watch again
             raise EtcdError(f"watch broke: {type(e).__name__}") from None
+
+
+def _reason(e: Exception) -> str:
+    """The SSL error's own words (e.g. CERTIFICATE_VERIFY_FAILED), not urllib3's wrapping."""
+    inner = e
+    for _ in range(5):
+        nxt = inner.__cause__ or (inner.args[-1] if inner.args and isinstance(inner.args[-1], Exception) else None)
+        if nxt is None or nxt is inner:
+            break
+        inner = nxt
+    return str(getattr(inner, "reason", None) or getattr(inner, "verify_message", None) or inner)[:200]
 
 
 def watch_events(chunks, stop: threading.Event):

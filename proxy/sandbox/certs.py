@@ -59,13 +59,13 @@ def make_authority(directory: str | os.PathLike, hosts: tuple[str, ...] = ("127.
                                        key_agreement=False, encipher_only=False, decipher_only=False), critical=True)
           .sign(ca_key, hashes.SHA256()))
 
-    def leaf(common_name: str, usage, san: list | None):
+    def leaf(common_name: str, usage: list, san: list | None):
         key = ec.generate_private_key(ec.SECP256R1())
         b = (x509.CertificateBuilder().subject_name(_name(common_name)).issuer_name(ca_name)
              .public_key(key.public_key()).serial_number(x509.random_serial_number())
              .not_valid_before(now).not_valid_after(until)
              .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-             .add_extension(x509.ExtendedKeyUsage([usage]), critical=False))
+             .add_extension(x509.ExtendedKeyUsage(usage), critical=False))
         if san:
             b = b.add_extension(x509.SubjectAlternativeName(san), critical=False)
         cert = b.sign(ca_key, hashes.SHA256())
@@ -79,8 +79,10 @@ def make_authority(directory: str | os.PathLike, hosts: tuple[str, ...] = ("127.
             san.append(x509.IPAddress(ipaddress.ip_address(h)))
         except ValueError:
             san.append(x509.DNSName(h))
-    server_cert, server_key = leaf(hosts[0], ExtendedKeyUsageOID.SERVER_AUTH, san)
-    client_cert, client_key = leaf("rwproxy", ExtendedKeyUsageOID.CLIENT_AUTH, None)
+    # The server certificate may also act as a client: etcd's gateway dials its own gRPC port with it,
+    # which --client-cert-auth refuses without clientAuth ("incompatible key usage").
+    server_cert, server_key = leaf(hosts[0], [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH], san)
+    client_cert, client_key = leaf("rwproxy", [ExtendedKeyUsageOID.CLIENT_AUTH], None)
     _write(d / "ca.pem", ca.public_bytes(serialization.Encoding.PEM))
     _write(d / "server-cert.pem", server_cert)
     _write(d / "server-key.pem", server_key, private=True)

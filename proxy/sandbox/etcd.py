@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 import signal
+import ssl
 import subprocess
 import time
 import urllib.request
@@ -45,10 +46,11 @@ class Member:
     peer_port: int
     dir: Path
     proc: subprocess.Popen | None = None
+    scheme: str = "http"  # https: clients over TLS (peers stay on plain loopback)
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.client_port}"
+        return f"{self.scheme}://127.0.0.1:{self.client_port}"
 
     @property
     def peer_url(self) -> str:
@@ -75,24 +77,34 @@ class Member:
 
 @dataclass
 class EtcdCluster:
-    """N members; `endpoints` is what goes into [cluster] etcd_endpoints."""
+    """N members; `endpoints` is what goes into [cluster] etcd_endpoints. With `tls` (the paths
+    certs.make_authority returns) clients speak https, and with `client_cert_auth` etcd asks them
+    for a certificate signed by the same CA; extra_args go to every member (e.g. --auth-token-ttl)."""
 
     dir: Path
     members: list[Member] = field(default_factory=list)
     token: str = ""
+    tls: dict = field(default_factory=dict)
+    client_cert_auth: bool = False
+    extra_args: list = field(default_factory=list)
 
     @property
     def endpoints(self) -> list[str]:
         return [m.url for m in self.members]
 
     @classmethod
-    def create(cls, dirpath: str | Path, n: int = 3, base_port: int = 23790) -> "EtcdCluster":
+    def create(cls, dirpath: str | Path, n: int = 3, base_port: int = 23790, *, tls: dict | None = None,
+               client_cert_auth: bool = False, extra_args: list | None = None) -> "EtcdCluster":
         d = Path(dirpath)
         d.mkdir(parents=True, exist_ok=True)
         ports = _free_ports(2 * n, base_port)
-        members = [Member(f"etcd{i + 1}", ports[2 * i], ports[2 * i + 1], d / f"etcd{i + 1}") for i in range(n)]
-        c = cls(d, members, token=f"rwproxy-{os.getpid()}-{int(time.time())}")
-        (d / "etcd.json").write_text(json.dumps({"token": c.token, "members": [
+        scheme = "https" if tls else "http"
+        members = [Member(f"etcd{i + 1}", ports[2 * i], ports[2 * i + 1], d / f"etcd{i + 1}", scheme=scheme)
+                   for i in range(n)]
+        c = cls(d, members, token=f"rwproxy-{os.getpid()}-{int(time.time())}", tls=dict(tls or {}),
+                client_cert_auth=client_cert_auth, extra_args=list(extra_args or []))
+        (d / "etcd.json").write_text(json.dumps({"token": c.token, "tls": c.tls, "client_cert_auth": client_cert_auth,
+                                                 "extra_args": c.extra_args, "members": [
             {"name": m.name, "client_port": m.client_port, "peer_port": m.peer_port} for m in members]}))
         return c
 
@@ -100,8 +112,10 @@ class EtcdCluster:
     def load(cls, dirpath: str | Path) -> "EtcdCluster":
         d = Path(dirpath)
         spec = json.loads((d / "etcd.json").read_text())
-        return cls(d, [Member(m["name"], m["client_port"], m["peer_port"], d / m["name"]) for m in spec["members"]],
-                   token=spec["token"])
+        scheme = "https" if spec.get("tls") else "http"
+        return cls(d, [Member(m["name"], m["client_port"], m["peer_port"], d / m["name"], scheme=scheme)
+                       for m in spec["members"]], token=spec["token"], tls=spec.get("tls", {}),
+                   client_cert_auth=spec.get("client_cert_auth", False), extra_args=spec.get("extra_args", []))
 
     def _argv(self, m: Member) -> list[str]:
         initial = ",".join(f"{x.name}={x.peer_url}" for x in self.members)
@@ -112,7 +126,24 @@ class EtcdCluster:
                 "--initial-cluster-state", "new",
                 # loopback: short heartbeats so a lost member is noticed in well under a second
                 "--heartbeat-interval", "50", "--election-timeout", "500",
-                "--log-outputs", str(m.dir / "etcd.log"), "--logger", "zap"]
+                "--log-outputs", str(m.dir / "etcd.log"), "--logger", "zap",
+                *self._tls_args(), *self.extra_args]
+
+    def _tls_args(self) -> list[str]:
+        if not self.tls:
+            return []
+        args = ["--cert-file", self.tls["server_cert"], "--key-file", self.tls["server_key"],
+                "--trusted-ca-file", self.tls["ca"]]
+        return args + (["--client-cert-auth"] if self.client_cert_auth else [])
+
+    def client_context(self) -> ssl.SSLContext | None:
+        """What a client of this cluster needs for https (the CA, and the client certificate)."""
+        if not self.tls:
+            return None
+        ctx = ssl.create_default_context(cafile=self.tls["ca"])
+        if self.client_cert_auth:
+            ctx.load_cert_chain(self.tls["client_cert"], self.tls["client_key"])
+        return ctx
 
     def start_member(self, m: Member) -> None:
         if m.running():
@@ -132,7 +163,7 @@ class EtcdCluster:
 
     def healthy(self, m: Member) -> bool:
         try:
-            with urllib.request.urlopen(f"{m.url}/health", timeout=1) as r:
+            with urllib.request.urlopen(f"{m.url}/health", timeout=1, context=self.client_context()) as r:
                 return json.loads(r.read()).get("health") in (True, "true")
         except (OSError, ValueError):
             return False

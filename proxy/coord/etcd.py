@@ -159,7 +159,11 @@ class Etcd:
         if doc is None:
             self._token = ""
             return f"login as {self._user!r} failed: {why}"
-        self._token = str(doc.get("token", ""))  # (threads share it: one login serves them all)
+        token = str(doc.get("token", ""))
+        if not token or not token.isascii() or not token.isprintable():
+            self._token = ""
+            return f"login as {self._user!r} failed: etcd answered without a usable token"
+        self._token = token  # (threads share it: one login serves them all)
         log.info("etcd: logged in at %s as %r", ep, self._user)
         return ""
 

@@ -9,6 +9,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -616,3 +617,35 @@ def test_reload_moving_a_backend_drops_its_old_connections(cluster, tmp_path):
         assert (node3.port, "tcp") not in seen(12)  # the session's connection to the old address is gone
     finally:
         p.process.stop()
+
+
+def test_a_connection_flood_on_the_metrics_port_is_bounded(op_proxy):
+    """Hundreds of connections that send nothing: at most MAX_CONNECTIONS get a handler thread,
+    the rest are closed at once, the process lives, and the endpoint answers once they go."""
+    from proxy.observe.http import MAX_CONNECTIONS
+    p = op_proxy
+    pid = p.process.pid
+    before = len(os.listdir(f"/proc/{pid}/task"))
+    socks = []
+    try:
+        for _ in range(MAX_CONNECTIONS + 100):
+            socks.append(socket.create_connection(("127.0.0.1", p.metrics_port), timeout=5))
+        closed = 0
+        for s in socks[-50:]:  # accepted last: beyond the bound
+            s.settimeout(3)
+            try:
+                closed += s.recv(1) == b""
+            except (socket.timeout, ConnectionResetError):
+                closed += isinstance(sys.exc_info()[1], ConnectionResetError)
+        assert closed == 50
+        assert len(os.listdir(f"/proc/{pid}/task")) <= before + MAX_CONNECTIONS + 4
+    finally:
+        for s in socks:
+            s.close()
+    def live() -> bool:
+        try:
+            return http(p.metrics_port, "/health/live", timeout=3)[0] == 200
+        except (OSError, urllib.error.URLError):
+            return False  # (closed at once while the last handlers finish)
+    assert wait_for(live, 20, "/health/live again")
+    assert p.process.proc.poll() is None

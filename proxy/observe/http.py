@@ -17,9 +17,46 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
+from proxy.logs import clean
 from proxy.observe.metrics import registry_for
 
 log = logging.getLogger("rwproxy.metrics")
+
+MAX_CONNECTIONS = 128  # at once; more are closed at once (a flood must not become threads without end)
+
+
+class _BoundedServer(ThreadingHTTPServer):
+    """ThreadingHTTPServer with at most MAX_CONNECTIONS handler threads. Scrapers and health
+    checkers open a handful; a client holding hundreds open gets the rest closed at once,
+    while the endpoint goes on answering within its bound (each idle one is dropped after the
+    handler's timeout)."""
+
+    daemon_threads = True
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
+        self._refused = 0
+
+    def process_request(self, request, client_address):
+        if not self._slots.acquire(blocking=False):
+            self._refused += 1
+            if self._refused in (1, 1000) or self._refused % 100000 == 0:
+                log.warning("metrics: %d connections at once (the most served); %d refused so far",
+                            MAX_CONNECTIONS, self._refused)
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request, client_address):
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
 
 
 def bound_socket(host: str, port: int, backlog: int = 64) -> socket.socket:
@@ -42,7 +79,7 @@ class MetricsServer:
         self.cfg = metrics_config
         self.registry = registry_for(plane)
         self.sock: socket.socket | None = None
-        self.httpd: ThreadingHTTPServer | None = None
+        self.httpd: _BoundedServer | None = None
         self.thread: threading.Thread | None = None
 
     def bind(self) -> None:
@@ -60,7 +97,7 @@ class MetricsServer:
         server = self
 
         class Handler(BaseHTTPRequestHandler):
-            timeout = 10  # a client that sends nothing is dropped
+            timeout = 5  # a client that sends nothing is dropped (scrapers send at once)
             server_version = "rwproxy"
 
             def do_GET(self):
@@ -72,10 +109,9 @@ class MetricsServer:
             def log_message(self, fmt, *args):  # (no access log on stderr)
                 return
 
-        httpd = ThreadingHTTPServer(self.address, Handler, bind_and_activate=False)
+        httpd = _BoundedServer(self.address, Handler, bind_and_activate=False)
         httpd.socket.close()
         httpd.socket = self.sock
-        httpd.daemon_threads = True
         self.httpd = httpd
         self.thread = threading.Thread(target=httpd.serve_forever, name="rwproxy-metrics", daemon=True)
         self.thread.start()
@@ -103,7 +139,7 @@ class MetricsServer:
             else:
                 data, status, ctype = b"not found: try /metrics, /health/live, /health/ready\n", 404, "text/plain"
         except Exception as e:  # a scrape must get an answer, never take the endpoint down
-            log.exception("metrics: %s failed", path[:100])
+            log.exception("metrics: %s failed", clean(path, 100))
             data, status, ctype = f"error: {type(e).__name__}: {e}\n".encode(), 500, "text/plain"
         try:
             req.send_response(status)

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import socket
-import struct
 from collections import deque
 
 import pymysql
@@ -31,7 +30,7 @@ from proxy.protocol.constants import (
     CLIENT_TRANSACTIONS, COM_QUERY, COM_QUIT, SERVER_MORE_RESULTS_EXISTS, SERVER_STATUS_AUTOCOMMIT,
 )
 from proxy.protocol.handshake import build_response, build_ssl_request, parse_greeting, response_caps
-from proxy.protocol.packets import parse_err, read_lenenc_int, read_lenenc_str
+from proxy.protocol.packets import command, frame, packet_length, parse_err, read_lenenc_int, read_lenenc_str
 
 UTF8MB4 = 45  # utf8mb4_general_ci
 # Multi-statements: the heartbeat's write and the reading after it go in one round trip.
@@ -71,7 +70,7 @@ class WireConnection(asyncio.Protocol):
         buf += data
         pos, end = 0, len(buf)
         while end - pos >= 4:
-            n = buf[pos] | buf[pos + 1] << 8 | buf[pos + 2] << 16
+            n = packet_length(buf, pos)
             if end - pos < 4 + n:
                 break
             self._packets.append((bytes(buf[pos + 4:pos + 4 + n]), buf[pos + 3]))
@@ -106,7 +105,7 @@ class WireConnection(asyncio.Protocol):
         if t is None or t.is_closing():
             return
         try:
-            t.write(struct.pack("<I", 1) + bytes([COM_QUIT]))
+            t.write(command(COM_QUIT))
         except Exception:
             pass
         t.close()
@@ -115,12 +114,12 @@ class WireConnection(asyncio.Protocol):
     async def _query(self, sql: str, names: bool = False) -> tuple[list[str], list[tuple]]:
         """Send `sql` (one statement, or several separated by ';'); the last result's column names
         (when asked for) and rows."""
-        body = bytes([COM_QUERY]) + sql.encode()
+        packet = command(COM_QUERY, sql.encode())
         try:
             async with asyncio.timeout(self.read_timeout):
                 if self._gone is not None:
                     raise self._gone
-                self.transport.write(struct.pack("<I", len(body))[:3] + b"\x00" + body)
+                self.transport.write(packet)
                 while True:
                     cols, rows, status = await self._result(names)
                     if not status & SERVER_MORE_RESULTS_EXISTS:
@@ -196,7 +195,7 @@ class WireConnection(asyncio.Protocol):
         return payload
 
     def send_packet(self, payload: bytes, seq: int) -> None:
-        self.transport.write(struct.pack("<I", len(payload))[:3] + bytes([seq & 0xFF]) + payload)
+        self.transport.write(frame(payload, seq))
 
 
 async def connect(config, backend, user: str, password: str, connect_timeout: float,

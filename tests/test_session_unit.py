@@ -406,6 +406,37 @@ def test_state_a_new_connection_cannot_restore_ends_the_session_as_a_server_woul
     assert len(kit.connections("node1")) == 1  # no new connection was opened behind the client's back
 
 
+@pytest.mark.parametrize("stmt, why", [
+    (b"PREPARE st FROM 'SELECT 1'", b"prepared statements (SQL PREPARE)"),
+    (b"HANDLER t OPEN AS h", b"open HANDLER tables"),
+    (b"CALL p()", b"state left by a stored procedure (CALL)"),
+    (b"SELECT LAST_INSERT_ID(42)", b"LAST_INSERT_ID(expr) or sequence values"),
+])
+def test_state_rwproxy_cannot_replay_ties_the_session_and_is_not_lost_silently(kit, stmt, why):
+    s = kit.session()
+    s.send(query(stmt))
+    p = kit.sent_to("node1")
+    p.transport.take()
+    p.answer(result(b"42") if stmt.startswith(b"SELECT") else ok())
+    s.received()
+    assert not s.state.releasable() and why.decode() in s.state.ties()
+    p.hang_up()
+    s.send(query(b"INSERT INTO t VALUES (1)"))  # the next statement for the primary finds it gone
+    out = s.received()
+    assert out[4] == 0xFF and out[5:7] == (1927).to_bytes(2, "little") and why in out
+    assert s.transport.closed
+
+
+def test_a_failed_prepare_ties_nothing(kit):
+    s = kit.session()
+    s.send(query(b"PREPARE st FROM 'SELEC 1'"))
+    p = kit.sent_to("node1")
+    p.transport.take()
+    p.answer(err(1064, "You have an error in your SQL syntax", b"42000"))
+    s.received()
+    assert s.state.releasable() and s.state.ties() == []
+
+
 def test_a_session_whose_settings_replay_reconnects_silently(kit):
     s = kit.session()
     s.send(query(b"SET SESSION sql_mode = 'ANSI_QUOTES'"))

@@ -173,7 +173,7 @@ class Router:
                 target, why, wait = self._replica(s, topology, Why.RULE if forced else Why.HINT)
             elif cls.route != _READ and not flags & C.F_READ_ONLY_TXN:
                 target, why = WRITER, Why.WRITE
-            elif flags & C.F_USER_VAR_READ and s.user_vars:
+            elif flags & C.F_USER_VAR_READ and (s.user_vars or s.conn_state):  # (a CALL may have set them)
                 target, why = WRITER, Why.USER_VAR
             elif not self.split:
                 target, why = WRITER, Why.NO_SPLIT

@@ -28,9 +28,25 @@ PIN_HISTORY = "session history not replayable"
 TIE_WARNINGS = "warnings not yet read"  # SHOW WARNINGS must find them on the same connection
 TIE_FOUND_ROWS = "FOUND_ROWS() pending"  # after SQL_CALC_FOUND_ROWS
 TIE_CURSOR = "open cursor"  # a prepared statement executed with a cursor: fetches go to its connection
+# State a statement left on the connection that rwproxy neither follows nor can replay (F_CONN_STATE),
+# by the statement's first word; kept for the session's life, like ProxySQL's multiplexing switch.
+TIE_CONN_STATE = {"PREPARE": "prepared statements (SQL PREPARE)", "HANDLER": "open HANDLER tables",
+                  "CALL": "state left by a stored procedure (CALL)"}
+TIE_CONN_VALUE = "LAST_INSERT_ID(expr) or sequence values"
 # Every reason ties() gives (read-only transactions without the server name): /metrics shows each, 0 or not.
 TIE_REASONS = (PIN_TRANSACTION, PIN_TEMP_TABLE, PIN_LOCK_TABLES, PIN_NAMED_LOCK, PIN_HISTORY, "user variable",
-               "read-only transaction", TIE_WARNINGS, TIE_FOUND_ROWS, TIE_CURSOR)
+               "read-only transaction", TIE_WARNINGS, TIE_FOUND_ROWS, TIE_CURSOR, *TIE_CONN_STATE.values(),
+               TIE_CONN_VALUE)
+
+
+def conn_state_reason(digest: str) -> str:
+    """Why a F_CONN_STATE statement ties its session (TIE_CONN_STATE, by the first word of the
+    digest or of one of its statements)."""
+    for part in digest.split(";"):
+        why = TIE_CONN_STATE.get(part.lstrip(" (").split(" ", 1)[0].upper())
+        if why:
+            return why
+    return TIE_CONN_VALUE
 
 
 class SessionState:
@@ -38,7 +54,7 @@ class SessionState:
         "user", "ryw_mode", "in_trx", "ro_trx", "temp_tables", "lock_tables", "named_locks",
         "user_vars", "history", "history_overflow", "max_history", "last_backend", "last_write",
         "last_gtid", "failed_servers", "pending_write", "trx_server", "writer", "hversion", "trx_since",
-        "insert_id", "warnings", "last_digest", "cursor",
+        "insert_id", "warnings", "last_digest", "cursor", "conn_state",
     )
 
     def __init__(self, user, default_ryw: str, max_history: int):
@@ -71,6 +87,7 @@ class SessionState:
         self.warnings = False  # the last statement left warnings
         self.last_digest = ""  # the last statement's digest (FOUND_ROWS() after SQL_CALC_FOUND_ROWS needs its connection)
         self.cursor = False  # a prepared statement was executed with a cursor (fetches follow it)
+        self.conn_state = ""  # why the primary connection holds state rwproxy cannot replay ("" = none)
 
     def pin(self) -> str:
         """Why only the primary connection may see this session's statements now ("" when nothing
@@ -107,6 +124,8 @@ class SessionState:
             out.append(TIE_FOUND_ROWS)
         if self.cursor:
             out.append(TIE_CURSOR)
+        if self.conn_state:
+            out.append(self.conn_state)
         return out
 
     def releasable(self) -> bool:
@@ -116,7 +135,7 @@ class SessionState:
         server says one is (SERVER_STATUS_IN_TRANS), and a new connection gets autocommit=0 back."""
         return not (self.trx_server is not None or self.temp_tables or self.lock_tables or self.named_locks > 0
                     or self.history_overflow or self.user_vars or self.ro_trx is not None or self.warnings
-                    or self.cursor or self.pending_write or self.found_rows_pending())
+                    or self.cursor or self.pending_write or self.found_rows_pending() or self.conn_state)
 
     def found_rows_pending(self) -> bool:
         """The last statement was a SELECT SQL_CALC_FOUND_ROWS (checked when idle, not per statement)."""
@@ -138,6 +157,8 @@ class SessionState:
             lost.append("user variables")
         if self.history_overflow:
             lost.append("session settings that cannot be replayed")
+        if self.conn_state:
+            lost.append(self.conn_state)
         return lost
 
     def record(self, packet: bytes, flags: int) -> None:
@@ -155,10 +176,10 @@ class SessionState:
             self.history_overflow = True
 
     _PIN_FLAGS = (C.F_TEMP_TABLE | C.F_LOCK_TABLES | C.F_UNLOCK_TABLES | C.F_GET_LOCK | C.F_RELEASE_LOCK
-                  | C.F_USER_VAR_WRITE)
+                  | C.F_USER_VAR_WRITE | C.F_CONN_STATE)
 
-    def after(self, flags: int, on_primary: bool, server: str, status: int, error: bool) -> None:
-        """Update pins after a statement finished on `server`."""
+    def after(self, flags: int, on_primary: bool, server: str, status: int, error: bool, digest: str = "") -> None:
+        """Update pins after a statement (`digest`) finished on `server`."""
         self.last_backend = server
         if on_primary:
             in_trx = bool(status & SERVER_STATUS_IN_TRANS) or not status & SERVER_STATUS_AUTOCOMMIT
@@ -182,6 +203,8 @@ class SessionState:
             self.named_locks = max(0, self.named_locks - 1)
         if flags & C.F_USER_VAR_WRITE:
             self.user_vars = True
+        if flags & C.F_CONN_STATE and not self.conn_state:
+            self.conn_state = conn_state_reason(digest)
 
     # Routed to the primary but changing no data: transaction control, named locks,
     # and reads of connection-bound values (LAST_INSERT_ID(), FOUND_ROWS()).

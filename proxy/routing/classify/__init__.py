@@ -23,7 +23,8 @@ Size limits (the miss path lexes in Python at ~1.3 µs per byte):
 - statements longer than `max_scan_bytes` (default 32 KiB) skip the key and the lexer: a
   C-level scan classifies them as WRITE | F_OVERSIZED, plus F_MULTI if several statements, plus
   F_UNPARSED unless they are a plain INSERT/REPLACE/UPDATE/DELETE/LOAD without variables or
-  stateful functions.  Never cached.  (A 32 KiB+ SELECT therefore runs on the primary.)
+  stateful functions, plus F_CONN_STATE if they use variables or stateful functions or are a
+  CALL/PREPARE/HANDLER/SET.  Never cached.  (A 32 KiB+ SELECT therefore runs on the primary.)
 - on a miss, a plain write longer than 2 KiB (batch INSERTs) gets the same cheap scan: its
   route is WRITE anyway.  Not cached, so results never depend on which text came first.
 - query-shaped statements whose reduced text (literal IN-lists cut to one element, long strings
@@ -36,6 +37,9 @@ For the router:
 - F_CONN_BOUND statements (LAST_INSERT_ID(), FOUND_ROWS(), SHOW WARNINGS, SHOW [SESSION] STATUS,
   @@warning_count, CONNECTION_ID(), GET DIAGNOSTICS ...) always come with route WRITE: check the
   flag before the route (send them to the connection that ran the previous statement).
+- F_CONN_STATE statements leave state only their connection has and rwproxy cannot replay
+  (PREPARE, HANDLER ... OPEN, CALL, LAST_INSERT_ID(expr), NEXTVAL/SETVAL/NEXT VALUE FOR): the
+  session must keep that connection (it is never released when idle).
 - SET: SESSION when every assignment can be replayed elsewhere; an assignment of a user
   variable from anything but constants (SET @a = NOW()), or a value using a stateful/unknown
   function, makes it WRITE (still with F_USER_VAR_WRITE etc.).  Any GLOBAL/PERSIST assignment
@@ -58,7 +62,7 @@ from collections import OrderedDict
 from typing import Iterable
 
 from proxy.routing.classify.const import (  # noqa: F401  (re-exported interface)
-    F_AUTOCOMMIT_OFF, F_AUTOCOMMIT_ON, F_BEGIN, F_COMMIT, F_CONN_BOUND, F_GET_LOCK, F_HINT_PRIMARY,
+    F_AUTOCOMMIT_OFF, F_AUTOCOMMIT_ON, F_BEGIN, F_COMMIT, F_CONN_BOUND, F_CONN_STATE, F_GET_LOCK, F_HINT_PRIMARY,
     F_HINT_REPLICA, F_IMPLICIT_COMMIT, F_KILL, F_LOAD_DATA, F_LOCK_TABLES, F_MULTI, F_OVERSIZED,
     F_READ_ONLY_TXN, F_RELEASE_LOCK, F_RELEASE_SESSION, F_ROLLBACK, F_SET_GLOBAL, F_SQL_PS,
     F_TEMP_TABLE, F_UNLOCK_TABLES, F_UNPARSED, F_USE_DB, F_USER_VAR_READ, F_USER_VAR_WRITE, F_XA,
@@ -90,6 +94,8 @@ _EXACT_SEEDS = [
 ]
 _EXACT_MAX_LEN = max(len(t) for t in _EXACT_SEEDS)
 _PLAIN_WRITES = {"INSERT": 0, "REPLACE": 0, "UPDATE": 0, "DELETE": 0, "LOAD": F_LOAD_DATA}
+# Big statements that (may) leave state on their connection (see F_CONN_STATE).
+_STATE_HEADS = frozenset(("CALL", "PREPARE", "HANDLER", "SET"))
 
 
 class Classifier:
@@ -230,6 +236,8 @@ def _cheap(raw: bytes) -> Classification:
         flags |= _PLAIN_WRITES[first] | (F_UNPARSED if stateful else 0)
     else:
         flags |= F_UNPARSED
+    if stateful or first in _STATE_HEADS:  # SET @doc = '<1 MB>' is not replayed: the connection keeps it
+        flags |= F_CONN_STATE
     for h in find_hints(raw[:4096]):
         flags |= F_HINT_PRIMARY if h == "primary" else F_HINT_REPLICA
     head = digest(raw[:1024]).decode("utf-8", "replace")

@@ -43,6 +43,11 @@ F_RELEASE_SESSION = 1 << 24
 F_OVERSIZED = 1 << 25
 # KILL [HARD|SOFT] [CONNECTION|QUERY] ...: numeric ids are rwproxy session ids (proxy/kill.py).
 F_KILL = 1 << 26
+# Leaves state on its connection that rwproxy neither follows nor can replay on another one:
+# text-protocol PREPARE, HANDLER ... OPEN, CALL (a procedure may set user variables or create
+# temporary tables), LAST_INSERT_ID(expr), a sequence's NEXTVAL/SETVAL, a big statement with a
+# user variable. The session keeps that connection for life (SessionState.conn_state).
+F_CONN_STATE = 1 << 27
 
 FLAG_NAMES = {v: k for k, v in globals().items() if k.startswith("F_") and isinstance(v, int)}
 ROUTE_NAMES = {READ: "READ", WRITE: "WRITE", SESSION: "SESSION"}

@@ -11,7 +11,7 @@ structure.  Every result is (route, flags, db, cacheable).
 from __future__ import annotations
 
 from proxy.routing.classify.const import (
-    F_AUTOCOMMIT_OFF, F_AUTOCOMMIT_ON, F_BEGIN, F_COMMIT, F_CONN_BOUND, F_GET_LOCK,
+    F_AUTOCOMMIT_OFF, F_AUTOCOMMIT_ON, F_BEGIN, F_COMMIT, F_CONN_BOUND, F_CONN_STATE, F_GET_LOCK,
     F_IMPLICIT_COMMIT, F_KILL, F_LOAD_DATA, F_LOCK_TABLES, F_READ_ONLY_TXN, F_RELEASE_LOCK,
     F_RELEASE_SESSION, F_ROLLBACK, F_SET_GLOBAL, F_SQL_PS, F_TEMP_TABLE, F_UNLOCK_TABLES,
     F_UNPARSED, F_USE_DB, F_USER_VAR_READ, F_USER_VAR_WRITE, F_XA, READ, SESSION, WRITE,
@@ -29,6 +29,7 @@ UNPARSED: Result = (WRITE, F_UNPARSED, None, True)
 _NOT_READ = F_GET_LOCK | F_RELEASE_LOCK | F_CONN_BOUND | F_USER_VAR_WRITE
 # Reserved words that never occur in a pure read (INSERT(...) and REPLACE(...) are functions).
 _WRITE_WORDS = frozenset(("UPDATE", "DELETE", "INSERT", "REPLACE", "INTO", "LOCK"))
+_SEQ_FUNCS = frozenset(("NEXTVAL", "SETVAL"))
 
 
 def scan(toks: list[Tok]) -> tuple[int, bool, set[str]]:
@@ -58,8 +59,15 @@ def scan(toks: list[Tok]) -> tuple[int, bool, set[str]]:
                 elif v in CONN_FUNCS:
                     flags |= F_CONN_BOUND
                     forced = True
+                    if v == "LAST_INSERT_ID" and i + 2 < n and not toks[i + 2].is_o(")") \
+                            and not toks[0].is_w("UPDATE", "INSERT", "REPLACE"):
+                        # LAST_INSERT_ID(expr) sets what LAST_INSERT_ID() answers; an UPDATE's or
+                        # INSERT's OK packet reports it (kept and restored), a SELECT's result does not
+                        flags |= F_CONN_STATE
                 elif v in WRITE_FUNCS:
                     forced = True
+                    if v in _SEQ_FUNCS:
+                        flags |= F_CONN_STATE  # LASTVAL() answers on this connection only
                 else:
                     calls.add(v)
                 into = False
@@ -72,8 +80,7 @@ def scan(toks: list[Tok]) -> tuple[int, bool, set[str]]:
                 forced = True
             elif v in ("NEXT", "PREVIOUS") and nxt is not None and nxt.is_w("VALUE"):
                 forced = True
-                if v == "PREVIOUS":
-                    flags |= F_CONN_BOUND
+                flags |= F_CONN_BOUND if v == "PREVIOUS" else F_CONN_STATE
             into = False
         elif k == "u":
             if into or (nxt is not None and nxt.is_o(":=")):
@@ -123,9 +130,9 @@ class Rules:
             "DROP": self._ddl, "RENAME": self._ddl, "TRUNCATE": self._ddl, "LOCK": self._lock,
             "UNLOCK": self._unlock, "FLUSH": self._flush, "LOAD": self._load,
             "PREPARE": self._ps, "DEALLOCATE": self._ps, "EXECUTE": self._execute,
-            "GET": self._get, "CALL": self._call,
+            "GET": self._get, "CALL": self._call, "HANDLER": self._handler,
         }
-        for kw in ("INSERT UPDATE DELETE REPLACE DO HANDLER PURGE SHUTDOWN RESTART BINLOG "
+        for kw in ("INSERT UPDATE DELETE REPLACE DO PURGE SHUTDOWN RESTART BINLOG "
                    "CHECKSUM SIGNAL RESIGNAL IMPORT CLONE BACKUP SAVEPOINT RELEASE").split():
             self._handlers[kw] = self._write
         self._handlers["KILL"] = lambda code, toks: self._write(code, toks, F_KILL)
@@ -373,10 +380,17 @@ class Rules:
         return self._write(code, toks, F_IMPLICIT_COMMIT)
 
     def _call(self, code: str, toks: list[Tok]) -> Result:
-        flags = scan(toks)[0]
+        # The procedure may leave user variables, temporary tables or prepared statements that
+        # rwproxy cannot see: F_CONN_STATE keeps the session's primary connection.
+        flags = scan(toks)[0] | F_CONN_STATE
         if flags & F_USER_VAR_READ:  # CALL p(@out): OUT parameters assign user variables
             flags |= F_USER_VAR_WRITE
         return WRITE, flags, None, True
+
+    def _handler(self, code: str, toks: list[Tok]) -> Result:
+        """HANDLER t OPEN [AS h] opens a cursor-like handle that only this connection has."""
+        opens = any(t.is_w("OPEN") for t in toks[2:6])
+        return WRITE, scan(toks)[0] | (F_CONN_STATE if opens else 0), None, True
 
     def _ddl(self, code: str, toks: list[Tok]) -> Result:
         w = _words(toks, 1, 4) + ["", "", ""]
@@ -409,7 +423,9 @@ class Rules:
         return self._admin(code, toks)  # LOAD INDEX INTO CACHE
 
     def _ps(self, code: str, toks: list[Tok]) -> Result:
-        return WRITE, F_SQL_PS | scan(toks)[0], None, True
+        # PREPARE name FROM ...: the statement exists on this connection only (EXECUTE follows it)
+        extra = F_CONN_STATE if toks[0].val == "PREPARE" else 0
+        return WRITE, F_SQL_PS | extra | scan(toks)[0], None, True
 
     def _execute(self, code: str, toks: list[Tok]) -> Result:
         if len(toks) > 1 and toks[1].is_w("IMMEDIATE"):

@@ -333,7 +333,7 @@ class ClientConnection(asyncio.Protocol):
                                         _monotonic() - self.sent_at if service < 0 else service, sc.warnings > 0)
             # (a SET of user variables to literals is replayed with the history: it ties nothing)
             st.after(flags & _NOT_VAR if cls.route == _SESSION and not cmd.stmt_id else flags, on_primary, name,
-                     self.status if on_primary else status, error, cls.digest)
+                     self.status if on_primary else status, error, cls.digest, cls.route)
             st.warnings = sc.warnings > 0
             st.last_digest = cls.digest
             if not error:

@@ -33,10 +33,11 @@ TIE_CURSOR = "open cursor"  # a prepared statement executed with a cursor: fetch
 TIE_CONN_STATE = {"PREPARE": "prepared statements (SQL PREPARE)", "HANDLER": "open HANDLER tables",
                   "CALL": "state left by a stored procedure (CALL)"}
 TIE_CONN_VALUE = "LAST_INSERT_ID(expr) or sequence values"
+TIE_NEXT_TRX = "SET TRANSACTION pending"  # the next transaction's characteristics: never replayed
 # Every reason ties() gives (read-only transactions without the server name): /metrics shows each, 0 or not.
 TIE_REASONS = (PIN_TRANSACTION, PIN_TEMP_TABLE, PIN_LOCK_TABLES, PIN_NAMED_LOCK, PIN_HISTORY, "user variable",
                "read-only transaction", TIE_WARNINGS, TIE_FOUND_ROWS, TIE_CURSOR, *TIE_CONN_STATE.values(),
-               TIE_CONN_VALUE)
+               TIE_CONN_VALUE, TIE_NEXT_TRX)
 
 
 def conn_state_reason(digest: str) -> str:
@@ -54,7 +55,7 @@ class SessionState:
         "user", "ryw_mode", "in_trx", "ro_trx", "temp_tables", "lock_tables", "named_locks",
         "user_vars", "history", "history_overflow", "max_history", "last_backend", "last_write",
         "last_gtid", "failed_servers", "pending_write", "trx_server", "writer", "hversion", "trx_since",
-        "insert_id", "warnings", "last_digest", "cursor", "conn_state",
+        "insert_id", "warnings", "last_digest", "cursor", "conn_state", "next_trx",
     )
 
     def __init__(self, user, default_ryw: str, max_history: int):
@@ -88,6 +89,7 @@ class SessionState:
         self.last_digest = ""  # the last statement's digest (FOUND_ROWS() after SQL_CALC_FOUND_ROWS needs its connection)
         self.cursor = False  # a prepared statement was executed with a cursor (fetches follow it)
         self.conn_state = ""  # why the primary connection holds state rwproxy cannot replay ("" = none)
+        self.next_trx = False  # SET TRANSACTION (no scope) ran; no statement on the primary has used it yet
 
     def pin(self) -> str:
         """Why only the primary connection may see this session's statements now ("" when nothing
@@ -126,6 +128,8 @@ class SessionState:
             out.append(TIE_CURSOR)
         if self.conn_state:
             out.append(self.conn_state)
+        if self.next_trx:
+            out.append(TIE_NEXT_TRX)
         return out
 
     def releasable(self) -> bool:
@@ -135,7 +139,8 @@ class SessionState:
         server says one is (SERVER_STATUS_IN_TRANS), and a new connection gets autocommit=0 back."""
         return not (self.trx_server is not None or self.temp_tables or self.lock_tables or self.named_locks > 0
                     or self.history_overflow or self.user_vars or self.ro_trx is not None or self.warnings
-                    or self.cursor or self.pending_write or self.found_rows_pending() or self.conn_state)
+                    or self.cursor or self.pending_write or self.found_rows_pending() or self.conn_state
+                    or self.next_trx)
 
     def found_rows_pending(self) -> bool:
         """The last statement was a SELECT SQL_CALC_FOUND_ROWS (checked when idle, not per statement)."""
@@ -159,6 +164,8 @@ class SessionState:
             lost.append("session settings that cannot be replayed")
         if self.conn_state:
             lost.append(self.conn_state)
+        if self.next_trx:
+            lost.append("next transaction's characteristics (SET TRANSACTION)")
         return lost
 
     def record(self, packet: bytes, flags: int) -> None:
@@ -176,10 +183,14 @@ class SessionState:
             self.history_overflow = True
 
     _PIN_FLAGS = (C.F_TEMP_TABLE | C.F_LOCK_TABLES | C.F_UNLOCK_TABLES | C.F_GET_LOCK | C.F_RELEASE_LOCK
-                  | C.F_USER_VAR_WRITE | C.F_CONN_STATE)
+                  | C.F_USER_VAR_WRITE | C.F_CONN_STATE | C.F_NEXT_TRX | C.F_SET_UNREPLAYABLE)
 
-    def after(self, flags: int, on_primary: bool, server: str, status: int, error: bool, digest: str = "") -> None:
-        """Update pins after a statement (`digest`) finished on `server`."""
+    # Statements that do not use up a SET TRANSACTION: itself, SETs, reads of connection values.
+    _NOT_USING_TRX = C.F_NEXT_TRX | C.F_SET_UNREPLAYABLE | C.F_CONN_BOUND | C.F_USER_VAR_WRITE
+
+    def after(self, flags: int, on_primary: bool, server: str, status: int, error: bool, digest: str = "",
+              route: int = 0) -> None:
+        """Update pins after a statement (`digest`, its `route`) finished on `server`."""
         self.last_backend = server
         if on_primary:
             in_trx = bool(status & SERVER_STATUS_IN_TRANS) or not status & SERVER_STATUS_AUTOCOMMIT
@@ -189,6 +200,9 @@ class SessionState:
             self.trx_server = server if status & SERVER_STATUS_IN_TRANS else None
         elif self.ro_trx is not None or flags & C.F_READ_ONLY_TXN:
             self.ro_trx = server if status & SERVER_STATUS_IN_TRANS else None
+        if self.next_trx and on_primary and not error and (
+                status & SERVER_STATUS_IN_TRANS or (route == C.WRITE and not flags & self._NOT_USING_TRX)):
+            self.next_trx = False  # a transaction (or an autocommit write) on the primary used it
         if error or not flags & self._PIN_FLAGS:
             return
         if flags & C.F_TEMP_TABLE:
@@ -205,10 +219,15 @@ class SessionState:
             self.user_vars = True
         if flags & C.F_CONN_STATE and not self.conn_state:
             self.conn_state = conn_state_reason(digest)
+        if flags & C.F_NEXT_TRX:
+            self.next_trx = True
+        if flags & C.F_SET_UNREPLAYABLE:
+            self.history_overflow = True  # the primary keeps the value; nothing else could have it
 
     # Routed to the primary but changing no data: transaction control, named locks,
     # and reads of connection-bound values (LAST_INSERT_ID(), FOUND_ROWS()).
-    _NOT_DATA = C.F_BEGIN | C.F_COMMIT | C.F_ROLLBACK | C.F_GET_LOCK | C.F_RELEASE_LOCK | C.F_CONN_BOUND
+    _NOT_DATA = (C.F_BEGIN | C.F_COMMIT | C.F_ROLLBACK | C.F_GET_LOCK | C.F_RELEASE_LOCK | C.F_CONN_BOUND
+                 | C.F_NEXT_TRX | C.F_SET_UNREPLAYABLE)
 
     def write_completed(self, route: int, flags: int) -> bool:
         """After a statement succeeded on the primary: True when a write became durable

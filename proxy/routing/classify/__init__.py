@@ -37,6 +37,9 @@ For the router:
 - F_CONN_BOUND statements (LAST_INSERT_ID(), FOUND_ROWS(), SHOW WARNINGS, SHOW [SESSION] STATUS,
   @@warning_count, CONNECTION_ID(), GET DIAGNOSTICS ...) always come with route WRITE: check the
   flag before the route (send them to the connection that ran the previous statement).
+- F_NEXT_TRX: SET TRANSACTION / SET @@tx_isolation (no scope) set the next transaction's
+  characteristics only: WRITE, never replayed. F_SET_UNREPLAYABLE: a session variable set from
+  a user variable, an unknown function or another one-shot: WRITE, the session stays on the primary.
 - F_CONN_STATE statements leave state only their connection has and rwproxy cannot replay
   (PREPARE, HANDLER ... OPEN, CALL, LAST_INSERT_ID(expr), NEXTVAL/SETVAL/NEXT VALUE FOR): the
   session must keep that connection (it is never released when idle).
@@ -63,8 +66,8 @@ from typing import Iterable
 
 from proxy.routing.classify.const import (  # noqa: F401  (re-exported interface)
     F_AUTOCOMMIT_OFF, F_AUTOCOMMIT_ON, F_BEGIN, F_COMMIT, F_CONN_BOUND, F_CONN_STATE, F_GET_LOCK, F_HINT_PRIMARY,
-    F_HINT_REPLICA, F_IMPLICIT_COMMIT, F_KILL, F_LOAD_DATA, F_LOCK_TABLES, F_MULTI, F_OVERSIZED,
-    F_READ_ONLY_TXN, F_RELEASE_LOCK, F_RELEASE_SESSION, F_ROLLBACK, F_SET_GLOBAL, F_SQL_PS,
+    F_HINT_REPLICA, F_IMPLICIT_COMMIT, F_KILL, F_LOAD_DATA, F_LOCK_TABLES, F_MULTI, F_NEXT_TRX, F_OVERSIZED,
+    F_READ_ONLY_TXN, F_RELEASE_LOCK, F_RELEASE_SESSION, F_ROLLBACK, F_SET_GLOBAL, F_SET_UNREPLAYABLE, F_SQL_PS,
     F_TEMP_TABLE, F_UNLOCK_TABLES, F_UNPARSED, F_USE_DB, F_USER_VAR_READ, F_USER_VAR_WRITE, F_XA,
     FLAG_NAMES, READ, ROUTE_NAMES, SESSION, WRITE, Classification, flag_names,
 )

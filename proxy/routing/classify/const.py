@@ -48,6 +48,13 @@ F_KILL = 1 << 26
 # temporary tables), LAST_INSERT_ID(expr), a sequence's NEXTVAL/SETVAL, a big statement with a
 # user variable. The session keeps that connection for life (SessionState.conn_state).
 F_CONN_STATE = 1 << 27
+# SET TRANSACTION ... / SET @@tx_isolation = ... without a scope: the next transaction's
+# characteristics only. Not replayed; the session keeps its primary connection until a statement
+# there consumes them (SessionState.next_trx).
+F_NEXT_TRX = 1 << 28
+# SET of a session variable from something rwproxy cannot replay elsewhere (a function it does not
+# know, a subquery, a user variable): the session stays on the primary (PIN_HISTORY).
+F_SET_UNREPLAYABLE = 1 << 29
 
 FLAG_NAMES = {v: k for k, v in globals().items() if k.startswith("F_") and isinstance(v, int)}
 ROUTE_NAMES = {READ: "READ", WRITE: "WRITE", SESSION: "SESSION"}

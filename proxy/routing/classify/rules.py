@@ -1,5 +1,5 @@
-"""Statement rules of the classifier: a token scan for flags and suspicious constructs, and
-one handler per leading keyword.
+"""Statement rules of the classifier: one handler per leading keyword (the token scan for
+flags and suspicious constructs is flagscan.py).
 
 Statement kinds that sqlglot misparses (SAVEPOINT and HELP as aliases, XA/HANDLER/LOAD DATA/DO/
 FLUSH/RESET/... as errors, CALL/LOCK/GRANT/... as opaque Commands) never reach sqlglot: their
@@ -11,100 +11,20 @@ structure.  Every result is (route, flags, db, cacheable).
 from __future__ import annotations
 
 from proxy.routing.classify.const import (
-    F_AUTOCOMMIT_OFF, F_AUTOCOMMIT_ON, F_BEGIN, F_COMMIT, F_CONN_BOUND, F_CONN_STATE, F_GET_LOCK,
-    F_IMPLICIT_COMMIT, F_KILL, F_LOAD_DATA, F_LOCK_TABLES, F_READ_ONLY_TXN, F_RELEASE_LOCK,
-    F_RELEASE_SESSION, F_ROLLBACK, F_SET_GLOBAL, F_SQL_PS, F_TEMP_TABLE, F_UNLOCK_TABLES,
-    F_UNPARSED, F_USE_DB, F_USER_VAR_READ, F_USER_VAR_WRITE, F_XA, READ, SESSION, WRITE,
+    F_AUTOCOMMIT_OFF, F_AUTOCOMMIT_ON, F_BEGIN, F_COMMIT, F_CONN_BOUND, F_CONN_STATE, F_IMPLICIT_COMMIT,
+    F_KILL, F_LOAD_DATA, F_LOCK_TABLES, F_NEXT_TRX, F_READ_ONLY_TXN, F_RELEASE_SESSION, F_ROLLBACK,
+    F_SET_GLOBAL, F_SET_UNREPLAYABLE, F_SQL_PS, F_TEMP_TABLE, F_UNLOCK_TABLES, F_UNPARSED, F_USE_DB,
+    F_USER_VAR_READ, F_USER_VAR_WRITE, F_XA, READ, SESSION, WRITE,
 )
-from proxy.routing.classify.funcs import (
-    CONN_FUNCS, CONN_VARS, LOCK_FUNCS, READONLY_FUNCS, RELEASE_FUNCS, SET_SCOPES, SYNTAX_WORDS,
-    WRITE_FUNCS,
-)
+from proxy.routing.classify.flagscan import NOT_READ, scan
+from proxy.routing.classify.funcs import SET_SCOPES
 from proxy.routing.classify.lex import Tok, reduced_sql
 from proxy.routing.classify.query import QueryParser, check_tree
 
 Result = tuple  # (route, flags, db, cacheable)
 UNPARSED: Result = (WRITE, F_UNPARSED, None, True)
-# Flags a read must not carry: they mean state that lives on the primary / previous connection.
-_NOT_READ = F_GET_LOCK | F_RELEASE_LOCK | F_CONN_BOUND | F_USER_VAR_WRITE
-# Reserved words that never occur in a pure read (INSERT(...) and REPLACE(...) are functions).
-_WRITE_WORDS = frozenset(("UPDATE", "DELETE", "INSERT", "REPLACE", "INTO", "LOCK"))
-_SEQ_FUNCS = frozenset(("NEXTVAL", "SETVAL"))
-
-
-def scan(toks: list[Tok]) -> tuple[int, bool, set[str]]:
-    """(flags, write syntax or unsafe call seen, names called that are not known built-ins)."""
-    flags = 0
-    forced = False
-    calls: set[str] = set()
-    into = False
-    n = len(toks)
-    for i, t in enumerate(toks):
-        k = t.kind
-        nxt = toks[i + 1] if i + 1 < n else None
-        if k == "w":
-            v = t.val
-            if nxt is not None and nxt.kind == "o" and nxt.val == "(":
-                if i >= 2 and toks[i - 1].is_o(".") and toks[i - 2].kind in ("w", "q"):
-                    q = toks[i - 2]
-                    calls.add((q.val if q.kind == "w" else q.val[1:-1].upper()) + "." + v)
-                elif v in READONLY_FUNCS or v in SYNTAX_WORDS:
-                    pass
-                elif v in LOCK_FUNCS:
-                    flags |= F_GET_LOCK
-                    forced = True
-                elif v in RELEASE_FUNCS:
-                    flags |= F_RELEASE_LOCK
-                    forced = True
-                elif v in CONN_FUNCS:
-                    flags |= F_CONN_BOUND
-                    forced = True
-                    if v == "LAST_INSERT_ID" and i + 2 < n and not toks[i + 2].is_o(")") \
-                            and not toks[0].is_w("UPDATE", "INSERT", "REPLACE"):
-                        # LAST_INSERT_ID(expr) sets what LAST_INSERT_ID() answers; an UPDATE's or
-                        # INSERT's OK packet reports it (kept and restored), a SELECT's result does not
-                        flags |= F_CONN_STATE
-                elif v in WRITE_FUNCS:
-                    forced = True
-                    if v in _SEQ_FUNCS:
-                        flags |= F_CONN_STATE  # LASTVAL() answers on this connection only
-                else:
-                    calls.add(v)
-                into = False
-                continue
-            if v in _WRITE_WORDS:
-                forced = True
-                into = v == "INTO"
-                continue
-            if v == "SHARE" and i and toks[i - 1].is_w("FOR", "IN"):
-                forced = True
-            elif v in ("NEXT", "PREVIOUS") and nxt is not None and nxt.is_w("VALUE"):
-                forced = True
-                flags |= F_CONN_BOUND if v == "PREVIOUS" else F_CONN_STATE
-            into = False
-        elif k == "u":
-            if into or (nxt is not None and nxt.is_o(":=")):
-                flags |= F_USER_VAR_WRITE
-                forced = True
-            else:
-                flags |= F_USER_VAR_READ
-        elif k == "v":
-            if t.val[2:].rsplit(".", 1)[-1].lower() in CONN_VARS:
-                flags |= F_CONN_BOUND
-                forced = True
-            into = False
-        elif k == "q":
-            if nxt is not None and nxt.is_o("(") and not (i and toks[i - 1].is_o(".")):
-                calls.add(t.val[1:-1].replace("``", "`").upper())
-            into = False
-        elif k == "o":
-            if t.val == ":=":
-                forced = True
-            elif t.val != ",":
-                into = False
-        else:
-            into = False
-    return flags, forced, calls
+# Set as @@name without a scope, these are the next transaction's only (as SET TRANSACTION is).
+_NEXT_TRX_VARS = frozenset(("tx_isolation", "transaction_isolation", "tx_read_only", "transaction_read_only"))
 
 
 def _words(toks: list[Tok], start: int = 1, limit: int = 8) -> list[str]:
@@ -165,7 +85,7 @@ class Rules:
             write, aliases = check_tree(trees[0], self.readonly)
         except Exception:  # ParseError, TokenError, RecursionError on absurd nesting...
             return WRITE, flags | F_UNPARSED, None, True
-        if write or forced or (flags & _NOT_READ) or self._unknown(calls - aliases):
+        if write or forced or (flags & NOT_READ) or self._unknown(calls - aliases):
             return WRITE, flags, None, True
         return READ, flags, None, True
 
@@ -181,7 +101,7 @@ class Rules:
 
     def _read_unless_unsafe(self, toks: list[Tok]) -> Result:
         flags, forced, calls = scan(toks)
-        if forced or (flags & _NOT_READ) or self._unknown(calls):
+        if forced or (flags & NOT_READ) or self._unknown(calls):
             return WRITE, flags, None, True
         return READ, flags, None, True
 
@@ -257,14 +177,16 @@ class Rules:
             return self._set_statement(code, t)
         if w[0] == "PASSWORD" or (w[0] == "DEFAULT" and w[1] == "ROLE"):
             return WRITE, F_IMPLICIT_COMMIT | scan(t)[0], None, True
-        if w[0] == "ROLE" or w[0] == "TRANSACTION":
+        if w[0] == "ROLE":
             return SESSION, 0, None, True
+        if w[0] == "TRANSACTION":  # the next transaction only: never replayed on another connection
+            return WRITE, F_NEXT_TRX, None, True
         if w[0] in SET_SCOPES and w[1] == "TRANSACTION":
             if SET_SCOPES[w[0]] == "global":
                 return WRITE, F_SET_GLOBAL, None, True
             return SESSION, 0, None, True
         flags, scope, cacheable = 0, "session", True
-        global_seen = unreplayable = False
+        global_seen = unreplayable = sys_unreplayable = next_trx = False
         for item in _split_commas(t):
             k = 0
             if item and item[0].kind == "w" and item[0].val in SET_SCOPES:
@@ -276,7 +198,9 @@ class Rules:
                                                 and item[k + 1].is_w("SET")):
                 f, forced, calls = scan(item[k + 1:])
                 flags |= f
-                unreplayable |= forced or bool(f & _NOT_READ) or self._unknown(calls)
+                bad = forced or bool(f & (NOT_READ | F_USER_VAR_READ)) or self._unknown(calls)
+                unreplayable |= bad
+                sys_unreplayable |= bad
                 continue
             k += 1
             if tgt.kind == "u":
@@ -287,6 +211,7 @@ class Rules:
                     item_scope, name = SET_SCOPES[parts[0].upper()], parts[1]
                 else:
                     item_scope, name = "session", tgt.val[2:].lower()
+                    next_trx |= name in _NEXT_TRX_VARS  # @@tx_isolation without a scope: one-shot
             elif tgt.kind == "w":
                 item_scope, name = scope, tgt.val.lower()
                 while k + 1 < len(item) and item[k].is_o(".") and item[k + 1].kind == "w":
@@ -301,10 +226,15 @@ class Rules:
                 return UNPARSED
             f, forced, calls = scan(rhs)
             flags |= f
-            unreplayable |= forced or bool(f & _NOT_READ) or self._unknown(calls)
+            bad = forced or bool(f & NOT_READ) or self._unknown(calls)
+            unreplayable |= bad
             if item_scope == "user":
                 flags |= F_USER_VAR_WRITE
                 unreplayable |= not all(_is_constant(x) for x in rhs)
+            elif item_scope == "session" and (bad or f & F_USER_VAR_READ):
+                # replayed elsewhere it would get another value (a user variable may exist only on
+                # the primary): the session stays on the primary instead
+                sys_unreplayable = unreplayable = True
             elif item_scope == "global":
                 global_seen = True
             elif name == "autocommit":
@@ -312,6 +242,11 @@ class Rules:
                 cacheable = False  # literal-dependent: never served from the digest cache
         if global_seen:
             return WRITE, flags | F_SET_GLOBAL, None, cacheable
+        if next_trx:  # alone, a one-shot; with other assignments, nothing of it can be replayed
+            extra = F_NEXT_TRX | (F_SET_UNREPLAYABLE if len(_split_commas(t)) > 1 else 0)
+            return WRITE, flags | extra, None, cacheable
+        if sys_unreplayable:
+            return WRITE, flags | F_SET_UNREPLAYABLE, None, cacheable
         return (WRITE if unreplayable else SESSION), flags, None, cacheable
 
     def _set_statement(self, code: str, t: list[Tok]) -> Result:
@@ -324,7 +259,7 @@ class Rules:
             elif depth == 0 and tok.is_w("FOR") and j > 1:
                 f, forced, _ = scan(t[1:j])
                 route, flags, db, cacheable = self.part(code, t[j + 1:])
-                if forced or (f & _NOT_READ):
+                if forced or (f & NOT_READ):
                     route = WRITE
                 return route, flags | f, db, cacheable
         return UNPARSED

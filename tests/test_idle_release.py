@@ -32,6 +32,7 @@ def idle_proxy(cluster, tmp_path_factory):
         cur.execute("CREATE DATABASE IF NOT EXISTS idl_other")
         cur.execute("INSERT INTO idl (v) VALUES ('seed')")  # FOUND_ROWS() > 0 whichever test runs first
         cur.execute("CREATE OR REPLACE TABLE idl_handler (x INT)")
+        cur.execute("CREATE OR REPLACE TABLE idl_blob (id INT PRIMARY KEY, b LONGBLOB)")
         cur.execute("INSERT INTO idl_handler VALUES (7)")
         cur.execute("CREATE SEQUENCE IF NOT EXISTS idl_seq")
         cur.execute("CREATE OR REPLACE PROCEDURE idl_proc() BEGIN SET @idl_pv = 42; END")
@@ -130,6 +131,9 @@ def test_a_prepared_statement_survives_its_connection_going_back(idle_proxy):
     (["CALL idl_proc()"], "SELECT @idl_pv", "state left by a stored procedure (CALL)"),
     (["SELECT LAST_INSERT_ID(42)"], "SELECT LAST_INSERT_ID()", "LAST_INSERT_ID(expr) or sequence values"),
     (["SELECT NEXTVAL(idl_seq)"], "SELECT LASTVAL(idl_seq) IS NOT NULL", "LAST_INSERT_ID(expr) or sequence values"),
+    (["SET TRANSACTION READ ONLY"], "/* rwproxy:primary */ SELECT 7", "SET TRANSACTION pending"),
+    (["SET @idl_tz := CONCAT('+0', '5:00')", "SET time_zone = @idl_tz"], "SELECT @@time_zone = '+05:00'",
+     "session history not replayable"),
 ])
 def test_what_ties_a_session_keeps_its_connection(idle_proxy, setup, check, tie):
     c = connect(idle_proxy, database="app")
@@ -148,6 +152,70 @@ def test_what_ties_a_session_keeps_its_connection(idle_proxy, setup, check, tie)
         assert one(c, check)[0] in (1, 7, 42)
         if thread is not None:
             assert one(c, "SELECT CONNECTION_ID()")[0] == thread
+    finally:
+        c.close()
+
+
+def test_long_data_sent_in_pauses_reaches_the_execute_whole(idle_proxy):
+    """COM_STMT_SEND_LONG_DATA chunks sent with pauses longer than idle_release (a client
+    streaming a blob from a slow source): the server holds them on the connection until the
+    execute, so the session keeps it; a release between the chunks stored half the blob."""
+    import io
+
+    import mysql.connector
+
+    class Slow(io.RawIOBase):
+        def __init__(self):
+            self.parts = [b"a" * 100000, None, b"b" * 50000]
+
+        def readable(self):
+            return True
+
+        def read(self, n=-1):
+            while self.parts:
+                part = self.parts.pop(0)
+                if part is None:
+                    time.sleep(0.6)  # three times idle_release between two chunks
+                    continue
+                return part
+            return b""
+
+    c = mysql.connector.connect(host=idle_proxy.host, port=idle_proxy.port, user=USER, password=USER,
+                                database="app", use_pure=True, autocommit=True)
+    try:
+        stmt = c.cmd_stmt_prepare(b"INSERT INTO idl_blob (id, b) VALUES (1, ?)")
+        c.cmd_stmt_execute(stmt["statement_id"], data=(Slow(),), parameters=stmt["parameters"])
+        cur = c.cursor()
+        cur.execute("SELECT LENGTH(b), LEFT(b, 1) = 'a', RIGHT(b, 1) = 'b' FROM idl_blob WHERE id = 1 "
+                    "/* rwproxy:primary */")
+        assert cur.fetchall() == [(150000, 1, 1)]
+        cur.close()
+    finally:
+        c.close()
+
+
+def test_set_transaction_binds_the_next_transaction_only(idle_proxy):
+    """SET TRANSACTION without a scope is the next transaction's only: it outlives an idle pause
+    (ERROR 1792 as a server gives), and once used it is not replayed onto a later transaction
+    on a new connection (found by probing: the replay made the next transaction read-only)."""
+    c = connect(idle_proxy, database="app")
+    try:
+        one(c, "SET TRANSACTION READ ONLY")
+        time.sleep(0.6)  # three times idle_release: the connection that has it stays
+        one(c, "BEGIN")
+        with pytest.raises(pymysql.err.OperationalError) as e:
+            one(c, "INSERT INTO idl (v) VALUES ('ro')")
+        assert e.value.args[0] == 1792
+        one(c, "ROLLBACK")
+        one(c, "SET TRANSACTION READ ONLY")
+        one(c, "BEGIN")
+        one(c, "SELECT COUNT(*) FROM idl")
+        one(c, "COMMIT")
+        wait_until(lambda: all(h == "" for h in holds(idle_proxy)), what="connections given back")
+        one(c, "BEGIN")
+        one(c, "INSERT INTO idl (v) VALUES ('rw')")  # a new connection, and a read-write transaction
+        one(c, "COMMIT")
+        assert one(c, "SELECT @@session.tx_read_only")[0] == 0
     finally:
         c.close()
 

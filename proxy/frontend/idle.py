@@ -98,7 +98,7 @@ def release(s, now: float, min_idle: float, servers=None) -> int:
     st = s.state
     if s.busy or s.closed or s.phase != COMMAND or st is None or s.reader.infile is not None:
         return 0
-    if not st.releasable():
+    if not st.releasable() or s.stmts.long_data_pending():
         return 0
     pools = s.worker.pools
     n = 0

@@ -123,6 +123,8 @@ def other(s, pkt, cmd: int) -> None:
         s.spawn(_send_no_reply(s, pkt, sid, primary))
         return
     name = stmt.last or next(iter(stmt.ids), primary)
+    if cmd == COM_STMT_RESET and stmt.long_data:  # the long data to discard waits on the primary
+        name, stmt.long_data = primary, False
     kind = ROWS if cmd == COM_STMT_FETCH else SIMPLE
     s.spawn(s.send_command(pkt, _SESSION_READ if cmd == COM_STMT_FETCH else stmt.cls, kind, name, sid))
 

@@ -114,6 +114,11 @@ class StatementMap:
                 self.lru.get(server, {}).pop(sid, None)
         return stmt
 
+    def long_data_pending(self) -> bool:
+        """COM_STMT_SEND_LONG_DATA chunks wait on the primary connection for their execute (the
+        server keeps them there only: the connection must not go back to the pool)."""
+        return any(stmt.long_data for stmt in self.stmts.values())
+
     def forget_server(self, server: str) -> None:
         """A backend connection went away: its statements must be prepared again."""
         for stmt in self.stmts.values():

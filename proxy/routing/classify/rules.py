@@ -187,7 +187,8 @@ class Rules:
             return SESSION, 0, None, True
         flags, scope, cacheable = 0, "session", True
         global_seen = unreplayable = sys_unreplayable = next_trx = False
-        for item in _split_commas(t):
+        items = _split_commas(t)
+        for item in items:
             k = 0
             if item and item[0].kind == "w" and item[0].val in SET_SCOPES:
                 scope, k = SET_SCOPES[item[0].val], 1
@@ -243,7 +244,7 @@ class Rules:
         if global_seen:
             return WRITE, flags | F_SET_GLOBAL, None, cacheable
         if next_trx:  # alone, a one-shot; with other assignments, nothing of it can be replayed
-            extra = F_NEXT_TRX | (F_SET_UNREPLAYABLE if len(_split_commas(t)) > 1 else 0)
+            extra = F_NEXT_TRX | (F_SET_UNREPLAYABLE if len(items) > 1 else 0)
             return WRITE, flags | extra, None, cacheable
         if sys_unreplayable:
             return WRITE, flags | F_SET_UNREPLAYABLE, None, cacheable

@@ -1,9 +1,10 @@
 """The control plane's CPU with no clients (issue 22): monitor checks, heartbeats, publishing.
 
-rwproxy with the default configuration (3-server sandbox, checks every 100 ms, heartbeat every
-250 ms) sits idle; the supervisor process's CPU is read from /proc per thread, so the figure
-says where it goes (one checker thread per server, the primary's heartbeat thread, the event
-loop). Then the same with `[monitor] interval` set to each of --intervals, as side notes.
+rwproxy with the default configuration (3-server sandbox, interval 100 ms, heartbeat every
+250 ms, calm servers checked on events: cluster/monitor/cadence.py) sits idle; the supervisor
+process's CPU is read from /proc per thread, so the figure says where it goes (the monitor's
+loop, the publisher, the admin/metrics loop). Then each of --sides ([monitor] settings, e.g.
+steady_checks=false: every server on the 100 ms tick) once, as side notes.
 
     python -m benchmarks.control_plane_idle                  # ~4 minutes
     python -m benchmarks.control_plane_idle --against REV    # this tree and git revision REV, alternating
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import os
 import statistics
 import subprocess
@@ -26,7 +28,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from proxy.config.load import build_config, write_config
+from proxy.config.load import build_config
 from proxy.runtime.launcher import ProxyProcess, free_port
 from proxy.testing.clusters import running_cluster
 
@@ -52,7 +54,9 @@ def measure(tmp: str, cluster, seconds: float, monitor: dict, source: str | None
             "users": [{"name": "app", "password": "app"}],
             "monitor": {"user": "rwproxy", "password": "rwproxy", **monitor}}
     path = str(Path(tmp) / f"rwproxy-{port}.toml")
-    write_config(build_config(data, source=path), path)
+    build_config(data, source=path)  # (validated by this tree)
+    # only the keys given: another revision (--against) may not know this tree's newer keys
+    Path(path).write_text(_toml(data))
     p = ProxyProcess(path, "127.0.0.1", port, log_path=str(Path(tmp) / f"rwproxy-{port}.log"), source=source).start()
     try:
         time.sleep(3.0)
@@ -114,10 +118,27 @@ def floor(cluster, seconds: float) -> dict:
     return {"checks_per_s": 10 * len(cfg.backends), **out}
 
 
+def _toml(data: dict) -> str:
+    def value(v) -> str:
+        return str(v).lower() if isinstance(v, bool) else json.dumps(v)
+    out = []
+    for section, body in data.items():
+        for table in body if isinstance(body, list) else [body]:
+            out.append(f"[[{section}]]" if isinstance(body, list) else f"[{section}]")
+            out += [f"{k} = {value(v)}" for k, v in table.items()]
+    return "\n".join(out) + "\n"
+
+
+def _setting(text: str) -> dict:
+    key, _, value = text.partition("=")
+    return {key.strip(): value.strip() == "true" if value.strip() in ("true", "false") else float(value)}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seconds", type=float, default=30.0)
-    ap.add_argument("--intervals", default="0.25,0.5")
+    ap.add_argument("--sides", default="steady_checks=false,interval=0.25",
+                    help="[monitor] settings measured once each as side notes (key=value, comma-separated)")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--against", default="", help="a git revision to measure in the same rounds")
     args = ap.parse_args(argv)
@@ -140,7 +161,7 @@ def main(argv=None) -> int:
         print(f"the floor: bare check queries, {args.seconds:g} s ...", file=sys.stderr, flush=True)
         bare = floor(cluster, args.seconds)
         print(f"  {bare}", file=sys.stderr, flush=True)
-        for monitor in [{"interval": float(x)} for x in args.intervals.split(",") if x]:
+        for monitor in [_setting(x) for x in args.sides.split(",") if x]:
             print(f"idle, monitor {monitor}: {args.seconds:g} s ...", file=sys.stderr, flush=True)
             runs.append(measure(tmp, cluster, args.seconds, monitor))
             print(f"  {runs[-1]}", file=sys.stderr, flush=True)
@@ -158,7 +179,8 @@ def report(r: dict) -> str:
              "rwproxy, 2 workers, 3-server sandbox (a primary, 2 replicas), no clients; CPU of the supervisor process "
              "(monitor, heartbeat, publishing, admin/metrics loop) read per thread from /proc (10 ms ticks). "
              "Produced by `python -m benchmarks.control_plane_idle`.", "",
-             "The default configuration (interval 0.1, heartbeat 0.25), alternating rounds; medians:", "",
+             "The default configuration (interval 0.1, heartbeat 0.25, steady_checks: calm servers checked on events), "
+             "alternating rounds; medians:", "",
              "| code | control plane ms/s | all rwproxy processes ms/s | rounds (control plane) | busiest threads ms/s, first round |",
              "|---|---:|---:|---|---|"]
     for name, rs in r["rounds"].items():
@@ -173,7 +195,7 @@ def report(r: dict) -> str:
               "| [monitor] | control plane ms/s | all rwproxy processes ms/s | busiest threads ms/s |",
               "|---|---:|---:|---|"]
     for x in r["runs"]:
-        m = ", ".join(f"{k} = {v:g}" for k, v in x["monitor"].items()) or "defaults (interval 0.1, heartbeat 0.25)"
+        m = ", ".join(f"{k} = {str(v).lower() if isinstance(v, bool) else f'{v:g}'}" for k, v in x["monitor"].items())
         lines.append(f"| {m} | {x['control_plane_ms_per_s']} | {x['all_processes_ms_per_s']} | "
                      f"{' / '.join(str(t) for t in x['threads_ms_per_s'][:6])} |")
     return "\n".join(lines + [""])

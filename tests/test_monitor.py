@@ -304,11 +304,12 @@ def _slave_status_reads(node) -> int:
 def test_replication_status_read_at_its_own_pace(cluster_factory, run_monitor):
     """SHOW ALL SLAVES STATUS (the costly part of a check) is reused for replication_interval
     while replication is healthy; 0 reads it on every check. Counted by the replica itself, on a
-    private cluster that no other monitor watches."""
+    private cluster that no other monitor watches (checks on the tick: calm checks in
+    test_monitor_cadence.py)."""
     c = cluster_factory(replicas=1)
     r = c.replicas[0]
     for interval, low, high in ((0.5, 3, 9), (0.0, 20, 40)):
-        mon, rec = run_monitor(c, interval=0.1, replication_interval=interval)
+        mon, rec = run_monitor(c, interval=0.1, replication_interval=interval, steady_checks=False)
         assert readable(mon, r.name, True, 5)
         before, since = _slave_status_reads(r), time.time()
         time.sleep(3.0)
@@ -337,7 +338,7 @@ def test_lag_read_in_the_check_round_trip(cluster_factory, run_monitor):
     c.primary.query("GRANT SLAVE MONITOR ON *.* TO mon_m@'%'")
     c.primary.query("GRANT SELECT, INSERT, UPDATE, CREATE ON rwproxy.* TO mon_m@'%'")
     c.wait_replicas_caught_up(10)
-    mon, rec = run_monitor(c, user="mon_m", password="pw", interval=0.1)
+    mon, rec = run_monitor(c, user="mon_m", password="pw", interval=0.1, steady_checks=False)
     assert readable(mon, r.name, True, 5)
     tracker = mon._nodes[r.name].tracker
     assert wait_for(lambda: tracker.last_lag is not None and tracker.last_lag.source == "heartbeat", 3)

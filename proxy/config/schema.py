@@ -174,6 +174,9 @@ class MonitorConfig:
     heartbeat_schema: str = S("rwproxy", check=identifier_error)
     failcount: int = I(3, 1)
     readmit_after: int = I(5, 1)
+    # a calm server is checked on events (its heartbeats, its writer's heartbeats, a closed
+    # connection) instead of every interval (cluster/monitor/cadence.py); false = every interval
+    steady_checks: bool = B(True)
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import threading
 import time
 from dataclasses import replace
@@ -24,12 +23,13 @@ from typing import Callable
 import pymysql
 import uvloop
 
+from proxy.cluster.monitor.cadence import GTID_WAIT, Cadence
 from proxy.cluster.monitor.health import Observation, Policy, decide, significant
 from proxy.cluster.monitor import wire
 from proxy.cluster.monitor.node import Node, close_quietly
 from proxy.cluster.monitor.heartbeat import HeartbeatWriting
-from proxy.cluster.monitor.replication import DENIED, NO_TABLE, ReplicationReading
-from proxy.cluster.sqlerrors import describe, error_code
+from proxy.cluster.monitor.replication import ReplicationReading
+from proxy.cluster.sqlerrors import describe
 from proxy.config.diff import readdressed
 from proxy.config.schema import MASTER_MASTER
 from proxy.cluster.topology import DOWN, LAGGING, MAINTENANCE, MASTER, PRIMARY, REPLICA, UP, ServerState, Topology, from_config
@@ -39,7 +39,7 @@ log = logging.getLogger("rwproxy.monitor")
 PUBLISH_EVERY = 1.0  # s: lag values reach the workers at least this often
 
 
-class Monitor(ReplicationReading, HeartbeatWriting):
+class Monitor(Cadence, ReplicationReading, HeartbeatWriting):
     """Checks every backend, decides roles/health/read-pool membership, publishes Topology snapshots.
 
     on_update(topology) runs on the monitor's publisher thread; it must not block for long.
@@ -69,10 +69,14 @@ class Monitor(ReplicationReading, HeartbeatWriting):
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self._loop: asyncio.AbstractEventLoop | None = None  # the monitor thread's, while it runs
+        self._loop_thread: int | None = None  # its threading.get_ident()
+        self._stirred = time.monotonic()  # the last event (cadence.py): every server on the tick for a while
         self._ended: asyncio.Event | None = None  # set on the loop by stop()
         self._tasks: list[asyncio.Future] = []
         self._epoch = 0.0  # time.monotonic() of the first tick (see _on_grid)
         self._admin: dict[str, str] = {}  # server -> "offline" / "maintenance", set by an operator
+        # on_overdue(name), on the loop: a writer's check or heartbeat has waited `interval` (failover)
+        self.on_overdue: Callable[[str], None] | None = None
 
     def _settings(self, config) -> None:
         """What the monitor takes from the config: at start and again on every reload."""
@@ -185,10 +189,13 @@ class Monitor(ReplicationReading, HeartbeatWriting):
         with self._cond:
             self._changed()
 
-    def _changed(self) -> None:
-        """(Under self._cond.) Something a router acts on changed: the publisher runs now."""
+    def _changed(self, stir: bool = True) -> None:
+        """(Under self._cond.) Something a router acts on changed: the publisher runs now, and
+        (stir) every server is checked on the tick for a while (cadence.py)."""
         self._dirty = True
         self._cond.notify_all()
+        if stir:
+            self._stir()
 
     def set_maintenance(self, name: str, reason: str) -> None:
         """Keep a server out of every pool until clear_maintenance (checks only refresh last_check)."""
@@ -271,9 +278,11 @@ class Monitor(ReplicationReading, HeartbeatWriting):
             self.clear_maintenance(name)
 
     def unanswered(self, name: str) -> float:
-        """Seconds the check of `name` under way has waited for its answer (0 when none is)."""
-        started = self._nodes[name].check_started
-        return time.monotonic() - started if started else 0.0
+        """Seconds the check or heartbeat of `name` under way has waited for its answer (0 when
+        none is; a calm primary is probed by its heartbeats alone, cadence.py)."""
+        node = self._nodes[name]
+        started = [s for s in (node.check_started, node.beat_started) if s]
+        return max(0.0, time.monotonic() - min(started)) if started else 0.0
 
     def quiet(self, name: str, seconds: float) -> None:
         """Do not judge `name`'s checks for a moment: rwproxy itself restarts its replication (a
@@ -281,6 +290,7 @@ class Monitor(ReplicationReading, HeartbeatWriting):
         node = self._nodes[name]
         node.quiet_until = time.monotonic() + seconds
         node.repl = None  # (and read its replication afresh after)
+        self._stir()
 
     def pause_heartbeat(self, name: str, paused: bool = True) -> None:
         """Stop (or resume) heartbeat writes on one server; on return no write is under way there.
@@ -292,6 +302,7 @@ class Monitor(ReplicationReading, HeartbeatWriting):
         node = self._nodes[name]
         with node.hb_lock:
             node.hb_paused = paused
+        self._stir()
 
     # ---- the loop --------------------------------------------------------------
 
@@ -310,6 +321,7 @@ class Monitor(ReplicationReading, HeartbeatWriting):
         self._epoch = time.monotonic()
         with self._cond:
             self._loop = loop
+            self._loop_thread = threading.get_ident()
             nodes = list(self._nodes.values())
         for node in nodes:
             self._watch(node)
@@ -334,44 +346,10 @@ class Monitor(ReplicationReading, HeartbeatWriting):
 
     async def _connect(self, node: Node) -> wire.WireConnection:
         m = self._mon
-        return await wire.connect(self.config, node.backend, self._user, self._password, m.connect_timeout,
+        conn = await wire.connect(self.config, node.backend, self._user, self._password, m.connect_timeout,
                                   m.read_timeout)
-
-    def _on_grid(self, due: float, period: float) -> float:
-        """When to run something due at `due`: the next check tick at or after it when its period is
-        at least the check interval, so that heartbeats go out in the checks' wakeup instead of one of
-        their own."""
-        step = self._mon.interval
-        if period < step:
-            return due
-        k = math.ceil((due - self._epoch) / step - 1e-6)
-        return self._epoch + k * step
-
-    async def _paced(self, period, body, node: Node) -> None:
-        """Await body() every period() seconds (no bursts after an overrun) until stopped or the node
-        is retired by a reload. period is read each round, so a reload changes it."""
-        due = time.monotonic()
-        complained = 0.0
-        while not self._stop.is_set() and not node.retired.is_set():
-            try:
-                await body()
-            except asyncio.CancelledError:
-                raise
-            except Exception:  # a bug must not silently end this server's checks
-                if time.monotonic() - complained > 60:
-                    complained = time.monotonic()
-                    log.exception("unexpected error in the monitor's %s task (logged at most once a minute)",
-                                  node.name)
-            p = period()
-            due = max(due + p, time.monotonic())
-            await asyncio.sleep(max(0.0, self._on_grid(due, p) - time.monotonic()))
-
-    async def _check_loop(self, node: Node) -> None:
-        conn: list = [None]
-        try:
-            await self._paced(lambda: self._mon.interval, lambda: self._check_once(node, conn), node)
-        finally:
-            close_quietly(conn[0])
+        conn.on_lost = lambda: self._lost(node)
+        return conn
 
     async def _heartbeat_loop(self, node: Node) -> None:
         conn: list = [None]
@@ -383,13 +361,28 @@ class Monitor(ReplicationReading, HeartbeatWriting):
 
     # ---- checks ----------------------------------------------------------------
 
-    async def _check_once(self, node: Node, conn: list) -> None:
+    async def _check_once(self, node: Node, conn: list, pos: str | None = None) -> None:
+        """One check; pos: a calm replica's, first waiting up to GTID_WAIT to reach it (cadence.py)."""
         gen = self._gen
-        node.check_started = time.monotonic()
+        # (the answer is due once the wait is over)
+        started = node.check_started = time.monotonic() + (GTID_WAIT if pos else 0.0)
+        watch = None
+        st = self._states.get(node.name)
+        if st is not None and st.role in (PRIMARY, MASTER):
+            watch = asyncio.get_running_loop().call_later(self._mon.interval, self._overdue, node, started,
+                                                          "check_started")
         try:
-            obs = await self._observe(node, conn)
+            obs = await self._observe(node, conn, pos)
         finally:
             node.check_started = 0.0
+            if watch is not None:
+                watch.cancel()
+        self._judge(node, obs, gen)
+
+    def _judge(self, node: Node, obs: Observation, gen: int) -> None:
+        """(On the loop.) Turn an observation of `node` (a check's or a calm writer's heartbeat's)
+        into its state, log the change, publish what routers act on."""
+        node.judged = time.monotonic()
         with self._cond:
             if gen != self._gen or node.retired.is_set():
                 return  # a designation happened while this check ran (its view predates it), or a reload removed it
@@ -411,23 +404,27 @@ class Monitor(ReplicationReading, HeartbeatWriting):
             if new.readable and self._admin.get(node.name) == "offline":
                 new = replace(new, readable=False)  # an operator took it out of the read pool
             self._states[node.name] = new
-            if significant(prev, new, self._gtid_routing) or (new.fails != prev.fails and new.fails <= self._fail_cap):
-                self._changed()
+            failing = new.fails != prev.fails and new.fails <= self._fail_cap
+            if significant(prev, new, self._gtid_routing) or failing:
+                self._changed(stir=failing or significant(prev, new, False))
         if self._on_check is not None:
             try:
                 self._on_check(new)
             except Exception:
                 log.exception("on_check callback failed")
 
-    async def _observe(self, node: Node, conn: list) -> Observation:
+    async def _observe(self, node: Node, conn: list, pos: str | None = None) -> Observation:
         """One round of queries on the node's dedicated connection; any connection error fails it."""
         try:
+            if conn[0] is not None and conn[0].lost:  # closed while idle (KILL, wait_timeout, a restart):
+                close_quietly(conn[0])  # the connection attempt decides, not the corpse
+                conn[0] = None
             if conn[0] is None:
                 conn[0] = await self._connect(node)
                 node_version = conn[0].get_server_info()
             else:
                 node_version = ""
-            ro, sid, cur_pos, slave_pos, binlog_pos, now, hb_ts = await self._check_query(node, conn[0])
+            ro, sid, cur_pos, slave_pos, binlog_pos, now, hb_ts = await self._check_query(node, conn[0], pos)
             # `at` is when the server answered: the instant the lag estimate refers to
             obs = Observation(ok=True, at=time.time(), read_only=bool(int(ro)), server_id=int(sid),
                               version=node_version, gtid_current_pos=cur_pos or "",
@@ -448,23 +445,6 @@ class Monitor(ReplicationReading, HeartbeatWriting):
             conn[0] = None
             node.repl = None
             return Observation(ok=False, at=time.time(), error=describe(exc))
-
-    _CHECK = ("SELECT @@read_only, @@server_id, @@gtid_current_pos, @@gtid_slave_pos, @@gtid_binlog_pos, "
-              "UNIX_TIMESTAMP(NOW(6))")
-
-    async def _check_query(self, node: Node, conn) -> tuple:
-        """The check's one round trip. On a replica whose heartbeat table was readable last time
-        it also reads the newest heartbeat (else _lag would need a second round trip every check:
-        a third of the monitor's queries). hb_ts is a 1-tuple (value) when it was read, else None."""
-        if node.hb_merge:
-            try:
-                *row, hb_ts = (await conn.query(f"{self._CHECK}, {self._hb_newest}"))[0]
-                return (*row, (hb_ts,))
-            except pymysql.MySQLError as exc:
-                if error_code(exc) not in NO_TABLE | DENIED:
-                    raise
-                node.hb_merge = False  # table gone or not readable: plain check; _lag finds out
-        return (*(await conn.query(self._CHECK))[0], None)
 
     # ---- publishing --------------------------------------------------------------
 

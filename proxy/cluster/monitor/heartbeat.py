@@ -3,12 +3,15 @@ A mixin of Monitor, kept apart so that checker.py holds the loop, checks and pub
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 
 import pymysql
 
 from proxy.cluster.monitor import wire
+from proxy.cluster.monitor.cadence import WRITER
+from proxy.cluster.monitor.health import Observation
 from proxy.cluster.monitor.node import Node, close_quietly
 from proxy.cluster.monitor.replication import DENIED, READ_ONLY
 from proxy.cluster.sqlerrors import describe, error_code
@@ -18,7 +21,8 @@ log = logging.getLogger("rwproxy.monitor")
 
 
 class HeartbeatWriting:
-    """Methods of Monitor (uses its _states, _schema, _user and _connect)."""
+    """Methods of Monitor (uses its _states, _schema, _user, _connect, _gen, _nodes, _replication,
+    _judge, _stir and _overdue)."""
 
     async def _beat(self, node: Node, conn: list, state: dict) -> None:
         """Write this server's heartbeat row if it is a live writer; never counts as a check.
@@ -30,7 +34,13 @@ class HeartbeatWriting:
         """
         with node.hb_lock:
             if not node.retired.is_set():
-                await self._beat_locked(node, conn, state)
+                started = node.beat_started = time.monotonic()
+                watch = asyncio.get_running_loop().call_later(self._mon.interval, self._overdue, node, started)
+                try:
+                    await self._beat_locked(node, conn, state)
+                finally:
+                    node.beat_started = 0.0
+                    watch.cancel()
 
     async def _beat_locked(self, node: Node, conn: list, state: dict) -> None:
         st = self._states[node.name]
@@ -57,16 +67,27 @@ class HeartbeatWriting:
                               ") ENGINE=InnoDB COMMENT='rwproxy replication heartbeat'")
                 state["table"] = True
             # The row, then where the writer's clock and binlog stood right after it (a timeline sample
-            # that brackets the heartbeat's own transaction; see lag.py): one round trip.
-            now, pos = (await c.query(f"INSERT INTO `{schema}`.heartbeat (server_id, ts, writer) "
-                                      f"VALUES (@@server_id, UNIX_TIMESTAMP(NOW(6)), {wire.quote(node.name)}) "
-                                      "ON DUPLICATE KEY UPDATE ts = VALUES(ts), writer = VALUES(writer); "
-                                      "SELECT UNIX_TIMESTAMP(NOW(6)), @@gtid_binlog_pos"))[0]
-            node.timeline.add(float(now), pos or "")
+            # that brackets the heartbeat's own transaction; see lag.py), and what a check reads (a
+            # calm writer's heartbeats are its checks, cadence.py): one round trip.
+            gen = self._gen
+            row = (await c.query(f"INSERT INTO `{schema}`.heartbeat (server_id, ts, writer) "
+                                 f"VALUES (@@server_id, UNIX_TIMESTAMP(NOW(6)), {wire.quote(node.name)}) "
+                                 "ON DUPLICATE KEY UPDATE ts = VALUES(ts), writer = VALUES(writer); "
+                                 "SELECT UNIX_TIMESTAMP(NOW(6)), @@gtid_binlog_pos, @@read_only, @@server_id, "
+                                 "@@gtid_current_pos, @@gtid_slave_pos"))[0]
+            pos = row[1] or ""
+            node.timeline.add(float(row[0]), pos)
+            node.beat_ok = time.monotonic()
+            for other in list(self._nodes.values()):
+                if other.napping_for is node:
+                    other.wake(pos)  # a calm replica: check it now, waiting for this heartbeat (cadence.py)
+            if node.calm == WRITER:
+                await self._judge_beat(node, c, row, gen)
             if node.hb_denied:
                 node.hb_denied = False
                 log.info("%s: heartbeat writes work again; replica lag is measured by heartbeat", node.label)
         except (pymysql.MySQLError, OSError) as exc:
+            self._stir()  # a failed heartbeat is an event: every server back on the tick
             code = error_code(exc)
             if code in DENIED:
                 if not node.hb_denied:
@@ -81,3 +102,16 @@ class HeartbeatWriting:
             close_quietly(conn[0])
             conn[0] = None
             state["table"] = False
+
+    async def _judge_beat(self, node: Node, conn, row: tuple, gen: int) -> None:
+        """A calm writer's heartbeat answer judged as its check (its check task naps meanwhile)."""
+        obs = Observation(ok=True, at=time.time(), read_only=bool(int(row[2])), server_id=int(row[3]),
+                          gtid_current_pos=row[4] or "", gtid_slave_pos=row[5] or "")
+        if obs.server_id != node.server_id:
+            node.wake()  # another server answers here now: a real check finds out
+            return
+        await self._replication(node, conn, obs)
+        if obs.replicating is not False:
+            node.wake()  # it replicates now: its checks read lag
+            return
+        self._judge(node, obs, gen)

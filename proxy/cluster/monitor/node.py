@@ -34,6 +34,20 @@ class Node:
         self.check_started = 0.0  # time.monotonic() the check under way began (0: none under way)
         self.label = f"{backend.name} ({backend.where})"
         self.retired = threading.Event()  # removed from the config by a reload: its threads end
+        # Cadence (cadence.py), all touched on the monitor's loop only:
+        self.calm = ""  # WRITER / REPLICA while its checks wait on events instead of the tick
+        self.waker = None  # the future its check task naps on; wake() ends the nap
+        self.napping_for: "Node | None" = None  # a calm replica: the writer whose next heartbeat ends the nap
+        self.beat_started = 0.0  # time.monotonic() the heartbeat under way began (0: none)
+        self.beat_ok = 0.0  # time.monotonic() of its last successful heartbeat
+        self.judged = 0.0  # time.monotonic() of the last observation judged (a check or a heartbeat's)
+        self.gtid_wait = True  # its server takes MASTER_GTID_WAIT (cleared after a refusal)
+
+    def wake(self, value=None) -> None:
+        """(On the monitor's loop.) End the check task's nap now; value reaches the napper."""
+        w = self.waker
+        if w is not None and not w.done():
+            w.set_result(value)
 
 
 def close_quietly(conn) -> None:

@@ -8,6 +8,8 @@ import time
 
 import pymysql
 
+from proxy.cluster.monitor import wire
+from proxy.cluster.monitor.cadence import CALM_REPLICATION, GTID_WAIT
 from proxy.cluster.monitor.health import Observation
 from proxy.cluster.gtid import seqs
 from proxy.cluster.monitor.lag import LagReading, estimate
@@ -25,21 +27,23 @@ _REPL_FIELDS = ("replicating", "repl_error", "io_state", "sql_state", "io_error"
 
 
 class ReplicationReading:
-    """Methods of Monitor (uses its _mon, _nodes, _states, _hb_newest, _stale_after)."""
+    """Methods of Monitor (uses its _mon, _nodes, _states, _hb_newest, _stale_after, _slow); the
+    check query itself is here too, since on a replica it reads the heartbeat."""
 
     async def _replication(self, node, conn, obs: Observation) -> None:
         """Replication threads' state. SHOW ALL SLAVES STATUS costs a PyMySQL client ~0.45 ms of
         CPU (60-odd columns), five times the rest of a check, so a healthy reading is reused for
         up to `replication_interval`; it is read afresh at once after any problem, a read_only
-        flip, a reconnect, or while lag can only come from Seconds_Behind_Master."""
+        flip, a reconnect, or while lag can only come from Seconds_Behind_Master. A calm server
+        (cadence.py) reuses it CALM_REPLICATION times as long: a stopped thread shows as lag first."""
         cached = node.repl
         src = self._source_node(node)
-        if src is not None and (src.tracker.fails or (src.check_started
-                                                      and time.monotonic() - src.check_started > self._mon.interval)):
+        if src is not None and (src.tracker.fails or self._slow(src)):
             cached = None  # its source is slow to answer us, or stopped: read afresh what the replica hears from it
         if cached is not None:
             fields, read_only, at = cached
-            if (read_only == obs.read_only and time.monotonic() - at < self._mon.replication_interval
+            reuse = self._mon.replication_interval * (CALM_REPLICATION if node.calm else 1)
+            if (read_only == obs.read_only and time.monotonic() - at < reuse
                     and (not fields["replicating"] or self._heartbeat_usable(node))):
                 for k, v in fields.items():
                     setattr(obs, k, v)
@@ -50,6 +54,36 @@ class ReplicationReading:
         healthy = obs.replicating is False or (obs.replicating and obs.io_state == "Yes" and obs.sql_state == "Yes")
         if healthy and (not obs.replicating or self._heartbeat_usable(node)):
             node.repl = ({k: getattr(obs, k) for k in _REPL_FIELDS}, obs.read_only, time.monotonic())
+
+    _CHECK = ("SELECT @@read_only, @@server_id, @@gtid_current_pos, @@gtid_slave_pos, @@gtid_binlog_pos, "
+              "UNIX_TIMESTAMP(NOW(6))")
+
+    async def _check_query(self, node, conn, pos: str | None = None) -> tuple:
+        """The check's one round trip. On a replica whose heartbeat table was readable last time
+        it also reads the newest heartbeat (else _lag would need a second round trip every check:
+        a third of the monitor's queries). hb_ts is a 1-tuple (value) when it was read, else None.
+        pos: first wait (MASTER_GTID_WAIT, up to GTID_WAIT) for the replica to reach the heartbeat
+        that woke its check, in the same round trip (a server that refuses the wait is not asked again)."""
+        wait = f"SELECT MASTER_GTID_WAIT({wire.quote(pos)}, {GTID_WAIT}); " if pos and node.gtid_wait else ""
+        if node.hb_merge:
+            try:
+                *row, hb_ts = (await conn.query(f"{wait}{self._CHECK}, {self._hb_newest}"))[0]
+                return (*row, (hb_ts,))
+            except pymysql.MySQLError as exc:
+                code = error_code(exc)
+                if code in NO_TABLE | DENIED:
+                    node.hb_merge = False  # table gone or not readable: plain check; _lag finds out
+                elif wait and code < 2000:
+                    node.gtid_wait, wait = False, ""
+                else:
+                    raise
+        try:
+            return (*(await conn.query(f"{wait}{self._CHECK}"))[0], None)
+        except pymysql.MySQLError as exc:
+            if not (wait and error_code(exc) < 2000):
+                raise
+            node.gtid_wait = False
+            return (*(await conn.query(self._CHECK))[0], None)
 
     def _heartbeat_usable(self, node) -> bool:
         writer = self._writer_for(node)

@@ -60,6 +60,9 @@ class WireConnection(asyncio.Protocol):
         self._waiter: asyncio.Future | None = None
         self._gone: Exception | None = None
         self._names: tuple[bytes, list[str]] = (b"", [])  # the last column definitions read, and their names
+        # Called (no arguments, on the loop) when the server closes the connection or it breaks,
+        # not when close() ends it: a dead server is noticed at once, not at the next check.
+        self.on_lost = None
 
     # ---- asyncio.Protocol -----------------------------------------------------------------
     def connection_made(self, transport) -> None:
@@ -82,6 +85,9 @@ class WireConnection(asyncio.Protocol):
     def connection_lost(self, exc) -> None:
         self._gone = exc or ConnectionResetError("the server closed the connection")
         self._wake()
+        told, self.on_lost = self.on_lost, None
+        if told is not None:
+            told()
 
     def _wake(self) -> None:
         w = self._waiter
@@ -89,6 +95,11 @@ class WireConnection(asyncio.Protocol):
             w.set_result(None)
 
     # ---- what the monitor calls ------------------------------------------------------------
+    @property
+    def lost(self) -> bool:
+        """The server closed it (or it broke) while nothing was asked."""
+        return self._gone is not None
+
     def get_server_info(self) -> str:
         return self.server_version
 
@@ -101,6 +112,7 @@ class WireConnection(asyncio.Protocol):
         return [dict(zip(names, r)) for r in rows]
 
     def close(self) -> None:
+        self.on_lost = None
         t = self.transport
         if t is None or t.is_closing():
             return

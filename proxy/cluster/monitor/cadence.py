@@ -177,15 +177,16 @@ class Cadence:
                     got = await self._nap(node, self._fresh())
                     # slept it out while its heartbeats judged it: nothing to ask
                     skip = got is None and time.monotonic() - node.judged < self._fresh()
-                    due = time.monotonic()
+                    due = 0.0  # (back on the tick: the first tick after the next check)
                 elif node.calm == CALM_REPLICA:
                     got = await self._nap(node, self._fresh(), self._writer_for(node))
                     pos = got if isinstance(got, str) else None
-                    due = time.monotonic()
+                    due = 0.0
                 else:
                     p = self._mon.interval
                     due = max(due + p, now)
-                    await self._nap(node, self._on_grid(due, p) - now)
+                    if await self._nap(node, self._on_grid(due, p) - now) is not None:
+                        due = 0.0  # woken early: after the check it asked for, the next tick
         finally:
             close_quietly(conn[0])
 

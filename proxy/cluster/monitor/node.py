@@ -43,7 +43,7 @@ class Node:
         self.judged = 0.0  # time.monotonic() of the last observation judged (a check or a heartbeat's)
         self.gtid_wait = True  # its server takes MASTER_GTID_WAIT (cleared after a refusal)
 
-    def wake(self, value=None) -> None:
+    def wake(self, value=True) -> None:
         """(On the monitor's loop.) End the check task's nap now; value reaches the napper."""
         w = self.waker
         if w is not None and not w.done():

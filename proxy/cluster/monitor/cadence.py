@@ -36,7 +36,7 @@ WRITER = "writer"
 CALM_REPLICA = "replica"
 STIR = 1.0  # s: after an event every server is checked on the tick for at least this long
 GTID_WAIT = 0.05  # s a calm replica's check waits for the heartbeat it was woken by
-CALM_REPLICATION = 4  # a calm server reuses a healthy replication reading this many replication_intervals
+CALM_REPLICATION = 20  # a calm server reuses a healthy replication reading this many replication_intervals
 
 
 def _expire(fut: asyncio.Future) -> None:

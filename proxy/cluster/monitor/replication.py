@@ -35,7 +35,8 @@ class ReplicationReading:
         CPU (60-odd columns), five times the rest of a check, so a healthy reading is reused for
         up to `replication_interval`; it is read afresh at once after any problem, a read_only
         flip, a reconnect, or while lag can only come from Seconds_Behind_Master. A calm server
-        (cadence.py) reuses it CALM_REPLICATION times as long: a stopped thread shows as lag first."""
+        (cadence.py) reuses it CALM_REPLICATION times as long (10 s): a stopped thread shows as lag
+        first, within a heartbeat or two, and that ends the calm."""
         cached = node.repl
         src = self._source_node(node)
         if src is not None and (src.tracker.fails or self._slow(src)):
@@ -47,7 +48,9 @@ class ReplicationReading:
                     and (not fields["replicating"] or self._heartbeat_usable(node))):
                 for k, v in fields.items():
                     setattr(obs, k, v)
-                obs.source_silent = time.monotonic() - node.heard_at
+                # silence is known only as of the reading: a reused one must not grow it (failover's
+                # hang rule reads it; when the source is slow the reading is taken afresh anyway)
+                obs.source_silent = max(0.0, at - node.heard_at)
                 return
         node.repl = None
         await self._read_replication(node, conn, obs)

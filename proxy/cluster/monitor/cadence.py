@@ -130,6 +130,18 @@ class Cadence:
 
     # ---- the check task ------------------------------------------------------------------------
 
+    async def _guarded(self, node, work) -> None:
+        """Await a check or heartbeat: a bug in it must not silently end the server's task (logged
+        at most once a minute per server)."""
+        try:
+            await work
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            if time.monotonic() - node.complained > 60:
+                node.complained = time.monotonic()
+                log.exception("unexpected error in the monitor's %s task (logged at most once a minute)", node.name)
+
     async def _nap(self, node, seconds: float, writer=None):
         """Sleep up to `seconds` unless node.wake() ends it; what the waker passed (None: slept it out)."""
         loop = asyncio.get_running_loop()
@@ -157,19 +169,10 @@ class Cadence:
         conn: list = [None]
         due = time.monotonic()
         skip, pos = False, None
-        complained = 0.0
         try:
             while not self._stop.is_set() and not node.retired.is_set():
                 if not skip:
-                    try:
-                        await self._check_once(node, conn, pos)
-                    except asyncio.CancelledError:
-                        raise
-                    except Exception:  # a bug must not silently end this server's checks
-                        if time.monotonic() - complained > 60:
-                            complained = time.monotonic()
-                            log.exception("unexpected error in the monitor's %s task (logged at most once a "
-                                          "minute)", node.name)
+                    await self._guarded(node, self._check_once(node, conn, pos))
                 skip, pos = False, None
                 node.calm = self._calm(node)
                 now = time.monotonic()
@@ -196,17 +199,8 @@ class Cadence:
         """Await body() every period() seconds (no bursts after an overrun) until stopped or the node
         is retired by a reload. period is read each round, so a reload changes it."""
         due = time.monotonic()
-        complained = 0.0
         while not self._stop.is_set() and not node.retired.is_set():
-            try:
-                await body()
-            except asyncio.CancelledError:
-                raise
-            except Exception:  # a bug must not silently end this server's heartbeats
-                if time.monotonic() - complained > 60:
-                    complained = time.monotonic()
-                    log.exception("unexpected error in the monitor's %s task (logged at most once a minute)",
-                                  node.name)
+            await self._guarded(node, body())
             p = period()
             due = max(due + p, time.monotonic())
             await asyncio.sleep(max(0.0, self._on_grid(due, p) - time.monotonic()))

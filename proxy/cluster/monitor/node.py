@@ -42,6 +42,7 @@ class Node:
         self.beat_ok = 0.0  # time.monotonic() of its last successful heartbeat
         self.judged = 0.0  # time.monotonic() of the last observation judged (a check or a heartbeat's)
         self.gtid_wait = True  # its server takes MASTER_GTID_WAIT (cleared after a refusal)
+        self.complained = -60.0  # time.monotonic() an unexpected error in its tasks was last logged
 
     def wake(self, value=True) -> None:
         """(On the monitor's loop.) End the check task's nap now; value reaches the napper."""

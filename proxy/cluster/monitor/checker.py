@@ -7,7 +7,7 @@ so a hung server only ever stalls its own tasks; the tasks wake on one grid of
 ticks, so a tick is one wakeup for every server (one thread instead of 2N+1; the
 idle CPU measured the same as with threads, docs/performance.md). A calm server
 leaves the tick and is checked on events instead (cadence.py: its own or its
-writer's heartbeats, a closed connection; idle CPU 11-13 -> 5.3 ms/s).  A publisher
+writer's heartbeats, a closed connection; idle CPU 11-13 -> 4.0 ms/s).  A publisher
 thread turns the per-server states into immutable ``Topology`` snapshots and
 hands them to ``on_update``: at once when something a router acts on changed,
 and at least every second otherwise (lag values).  See docs/monitor.md.

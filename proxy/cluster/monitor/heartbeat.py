@@ -22,7 +22,7 @@ log = logging.getLogger("rwproxy.monitor")
 
 class HeartbeatWriting:
     """Methods of Monitor (uses its _states, _schema, _user, _connect, _gen, _nodes, _replication,
-    _judge, _stir and _overdue)."""
+    _judge, _stir, _overdue and _beat_landed)."""
 
     async def _beat(self, node: Node, conn: list, state: dict) -> None:
         """Write this server's heartbeat row if it is a live writer; never counts as a check.
@@ -78,9 +78,7 @@ class HeartbeatWriting:
             pos = row[1] or ""
             node.timeline.add(float(row[0]), pos)
             node.beat_ok = time.monotonic()
-            for other in list(self._nodes.values()):
-                if other.napping_for is node:
-                    other.wake(pos)  # a calm replica: check it now, waiting for this heartbeat (cadence.py)
+            self._beat_landed(node, pos)  # calm replicas check after it (cadence.py)
             if node.calm == WRITER:
                 await self._judge_beat(node, c, row, gen)
             if node.hb_denied:

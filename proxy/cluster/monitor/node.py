@@ -37,7 +37,8 @@ class Node:
         # Cadence (cadence.py), all touched on the monitor's loop only:
         self.calm = ""  # WRITER / REPLICA while its checks wait on events instead of the tick
         self.waker = None  # the future its check task naps on; wake() ends the nap
-        self.napping_for: "Node | None" = None  # a calm replica: the writer whose next heartbeat ends the nap
+        self.napping_for: "Node | None" = None  # a calm replica: the writer whose heartbeats end the nap
+        self.beats_heard = 0  # a calm replica: that writer's heartbeats answered since the nap began
         self.beat_started = 0.0  # time.monotonic() the heartbeat under way began (0: none)
         self.beat_ok = 0.0  # time.monotonic() of its last successful heartbeat
         self.judged = 0.0  # time.monotonic() of the last observation judged (a check or a heartbeat's)

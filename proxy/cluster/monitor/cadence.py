@@ -8,10 +8,10 @@ So a server whose checks have nothing to find is not polled on the tick:
   heartbeat round trip, which reads the check's columns too (heartbeat.py): no check query;
 * a calm **replica** (readable, lag measured by heartbeat and well under max_replica_lag) is
   checked right after every CALM_REPLICA_BEATS-th heartbeat of its writer (every 0.5 s at the
-  defaults: one check a heartbeat was 12 round trips a second on the sandbox and 5.3-6.3 ms/s,
-  every second one 8 and 4.4-5.4 in alternating rounds), and that check first waits up to
-  GTID_WAIT for the heartbeat to arrive (MASTER_GTID_WAIT), so the reading is current instead
-  of a heartbeat period old;
+  defaults: a check after every heartbeat was 12 round trips a second on the sandbox and a
+  control plane of 5.3 ms/s, after every second one 8 and 4.0 in the same alternating
+  rounds), and that check first waits up to GTID_WAIT for the heartbeat to arrive
+  (MASTER_GTID_WAIT), so the reading is current instead of a heartbeat period old;
 * anything else is checked every `interval` on the grid of ticks, as before.
 
 Events end a calm nap at once: the server closing a monitor connection (a killed server is

@@ -9,7 +9,8 @@ N clients log in (as many at once as --concurrency) and stay idle. Then:
 - wake-up: clients picked at random from the idle crowd send a point select one after the other;
   the time from the query's first byte to the last byte of its answer (the session has given
   its connections back: the answer needs a connection from the pool and the SET/USE history
-  replayed, or a shared one).
+  replayed, or a shared one). Then others send an autocommit UPDATE the same way: a write
+  shares a connection instead of taking one from the pool when it can (counted).
 
     python -m benchmarks.idle_crowd                 # 10,000 clients, ~2 minutes
     python -m benchmarks.idle_crowd --clients 2000  # quicker
@@ -43,6 +44,7 @@ from .report import save
 from .run import SB_DB, write_mode_config
 
 QUERY = b"SELECT id FROM crowd WHERE id = 1"
+WRITE = b"UPDATE crowd SET n = n + 1 WHERE id = 1"
 
 
 def _progress(msg: str) -> None:
@@ -115,28 +117,48 @@ async def crowd(port: int, n: int, concurrency: int) -> list[Client]:
     return clients
 
 
+def shared_statements(cfg_path: str) -> int:
+    """Statements rwproxy has answered over shared connections so far (its control socket)."""
+    from proxy.config.load import load_config
+    from proxy.runtime.control import request
+    from proxy.runtime.rundir import control_socket
+
+    return request(control_socket(load_config(cfg_path)), "status", timeout=10)["shared_statements"]
+
+
+async def timed_wakes(clients: list, sql: bytes, n: int, seed: int) -> tuple[list[float], int]:
+    """`n` clients picked at random each send `sql`, one after the other: (ms each, errors)."""
+    times, errors = [], 0
+    for c in random.Random(seed).sample(clients, min(n, len(clients))):
+        dt, ok = await c.timed_query(sql)
+        times.append(dt * 1000)
+        errors += not ok
+    return sorted(times), errors
+
+
 async def measure(proxy: ProxyProcess, cluster, n: int, concurrency: int, wakes: int, idle_s: float) -> dict:
     rss0 = proxy.rss_kib()
     t0 = time.monotonic()
     clients = await crowd(proxy.port, n, concurrency)
     login_s = time.monotonic() - t0
-    # a few queries first, so the digest is known (as in any running application)
+    # a few statements first, so the digests are known (as in any running application)
     for c in clients[:20]:
+        await c.timed_query(QUERY)
+        await c.timed_query(WRITE)
         await c.timed_query(QUERY)
     _progress(f"  all logged in after {login_s:.1f} s; idle for {idle_s:g} s")
     await asyncio.sleep(idle_s)
     rss1 = proxy.rss_kib()
     conns = user_connections(cluster, "app")
-    times, errors = [], 0
-    rng = random.Random(22)
-    for c in rng.sample(clients, min(wakes, len(clients))):
-        dt, ok = await c.timed_query(QUERY)
-        times.append(dt * 1000)
-        errors += not ok
+    times, errors = await timed_wakes(clients[20:], QUERY, wakes, 22)
     conns_after = user_connections(cluster, "app")
+    shared0 = shared_statements(proxy.config_path)
+    wtimes, werrors = await timed_wakes(clients[20:], WRITE, wakes, 23)
+    await asyncio.sleep(0.7)  # (workers publish their counters twice a second)
+    wshared = shared_statements(proxy.config_path) - shared0
+    conns_writes = user_connections(cluster, "app")
     for c in clients:
         c.close()
-    times.sort()
     return {
         "clients": n, "login_seconds": round(login_s, 1), "logins_per_s": round(n / login_s),
         "rss_before_kib": rss0, "rss_after_kib": rss1, "kib_per_session": round((rss1 - rss0) / n, 2),
@@ -144,6 +166,10 @@ async def measure(proxy: ProxyProcess, cluster, n: int, concurrency: int, wakes:
         "server_connections_after_wakes_total": sum(conns_after.values()),
         "wakes": len(times), "wake_errors": errors, "wake_ms_median": round(statistics.median(times), 2),
         "wake_ms_p95": round(times[int(len(times) * 0.95) - 1], 2), "wake_ms_max": round(times[-1], 2),
+        "write_wakes": len(wtimes), "write_wake_errors": werrors, "write_wakes_shared": wshared,
+        "write_wake_ms_median": round(statistics.median(wtimes), 2),
+        "write_wake_ms_p95": round(wtimes[int(len(wtimes) * 0.95) - 1], 2),
+        "server_connections_after_writes_total": sum(conns_writes.values()),
     }
 
 
@@ -153,6 +179,9 @@ def main(argv=None) -> int:
     ap.add_argument("--concurrency", type=int, default=200, help="logins under way at once")
     ap.add_argument("--wakes", type=int, default=300)
     ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--baseline", default="", metavar="DIR",
+                    help="run rwproxy from another checkout (e.g. `git worktree add DIR <commit>`): the figures before a change")
+    ap.add_argument("--tag", default="idle-crowd")
     args = ap.parse_args(argv)
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft < args.clients + 1000:
@@ -162,12 +191,13 @@ def main(argv=None) -> int:
         with cluster.primary.connect() as c, c.cursor() as cur:
             cur.execute(f"CREATE DATABASE IF NOT EXISTS {SB_DB}")
             cur.execute(f"GRANT ALL ON {SB_DB}.* TO 'app'@'%'")
-            cur.execute(f"CREATE TABLE IF NOT EXISTS {SB_DB}.crowd (id INT PRIMARY KEY)")
-            cur.execute(f"REPLACE INTO {SB_DB}.crowd VALUES (1)")
+            cur.execute(f"CREATE TABLE IF NOT EXISTS {SB_DB}.crowd (id INT PRIMARY KEY, n INT NOT NULL DEFAULT 0)")
+            cur.execute(f"REPLACE INTO {SB_DB}.crowd (id) VALUES (1)")
         cluster.wait_replicas_caught_up(60)
         port = free_port()
         cfg = write_mode_config("split", port, args.workers, cluster, tmp)  # the default configuration
-        proxy = ProxyProcess(cfg, "127.0.0.1", port, log_path=str(Path(tmp) / "rwproxy.log")).start()
+        proxy = ProxyProcess(cfg, "127.0.0.1", port, log_path=str(Path(tmp) / "rwproxy.log"),
+                             source=args.baseline or None).start()
         try:
             time.sleep(1.0)
             _progress(f"{args.clients} clients logging in, {args.concurrency} at a time ...")
@@ -177,10 +207,10 @@ def main(argv=None) -> int:
     _progress(f"result: {got}")
     result = {"date": datetime.datetime.now().isoformat(timespec="seconds"),
               "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
-              "settings": {"workers": args.workers, "concurrency": args.concurrency,
+              "settings": {"workers": args.workers, "concurrency": args.concurrency, "baseline": args.baseline,
                            "config": "read/write split, idle_release 1000 ms, max_server_connections 64"},
               "result": got}
-    save("idle-crowd", result, report(result))
+    save(args.tag, result, report(result))
     return 0
 
 
@@ -200,7 +230,12 @@ def report(r: dict) -> str:
         f"| wake-up errors | {g['wake_errors']} | 0 |",
         f"| logins ({g['clients']:,}, {r['settings']['concurrency']} at a time) | {g['login_seconds']} s "
         f"({g['logins_per_s']}/s) | |",
-        f"| server connections after the wake-ups | {g['server_connections_after_wakes_total']} | |", ""])
+        f"| server connections after the wake-ups | {g['server_connections_after_wakes_total']} | |",
+        f"| wake-up: an autocommit UPDATE from an idle client, median / p95 | {g['write_wake_ms_median']} / "
+        f"{g['write_wake_ms_p95']} ms | |",
+        f"| ... of those {g['write_wakes']} writes, answered on a shared connection (errors) | "
+        f"{g['write_wakes_shared']} ({g['write_wake_errors']}) | |",
+        f"| server connections after the write wake-ups | {g['server_connections_after_writes_total']} | |", ""])
 
 
 if __name__ == "__main__":

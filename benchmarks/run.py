@@ -56,14 +56,14 @@ MODE_NAMES = {"primary": "read_write_split = false (every statement to the prima
                          "workers (benchmarks/haproxy.py)",
               "forwarder": "reference, not rwproxy: benchmarks/forwarder.py, a bare uvloop TCP forwarder to the primary "
                            "(same worker count, no parsing, routing or pools): the floor for any Python proxy here"}
-MODE_TESTS = {"primary": ["oltp_point_select", "oltp_read_only"],
+MODE_TESTS = {"primary": ["oltp_point_select", "oltp_read_only", "oltp_update_non_index"],
               "primary-pinned": ["oltp_point_select", "oltp_read_only"],
-              "split": ["oltp_point_select", "oltp_read_only_skip_trx"],
+              "split": ["oltp_point_select", "oltp_read_only_skip_trx", "oltp_update_non_index"],
               "primary-unix": ["oltp_point_select"],
               "primary-tls": ["oltp_point_select"],
               "primary-16k": ["oltp_point_select"],
-              "haproxy": ["oltp_point_select"],
-              "forwarder": ["oltp_point_select"]}
+              "haproxy": ["oltp_point_select", "oltp_update_non_index"],
+              "forwarder": ["oltp_point_select", "oltp_update_non_index"]}
 BIG_RESULT_MODES = ("split", "primary", "primary-pinned", "primary-tls", "primary-16k", "haproxy", "forwarder")  # 1,000-row figure measured in these
 BEFORE = "@before"  # a mode with this suffix runs rwproxy from the checkout given by --baseline
 
@@ -81,6 +81,7 @@ VARIANTS = {  # name -> (sysbench test, extra options)
     "oltp_read_only": ("oltp_read_only", []),  # BEGIN ... COMMIT: a transaction, so the primary
     "oltp_read_only_skip_trx": ("oltp_read_only", ["--skip_trx=on"]),  # autocommit reads: replicas
     "oltp_read_write": ("oltp_read_write", []),
+    "oltp_update_non_index": ("oltp_update_non_index", []),  # autocommit single-row UPDATEs: writes that share
 }
 
 

@@ -375,3 +375,183 @@ def test_an_execute_without_types_runs_with_its_own_sessions_types_when_shared(m
     finally:
         a.close()
         b.close()
+
+
+@pytest.fixture(scope="module")
+def wsx(mux):
+    """A table whose trigger records the server thread that ran each insert (a write cannot
+    report its own connection: CONNECTION_ID() would keep it off shared connections)."""
+    with mux.cluster.primary.connect(database="app") as c, c.cursor() as cur:
+        cur.execute("DROP TABLE IF EXISTS wsx")
+        cur.execute("CREATE TABLE wsx (id INT AUTO_INCREMENT PRIMARY KEY, sess INT, round INT, tid BIGINT)")
+        cur.execute("CREATE TRIGGER wsx_tid BEFORE INSERT ON wsx FOR EACH ROW SET NEW.tid = CONNECTION_ID()")
+    mux.cluster.wait_replicas_caught_up(30)
+    return "wsx"
+
+
+def session_rows(proxy) -> dict[int, dict]:
+    """The proxy's sessions table (`rwproxy status --json --tables sessions`), by session id."""
+    r = subprocess.run([sys.executable, "-m", "proxy", "status", "--json", "--tables", "sessions", "--config",
+                        proxy.process.config_path], capture_output=True, text=True, timeout=20)
+    assert r.returncode == 0, r.stderr
+    return {row["id"]: row for row in json.loads(r.stdout)["tables"]["sessions"]}
+
+
+def wait_released(proxy, conns, timeout=10.0) -> None:
+    """Until the sessions of `conns` hold no server connection of their own (idle_release)."""
+    ids = {c.thread_id() for c in conns}
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        rows = session_rows(proxy)
+        if all(rows[i]["servers"] == "" for i in ids):
+            return
+        time.sleep(0.2)
+    raise AssertionError("sessions kept their connections past idle_release")
+
+
+def teach_write(proxy, sql, args) -> None:
+    """A session runs write `sql` twice, the second time after an unrelated statement: its digest
+    is known small and fast and nothing asked about it afterwards, so it may share."""
+    with sessions(proxy, 1) as (t,):
+        for _ in range(2):
+            with t.cursor() as cur:
+                cur.execute(sql, args)
+                cur.execute("SELECT 1")
+
+
+def primary_rows(cluster, sql):
+    with cluster.primary.connect(database="app") as c, c.cursor() as cur:
+        cur.execute(sql)
+        return cur.fetchall()
+
+
+def test_autocommit_writes_of_many_sessions_share_a_few_server_connections(mux, wsx):
+    """Stateless autocommit writes of sessions holding no connection share connections as reads
+    do: 12 idle sessions' inserts ran on a few server threads, each session still gets its own
+    insert ids from LAST_INSERT_ID() (after a read on a replica in between, too), and no write was
+    lost or doubled."""
+    teach_write(mux, "INSERT INTO wsx (sess, round) VALUES (%s, %s)", (1000, 1000))
+    before = status(mux)["shared_statements"]
+    last = {}
+    with sessions(mux) as conns:
+        wait_for_replicas(mux, conns[0])
+        wait_released(mux, conns)  # as in an application whose clients are mostly idle
+        for rnd in range(4):
+            for i, c in enumerate(conns):
+                with c.cursor() as cur:
+                    cur.execute("INSERT INTO wsx (sess, round) VALUES (%s, %s)", (i, rnd))
+                    assert cur.rowcount == 1 and cur.lastrowid > 0
+                    last[i] = cur.lastrowid
+        time.sleep(1.2)  # past read_your_writes_window: the next read goes to a replica
+        for i, c in enumerate(conns):
+            assert one(c, "SELECT v FROM mx WHERE id = %s", (3,)) == ("three",)
+            assert one(c, "SELECT LAST_INSERT_ID()") == (last[i],)
+    rows = primary_rows(mux.cluster, "SELECT sess, round, id, tid FROM wsx WHERE sess < 1000 AND round < 100")
+    assert sorted((s, r) for s, r, _, _ in rows) == sorted((i, r) for i in range(SESSIONS) for r in range(4))
+    assert {s: max(i for s2, _, i, _ in rows if s2 == s) for s, _, _, _ in rows} == last
+    # 48 inserts from 12 sessions on at most 3 server threads: the shared connections (the first
+    # write that wanted one, while it opened, took a connection of its own, and kept it)
+    threads = {t for _, _, _, t in rows}
+    assert 1 <= len(threads) <= 3, threads
+    deadline = time.monotonic() + 5
+    while status(mux)["shared_statements"] - before < 36 and time.monotonic() < deadline:
+        time.sleep(0.2)  # (workers publish their counters twice a second)
+    assert status(mux)["shared_statements"] - before >= 36
+
+
+def test_a_write_asked_about_keeps_its_own_connection(mux, wsx):
+    """ROW_COUNT() and SHOW WARNINGS ask the connection that ran the previous statement, and a
+    write cannot run twice: a write digest followed by such a question keeps to the session's
+    own connection, so the answers are the server's own."""
+    with sessions(mux, 4) as conns:
+        for _ in range(4):
+            for i, c in enumerate(conns):
+                with c.cursor() as cur:
+                    n = cur.execute("UPDATE mx SET v = v WHERE id <= %s", (i + 1,))
+                    cur.execute("SELECT ROW_COUNT()")
+                    assert cur.fetchone() == (n,)
+                    # INSERT IGNORE of an existing key: a warning, which SHOW WARNINGS must find
+                    cur.execute("INSERT IGNORE INTO mx VALUES (%s, 'dup')", (i % 5 + 1,))
+                    assert cur.rowcount == 0
+                    cur.execute("SHOW WARNINGS")
+                    warnings = cur.fetchall()
+                    assert len(warnings) == 1 and warnings[0][1] == 1062, warnings
+                    cur.execute("INSERT INTO wsx (round, sess) VALUES (100, %s)", (i,))
+                    cur.execute("SELECT @@warning_count, ROW_COUNT()")
+                    assert cur.fetchone() == (0, 1)
+    threads = primary_rows(mux.cluster, "SELECT DISTINCT tid FROM wsx WHERE round = 100")
+    assert len(threads) >= 4  # each session's own connection ran its inserts
+
+
+def test_a_write_confirmed_then_asked_about_stops_sharing(mux, wsx):
+    """A write digest that shares (nothing asked about it afterwards) and is then followed by
+    ROW_COUNT() stops sharing: from then on it runs on the session's own connection, where
+    ROW_COUNT() after it is the server's answer."""
+    sql = "INSERT INTO wsx (round, sess, tid) VALUES (%s, %s, 0)"
+    teach_write(mux, sql, (300, 1000))
+    with sessions(mux, 3) as (a, b, c):
+        wait_released(mux, [a, b, c])
+        with a.cursor() as cur:
+            cur.execute(sql, (300, 1))
+        assert session_rows(mux)[a.thread_id()]["servers"] == ""  # it shared: no connection taken
+        with b.cursor() as cur:
+            cur.execute(sql, (300, 2))
+            cur.execute("SELECT ROW_COUNT()")  # asked about on the session's own connection
+            cur.fetchall()
+        with c.cursor() as cur:
+            cur.execute(sql, (300, 3))
+            assert session_rows(mux)[c.thread_id()]["servers"] == mux.cluster.primary.name  # its own now
+            cur.execute("SELECT ROW_COUNT()")
+            assert cur.fetchone() == (1,)
+
+
+def test_a_shared_write_waiting_for_a_lock_holds_up_nobody_and_can_be_killed(mux, wsx):
+    """A write waits for a row lock on a shared connection: nothing queues behind a write, so the
+    other sessions' writes and reads keep being answered meanwhile; KILL QUERY stops it (ERROR
+    1317, the row unchanged), as it would on the session's own connection."""
+    upd = "UPDATE mx SET v = %s WHERE id = %s"
+    with sessions(mux, 6) as conns:
+        wait_for_replicas(mux, conns[0])
+        for _ in range(3):  # learned and confirmed: small, fast, nothing asked about it afterwards
+            for i, c in enumerate(conns[:4]):
+                with c.cursor() as cur:
+                    cur.execute(upd, (("one", "two", "three", "four")[i], i + 1))
+        with mux.cluster.primary.connect(database="app") as locker, locker.cursor() as lk:
+            lk.execute("BEGIN")
+            lk.execute("SELECT v FROM mx WHERE id = 5 FOR UPDATE")
+            victim, killer = conns[4], conns[5]
+            wait_released(mux, [victim])  # the victim holds no connection: its write shares one
+            got: dict = {}
+
+            def blocked():
+                try:
+                    with victim.cursor() as cur:
+                        cur.execute(upd, ("changed", 5))
+                        got["v"] = cur.rowcount
+                except pymysql.err.OperationalError as e:
+                    got["v"] = e.args[0]
+
+            t = threading.Thread(target=blocked)
+            t.start()
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline and not primary_rows(
+                    mux.cluster, "SELECT ID FROM information_schema.PROCESSLIST WHERE INFO LIKE 'UPDATE mx SET v%5'"):
+                time.sleep(0.05)
+            me = session_rows(mux)[victim.thread_id()]
+            assert me["state"] == "in statement (shared)", me
+            # meanwhile everyone else's writes and reads are answered
+            for _ in range(3):
+                for i, c in enumerate(conns[:4]):
+                    with c.cursor() as cur:
+                        assert cur.execute(upd, (("one", "two", "three", "four")[i], i + 1)) in (0, 1)
+                    assert one(c, "/* rwproxy:primary */ SELECT v FROM mx WHERE id = %s", (i + 1,)) == (
+                        ("one", "two", "three", "four")[i],)
+            assert t.is_alive() and "v" not in got  # still waiting for the lock
+            with killer.cursor() as cur:
+                cur.execute(f"KILL QUERY {victim.thread_id()}")
+            t.join(15)
+            assert got.get("v") == 1317, got
+            lk.execute("ROLLBACK")
+        assert primary_rows(mux.cluster, "SELECT v FROM mx WHERE id = 5") == (("five",),)
+        with victim.cursor() as cur:  # the session goes on
+            assert cur.execute(upd, ("five", 5)) == 0

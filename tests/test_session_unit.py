@@ -11,7 +11,8 @@ import pytest
 from proxy.backend import shared as shared_mod
 from proxy.backend.connection import BackendError
 from proxy.cluster.topology import DOWN
-from proxy.protocol.constants import CLIENT_MULTI_STATEMENTS, CLIENT_SESSION_TRACK
+from proxy.frontend import idle
+from proxy.protocol.constants import CLIENT_MULTI_STATEMENTS, CLIENT_SESSION_TRACK, ER_CONNECTION_KILLED
 from proxy.protocol.packets import frame, lenenc_str
 from proxy.protocol.scan import RESULT
 
@@ -292,19 +293,25 @@ def test_per_transaction_spreading_moves_to_another_master_after_a_write_in_gtid
         kit.close()
 
 
+def fake_shared_lines(monkeypatch) -> list:
+    """Shared connections open as fake ones (a MariaDB server's); returns the list they are added to."""
+    opened = []
+
+    async def connect(server, key, caps, *args, factory, **kw):
+        conn = factory(server, key, caps)
+        conn.connection_made(FakeTransport(conn))
+        conn.server_version = b"10.11.0-MariaDB"
+        opened.append(conn)
+        return conn
+
+    monkeypatch.setattr(shared_mod, "connect", connect)
+    return opened
+
+
 def test_a_shared_read_whose_connection_dies_is_retried(monkeypatch):
     kit = Kit(pool={"multiplex": True})
     try:
-        opened = []
-
-        async def connect(server, key, caps, *args, factory, **kw):
-            conn = factory(server, key, caps)
-            conn.connection_made(FakeTransport(conn))
-            conn.server_version = b"10.11.0-MariaDB"
-            opened.append(conn)
-            return conn
-
-        monkeypatch.setattr(shared_mod, "connect", connect)
+        opened = fake_shared_lines(monkeypatch)
         s = kit.session()
         sql = b"SELECT v FROM t WHERE id = 1"
         line = None
@@ -325,6 +332,37 @@ def test_a_shared_read_whose_connection_dies_is_retried(monkeypatch):
         assert again and again[0].transport.take() == query(sql)
         run_soon(again[0].data_received, result(b"1"))  # (a shared or an own connection)
         assert s.received() == result(b"1")  # the client never noticed
+        assert s.conn.shared_on is None and not s.conn.busy
+    finally:
+        kit.close()
+
+
+def test_a_shared_write_whose_connection_dies_is_not_run_again(monkeypatch):
+    """A write on a shared connection that dies before answering may have run: the client is told
+    the connection was lost, as by a server, and nothing sends it a second time."""
+    kit = Kit(pool={"multiplex": True})
+    try:
+        opened = fake_shared_lines(monkeypatch)
+        s = kit.session()
+        sql = b"UPDATE t SET v = v + 1 WHERE id = 1"
+        line = None
+        for _ in range(8):  # the session's own connection until the digest is known and a line is open
+            s.send(query(sql))
+            line = next((c for c in opened if c.transport.out), None)
+            if line is not None:
+                break
+            be = kit.sent_to("node1")
+            assert be.transport.take() == query(sql)
+            be.answer(ok(AUTOCOMMIT))
+            assert s.received()[4] == 0
+            idle.release(s.conn, 0.0, 0.0)  # idle: its own connection goes back (a write shares instead of taking one)
+        assert line is not None and line.server.name == "node1" and s.conn.shared_on is line
+        assert line.transport.take() == query(sql)
+        line.transport.closed = True  # dies before answering
+        run_soon(line.connection_lost, None)
+        assert not [be for be in kit.pools.opened + opened if be.transport.out]  # not sent again
+        got = s.received()
+        assert got[4] == 0xFF and int.from_bytes(got[5:7], "little") == ER_CONNECTION_KILLED[0], got  # (2013 as a server sends it)
         assert s.conn.shared_on is None and not s.conn.busy
     finally:
         kit.close()

@@ -42,12 +42,20 @@ _monotonic = time.monotonic
 _EWMA = 0.2  # weight of the newest service time in a digest's average
 _call_soon = None  # the worker's loop.call_soon, set when the first shared connection opens
 RETRY_AFTER = 5.0  # seconds before opening a shared connection is tried again after a failure
+# ... and after max_server_connections refused it: asking the sessions to give connections back
+# (Pools.on_pressure) at every statement that wanted a line cost 15% of the QPS of 256 writers
+# on 64 connections (measured, 2026-12-05).
+FULL_RETRY = 0.1
 # A shared connection takes new commands until the work queued on it (the digests' average
 # service times) reaches this; only then does the next one (opened on demand) take them.
 # Filling one connection first keeps batches big: each send(2) and each wakeup of the
 # server's thread carries more commands (1 vs 2 per worker measured 0.72x vs 0.68x direct,
 # 19.7 vs 21.7 us per point select), while slow reads still spread out and run in parallel.
 SPILL_AFTER = 0.001
+# A write counts as this much queued work: nothing is queued behind it, so a write that waits for
+# a row lock (up to innodb_lock_wait_timeout) holds up no other session's statement, and KILL
+# QUERY of its connection's thread can only stop that write (frontend/kill.py).
+EXCLUSIVE = 1e6
 
 
 class Entry:
@@ -70,7 +78,7 @@ class Entry:
 class SharedBackend(BackendConnection):
     """A backend connection that carries a queue of commands from many sessions."""
 
-    __slots__ = ("queue", "ps", "lines", "direct_ok", "reading_paused", "ready", "out", "pending")
+    __slots__ = ("queue", "ps", "lines", "direct_ok", "reading_paused", "ready", "out", "pending", "reserved")
 
     def __init__(self, server, key, caps: int):
         super().__init__(server, key, caps)
@@ -82,6 +90,7 @@ class SharedBackend(BackendConnection):
         self.ready = False  # logging in and replaying the key's session history: plain collected commands
         self.out: list = []  # commands queued in this loop iteration, written together (one send)
         self.pending = 0.0  # expected seconds of work queued (sum of the entries' est)
+        self.reserved = 0.0  # EXCLUSIVE while a KILL for the write on it runs: nothing new is queued
 
     def send(self, client, packet: bytes, kind: int, est: float, prepare_sql: bytes | None = None,
              prepare_packet: bytes = b""):
@@ -141,7 +150,7 @@ class SharedBackend(BackendConnection):
             if n < 0:
                 return
             q.popleft()
-            self.pending = self.pending - e.est if q else 0.0
+            self.pending = self.pending - e.est if q else self.reserved
             now = _monotonic()
             started = e.sent if e.sent > self.done_at else self.done_at
             self.done_at = now
@@ -188,6 +197,12 @@ class SharedBackend(BackendConnection):
             else:
                 self.transport.resume_reading()
 
+    def reserve(self, on: bool) -> None:
+        """Take no new statement (on) while a KILL for the write on this connection runs, or again."""
+        d = EXCLUSIVE if on else -EXCLUSIVE
+        self.reserved += d
+        self.pending += d
+
     def client_paused(self, client) -> None:
         """The client's write buffer crossed a mark (or it closed): follow it if it is at the head."""
         if self.queue and self.queue[0].client is client:
@@ -215,7 +230,7 @@ class SharedLines:
         self.max_statements = max_statements
         self.lines: dict[tuple, list[SharedBackend]] = {}
         self.opening: dict[tuple, int] = {}
-        self.failed: dict[tuple, float] = {}  # keys whose last connection attempt failed -> when
+        self.failed: dict[tuple, float] = {}  # keys whose last connection attempt failed -> when to try again
         self.profiles = Profiles(self.max_bytes, self.max_secs)
         self.statements = 0  # commands answered over shared connections
 
@@ -229,7 +244,8 @@ class SharedLines:
 
     def pick(self, server, key: tuple, password: str) -> SharedBackend | None:
         """The first shared connection with less than SPILL_AFTER of work queued; when all have
-        more, the least loaded one, and another is opened in the background (up to the limit)."""
+        more, the least loaded one unless a write is queued on each (EXCLUSIVE), and another is
+        opened in the background (up to the limit)."""
         conns = self.lines.get(key)
         if conns:
             best = None
@@ -240,17 +256,21 @@ class SharedLines:
                     best = c
             if len(conns) + self.opening.get(key, 0) < self.size:
                 self._open(server, key, password)
-            return best
+            return best if best.pending < EXCLUSIVE else None
         if not self.opening.get(key):
-            failed = self.failed.get(key)
-            if failed is None or _monotonic() - failed > RETRY_AFTER:
-                self._open(server, key, password)
+            self._open(server, key, password)
         return None
 
     def _open(self, server, key, password) -> None:
+        again = self.failed.get(key)
+        if again is not None:
+            if _monotonic() < again:
+                return
+            del self.failed[key]
         pools = self.pools
         limit = pools.limit(server)
         if limit and pools.open_count[server.name] >= limit and not pools.make_room(server.name, shared=False):
+            self.failed[key] = _monotonic() + FULL_RETRY
             # Sessions give back idle connections (they go to the pool, where the next try closes
             # one): a shared connection serves many sessions; the statement uses its own meanwhile.
             if pools.on_pressure is not None:
@@ -273,7 +293,7 @@ class SharedLines:
             pools.note_connect(name, user, False)
             if conn is not None:
                 conn.close()
-            self.failed[key] = _monotonic()
+            self.failed[key] = _monotonic() + RETRY_AFTER
             log.info("shared connection to %s not opened: %s", name, clean(getattr(e, "message", None) or str(e), 256))
             return
         finally:
@@ -318,7 +338,7 @@ class SharedLines:
             if not conns:
                 del self.lines[key]
         for key, when in list(self.failed.items()):
-            if now - when > RETRY_AFTER:
+            if now > when:
                 del self.failed[key]
 
     def shed(self, name: str) -> bool:
@@ -356,11 +376,23 @@ class SharedLines:
                 c.close()
 
 
+_DML = frozenset(("INSERT", "UPDATE", "DELETE", "REPLACE"))
+
+
+def plain_dml(digest: str) -> bool:
+    """An INSERT, UPDATE, DELETE or REPLACE (by the digest's first word): the only writes that may share."""
+    return digest.split(None, 1)[0].upper() in _DML if digest else False
+
+
 class Profiles:
     """Per digest: average service time, its floor, largest response, and whether it may share.
 
-    [ewma seconds, max bytes, shareable, never, floor seconds] -- `never` after a warning or a
-    connection-bound statement that had to look at it (Plan.replay_shared).
+    [ewma seconds, max bytes, shareable, never, floor seconds, confirmed] -- `never` after a
+    warning, or once a statement about the previous one (SHOW WARNINGS, ROW_COUNT()...) followed
+    it, or for a write that is not plain DML. A write shares only once `confirmed`: a run of it on
+    a session's own connection was followed by a statement that did not ask about it (confirm),
+    since what a shared write leaves (ROW_COUNT(), its warnings) cannot be asked for afterwards,
+    while a shared read can run again where the question goes.
 
     Whether a digest is fast enough to share is judged on its floor, not its average: the
     fastest recent service time, which drifts up by 2% of the gap with each slower sample. A
@@ -385,13 +417,16 @@ class Profiles:
         p = self.table.get(digest)
         return p[0] if p is not None and p[2] else None
 
-    def learn(self, digest: str, size: int, secs: float, warnings: bool) -> None:
+    def learn(self, digest: str, size: int, secs: float, warnings: bool, write: bool = False) -> bool:
+        """One more answer of `digest`. True when it is a write waiting for confirm()."""
         p = self.table.get(digest)
         if p is None:
             if len(self.table) >= self.LIMIT:
                 self.table.clear()
-            never = "SQL_CALC_FOUND_ROWS" in digest.upper()  # FOUND_ROWS() must find its connection
-            p = self.table[digest] = [secs, size, False, never, secs]
+            # FOUND_ROWS() must find its connection; of writes, only INSERT/UPDATE/DELETE/REPLACE
+            # share (not SELECT ... FOR UPDATE, DO, or anything else a WRITE route may hold)
+            never = "SQL_CALC_FOUND_ROWS" in digest.upper() or (write and not plain_dml(digest))
+            p = self.table[digest] = [secs, size, False, never, secs, not write]
         else:
             p[0] += (secs - p[0]) * _EWMA
             if size > p[1]:
@@ -400,7 +435,15 @@ class Profiles:
             p[4] = secs if secs < floor else floor + (secs - floor) * self.DRIFT
         if warnings:
             p[3] = True
-        p[2] = not p[3] and p[4] <= self.max_secs and p[1] <= self.max_bytes
+        p[2] = p[5] and not p[3] and p[4] <= self.max_secs and p[1] <= self.max_bytes
+        return not p[5] and not p[3]
+
+    def confirm(self, digest: str) -> None:
+        """The statement after a run of write `digest` did not ask about it: it may share."""
+        p = self.table.get(digest)
+        if p is not None and not p[5]:
+            p[5] = True
+            p[2] = not p[3] and p[4] <= self.max_secs and p[1] <= self.max_bytes
 
     def never(self, digest: str) -> None:
         p = self.table.get(digest)
@@ -408,4 +451,4 @@ class Profiles:
             p[2], p[3] = False, True
 
 
-__all__ = ["SharedBackend", "SharedLines", "Profiles"]
+__all__ = ["SharedBackend", "SharedLines", "Profiles", "plain_dml", "EXCLUSIVE"]

@@ -60,6 +60,8 @@ async def acquire(s, name: str):
     w.holders.add(s)
     if s.is_writer(name):
         await restore_writer(be, s.status & SERVER_STATUS_AUTOCOMMIT, s.state.insert_id, track)
+        if s.state.insert_id:
+            s.insert_conn = be
     return be
 
 

@@ -27,7 +27,7 @@ import re
 import socket
 
 from proxy.backend.connection import BackendError, connect
-from proxy.routing.classify import F_MULTI
+from proxy.routing.classify import F_MULTI, READ
 from proxy.protocol.constants import (
     COM_QUERY, DEFAULT_CHARSET, ER_CONNECTION_KILLED, ER_KILL_DENIED_ERROR, ER_NO_SUCH_THREAD, ER_QUERY_INTERRUPTED, ER_UNKNOWN_ERROR,
 )
@@ -99,9 +99,16 @@ async def kill_session(worker, target: int, connection: bool, user, by_thread: b
     if same_user:
         user = client.user  # (its credential logs in even when the config holds only a hash)
     running = [be for be in client.backends.values() if be.relaying_for(client)]
-    e = client.shared_entry
-    if e is not None and e.relayed == 0:
-        e.cancelled = True  # queued on a shared connection: its answer becomes ERROR 1317
+    e, line, cmd = client.shared_entry, client.shared_on, client.inflight
+    if e is not None and e.relayed == 0 and cmd is not None:
+        if cmd.cls.route == READ:  # a read queued on a shared connection: its answer becomes ERROR 1317
+            e.cancelled = True
+        else:  # a write cannot be dropped (it may run): stop it on the server, as on an own connection
+            err = await kill_shared_write(worker, line, e, user)
+            if err is not None and err[0] not in (NO_SUCH_THREAD, KILL_DENIED):
+                return err
+            if err is not None and err[0] == KILL_DENIED:
+                return (KILL_DENIED, err[1], f"You are not owner of thread {target}")
     if connection and not same_user:
         # every backend thread of the session: the server decides whether `user` may end them
         targets = [be for be in client.backends.values() if not be.closed]
@@ -248,10 +255,33 @@ async def _kill_on(s, owner, target: int, connection: bool, by_thread: bool):
     return await w.peers.kill(owner, target, connection, s.user, by_thread)
 
 
+async def kill_shared_write(worker, line, e, user, wait: float = 1.0):
+    """KILL QUERY of the write `e` queued on shared connection `line`. Nothing queues behind a
+    write (shared.EXCLUSIVE) and the connection takes nothing new until this is done, so once the
+    write heads the queue (reads ahead of it take at most a millisecond or so) the KILL can only
+    stop it. None when done (or the write finished first), else (code, sqlstate, message)."""
+    loop = worker.loop
+    line.reserve(True)
+    try:
+        deadline = loop.time() + wait
+        while e in line.queue and line.queue[0] is not e and loop.time() < deadline and not line.closed:
+            await asyncio.sleep(0.001)
+        if line.closed or not line.queue or line.queue[0] is not e or e.relayed:
+            return None
+        return await kill_backend_thread(worker, line.server.name, user, line.thread_id, False)
+    finally:
+        line.reserve(False)
+
+
 def stop_running(s, why: str = "client went away during a statement") -> None:
     """The client of session `s` disconnected (or an operator said so): stop what its statement
     still runs on a backend."""
     w = s.worker
+    cmd = s.inflight
+    if s.shared_entry is not None and cmd is not None and cmd.cls.route != READ:
+        log.info("session %d: %s; killing its write on a shared connection to %s", s.conn_id, why,
+                 s.shared_on.server.name)
+        w.loop.create_task(kill_shared_write(w, s.shared_on, s.shared_entry, s.user))
     for be in s.backends.values():
         if be.relaying_for(s) and be.thread_id:
             log.info("session %d: %s; killing it on %s (thread %d)", s.conn_id, why, be.server.name, be.thread_id)

@@ -33,7 +33,7 @@ from proxy.protocol import tracking
 from proxy.protocol.packets import err_packet, err_payload, frame
 from proxy.protocol.scan import RESULT
 from proxy.routing import classify as C
-from proxy.routing.router import WRITER
+from proxy.routing.router import WRITER, rule_text
 from proxy.routing.state import SessionState
 from proxy.routing.statements import StatementMap
 
@@ -41,7 +41,8 @@ log = logging.getLogger("rwproxy.client")
 
 _F_KILL = C.F_KILL
 _READ, _SESSION, _WRITE, _NOT_VAR = C.READ, C.SESSION, C.WRITE, ~C.F_USER_VAR_WRITE
-_NO_SHARE = ~(C.F_HINT_PRIMARY | C.F_HINT_REPLICA)  # flags that keep a read's profile unlearned
+_NO_SHARE = ~(C.F_HINT_PRIMARY | C.F_HINT_REPLICA)  # flags that keep a statement's profile unlearned
+_ID_READERS = C.F_CONN_BOUND | C.F_CONN_STATE  # statements about earlier ones (sharing.follow_up)
 _STATEMENTS = (COM_QUERY, COM_STMT_EXECUTE)
 _monotonic = time.monotonic
 _HUGE = C.Classification(C.WRITE, C.F_UNPARSED, "<statement over 16 MiB>")
@@ -69,6 +70,7 @@ class ClientConnection(asyncio.Protocol):
         "host", "tls", "salt", "user", "caps", "charset", "db", "login_db", "status", "state", "backends",
         "stmts", "inflight", "sent_at", "shared_on", "shared_entry", "last_shared", "share_keys", "activity",
         "idle_seen", "idle_since", "counted_user", "stat_rows", "stat_table", "stat_db", "done_at", "started",
+        "insert_conn", "unconfirmed",
     )
 
     def __init__(self, worker, conn_id: int):
@@ -107,6 +109,8 @@ class ClientConnection(asyncio.Protocol):
         self.stat_table, self.stat_db = None, None  # the digest table of this user and database, and the database
         self.done_at = 0.0  # when the last statement was answered (sessions table: seconds idle)
         self.started = _monotonic()  # when the client connected
+        self.insert_conn = None  # the own connection whose LAST_INSERT_ID() is the session's (state.insert_id)
+        self.unconfirmed: str | None = None  # a write digest whose next statement decides if it may share
 
     # ---- transport events -----------------------------------------------------
     def connection_made(self, transport):
@@ -262,7 +266,9 @@ class ClientConnection(asyncio.Protocol):
         carries the session's state, queue it on a shared one, or take a slow path."""
         w = self.worker
         st = self.state
-        plan = w.router.plan(st, cls, w.topology, _rule_text(pkt) if w.router.rules else "",  # (positional: hot)
+        if self.unconfirmed is not None:
+            sharing.after_write(self, cls)
+        plan = w.router.plan(st, cls, w.topology, rule_text(pkt) if w.router.rules else "",  # (positional: hot)
                              self.status & SERVER_STATUS_AUTOCOMMIT, w.primary_ok, w.shared is not None,
                              self.last_shared is not None)
         if plan.error is not None:
@@ -274,10 +280,8 @@ class ClientConnection(asyncio.Protocol):
         cmd = Command(cls, pkt, kind, name, stmt_sid)
         if plan.share and sharing.try_shared(self, cmd):
             return
-        if plan.replay_shared:
-            # LAST_INSERT_ID(), FOUND_ROWS(), SHOW WARNINGS... after a statement that ran on a shared
-            # connection: the values it asks about are on that connection, not ours.
-            return self.spawn(slowpath.replay_shared(self, cmd, to_writer))
+        if cls.flags & _ID_READERS and sharing.follow_up(self, cmd, plan, to_writer):
+            return  # (LAST_INSERT_ID(), SHOW WARNINGS... whose answer lives on another connection)
         be = self.backends.get(name)
         if to_writer and be is not None and not be.closed and be.peer_gone():
             self.drop_backend(be)  # the server closed it (crash, restart, failover): never write into it
@@ -328,14 +332,17 @@ class ClientConnection(asyncio.Protocol):
                 w.recorder.record(self, cmd, name, error, sc.rows, conn.relayed if relayed < 0 else relayed)
             cls = cmd.cls
             flags = cls.flags
-            if w.shared is not None and cls.route == _READ and not flags & _NO_SHARE and not error:
-                w.shared.profiles.learn(cls.digest, conn.relayed if relayed < 0 else relayed,
-                                        _monotonic() - self.sent_at if service < 0 else service, sc.warnings > 0)
+            route = cls.route
+            if w.shared is not None and not flags & _NO_SHARE and not error and (
+                    route == _READ or (route == _WRITE and on_primary)):
+                if w.shared.profiles.learn(cls.digest, conn.relayed if relayed < 0 else relayed,
+                                           _monotonic() - self.sent_at if service < 0 else service,
+                                           sc.warnings > 0, route == _WRITE):
+                    self.unconfirmed = cls.digest
             # (a SET of user variables to literals is replayed with the history: it ties nothing)
             st.after(flags & _NOT_VAR if cls.route == _SESSION and not cmd.stmt_id else flags, on_primary, name,
                      self.status if on_primary else status, error, cls.digest, cls.route)
-            st.warnings = sc.warnings > 0
-            st.last_digest = cls.digest
+            st.warnings, st.last_digest = sc.warnings > 0, cls.digest
             if not error:
                 if cls.route == _SESSION:
                     if cmd.stmt_id:  # SET through a prepared statement: cannot be replayed elsewhere
@@ -346,8 +353,8 @@ class ClientConnection(asyncio.Protocol):
                     if flags & C.F_USE_DB:
                         conn.db_touched = True
                         self.db = cls.db
-                if on_primary and cls.route == _WRITE:
-                    st.wrote_ok(sc.final)
+                if on_primary and cls.route == _WRITE and st.wrote_ok(sc.final):
+                    self.insert_conn = None if shared else conn
                 if on_primary and cmd.packet[4] in _STATEMENTS and st.write_completed(cls.route, flags):
                     if st.ryw_mode == RYW_GTID:  # from the OK's session state, else one more round trip
                         gtid = conn.gtid_tracked and tracking.last_gtid(sc.final)
@@ -389,8 +396,9 @@ class ClientConnection(asyncio.Protocol):
         writer = self.is_writer(name)
         # Nothing reached the client: a read runs again, elsewhere if its server is down, and the
         # client never notices. On the session's own connection only a replica's (a statement on
-        # the writer may have had effects); a shared connection carries nothing but reads.
-        if relayed == 0 and cmd is not None and not cancelled and (shared or not (writer or st.pin())):
+        # the writer may have had effects); on a shared one any read, never a write (it may have run).
+        if relayed == 0 and cmd is not None and not cancelled and (
+                cmd.cls.route == _READ if shared else not (writer or st.pin())):
             if not writer:
                 st.failed_servers = st.failed_servers | {name}
             log.info("session %d: %s to %s lost during a read; retrying", self.conn_id,
@@ -488,7 +496,3 @@ class ClientConnection(asyncio.Protocol):
             else:
                 pools.release(be)
         self.backends = {}
-
-
-def _rule_text(pkt: bytes) -> str:
-    return bytes(pkt[5:]).decode("utf-8", "replace") if pkt[4] == COM_QUERY else ""

@@ -19,6 +19,7 @@ from proxy.frontend import losses, prepared
 from proxy.protocol.constants import COM_QUERY, CR_SERVER_LOST, ER_ACCESS_DENIED_ERROR, ER_UNKNOWN_ERROR
 from proxy.protocol.packets import command, err_packet, first_value
 from proxy.protocol.scan import RESULT
+from proxy.routing import classify as C
 from proxy.routing.router import WRITER
 
 log = logging.getLogger("rwproxy.client")
@@ -55,10 +56,11 @@ async def run(s, coro) -> None:
         s.finish()
 
 
-async def send(s, cmd, to_writer: bool = False, wait_gtid: bool = False):
+async def send(s, cmd, to_writer: bool = False, wait_gtid: bool = False, restore_id: bool = False):
     """Send a statement whose connection needs work first: connect and replay, wait for a
-    writable primary (failover, switchover), wait for a GTID; route around a replica that
-    cannot be used."""
+    writable primary (failover, switchover), wait for a GTID, give LAST_INSERT_ID() the value the
+    session's last write generated elsewhere (restore_id); route around a replica that cannot be
+    used."""
     st = s.state
     w = s.worker
     name = cmd.server
@@ -106,6 +108,9 @@ async def send(s, cmd, to_writer: bool = False, wait_gtid: bool = False):
             wait_gtid = plan.wait_gtid
             name = s.writer() if to_writer else plan.target
     cmd.server = name
+    if restore_id and st.insert_id and be is not s.insert_conn:
+        await be.command(command(COM_QUERY, b"DO LAST_INSERT_ID(%d)" % st.insert_id), RESULT)
+        s.insert_conn = be
     out = cmd.packet
     if cmd.stmt_id:
         out = await prepared.stmt_packet(s, out, cmd.stmt_id, name, be)
@@ -115,12 +120,13 @@ async def send(s, cmd, to_writer: bool = False, wait_gtid: bool = False):
 
 
 async def replay_shared(s, cmd, to_writer: bool):
-    """Run the session's last shared read again on its own connection, then the connection-bound
-    statement there, so that it sees what that read left (warnings, FOUND_ROWS()). The digest stops
-    sharing, so the next time needs no replay."""
+    """Run the session's last shared read again on its own connection, then the statement about it
+    there, so that it sees what that read left (warnings, FOUND_ROWS()). The digest stops sharing
+    (ClientConnection.dispatch), so the next time needs no replay. A shared write cannot run again:
+    the statement runs on the session's own connection, where ROW_COUNT() and SHOW WARNINGS answer
+    about that connection's last statement, as after a reconnect (docs/multiplexing.md)."""
     last, s.last_shared = s.last_shared, None
-    s.worker.shared.profiles.never(last.cls.digest)
-    if last.server == cmd.server:
+    if last.server == cmd.server and last.cls.route == C.READ:
         be = await s.backend_for(cmd.server)
         out = (await prepared.stmt_packet(s, last.packet, last.stmt_id, cmd.server, be, quiet=True)
                if last.stmt_id else last.packet)

@@ -54,7 +54,8 @@ def sessions(w) -> list[dict]:
         if c.phase != COMMAND or st is None:
             state, since = "login", c.started
         elif c.busy:
-            state, since = "in statement", c.sent_at if cmd is not None else now
+            state = "in statement (shared)" if c.shared_on is not None else "in statement"
+            since = c.sent_at if cmd is not None else now
         elif st.in_trx:
             state, since = "in transaction", st.trx_since or c.done_at
         else:

@@ -17,7 +17,7 @@ from proxy.config.schema import (
     BALANCE_LEAST_OUTSTANDING, ROUTE_PRIMARY, ROUTE_REJECT, ROUTE_REPLICA, RYW_GTID, RYW_SESSION,
 )
 from proxy.cluster.topology import UP
-from proxy.protocol.constants import ER_UNKNOWN_ERROR
+from proxy.protocol.constants import COM_QUERY, ER_UNKNOWN_ERROR
 from proxy.routing import classify as C
 from proxy.routing.balancer import Balancer
 
@@ -56,7 +56,7 @@ class Why:
 
 # Statement flags that keep a read off shared connections: anything but a routing hint.
 _NO_SHARE = ~(C.F_HINT_PRIMARY | C.F_HINT_REPLICA)
-_READ, _CONN_BOUND = C.READ, C.F_CONN_BOUND
+_READ, _WRITE, _CONN_BOUND, _PREVIOUS = C.READ, C.WRITE, C.F_CONN_BOUND, C.F_PREVIOUS
 
 
 class Plan:
@@ -67,8 +67,9 @@ class Plan:
         answer small and fast, which the shared connections decide).
     hold: it must wait for a writable primary (failover or switchover under way).
     wait_gtid: the replica must first reach the session's last GTID (MASTER_GTID_WAIT).
-    replay_shared: a connection-bound statement right after a read that ran on a shared
-        connection: that read runs again on the session's own connection first.
+    replay_shared: a statement about the previous one (F_PREVIOUS: SHOW WARNINGS, FOUND_ROWS()...)
+        right after one that ran on a shared connection: a read runs again on the session's own
+        connection first (a write cannot; see slowpath.replay_shared).
     error: (code, sqlstate, message) to answer instead (a reject rule, no server).
     """
 
@@ -162,7 +163,9 @@ class Router:
                 if type(forced) is tuple:
                     return Plan(None, Why.RULE, error=forced)
             if flags & _CONN_BOUND and s.last_backend is not None:
-                target, why = s.last_backend, Why.CONN_BOUND
+                # FOUND_ROWS(), SHOW WARNINGS...: where the previous statement ran; LAST_INSERT_ID(),
+                # CONNECTION_ID()...: the writer, whatever read ran on a replica in between
+                target, why = s.last_backend if flags & _PREVIOUS else WRITER, Why.CONN_BOUND
             elif (pin := s.pin()):
                 target, why = WRITER, pin
             elif forced == ROUTE_PRIMARY:
@@ -188,9 +191,13 @@ class Router:
             if target is None:  # (no replica, and reads may not go to the primary)
                 return Plan(None, why, error=wait)
         to_writer = target is WRITER
-        share = (sharing and cls.route == _READ and not flags & _NO_SHARE and autocommit and not wait and not pin
-                 and not s.user_vars and s.ro_trx is None and not s.pending_write and (primary_ok or not to_writer))
-        key = (target, why, share, to_writer and not primary_ok, wait, after_shared and bool(flags & _CONN_BOUND))
+        route = cls.route
+        # Autocommit writes share too (their digests must also be plain DML: Profiles decides),
+        # except in gtid read-your-writes mode, which learns each write's GTID on its own connection.
+        share = (sharing and not flags & _NO_SHARE and autocommit and not wait and not pin and not s.user_vars
+                 and s.ro_trx is None and not s.pending_write and (primary_ok or not to_writer)
+                 and (route == _READ or (route == _WRITE and to_writer and s.ryw_mode != RYW_GTID and not s.next_trx)))
+        key = (target, why, share, to_writer and not primary_ok, wait, after_shared and bool(flags & _PREVIOUS))
         p = self._plans.get(key)
         if p is None:
             p = self._plans[key] = Plan(*key)
@@ -249,10 +256,15 @@ class Router:
         return pick.name, Why.GTID_WAIT, True  # the session waits for the GTID there before the read
 
 
+def rule_text(pkt: bytes) -> str:
+    """The text operator rules match: a COM_QUERY's statement ("" for other commands)."""
+    return bytes(pkt[5:]).decode("utf-8", "replace") if pkt[4] == COM_QUERY else ""
+
+
 def gtid_covers(position: str, gtid: str) -> bool:
     """True if a server at `position` has applied every transaction in `gtid` (an unknown
     position covers nothing)."""
     return bool(position) and reached(position, gtid)
 
 
-__all__ = ["Router", "Plan", "Why", "WRITER", "gtid_covers"]
+__all__ = ["Router", "Plan", "Why", "WRITER", "gtid_covers", "rule_text"]

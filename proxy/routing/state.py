@@ -241,13 +241,16 @@ class SessionState:
             return True
         return False
 
-    def wrote_ok(self, final: bytes) -> None:
+    def wrote_ok(self, final: bytes) -> bool:
         """A write succeeded on the primary; `final` is its OK packet's payload: keep the
-        AUTO_INCREMENT value it generated, if any (LAST_INSERT_ID() on a new connection)."""
+        AUTO_INCREMENT value it generated, if any (LAST_INSERT_ID() on another connection).
+        True if it generated one."""
         if final and final[0] == 0:
             iid = parse_ok(final).last_insert_id
             if iid:
                 self.insert_id = iid
+                return True
+        return False
 
     def wrote(self, gtid: str = "") -> None:
         self.last_write = time.monotonic()

@@ -36,7 +36,10 @@ Size limits (the miss path lexes in Python at ~1.3 µs per byte):
 For the router:
 - F_CONN_BOUND statements (LAST_INSERT_ID(), FOUND_ROWS(), SHOW WARNINGS, SHOW [SESSION] STATUS,
   @@warning_count, CONNECTION_ID(), GET DIAGNOSTICS ...) always come with route WRITE: check the
-  flag before the route (send them to the connection that ran the previous statement).
+  flag before the route. With F_PREVIOUS (FOUND_ROWS(), ROW_COUNT(), SHOW WARNINGS/ERRORS/STATUS,
+  @@warning_count, @@error_count, GET DIAGNOSTICS) they ask about the previous statement: send them
+  to the connection that ran it. Without, they ask the session's writer connection
+  (LAST_INSERT_ID(), LASTVAL(), CONNECTION_ID(), @@identity, @@last_gtid).
 - F_NEXT_TRX: SET TRANSACTION / SET @@tx_isolation (no scope) set the next transaction's
   characteristics only: WRITE, never replayed. F_SET_UNREPLAYABLE: a session variable set from
   a user variable, an unknown function or another one-shot: WRITE, the session stays on the primary.
@@ -67,7 +70,7 @@ from typing import Iterable
 from proxy.routing.classify.const import (  # noqa: F401  (re-exported interface)
     F_AUTOCOMMIT_OFF, F_AUTOCOMMIT_ON, F_BEGIN, F_COMMIT, F_CONN_BOUND, F_CONN_STATE, F_GET_LOCK, F_HINT_PRIMARY,
     F_HINT_REPLICA, F_IMPLICIT_COMMIT, F_KILL, F_LOAD_DATA, F_LOCK_TABLES, F_MULTI, F_NEXT_TRX, F_OVERSIZED,
-    F_READ_ONLY_TXN, F_RELEASE_LOCK, F_RELEASE_SESSION, F_ROLLBACK, F_SET_GLOBAL, F_SET_UNREPLAYABLE, F_SQL_PS,
+    F_PREVIOUS, F_READ_ONLY_TXN, F_RELEASE_LOCK, F_RELEASE_SESSION, F_ROLLBACK, F_SET_GLOBAL, F_SET_UNREPLAYABLE, F_SQL_PS,
     F_TEMP_TABLE, F_UNLOCK_TABLES, F_UNPARSED, F_USE_DB, F_USER_VAR_READ, F_USER_VAR_WRITE, F_XA,
     FLAG_NAMES, READ, ROUTE_NAMES, SESSION, WRITE, Classification, flag_names,
 )

@@ -55,6 +55,11 @@ F_NEXT_TRX = 1 << 28
 # SET of a session variable from something rwproxy cannot replay elsewhere (a function it does not
 # know, a subquery, a user variable): the session stays on the primary (PIN_HISTORY).
 F_SET_UNREPLAYABLE = 1 << 29
+# With F_CONN_BOUND: the value belongs to the previous statement (FOUND_ROWS(), ROW_COUNT(), SHOW
+# WARNINGS/ERRORS/STATUS, @@warning_count, GET DIAGNOSTICS), so the statement goes where that one ran.
+# F_CONN_BOUND alone is a value of the session's writer connection (LAST_INSERT_ID(), LASTVAL(),
+# CONNECTION_ID(), @@identity, @@last_gtid...), which a read on a replica in between does not change.
+F_PREVIOUS = 1 << 30
 
 FLAG_NAMES = {v: k for k, v in globals().items() if k.startswith("F_") and isinstance(v, int)}
 ROUTE_NAMES = {READ: "READ", WRITE: "WRITE", SESSION: "SESSION"}

@@ -8,10 +8,11 @@ sqlglot.
 from __future__ import annotations
 
 from proxy.routing.classify.const import (
-    F_CONN_BOUND, F_CONN_STATE, F_GET_LOCK, F_RELEASE_LOCK, F_USER_VAR_READ, F_USER_VAR_WRITE,
+    F_CONN_BOUND, F_CONN_STATE, F_GET_LOCK, F_PREVIOUS, F_RELEASE_LOCK, F_USER_VAR_READ, F_USER_VAR_WRITE,
 )
 from proxy.routing.classify.funcs import (
-    CONN_FUNCS, CONN_VARS, LOCK_FUNCS, READONLY_FUNCS, RELEASE_FUNCS, SYNTAX_WORDS, WRITE_FUNCS,
+    CONN_FUNCS, CONN_VARS, LOCK_FUNCS, PREVIOUS_FUNCS, PREVIOUS_VARS, READONLY_FUNCS, RELEASE_FUNCS, SYNTAX_WORDS,
+    WRITE_FUNCS,
 )
 from proxy.routing.classify.lex import Tok
 
@@ -47,7 +48,7 @@ def scan(toks: list[Tok]) -> tuple[int, bool, set[str]]:
                     flags |= F_RELEASE_LOCK
                     forced = True
                 elif v in CONN_FUNCS:
-                    flags |= F_CONN_BOUND
+                    flags |= F_CONN_BOUND | F_PREVIOUS if v in PREVIOUS_FUNCS else F_CONN_BOUND
                     forced = True
                     if v == "LAST_INSERT_ID" and i + 2 < n and not toks[i + 2].is_o(")") \
                             and not toks[0].is_w("UPDATE", "INSERT", "REPLACE"):
@@ -79,8 +80,9 @@ def scan(toks: list[Tok]) -> tuple[int, bool, set[str]]:
             else:
                 flags |= F_USER_VAR_READ
         elif k == "v":
-            if t.val[2:].rsplit(".", 1)[-1].lower() in CONN_VARS:
-                flags |= F_CONN_BOUND
+            name = t.val[2:].rsplit(".", 1)[-1].lower()
+            if name in CONN_VARS:
+                flags |= F_CONN_BOUND | F_PREVIOUS if name in PREVIOUS_VARS else F_CONN_BOUND
                 forced = True
             into = False
         elif k == "q":

@@ -22,6 +22,8 @@ RELEASE_FUNCS = _names("RELEASE_LOCK RELEASE_ALL_LOCKS")
 # F_CONN_BOUND: values that exist only on the connection that ran the previous statements.
 # CONNECTION_ID is here because its value is typically fed to KILL on the primary.
 CONN_FUNCS = _names("LAST_INSERT_ID FOUND_ROWS ROW_COUNT LASTVAL CONNECTION_ID PS_CURRENT_THREAD_ID")
+# ... of those, the ones about the previous statement (F_PREVIOUS), not the session's writer connection.
+PREVIOUS_FUNCS = _names("FOUND_ROWS ROW_COUNT")
 # Side effects or primary-only state: always run on the primary.
 WRITE_FUNCS = _names(
     """
@@ -36,6 +38,7 @@ CONN_VARS = frozenset(
     "warning_count error_count identity last_insert_id insert_id last_gtid in_transaction "
     "pseudo_thread_id".split()
 )
+PREVIOUS_VARS = frozenset(("warning_count", "error_count"))
 
 # Read-only built-ins (MariaDB 10.x/11.x plus the MySQL 8 ones applications commonly use).
 READONLY_FUNCS = _names(

@@ -11,7 +11,7 @@ structure.  Every result is (route, flags, db, cacheable).
 from __future__ import annotations
 
 from proxy.routing.classify.const import (
-    F_AUTOCOMMIT_OFF, F_AUTOCOMMIT_ON, F_BEGIN, F_COMMIT, F_CONN_BOUND, F_CONN_STATE, F_IMPLICIT_COMMIT,
+    F_AUTOCOMMIT_OFF, F_AUTOCOMMIT_ON, F_BEGIN, F_COMMIT, F_CONN_BOUND, F_CONN_STATE, F_IMPLICIT_COMMIT, F_PREVIOUS,
     F_KILL, F_LOAD_DATA, F_LOCK_TABLES, F_NEXT_TRX, F_READ_ONLY_TXN, F_RELEASE_SESSION, F_ROLLBACK,
     F_SET_GLOBAL, F_SET_UNREPLAYABLE, F_SQL_PS, F_TEMP_TABLE, F_UNLOCK_TABLES, F_UNPARSED, F_USE_DB,
     F_USER_VAR_READ, F_USER_VAR_WRITE, F_XA, READ, SESSION, WRITE,
@@ -116,7 +116,7 @@ class Rules:
         if (w[0] in ("WARNINGS", "ERRORS", "PROFILE", "PROFILES", "STATUS")
                 or (w[0] in ("SESSION", "LOCAL") and w[1] == "STATUS")
                 or (w[0] == "COUNT" and toks[-1].is_w("WARNINGS", "ERRORS"))):
-            return WRITE, F_CONN_BOUND, None, True
+            return WRITE, F_CONN_BOUND | F_PREVIOUS, None, True
         if w[0] in ("EXPLAIN", "ANALYZE"):  # SHOW EXPLAIN FOR <connection id on the primary>
             return WRITE, 0, None, True
         return self._read_unless_unsafe(toks)
@@ -370,7 +370,7 @@ class Rules:
 
     def _get(self, code: str, toks: list[Tok]) -> Result:
         """GET [CURRENT|STACKED] DIAGNOSTICS reads the previous statement's diagnostics area."""
-        return WRITE, F_CONN_BOUND, None, True
+        return WRITE, F_CONN_BOUND | F_PREVIOUS, None, True
 
 
 def _split_commas(toks: list[Tok]) -> list[list[Tok]]:

@@ -14,7 +14,7 @@ import sys
 import pytest
 
 from proxy.routing import classify as C
-from proxy.routing.classify import READ, SESSION, WRITE, Classification, Classifier, flag_names
+from proxy.routing.classify import F_STORED_CALL, READ, SESSION, WRITE, Classification, Classifier, flag_names
 
 RO_FUNCS = ["my_ro", "db2.ro_qualified"]
 
@@ -507,6 +507,33 @@ def test_readonly_functions():
     assert ro.classify("SELECT db3.other(1)").route == WRITE
     # the deny lists win over the configuration
     assert Classifier(readonly_functions=["get_lock"]).classify("SELECT GET_LOCK('a', 1)").route == WRITE
+
+
+@pytest.mark.parametrize("sql,stored", [
+    ("INSERT INTO sbtest1 (k, c, pad) VALUES (1, 'a', 'b')", False),  # a column list is no call
+    ("INSERT IGNORE INTO `my t` (a) VALUES (1)", False),
+    ("INSERT LOW_PRIORITY db.t(a) SELECT x FROM u WHERE y IN (1, 2)", False),
+    ("REPLACE t (a) VALUES (NOW())", False),
+    ("INSERT INTO t PARTITION (p0) (a) VALUES (1) ON DUPLICATE KEY UPDATE a = VALUES(a)", False),
+    ("UPDATE t SET c = CONCAT(c, 'x') WHERE id = 1", False),
+    ("DELETE t1 FROM t1 JOIN t2 ON t1.a = t2.a WHERE t2.b = 1", False),
+    ("INSERT INTO t (a) VALUES (my_counter())", True),
+    ("INSERT INTO db.t (a) VALUES (db.f(1))", True),
+    ("INSERT INTO `t`(a) VALUES (`f`(1))", True),
+    ("UPDATE t SET a = 1 WHERE id = next_id()", True),
+    ("DELETE FROM t WHERE id = lookup(3)", True),
+    ("REPLACE INTO t SELECT f(x) FROM u", True),
+])
+def test_dml_calling_an_unknown_function_never_shares(sql, stored):
+    """A stored function may set user variables or create a temporary table wherever it runs:
+    F_STORED_CALL keeps its DML off the connections sessions share (test_multiplex)."""
+    c = Classifier()
+    r = c.classify(sql)
+    assert r.route == WRITE and bool(r.flags & F_STORED_CALL) is stored, flag_names(r.flags)
+    assert c.classify(sql).flags == r.flags  # the cached path agrees
+    if stored:  # declared read-only: free of side effects, may share
+        assert not Classifier(readonly_functions=["my_counter", "db.f", "f", "next_id", "lookup"]
+                              ).classify(sql).flags & F_STORED_CALL
 
 
 def _variants(sql: str) -> list[str]:

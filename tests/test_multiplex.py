@@ -555,3 +555,25 @@ def test_a_shared_write_waiting_for_a_lock_holds_up_nobody_and_can_be_killed(mux
         assert primary_rows(mux.cluster, "SELECT v FROM mx WHERE id = 5") == (("five",),)
         with victim.cursor() as cur:  # the session goes on
             assert cur.execute(upd, ("five", 5)) == 0
+
+
+def test_a_write_calling_a_stored_function_never_shares(mux, wsx):
+    """A stored function can leave user variables on the connection that runs it: a write calling
+    one (F_STORED_CALL) goes on the session's own connection, reset before anyone else gets it,
+    never on a shared one where the next session's call would see them. bump() counts its calls
+    in @bumps: every session's insert must find a fresh connection (1), not a shared one's count."""
+    with mux.cluster.primary.connect(database="app") as c, c.cursor() as cur:
+        cur.execute("DROP FUNCTION IF EXISTS bump")
+        cur.execute("CREATE FUNCTION bump() RETURNS INT NOT DETERMINISTIC NO SQL "
+                    "BEGIN SET @bumps = IFNULL(@bumps, 0) + 1; RETURN @bumps; END")
+    sql = "INSERT INTO wsx (round, sess) VALUES (%s, bump())"
+    teach_write(mux, sql, (499,))  # would be small, fast and never asked about
+    with sessions(mux, 4) as conns:
+        for rnd in range(2):
+            wait_released(mux, conns)
+            for i, c in enumerate(conns):
+                with c.cursor() as cur:
+                    cur.execute(sql, (400 + 10 * rnd + i,))
+                    assert cur.rowcount == 1
+    calls = primary_rows(mux.cluster, "SELECT round, sess FROM wsx WHERE round BETWEEN 400 AND 420")
+    assert sorted(calls) == [(400 + 10 * r + i, 1) for r in range(2) for i in range(4)], calls

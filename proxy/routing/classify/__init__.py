@@ -40,6 +40,8 @@ For the router:
   @@warning_count, @@error_count, GET DIAGNOSTICS) they ask about the previous statement: send them
   to the connection that ran it. Without, they ask the session's writer connection
   (LAST_INSERT_ID(), LASTVAL(), CONNECTION_ID(), @@identity, @@last_gtid).
+- F_STORED_CALL: a DML statement calling a function not known to be free of side effects (a
+  stored function can set user variables): never runs on a shared connection.
 - F_NEXT_TRX: SET TRANSACTION / SET @@tx_isolation (no scope) set the next transaction's
   characteristics only: WRITE, never replayed. F_SET_UNREPLAYABLE: a session variable set from
   a user variable, an unknown function or another one-shot: WRITE, the session stays on the primary.
@@ -71,7 +73,7 @@ from proxy.routing.classify.const import (  # noqa: F401  (re-exported interface
     F_AUTOCOMMIT_OFF, F_AUTOCOMMIT_ON, F_BEGIN, F_COMMIT, F_CONN_BOUND, F_CONN_STATE, F_GET_LOCK, F_HINT_PRIMARY,
     F_HINT_REPLICA, F_IMPLICIT_COMMIT, F_KILL, F_LOAD_DATA, F_LOCK_TABLES, F_MULTI, F_NEXT_TRX, F_OVERSIZED,
     F_PREVIOUS, F_READ_ONLY_TXN, F_RELEASE_LOCK, F_RELEASE_SESSION, F_ROLLBACK, F_SET_GLOBAL, F_SET_UNREPLAYABLE, F_SQL_PS,
-    F_TEMP_TABLE, F_UNLOCK_TABLES, F_UNPARSED, F_USE_DB, F_USER_VAR_READ, F_USER_VAR_WRITE, F_XA,
+    F_STORED_CALL, F_TEMP_TABLE, F_UNLOCK_TABLES, F_UNPARSED, F_USE_DB, F_USER_VAR_READ, F_USER_VAR_WRITE, F_XA,
     FLAG_NAMES, READ, ROUTE_NAMES, SESSION, WRITE, Classification, flag_names,
 )
 from proxy.routing.classify.lex import (

@@ -60,6 +60,10 @@ F_SET_UNREPLAYABLE = 1 << 29
 # F_CONN_BOUND alone is a value of the session's writer connection (LAST_INSERT_ID(), LASTVAL(),
 # CONNECTION_ID(), @@identity, @@last_gtid...), which a read on a replica in between does not change.
 F_PREVIOUS = 1 << 30
+# An INSERT/UPDATE/DELETE/REPLACE that calls a function rwproxy does not know (stored or
+# user-defined, not declared read-only): it may set user variables or create a temporary table on
+# whatever connection runs it, so it never goes on a connection other sessions share.
+F_STORED_CALL = 1 << 31
 
 FLAG_NAMES = {v: k for k, v in globals().items() if k.startswith("F_") and isinstance(v, int)}
 ROUTE_NAMES = {READ: "READ", WRITE: "WRITE", SESSION: "SESSION"}

@@ -13,7 +13,7 @@ from __future__ import annotations
 from proxy.routing.classify.const import (
     F_AUTOCOMMIT_OFF, F_AUTOCOMMIT_ON, F_BEGIN, F_COMMIT, F_CONN_BOUND, F_CONN_STATE, F_IMPLICIT_COMMIT, F_PREVIOUS,
     F_KILL, F_LOAD_DATA, F_LOCK_TABLES, F_NEXT_TRX, F_READ_ONLY_TXN, F_RELEASE_SESSION, F_ROLLBACK,
-    F_SET_GLOBAL, F_SET_UNREPLAYABLE, F_SQL_PS, F_TEMP_TABLE, F_UNLOCK_TABLES, F_UNPARSED, F_USE_DB,
+    F_SET_GLOBAL, F_SET_UNREPLAYABLE, F_SQL_PS, F_STORED_CALL, F_TEMP_TABLE, F_UNLOCK_TABLES, F_UNPARSED, F_USE_DB,
     F_USER_VAR_READ, F_USER_VAR_WRITE, F_XA, READ, SESSION, WRITE,
 )
 from proxy.routing.classify.flagscan import NOT_READ, scan
@@ -52,7 +52,9 @@ class Rules:
             "PREPARE": self._ps, "DEALLOCATE": self._ps, "EXECUTE": self._execute,
             "GET": self._get, "CALL": self._call, "HANDLER": self._handler,
         }
-        for kw in ("INSERT UPDATE DELETE REPLACE DO PURGE SHUTDOWN RESTART BINLOG "
+        for kw in "INSERT UPDATE DELETE REPLACE".split():
+            self._handlers[kw] = self._dml
+        for kw in ("DO PURGE SHUTDOWN RESTART BINLOG "
                    "CHECKSUM SIGNAL RESIGNAL IMPORT CLONE BACKUP SAVEPOINT RELEASE").split():
             self._handlers[kw] = self._write
         self._handlers["KILL"] = lambda code, toks: self._write(code, toks, F_KILL)
@@ -312,6 +314,12 @@ class Rules:
     def _write(self, code: str, toks: list[Tok], extra: int = 0) -> Result:
         return WRITE, scan(toks)[0] | extra, None, True
 
+    def _dml(self, code: str, toks: list[Tok]) -> Result:
+        flags, _forced, calls = scan(toks)
+        if calls and self._unknown(calls - _insert_target(toks)):
+            flags |= F_STORED_CALL
+        return WRITE, flags, None, True
+
     def _admin(self, code: str, toks: list[Tok]) -> Result:
         return self._write(code, toks, F_IMPLICIT_COMMIT)
 
@@ -371,6 +379,30 @@ class Rules:
     def _get(self, code: str, toks: list[Tok]) -> Result:
         """GET [CURRENT|STACKED] DIAGNOSTICS reads the previous statement's diagnostics area."""
         return WRITE, F_CONN_BOUND | F_PREVIOUS, None, True
+
+
+_INSERT_MODIFIERS = frozenset(("LOW_PRIORITY", "DELAYED", "HIGH_PRIORITY", "IGNORE", "INTO"))
+
+
+def _insert_target(toks: list[Tok]) -> set[str]:
+    """The table an INSERT/REPLACE names (`INSERT INTO db.t (a, b)`: {'T', 'DB.T'}), which the
+    scan takes for a call when a column list follows it."""
+    if not toks[0].is_w("INSERT", "REPLACE"):
+        return set()
+    i, n = 1, len(toks)
+    while i < n and toks[i].kind == "w" and toks[i].val in _INSERT_MODIFIERS:
+        i += 1
+    names = []
+    while i < n and toks[i].kind in ("w", "q"):
+        t = toks[i]
+        names.append(t.val if t.kind == "w" else t.val[1:-1].replace("``", "`").upper())
+        if i + 1 < n and toks[i + 1].is_o("."):
+            i += 2
+            continue
+        break
+    if not names:
+        return set()
+    return {names[-1], ".".join(names[-2:])}
 
 
 def _split_commas(toks: list[Tok]) -> list[list[Tok]]:

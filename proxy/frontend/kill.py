@@ -105,10 +105,8 @@ async def kill_session(worker, target: int, connection: bool, user, by_thread: b
             e.cancelled = True
         else:  # a write cannot be dropped (it may run): stop it on the server, as on an own connection
             err = await kill_shared_write(worker, line, e, user)
-            if err is not None and err[0] not in (NO_SUCH_THREAD, KILL_DENIED):
-                return err
-            if err is not None and err[0] == KILL_DENIED:
-                return (KILL_DENIED, err[1], f"You are not owner of thread {target}")
+            if err is not None and err[0] != NO_SUCH_THREAD:  # no such thread: it just finished
+                return (KILL_DENIED, err[1], f"You are not owner of thread {target}") if err[0] == KILL_DENIED else err
     if connection and not same_user:
         # every backend thread of the session: the server decides whether `user` may end them
         targets = [be for be in client.backends.values() if not be.closed]

@@ -70,7 +70,7 @@ class ClientConnection(asyncio.Protocol):
         "host", "tls", "salt", "user", "caps", "charset", "db", "login_db", "status", "state", "backends",
         "stmts", "inflight", "sent_at", "shared_on", "shared_entry", "last_shared", "share_keys", "activity",
         "idle_seen", "idle_since", "counted_user", "stat_rows", "stat_table", "stat_db", "done_at", "started",
-        "insert_conn", "unconfirmed",
+        "insert_conn", "unconfirmed", "writes",
     )
 
     def __init__(self, worker, conn_id: int):
@@ -111,6 +111,7 @@ class ClientConnection(asyncio.Protocol):
         self.started = _monotonic()  # when the client connected
         self.insert_conn = None  # the own connection whose LAST_INSERT_ID() is the session's (state.insert_id)
         self.unconfirmed: str | None = None  # a write digest whose next statement decides if it may share
+        self.writes = 0  # writes answered on the session's own connection (which of them to profile)
 
     # ---- transport events -----------------------------------------------------
     def connection_made(self, transport):
@@ -195,18 +196,16 @@ class ClientConnection(asyncio.Protocol):
         self.worker.forget(self)
 
     def pause_writing(self):
-        self.write_paused = True
-        for be in self.backends.values():  # a slow client stops us reading from its backends
-            if be.client is self and not be.closed:
-                be.transport.pause_reading()
-        if self.shared_on is not None:
-            self.shared_on.client_paused(self)
+        self._follow_client(True)
 
     def resume_writing(self):
-        self.write_paused = False
-        for be in self.backends.values():
+        self._follow_client(False)
+
+    def _follow_client(self, paused: bool) -> None:
+        self.write_paused = paused
+        for be in self.backends.values():  # a slow client stops us reading from its backends
             if be.client is self and not be.closed:
-                be.transport.resume_reading()
+                (be.transport.pause_reading if paused else be.transport.resume_reading)()
         if self.shared_on is not None:
             self.shared_on.client_paused(self)
 
@@ -268,8 +267,10 @@ class ClientConnection(asyncio.Protocol):
         st = self.state
         if self.unconfirmed is not None:
             sharing.after_write(self, cls)
+        # (a write shares only instead of taking a connection: none held skips the router's checks)
         plan = w.router.plan(st, cls, w.topology, rule_text(pkt) if w.router.rules else "",  # (positional: hot)
-                             self.status & SERVER_STATUS_AUTOCOMMIT, w.primary_ok, w.shared is not None,
+                             self.status & SERVER_STATUS_AUTOCOMMIT, w.primary_ok,
+                             w.shared is not None and (cls.route == _READ or st.writer not in self.backends),
                              self.last_shared is not None)
         if plan.error is not None:
             return self.send_error(*plan.error)
@@ -333,18 +334,20 @@ class ClientConnection(asyncio.Protocol):
             cls = cmd.cls
             flags = cls.flags
             route = cls.route
-            if w.shared is not None and not flags & _NO_SHARE and not error and (
-                    route == _READ or (route == _WRITE and on_primary)):
+            # A write on the session's own connection is profiled the 1st, 17th... time and with warnings:
+            # each time cost busy writers 4,700 instructions (+9%); sessions without one need it.
+            if w.shared is not None and not flags & _NO_SHARE and not error and (route == _READ or (
+                    route == _WRITE and on_primary and (shared or not self.writes & 15 or sc.warnings))):
                 if w.shared.profiles.learn(cls.digest, conn.relayed if relayed < 0 else relayed,
                                            _monotonic() - self.sent_at if service < 0 else service,
                                            sc.warnings > 0, route == _WRITE):
                     self.unconfirmed = cls.digest
             # (a SET of user variables to literals is replayed with the history: it ties nothing)
-            st.after(flags & _NOT_VAR if cls.route == _SESSION and not cmd.stmt_id else flags, on_primary, name,
-                     self.status if on_primary else status, error, cls.digest, cls.route)
+            st.after(flags & _NOT_VAR if route == _SESSION and not cmd.stmt_id else flags, on_primary, name,
+                     self.status if on_primary else status, error, cls.digest, route)
             st.warnings, st.last_digest = sc.warnings > 0, cls.digest
             if not error:
-                if cls.route == _SESSION:
+                if route == _SESSION:
                     if cmd.stmt_id:  # SET through a prepared statement: cannot be replayed elsewhere
                         st.history_overflow = True
                     else:
@@ -353,9 +356,11 @@ class ClientConnection(asyncio.Protocol):
                     if flags & C.F_USE_DB:
                         conn.db_touched = True
                         self.db = cls.db
-                if on_primary and cls.route == _WRITE and st.wrote_ok(sc.final):
-                    self.insert_conn = None if shared else conn
-                if on_primary and cmd.packet[4] in _STATEMENTS and st.write_completed(cls.route, flags):
+                if on_primary and route == _WRITE:
+                    self.writes += 1
+                    if st.wrote_ok(sc.final):
+                        self.insert_conn = None if shared else conn
+                if on_primary and cmd.packet[4] in _STATEMENTS and st.write_completed(route, flags):
                     if st.ryw_mode == RYW_GTID:  # from the OK's session state, else one more round trip
                         gtid = conn.gtid_tracked and tracking.last_gtid(sc.final)
                         fetch_gtid = not gtid
@@ -444,19 +449,16 @@ class ClientConnection(asyncio.Protocol):
         return be
 
     async def send_command(self, pkt, cls, kind: int, name: str, stmt_id: int = 0) -> None:
-        """Send a command to server `name` by the slow path (statement commands that must follow
-        their statement: fetch, reset)."""
+        """Send a command to `name` by the slow path (fetch, reset: they follow their statement)."""
         await slowpath.send(self, Command(cls, pkt, kind, name, stmt_id))
 
     def writer(self) -> str:
         """The server this session writes to: the primary, or in master-master mode the
         master the session (or its current transaction) was given, while it lives."""
-        w = self.worker
-        st = self.state
+        w, st = self.worker, self.state
         if not w.multi_master:
             st.writer = w.primary_name
-            return st.writer
-        if st.writer is None or st.writer not in w.live_writers:
+        elif st.writer is None or st.writer not in w.live_writers:
             st.writer = w.pick_writer()
         return st.writer
 

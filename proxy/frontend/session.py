@@ -111,7 +111,7 @@ class ClientConnection(asyncio.Protocol):
         self.started = _monotonic()  # when the client connected
         self.insert_conn = None  # the own connection whose LAST_INSERT_ID() is the session's (state.insert_id)
         self.unconfirmed: str | None = None  # a write digest whose next statement decides if it may share
-        self.writes = 0  # writes answered on the session's own connection (which of them to profile)
+        self.writes = 0  # writes answered on the writer (which of them to profile on the session's own connection)
 
     # ---- transport events -----------------------------------------------------
     def connection_made(self, transport):

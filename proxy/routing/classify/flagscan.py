@@ -38,7 +38,7 @@ def scan(toks: list[Tok]) -> tuple[int, bool, set[str]]:
             if nxt is not None and nxt.kind == "o" and nxt.val == "(":
                 if i >= 2 and toks[i - 1].is_o(".") and toks[i - 2].kind in ("w", "q"):
                     q = toks[i - 2]
-                    calls.add((q.val if q.kind == "w" else q.val[1:-1].upper()) + "." + v)
+                    calls.add(q.name() + "." + v)
                 elif v in READONLY_FUNCS or v in SYNTAX_WORDS:
                     pass
                 elif v in LOCK_FUNCS:
@@ -87,7 +87,7 @@ def scan(toks: list[Tok]) -> tuple[int, bool, set[str]]:
             into = False
         elif k == "q":
             if nxt is not None and nxt.is_o("(") and not (i and toks[i - 1].is_o(".")):
-                calls.add(t.val[1:-1].replace("``", "`").upper())
+                calls.add(t.name())
             into = False
         elif k == "o":
             if t.val == ":=":

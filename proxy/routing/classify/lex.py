@@ -181,6 +181,10 @@ class Tok:
     def is_o(self, op: str) -> bool:
         return self.kind == "o" and self.val == op
 
+    def name(self) -> str:
+        """A word's or `quoted identifier`'s name, upper-cased (as function and table names compare)."""
+        return self.val if self.kind == "w" else self.val[1:-1].replace("``", "`").upper()
+
 
 def tokenize(code: str) -> tuple[list[Tok], bool]:
     """(tokens, broken): broken means an unterminated quote or comment was left in the text."""

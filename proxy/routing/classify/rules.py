@@ -385,24 +385,18 @@ _INSERT_MODIFIERS = frozenset(("LOW_PRIORITY", "DELAYED", "HIGH_PRIORITY", "IGNO
 
 
 def _insert_target(toks: list[Tok]) -> set[str]:
-    """The table an INSERT/REPLACE names (`INSERT INTO db.t (a, b)`: {'T', 'DB.T'}), which the
-    scan takes for a call when a column list follows it."""
+    """The table an INSERT/REPLACE names, as the scan spells a call (`INSERT INTO db.t (a, b)`:
+    {'DB.T'}), which it takes for one when a column list follows it."""
     if not toks[0].is_w("INSERT", "REPLACE"):
         return set()
     i, n = 1, len(toks)
     while i < n and toks[i].kind == "w" and toks[i].val in _INSERT_MODIFIERS:
         i += 1
-    names = []
-    while i < n and toks[i].kind in ("w", "q"):
-        t = toks[i]
-        names.append(t.val if t.kind == "w" else t.val[1:-1].replace("``", "`").upper())
-        if i + 1 < n and toks[i + 1].is_o("."):
-            i += 2
-            continue
-        break
-    if not names:
-        return set()
-    return {names[-1], ".".join(names[-2:])}
+    if i < n and toks[i].kind in ("w", "q"):
+        if i + 2 < n and toks[i + 1].is_o(".") and toks[i + 2].kind in ("w", "q"):
+            return {toks[i].name() + "." + toks[i + 2].name()}
+        return {toks[i].name()}
+    return set()
 
 
 def _split_commas(toks: list[Tok]) -> list[list[Tok]]:

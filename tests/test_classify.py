@@ -520,6 +520,7 @@ def test_readonly_functions():
     ("INSERT INTO t (a) VALUES (my_counter())", True),
     ("INSERT INTO db.t (a) VALUES (db.f(1))", True),
     ("INSERT INTO `t`(a) VALUES (`f`(1))", True),
+    ("INSERT INTO t (a) VALUES (db.`f`(1))", True),  # a qualified, quoted name is a call too
     ("UPDATE t SET a = 1 WHERE id = next_id()", True),
     ("DELETE FROM t WHERE id = lookup(3)", True),
     ("REPLACE INTO t SELECT f(x) FROM u", True),

@@ -86,8 +86,9 @@ def scan(toks: list[Tok]) -> tuple[int, bool, set[str]]:
                 forced = True
             into = False
         elif k == "q":
-            if nxt is not None and nxt.is_o("(") and not (i and toks[i - 1].is_o(".")):
-                calls.add(t.name())
+            if nxt is not None and nxt.is_o("("):
+                qualified = i >= 2 and toks[i - 1].is_o(".") and toks[i - 2].kind in ("w", "q")
+                calls.add(toks[i - 2].name() + "." + t.name() if qualified else t.name())
             into = False
         elif k == "o":
             if t.val == ":=":

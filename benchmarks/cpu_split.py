@@ -31,7 +31,7 @@ from proxy.testing.clusters import running_cluster
 
 from .forwarder import ForwarderProcess
 from .report import save
-from .run import SB_DB, _rotated, sysbench
+from .run import SB_DB, round_order, sysbench
 
 TICK = os.sysconf("SC_CLK_TCK")
 
@@ -119,7 +119,7 @@ def main(argv=None) -> int:
             time.sleep(1.0)
             for r in range(args.rounds):
                 got = {}
-                for ep in _rotated(eps, r):
+                for ep in round_order(eps, r):
                     proxy = proxies.get(ep)
                     target = proxy.port if proxy else primary
                     got[ep] = measure(lambda: sysbench("oltp_point_select", "127.0.0.1", target, args.threads, args.time,

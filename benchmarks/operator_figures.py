@@ -35,7 +35,7 @@ from proxy.testing.clusters import running_cluster
 
 from .cpu_split import measure
 from .report import save
-from .run import SB_DB, _rotated, sysbench
+from .run import SB_DB, round_order, sysbench
 
 ADMIN_PW = "bench-admin"
 
@@ -66,7 +66,7 @@ def stats_ab(tmp: Path, cluster, rounds: int, seconds: float, threads: int) -> d
         time.sleep(2.0)
         for r in range(rounds):
             got = {}
-            for ep in _rotated(eps, r):
+            for ep in round_order(eps, r):
                 proxy = proxies.get(ep)
                 target = proxy.port if proxy else primary
                 got[ep] = measure(lambda: sysbench("oltp_point_select", "127.0.0.1", target, threads, seconds,

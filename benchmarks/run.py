@@ -2,7 +2,9 @@
 
 Starts its own sandbox cluster and one proxy per mode (rwproxy in several
 routing set-ups, and a bare forwarder as the floor for any Python proxy), and
-in every round runs direct and each mode in turn, rotating the order, so drift
+in every round runs direct and each mode in turn (each one first, and after each
+other one, equally often: round_order), each run starting once the replicas have
+applied every earlier write, so drift
 on this shared 2-core machine hits all of them alike; reports medians of
 per-round ratios. Also measures the CPU for a 1,000-row result (alternating
 the same way) and rwproxy's memory per idle client.
@@ -251,10 +253,32 @@ class ConnectionSampler:
                 c.close()
 
 
-def _rotated(items: list, r: int) -> list:
-    """Round r's order: the list rotated by r, so each entry runs first, second, ... in turn."""
-    k = r % len(items)
-    return items[k:] + items[:k]
+def round_order(items: list, r: int) -> list:
+    """Round r's order (a Williams design): over len(items) rounds (twice that for an odd count)
+    each entry runs first, second, ... once, and runs right after every other entry once. A plain
+    rotation keeps the cyclic order, so an entry always followed the same one: in write tests it
+    always inherited the replication backlog of the run before it (the direct run's, the largest)."""
+    n = len(items)
+    seq, lo, hi = [0], 1, n - 1
+    while len(seq) < n:
+        seq.append(lo)
+        lo += 1
+        if len(seq) < n:
+            seq.append(hi)
+            hi -= 1
+    row = [(i + r) % n for i in seq]
+    if n % 2 and (r // n) % 2:
+        row.reverse()
+    return [items[i] for i in row]
+
+
+def settle(cluster, timeout: float = 300.0) -> float:
+    """Wait until the replicas have applied everything the primary has (seconds waited): a run
+    must not start while the replicas still apply the previous run's writes, which takes CPU
+    from whatever runs next on this machine."""
+    t0 = time.monotonic()
+    cluster.wait_replicas_caught_up(timeout)
+    return round(time.monotonic() - t0, 2)
 
 
 def idle_cpu(proxy: ProxyProcess, seconds: float) -> float:
@@ -376,15 +400,18 @@ def main(argv=None) -> int:
                 for th in threads:
                     for r in range(args.rounds):
                         got = {}
-                        for ep in _rotated(["direct", *test_modes], r):
+                        for ep in round_order(["direct", *test_modes], r):
+                            waited = settle(cluster)
                             if ep == "direct":
                                 res = sysbench(test, "127.0.0.1", primary, th, args.time, tables, size)
                             else:
                                 res = through(ep, test, th)
+                            res["settle_s"] = waited
                             got[ep] = res
                             print(f"[{ep}] {test:18s} threads={th:<3d} round={r + 1} qps={res['qps']:9.0f} "
                                   f"p95={res['p95_ms']}ms p99={res['p99_ms']}ms errors={res['errors']}"
-                                  + (f" cpu={res['proxy_cpu_us_per_query']}us/q" if ep != "direct" else ""), flush=True)
+                                  + (f" cpu={res['proxy_cpu_us_per_query']}us/q" if ep != "direct" else "")
+                                  + (f" (replicas caught up in {waited}s first)" if waited >= 1 else ""), flush=True)
                         for m in test_modes:
                             runs.append({"mode": m, "test": test, "threads": th, "round": r + 1,
                                          "direct": got["direct"], "proxy": got[m]})
@@ -392,7 +419,7 @@ def main(argv=None) -> int:
             big_modes = [m for m in modes if base_mode(m) in BIG_RESULT_MODES]
             per_round: dict[str, list[dict]] = {m: [] for m in big_modes}
             for r in range(args.rounds):
-                for mode in _rotated(big_modes, r):
+                for mode in round_order(big_modes, r):
                     per_round[mode].append(big_result_cpu(proxies[mode], 2.0 if args.quick else 4.0))
             for mode, rs in per_round.items():
                 big[mode] = big_result_summary(rs, background[mode])
@@ -452,8 +479,9 @@ def markdown(result: dict) -> str:
         "",
         f"{result['machine']['cpus']} CPUs (shared), Python {result['machine']['python']}, rwproxy workers={s['proxy_workers']}, "
         f"{s['rounds']} rounds of {s['seconds']:.0f} s runs, sysbench {s['tables']} x {s['table_size']} rows. "
-        "All modes' proxies run side by side; in each round the direct run and every mode take turns (the order rotates "
-        "from round to round), so modes compare with each other as well as with direct. Direct runs go to the primary. "
+        "All modes' proxies run side by side; in each round the direct run and every mode take turns (the order changes "
+        "from round to round so that each runs first, and right after each other one, equally often; each run starts "
+        "once the replicas have applied every earlier write), so modes compare with each other as well as with direct. Direct runs go to the primary. "
         "Medians; ratio = median of per-round proxy/direct QPS; rwproxy CPU counts all its processes (workers and the "
         "control plane). The proxies not being measured sit idle meanwhile, their background (below) loading every "
         "run alike, direct ones included."

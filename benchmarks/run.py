@@ -134,15 +134,20 @@ def _pct(hist: list[tuple[float, int]], q: float) -> float | None:
 BIG_SQL = "SELECT seq, REPEAT('r', 120) FROM seq_1_to_1000"
 
 
+COUNTERS = ("statements", "shared_statements", "idle_released", "queue_waits")  # from `rwproxy status`
+
+
 def routed(cfg_path: str) -> dict:
-    """Statements the proxy has sent to each backend so far (from its control socket)."""
+    """Statements the proxy has sent to each backend so far, and its COUNTERS (from its control
+    socket): how many statements ran on shared connections, sessions gave theirs back, waited."""
     from proxy.config.load import load_config
     from proxy.runtime.control import request
     from proxy.runtime.rundir import control_socket
 
     st = request(control_socket(load_config(cfg_path)), "status", timeout=10)
     roles = {s["name"]: s["role"] for s in st["servers"]}
-    return {f"{name}({roles[name]})": s["routed"] for name, s in ((s["name"], s) for s in st["servers"])}
+    out = {f"{name}({roles[name]})": s["routed"] for name, s in ((s["name"], s) for s in st["servers"])}
+    return out | {k: st.get(k, 0) for k in COUNTERS}
 
 
 BIG_THREADS = 8  # sysbench threads for the 1,000-row figure under concurrency
@@ -390,7 +395,9 @@ def main(argv=None) -> int:
                 if rwproxy:
                     time.sleep(0.6)  # workers publish counters twice a second
                     after = routed(cfgs[mode])
-                    res["routed"] = {k: after[k] - routed0.get(k, 0) for k in after}
+                    delta = {k: after[k] - routed0.get(k, 0) for k in after}
+                    res["counters"] = {k: delta.pop(k) for k in COUNTERS}
+                    res["routed"] = delta
                 return res
 
             for test in tests:
@@ -411,6 +418,8 @@ def main(argv=None) -> int:
                             print(f"[{ep}] {test:18s} threads={th:<3d} round={r + 1} qps={res['qps']:9.0f} "
                                   f"p95={res['p95_ms']}ms p99={res['p99_ms']}ms errors={res['errors']}"
                                   + (f" cpu={res['proxy_cpu_us_per_query']}us/q" if ep != "direct" else "")
+                                  + (f" shared={100 * c['shared_statements'] / max(c['statements'], 1):.1f}%"
+                                     if (c := res.get("counters")) else "")
                                   + (f" (replicas caught up in {waited}s first)" if waited >= 1 else ""), flush=True)
                         for m in test_modes:
                             runs.append({"mode": m, "test": test, "threads": th, "round": r + 1,
@@ -463,13 +472,19 @@ def summarize(runs: list[dict]) -> list[dict]:
             "proxy_cpu_s_per_1000_queries": round(med("proxy", "proxy_cpu_us_per_query") / 1000, 4),
             "errors": sum(r[ep]["errors"] for r in rs for ep in ("direct", "proxy")),
             "routed": {k: sum(r["proxy"].get("routed", {}).get(k, 0) for r in rs) for k in rs[0]["proxy"].get("routed", {})},
+            "counters": {k: sum(r["proxy"].get("counters", {}).get(k, 0) for r in rs) for k in rs[0]["proxy"].get("counters", {})},
         })
     return out
 
 
-def _share(routed: dict) -> str:
+def _share(routed: dict, counters: dict | None = None) -> str:
     total = sum(routed.values()) or 1
-    return ", ".join(f"{k} {100 * v / total:.0f}%" for k, v in sorted(routed.items()))
+    text = ", ".join(f"{k} {100 * v / total:.0f}%" for k, v in sorted(routed.items()))
+    if counters and counters.get("statements"):
+        n = counters["statements"]
+        text += f"; on shared connections {100 * counters['shared_statements'] / n:.1f}%"
+        text += "".join(f", {k.replace('_', ' ')} {counters[k]}" for k in ("idle_released", "queue_waits") if counters[k])
+    return text
 
 
 def markdown(result: dict) -> str:
@@ -500,7 +515,7 @@ def markdown(result: dict) -> str:
         lines.append(
             f"| {r.get('mode', 'split')} | {r['test']} | {r['threads']} | {r['direct_qps']} | {r['proxy_qps']} | {r['ratio']:.2f} | "
             f"{r['direct_p95_ms']} / {r['proxy_p95_ms']} | {r['direct_p99_ms']} / {r['proxy_p99_ms']} | "
-            f"{r['proxy_cpu_us_per_query']} | {r['errors']} | {_share(r['routed'])} |"
+            f"{r['proxy_cpu_us_per_query']} | {r['errors']} | {_share(r['routed'], r.get('counters'))} |"
         )
     lines.append("")
     for mode, b in result["big_result"].items():

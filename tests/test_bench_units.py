@@ -1,0 +1,35 @@
+"""The benchmark runner's own logic: the order of runs inside each round decides what a run
+inherits from the one before it (a write test's replication backlog), so it must be fair."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+
+from benchmarks.run import round_order
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 4, 5, 6])
+def test_round_order_runs_each_endpoint_first_and_after_each_other_equally_often(n):
+    items = [f"ep{i}" for i in range(n)]
+    rounds = n if n % 2 == 0 else 2 * n  # a Williams design balances in n rounds (2n when n is odd)
+    orders = [round_order(items, r) for r in range(rounds)]
+    for order in orders:
+        assert sorted(order) == sorted(items)  # every endpoint runs once per round
+    firsts = [o[0] for o in orders]
+    assert all(firsts.count(x) == rounds // n for x in items)
+    follows = [(o[i], o[i + 1]) for o in orders for i in range(n - 1)]
+    pairs = list(itertools.permutations(items, 2))
+    assert sorted(set(follows)) == sorted(pairs)  # each endpoint runs right after each other one...
+    assert all(follows.count(p) == follows.count(pairs[0]) for p in pairs)  # ...equally often
+
+
+def test_a_plain_rotation_would_not_be_fair():
+    """What round_order replaced: rotating [direct, split, ...] kept split right after direct."""
+    items = ["direct", "split", "before", "haproxy"]
+    rotated = [items[r:] + items[:r] for r in range(4)]
+    after_direct = {o[(o.index("direct") + 1) % 4] for o in rotated}
+    assert after_direct == {"split"}
+    fair = {o[o.index("direct") + 1] for r in range(4) if (o := round_order(items, r)).index("direct") < 3}
+    assert len(fair) == 3

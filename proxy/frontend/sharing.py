@@ -32,8 +32,9 @@ def try_shared(s, cmd) -> bool:
     w = s.worker
     if cmd.cls.route != C.READ and cmd.server in s.backends:
         # a write shares only instead of taking a connection: one already held costs nothing more
-        # (a shared write holds its line alone, so it gains no batching: -30% QPS for 32 busy
-        # writers, measured) while the shared line saves a connection when the session has none
+        # (a shared write holds its line alone, so it gains no batching: 32 busy writers sharing
+        # too ran -9% QPS at +24% CPU per UPDATE, issue22-busy-writers-share-experiment) while
+        # the shared line saves a connection when the session has none
         return False
     sh = w.shared
     est = sh.profiles.shareable(cmd.cls.digest)

@@ -48,6 +48,8 @@ SB_DB = "sbtest"
 MODE_NAMES = {"primary": "read_write_split = false (every statement to the primary, as in the direct runs)",
               "primary-pinned": "as primary, with cpu_affinity = \"spread\" (each worker on its own CPU)",
               "split": "read/write split, read_your_writes = session (autocommit reads on the replicas)",
+              "split-one": "as split, with the last replica left out of rwproxy's [[backends]] (every read on one "
+                           "replica: the split mode's code path without spreading reads over two servers)",
               "primary-unix": "as primary, but rwproxy reaches the servers through their Unix sockets "
                               "([[backends]] socket; sysbench still uses TCP to rwproxy and in the direct runs)",
               "primary-tls": "as primary, with TLS from rwproxy to the servers ([backend_tls] mode = verify_identity; "
@@ -61,6 +63,7 @@ MODE_NAMES = {"primary": "read_write_split = false (every statement to the prima
 MODE_TESTS = {"primary": ["oltp_point_select", "oltp_read_only", "oltp_update_non_index"],
               "primary-pinned": ["oltp_point_select", "oltp_read_only"],
               "split": ["oltp_point_select", "oltp_read_only_skip_trx", "oltp_update_non_index"],
+              "split-one": ["oltp_point_select", "oltp_read_only_skip_trx"],
               "primary-unix": ["oltp_point_select"],
               "primary-tls": ["oltp_point_select"],
               "primary-16k": ["oltp_point_select"],
@@ -198,10 +201,11 @@ def write_mode_config(mode: str, port: int, workers: int, cluster, tmp: str) -> 
         "proxy": {"listen": f"127.0.0.1:{port}", "workers": workers,
                   "cpu_affinity": "spread" if base_mode(mode).endswith("-pinned") else "none"},
         "backends": [{"name": n.name, "host": "127.0.0.1", "port": n.port,
-                      **({"socket": str(n.socket)} if base_mode(mode).endswith("-unix") else {})} for n in cluster.nodes],
+                      **({"socket": str(n.socket)} if base_mode(mode).endswith("-unix") else {})}
+                     for n in (cluster.nodes[:-1] if base_mode(mode) == "split-one" else cluster.nodes)],
         "users": [{"name": "app", "password": "app"}],
         "monitor": {"user": "rwproxy", "password": "rwproxy"},
-        "routing": {"read_write_split": base_mode(mode) == "split"},
+        "routing": {"read_write_split": base_mode(mode) in ("split", "split-one")},
     }
     if base_mode(mode).endswith("-16k"):
         data["pool"] = {"backend_net_buffer": 0}
@@ -324,7 +328,7 @@ def main(argv=None) -> int:
     ap.add_argument("--modes", default="primary,primary-pinned,split,forwarder",
                     help="routing modes: primary (read_write_split = false: the issue-3 set-up, everything on the "
                          "primary like the direct runs), primary-pinned (as primary, cpu_affinity = spread), "
-                         "split (reads on the replicas), primary-unix (as primary, backends through their Unix "
+                         "split (reads on the replicas), split-one (as split, reads on one replica), primary-unix (as primary, backends through their Unix "
                          "sockets), primary-tls (as primary, TLS to the servers), primary-16k (as primary, "
                          "backend_net_buffer = 0), forwarder (reference: a bare uvloop forwarder, not rwproxy)")
     ap.add_argument("--workers", type=int, default=0, help="rwproxy workers (0 = CPU count)")

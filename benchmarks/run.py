@@ -264,7 +264,7 @@ class ConnectionSampler:
 
 def round_order(items: list, r: int) -> list:
     """Round r's order (a Williams design): over len(items) rounds (twice that for an odd count)
-    each entry runs first, second, ... once, and runs right after every other entry once. A plain
+    each entry runs first equally often and right after each other entry equally often. A plain
     rotation keeps the cyclic order, so an entry always followed the same one: in write tests it
     always inherited the replication backlog of the run before it (the direct run's, the largest)."""
     n = len(items)

@@ -23,6 +23,13 @@ _WRITE_WORDS = frozenset(("UPDATE", "DELETE", "INSERT", "REPLACE", "INTO", "LOCK
 _SEQ_FUNCS = frozenset(("NEXTVAL", "SETVAL"))
 
 
+def _qualifier(toks: list[Tok], i: int) -> Tok | None:
+    """The database word before toks[i] in `db.f(` (a qualified call), else None."""
+    if i >= 2 and toks[i - 1].is_o(".") and toks[i - 2].kind in ("w", "q"):
+        return toks[i - 2]
+    return None
+
+
 def scan(toks: list[Tok]) -> tuple[int, bool, set[str]]:
     """(flags, write syntax or unsafe call seen, names called that are not known built-ins)."""
     flags = 0
@@ -36,8 +43,7 @@ def scan(toks: list[Tok]) -> tuple[int, bool, set[str]]:
         if k == "w":
             v = t.val
             if nxt is not None and nxt.kind == "o" and nxt.val == "(":
-                if i >= 2 and toks[i - 1].is_o(".") and toks[i - 2].kind in ("w", "q"):
-                    q = toks[i - 2]
+                if (q := _qualifier(toks, i)) is not None:
                     calls.add(q.name() + "." + v)
                 elif v in READONLY_FUNCS or v in SYNTAX_WORDS:
                     pass
@@ -87,8 +93,8 @@ def scan(toks: list[Tok]) -> tuple[int, bool, set[str]]:
             into = False
         elif k == "q":
             if nxt is not None and nxt.is_o("("):
-                qualified = i >= 2 and toks[i - 1].is_o(".") and toks[i - 2].kind in ("w", "q")
-                calls.add(toks[i - 2].name() + "." + t.name() if qualified else t.name())
+                q = _qualifier(toks, i)
+                calls.add(t.name() if q is None else q.name() + "." + t.name())
             into = False
         elif k == "o":
             if t.val == ":=":

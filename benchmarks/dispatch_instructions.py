@@ -24,7 +24,8 @@ from pathlib import Path
 
 from .report import save
 
-CASES = ["point select (replica)", "UPDATE (primary)", "BEGIN (primary)", "prepared point select"]
+CASES = ["point select (replica)", "UPDATE (primary)", "BEGIN (primary)", "prepared point select",
+         "shared point select"]  # (the last: the default configuration, multiplexed)
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -52,6 +53,7 @@ def main(argv=None) -> int:
     ap.add_argument("--other", default="", help="another checkout of rwproxy to compare with (e.g. the commit before)")
     ap.add_argument("--other-label", default="other")
     ap.add_argument("--tag", default="dispatch-instructions")
+    ap.add_argument("--cases", default="", help="comma-separated case names (default: all)")
     ap.add_argument("--stats-off", action="store_true",
                     help="compare this tree with itself under [stats] enabled = false (what statistics cost)")
     args = ap.parse_args(argv)
@@ -60,8 +62,9 @@ def main(argv=None) -> int:
         trees[args.other_label] = Path(args.other).resolve()
     elif args.stats_off:
         trees["stats off"] = ROOT
-    table: dict[str, dict[str, float]] = {case: {} for case in CASES}
-    for case in CASES:
+    cases = [c for c in CASES if not args.cases or c in args.cases.split(",")]
+    table: dict[str, dict[str, float]] = {case: {} for case in cases}
+    for case in cases:
         for label, tree in trees.items():
             stats = "off" if label == "stats off" else "on"
             table[case][label] = round(per_statement(tree, args.statements, case, stats))

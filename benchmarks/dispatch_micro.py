@@ -15,9 +15,11 @@ import time
 
 import uvloop
 
+from proxy.backend import shared as shared_module
 from proxy.backend.connection import BackendConnection
+from proxy.backend.shared import SharedBackend
 from proxy.config.load import build_config
-from proxy.protocol.constants import PROXY_CAPABILITIES, SERVER_STATUS_AUTOCOMMIT
+from proxy.protocol.constants import PROXY_CAPABILITIES, SERVER_STATUS_AUTOCOMMIT, SESSION_SHAPING_CAPABILITIES
 from proxy.protocol.packets import frame, lenenc_str, ok_payload
 from proxy.routing.statements import Stmt
 from proxy.cluster.topology import PRIMARY, REPLICA, ServerState, Topology
@@ -59,7 +61,8 @@ def _row_response() -> bytes:
             + frame(ok_payload(status=SERVER_STATUS_AUTOCOMMIT, header_byte=0xFE), 4))
 
 
-def main(n: int = 100_000, only: str = "") -> None:
+def _session(multiplex: bool):
+    """A worker and one logged-in session on it, with stub connections to three servers."""
     from proxy.frontend.session import ClientConnection
     from proxy.runtime.worker import Worker
 
@@ -67,7 +70,7 @@ def main(n: int = 100_000, only: str = "") -> None:
         "proxy": {"listen": "127.0.0.1:0", "workers": 1},
         "backends": [{"name": f"node{i}", "host": "127.0.0.1", "port": 1 + i} for i in range(1, 4)],
         "users": [{"name": "app", "password": "app", "read_your_writes": "none"}],
-        "pool": {"multiplex": False},  # the session's own connections (shared ones need a running loop)
+        "pool": {"multiplex": multiplex},
         # RWPROXY_DISPATCH_STATS=off: without the per-statement statistics ([stats] enabled = false)
         "stats": {"enabled": os.environ.get("RWPROXY_DISPATCH_STATS", "on") != "off"},
     }
@@ -76,10 +79,8 @@ def main(n: int = 100_000, only: str = "") -> None:
                "node2": ServerState("node2", "127.0.0.1", 3, role=REPLICA, readable=True),
                "node3": ServerState("node3", "127.0.0.1", 4, role=REPLICA, readable=True)}
     topo = Topology(servers, 1, time.time())
-    loop = uvloop.new_event_loop()
-    asyncio.set_event_loop(loop)
     worker = Worker(config, 0, None, topo, b"5.5.5-10.11.0-MariaDB", None)
-    worker.loop = loop
+    worker.loop = asyncio.get_event_loop()
     client = ClientConnection(worker, 1)
     client.transport = StubTransport()
     client.phase = 1
@@ -91,30 +92,77 @@ def main(n: int = 100_000, only: str = "") -> None:
         be.transport = StubTransport(lambda _data, be=be: be.data_received(response))
         be.client = client
         client.backends[name] = be
-    sql = b"SELECT c FROM sbtest1 WHERE id=?"  # a prepared point select, executed as sysbench does
-    sid = client.stmts.add(Stmt(sql, worker.classifier.classify(sql), frame(b"\x16" + sql, 0), 1))
-    for i, name in enumerate(servers):
-        client.stmts.bind(sid, name, 100 + i)  # backend ids differ from the client's, as they do for real
-    head = b"\x17" + sid.to_bytes(4, "little") + b"\x00" + (1).to_bytes(4, "little") + b"\x00"
-    client.data_received(frame(head + b"\x01" + b"\x03\x00" + (5044).to_bytes(4, "little"), 0))  # types, once
-    cases = [("point select (replica)", frame(b"\x03SELECT c FROM sbtest1 WHERE id=5044", 0), "classify"),
-             ("UPDATE (primary)", frame(b"\x03UPDATE sbtest1 SET k=k+1 WHERE id=5044", 0), "classify"),
-             ("BEGIN (primary)", frame(b"\x03BEGIN", 0), "classify"),
-             ("prepared point select", frame(head + b"\x00" + (5044).to_bytes(4, "little"), 0), "look up")]
-    for label, pkt, first in cases:
+    if multiplex:
+        _shared_lines(worker, client, servers, config, response)
+    return worker, client
+
+
+def _shared_lines(worker, client, servers, config, response) -> None:
+    """One shared connection per server, under the key sharing.try_shared computes for `client`;
+    each answers every command of a flush. Their flushes run when run_soon() is called (the
+    micro's stand-in for the end of a loop iteration)."""
+    for name in servers:
+        key = (name, client.user.name, client.caps & SESSION_SHAPING_CAPABILITIES, client.charset, client.login_db,
+               tuple(client.state.history))
+        line = SharedBackend(config.backends[0].__class__(name=name, host="127.0.0.1", port=1), key, PROXY_CAPABILITIES)
+        line.transport = StubTransport(lambda data, line=line: line.data_received(response * data.count(b"\x03SELECT")
+                                                                                  if data[4] == 3 else response))
+        line.lines, line.ready, line.direct_ok = worker.shared, True, True
+        worker.shared.lines[key] = [line]
+
+
+_soon: list = []
+
+
+def run_soon() -> None:
+    while _soon:
+        _soon.pop(0)()
+
+
+def main(n: int = 100_000, only: str = "") -> None:
+    loop = uvloop.new_event_loop()
+    asyncio.set_event_loop(loop)
+    shared_module._call_soon = _soon.append
+    worker, client = _session(False)
+    sworker, sclient = _session(True)
+    for w, c in ((worker, client), (sworker, sclient)):
+        sql = b"SELECT c FROM sbtest1 WHERE id=?"  # a prepared point select, executed as sysbench does
+        sid = c.stmts.add(Stmt(sql, w.classifier.classify(sql), frame(b"\x16" + sql, 0), 1))
+        for i, name in enumerate(("node1", "node2", "node3")):
+            c.stmts.bind(sid, name, 100 + i)  # backend ids differ from the client's, as they do for real
+        head = b"\x17" + sid.to_bytes(4, "little") + b"\x00" + (1).to_bytes(4, "little") + b"\x00"
+        c.data_received(frame(head + b"\x01" + b"\x03\x00" + (5044).to_bytes(4, "little"), 0))  # types, once
+    cases = [("point select (replica)", frame(b"\x03SELECT c FROM sbtest1 WHERE id=5044", 0), "classify", False),
+             ("UPDATE (primary)", frame(b"\x03UPDATE sbtest1 SET k=k+1 WHERE id=5044", 0), "classify", False),
+             ("BEGIN (primary)", frame(b"\x03BEGIN", 0), "classify", False),
+             ("prepared point select", frame(head + b"\x00" + (5044).to_bytes(4, "little"), 0), "look up", False),
+             # the default configuration (multiplex = true): every point select on a shared connection
+             ("shared point select", frame(b"\x03SELECT c FROM sbtest1 WHERE id=5044", 0), "classify", True)]
+    for label, pkt, first, multiplexed in cases:
         if only and not label.startswith(only):
             continue
-        for _ in range(1000):  # warm the digest cache
-            client.data_received(pkt)
-        before = dict(worker.router.balancer.routed)
+        w, c = (sworker, sclient) if multiplexed else (worker, client)
+        for _ in range(1000):  # warm the digest cache (and, multiplexed, learn that the digest may share)
+            c.data_received(pkt)
+            run_soon()
+        before = dict(w.router.balancer.routed)
+        shared0 = w.shared.statements if multiplexed else 0
         t0 = time.perf_counter()
-        for _ in range(n):
-            client.data_received(pkt)
+        if multiplexed:
+            for _ in range(n):
+                c.data_received(pkt)
+                run_soon()
+        else:
+            for _ in range(n):
+                c.data_received(pkt)
         dt = (time.perf_counter() - t0) / max(n, 1) * 1e6
-        went = {k: v - before.get(k, 0) for k, v in worker.router.balancer.routed.items() if v - before.get(k, 0)}
+        went = {k: v - before.get(k, 0) for k, v in w.router.balancer.routed.items() if v - before.get(k, 0)}
+        if multiplexed and w.shared.statements - shared0 != n:
+            raise SystemExit(f"{label}: {w.shared.statements - shared0} of {n} statements went on shared connections")
         if label.startswith("BEGIN"):
-            client.data_received(frame(b"\x03COMMIT", 0))
+            c.data_received(frame(b"\x03COMMIT", 0))
         print(f"{label:24s} {dt:6.2f} µs per statement ({first} + route + relay + bookkeeping); sent to {went}")
+
 
 if __name__ == "__main__":
     import sys

@@ -1,4 +1,5 @@
-"""Worker processes and CPU affinity (`[proxy] cpu_affinity`), checked in /proc of the real processes."""
+"""Worker processes, CPU affinity (`[proxy] cpu_affinity`) and scheduling policy (`[proxy] scheduling`),
+checked in /proc of the real processes."""
 
 from __future__ import annotations
 
@@ -40,6 +41,43 @@ def test_default_leaves_workers_unpinned(proxy):
     workers = _workers(proxy)
     assert len(workers) == 2
     assert all(_allowed_cpus(w) == cpus for w in workers)
+
+
+def test_workers_run_sched_batch_and_the_control_plane_does_not(cluster, tmp_path):
+    """The default scheduling = "batch": every worker under SCHED_BATCH, the supervisor (monitor,
+    heartbeats) under SCHED_OTHER, and a restarted worker under SCHED_BATCH again."""
+    p = start_proxy(cluster, tmp_path, proxy={"workers": 2})
+    try:
+        _wait_for(lambda: "worker 1 serving on" in p.process.log_tail(200) and "worker 0 serving on" in p.process.log_tail(200))
+        workers = _workers(p)
+        assert len(workers) == 2
+        assert all(os.sched_getscheduler(w) == os.SCHED_BATCH for w in workers)
+        assert os.sched_getscheduler(p.process.proc.pid) == os.SCHED_OTHER
+        with p.connect() as conn, conn.cursor() as cur:
+            cur.execute("SELECT 1")
+            assert cur.fetchone() == (1,)
+        os.kill(workers[0], signal.SIGKILL)
+        new = _wait_for(lambda: [w for w in _workers(p) if w not in workers])
+        _wait_for(lambda: os.sched_getscheduler(new[0]) == os.SCHED_BATCH)
+        with p.connect() as conn, conn.cursor() as cur:
+            cur.execute("SELECT 2")
+            assert cur.fetchone() == (2,)
+    finally:
+        p.process.stop()
+
+
+def test_scheduling_normal_leaves_workers_under_sched_other(cluster, tmp_path):
+    p = start_proxy(cluster, tmp_path, proxy={"workers": 2, "scheduling": "normal"})
+    try:
+        _wait_for(lambda: "worker 1 serving on" in p.process.log_tail(200) and "worker 0 serving on" in p.process.log_tail(200))
+        workers = _workers(p)
+        assert len(workers) == 2
+        assert all(os.sched_getscheduler(w) == os.SCHED_OTHER for w in workers)
+        with p.connect() as conn, conn.cursor() as cur:
+            cur.execute("SELECT 1")
+            assert cur.fetchone() == (1,)
+    finally:
+        p.process.stop()
 
 
 def test_spread_pins_each_worker_and_a_restarted_worker_again(cluster, tmp_path):

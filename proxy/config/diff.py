@@ -10,7 +10,7 @@ from proxy.config.schema import Config, spec_fields
 
 # Keys a running proxy cannot change: sockets already bound, processes already forked, TLS
 # contexts already loaded, the cluster mode everything was built for.
-RESTART_ONLY = ("proxy.listen", "proxy.workers", "proxy.cpu_affinity", "proxy.runtime_dir", "proxy.tls.",
+RESTART_ONLY = ("proxy.listen", "proxy.workers", "proxy.cpu_affinity", "proxy.scheduling", "proxy.runtime_dir", "proxy.tls.",
                 "proxy.auth_plugin", "proxy.server_version", "admin.listen", "metrics.listen", "cluster.topology",
                 "cluster.coordination", "cluster.etcd_endpoints", "cluster.name", "cluster.instance",
                 "cluster.lease_ttl", "cluster.etcd_timeout", "cluster.etcd_ca", "cluster.etcd_cert", "cluster.etcd_key",
@@ -57,6 +57,7 @@ def effective(old: Config, new: Config) -> Config:
     """`new`, with every restart-only key as `old` runs it."""
     rep = dataclasses.replace
     proxy = rep(new.proxy, listen=old.proxy.listen, workers=old.proxy.workers, cpu_affinity=old.proxy.cpu_affinity,
+                scheduling=old.proxy.scheduling,
                 runtime_dir=old.proxy.runtime_dir, tls=old.proxy.tls, auth_plugin=old.proxy.auth_plugin,
                 server_version=old.proxy.server_version)
     return rep(new, proxy=proxy, admin=rep(new.admin, listen=old.admin.listen),

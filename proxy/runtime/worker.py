@@ -220,6 +220,7 @@ class Worker:
         # ms instead of ~40 ms stalls for every client of this worker.
         gc.freeze()
         cpu = pin_worker(self.index, self.config.proxy.cpu_affinity)
+        set_scheduling(self.index, self.config.proxy.scheduling)
         self.loop = uvloop.new_event_loop()
         asyncio.set_event_loop(self.loop)
         stop = self.stop_future = self.loop.create_future()
@@ -446,6 +447,26 @@ def _wake(waiters: list) -> None:
     for f in pending:
         if not f.done():
             f.set_result(None)
+
+
+def set_scheduling(index: int, policy: str) -> None:
+    """scheduling = "batch" (the default): the worker runs under SCHED_BATCH.
+
+    The kernel then never lets a worker that was just woken (a client or server wrote to it)
+    preempt the task running on that CPU; it runs when that task yields or its slice ends, and
+    finds more events ready by then: fewer, bigger loop iterations (0.18 against 0.21-0.34
+    voluntary context switches per point select). Same CPU share as SCHED_OTHER (nice is
+    unchanged); nothing changes while a CPU is idle (one client: 3.8k QPS either way). Measured
+    with 32 sysbench threads on the 2-core machine that also runs the servers: +4-16 % QPS and
+    7-19 % less CPU per query in 7 of 7 alternating pairs, p95 lower too (docs/performance.md).
+    Unprivileged: no capability is needed to lower a policy. The control plane (monitor,
+    heartbeats) keeps SCHED_OTHER: its checks should run on time."""
+    if policy != "batch":
+        return
+    try:
+        os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))
+    except (OSError, AttributeError) as exc:  # (not Linux, or a seccomp filter refuses it)
+        log.warning("worker %d: cannot switch to SCHED_BATCH (%s); running under the default policy", index, exc)
 
 
 def pin_worker(index: int, mode: str) -> int | None:

@@ -121,7 +121,7 @@ def test_relative_tls_paths_resolve_against_config_dir(tmp_path):
      'routing.balance: expected one of "least-outstanding", "round-robin", "lowest-lag", got "random"'),
     ('[cluster]\ntopology = 2', 'cluster.topology: expected one of "primary-replica", "master-master", got 2'),
     ('[proxy]\ncpu_affinity = "auto"', 'proxy.cpu_affinity: expected one of "none", "spread", got "auto"'),
-    ('[proxy]\nscheduling = "fifo"', 'proxy.scheduling: expected one of "batch", "normal", got "fifo"'),
+    ('[proxy]\nscheduling = "fifo"', 'proxy.scheduling: expected one of "normal", "batch", got "fifo"'),
     ('[proxy]\nlisten = "6033"', 'proxy.listen: expected "host:port" (IPv6 as "[::1]:6033"), got "6033"'),
     ('[monitor]\nheartbeat_schema = "rw-proxy"',
      'monitor.heartbeat_schema: expected an identifier ([A-Za-z_][A-Za-z0-9_$]*, at most 64 characters), '

@@ -29,6 +29,13 @@ def test_least_outstanding_spreads_when_idle():
     pool = reps(("a", 1, 0.0), ("b", 1, 0.0), ("c", 1, 0.0))
     counts = collections.Counter(b.pick(pool).name for _ in range(300))
     assert set(counts) == {"a", "b", "c"} and min(counts.values()) >= 80
+    two = reps(("a", 1, 0.0), ("b", 1, 0.0))  # (two servers take a path of their own)
+    assert collections.Counter(b.pick(two).name for _ in range(300)) == {"a": 150, "b": 150}
+    b.outstanding = {"a": 2, "b": 1}
+    assert {b.pick(two).name for _ in range(10)} == {"b"}
+    b.outstanding = {"a": 1, "b": 1}  # equal load: weights decide, whichever is looked at first
+    assert {b.pick(reps(("a", 1, 0.0), ("b", 2, 0.0))).name for _ in range(10)} == {"b"}
+    assert {b.pick(reps(("a", 2, 0.0), ("b", 1, 0.0))).name for _ in range(10)} == {"a"}
 
 
 def test_round_robin_is_weighted():
@@ -48,7 +55,9 @@ def test_weight_zero_and_exclusions_are_never_picked():
     b = Balancer("least-outstanding")
     pool = reps(("a", 0, 0.0), ("b", 1, 0.0))
     assert {b.pick(pool).name for _ in range(20)} == {"b"}
+    assert {b.pick(list(reversed(pool))).name for _ in range(20)} == {"b"}
     assert b.pick(pool, frozenset({"b"})) is None
+    assert b.pick(reps(("a", 0, 0.0), ("b", 0, 0.0))) is None
 
 
 # ---- plans: where statements about earlier ones go, and which writes may share ------------------

@@ -43,10 +43,10 @@ def test_default_leaves_workers_unpinned(proxy):
     assert all(_allowed_cpus(w) == cpus for w in workers)
 
 
-def test_workers_run_sched_batch_and_the_control_plane_does_not(cluster, tmp_path):
-    """The default scheduling = "batch": every worker under SCHED_BATCH, the supervisor (monitor,
-    heartbeats) under SCHED_OTHER, and a restarted worker under SCHED_BATCH again."""
-    p = start_proxy(cluster, tmp_path, proxy={"workers": 2})
+def test_scheduling_batch_puts_workers_not_the_control_plane_under_sched_batch(cluster, tmp_path):
+    """scheduling = "batch": every worker under SCHED_BATCH, the supervisor (monitor, heartbeats)
+    under SCHED_OTHER, and a restarted worker under SCHED_BATCH again."""
+    p = start_proxy(cluster, tmp_path, proxy={"workers": 2, "scheduling": "batch"})
     try:
         _wait_for(lambda: "worker 1 serving on" in p.process.log_tail(200) and "worker 0 serving on" in p.process.log_tail(200))
         workers = _workers(p)
@@ -66,18 +66,10 @@ def test_workers_run_sched_batch_and_the_control_plane_does_not(cluster, tmp_pat
         p.process.stop()
 
 
-def test_scheduling_normal_leaves_workers_under_sched_other(cluster, tmp_path):
-    p = start_proxy(cluster, tmp_path, proxy={"workers": 2, "scheduling": "normal"})
-    try:
-        _wait_for(lambda: "worker 1 serving on" in p.process.log_tail(200) and "worker 0 serving on" in p.process.log_tail(200))
-        workers = _workers(p)
-        assert len(workers) == 2
-        assert all(os.sched_getscheduler(w) == os.SCHED_OTHER for w in workers)
-        with p.connect() as conn, conn.cursor() as cur:
-            cur.execute("SELECT 1")
-            assert cur.fetchone() == (1,)
-    finally:
-        p.process.stop()
+def test_default_scheduling_leaves_workers_under_sched_other(proxy):
+    workers = _workers(proxy)
+    assert len(workers) == 2
+    assert all(os.sched_getscheduler(w) == os.SCHED_OTHER for w in workers)
 
 
 def test_spread_pins_each_worker_and_a_restarted_worker_again(cluster, tmp_path):

@@ -50,7 +50,7 @@ class ProxyConfig:
     listen: str = S("127.0.0.1:6033", check=listen_error)
     workers: int = I(0, 0, 254)  # session ids carry the worker index in their top byte
     cpu_affinity: str = E("none", "none", "spread")
-    scheduling: str = E("batch", "batch", "normal")  # workers' Linux policy: SCHED_BATCH or SCHED_OTHER
+    scheduling: str = E("normal", "normal", "batch")  # workers' Linux policy: SCHED_OTHER or SCHED_BATCH
     server_version: str = S()
     max_connections: int = I(10000, 1)
     max_allowed_packet: int = I(64 << 20, 1024, 1 << 30)  # bytes; a bigger client packet gets 1153

@@ -450,17 +450,15 @@ def _wake(waiters: list) -> None:
 
 
 def set_scheduling(index: int, policy: str) -> None:
-    """scheduling = "batch" (the default): the worker runs under SCHED_BATCH.
+    """scheduling = "batch": the worker runs under SCHED_BATCH (opt-in; default SCHED_OTHER).
 
     The kernel then never lets a worker that was just woken (a client or server wrote to it)
     preempt the task running on that CPU; it runs when that task yields or its slice ends, and
-    finds more events ready by then: fewer, bigger loop iterations (0.18 against 0.21-0.34
-    voluntary context switches per point select). Same CPU share as SCHED_OTHER (nice is
-    unchanged); nothing changes while a CPU is idle (one client: 3.8k QPS either way). Measured
-    with 32 sysbench threads on the 2-core machine that also runs the servers: +4-16 % QPS and
-    7-19 % less CPU per query in 7 of 7 alternating pairs, p95 lower too (docs/performance.md).
-    Unprivileged: no capability is needed to lower a policy. The control plane (monitor,
-    heartbeats) keeps SCHED_OTHER: its checks should run on time."""
+    finds more events ready by then (0.18 against 0.21-0.34 voluntary context switches per point
+    select, ad hoc). Same CPU share (nice is unchanged); nothing changes while a CPU is idle.
+    Measured where sysbench and the servers share the proxy's 2 CPUs: ahead at 32 threads, behind
+    at 1,024 (docs/performance.md), so not the default. Unprivileged: lowering a policy needs no
+    capability. The control plane (monitor, heartbeats) keeps SCHED_OTHER."""
     if policy != "batch":
         return
     try:

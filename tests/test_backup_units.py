@@ -154,6 +154,23 @@ def test_walk_finds_gaps_and_uses_overlapping_files_once():
     assert walk([a1, a2, c], {}, stop_at_gap=True).end == {0: (1, 20)}
 
 
+def test_a_restore_to_the_backups_own_gtid_replays_no_binlog(tmp_path, monkeypatch):
+    """A replica's backup pauses at a GTID that can be exactly the one asked for (CI saw it): then
+    no binlog is replayed, since mariadb-binlog fails with start = stop ("never reached")."""
+    from proxy.backup.restore import plan
+
+    m = Manifest(id=backup_id(FULL, 1_700_000_000.0), kind=FULL, method=PHYSICAL, parent=None, start=1.7e9,
+                 end=1.7e9 + 5, server="node2", address="127.0.0.1:1", server_id=2, server_role="replica",
+                 version="10.11", gtid="0-1-16664", consistent_at=1.7e9 + 4)
+    repo = FileRepository(str(tmp_path / "repo"))
+    archived = [_archived(2, 16600, 16700, 100)]  # the file that holds the backup's point, and more
+    monkeypatch.setattr("proxy.backup.restore.load_archive", lambda _repo: archived)
+    p = plan(repo, at_gtid="0-1-16664", manifests=[m])
+    assert [b.id for b in p.backups] == [m.id] and p.binlogs == []
+    p = plan(repo, at_gtid="0-1-16665", manifests=[m])  # one transaction further: that file
+    assert p.binlogs == archived and p.stop_gtid == "0-1-16665"
+
+
 def test_resume_file_picks_the_file_holding_the_next_transaction():
     files = [("binlog.000001", {}), ("binlog.000002", {0: (1, 10)}), ("binlog.000003", {0: (1, 20)})]
     assert resume_file(files, {0: (1, 15)}) == ("binlog.000002", True)

@@ -166,6 +166,8 @@ def plan(repo: Repository, *, bid: str | None = None, at_time: float | None = No
         return p
     if not m.gtid:
         raise BackupError(f"backup {m.id} has no recorded GTID position: point-in-time recovery cannot start from it")
+    if target_pos is not None and covers(p.start, target_pos):
+        return p  # the backup stopped exactly there (mariadb-binlog refuses a stop position equal to the start)
     w = walk(load_archive(repo), p.start, stop_at_gap=True)
     if target_pos is not None:
         if not covers(w.end, target_pos):

@@ -178,6 +178,33 @@ def test_a_hung_primary_fails_over_without_waiting_for_slave_net_timeout(semisyn
         p.process.stop()
 
 
+def test_a_primary_silent_for_a_moment_is_asked_once_more_and_not_failed_over(cluster_factory, tmp_path):
+    """A primary starved of CPU falls silent for a second or so, its replicas hearing nothing
+    either: the hang rule's evidence, but it is alive. Here it is stopped for 1.5 s (the hang
+    rule fires after 0.6 s): the last check before promoting, on a new connection with 1.2 s of
+    patience, gets its answer, and nothing is failed over. (Stopped for good, it is failed over:
+    test_a_hung_primary_fails_over_without_waiting_for_slave_net_timeout.)"""
+    cl = cluster_factory(replicas=2)
+    p = start_proxy(cl, tmp_path, proxy={"workers": 1}, failover=FAILOVER)
+    try:
+        assert wait_until(lambda: _primary(p) == "node1", 10)
+        assert wait_until(lambda: "MASTER_HEARTBEAT_PERIOD" in p.process.log_tail(100), 10)
+        cl.primary.kill(signal.SIGSTOP, wait=False)
+        try:
+            time.sleep(1.5)
+        finally:
+            cl.primary.kill(signal.SIGCONT, wait=False)
+        assert wait_until(lambda: "answered a new connection" in p.process.log_tail(200), 10), p.process.log_tail(60)
+        time.sleep(2.0)  # the monitor hears it again: still no failover
+        log = p.process.log_tail(300)
+        assert "promoting a replica" not in log and "slow, not dead" in log
+        assert _primary(p) == "node1" and cl.primary.variable("read_only") == 0
+        for r in cl.replicas:
+            assert r.variable("read_only") == 1 and r.slave_status()["Master_Port"] == cl.primary.port
+    finally:
+        p.process.stop()
+
+
 def test_no_failover_when_only_rwproxys_path_to_the_primary_hangs(cluster_factory, tmp_path):
     """The replicas still hear the primary's heartbeats: a frozen path between rwproxy and the
     primary (here a forwarder that rwproxy alone goes through, SIGSTOPped) is no failover."""

@@ -88,6 +88,23 @@ class Actions:
                     read_timeout=max(c.switchover_timeout, c.catchup_timeout) + 10.0,
                     tls=policies_for(self.config).get(s.name))
 
+    def answers(self, s, timeout: float) -> float | None:
+        """Seconds `s` took to connect and answer SELECT 1 on a new connection, None if it did not
+        within `timeout` for each (failover's last check before promoting: controller._on_dead)."""
+        t0 = time.monotonic()
+        try:
+            link = Link(self.backends[s.name], self.user, self.password, connect_timeout=timeout,
+                        read_timeout=timeout, tls=policies_for(self.config).get(s.name))
+        except StepError:
+            return None
+        try:
+            link.value("SELECT 1")
+            return time.monotonic() - t0
+        except StepError:
+            return None
+        finally:
+            link.close()
+
     def warm(self, topo) -> None:
         """Keep an idle admin connection to every healthy server, so a failover starts without connecting."""
         for s in topo.servers.values():

@@ -91,9 +91,12 @@ class Actions:
     def answers(self, s, timeout: float) -> float | None:
         """Seconds `s` took to connect and answer SELECT 1 on a new connection, None if it did not
         within `timeout` for each (failover's last check before promoting: controller._on_dead)."""
+        backend = self.backends.get(s.name)
+        if backend is None:  # (removed by a reload)
+            return None
         t0 = time.monotonic()
         try:
-            link = Link(self.backends[s.name], self.user, self.password, connect_timeout=timeout,
+            link = Link(backend, self.user, self.password, connect_timeout=timeout,
                         read_timeout=timeout, tls=policies_for(self.config).get(s.name))
         except StepError:
             return None

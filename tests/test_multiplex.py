@@ -31,8 +31,9 @@ USER = "mux"
 SESSIONS = 12
 
 
-def probe_sql(tag: str) -> str:
-    return f"SELECT ID, @@port FROM information_schema.PROCESSLIST WHERE INFO LIKE '%probe-{tag}%' AND USER = '{USER}'"
+def probe_sql(tag: str, first: str = "") -> str:
+    """Which server connection runs it (its id and server port), after `first` (more columns)."""
+    return f"SELECT {first}ID, @@port FROM information_schema.PROCESSLIST WHERE INFO LIKE '%probe-{tag}%' AND USER = '{USER}'"
 
 
 @pytest.fixture(scope="module")
@@ -180,12 +181,11 @@ def test_session_state_keeps_a_session_off_the_others_connections(mux):
     value and the id of the connection that answers in one statement, so it says which connection
     carried what. (A connection may still serve two sessions in turn: one gives it back to the
     pool after idle_release, the pool resets it, the other replays its own SET on it.)"""
-    probe = (f"SELECT @@group_concat_max_len, ID, @@port FROM information_schema.PROCESSLIST "
-             f"WHERE INFO LIKE '%probe-value%' AND USER = '{USER}'")
+    probe = probe_sql("value", first="@@group_concat_max_len, ")
     with sessions(mux, 4) as conns:
         wait_for_replicas(mux, conns[0])
         for c in conns:
-            one(c, probe)  # learned and shared
+            one(c, probe)  # its digest learned
         for i, c in enumerate(conns):
             one(c, f"SET SESSION group_concat_max_len = {1000 + i}")
         time.sleep(0.6)  # (workers publish their counters twice a second)

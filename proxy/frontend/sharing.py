@@ -50,9 +50,8 @@ def try_shared(s, cmd) -> bool:
     known = s.share_keys.get(name)
     if known is not None and known[0] == st.hversion:
         key = known[1]
-    else:  # sessions share only with sessions of the same SET/USE history (SET NAMES, sql_mode...)
-        key = (name, s.user.name, s.caps & SESSION_SHAPING_CAPABILITIES, s.charset, s.login_db,
-               tuple(st.history))
+    else:
+        key = share_key(s, name)
         s.share_keys[name] = (st.hversion, key)
     line = sh.pick(w.servers[name], key, s.user.password)
     if line is None or line.closed:
@@ -83,6 +82,14 @@ def try_shared(s, cmd) -> bool:
     s.sent_at = e.sent
     w.router.balancer.started(name)
     return True
+
+
+def share_key(s, name: str) -> tuple:
+    """The key of the shared connections to `name` that session `s` may use: sessions share only
+    with sessions of the same user, capabilities, charset, login database and SET/USE history
+    (SET NAMES, sql_mode...)."""
+    return (name, s.user.name, s.caps & SESSION_SHAPING_CAPABILITIES, s.charset, s.login_db,
+            tuple(s.state.history))
 
 
 def after_write(s, cls) -> None:

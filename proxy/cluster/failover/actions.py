@@ -84,9 +84,12 @@ class Actions:
     def _connect(self, s) -> Link:
         m, c = self.config.monitor, self.cfg
         # long enough for the longest single wait (MASTER_GTID_WAIT up to switchover_timeout)
-        return Link(self.backends[s.name], self.user, self.password, connect_timeout=max(1.0, 2 * m.connect_timeout),
-                    read_timeout=max(c.switchover_timeout, c.catchup_timeout) + 10.0,
-                    tls=policies_for(self.config).get(s.name))
+        return self._open(self.backends[s.name], max(1.0, 2 * m.connect_timeout),
+                          max(c.switchover_timeout, c.catchup_timeout) + 10.0)
+
+    def _open(self, backend, connect_timeout: float, read_timeout: float) -> Link:
+        return Link(backend, self.user, self.password, connect_timeout=connect_timeout, read_timeout=read_timeout,
+                    tls=policies_for(self.config).get(backend.name))
 
     def answers(self, s, timeout: float) -> float | None:
         """Seconds `s` took to connect and answer SELECT 1 on a new connection, None if it did not
@@ -96,8 +99,7 @@ class Actions:
             return None
         t0 = time.monotonic()
         try:
-            link = Link(backend, self.user, self.password, connect_timeout=timeout,
-                        read_timeout=timeout, tls=policies_for(self.config).get(s.name))
+            link = self._open(backend, timeout, timeout)
         except StepError:
             return None
         try:

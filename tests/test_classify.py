@@ -458,6 +458,28 @@ def test_autocommit_literal_through_cache():
     assert c.cache_info()["size"] == 0
 
 
+@pytest.mark.parametrize("sql, value", [
+    ("SET wait_timeout=1", "1"), ("set session wait_timeout = 5", "5"), ("SET LOCAL wait_timeout=6", "6"),
+    ("SET @@wait_timeout=7", "7"), ("SET @@session.wait_timeout = 8, autocommit=1", "8"),
+    ("SET @@local.wait_timeout=9", "9"), ("SET wait_timeout=DEFAULT", "DEFAULT"), ("SET wait_timeout = 60*2", "60*2"),
+    ("SET @a='wait_timeout=5', wait_timeout=3", "3"), ("SET wait_timeout=1, wait_timeout=4", "4"),
+    ("SET GLOBAL sql_mode='', SESSION wait_timeout=2", "2"), ("/*!40101 SET wait_timeout=11 */", "11"),
+    ("SET NAMES utf8mb4; SET wait_timeout=12", "12"),
+    # not the session's: another scope, a one-statement SET, or another variable
+    ("SET GLOBAL wait_timeout=9", None), ("SET @@global.wait_timeout=9", None), ("SET net_wait_timeout=1", None),
+    ("SET STATEMENT wait_timeout=1 FOR SELECT 1", None), ("SELECT 'SET wait_timeout=1'", None),
+    ("SET @wait_timeout=1", None),
+])
+def test_session_wait_timeout_is_flagged_and_its_value_read_from_the_text(sql, value):
+    """SET [SESSION] wait_timeout (the session closes after that many idle seconds, frontend/idle.py):
+    the flag comes from the classification, cached or not (the cache keeps no literal), and the
+    value from the text, the last assignment winning as on the server."""
+    c = Classifier()
+    for _ in range(2):  # (the second time from the cache)
+        assert bool(c.classify(sql).flags & C.F_WAIT_TIMEOUT) == (value is not None), sql
+    assert C.session_value(sql.encode(), "wait_timeout") == value
+
+
 def test_use_db_keeps_its_name_and_is_not_cached():
     c = Classifier()
     assert c.classify("USE a").db == "a"

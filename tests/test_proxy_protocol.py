@@ -466,3 +466,37 @@ def test_client_idle_timeout_closes_idle_sessions_like_wait_timeout(cluster, tmp
         assert "idle for" in p.process.log_tail(50) and "client_idle_timeout" in p.process.log_tail(50)
     finally:
         p.process.stop()
+
+
+def test_a_sessions_own_wait_timeout_closes_it_when_idle_that_long(cluster, tmp_path):
+    """SET SESSION wait_timeout = N: the client connection closes after N idle seconds, as the
+    server would close it (PyMySQL's own test suite checks this); the server still reports the
+    value; talking resets the clock; DEFAULT goes back to client_idle_timeout; another session
+    is not affected. Without the proxy's own clock the backend connection would time out and be
+    reopened silently, and the client would never notice."""
+    p = start_proxy(cluster, tmp_path / "wait", proxy={"workers": 1})
+    try:
+        short, chatty, reset, other = (p.connect() for _ in range(4))
+        for c in (short, chatty, reset):
+            with c.cursor() as cur:
+                cur.execute("SET SESSION wait_timeout = 1")
+        with short.cursor() as cur:
+            cur.execute("SELECT @@wait_timeout")
+            assert cur.fetchone() == (1,)
+        with reset.cursor() as cur:
+            cur.execute("SET @@wait_timeout = DEFAULT")
+        deadline = time.monotonic() + 2.5
+        while time.monotonic() < deadline:
+            chatty.ping(reconnect=False)
+            time.sleep(0.3)
+        for c in (chatty, reset, other):
+            with c.cursor() as cur:
+                cur.execute("SELECT 1")
+                assert cur.fetchone() == (1,)
+        with pytest.raises(pymysql.err.OperationalError) as e:
+            with short.cursor() as cur:
+                cur.execute("SELECT 1")
+        assert e.value.args[0] in (2006, 2013)  # server has gone away / lost connection
+        assert "its wait_timeout 1 s" in p.process.log_tail(50)
+    finally:
+        p.process.stop()

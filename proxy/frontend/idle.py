@@ -16,6 +16,10 @@ Functions of a ClientConnection (`s`) and a Worker (`w`), using their public att
 
 from __future__ import annotations
 
+import logging
+import re
+import time
+
 from proxy.backend.connection import BackendError
 from proxy.frontend.reader import COMMAND
 from proxy.config.schema import RYW_GTID
@@ -26,8 +30,13 @@ from proxy.protocol.constants import (
 )
 from proxy.protocol.packets import command
 from proxy.protocol.scan import RESULT
+from proxy.routing.classify import session_value
 
 _SET_AUTOCOMMIT_0 = command(COM_QUERY, b"SET autocommit=0")
+_INTEGER = re.compile(r"[+-]?\d{1,20}")
+WAIT_TIMEOUT_MAX = 31536000  # the server's largest wait_timeout (365 days)
+FINE_BELOW = 10.0  # s: shorter session limits get their own timer (the worker's sweep runs once a second)
+log = logging.getLogger("rwproxy.client")
 
 
 def idle_for(s, now: float) -> float:
@@ -39,6 +48,59 @@ def idle_for(s, now: float) -> float:
         s.idle_seen, s.idle_since = s.activity, now
         return 0.0
     return now - s.idle_since
+
+
+def limit(s) -> float:
+    """Seconds session `s` may wait for its client before it is closed (0: never): its own SET
+    wait_timeout, bounded by [proxy] client_idle_timeout (as ProxySQL bounds a client's
+    wait_timeout by mysql-wait_timeout), else client_idle_timeout."""
+    own, cap = s.state.wait_timeout if s.state is not None else 0.0, s.worker.config.proxy.client_idle_timeout
+    return own if own and (not cap or own < cap) else cap
+
+
+def expire(s, now: float) -> bool:
+    """Close session `s` if its client has been idle longer than its limit (the client learns it at
+    its next command: the connection is gone, as after a server's wait_timeout). True if closed."""
+    lim = limit(s)
+    waited = idle_for(s, now) if lim and not s.closed else 0.0
+    if waited <= lim:
+        return False
+    own = s.state is not None and lim == s.state.wait_timeout
+    log.info("session %d: idle for %.1f s (%s %g s); closing it", s.conn_id, waited,
+             "its wait_timeout" if own else "client_idle_timeout", lim)
+    s.close()
+    return True
+
+
+def wait_timeout_set(s, cmd) -> None:
+    """A SET of the session's wait_timeout succeeded: from now on session `s` closes after that
+    many idle seconds, as on the server (whose own copy, on the session's connections, only
+    closes connections rwproxy reopens). A literal value or DEFAULT; an expression is left to
+    the server and the limit stays as it was. Values out of the server's range are clamped as
+    the server clamps them (1 .. 31536000)."""
+    sql = s.stmts.stmts[cmd.stmt_id].sql if cmd.stmt_id else cmd.packet[5:]
+    value = session_value(sql, "wait_timeout")
+    if value is None:
+        return
+    if value.upper() == "DEFAULT":
+        s.state.wait_timeout = 0.0
+    elif _INTEGER.fullmatch(value):
+        s.state.wait_timeout = float(min(max(int(value), 1), WAIT_TIMEOUT_MAX))
+    else:
+        return
+    lim = limit(s)
+    if lim and lim < FINE_BELOW and s.idle_watch is None:
+        s.idle_watch = s.worker.loop.call_later(lim / 10, watch_wait_timeout, s)
+
+
+def watch_wait_timeout(s) -> None:
+    """A short wait_timeout (under FINE_BELOW s) is watched ten times per period, not by the worker's
+    once-a-second sweep: a client that set 1 s and slept 2 finds its connection gone, as on the server."""
+    s.idle_watch = None
+    lim = limit(s)
+    if s.closed or not lim or lim >= FINE_BELOW or expire(s, time.monotonic()):
+        return
+    s.idle_watch = s.worker.loop.call_later(lim / 10, watch_wait_timeout, s)
 
 
 async def acquire(s, name: str):

@@ -39,7 +39,7 @@ from proxy.routing.statements import StatementMap
 
 log = logging.getLogger("rwproxy.client")
 
-_F_KILL = C.F_KILL
+_F_KILL, _F_WAIT_TIMEOUT = C.F_KILL, C.F_WAIT_TIMEOUT
 _READ, _SESSION, _WRITE, _NOT_VAR = C.READ, C.SESSION, C.WRITE, ~C.F_USER_VAR_WRITE
 _NO_SHARE = ~(C.F_HINT_PRIMARY | C.F_HINT_REPLICA)  # flags that keep a statement's profile unlearned
 _ID_READERS = C.F_CONN_BOUND | C.F_CONN_STATE  # statements about earlier ones (sharing.follow_up)
@@ -70,7 +70,7 @@ class ClientConnection(asyncio.Protocol):
         "host", "tls", "salt", "user", "caps", "charset", "db", "login_db", "status", "state", "backends",
         "stmts", "inflight", "sent_at", "shared_on", "shared_entry", "last_shared", "share_keys", "activity",
         "idle_seen", "idle_since", "counted_user", "stat_rows", "stat_table", "stat_db", "done_at", "started",
-        "insert_conn", "unconfirmed", "writes",
+        "insert_conn", "unconfirmed", "writes", "idle_watch",
     )
 
     def __init__(self, worker, conn_id: int):
@@ -112,6 +112,7 @@ class ClientConnection(asyncio.Protocol):
         self.insert_conn = None  # the own connection whose LAST_INSERT_ID() is the session's (state.insert_id)
         self.unconfirmed: str | None = None  # a write digest whose next statement decides if it may share
         self.writes = 0  # writes answered on the writer (which of them to profile on the session's own connection)
+        self.idle_watch = None  # the timer of a short SET wait_timeout (idle.watch_wait_timeout)
 
     # ---- transport events -----------------------------------------------------
     def connection_made(self, transport):
@@ -190,10 +191,7 @@ class ClientConnection(asyncio.Protocol):
             self.shared_on.client_paused(self)  # never leave a shared connection paused for us
         self.release_backends()
         self.worker.holders.discard(self)
-        if self.counted_user is not None:
-            self.worker.release_user(self.counted_user)
-            self.counted_user = None
-        self.worker.forget(self)
+        self.worker.forget(self)  # (and what the session counted against its user's max_connections)
 
     def pause_writing(self):
         self._follow_client(True)
@@ -356,6 +354,8 @@ class ClientConnection(asyncio.Protocol):
                     if flags & C.F_USE_DB:
                         conn.db_touched = True
                         self.db = cls.db
+                if flags & _F_WAIT_TIMEOUT:
+                    idle.wait_timeout_set(self, cmd)
                 if on_primary and route == _WRITE:
                     self.writes += 1
                     if st.wrote_ok(sc.final):

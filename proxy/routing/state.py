@@ -55,7 +55,7 @@ class SessionState:
         "user", "ryw_mode", "in_trx", "ro_trx", "temp_tables", "lock_tables", "named_locks",
         "user_vars", "history", "history_overflow", "max_history", "last_backend", "last_write",
         "last_gtid", "failed_servers", "pending_write", "trx_server", "writer", "hversion", "trx_since",
-        "insert_id", "warnings", "last_digest", "cursor", "conn_state", "next_trx",
+        "insert_id", "warnings", "last_digest", "cursor", "conn_state", "next_trx", "wait_timeout",
     )
 
     def __init__(self, user, default_ryw: str, max_history: int):
@@ -90,6 +90,7 @@ class SessionState:
         self.cursor = False  # a prepared statement was executed with a cursor (fetches follow it)
         self.conn_state = ""  # why the primary connection holds state rwproxy cannot replay ("" = none)
         self.next_trx = False  # SET TRANSACTION (no scope) ran; no statement on the primary has used it yet
+        self.wait_timeout = 0.0  # the session's own SET wait_timeout, seconds (0: the server default)
 
     def pin(self) -> str:
         """Why only the primary connection may see this session's statements now ("" when nothing

@@ -193,6 +193,10 @@ class Worker:
             self._user_counts[name] -= 1
 
     def forget(self, client) -> None:
+        """A session ended: it no longer counts against the instance's or its user's limits."""
+        if client.counted_user is not None:
+            self.release_user(client.counted_user)
+            client.counted_user = None
         if client in self.clients:
             self.clients.discard(client)
             if self.admission is not None:
@@ -392,17 +396,12 @@ class Worker:
         return {"ok": True, "found": False}
 
     def close_idle_sessions(self) -> None:
-        """[proxy] client_idle_timeout: close sessions whose client sent nothing for that long, as a
-        server does at wait_timeout (the client learns it at its next command: the connection is gone)."""
-        limit = self.config.proxy.client_idle_timeout
-        if not limit:
-            return
+        """[proxy] client_idle_timeout, or a session's own shorter SET wait_timeout: close sessions whose
+        client sent nothing for that long, as a server does at wait_timeout (the client learns it at its
+        next command: the connection is gone)."""
         now = time.monotonic()
         for c in list(self.clients):
-            idle = c.idle_for(now)
-            if idle > limit:
-                log.info("session %d: idle for %.0f s (client_idle_timeout %g s); closing it", c.conn_id, idle, limit)
-                c.close()
+            idle.expire(c, now)
 
     def release_idle(self, now: float) -> None:
         """[pool] idle_release: sessions give back the connections they have not used for that long."""

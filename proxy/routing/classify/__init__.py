@@ -73,13 +73,13 @@ from proxy.routing.classify.const import (  # noqa: F401  (re-exported interface
     F_AUTOCOMMIT_OFF, F_AUTOCOMMIT_ON, F_BEGIN, F_COMMIT, F_CONN_BOUND, F_CONN_STATE, F_GET_LOCK, F_HINT_PRIMARY,
     F_HINT_REPLICA, F_IMPLICIT_COMMIT, F_KILL, F_LOAD_DATA, F_LOCK_TABLES, F_MULTI, F_NEXT_TRX, F_OVERSIZED,
     F_PREVIOUS, F_READ_ONLY_TXN, F_RELEASE_LOCK, F_RELEASE_SESSION, F_ROLLBACK, F_SET_GLOBAL, F_SET_UNREPLAYABLE, F_SQL_PS,
-    F_STORED_CALL, F_TEMP_TABLE, F_UNLOCK_TABLES, F_UNPARSED, F_USE_DB, F_USER_VAR_READ, F_USER_VAR_WRITE, F_XA,
-    FLAG_NAMES, READ, ROUTE_NAMES, SESSION, WRITE, Classification, flag_names,
+    F_STORED_CALL, F_TEMP_TABLE, F_UNLOCK_TABLES, F_UNPARSED, F_USE_DB, F_USER_VAR_READ, F_USER_VAR_WRITE,
+    F_WAIT_TIMEOUT, F_XA, FLAG_NAMES, READ, ROUTE_NAMES, SESSION, WRITE, Classification, flag_names,
 )
 from proxy.routing.classify.lex import (
     cache_key, cheap_scan, code_text, digest, find_hints, is_write_head, split_statements, tokenize,
 )
-from proxy.routing.classify.rules import Rules
+from proxy.routing.classify.rules import Rules, session_assignment
 
 MAX_SCAN_BYTES = 32 * 1024
 BIG_WRITE_BYTES = 2048
@@ -224,6 +224,24 @@ class Classifier:
             return Classification(WRITE, union, dstr, db, tuple(parts)), cacheable
         except Exception:  # a classifier bug must not break the session: go to the primary
             return Classification(WRITE, F_UNPARSED, dstr), False
+
+
+def session_value(sql: bytes, name: str) -> str | None:
+    """The value text of the last session-scope assignment of system variable `name` in a SET
+    text (`SET [SESSION|LOCAL] name = v`, `SET @@[session.]name = v`, among other assignments or
+    statements), None if it has none. Lexes the text again: for the rare statements whose flag
+    says they set a variable rwproxy acts on (F_WAIT_TIMEOUT); the cache keeps no literals."""
+    try:
+        code, _ = code_text(sql.decode("utf-8", "surrogateescape"))
+        toks, broken = tokenize(code)
+        if broken:
+            return None
+        found = None
+        for st in split_statements(toks):
+            found = session_assignment(code, st, name) or found
+        return found
+    except Exception:  # never let a classifier bug break the session
+        return None
 
 
 def _to_bytes(sql) -> bytes:

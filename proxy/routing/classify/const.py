@@ -64,6 +64,10 @@ F_PREVIOUS = 1 << 30
 # user-defined, not declared read-only): it may set user variables or create a temporary table on
 # whatever connection runs it, so it never goes on a connection other sessions share.
 F_STORED_CALL = 1 << 31
+# SET [SESSION] wait_timeout = ... (any spelling of the session scope): the session's own idle limit,
+# which rwproxy enforces on the client connection as the server would (frontend/idle.py reads the
+# value with session_value(); the digest cache keeps only the flag).
+F_WAIT_TIMEOUT = 1 << 32
 
 FLAG_NAMES = {v: k for k, v in globals().items() if k.startswith("F_") and isinstance(v, int)}
 ROUTE_NAMES = {READ: "READ", WRITE: "WRITE", SESSION: "SESSION"}

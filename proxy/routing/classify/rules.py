@@ -14,7 +14,7 @@ from proxy.routing.classify.const import (
     F_AUTOCOMMIT_OFF, F_AUTOCOMMIT_ON, F_BEGIN, F_COMMIT, F_CONN_BOUND, F_CONN_STATE, F_IMPLICIT_COMMIT, F_PREVIOUS,
     F_KILL, F_LOAD_DATA, F_LOCK_TABLES, F_NEXT_TRX, F_READ_ONLY_TXN, F_RELEASE_SESSION, F_ROLLBACK,
     F_SET_GLOBAL, F_SET_UNREPLAYABLE, F_SQL_PS, F_STORED_CALL, F_TEMP_TABLE, F_UNLOCK_TABLES, F_UNPARSED, F_USE_DB,
-    F_USER_VAR_READ, F_USER_VAR_WRITE, F_XA, READ, SESSION, WRITE,
+    F_USER_VAR_READ, F_USER_VAR_WRITE, F_WAIT_TIMEOUT, F_XA, READ, SESSION, WRITE,
 )
 from proxy.routing.classify.flagscan import NOT_READ, scan
 from proxy.routing.classify.funcs import SET_SCOPES
@@ -205,28 +205,13 @@ class Rules:
                 unreplayable |= bad
                 sys_unreplayable |= bad
                 continue
-            k += 1
-            if tgt.kind == "u":
-                item_scope, name = "user", ""
-            elif tgt.kind == "v":
-                parts = tgt.val[2:].lower().split(".", 1)
-                if len(parts) == 2 and parts[0].upper() in SET_SCOPES:
-                    item_scope, name = SET_SCOPES[parts[0].upper()], parts[1]
-                else:
-                    item_scope, name = "session", tgt.val[2:].lower()
-                    next_trx |= name in _NEXT_TRX_VARS  # @@tx_isolation without a scope: one-shot
-            elif tgt.kind == "w":
-                item_scope, name = scope, tgt.val.lower()
-                while k + 1 < len(item) and item[k].is_o(".") and item[k + 1].kind == "w":
-                    name += "." + item[k + 1].val.lower()  # structured: key_cache.key_buffer_size
-                    k += 2
-            else:
+            target = set_target(item, k, scope)
+            if target is None:
                 return UNPARSED
-            if k >= len(item) or not (item[k].is_o("=") or item[k].is_o(":=")):
-                return UNPARSED
-            rhs = item[k + 1:]
-            if not rhs:
-                return UNPARSED
+            item_scope, name, k = target
+            # @@tx_isolation without a scope: the next transaction's only
+            next_trx |= tgt.kind == "v" and "." not in tgt.val and name in _NEXT_TRX_VARS
+            rhs = item[k:]
             f, forced, calls = scan(rhs)
             flags |= f
             bad = forced or bool(f & NOT_READ) or self._unknown(calls)
@@ -243,6 +228,8 @@ class Rules:
             elif name == "autocommit":
                 flags |= F_AUTOCOMMIT_ON if _autocommit_on(rhs) else F_AUTOCOMMIT_OFF
                 cacheable = False  # literal-dependent: never served from the digest cache
+            elif name == "wait_timeout":
+                flags |= F_WAIT_TIMEOUT
         if global_seen:
             return WRITE, flags | F_SET_GLOBAL, None, cacheable
         if next_trx:  # alone, a one-shot; with other assignments, nothing of it can be replayed
@@ -397,6 +384,50 @@ def _insert_target(toks: list[Tok]) -> set[str]:
             return {toks[i].name() + "." + toks[i + 2].name()}
         return {toks[i].name()}
     return set()
+
+
+def set_target(item: list[Tok], k: int, scope: str) -> tuple[str, str, int] | None:
+    """One SET assignment whose target is item[k]: (its scope, the variable's lower-case name,
+    the index of its value), scope "user" for @var; None if malformed. `scope` is the one a
+    leading GLOBAL/SESSION/... set for plain names."""
+    tgt = item[k]
+    k += 1
+    if tgt.kind == "u":
+        item_scope, name = "user", ""
+    elif tgt.kind == "v":
+        parts = tgt.val[2:].lower().split(".", 1)
+        if len(parts) == 2 and parts[0].upper() in SET_SCOPES:
+            item_scope, name = SET_SCOPES[parts[0].upper()], parts[1]
+        else:
+            item_scope, name = "session", tgt.val[2:].lower()
+    elif tgt.kind == "w":
+        item_scope, name = scope, tgt.val.lower()
+        while k + 1 < len(item) and item[k].is_o(".") and item[k + 1].kind == "w":
+            name += "." + item[k + 1].val.lower()  # structured: key_cache.key_buffer_size
+            k += 2
+    else:
+        return None
+    if k + 1 >= len(item) or not (item[k].is_o("=") or item[k].is_o(":=")):
+        return None
+    return item_scope, name, k + 1
+
+
+def session_assignment(code: str, toks: list[Tok], name: str) -> str | None:
+    """The value text of the last session-scope assignment of system variable `name` in one SET
+    statement (tokens `toks` of `code`; the last one wins, as on the server), None if none."""
+    if not toks or not toks[0].is_w("SET") or len(toks) < 2 or toks[1].is_w("STATEMENT"):
+        return None
+    found, scope = None, "session"
+    for item in _split_commas(toks[1:]):
+        k = 0
+        if item and item[0].kind == "w" and item[0].val in SET_SCOPES:
+            scope, k = SET_SCOPES[item[0].val], 1
+        if k >= len(item):
+            return None
+        target = set_target(item, k, scope)
+        if target is not None and target[0] == "session" and target[1] == name:
+            found = code[item[target[2]].start:item[-1].end]
+    return found
 
 
 def _split_commas(toks: list[Tok]) -> list[list[Tok]]:

@@ -920,6 +920,44 @@ def test_multi_statements_and_procedure_result_sets(proxy, cluster, tables):
     assert results["proxy"][3] == (("before",),) and results["proxy"][4][0] == 1146
 
 
+def test_results_of_a_stored_program_with_an_open_cursor(proxy, cluster, tables):
+    """A stored program looping over a cursor (FOR row IN (SELECT ...) DO ... END FOR) sets
+    CURSOR_EXISTS in the EOF packets of the results it sends meanwhile. rwproxy ended such a
+    response after its column definitions (the rule for an execute that opens a cursor), so the
+    rest of it never reached the client: the mariadb CLI (and MariaDB's own test suite,
+    main.keywords) hung. The loop sleeps, so the results arrive in several reads, as they did."""
+    table, proc = "cursor_loop_clients", "cursor_loop_clients"
+    tables.append(table)
+    with pymysql_conn(cluster.primary.port, autocommit=True) as setup, setup.cursor() as cur:
+        cur.execute(f"DROP TABLE IF EXISTS `{table}`")
+        cur.execute(f"DROP PROCEDURE IF EXISTS `{proc}`")
+        cur.execute(f"CREATE TABLE `{table}` (w VARCHAR(20))")
+        cur.execute(f"INSERT INTO `{table}` VALUES ('lpad'), ('autocommit'), ('no_such_var')")
+        cur.execute(f"""CREATE PROCEDURE `{proc}`()
+            BEGIN
+              FOR r IN (SELECT w FROM `{table}` ORDER BY w) DO
+                BEGIN
+                  DECLARE msg TEXT DEFAULT '';
+                  DECLARE CONTINUE HANDLER FOR SQLEXCEPTION GET DIAGNOSTICS CONDITION 1 msg = MESSAGE_TEXT;
+                  EXECUTE IMMEDIATE CONCAT('SELECT @@', r.w);
+                  DO SLEEP(0.05);
+                  SELECT CONCAT(r.w, ': ', msg) AS outcome;
+                END;
+              END FOR;
+            END""")
+    try:
+        for args, expect in ((["-e", f"CALL `{proc}`(); SELECT 'after' AS a"], [b"Unknown system variable", b"after"]),
+                             (["--delimiter=//", "-e", f"FOR r IN (SELECT w FROM `{table}` ORDER BY w) DO "
+                               "SELECT r.w; DO SLEEP(0.05); END FOR"], [b"no_such_var"])):
+            want = mariadb_cli(cluster.primary.port, *args)
+            got = mariadb_cli(proxy.port, *args)
+            assert (got.returncode, got.stdout, got.stderr) == (want.returncode, want.stdout, want.stderr), args
+            assert want.returncode == 0 and all(e in want.stdout for e in expect), want
+    finally:
+        with pymysql_conn(cluster.primary.port, autocommit=True) as setup, setup.cursor() as cur:
+            cur.execute(f"DROP PROCEDURE IF EXISTS `{proc}`")
+
+
 # ---- 9. LOAD DATA LOCAL INFILE ------------------------------------------------------------------
 
 def _gen_file(path, rows, pad):

@@ -23,6 +23,7 @@ from proxy.protocol import scan
 from proxy.protocol.scan import (
     FIELD_LIST, PREPARE, RESULT, ROWS, SIMPLE, STATISTICS, CScanner, PyScanner,
 )
+from proxy.protocol.scan import CURSOR as CURSOR_KIND
 
 MAX = 0xFFFFFF
 MORE = 0x0008
@@ -236,7 +237,16 @@ def small_cases(dep):
     # ends it with an OK-0xFE carrying CURSOR_EXISTS (captured below).
     cur = [lenenc_int(2), coldef(), coldef()]
     cur.append(ok_fe(S | CURSOR) if dep else eof(S | CURSOR))
-    add("cursor-open", RESULT, dep, cur, status=S | CURSOR)
+    add("cursor-open", CURSOR_KIND, dep, cur, status=S | CURSOR)
+    # ... and an execute that asked for a cursor the server did not open (a CALL): rows follow
+    add("cursor-not-opened", CURSOR_KIND, dep, result_set(dep, 1, [(b"1",)]), status=S)
+    # A stored program with a cursor open (FOR rec IN (SELECT ...) DO SELECT ...; END FOR) sets
+    # CURSOR_EXISTS in ordinary results' EOF packets: a text result goes on to its rows and to
+    # the next result (the mariadb CLI hung when the response ended after the definitions).
+    loop = 0x0040 | 0x0020 | MORE | S
+    add("stored-program-cursor", RESULT, dep,
+        result_set(dep, 1, [(b"a",)], status=loop, mid_status=loop)
+        + result_set(dep, 1, [(b"b",)], status=loop, mid_status=loop) + [ok(S)], status=S)
     if not dep:
         # a 0xFE-headed packet of >= 9 bytes is a row in classic-EOF mode
         add("fe-row-classic", RESULT, dep,
@@ -364,7 +374,7 @@ CAPTURED = [
      "0c0000010003000000000001000000001700000203646566000000013f000c3f00000000"
      "0006800000000005000003fe00000200"
     ),
-    (False, 'exec_cursor', RESULT, 0x0062, False, False, 5,
+    (False, 'exec_cursor', CURSOR_KIND, 0x0062, False, False, 5,
      "01000001031d000002036465660170017401740269640269640c3f000b00000003011000"
      "00001b00000303646566017001740174017301730c2d00c8000000fd00000000001b0000"
      "0403646566017001740174016201620c3f00ffff0000fc900000000005000005fe000062"
@@ -428,7 +438,7 @@ CAPTURED = [
      "0c0000010009000000000001000000001700000203646566000000013f000c3f00000000"
      "00068000000000"
     ),
-    (True, 'exec_cursor', RESULT, 0x0062, False, False, 5,
+    (True, 'exec_cursor', CURSOR_KIND, 0x0062, False, False, 5,
      "01000001031d000002036465660170017401740269640269640c3f000b00000003011000"
      "00001b00000303646566017001740174017301730c2d00c8000000fd00000000001b0000"
      "0403646566017001740174016201620c3f00ffff0000fc900000000007000005fe000062"
@@ -579,7 +589,7 @@ def test_rows_counted(cls):
 
 
 def test_kind_constants():
-    assert (RESULT, PREPARE, FIELD_LIST, SIMPLE, STATISTICS, ROWS) == tuple(range(6))
+    assert (RESULT, PREPARE, FIELD_LIST, SIMPLE, STATISTICS, ROWS, CURSOR_KIND) == tuple(range(7))
 
 
 @pytest.mark.parametrize("case", SMALL, ids=repr)
@@ -704,7 +714,7 @@ def test_lifecycle(cls):
     sc = cls(True)
     assert sc.feed(wire(ok())) == 0  # before start(): nothing is ours
     with pytest.raises(ValueError):
-        sc.start(6)
+        sc.start(7)
     with pytest.raises(ValueError):
         sc.start(-1)
     sc.start(SIMPLE)

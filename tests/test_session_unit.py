@@ -58,6 +58,21 @@ def test_a_response_completes_and_the_next_pipelined_command_follows(kit):
     assert not s.conn.busy and s.conn.inflight is None
 
 
+def test_bytes_past_the_end_of_a_response_close_the_connection_not_reach_the_client(kit, caplog):
+    """A server that sends more than the response (a scanner bug, a desync) must not have the
+    surplus relayed, nor stay in use: the next command would read it as its own answer."""
+    s = kit.session()
+    s.send(query(b"SELECT v FROM t"))
+    name = next(n for n in REPLICAS if kit.sent_to(n) is not None)
+    be = kit.sent_to(name)
+    be.transport.take()
+    be.answer(result(b"1") + ok())
+    assert s.received() == result(b"1")
+    assert be.closed and not s.conn.busy
+    assert "unexpected bytes from the server after the end of a response" in caplog.text
+    answered_read(kit, s, value=b"2")  # the session carries on, on another connection
+
+
 def test_a_read_whose_replica_dies_before_answering_is_retried_elsewhere(kit):
     s = kit.session()
     s.send(query(b"SELECT v FROM t"))

@@ -150,6 +150,9 @@ class BackendConnection(asyncio.Protocol):
             n = self.scanner.feed(data)
             client = self.client
             if client is not None:
+                extra = 0 <= n < len(data)
+                if extra:  # bytes past the end of the response: never the client's
+                    data = data[:n]
                 if self.hold is not None:
                     data = self._held(data, n)
                 client.transport.write(data)
@@ -158,6 +161,8 @@ class BackendConnection(asyncio.Protocol):
                     self.mode = _MODE_COLLECT
                     self.done_at = _monotonic()
                     client.command_done(self)
+                    if extra:
+                        self.out_of_step("after the end of a response")
             return
         self._buf += data
         if self._collect:
@@ -183,6 +188,14 @@ class BackendConnection(asyncio.Protocol):
         out = bytes(h)
         h.clear()
         return tracking.rewrite_tail(out, self.scanner.final)
+
+    def out_of_step(self, where: str) -> None:
+        """The server sent bytes no command of ours asked for: whatever comes next on this
+        connection would be read as the answer to the wrong command, so it is closed (the
+        session opens another and replays its state, or says what was lost)."""
+        log.warning("connection to %s (thread %d): unexpected bytes from the server %s; closing it",
+                    self.server.name, self.thread_id, where)
+        self.transport.abort()
 
     def connection_lost(self, exc):
         self.closed = True

@@ -14,7 +14,7 @@ from proxy.protocol.constants import (
     COM_STMT_CLOSE, COM_STMT_EXECUTE, COM_STMT_FETCH, COM_STMT_RESET, COM_STMT_SEND_LONG_DATA, ER_UNKNOWN_STMT_HANDLER,
 )
 from proxy.protocol.packets import logical_payload, stmt_close
-from proxy.protocol.scan import PREPARE, RESULT, ROWS, SIMPLE
+from proxy.protocol.scan import CURSOR, PREPARE, RESULT, ROWS, SIMPLE
 from proxy.routing import classify as C
 from proxy.routing.router import WRITER
 from proxy.routing.statements import DIRECT_ID, Stmt
@@ -39,12 +39,14 @@ def execute(s, pkt) -> None:
     stmt = s.stmts.stmts.get(sid)
     if stmt is None:
         return s.send_error(*_unknown(sid, COM_STMT_EXECUTE))
+    kind = RESULT
     if len(pkt) > 9 and pkt[9]:  # a cursor: its fetches need this connection (idle_release keeps it)
         s.state.cursor = True
+        kind = CURSOR
     if stmt.long_data:  # long data was sent to the primary; the execute must follow it
         stmt.long_data = False
-        return s.dispatch(pkt, C.Classification(C.WRITE, stmt.cls.flags, stmt.cls.digest), RESULT, sid)
-    s.dispatch(pkt, stmt.cls, RESULT, sid)
+        return s.dispatch(pkt, C.Classification(C.WRITE, stmt.cls.flags, stmt.cls.digest), kind, sid)
+    s.dispatch(pkt, stmt.cls, kind, sid)
 
 
 async def stmt_packet(s, pkt, sid: int, name: str, be, quiet: bool = False):

@@ -16,7 +16,7 @@
 #include <string.h>
 
 /* response kinds (public) */
-enum { K_RESULT, K_PREPARE, K_FIELD_LIST, K_SIMPLE, K_STATISTICS, K_ROWS, K_NKINDS };
+enum { K_RESULT, K_PREPARE, K_FIELD_LIST, K_SIMPLE, K_STATISTICS, K_ROWS, K_CURSOR, K_NKINDS };
 
 /* meaning of the next logical packet (same numbering as scan.py) */
 enum {
@@ -69,7 +69,7 @@ typedef struct {
 static PyObject *empty_bytes;
 
 static const int start_state[K_NKINDS] = {
-    S_FIRST, S_PREP_FIRST, S_FIELDS, S_SIMPLE, S_STAT, S_ROWS
+    S_FIRST, S_PREP_FIRST, S_FIELDS, S_SIMPLE, S_STAT, S_ROWS, S_FIRST
 };
 
 static inline uint32_t
@@ -286,7 +286,9 @@ end_logical(ScannerObject *s)
     }
     case S_COLS_EOF:
         status = s->status = fe_status(s, p, n);
-        if (status & CURSOR_EXISTS)
+        /* only an execute that asked for a cursor gets no rows: in any other result
+         * CURSOR_EXISTS only says a stored program has a cursor open (a FOR loop) */
+        if ((status & CURSOR_EXISTS) && s->kind == K_CURSOR)
             return done(s);
         s->state = S_ROWS;
         return 0;

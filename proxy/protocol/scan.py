@@ -24,7 +24,10 @@ Protocol facts this relies on (checked against MariaDB 10.11 captures):
   (COM_QUERY, COM_STMT_EXECUTE, COM_STMT_PREPARE params and columns), ends
   rows, COM_FIELD_LIST and COM_SET_OPTION with an OK packet whose header is
   0xFE (>= 7 bytes), and a cursor-opening COM_STMT_EXECUTE ends with such an
-  OK carrying SERVER_STATUS_CURSOR_EXISTS right after the column definitions.
+  OK carrying SERVER_STATUS_CURSOR_EXISTS right after the column definitions;
+* CURSOR_EXISTS also appears in the EOF packets of ordinary results while a
+  stored program has a cursor open (FOR ... DO SELECT ...; END FOR, a CALL):
+  only a result of kind CURSOR (an execute that asked for one) ends there.
   So with deprecate_eof every 0xFE packet of length >= 7 is parsed as an OK
   packet, otherwise as an EOF packet (warnings u16, status u16).
 
@@ -44,13 +47,16 @@ import os
 from proxy.protocol.packets import parse_eof, parse_ok
 
 __all__ = [
-    "RESULT", "PREPARE", "FIELD_LIST", "SIMPLE", "STATISTICS", "ROWS",
+    "RESULT", "PREPARE", "FIELD_LIST", "SIMPLE", "STATISTICS", "ROWS", "CURSOR",
     "SERVER_MORE_RESULTS_EXISTS", "SERVER_STATUS_CURSOR_EXISTS",
     "Scanner", "PyScanner", "CScanner",
 ]
 
 # Response kinds (what the command being answered was).
-RESULT, PREPARE, FIELD_LIST, SIMPLE, STATISTICS, ROWS = range(6)
+# CURSOR: a COM_STMT_EXECUTE that asked for a cursor (its result ends after the column
+# definitions when the server opened one); every other result, RESULT, goes on past an EOF
+# carrying CURSOR_EXISTS, which a stored program's open cursor (FOR ... DO) sets too.
+RESULT, PREPARE, FIELD_LIST, SIMPLE, STATISTICS, ROWS, CURSOR = range(7)
 
 SERVER_MORE_RESULTS_EXISTS = 0x0008
 SERVER_STATUS_CURSOR_EXISTS = 0x0040
@@ -67,7 +73,7 @@ _M_HDR, _M_FIRST, _M_SKIP, _M_COLLECT = range(4)
 
 _START_STATE = {
     RESULT: _FIRST, PREPARE: _PREP_FIRST, FIELD_LIST: _FIELDS,
-    SIMPLE: _SIMPLE, STATISTICS: _STAT, ROWS: _ROWS,
+    SIMPLE: _SIMPLE, STATISTICS: _STAT, ROWS: _ROWS, CURSOR: _FIRST,
 }
 
 
@@ -220,7 +226,7 @@ class PyScanner:
             return False
         if st == _COLS_EOF:
             status = self.status = self._fe_status(p)
-            if status & SERVER_STATUS_CURSOR_EXISTS:
+            if status & SERVER_STATUS_CURSOR_EXISTS and self._kind == CURSOR:
                 return self._done()  # cursor opened: rows come via COM_STMT_FETCH
             self._state = _ROWS
             return False

@@ -99,8 +99,10 @@ def _reload(args) -> int:
     if r is None:
         return 1
     print(r.get("message") or r)
-    for k in r.get("changed", []):
-        print(f"  changed: {k}" + ("  (needs a restart; the old value runs)" if k in r.get("restart_required", []) else ""))
+    later = r.get("restart_required", [])
+    for line in r.get("summary") or [f"changed: {k}" for k in r.get("changed", [])]:
+        key = line.split(": ", 1)[1]
+        print(f"  {line}" + ("  (needs a restart; the old value runs)" if key in later else ""))
     return 0 if r.get("ok") else 1
 
 

@@ -58,7 +58,10 @@ def test_state_lost_to_the_servers_wait_timeout(proxy, cluster):
     c = proxy.connect(autocommit=True)
     try:
         with c.cursor() as cur:
-            cur.execute("SET SESSION wait_timeout = 1")  # the server ends idle connections after 1 s
+            # the server ends the idle backend connection after 1 s, as when its global wait_timeout is
+            # below rwproxy's client_idle_timeout (a literal value would be the session's own limit,
+            # and rwproxy would close the client connection itself: test_proxy_protocol.py)
+            cur.execute("SET SESSION wait_timeout = 1 + 0")
             cur.execute("CREATE TEMPORARY TABLE lost_wt (a INT)")
         time.sleep(2.5)
         with pytest.raises(pymysql.err.OperationalError) as e:

@@ -119,6 +119,9 @@ def test_diff_names_changes_by_backend_name_and_keeps_restart_only_values():
     run = diff.effective(old, new)
     assert run.proxy.listen == "127.0.0.1:7000" and run.backends[1].weight == 5 and run.user("two") is not None
     assert diff.changes(old, parse_config(BASE)) == []
+    # for people: a new entry is one line, not one per field (rwproxy reload printed ten for a user)
+    assert diff.summary(old, new) == ["changed: backends[b].weight", "changed: proxy.listen", "added: users[two]"]
+    assert diff.summary(new, old)[-1] == "removed: users[two]"
 
 
 # ---- the recorder -------------------------------------------------------------------------------------

@@ -49,6 +49,21 @@ def changes(old: Config, new: Config) -> list[str]:
     return sorted(k for k in a.keys() | b.keys() if a.get(k, _MISSING) != b.get(k, _MISSING))
 
 
+def summary(old: Config, new: Config) -> list[str]:
+    """changes() for people: a named entry a reload adds or removes is one line ("added:
+    users[ptest]") instead of one per field; any other key is "changed: <key>"."""
+    a, b = flatten(old), flatten(new)
+    out: list[str] = []
+    for k in changes(old, new):
+        if "]." in k and (k not in a or k not in b):  # a field of an entry only one side has
+            line = ("added: " if k not in a else "removed: ") + k.split("].", 1)[0] + "]"
+            if line not in out:
+                out.append(line)
+        else:
+            out.append("changed: " + k)
+    return out
+
+
 def restart_only(key: str) -> bool:
     return any(key == r or (r.endswith(".") and key.startswith(r)) for r in RESTART_ONLY)
 

@@ -241,7 +241,8 @@ class ControlPlane:
                          applied, self.workers, "" if applied == self.workers else " (the others get it when they restart)")
             return {"ok": True, "message": f"reloaded: {len(changed)} key(s) changed" +
                     (f"; restart needed for {', '.join(later)}" if later else ""), "changed": changed,
-                    "restart_required": later, "servers": said, "workers_applied": applied, "apply_ms": round(ms, 1)}
+                    "restart_required": later, "servers": said, "workers_applied": applied, "apply_ms": round(ms, 1),
+                    "summary": diff.summary(old, new)}
 
     def _check_reload(self, new) -> None:
         """Changes a running proxy refuses (ConfigError: nothing changes)."""

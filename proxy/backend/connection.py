@@ -150,9 +150,8 @@ class BackendConnection(asyncio.Protocol):
             n = self.scanner.feed(data)
             client = self.client
             if client is not None:
-                extra = 0 <= n < len(data)
-                if extra:  # bytes past the end of the response: never the client's
-                    data = data[:n]
+                if n >= 0 and n != len(data):  # bytes past the end of the response (rare path)
+                    return self._surplus(data, n, client)
                 if self.hold is not None:
                     data = self._held(data, n)
                 client.transport.write(data)
@@ -161,8 +160,6 @@ class BackendConnection(asyncio.Protocol):
                     self.mode = _MODE_COLLECT
                     self.done_at = _monotonic()
                     client.command_done(self)
-                    if extra:
-                        self.out_of_step("after the end of a response")
             return
         self._buf += data
         if self._collect:
@@ -188,6 +185,19 @@ class BackendConnection(asyncio.Protocol):
         out = bytes(h)
         h.clear()
         return tracking.rewrite_tail(out, self.scanner.final)
+
+    def _surplus(self, data, n: int, client) -> None:
+        """A chunk that ends the response and carries more: the response is relayed and finished,
+        the surplus never reaches the client, and the connection is closed as out of step."""
+        data = data[:n]
+        if self.hold is not None:
+            data = self._held(data, n)
+        client.transport.write(data)
+        self.relayed += len(data)
+        self.mode = _MODE_COLLECT
+        self.done_at = _monotonic()
+        client.command_done(self)
+        self.out_of_step("after the end of a response")
 
     def out_of_step(self, where: str) -> None:
         """The server sent bytes no command of ours asked for: whatever comes next on this

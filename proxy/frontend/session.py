@@ -354,7 +354,7 @@ class ClientConnection(asyncio.Protocol):
                     if flags & C.F_USE_DB:
                         conn.db_touched = True
                         self.db = cls.db
-                if flags & _F_WAIT_TIMEOUT:
+                if flags >= _F_WAIT_TIMEOUT:  # (its bit is the highest: `&` on so big an int allocates)
                     idle.wait_timeout_set(self, cmd)
                 if on_primary and route == _WRITE:
                     self.writes += 1

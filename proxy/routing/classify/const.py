@@ -66,7 +66,8 @@ F_PREVIOUS = 1 << 30
 F_STORED_CALL = 1 << 31
 # SET [SESSION] wait_timeout = ... (any spelling of the session scope): the session's own idle limit,
 # which rwproxy enforces on the client connection as the server would (frontend/idle.py reads the
-# value with session_value(); the digest cache keeps only the flag).
+# value with session_value(); the digest cache keeps only the flag). The highest flag: the hot path
+# tests it with `flags >= F_WAIT_TIMEOUT`, which allocates nothing (`&` on an int this big does).
 F_WAIT_TIMEOUT = 1 << 32
 
 FLAG_NAMES = {v: k for k, v in globals().items() if k.startswith("F_") and isinstance(v, int)}

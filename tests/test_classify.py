@@ -480,6 +480,21 @@ def test_session_wait_timeout_is_flagged_and_its_value_read_from_the_text(sql, v
     assert C.session_value(sql.encode(), "wait_timeout") == value
 
 
+def test_drop_database_names_the_dropped_database_and_is_no_use():
+    """DROP DATABASE/SCHEMA carries the dropped name (the session may lose its current database,
+    frontend/commands.py); in a multi-statement only USE sets the database the session moves to."""
+    c = Classifier()
+    for sql, name in [("DROP DATABASE db1", "db1"), ("drop schema if exists `My db`", "My db"),
+                      ("DROP DATABASE IF EXISTS x", "x")]:
+        got = c.classify(sql)
+        assert got.flags & C.F_DROP_DB and not got.flags & C.F_USE_DB and got.db == name, sql
+    assert not c.classify("DROP TABLE t").flags & C.F_DROP_DB
+    multi = c.classify("USE a; DROP DATABASE b")
+    assert multi.db == "a" and multi.parts[1].db == "b" and multi.flags & C.F_DROP_DB
+    assert c.classify("DROP DATABASE b; SELECT 1").db is None
+    assert c.cache_info()["size"] == 0 or all(c.classify(f"DROP DATABASE d{i}").db == f"d{i}" for i in range(3))
+
+
 def test_use_db_keeps_its_name_and_is_not_cached():
     c = Classifier()
     assert c.classify("USE a").db == "a"

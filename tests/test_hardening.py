@@ -72,6 +72,36 @@ def test_state_lost_to_the_servers_wait_timeout(proxy, cluster):
         c.close()
 
 
+def test_dropping_the_current_database_leaves_the_session_without_one(proxy, cluster):
+    """As on the server: after DROP DATABASE of the session's current database, DATABASE() is NULL
+    and an unqualified table is ERROR 1046 for every later statement, reads included, although the
+    session's replica connections still have it selected (MariaDB's main.mysql-interactive found
+    rwproxy answering with the dropped name from a replica)."""
+    with cluster.primary.connect() as r, r.cursor() as cur:
+        cur.execute("CREATE DATABASE IF NOT EXISTS dropped_hardening")
+        cur.execute("CREATE TABLE IF NOT EXISTS dropped_hardening.t (a INT)")
+        cur.execute("GRANT ALL ON dropped_hardening.* TO 'app'@'%'")
+    cluster.wait_replicas_caught_up(30)
+    c = proxy.connect(autocommit=True, database="dropped_hardening")
+    try:
+        with c.cursor() as cur:
+            for _ in range(4):  # reads: the session's replica connections select the database
+                cur.execute("SELECT COUNT(*) FROM t")
+            cur.execute("DROP DATABASE dropped_hardening")
+            cluster.wait_replicas_caught_up(30)
+            time.sleep(1.2)  # past read_your_writes_window (1 s): reads go to the replicas again
+            for _ in range(4):
+                cur.execute("SELECT DATABASE()")
+                assert cur.fetchone() == (None,)
+                with pytest.raises(pymysql.err.MySQLError) as e:
+                    cur.execute("SELECT COUNT(*) FROM t")
+                assert e.value.args[0] == 1046  # No database selected
+    finally:
+        c.close()
+        with cluster.primary.connect() as r, r.cursor() as cur:
+            cur.execute("DROP DATABASE IF EXISTS dropped_hardening")
+
+
 def test_a_session_with_only_replayable_state_reconnects_silently(proxy, cluster):
     c = proxy.connect(autocommit=True)
     try:

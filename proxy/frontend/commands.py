@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 
 from proxy.backend.connection import BackendError
-from proxy.frontend import kill, prepared
+from proxy.frontend import idle, kill, prepared
 from proxy.frontend.login import admit_user, parse_change_user
 from proxy.protocol.constants import (
     COM_CHANGE_USER, COM_FIELD_LIST, COM_INIT_DB, COM_PING, COM_PROCESS_KILL, COM_QUIT, COM_RESET_CONNECTION,
@@ -102,3 +102,19 @@ async def _change_user(s, pkt) -> None:
         s.send_error(e.code, e.sqlstate, e.message, seq)
         return s.close()
     s.write(ok_packet(seq, s.status))
+
+
+def rare_flags(s, cmd, on_primary: bool) -> None:
+    """A statement with one of the rare flags (F_RARE and above) succeeded on `s`."""
+    cls = cmd.cls
+    if cls.flags & C.F_WAIT_TIMEOUT:
+        idle.wait_timeout_set(s, cmd)
+    if cls.flags & C.F_DROP_DB and on_primary:
+        dropped = [p.db for p in cls.parts if p.flags & C.F_DROP_DB] if cls.parts else [cls.db]
+        if s.db is not None and s.db in dropped:
+            # The server leaves the session without a current database (DATABASE() is NULL, an
+            # unqualified table is ERROR 1046); its other connections still have it selected, and
+            # a new one would replay USE of a database that is gone: the session stays on the
+            # primary connection from now on, as a SET that cannot be replayed keeps it.
+            s.db = None
+            s.state.history_overflow = True

@@ -30,7 +30,7 @@ from proxy.protocol.constants import (
 )
 from proxy.protocol.packets import command
 from proxy.protocol.scan import RESULT
-from proxy.routing.classify import F_WAIT_TIMEOUT, session_value
+from proxy.routing.classify import session_value
 
 _SET_AUTOCOMMIT_0 = command(COM_QUERY, b"SET autocommit=0")
 _INTEGER = re.compile(r"[+-]?\d{1,20}")
@@ -78,8 +78,6 @@ def wait_timeout_set(s, cmd) -> None:
     closes connections rwproxy reopens). A literal value or DEFAULT; an expression is left to
     the server and the limit stays as it was. Values out of the server's range are clamped as
     the server clamps them (1 .. 31536000)."""
-    if not cmd.cls.flags & F_WAIT_TIMEOUT:  # (a flag above it, should one be added)
-        return
     sql = s.stmts.stmts[cmd.stmt_id].sql if cmd.stmt_id else cmd.packet[5:]
     value = session_value(sql, "wait_timeout")
     if value is None:

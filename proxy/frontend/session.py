@@ -39,7 +39,7 @@ from proxy.routing.statements import StatementMap
 
 log = logging.getLogger("rwproxy.client")
 
-_F_KILL, _F_WAIT_TIMEOUT = C.F_KILL, C.F_WAIT_TIMEOUT
+_F_KILL, _F_RARE = C.F_KILL, C.F_RARE
 _READ, _SESSION, _WRITE, _NOT_VAR = C.READ, C.SESSION, C.WRITE, ~C.F_USER_VAR_WRITE
 _NO_SHARE = ~(C.F_HINT_PRIMARY | C.F_HINT_REPLICA)  # flags that keep a statement's profile unlearned
 _ID_READERS = C.F_CONN_BOUND | C.F_CONN_STATE  # statements about earlier ones (sharing.follow_up)
@@ -354,8 +354,8 @@ class ClientConnection(asyncio.Protocol):
                     if flags & C.F_USE_DB:
                         conn.db_touched = True
                         self.db = cls.db
-                if flags >= _F_WAIT_TIMEOUT:  # (its bit is the highest: `&` on so big an int allocates)
-                    idle.wait_timeout_set(self, cmd)
+                if flags >= _F_RARE:  # (SET wait_timeout, DROP DATABASE: a comparison allocates nothing)
+                    commands.rare_flags(self, cmd, on_primary)
                 if on_primary and route == _WRITE:
                     self.writes += 1
                     if st.wrote_ok(sc.final):

@@ -66,9 +66,14 @@ F_PREVIOUS = 1 << 30
 F_STORED_CALL = 1 << 31
 # SET [SESSION] wait_timeout = ... (any spelling of the session scope): the session's own idle limit,
 # which rwproxy enforces on the client connection as the server would (frontend/idle.py reads the
-# value with session_value(); the digest cache keeps only the flag). The highest flag: the hot path
-# tests it with `flags >= F_WAIT_TIMEOUT`, which allocates nothing (`&` on an int this big does).
+# value with session_value(); the digest cache keeps only the flag).
 F_WAIT_TIMEOUT = 1 << 32
+# DROP {DATABASE | SCHEMA} [IF EXISTS] <name>, with the name in the classification's `db`: if it was
+# the session's current database, the server leaves that session without one (frontend/commands.py).
+F_DROP_DB = 1 << 33
+# The flags from here up are rare and tested on the hot path with `flags >= F_RARE`, which allocates
+# nothing (`&` on an int this big does).
+F_RARE = F_WAIT_TIMEOUT
 
 FLAG_NAMES = {v: k for k, v in globals().items() if k.startswith("F_") and isinstance(v, int)}
 ROUTE_NAMES = {READ: "READ", WRITE: "WRITE", SESSION: "SESSION"}

@@ -14,7 +14,7 @@ from proxy.routing.classify.const import (
     F_AUTOCOMMIT_OFF, F_AUTOCOMMIT_ON, F_BEGIN, F_COMMIT, F_CONN_BOUND, F_CONN_STATE, F_IMPLICIT_COMMIT, F_PREVIOUS,
     F_KILL, F_LOAD_DATA, F_LOCK_TABLES, F_NEXT_TRX, F_READ_ONLY_TXN, F_RELEASE_SESSION, F_ROLLBACK,
     F_SET_GLOBAL, F_SET_UNREPLAYABLE, F_SQL_PS, F_STORED_CALL, F_TEMP_TABLE, F_UNLOCK_TABLES, F_UNPARSED, F_USE_DB,
-    F_USER_VAR_READ, F_USER_VAR_WRITE, F_WAIT_TIMEOUT, F_XA, READ, SESSION, WRITE,
+    F_USER_VAR_READ, F_USER_VAR_WRITE, F_WAIT_TIMEOUT, F_XA, READ, SESSION, WRITE, F_DROP_DB,
 )
 from proxy.routing.classify.flagscan import NOT_READ, scan
 from proxy.routing.classify.funcs import SET_SCOPES
@@ -331,6 +331,12 @@ class Rules:
             return self._write(code, toks, F_TEMP_TABLE)
         if toks[0].val == "DROP" and w[0] == "PREPARE":
             return WRITE, F_SQL_PS, None, True
+        if toks[0].val == "DROP" and w[0] in ("DATABASE", "SCHEMA"):
+            i = 4 if w[1] == "IF" and w[2] == "EXISTS" else 2
+            if len(toks) == i + 1 and toks[i].kind in ("w", "q"):  # the name: literal-dependent, not cached
+                t = toks[i]
+                name = code[t.start:t.end] if t.kind == "w" else t.val[1:-1].replace("``", "`")
+                return WRITE, F_IMPLICIT_COMMIT | F_DROP_DB, name, False
         return self._admin(code, toks)
 
     def _lock(self, code: str, toks: list[Tok]) -> Result:

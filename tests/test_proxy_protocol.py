@@ -446,23 +446,34 @@ def test_pooled_connection_comes_back_with_the_clients_database(proxy, how):
             assert cur.fetchone() == ("app",)
 
 
+def _keep_talking(conn, seconds: float) -> None:
+    """Ping every 0.3 s for `seconds`: a client that is never idle for long."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        conn.ping(reconnect=False)
+        time.sleep(0.3)
+
+
+def _assert_gone(conn) -> None:
+    """The proxy closed `conn`: its next statement finds the connection gone, as after a server's
+    wait_timeout."""
+    with pytest.raises(pymysql.err.OperationalError) as e:
+        with conn.cursor() as cur:
+            cur.execute("SELECT 1")
+    assert e.value.args[0] in (2006, 2013)  # server has gone away / lost connection
+
+
 def test_client_idle_timeout_closes_idle_sessions_like_wait_timeout(cluster, tmp_path):
     """[proxy] client_idle_timeout: a client idle that long finds its connection gone at its next
     statement, as with a server's wait_timeout; a client that keeps talking is not touched."""
     p = start_proxy(cluster, tmp_path / "idle", proxy={"workers": 1, "client_idle_timeout": 1.0})
     try:
         idle, busy = p.connect(), p.connect()
-        deadline = time.monotonic() + 3.5
-        while time.monotonic() < deadline:  # ~3 sweeps of the worker's housekeeping
-            busy.ping(reconnect=False)
-            time.sleep(0.3)
+        _keep_talking(busy, 3.5)  # ~3 sweeps of the worker's housekeeping
         with busy.cursor() as cur:
             cur.execute("SELECT 1")
             assert cur.fetchone() == (1,)
-        with pytest.raises(pymysql.err.OperationalError) as e:
-            with idle.cursor() as cur:
-                cur.execute("SELECT 1")
-        assert e.value.args[0] in (2006, 2013)  # server has gone away / lost connection
+        _assert_gone(idle)
         assert "idle for" in p.process.log_tail(50) and "client_idle_timeout" in p.process.log_tail(50)
     finally:
         p.process.stop()
@@ -485,18 +496,12 @@ def test_a_sessions_own_wait_timeout_closes_it_when_idle_that_long(cluster, tmp_
             assert cur.fetchone() == (1,)
         with reset.cursor() as cur:
             cur.execute("SET @@wait_timeout = DEFAULT")
-        deadline = time.monotonic() + 2.5
-        while time.monotonic() < deadline:
-            chatty.ping(reconnect=False)
-            time.sleep(0.3)
+        _keep_talking(chatty, 2.5)
         for c in (chatty, reset, other):
             with c.cursor() as cur:
                 cur.execute("SELECT 1")
                 assert cur.fetchone() == (1,)
-        with pytest.raises(pymysql.err.OperationalError) as e:
-            with short.cursor() as cur:
-                cur.execute("SELECT 1")
-        assert e.value.args[0] in (2006, 2013)  # server has gone away / lost connection
+        _assert_gone(short)
         assert "its wait_timeout 1 s" in p.process.log_tail(50)
     finally:
         p.process.stop()

@@ -288,6 +288,18 @@ def test_other_client_libraries_connect(admin_proxy):
     cur.execute("SELECT COUNT(*) FROM servers")
     assert cur.fetchall()[0][0] == 3
     c.close()
+    # Connector/Python compresses when asked even though the port does not offer it: refused at
+    # login with the reason, instead of a client waiting forever for compressed answers
+    with pytest.raises(mysql.connector.Error) as e:
+        mysql.connector.connect(host="127.0.0.1", port=admin_proxy.admin_port, user="admin", password=ADMIN_PW,
+                                compress=True, use_pure=True, connection_timeout=5, read_timeout=10)
+    assert e.value.errno == 1043 and "compressed protocol" in e.value.msg
+    # clients that ask only when offered (libmariadb, mysqlclient) go on uncompressed
+    m = MySQLdb.connect(host="127.0.0.1", port=admin_proxy.admin_port, user="admin", passwd=ADMIN_PW, compress=1)
+    cur = m.cursor()
+    cur.execute("SELECT COUNT(*) FROM servers")
+    assert cur.fetchall() == ((3,),)
+    m.close()
 
 
 def test_digests_find_the_slowest_statement(admin_proxy):

@@ -18,13 +18,17 @@ from mysql_mimic import packets as mimic_packets
 from mysql_mimic.errors import MysqlError
 
 from proxy.protocol.constants import (
-    CLIENT_CONNECT_WITH_DB, CLIENT_PLUGIN_AUTH, CLIENT_PLUGIN_AUTH_LENENC_CLIENT_DATA, CLIENT_PROTOCOL_41,
+    CLIENT_COMPRESS, CLIENT_CONNECT_WITH_DB, CLIENT_PLUGIN_AUTH, CLIENT_PLUGIN_AUTH_LENENC_CLIENT_DATA, CLIENT_PROTOCOL_41,
     CLIENT_SECURE_CONNECTION,
 )
 
 
 class Malformed(ValueError):
     pass
+
+
+class Unsupported(Malformed):
+    """A well-formed request the admin port cannot honour: the client is told why."""
 
 
 def _nul(data: bytes, pos: int) -> int:
@@ -51,6 +55,10 @@ def check_handshake_response(capabilities: int, data: bytes) -> None:
     caps = int(capabilities) & int.from_bytes(data[:4], "little")
     if len(data) < 32:
         raise Malformed("login packet too short")
+    if data[0] & CLIENT_COMPRESS and not int(capabilities) & CLIENT_COMPRESS:
+        # Connector/Python compresses when asked whether or not the greeting offered it, and
+        # would wait for compressed answers forever: refuse it in the last uncompressed packet.
+        raise Unsupported("the admin port does not speak the compressed protocol; connect without compression")
     if len(data) == 32:
         return  # an SSL request
     if not caps & CLIENT_PROTOCOL_41:
@@ -87,6 +95,8 @@ def _guarded(parse, check, code: int, message: str):
         data = kw["data"] if "data" in kw else args[-1]
         try:
             check(capabilities, data)
+        except Unsupported as e:
+            raise MysqlError(f"{message}: {e}", code) from None
         except Malformed:
             raise MysqlError(message, code) from None
         return parse(*args, **kw)

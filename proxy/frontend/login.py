@@ -22,6 +22,7 @@ from proxy.config.schema import UserConfig, is_native_hash
 from proxy.logs import Throttle, clean
 from proxy.protocol import auth, ed25519
 from proxy.protocol.constants import (
+    CLIENT_COMPRESS,
     CLIENT_CONNECT_ATTRS,
     CLIENT_PLUGIN_AUTH,
     CLIENT_PROTOCOL_41,
@@ -233,7 +234,7 @@ async def handshake(io, worker, conn_id: int, host: str) -> Login | None:
     w = worker
     try:
         salt = auth.nonce()
-        offered = PROXY_CAPABILITIES | (CLIENT_SSL if w.tls_context else 0)
+        offered = PROXY_CAPABILITIES | CLIENT_COMPRESS | (CLIENT_SSL if w.tls_context else 0)
         greeting = build_greeting(w.server_version, conn_id, salt, offered, UTF8MB4_GENERAL_CI,
                                   SERVER_STATUS_AUTOCOMMIT, w.auth_plugin)
         io.write(frame(greeting, 0))
@@ -252,7 +253,7 @@ async def handshake(io, worker, conn_id: int, host: str) -> Login | None:
             msg = "Connections using insecure transport are prohibited while --require_secure_transport=ON."
             io.write(err_packet(seq, ER_SECURE_TRANSPORT_REQUIRED, msg))
             return None
-        caps = resp.capabilities & (offered | SESSION_SHAPING_CAPABILITIES) & PROXY_CAPABILITIES
+        caps = resp.capabilities & (offered | SESSION_SHAPING_CAPABILITIES) & (PROXY_CAPABILITIES | CLIENT_COMPRESS)
         try:
             user, seq = await w.authenticator.login(io, resp.user, resp.plugin, resp.auth_response, salt, seq, host, tls)
         except AccessDenied as e:

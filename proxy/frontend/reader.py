@@ -3,7 +3,7 @@ backpressure for pipelined commands, the lingering close after a refused packet,
 INFILE stream passed through to a backend.
 
 Owned by one ClientConnection (`session`); it reads the session's transport, phase and busy
-flag, and answers a refused packet through the session's public write/linger_close.
+flag, and answers a refused packet through the session's public write and transport.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ log = logging.getLogger("rwproxy.client")
 
 HANDSHAKE, COMMAND, CLOSING = 0, 1, 2  # ClientConnection.phase
 PRE_AUTH_LIMIT = 1 << 20  # before login nobody needs more (a handshake response is < 64 KiB)
+LINGER = 2.0  # seconds a refused client may go on sending before the close
 
 
 class PacketReader:
@@ -98,18 +99,26 @@ class PacketReader:
             s.write(err_packet(seq, ER_NET_PACKET_TOO_LARGE, "Got a packet bigger than 'max_allowed_packet' bytes"))
             self.buf = b""
             self.limit = -1  # every later chunk comes here, and is dropped
-            s.linger_close()
+            self.linger_close()
             return True
         if (end >= 0 or size > self.limit) and not self.paused:  # (one still arriving must be let in)
             self.paused = True
             s.transport.pause_reading()
         return False
 
-    def stop_pausing(self) -> None:
-        """Reading resumes whatever is buffered (the session is closing)."""
+    def linger_close(self) -> None:
+        """Close while the client is still sending: closing at once would answer its data with a
+        reset that can destroy the error packet before the client reads it. So: send the error
+        and a FIN, read and drop what still comes for a moment, then close."""
+        s = self.session
+        s.closed = True
+        s.phase = CLOSING
         if self.paused:
             self.paused = False
-            self.session.transport.resume_reading()
+            s.transport.resume_reading()
+        if s.transport.can_write_eof():  # (not under TLS: a FIN would cut its close_notify)
+            s.transport.write_eof()
+        s.worker.loop.call_later(LINGER, s.transport.close)
 
     # ---- slow paths ------------------------------------------------------------------
     def deliver(self) -> None:

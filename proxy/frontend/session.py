@@ -23,10 +23,11 @@ from proxy.config.schema import RYW_GTID
 from proxy.frontend import commands, idle, kill, losses, prepared, sharing, slowpath
 from proxy.frontend.login import admit_user, handshake, open_session
 from proxy.frontend.reader import CLOSING, COMMAND, HANDSHAKE, PacketReader
+from proxy.frontend.compress import CompressionError, CompressionLayer
 from proxy.frontend.tls import TLSLayer
 from proxy.logs import clean
 from proxy.protocol.constants import (
-    COM_QUERY, COM_STMT_EXECUTE, CR_SERVER_LOST, DEFAULT_CHARSET, ER_CON_COUNT_ERROR, MAX_PACKET,
+    CLIENT_COMPRESS, COM_QUERY, COM_STMT_EXECUTE, CR_SERVER_LOST, DEFAULT_CHARSET, ER_CON_COUNT_ERROR, MAX_PACKET,
     SERVER_STATUS_AUTOCOMMIT,
 )
 from proxy.protocol import tracking
@@ -46,7 +47,7 @@ _ID_READERS = C.F_CONN_BOUND | C.F_CONN_STATE  # statements about earlier ones (
 _STATEMENTS = (COM_QUERY, COM_STMT_EXECUTE)
 _monotonic = time.monotonic
 _HUGE = C.Classification(C.WRITE, C.F_UNPARSED, "<statement over 16 MiB>")
-_NO_SERVERS, _LINGER = frozenset(), 2.0  # (_LINGER: s a refused client may go on sending before the close)
+_NO_SERVERS = frozenset()
 
 
 class Command:
@@ -66,7 +67,7 @@ class ClientConnection(asyncio.Protocol):
     """One client's session: its login, its commands, and the backend connections it uses."""
 
     __slots__ = (
-        "worker", "conn_id", "transport", "tls_layer", "reader", "phase", "busy", "closed", "write_paused",
+        "worker", "conn_id", "transport", "layer", "reader", "phase", "busy", "closed", "write_paused",
         "host", "tls", "salt", "user", "caps", "charset", "db", "login_db", "status", "state", "backends",
         "stmts", "inflight", "sent_at", "shared_on", "shared_entry", "last_shared", "share_keys", "activity",
         "idle_seen", "idle_since", "counted_user", "stat_rows", "stat_table", "stat_db", "done_at", "started",
@@ -76,8 +77,8 @@ class ClientConnection(asyncio.Protocol):
     def __init__(self, worker, conn_id: int):
         self.worker = worker  # the Worker (process) that owns this session
         self.conn_id = conn_id  # rwproxy's session id, sent in the greeting (KILL takes it)
-        self.transport = None  # what the session writes to: the socket's transport, or its TLSLayer
-        self.tls_layer: TLSLayer | None = None  # front-end TLS once the client asked for it
+        self.transport = None  # what the session writes to: the socket's transport, or its layer
+        self.layer = None  # TLSLayer and/or CompressionLayer between the socket and the packets, if asked for
         self.reader = PacketReader(self)  # the client's byte stream: packets, size limit, LOCAL INFILE
         self.phase = HANDSHAKE  # HANDSHAKE, COMMAND, CLOSING
         self.busy = False  # a command is in progress: later packets wait in the reader
@@ -140,6 +141,8 @@ class ClientConnection(asyncio.Protocol):
             return self.close()
         self.phase = COMMAND
         self.reader.limit = self.worker.config.proxy.max_allowed_packet
+        if self.caps & CLIENT_COMPRESS:  # from now on every byte either way is in compressed packets
+            self._add_layer(CompressionLayer(self.transport, self.layer))
         if self.reader.buf:
             self._process()
 
@@ -156,18 +159,22 @@ class ClientConnection(asyncio.Protocol):
     def start_tls(self, context: ssl.SSLContext) -> None:
         """The client sent an SSL request: everything after it is TLS. Bytes that arrived with the
         request (its ClientHello) are fed to the new layer."""
+        self._add_layer(TLSLayer(self.transport, context))
+
+    def _add_layer(self, layer) -> None:
+        """Bytes that arrived before the layer (a ClientHello, a first command) go through it too."""
         early, self.reader.buf = self.reader.buf, b""
-        self.tls_layer = self.transport = TLSLayer(self.transport, context)
+        self.layer = self.transport = layer
         if early:
             self.data_received(early)
 
     def data_received(self, data):
         self.activity += 1
-        if self.tls_layer is not None:
+        if self.layer is not None:
             try:
-                data = self.tls_layer.feed(data)
-            except ssl.SSLError as e:
-                log.info("client %s: TLS error: %s", self.host, clean(str(e)))
+                data = self.layer.feed(data)
+            except (ssl.SSLError, CompressionError) as e:
+                log.info("client %s: %s", self.host, clean(f"TLS error: {e}" if type(e) is not CompressionError else str(e)))
                 return self.close()
             if not data:
                 return
@@ -226,17 +233,6 @@ class ClientConnection(asyncio.Protocol):
             self.closed = True
             self.phase = CLOSING
             self.transport.close()
-
-    def linger_close(self) -> None:
-        """Close while the client is still sending: closing at once would answer its data with a
-        reset that can destroy the error packet before the client reads it. So: send the error
-        and a FIN, read and drop what still comes for a moment, then close."""
-        self.closed = True
-        self.phase = CLOSING
-        self.reader.stop_pausing()
-        if self.tls_layer is None and self.transport.can_write_eof():
-            self.transport.write_eof()
-        self.worker.loop.call_later(_LINGER, self.transport.close)
 
     # ---- command dispatch (the hot path) ------------------------------------------------
     def _process(self):

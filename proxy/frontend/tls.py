@@ -76,6 +76,9 @@ class TLSLayer:
     def is_closing(self) -> bool:
         return self.closed or self.raw.is_closing()
 
+    def can_write_eof(self) -> bool:
+        return False  # (a half-close would cut TLS's own close_notify short)
+
     def pause_reading(self) -> None:
         self.raw.pause_reading()
 

@@ -5,30 +5,40 @@ from __future__ import annotations
 
 import socket
 import struct
+import zlib
 
 from proxy.protocol import auth
-from proxy.protocol.constants import CLIENT_DEPRECATE_EOF, CLIENT_MULTI_RESULTS, CLIENT_PS_MULTI_RESULTS, PROXY_CAPABILITIES
+from proxy.protocol.constants import (
+    CLIENT_COMPRESS, CLIENT_DEPRECATE_EOF, CLIENT_MULTI_RESULTS, CLIENT_PS_MULTI_RESULTS, PROXY_CAPABILITIES,
+)
 from proxy.protocol.handshake import build_response, parse_greeting
 from proxy.protocol.packets import frame, parse_err
 
 
 class RawClient:
     def __init__(self, host: str, port: int, user="app", password="app", db="app", deprecate_eof=True, timeout=10.0,
-                 drop_caps: int = 0):
+                 drop_caps: int = 0, compress: bool = False):
         self.sock = socket.create_connection((host, port), timeout=timeout)
         self.buf = b""
+        self.compressed = False  # after the login, when compress=True: compressed packets both ways
+        self.zbuf = b""  # received bytes of compressed packets not yet unpacked
+        self.frames: list[tuple[int, int, int, bytes]] = []  # compressed packets read: (seq, clen, ulen, plain)
+        self.cseq = 0  # compressed sequence id of the next compressed packet sent
         seq, payload = self.read()
         self.greeting = parse_greeting(payload)
         caps = PROXY_CAPABILITIES & ~(1 << 20) | CLIENT_MULTI_RESULTS | CLIENT_PS_MULTI_RESULTS
         if not deprecate_eof:
             caps &= ~CLIENT_DEPRECATE_EOF
         caps &= ~drop_caps
+        if compress:
+            caps |= CLIENT_COMPRESS
         self.caps = caps
         token = auth.native_token(password, self.greeting.salt)
         self.send(build_response(caps, 45, user, token, db, auth.NATIVE), seq + 1)
         seq, payload = self.read()
         if payload[0] != 0:
             raise RuntimeError(f"login failed: {parse_err(payload)}")
+        self.compressed = compress
 
     def read(self) -> tuple[int, bytes]:
         while True:
@@ -38,13 +48,38 @@ class RawClient:
                     seq, payload = self.buf[3], self.buf[4 : 4 + n]
                     self.buf = self.buf[4 + n :]
                     return seq, payload
+            if self.compressed:
+                self.buf += self.read_frame()[3]
+                continue
             chunk = self.sock.recv(65536)
             if not chunk:
                 raise ConnectionError("connection closed")
             self.buf += chunk
 
+    def read_frame(self) -> tuple[int, int, int, bytes]:
+        """The next compressed packet: (seq, compressed length, uncompressed length, plain bytes)."""
+        while len(self.zbuf) < 7 or len(self.zbuf) < 7 + int.from_bytes(self.zbuf[:3], "little"):
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                raise ConnectionError("connection closed")
+            self.zbuf += chunk
+        clen, seq, ulen = int.from_bytes(self.zbuf[:3], "little"), self.zbuf[3], int.from_bytes(self.zbuf[4:7], "little")
+        body, self.zbuf = self.zbuf[7 : 7 + clen], self.zbuf[7 + clen :]
+        plain = zlib.decompress(body) if ulen else body
+        self.frames.append((seq, clen, ulen, plain))
+        self.cseq = (seq + 1) & 0xFF
+        return seq, clen, ulen, plain
+
     def send(self, payload: bytes, seq: int = 0) -> None:
+        if self.compressed:
+            return self.send_compressed(frame(payload, seq), 0 if seq == 0 else self.cseq)
         self.sock.sendall(frame(payload, seq))
+
+    def send_compressed(self, plain: bytes, cseq: int, level: int = 6) -> None:
+        """`plain` (whole packets, or any bytes) as one compressed packet."""
+        body, ulen = (zlib.compress(plain, level), len(plain)) if len(plain) >= 50 else (plain, 0)
+        self.sock.sendall(len(body).to_bytes(3, "little") + bytes((cseq,)) + ulen.to_bytes(3, "little") + body)
+        self.cseq = (cseq + 1) & 0xFF
 
     def command(self, payload: bytes) -> bytes:
         """Send a command, return the first response packet's payload."""

@@ -22,7 +22,9 @@ from proxy.protocol.constants import ER_NET_UNCOMPRESS_ERROR
 from proxy.protocol.packets import err_packet
 
 MIN_COMPRESS = 50  # shorter payloads go uncompressed (as MySQL and its clients do)
-LEVEL = 3  # zlib level: ProxySQL's default; 6 (zlib's) costs about twice the CPU for ~5% less
+# zlib level. On a 62 KB, 1,000-row result: level 1 took 410 µs and gave 10,295 bytes, 3 (ProxySQL's
+# default) 577 µs and 10,226, 6 (the server's) 1,492 µs and 10,147. Level 1 costs least for the same.
+LEVEL = 1
 MAX_FRAME = 0xFFFFFF  # the largest uncompressed length a 3-byte header can state
 
 

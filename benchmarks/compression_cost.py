@@ -11,43 +11,17 @@ instance (supervisor and workers, /proc) around each run.
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 
+from proxy.runtime.launcher import process_and_children, process_cpu_seconds
 from proxy.testing.rawclient import RawClient
 
 SQL = b"\x03SELECT seq, CONCAT('row-', seq, '-', REPEAT('abcdefgh', 5)), seq * 7 FROM seq_1_to_1000"
 
 
-def _family(pid: int) -> list[int]:
-    """The pid and its descendants (the workers)."""
-    out, todo = [], [pid]
-    while todo:
-        p = todo.pop()
-        out.append(p)
-        try:
-            with open(f"/proc/{p}/task/{p}/children") as f:
-                todo += [int(c) for c in f.read().split()]
-        except OSError:
-            pass
-    return out
-
-
-def _cpu(pids) -> float:
-    total = 0
-    for p in pids:
-        try:
-            with open(f"/proc/{p}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-            total += int(fields[11]) + int(fields[12])
-        except OSError:
-            pass
-    return total / os.sysconf("SC_CLK_TCK")
-
-
 def run(args) -> dict:
-    pids = _family(args.pid)
+    pids = process_and_children(args.pid)
     cpu = {False: [], True: []}
     wire = {}
     for rnd in range(args.rounds):
@@ -55,12 +29,12 @@ def run(args) -> dict:
             c = RawClient("127.0.0.1", args.port, user=args.user, password=args.password, db="mysql", compress=compress)
             c.send(SQL, 0)
             c.read_until_eof()
-            before = _cpu(pids)
+            before = sum(map(process_cpu_seconds, pids))
             for _ in range(args.queries):
                 c.frames.clear()
                 c.send(SQL, 0)
                 c.read_until_eof()
-            cpu[compress].append(1e6 * (_cpu(pids) - before) / args.queries)
+            cpu[compress].append(1e6 * (sum(map(process_cpu_seconds, pids)) - before) / args.queries)
             if compress:
                 wire = {"plain": sum(len(f[3]) for f in c.frames), "compressed": sum(f[1] + 7 for f in c.frames)}
             c.close()

@@ -122,13 +122,10 @@ class CompressionLayer:
             self.seq = (self.seq + 1) & 0xFF
         self.inner.write(b"".join(frames))
 
-    # ---- the rest of the transport interface used by the session -------------------------
+    # ---- the rest of the transport interface the session uses once logged in ---------------
     def close(self) -> None:
         self.closed = True
         self.inner.close()
-
-    def is_closing(self) -> bool:
-        return self.closed or self.inner.is_closing()
 
     def can_write_eof(self) -> bool:
         return self.inner.can_write_eof()
@@ -141,9 +138,3 @@ class CompressionLayer:
 
     def resume_reading(self) -> None:
         self.inner.resume_reading()
-
-    def get_extra_info(self, name, default=None):
-        return self.inner.get_extra_info(name, default)
-
-    def set_write_buffer_limits(self, high=None, low=None) -> None:
-        self.inner.set_write_buffer_limits(high=high, low=low)

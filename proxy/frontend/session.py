@@ -174,7 +174,7 @@ class ClientConnection(asyncio.Protocol):
             try:
                 data = self.layer.feed(data)
             except (ssl.SSLError, CompressionError) as e:
-                log.info("client %s: %s", self.host, clean(f"TLS error: {e}" if type(e) is not CompressionError else str(e)))
+                log.info("client %s: %s", self.host, clean(f"TLS error: {e}" if isinstance(e, ssl.SSLError) else str(e)))
                 return self.close()
             if not data:
                 return

@@ -85,15 +85,7 @@ class ProxyProcess:
 
     def child_pids(self) -> list[int]:
         """The supervisor and its worker processes (for CPU accounting)."""
-        if not self.proc:
-            return []
-        pids = [self.proc.pid]
-        try:
-            with open(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children") as f:
-                pids += [int(p) for p in f.read().split()]
-        except OSError:
-            pass
-        return pids
+        return process_and_children(self.proc.pid) if self.proc else []
 
     def cpu_seconds(self) -> float:
         """User+system CPU of the proxy's processes so far (from /proc)."""
@@ -153,6 +145,17 @@ def _cmdline(pid: int) -> bytes:
             return f.read()
     except OSError:
         return b""
+
+
+def process_and_children(pid: int) -> list[int]:
+    """`pid` and its child processes (an rwproxy supervisor and its workers), from /proc."""
+    pids = [pid]
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            pids += [int(p) for p in f.read().split()]
+    except OSError:
+        pass
+    return pids
 
 
 def process_cpu_seconds(pid: int) -> float:

@@ -75,9 +75,9 @@ class RawClient:
             return self.send_compressed(frame(payload, seq), 0 if seq == 0 else self.cseq)
         self.sock.sendall(frame(payload, seq))
 
-    def send_compressed(self, plain: bytes, cseq: int, level: int = 6) -> None:
+    def send_compressed(self, plain: bytes, cseq: int) -> None:
         """`plain` (whole packets, or any bytes) as one compressed packet."""
-        body, ulen = (zlib.compress(plain, level), len(plain)) if len(plain) >= 50 else (plain, 0)
+        body, ulen = (zlib.compress(plain), len(plain)) if len(plain) >= 50 else (plain, 0)
         self.sock.sendall(len(body).to_bytes(3, "little") + bytes((cseq,)) + ulen.to_bytes(3, "little") + body)
         self.cseq = (cseq + 1) & 0xFF
 

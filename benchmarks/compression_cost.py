@@ -26,7 +26,7 @@ def run(args) -> dict:
     wire = {}
     for rnd in range(args.rounds):
         for compress in (False, True):
-            c = RawClient("127.0.0.1", args.port, user=args.user, password=args.password, db="mysql", compress=compress)
+            c = RawClient("127.0.0.1", args.port, user=args.user, password=args.password, db=args.db, compress=compress)
             c.send(SQL, 0)
             c.read_until_eof()
             before = sum(map(process_cpu_seconds, pids))
@@ -48,6 +48,7 @@ def main() -> None:
     ap.add_argument("--port", type=int, default=6033)
     ap.add_argument("--user", default="app")
     ap.add_argument("--password", default="app")
+    ap.add_argument("--db", default="app", help="a database the user may use (the sandbox's app)")
     ap.add_argument("--pid", type=int, required=True, help="pid of the `rwproxy serve` process")
     ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--queries", type=int, default=300)

@@ -743,6 +743,56 @@ def test_connector_change_user_reset_statistics_ping(proxy, cluster, second_data
     assert results["proxy"][5:8] == [[(1,)], [(None, 1, "SYSTEM")], [(1,), (2,)]]
 
 
+def test_failed_change_user_keeps_a_fresh_session_of_the_old_user_as_mariadb_does(proxy, cluster, second_database):
+    """MariaDB resets the session, then authenticates the new user; a refusal leaves the old user
+    in its old database on the same connection, and after three refusals COM_CHANGE_USER gets 1047.
+    (rwproxy used to close the connection, which a client reusing its connection sees as 2013.)"""
+
+    def errno(call):
+        try:
+            call()
+        except MySQLdb.MySQLError as e:
+            return e.args[0]
+        return 0
+
+    results = {}
+    for label, port, kw in (("proxy", proxy.port, {"compress": 1}), ("proxy", proxy.port, {}),
+                            ("direct", cluster.primary.port, {})):
+        c = mysqldb_conn(port, **kw)
+        seen = []
+        try:
+            cur = c.cursor()
+            cur.execute(f"USE {second_database}")
+            cur.execute("SET @v = 1")
+            cur.execute("CREATE TEMPORARY TABLE cu_tmp (a INT)")
+            cur.execute("BEGIN")
+            cur.execute("INSERT INTO cu_tmp VALUES (1)")
+            seen.append(errno(lambda: c.change_user("app", "wrong password", "app")))
+            cur = c.cursor()
+            cur.execute("SELECT CURRENT_USER(), DATABASE(), @v, @@in_transaction")
+            seen.append(cur.fetchall())
+            seen.append(errno(lambda: cur.execute("SELECT * FROM cu_tmp")))  # reset: the table is gone
+            seen.append(errno(lambda: c.change_user("app", "app", "no_such_db_cu")))  # the right password
+            cur = c.cursor()
+            cur.execute("SELECT CURRENT_USER(), DATABASE()")
+            seen.append(cur.fetchall())
+            seen.append(errno(lambda: c.change_user("app", "wrong password", "app")))  # the third failure
+            seen.append(errno(lambda: c.change_user("app", "wrong password", "app")))
+            seen.append(errno(lambda: c.change_user("app", "wrong password", "app")))
+            seen.append(errno(lambda: c.change_user("app", "app", "app")))  # even the right one now
+            cur = c.cursor()
+            cur.execute("SELECT CURRENT_USER(), DATABASE(), 1 + 1")
+            seen.append(cur.fetchall())
+        finally:
+            c.close()
+        results.setdefault(label, []).append(seen)
+
+    assert results["direct"][0] == [
+        1045, (("app@%", second_database, None, 0),), 1146, 1044, (("app@%", second_database),),
+        1045, 1047, 1047, 1047, (("app@%", second_database, 2),)]  # the refused database counts as well
+    assert results["proxy"] == results["direct"] * 2
+
+
 # ---- 6. SQLAlchemy 2.x ORM -----------------------------------------------------------------------
 
 def test_sqlalchemy_orm(proxy, cluster, tables):

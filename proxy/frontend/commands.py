@@ -10,13 +10,15 @@ import asyncio
 
 from proxy.backend.connection import BackendError
 from proxy.frontend import idle, kill, prepared
-from proxy.frontend.login import admit_user, parse_change_user
+from proxy.frontend.login import FAILED_LOGINS, AccessDenied, admit_user, parse_change_user
+from proxy.logs import clean
 from proxy.protocol.constants import (
     COM_CHANGE_USER, COM_FIELD_LIST, COM_INIT_DB, COM_PING, COM_PROCESS_KILL, COM_QUIT, COM_RESET_CONNECTION,
     COM_SET_OPTION, COM_STATISTICS, COM_STMT_CLOSE, COM_STMT_FETCH, COM_STMT_PREPARE, COM_STMT_RESET,
-    COM_STMT_SEND_LONG_DATA, ER_NET_READ_INTERRUPTED, ER_UNKNOWN_COM_ERROR, SERVER_STATUS_AUTOCOMMIT,
+    COM_STMT_SEND_LONG_DATA, ER_ACCESS_DENIED_ERROR, ER_NET_READ_INTERRUPTED, ER_UNKNOWN_COM_ERROR,
+    SERVER_STATUS_AUTOCOMMIT,
 )
-from proxy.protocol.packets import ProtocolError, logical_payload, ok_packet
+from proxy.protocol.packets import ProtocolError, err_packet, logical_payload, ok_packet
 from proxy.protocol.scan import FIELD_LIST, SIMPLE, STATISTICS
 from proxy.routing import classify as C
 
@@ -24,6 +26,7 @@ from proxy.routing import classify as C
 _PRIMARY_KIND = {COM_FIELD_LIST: FIELD_LIST, COM_STATISTICS: STATISTICS}
 _STMT_COMMANDS = (COM_STMT_CLOSE, COM_STMT_SEND_LONG_DATA, COM_STMT_RESET, COM_STMT_FETCH)
 _ANY_WRITE = C.Classification(C.WRITE, 0, "")
+MAX_FAILED_CHANGE_USER = 3  # MariaDB's limit per connection (sql_acl.cc)
 
 
 def run(s, pkt, cmd: int) -> None:
@@ -77,10 +80,24 @@ async def _reset_connection(s) -> None:
 
 
 async def _change_user(s, pkt) -> None:
+    """As MariaDB does it: the session is reset first (transaction rolled back, temporary tables,
+    variables and prepared statements gone), then the new user authenticates. If that fails (wrong
+    password, unknown database, the user's max_connections) the client gets the error and keeps a
+    fresh session of the old user in its old database; after three failures every COM_CHANGE_USER
+    gets ERROR 1047, which stops password guessing on one connection."""
     try:
         req = parse_change_user(logical_payload(pkt), s.caps)
     except ProtocolError as e:  # as MariaDB answers: the session carries on unchanged
         return s.send_error(*ER_UNKNOWN_COM_ERROR, f"Unknown command: malformed COM_CHANGE_USER packet ({e})")
+    old_user, old_db = s.user, s.db
+    s.release_backends()
+    s.stmts.clear()
+    if req.charset:
+        s.charset = req.charset & 0xFF
+    s.start_session(old_user, old_db)
+    s.status = SERVER_STATUS_AUTOCOMMIT
+    if s.failed_change_user >= MAX_FAILED_CHANGE_USER:
+        return s.send_error(*ER_UNKNOWN_COM_ERROR, "Unknown command")
     auth = s.worker.authenticator
     try:
         user, seq = await auth.login(s, req.user, req.plugin, req.auth_response, s.salt, 1, s.host, s.tls)
@@ -88,20 +105,35 @@ async def _change_user(s, pkt) -> None:
         s.send_error(*ER_NET_READ_INTERRUPTED, f"Got timeout reading communication packets: the client did not "
                      f"answer COM_CHANGE_USER's authentication within {auth.timeout:g} s")
         return s.close()
+    except AccessDenied as e:
+        FAILED_LOGINS.info("client %s: COM_CHANGE_USER: %s", s.host, clean(str(e), 256))
+        s.failed_change_user += 1
+        return s.write(err_packet(e.seq, ER_ACCESS_DENIED_ERROR, str(e), s.caps))
     if not admit_user(s, user, seq):
-        return s.close()
-    s.release_backends()
-    s.stmts.clear()
-    if req.charset:
-        s.charset = req.charset & 0xFF
+        return _keep_old_user(s, old_user)
     s.start_session(user, req.database)
-    s.status = SERVER_STATUS_AUTOCOMMIT
     try:
         await s.backend_for(s.writer())
-    except BackendError as e:
+    except BackendError as e:  # an unknown database, a user the servers refuse
+        if e.code in (2003, 2013) and s.worker.topology.readers:  # as at login: reads go on, writes wait
+            return s.write(ok_packet(seq, s.status))
+        s.release_backends()
+        s.start_session(old_user, old_db)
         s.send_error(e.code, e.sqlstate, e.message, seq)
-        return s.close()
+        return _keep_old_user(s, old_user, counts=e.code < 2000)  # (not for a server that is down)
     s.write(ok_packet(seq, s.status))
+
+
+def _keep_old_user(s, old_user, counts: bool = True) -> None:
+    """A COM_CHANGE_USER failed after the new user was counted: count the old one again."""
+    s.failed_change_user += counts
+    if s.counted_user is not None:
+        s.worker.release_user(s.counted_user)
+        s.counted_user = None
+    if s.worker.admit_user(old_user):
+        s.counted_user = old_user.name
+    else:  # another worker took the last place meanwhile: the session cannot go on as either
+        s.close()
 
 
 def rare_flags(s, cmd, on_primary: bool) -> None:

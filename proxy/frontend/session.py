@@ -71,7 +71,7 @@ class ClientConnection(asyncio.Protocol):
         "host", "tls", "salt", "user", "caps", "charset", "db", "login_db", "status", "state", "backends",
         "stmts", "inflight", "sent_at", "shared_on", "shared_entry", "last_shared", "share_keys", "activity",
         "idle_seen", "idle_since", "counted_user", "stat_rows", "stat_table", "stat_db", "done_at", "started",
-        "insert_conn", "unconfirmed", "writes", "idle_watch",
+        "insert_conn", "unconfirmed", "writes", "idle_watch", "failed_change_user",
     )
 
     def __init__(self, worker, conn_id: int):
@@ -114,6 +114,7 @@ class ClientConnection(asyncio.Protocol):
         self.unconfirmed: str | None = None  # a write digest whose next statement decides if it may share
         self.writes = 0  # writes answered on the writer (which of them to profile on the session's own connection)
         self.idle_watch = None  # the timer of a short SET wait_timeout (idle.watch_wait_timeout)
+        self.failed_change_user = 0  # COM_CHANGE_USER attempts refused (MariaDB allows three)
 
     # ---- transport events -----------------------------------------------------
     def connection_made(self, transport):

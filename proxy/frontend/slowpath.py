@@ -13,10 +13,9 @@ import asyncio
 import logging
 
 from proxy.backend.connection import BackendError
-from proxy.frontend.login import FAILED_LOGINS, AccessDenied
 from proxy.logs import clean
 from proxy.frontend import losses, prepared
-from proxy.protocol.constants import COM_QUERY, CR_SERVER_LOST, ER_ACCESS_DENIED_ERROR, ER_UNKNOWN_ERROR
+from proxy.protocol.constants import COM_QUERY, CR_SERVER_LOST, ER_UNKNOWN_ERROR
 from proxy.protocol.packets import command, err_packet, first_value
 from proxy.protocol.scan import RESULT
 from proxy.routing import classify as C
@@ -42,10 +41,6 @@ async def run(s, coro) -> None:
         losses.end_lost_session(s, *e.args)
     except BackendError as e:
         s.send_error(e.code, e.sqlstate, e.message)
-    except AccessDenied as e:
-        FAILED_LOGINS.info("client %s: COM_CHANGE_USER: %s", s.host, clean(str(e), 256))
-        s.write(err_packet(e.seq, ER_ACCESS_DENIED_ERROR, str(e), s.caps))
-        s.close()
     except (ConnectionError, asyncio.TimeoutError) as e:
         if not s.closed:
             s.write(err_packet(1, CR_SERVER_LOST, f"Lost connection to backend during query: {e or 'timeout'}"))

@@ -793,6 +793,26 @@ def test_failed_change_user_keeps_a_fresh_session_of_the_old_user_as_mariadb_doe
     assert results["proxy"] == results["direct"] * 2
 
 
+def test_change_user_frees_the_sessions_locks_before_it_answers(proxy, cluster):
+    """The server resets the session (named locks, table locks, the transaction) before it
+    answers COM_CHANGE_USER; rwproxy handed the connection to its pool to be reset later, so a
+    client that asked right after could still find its lock held (Connector/C's test_bug31418)."""
+    c = mysqldb_conn(proxy.port)
+    check = mysqldb_conn(cluster.primary.port)
+    try:
+        for i in range(10):
+            cur = c.cursor()
+            cur.execute("SELECT GET_LOCK('change_user_lock', 0)")
+            assert cur.fetchall() == ((1,),)
+            c.change_user("app", "app", "app")
+            ccur = check.cursor()
+            ccur.execute("SELECT IS_FREE_LOCK('change_user_lock')")
+            assert ccur.fetchall() == ((1,),), i
+    finally:
+        c.close()
+        check.close()
+
+
 # ---- 6. SQLAlchemy 2.x ORM -----------------------------------------------------------------------
 
 def test_sqlalchemy_orm(proxy, cluster, tables):

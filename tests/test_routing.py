@@ -247,8 +247,28 @@ def test_read_your_writes_with_a_delayed_replica(cluster_factory, tmp_path, mode
             port, n = cur.fetchone()
         if mode == "none":
             assert (port, n) == (cl.replicas[0].port, 0)  # a stale read, as configured
-        else:
-            assert n == 1, f"{mode}: the session did not read its own write (answered by {port})"
+            return
+        assert n == 1, f"{mode}: the session did not read its own write (answered by {port})"
+        # The client's writes stay its own across COM_RESET_CONNECTION and COM_CHANGE_USER, which
+        # reset the session on the server but do not hide what it wrote.
+        c = mysql.connector.connect(host="127.0.0.1", port=p.port, user="app", password="app", database="app",
+                                    autocommit=True, use_pure=True)
+        try:
+            cur = c.cursor()
+            cur.execute("INSERT INTO ryw VALUES (2)")
+            cur.close()
+            c.cmd_reset_connection()
+            cur = c.cursor()
+            cur.execute("SELECT COUNT(*) FROM ryw")
+            assert cur.fetchall() == [(2,)], f"{mode}: a write hidden by COM_RESET_CONNECTION"
+            cur.execute("INSERT INTO ryw VALUES (3)")
+            cur.close()
+            c.cmd_change_user(username="app", password="app", database="app")
+            cur = c.cursor()
+            cur.execute("SELECT COUNT(*) FROM ryw")
+            assert cur.fetchall() == [(3,)], f"{mode}: a write hidden by COM_CHANGE_USER"
+        finally:
+            c.close()
     finally:
         p.process.stop()
 

@@ -26,6 +26,7 @@ from proxy.protocol.constants import (
     CLIENT_PROTOCOL_41,
     CLIENT_SECURE_CONNECTION,
     CLIENT_SSL,
+    MARIADB_CLIENT_STMT_BULK_OPERATIONS,
     CLIENT_TRANSACTIONS,
     COM_INIT_DB,
     COM_PING,
@@ -48,6 +49,7 @@ BASE_BACKEND_CAPS = (
     | CLIENT_PLUGIN_AUTH
     | CLIENT_PLUGIN_AUTH_LENENC_CLIENT_DATA
     | CLIENT_CONNECT_ATTRS
+    | MARIADB_CLIENT_STMT_BULK_OPERATIONS  # (changes nothing but allowing COM_STMT_BULK_EXECUTE)
 )
 
 # Idle time after which a write first polls the connection for a close (see peer_gone).
@@ -86,7 +88,7 @@ class BackendConnection(asyncio.Protocol):
         "_buf",
         "_waiter",
         "_collect",
-        "_paused",
+        "stalled",
         "relayed",
         "dirty",
         "db_touched",
@@ -113,6 +115,7 @@ class BackendConnection(asyncio.Protocol):
         self._buf = bytearray()
         self._waiter: asyncio.Future | None = None
         self._collect = False
+        self.stalled = None  # the client whose reading this connection's full write buffer paused
         self.relayed = 0  # bytes of the current response already sent to the client
         self.dirty = False  # session options a reset does not undo (COM_SET_OPTION)
         self.db_touched = False  # the client may have changed the current database
@@ -220,15 +223,21 @@ class BackendConnection(asyncio.Protocol):
         if w is not None and not w.done():
             w.set_exception(ConnectionError(f"lost connection to backend {self.server.name}"))
         self._waiter = None
+        self.resume_writing()  # (a server that closes while its write buffer is full never drains it)
 
     def pause_writing(self):
         # The backend is slower than the client's upload (LOAD DATA, big blobs).
         if self.client is not None:
+            self.stalled = self.client
             self.client.transport.pause_reading()
 
     def resume_writing(self):
-        if self.client is not None and not self.client.closed:
-            self.client.transport.resume_reading()
+        """The client this connection stalled reads again: its write buffer drained, or the server
+        closed the connection (as MariaDB does after refusing a packet over its max_allowed_packet,
+        answering 1153 while 22 MiB were still being sent: the client then waited forever)."""
+        client, self.stalled = self.stalled, None
+        if client is not None and not client.closed and not client.reader.paused:
+            client.transport.resume_reading()
 
     # ---- relay path -------------------------------------------------------
     def relaying_for(self, client) -> bool:

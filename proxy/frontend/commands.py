@@ -13,17 +13,20 @@ from proxy.frontend import idle, kill, prepared
 from proxy.frontend.login import FAILED_LOGINS, AccessDenied, admit_user, parse_change_user
 from proxy.logs import clean
 from proxy.protocol.constants import (
-    COM_CHANGE_USER, COM_FIELD_LIST, COM_INIT_DB, COM_PING, COM_PROCESS_KILL, COM_QUIT, COM_RESET_CONNECTION,
-    COM_SET_OPTION, COM_STATISTICS, COM_STMT_CLOSE, COM_STMT_FETCH, COM_STMT_PREPARE, COM_STMT_RESET,
-    COM_STMT_SEND_LONG_DATA, ER_ACCESS_DENIED_ERROR, ER_NET_READ_INTERRUPTED, ER_UNKNOWN_COM_ERROR,
-    SERVER_STATUS_AUTOCOMMIT,
+    COM_CHANGE_USER, COM_DEBUG, COM_FIELD_LIST, COM_INIT_DB, COM_PING, COM_PROCESS_INFO, COM_PROCESS_KILL, COM_QUIT,
+    COM_REFRESH, COM_RESET_CONNECTION, COM_SET_OPTION, COM_STATISTICS, COM_STMT_BULK_EXECUTE, COM_STMT_CLOSE,
+    COM_STMT_FETCH, COM_STMT_PREPARE, COM_STMT_RESET, COM_STMT_SEND_LONG_DATA, ER_ACCESS_DENIED_ERROR,
+    ER_NET_READ_INTERRUPTED, ER_UNKNOWN_COM_ERROR, SERVER_STATUS_AUTOCOMMIT,
 )
 from proxy.protocol.packets import ProtocolError, err_packet, logical_payload, ok_packet
-from proxy.protocol.scan import FIELD_LIST, SIMPLE, STATISTICS
+from proxy.protocol.scan import FIELD_LIST, RESULT, SIMPLE, STATISTICS
 from proxy.routing import classify as C
 
-# Commands that always run on the primary, with the response kind to scan.
-_PRIMARY_KIND = {COM_FIELD_LIST: FIELD_LIST, COM_STATISTICS: STATISTICS}
+# Commands that always run on the primary, with the response kind to scan: mysql_list_fields(),
+# mysql_stat(), mysql_list_processes() (the primary's process list), mysql_refresh() (flush
+# operations, as FLUSH statements go to the primary), mysql_dump_debug_info().
+_PRIMARY_KIND = {COM_FIELD_LIST: FIELD_LIST, COM_STATISTICS: STATISTICS, COM_PROCESS_INFO: RESULT,
+                 COM_REFRESH: SIMPLE, COM_DEBUG: SIMPLE}
 _STMT_COMMANDS = (COM_STMT_CLOSE, COM_STMT_SEND_LONG_DATA, COM_STMT_RESET, COM_STMT_FETCH)
 _ANY_WRITE = C.Classification(C.WRITE, 0, "")
 MAX_FAILED_CHANGE_USER = 3  # MariaDB's limit per connection (sql_acl.cc)
@@ -39,6 +42,8 @@ def run(s, pkt, cmd: int) -> None:
         s.spawn(prepared.prepare(s, pkt))
     elif cmd in _STMT_COMMANDS:
         prepared.other(s, pkt, cmd)
+    elif cmd == COM_STMT_BULK_EXECUTE:
+        prepared.bulk_execute(s, pkt)
     elif cmd == COM_PROCESS_KILL:  # mysql_kill(): the id is an rwproxy session id (frontend/kill.py)
         s.spawn(kill.kill(s, True, int.from_bytes(logical_payload(pkt)[1:5].ljust(4, b"\0"), "little")))
     elif cmd in _PRIMARY_KIND:
@@ -90,6 +95,9 @@ async def _change_user(s, pkt) -> None:
     except ProtocolError as e:  # as MariaDB answers: the session carries on unchanged
         return s.send_error(*ER_UNKNOWN_COM_ERROR, f"Unknown command: malformed COM_CHANGE_USER packet ({e})")
     old_user, old_db = s.user, s.db
+    for be in list(s.backends.values()):  # awaited: its named, table and row locks are gone before the answer
+        if not be.closed and not be.relaying_for(s) and not await be.reset():
+            s.drop_backend(be)
     s.release_backends()
     s.stmts.clear()
     if req.charset:

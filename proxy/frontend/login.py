@@ -24,6 +24,7 @@ from proxy.protocol import auth, ed25519
 from proxy.protocol.constants import (
     CLIENT_COMPRESS,
     CLIENT_CONNECT_ATTRS,
+    CLIENT_MYSQL,
     CLIENT_PLUGIN_AUTH,
     CLIENT_PROTOCOL_41,
     CLIENT_SECURE_CONNECTION,
@@ -33,6 +34,8 @@ from proxy.protocol.constants import (
     ER_HANDSHAKE_ERROR,
     ER_SECURE_TRANSPORT_REQUIRED,
     ER_TOO_MANY_USER_CONNECTIONS,
+    MARIADB_CLIENT_EXTENDED_METADATA,
+    MARIADB_CLIENT_STMT_BULK_OPERATIONS,
     PROXY_CAPABILITIES,
     SERVER_STATUS_AUTOCOMMIT,
     SESSION_SHAPING_CAPABILITIES,
@@ -42,6 +45,12 @@ from proxy.protocol.handshake import build_greeting, parse_response
 from proxy.protocol.packets import ProtocolError, err_packet, err_payload, frame, ok_packet, read_lenenc_int, read_nul_str
 
 log = logging.getLogger("rwproxy.login")
+# The greeting's flags: as a MariaDB server's, without CLIENT_MYSQL, so that MariaDB clients read the
+# extended capabilities rwproxy offers: array binding (COM_STMT_BULK_EXECUTE) and extended column
+# types (a session-shaping flag: such sessions use server connections of their own kind). Not the
+# metadata cache, which leaves column definitions out of results. And compression.
+OFFERED = (PROXY_CAPABILITIES & ~CLIENT_MYSQL | MARIADB_CLIENT_STMT_BULK_OPERATIONS | MARIADB_CLIENT_EXTENDED_METADATA
+           | CLIENT_COMPRESS)
 FAILED_LOGINS = Throttle(log)  # a client may try as often as it likes; the log says so a few times a second
 
 
@@ -234,7 +243,7 @@ async def handshake(io, worker, conn_id: int, host: str) -> Login | None:
     w = worker
     try:
         salt = auth.nonce()
-        offered = PROXY_CAPABILITIES | CLIENT_COMPRESS | (CLIENT_SSL if w.tls_context else 0)
+        offered = OFFERED | (CLIENT_SSL if w.tls_context else 0)
         greeting = build_greeting(w.server_version, conn_id, salt, offered, UTF8MB4_GENERAL_CI,
                                   SERVER_STATUS_AUTOCOMMIT, w.auth_plugin)
         io.write(frame(greeting, 0))
@@ -253,7 +262,7 @@ async def handshake(io, worker, conn_id: int, host: str) -> Login | None:
             msg = "Connections using insecure transport are prohibited while --require_secure_transport=ON."
             io.write(err_packet(seq, ER_SECURE_TRANSPORT_REQUIRED, msg))
             return None
-        caps = resp.capabilities & (offered | SESSION_SHAPING_CAPABILITIES) & (PROXY_CAPABILITIES | CLIENT_COMPRESS)
+        caps = resp.capabilities & (offered | SESSION_SHAPING_CAPABILITIES) & (PROXY_CAPABILITIES | OFFERED)
         try:
             user, seq = await w.authenticator.login(io, resp.user, resp.plugin, resp.auth_response, salt, seq, host, tls)
         except AccessDenied as e:

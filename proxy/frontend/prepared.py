@@ -11,7 +11,8 @@ import asyncio
 
 from proxy.backend.connection import BackendError
 from proxy.protocol.constants import (
-    COM_STMT_CLOSE, COM_STMT_EXECUTE, COM_STMT_FETCH, COM_STMT_RESET, COM_STMT_SEND_LONG_DATA, ER_UNKNOWN_STMT_HANDLER,
+    COM_STMT_BULK_EXECUTE, COM_STMT_CLOSE, COM_STMT_EXECUTE, COM_STMT_FETCH, COM_STMT_RESET, COM_STMT_SEND_LONG_DATA,
+    ER_UNKNOWN_STMT_HANDLER, ER_UNSUPPORTED_PS, MARIADB_CLIENT_STMT_BULK_OPERATIONS,
 )
 from proxy.protocol.packets import logical_payload, stmt_close
 from proxy.protocol.scan import CURSOR, PREPARE, RESULT, ROWS, SIMPLE
@@ -19,7 +20,8 @@ from proxy.routing import classify as C
 from proxy.routing.router import WRITER
 from proxy.routing.statements import DIRECT_ID, Stmt
 
-_STMT_NAMES = {COM_STMT_EXECUTE: "execute", COM_STMT_FETCH: "fetch", COM_STMT_RESET: "reset"}
+_STMT_NAMES = {COM_STMT_EXECUTE: "execute", COM_STMT_FETCH: "fetch", COM_STMT_RESET: "reset",
+               COM_STMT_BULK_EXECUTE: "execute"}  # (as the server names the bulk one)
 _SESSION_READ = C.Classification(C.READ, 0, "")
 
 
@@ -47,6 +49,24 @@ def execute(s, pkt) -> None:
         stmt.long_data = False
         return s.dispatch(pkt, C.Classification(C.WRITE, stmt.cls.flags, stmt.cls.digest), kind, sid)
     s.dispatch(pkt, stmt.cls, kind, sid)
+
+
+def bulk_execute(s, pkt) -> None:
+    """COM_STMT_BULK_EXECUTE, MariaDB's array binding: one prepared statement run for many rows of
+    parameters in one command (libmariadb's STMT_ATTR_ARRAY_SIZE, MariaDB Connector/J and
+    Connector/Python's executemany), answered with one OK, an error, or RETURNING's rows. It is a
+    write: it runs on the writer with the backend's statement id; the server reads the rows."""
+    if not s.caps & MARIADB_CLIENT_STMT_BULK_OPERATIONS:  # as the server answers a client that did not ask
+        return s.send_error(*ER_UNSUPPORTED_PS, "This command is not supported in the prepared statement protocol yet")
+    sid = int.from_bytes(pkt[5:9], "little") if len(pkt) >= 9 else -1
+    if sid == DIRECT_ID and s.stmts.last:
+        sid = s.stmts.last
+        pkt = pkt[:5] + sid.to_bytes(4, "little") + pkt[9:]
+    stmt = s.stmts.stmts.get(sid)
+    if stmt is None:
+        return s.send_error(*_unknown(sid, COM_STMT_BULK_EXECUTE))
+    stmt.long_data = False
+    s.dispatch(pkt, C.Classification(C.WRITE, stmt.cls.flags, stmt.cls.digest), RESULT, sid)
 
 
 async def stmt_packet(s, pkt, sid: int, name: str, be, quiet: bool = False):

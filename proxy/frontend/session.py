@@ -155,7 +155,9 @@ class ClientConnection(asyncio.Protocol):
         self.last_shared = None
         self.stat_rows, self.stat_table = {}, None
         cfg = self.worker.config.routing
-        self.state = SessionState(user, cfg.read_your_writes, cfg.max_session_history)
+        before, self.state = self.state, SessionState(user, cfg.read_your_writes, cfg.max_session_history)
+        if before is not None:  # COM_CHANGE_USER: the client's own writes stay visible to it
+            self.state.keep_writes(before)
 
     def start_tls(self, context: ssl.SSLContext) -> None:
         """The client sent an SSL request: everything after it is TLS. Bytes that arrived with the

@@ -30,13 +30,16 @@ CLIENT_CAN_HANDLE_EXPIRED_PASSWORDS = 1 << 22
 CLIENT_SESSION_TRACK = 1 << 23
 CLIENT_DEPRECATE_EOF = 1 << 24
 CLIENT_QUERY_ATTRIBUTES = 1 << 27
+# MariaDB: a peer that clears CLIENT_MYSQL (the old CLIENT_LONG_PASSWORD bit) sends its extended
+# capabilities, bits 32-63 here, in the last 4 filler bytes of the greeting or handshake response.
+CLIENT_MYSQL = CLIENT_LONG_PASSWORD
+MARIADB_CLIENT_STMT_BULK_OPERATIONS = 1 << 34  # COM_STMT_BULK_EXECUTE (array binding)
+MARIADB_CLIENT_EXTENDED_METADATA = 1 << 35  # column definitions name JSON, UUID, INET4/6, geometry types
 
-# What the proxy offers clients (and what its test clients ask for). COMPRESS is offered
-# too, but only by the login (frontend/compress.py re-frames such a session's bytes).
-# Deliberately not offered: QUERY_ATTRIBUTES (MySQL 8 only),
-# and MariaDB's extended capabilities (we set CLIENT_LONG_PASSWORD, i.e. "MySQL",
-# so MariaDB clients do not ask for extended type info or metadata caching,
-# which would change the shape of result sets).
+# What the proxy's test clients ask for, and (with CLIENT_MYSQL cleared, two MariaDB extended
+# capabilities and COMPRESS added: frontend/login.py OFFERED) what rwproxy offers clients.
+# Deliberately not offered: QUERY_ATTRIBUTES (MySQL 8 only), and MariaDB's metadata cache
+# (results without their column definitions) and progress reports.
 PROXY_CAPABILITIES = (
     CLIENT_LONG_PASSWORD
     | CLIENT_FOUND_ROWS
@@ -79,6 +82,7 @@ SESSION_SHAPING_CAPABILITIES = (
     | CLIENT_PS_MULTI_RESULTS
     | CLIENT_SESSION_TRACK
     | CLIENT_DEPRECATE_EOF
+    | MARIADB_CLIENT_EXTENDED_METADATA  # (an extra field in each column definition)
 )
 
 # Server status flags (OK/EOF packets).
@@ -130,6 +134,7 @@ COM_STMT_FETCH = 0x1C
 COM_DAEMON = 0x1D
 COM_BINLOG_DUMP_GTID = 0x1E
 COM_RESET_CONNECTION = 0x1F
+COM_STMT_BULK_EXECUTE = 0xFA  # MariaDB
 
 # COM_STMT_EXECUTE cursor flags.
 CURSOR_TYPE_NO_CURSOR = 0x00
@@ -158,6 +163,7 @@ ER_NET_READ_ERROR = (1158, b"08S01")
 ER_NET_READ_INTERRUPTED = (1159, b"08S01")
 ER_NET_PACKET_TOO_LARGE = (1153, b"08S01")
 ER_UNKNOWN_STMT_HANDLER = (1243, b"HY000")
+ER_UNSUPPORTED_PS = (1295, b"HY000")
 ER_NOT_SUPPORTED_AUTH_MODE = (1251, b"08004")
 ER_SECURE_TRANSPORT_REQUIRED = (3159, b"HY000")
 ER_UNKNOWN_ERROR = (1105, b"HY000")

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from proxy.protocol.constants import (
     CLIENT_CONNECT_ATTRS,
     CLIENT_CONNECT_WITH_DB,
+    CLIENT_MYSQL,
     CLIENT_PLUGIN_AUTH,
     CLIENT_PLUGIN_AUTH_LENENC_CLIENT_DATA,
     CLIENT_PROTOCOL_41,
@@ -45,6 +46,11 @@ class HandshakeResponse:
     ssl_request: bool = False  # only the 32-byte SSL request prefix was sent
 
 
+def _extended(capabilities: int) -> bytes:
+    """MariaDB's extended capabilities (bits 32-63), sent only by a peer that is not CLIENT_MYSQL."""
+    return struct.pack("<I", 0 if capabilities & CLIENT_MYSQL else capabilities >> 32 & 0xFFFFFFFF)
+
+
 def build_greeting(
     server_version: bytes, connection_id: int, salt: bytes, capabilities: int, charset: int, status: int, plugin: str
 ) -> bytes:
@@ -61,7 +67,8 @@ def build_greeting(
             struct.pack("<H", status),
             struct.pack("<H", (capabilities >> 16) & 0xFFFF),
             bytes((len(salt) + 1,)),
-            b"\x00" * 10,
+            b"\x00" * 6,
+            _extended(capabilities),
             salt[8:],
             b"\x00",
             plugin.encode(),
@@ -89,6 +96,8 @@ def parse_greeting(payload: bytes) -> Greeting:
     status = struct.unpack_from("<H", payload, pos + 3)[0]
     caps |= struct.unpack_from("<H", payload, pos + 5)[0] << 16
     salt_len = payload[pos + 7]
+    if not caps & CLIENT_MYSQL and len(payload) >= pos + 18:
+        caps |= struct.unpack_from("<I", payload, pos + 14)[0] << 32
     pos += 18
     salt2 = b""
     if caps & CLIENT_SECURE_CONNECTION:
@@ -109,6 +118,8 @@ def parse_response(payload: bytes) -> HandshakeResponse:
     caps, max_packet, charset = struct.unpack_from("<IIB", payload, 0)
     if not caps & CLIENT_PROTOCOL_41:
         raise ProtocolError("client does not speak protocol 4.1")
+    if not caps & CLIENT_MYSQL:
+        caps |= struct.unpack_from("<I", payload, 28)[0] << 32
     resp = HandshakeResponse(caps, max_packet, charset)
     if len(payload) == 32:
         if not caps & CLIENT_SSL:
@@ -159,7 +170,8 @@ def response_caps(capabilities: int, database: str | None, attrs) -> int:
 
 def build_ssl_request(capabilities: int, charset: int, max_packet: int = 1 << 30) -> bytes:
     """SSLRequest: the first 32 bytes of a handshake response (pass response_caps(...) | CLIENT_SSL)."""
-    return struct.pack("<IIB", capabilities | CLIENT_SSL, max_packet, charset) + b"\x00" * 23
+    return (struct.pack("<IIB", (capabilities | CLIENT_SSL) & 0xFFFFFFFF, max_packet, charset) + b"\x00" * 19
+            + _extended(capabilities))
 
 
 def build_response(
@@ -174,8 +186,9 @@ def build_response(
 ) -> bytes:
     caps = response_caps(capabilities, database, attrs)
     parts = [
-        struct.pack("<IIB", caps, max_packet, charset),
-        b"\x00" * 23,
+        struct.pack("<IIB", caps & 0xFFFFFFFF, max_packet, charset),
+        b"\x00" * 19,
+        _extended(caps),
         user.encode(),
         b"\x00",
         lenenc_str(auth_response),

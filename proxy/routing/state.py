@@ -62,7 +62,15 @@ class SessionState:
         self.user = user  # the UserConfig the client logged in as
         self.ryw_mode = user.read_your_writes or default_ryw  # read-your-writes: none, session, gtid
         self.max_history = max_history  # SET/USE entries kept for replay before the session pins
+        # The client's own writes stay its own across COM_RESET_CONNECTION and COM_CHANGE_USER (a
+        # reset does not make them invisible on the server either): not part of reset().
+        self.last_write = 0.0  # monotonic time of the last write that became visible (session mode)
+        self.last_gtid = ""  # the GTID of that write (gtid mode)
         self.reset()
+
+    def keep_writes(self, before: SessionState) -> None:
+        """COM_CHANGE_USER: the client's last write (read-your-writes) carries over from `before`."""
+        self.last_write, self.last_gtid = before.last_write, before.last_gtid
 
     def reset(self) -> None:
         """A fresh session (login, COM_CHANGE_USER, COM_RESET_CONNECTION)."""
@@ -79,8 +87,6 @@ class SessionState:
         self.hversion = next(_versions)  # changes with `history` (shared connections are keyed by it)
         self.history_overflow = False  # more SET/USE than max_history, or a SET prepared: primary only
         self.last_backend: str | None = None  # where the previous statement ran (connection-bound reads)
-        self.last_write = 0.0  # monotonic time of the last write that became visible (session mode)
-        self.last_gtid = ""  # the GTID of that write (gtid mode)
         self.pending_write = False  # a write ran on the primary whose transaction has not ended yet
         self.failed_servers: frozenset = frozenset()  # replicas that failed the statement being retried
         # What a released connection would take with it, kept or tied (idle_release):

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 
-from proxy.protocol.constants import CURSOR_TYPE_NO_CURSOR, MAX_PACKET
+from proxy.protocol.constants import COM_STMT_EXECUTE, CURSOR_TYPE_NO_CURSOR, MAX_PACKET
 from proxy.protocol.packets import execute_types_offset, rewrite_execute
 
 # MariaDB's direct execution (10.2+): a client may pipeline COM_STMT_PREPARE and a COM_STMT_EXECUTE
@@ -37,7 +37,10 @@ class Stmt:
 
     def packet_for(self, pkt: bytes, server: str, backend_id: int) -> bytes:
         """The client's COM_STMT_EXECUTE for the session's own connection to `server`: that
-        backend's id, and the parameter types if this connection has not seen the current ones."""
+        backend's id, and the parameter types if this connection has not seen the current ones.
+        A COM_STMT_BULK_EXECUTE (which carries its own types) only gets the backend's id."""
+        if pkt[4] != COM_STMT_EXECUTE:
+            return pkt[:5] + backend_id.to_bytes(4, "little") + pkt[9:]
         at = self.types_at
         types = None
         if 0 <= at < len(pkt) < MAX_PACKET:
@@ -52,8 +55,8 @@ class Stmt:
     def shared_packet(self, pkt: bytes, backend_id: int) -> bytes | None:
         """The client's COM_STMT_EXECUTE for a shared connection: the backend's id, and always the
         parameter types (another session's may be the last ones sent there). None when it cannot
-        share: it opens a cursor, it is split, or the types were never sent."""
-        if len(pkt) < 10 or pkt[9] != CURSOR_TYPE_NO_CURSOR or len(pkt) >= MAX_PACKET:
+        share: it opens a cursor, it is split, the types were never sent, or it is a bulk execute."""
+        if len(pkt) < 10 or pkt[9] != CURSOR_TYPE_NO_CURSOR or len(pkt) >= MAX_PACKET or pkt[4] != COM_STMT_EXECUTE:
             return None
         types, at = None, self.types_at
         if self.nparams:

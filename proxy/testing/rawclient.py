@@ -9,7 +9,8 @@ import zlib
 
 from proxy.protocol import auth
 from proxy.protocol.constants import (
-    CLIENT_COMPRESS, CLIENT_DEPRECATE_EOF, CLIENT_MULTI_RESULTS, CLIENT_PS_MULTI_RESULTS, PROXY_CAPABILITIES,
+    CLIENT_COMPRESS, CLIENT_DEPRECATE_EOF, CLIENT_MULTI_RESULTS, CLIENT_MYSQL, CLIENT_PS_MULTI_RESULTS,
+    MARIADB_CLIENT_STMT_BULK_OPERATIONS, PROXY_CAPABILITIES,
 )
 from proxy.protocol.handshake import build_response, parse_greeting
 from proxy.protocol.packets import frame, parse_err
@@ -17,7 +18,7 @@ from proxy.protocol.packets import frame, parse_err
 
 class RawClient:
     def __init__(self, host: str, port: int, user="app", password="app", db="app", deprecate_eof=True, timeout=10.0,
-                 drop_caps: int = 0, compress: bool = False):
+                 drop_caps: int = 0, compress: bool = False, bulk: bool = False):
         self.sock = socket.create_connection((host, port), timeout=timeout)
         self.buf = b""
         self.compressed = False  # after the login, when compress=True: compressed packets both ways
@@ -32,6 +33,8 @@ class RawClient:
         caps &= ~drop_caps
         if compress:
             caps |= CLIENT_COMPRESS
+        if bulk:  # a MariaDB client: not CLIENT_MYSQL, and array binding if the server offers it
+            caps = caps & ~CLIENT_MYSQL | self.greeting.capabilities & MARIADB_CLIENT_STMT_BULK_OPERATIONS
         self.caps = caps
         token = auth.native_token(password, self.greeting.salt)
         self.send(build_response(caps, 45, user, token, db, auth.NATIVE), seq + 1)

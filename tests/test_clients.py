@@ -904,6 +904,9 @@ def test_sysbench_oltp_read_write(proxy, cluster):
     try:
         prep = _sysbench(cluster.primary.port, "prepare")
         assert prep.returncode == 0, prep.stdout.decode() + prep.stderr.decode()
+        # (prepared straight on the primary, past rwproxy's read-your-writes: let the replicas have
+        # the tables before statements are prepared there)
+        cluster.wait_replicas_caught_up(30)
         # Every error is fatal (--mysql-ignore-errors=none), so the workloads must not deadlock
         # on their own: the full statement mix runs on one thread, and the 4-thread run writes
         # a single row per transaction (no lock cycle is possible), reads as usual.

@@ -134,6 +134,40 @@ def test_dropping_the_current_database_leaves_the_session_without_one(proxy, clu
             cur.execute("DROP DATABASE IF EXISTS dropped_hardening")
 
 
+def test_a_pooled_connection_whose_database_was_dropped_selects_it_again(cluster, tmp_path):
+    """A session that drops its login database leaves its server connection with none selected,
+    and COM_RESET_CONNECTION keeps that. When the database is created again, the next session
+    logging in to it must not get that connection as it is: its first unqualified table was
+    ERROR 1046 (MariaDB's mysql_client_test, whose every test drops and creates its database)."""
+    p = start_proxy(cluster, tmp_path, proxy={"workers": 1})
+    try:
+        for i in range(3):
+            with cluster.primary.connect() as r, r.cursor() as cur:
+                cur.execute("CREATE DATABASE IF NOT EXISTS pool_dropped")
+                cur.execute("GRANT ALL ON pool_dropped.* TO 'app'@'%'")
+            a = p.connect(autocommit=True, database="pool_dropped")
+            with a.cursor() as cur:
+                cur.execute("CREATE TABLE t (a INT)")
+                cur.execute("DROP DATABASE pool_dropped")
+            a.close()
+            with cluster.primary.connect() as r, r.cursor() as cur:
+                cur.execute("CREATE DATABASE pool_dropped")
+            time.sleep(0.3)  # (the released connection is reset and back in the pool)
+            b = p.connect(autocommit=True, database="pool_dropped")
+            try:
+                with b.cursor() as cur:
+                    cur.execute("CREATE TABLE t (a INT)")  # an unqualified table: the database is selected
+                    cur.execute("INSERT INTO t VALUES (1)")
+                    cur.execute("SELECT DATABASE(), COUNT(*) FROM t")
+                    assert cur.fetchone() == ("pool_dropped", 1), i
+            finally:
+                b.close()
+            with cluster.primary.connect() as r, r.cursor() as cur:
+                cur.execute("DROP DATABASE pool_dropped")
+    finally:
+        p.process.stop()
+
+
 def test_a_session_with_only_replayable_state_reconnects_silently(proxy, cluster):
     c = proxy.connect(autocommit=True)
     try:

@@ -149,6 +149,11 @@ def rare_flags(s, cmd, on_primary: bool) -> None:
     cls = cmd.cls
     if cls.flags & C.F_WAIT_TIMEOUT:
         idle.wait_timeout_set(s, cmd)
+    if cls.flags & C.F_DROP_DB and cmd.server in s.backends:
+        # A connection that dropped its current database has none selected, and a reset keeps
+        # that: the pool must select its key's database again (or drop the connection) before
+        # another session gets it, or that session's first unqualified table is ERROR 1046.
+        s.backends[cmd.server].db_touched = True
     if cls.flags & C.F_DROP_DB and on_primary:
         dropped = [p.db for p in cls.parts if p.flags & C.F_DROP_DB] if cls.parts else [cls.db]
         if s.db is not None and s.db in dropped:

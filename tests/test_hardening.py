@@ -168,6 +168,51 @@ def test_a_pooled_connection_whose_database_was_dropped_selects_it_again(cluster
         p.process.stop()
 
 
+def test_servers_with_global_autocommit_off_still_commit_what_the_session_was_told(cluster, tmp_path):
+    """rwproxy tells a session at login that autocommit is on. With autocommit = 0 in the servers'
+    global configuration its server connections came up with it off, so a write stayed
+    uncommitted (holding its locks, rolled back when the connection went back to the pool) and
+    reads on a replica kept one snapshot. Each connection now gets the session's autocommit."""
+    nodes = [cluster.primary, *cluster.replicas]
+    with cluster.primary.connect() as r, r.cursor() as cur:
+        cur.execute("CREATE TABLE IF NOT EXISTS app.ac_off (id INT PRIMARY KEY)")
+        cur.execute("DELETE FROM app.ac_off")
+    cluster.wait_replicas_caught_up(30)
+    for node in nodes:
+        with node.connect() as c, c.cursor() as cur:
+            cur.execute("SET GLOBAL autocommit = 0")
+    p = start_proxy(cluster, tmp_path, proxy={"workers": 1})
+    try:
+        c = pymysql.connect(host="127.0.0.1", port=p.port, user="app", password="app", database="app",
+                            autocommit=None)  # (PyMySQL then keeps what the login's OK said)
+        try:
+            assert c.get_autocommit() is True
+            with c.cursor() as cur:
+                cur.execute("SELECT COUNT(*) FROM ac_off")  # a read: a replica connection
+                assert cur.fetchone() == (0,)
+                cur.execute("INSERT INTO ac_off VALUES (1)")
+            with cluster.primary.connect() as r, r.cursor() as cur:  # committed: another session sees it
+                cur.execute("SET SESSION innodb_lock_wait_timeout = 2")
+                cur.execute("SELECT COUNT(*) FROM app.ac_off")
+                assert cur.fetchone() == (1,)
+                cur.execute("INSERT INTO app.ac_off VALUES (2)")  # (and no lock of the session's is held)
+                cur.execute("COMMIT")
+            cluster.wait_replicas_caught_up(30)
+            time.sleep(1.2)  # past read_your_writes_window: reads go to the replicas again
+            with c.cursor() as cur:
+                cur.execute("SELECT COUNT(*) FROM ac_off")  # a new snapshot, not the first read's
+                assert cur.fetchone() == (2,)
+        finally:
+            c.close()
+    finally:
+        p.process.stop()
+        for node in nodes:
+            with node.connect() as c, c.cursor() as cur:
+                cur.execute("SET GLOBAL autocommit = 1")
+        with cluster.primary.connect() as r, r.cursor() as cur:
+            cur.execute("DROP TABLE IF EXISTS app.ac_off")
+
+
 def test_a_session_with_only_replayable_state_reconnects_silently(proxy, cluster):
     c = proxy.connect(autocommit=True)
     try:

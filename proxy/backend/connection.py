@@ -33,9 +33,10 @@ from proxy.protocol.constants import (
     COM_QUIT,
     COM_RESET_CONNECTION,
     ER_UNKNOWN_ERROR,
+    SERVER_STATUS_AUTOCOMMIT,
 )
 from proxy.protocol.handshake import build_response, build_ssl_request, parse_greeting, response_caps
-from proxy.protocol.packets import ProtocolError, command, frame, packet_length, parse_err
+from proxy.protocol.packets import ProtocolError, command, frame, packet_length, parse_err, parse_ok
 from proxy.protocol.scan import RESULT, SIMPLE, Scanner
 
 log = logging.getLogger("rwproxy.backend")
@@ -97,6 +98,7 @@ class BackendConnection(asyncio.Protocol):
         "_poll",
         "hold",
         "gtid_tracked",
+        "status",
     )
 
     def __init__(self, server, key, caps: int):
@@ -126,6 +128,9 @@ class BackendConnection(asyncio.Protocol):
         # response's last bytes are held back so its final OK's session state can be stripped.
         self.hold: bytearray | None = None
         self.gtid_tracked = False  # its OK packets report last_gtid (read-your-writes in gtid mode)
+        # Server status of its login's or last reset's OK: its autocommit is the servers' global
+        # value then (rwproxy sets the session's before use: frontend/idle.py)
+        self.status = SERVER_STATUS_AUTOCOMMIT
 
     # ---- asyncio.Protocol -------------------------------------------------
     def connection_made(self, transport):
@@ -344,6 +349,7 @@ class BackendConnection(asyncio.Protocol):
             first = payload[0] if payload else 0
             if first == 0x00:
                 self.db = db
+                self.status = parse_ok(payload).status
                 return
             if first == 0xFF:
                 code, state, msg = parse_err(payload)
@@ -399,6 +405,7 @@ class BackendConnection(asyncio.Protocol):
         ok = resp[4] == 0x00
         if ok:
             self.dirty = False
+            self.status = parse_ok(resp[4:]).status
         return ok
 
     def close(self) -> None:

@@ -77,6 +77,8 @@ async def _reset_connection(s) -> None:
             s.drop_backend(be)
         else:
             be.applied = 0
+            if not be.status & SERVER_STATUS_AUTOCOMMIT:  # (rwproxy's sessions start with autocommit on)
+                await idle.set_autocommit(be, 1)
     s.stmts.clear()
     s.state.reset()
     s.db = s.login_db

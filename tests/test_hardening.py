@@ -72,15 +72,19 @@ def test_state_lost_to_the_servers_wait_timeout(proxy, cluster):
         c.close()
 
 
+def _on_every_node(cluster, sql: str) -> None:
+    """A SET GLOBAL (which does not replicate) on the primary and every replica, as root."""
+    for node in (cluster.primary, *cluster.replicas):
+        with node.connect() as c, c.cursor() as cur:
+            cur.execute(sql)
+
+
 def test_a_statement_the_server_refuses_as_too_big_leaves_the_session_answering(cluster, tmp_path):
     """A statement under rwproxy's max_allowed_packet but over the server's: the server answers
     1153 and closes its connection while rwproxy is still sending, with that connection's write
     buffer full and the client's reading paused for it. The client must get the error and then
     answers to its next commands (it used to wait forever: nothing resumed its reading)."""
-    nodes = [cluster.primary, *cluster.replicas]
-    for node in nodes:
-        with node.connect() as c, c.cursor() as cur:
-            cur.execute("SET GLOBAL max_allowed_packet = 4194304")  # new connections only
+    _on_every_node(cluster, "SET GLOBAL max_allowed_packet = 4194304")  # (new connections only)
     p = start_proxy(cluster, tmp_path, proxy={"workers": 1})
     try:
         c = pymysql.connect(host="127.0.0.1", port=p.port, user="app", password="app", database="app",
@@ -99,9 +103,7 @@ def test_a_statement_the_server_refuses_as_too_big_leaves_the_session_answering(
             c.close()
     finally:
         p.process.stop()
-        for node in nodes:
-            with node.connect() as c, c.cursor() as cur:
-                cur.execute("SET GLOBAL max_allowed_packet = 268435456")
+        _on_every_node(cluster, "SET GLOBAL max_allowed_packet = 268435456")
 
 
 def test_dropping_the_current_database_leaves_the_session_without_one(proxy, cluster):
@@ -173,14 +175,11 @@ def test_servers_with_global_autocommit_off_still_commit_what_the_session_was_to
     global configuration its server connections came up with it off, so a write stayed
     uncommitted (holding its locks, rolled back when the connection went back to the pool) and
     reads on a replica kept one snapshot. Each connection now gets the session's autocommit."""
-    nodes = [cluster.primary, *cluster.replicas]
     with cluster.primary.connect() as r, r.cursor() as cur:
         cur.execute("CREATE TABLE IF NOT EXISTS app.ac_off (id INT PRIMARY KEY)")
         cur.execute("DELETE FROM app.ac_off")
     cluster.wait_replicas_caught_up(30)
-    for node in nodes:
-        with node.connect() as c, c.cursor() as cur:
-            cur.execute("SET GLOBAL autocommit = 0")
+    _on_every_node(cluster, "SET GLOBAL autocommit = 0")
     p = start_proxy(cluster, tmp_path, proxy={"workers": 1})
     try:
         c = pymysql.connect(host="127.0.0.1", port=p.port, user="app", password="app", database="app",
@@ -206,9 +205,7 @@ def test_servers_with_global_autocommit_off_still_commit_what_the_session_was_to
             c.close()
     finally:
         p.process.stop()
-        for node in nodes:
-            with node.connect() as c, c.cursor() as cur:
-                cur.execute("SET GLOBAL autocommit = 1")
+        _on_every_node(cluster, "SET GLOBAL autocommit = 1")
         with cluster.primary.connect() as r, r.cursor() as cur:
             cur.execute("DROP TABLE IF EXISTS app.ac_off")
 

@@ -26,13 +26,14 @@ from proxy.protocol.constants import (
     CLIENT_PROTOCOL_41,
     CLIENT_SECURE_CONNECTION,
     CLIENT_SSL,
-    MARIADB_CLIENT_STMT_BULK_OPERATIONS,
     CLIENT_TRANSACTIONS,
     COM_INIT_DB,
     COM_PING,
+    COM_QUERY,
     COM_QUIT,
     COM_RESET_CONNECTION,
     ER_UNKNOWN_ERROR,
+    MARIADB_CLIENT_STMT_BULK_OPERATIONS,
     SERVER_STATUS_AUTOCOMMIT,
 )
 from proxy.protocol.handshake import build_response, build_ssl_request, parse_greeting, response_caps
@@ -53,6 +54,7 @@ BASE_BACKEND_CAPS = (
     | MARIADB_CLIENT_STMT_BULK_OPERATIONS  # (changes nothing but allowing COM_STMT_BULK_EXECUTE)
 )
 
+_SET_AUTOCOMMIT = (command(COM_QUERY, b"SET autocommit=0"), command(COM_QUERY, b"SET autocommit=1"))
 # Idle time after which a write first polls the connection for a close (see peer_gone).
 PEER_CHECK_IDLE = 0.002
 _monotonic = time.monotonic
@@ -128,9 +130,7 @@ class BackendConnection(asyncio.Protocol):
         # response's last bytes are held back so its final OK's session state can be stripped.
         self.hold: bytearray | None = None
         self.gtid_tracked = False  # its OK packets report last_gtid (read-your-writes in gtid mode)
-        # Server status of its login's or last reset's OK: its autocommit is the servers' global
-        # value then (rwproxy sets the session's before use: frontend/idle.py)
-        self.status = SERVER_STATUS_AUTOCOMMIT
+        self.status = SERVER_STATUS_AUTOCOMMIT  # of its login's or last reset's OK: autocommit is the global then
 
     # ---- asyncio.Protocol -------------------------------------------------
     def connection_made(self, transport):
@@ -238,8 +238,7 @@ class BackendConnection(asyncio.Protocol):
 
     def resume_writing(self):
         """The client this connection stalled reads again: its write buffer drained, or the server
-        closed the connection (as MariaDB does after refusing a packet over its max_allowed_packet,
-        answering 1153 while 22 MiB were still being sent: the client then waited forever)."""
+        closed it (after refusing a packet over its max_allowed_packet with 1153, mid-send)."""
         client, self.stalled = self.stalled, None
         if client is not None and not client.closed and not client.reader.paused:
             client.transport.resume_reading()
@@ -407,6 +406,15 @@ class BackendConnection(asyncio.Protocol):
             self.dirty = False
             self.status = parse_ok(resp[4:]).status
         return ok
+
+    async def ensure_autocommit(self, on) -> None:
+        """Autocommit as the session using it has it (the servers' global value may be off)."""
+        if bool(on) == bool(self.status & SERVER_STATUS_AUTOCOMMIT):
+            return
+        resp = await self.command(_SET_AUTOCOMMIT[1 if on else 0], RESULT)
+        if resp[4] == 0xFF:
+            raise BackendError(ER_UNKNOWN_ERROR[0], "HY000", f"could not set autocommit on {self.server.name}")
+        self.status ^= SERVER_STATUS_AUTOCOMMIT
 
     def close(self) -> None:
         if self.transport is not None and not self.closed:

@@ -32,9 +32,9 @@ from collections import OrderedDict, deque
 
 from proxy.backend.connection import BackendConnection, BackendError, connect
 from proxy.logs import clean
-from proxy.protocol.constants import COM_QUERY, ER_QUERY_INTERRUPTED, SERVER_STATUS_AUTOCOMMIT
-from proxy.protocol.packets import command, stmt_close
-from proxy.protocol.scan import PREPARE, RESULT
+from proxy.protocol.constants import ER_QUERY_INTERRUPTED
+from proxy.protocol.packets import stmt_close
+from proxy.protocol.scan import PREPARE
 
 log = logging.getLogger("rwproxy.shared")
 
@@ -288,8 +288,7 @@ class SharedLines:
             conn = await connect(server, key, caps, user, password, db, charset, pools.cfg.connect_timeout,
                                  pools.tls.get(name), factory=SharedBackend, net_buffer=pools.cfg.backend_net_buffer)
             await conn.replay(history, pools.cfg.connect_timeout)  # the SET/USE history every session of this key ran
-            if not conn.status & SERVER_STATUS_AUTOCOMMIT:  # (the servers' global autocommit is off; sharing needs it on)
-                await conn.command(command(COM_QUERY, b"SET autocommit=1"), RESULT)
+            await conn.ensure_autocommit(1)  # (only autocommit statements share)
         except (BackendError, ConnectionError, OSError, asyncio.TimeoutError) as e:
             pools.uncount(name)
             pools.note_connect(name, user, False)

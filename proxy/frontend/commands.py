@@ -77,8 +77,7 @@ async def _reset_connection(s) -> None:
             s.drop_backend(be)
         else:
             be.applied = 0
-            if not be.status & SERVER_STATUS_AUTOCOMMIT:  # (rwproxy's sessions start with autocommit on)
-                await idle.set_autocommit(be, 1)
+            await be.ensure_autocommit(1)  # (rwproxy's sessions start with autocommit on)
     s.stmts.clear()
     s.state.reset()
     s.db = s.login_db
@@ -151,12 +150,14 @@ def rare_flags(s, cmd, on_primary: bool) -> None:
     cls = cmd.cls
     if cls.flags & C.F_WAIT_TIMEOUT:
         idle.wait_timeout_set(s, cmd)
-    if cls.flags & C.F_DROP_DB and cmd.server in s.backends:
+    if not cls.flags & C.F_DROP_DB:
+        return
+    if cmd.server in s.backends:
         # A connection that dropped its current database has none selected, and a reset keeps
         # that: the pool must select its key's database again (or drop the connection) before
         # another session gets it, or that session's first unqualified table is ERROR 1046.
         s.backends[cmd.server].db_touched = True
-    if cls.flags & C.F_DROP_DB and on_primary:
+    if on_primary:
         dropped = [p.db for p in cls.parts if p.flags & C.F_DROP_DB] if cls.parts else [cls.db]
         if s.db is not None and s.db in dropped:
             # The server leaves the session without a current database (DATABASE() is NULL, an

@@ -20,19 +20,17 @@ import logging
 import re
 import time
 
-from proxy.backend.connection import BackendError
 from proxy.frontend.reader import COMMAND
 from proxy.config.schema import RYW_GTID
 from proxy.protocol import tracking
 from proxy.protocol.constants import (
-    CLIENT_MULTI_STATEMENTS, CLIENT_SESSION_TRACK, COM_QUERY, ER_UNKNOWN_ERROR, SERVER_STATUS_AUTOCOMMIT,
+    CLIENT_MULTI_STATEMENTS, CLIENT_SESSION_TRACK, COM_QUERY, SERVER_STATUS_AUTOCOMMIT,
     SESSION_SHAPING_CAPABILITIES,
 )
 from proxy.protocol.packets import command
 from proxy.protocol.scan import RESULT
 from proxy.routing.classify import session_value
 
-_SET_AUTOCOMMIT = (command(COM_QUERY, b"SET autocommit=0"), command(COM_QUERY, b"SET autocommit=1"))
 _INTEGER = re.compile(r"[+-]?\d{1,20}")
 WAIT_TIMEOUT_MAX = 31536000  # the server's largest wait_timeout (365 days)
 FINE_BELOW = 10.0  # s: shorter session limits get their own timer (the worker's sweep runs once a second)
@@ -124,8 +122,8 @@ async def acquire(s, name: str):
         await restore_writer(be, s.status & SERVER_STATUS_AUTOCOMMIT, s.state.insert_id, track)
         if s.state.insert_id:
             s.insert_conn = be
-    elif not be.status & SERVER_STATUS_AUTOCOMMIT:  # replicas run with autocommit on (no snapshot lasts)
-        await set_autocommit(be, 1)
+    else:
+        await be.ensure_autocommit(1)  # replicas run with autocommit on (no snapshot lasts)
     return be
 
 
@@ -149,21 +147,9 @@ async def restore_writer(be, autocommit: int, insert_id: int, track: int = 0) ->
     if track:
         resp = await be.command(command(COM_QUERY, tracking.TRACK_ALSO if track == 1 else tracking.TRACK_ONLY), RESULT)
         be.gtid_tracked = resp[4] != 0xFF  # (a server that cannot track last_gtid: asked after each write)
-    if bool(autocommit) != bool(be.status & SERVER_STATUS_AUTOCOMMIT):
-        # autocommit is not in the replay history (replicas keep it on). A connection has the
-        # servers' global value from its login or reset: with autocommit = 0 there (or changed at
-        # runtime), a session told autocommit is on would leave its writes uncommitted.
-        await set_autocommit(be, autocommit)
+    await be.ensure_autocommit(autocommit)  # (not in the replay history: replicas keep it on)
     if insert_id:  # LAST_INSERT_ID() answers on this connection as it did on the one given back
         await be.command(command(COM_QUERY, b"DO LAST_INSERT_ID(%d)" % insert_id), RESULT)
-
-
-async def set_autocommit(be, on) -> None:
-    """SET autocommit on a connection rwproxy is setting up, and remember it in its status."""
-    resp = await be.command(_SET_AUTOCOMMIT[1 if on else 0], RESULT)
-    if resp[4] == 0xFF:
-        raise BackendError(ER_UNKNOWN_ERROR[0], "HY000", f"could not set autocommit on {be.server.name}")
-    be.status = be.status & ~SERVER_STATUS_AUTOCOMMIT | (SERVER_STATUS_AUTOCOMMIT if on else 0)
 
 
 def release(s, now: float, min_idle: float, servers=None) -> int:

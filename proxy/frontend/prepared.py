@@ -32,8 +32,18 @@ def _unknown(sid: int, cmd: int | None = None) -> tuple:
     return code, state, f"Unknown prepared statement handler ({sid}){where}"
 
 
+def _named(s, pkt, direct: bool = True) -> tuple[int, bytes]:
+    """The client statement id a statement command names, and the packet naming it: with
+    `direct`, -1 (MariaDB's direct execution) is the statement prepared last."""
+    sid = int.from_bytes(pkt[5:9], "little") if len(pkt) >= 9 else -1
+    if sid == DIRECT_ID and direct and s.stmts.last:
+        sid = s.stmts.last
+        pkt = pkt[:5] + sid.to_bytes(4, "little") + pkt[9:]
+    return sid, pkt
+
+
 def execute(s, pkt) -> None:
-    """COM_STMT_EXECUTE (the hot path of prepared statements)."""
+    """COM_STMT_EXECUTE (the hot path of prepared statements: _named's work, inline)."""
     sid = int.from_bytes(pkt[5:9], "little") if len(pkt) >= 9 else -1
     if sid == DIRECT_ID and s.stmts.last:  # MariaDB's direct execution: the statement prepared last
         sid = s.stmts.last
@@ -58,10 +68,7 @@ def bulk_execute(s, pkt) -> None:
     write: it runs on the writer with the backend's statement id; the server reads the rows."""
     if not s.caps & MARIADB_CLIENT_STMT_BULK_OPERATIONS:  # as the server answers a client that did not ask
         return s.send_error(*ER_UNSUPPORTED_PS, "This command is not supported in the prepared statement protocol yet")
-    sid = int.from_bytes(pkt[5:9], "little") if len(pkt) >= 9 else -1
-    if sid == DIRECT_ID and s.stmts.last:
-        sid = s.stmts.last
-        pkt = pkt[:5] + sid.to_bytes(4, "little") + pkt[9:]
+    sid, pkt = _named(s, pkt)
     stmt = s.stmts.stmts.get(sid)
     if stmt is None:
         return s.send_error(*_unknown(sid, COM_STMT_BULK_EXECUTE))
@@ -123,10 +130,7 @@ async def prepare(s, pkt) -> None:
 
 def other(s, pkt, cmd: int) -> None:
     """COM_STMT_CLOSE, SEND_LONG_DATA, RESET and FETCH."""
-    sid = int.from_bytes(pkt[5:9], "little") if len(pkt) >= 9 else -1
-    if sid == DIRECT_ID and cmd != COM_STMT_CLOSE and s.stmts.last:  # (the server ignores CLOSE of -1)
-        sid = s.stmts.last
-        pkt = pkt[:5] + sid.to_bytes(4, "little") + pkt[9:]
+    sid, pkt = _named(s, pkt, cmd != COM_STMT_CLOSE)  # (the server ignores CLOSE of -1)
     stmt = s.stmts.stmts.get(sid)
     if stmt is None:
         if cmd in _STMT_NAMES:  # CLOSE and SEND_LONG_DATA have no response, so no error either

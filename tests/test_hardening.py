@@ -545,3 +545,33 @@ def test_accounts_only_the_server_knows_log_in_without_rwproxy_knowing_the_passw
         with cluster.primary.connect() as c, c.cursor() as cur:
             cur.execute("DROP USER IF EXISTS 'runtime_u'@'%'")
             cur.execute("DROP USER IF EXISTS 'runtime_ed'@'%'")
+
+
+def test_a_pooled_connection_shows_the_databases_own_collation(cluster, tmp_path):
+    """COM_RESET_CONNECTION keeps a connection's database but sets @@collation_database and
+    @@character_set_database to the server's defaults. rwproxy resets a connection before the
+    pool hands it to the next client, which used to see the server's collation for a database
+    created with its own (DBD::MariaDB's test suite refuses to run on such a connection)."""
+    cluster.primary.query("CREATE DATABASE IF NOT EXISTS coll_db CHARACTER SET latin1 COLLATE latin1_swedish_ci")
+    cluster.primary.query("GRANT ALL ON coll_db.* TO 'app'@'%'")
+    cluster.wait_replicas_caught_up(30)
+    p = start_proxy(cluster, tmp_path, proxy={"workers": 1})
+    try:
+        threads = set()
+        for _ in range(3):
+            c = pymysql.connect(host="127.0.0.1", port=p.port, user="app", password="app", database="coll_db")
+            try:
+                with c.cursor() as cur:
+                    cur.execute("BEGIN")  # on the session's primary connection, which goes back to the pool
+                    cur.execute("SELECT @@collation_database, @@character_set_database, CONNECTION_ID()")
+                    coll, charset, thread = cur.fetchone()
+                    cur.execute("COMMIT")
+            finally:
+                c.close()
+            assert (coll, charset) == ("latin1_swedish_ci", "latin1")
+            threads.add(thread)
+            time.sleep(0.5)  # the reset runs after the client leaves
+        assert len(threads) < 3, "no connection was reused: the test proves nothing"
+    finally:
+        p.process.stop()
+        cluster.primary.query("DROP DATABASE coll_db")

@@ -164,10 +164,13 @@ class Pools:
 
     async def _reset_and_keep(self, conn: BackendConnection) -> None:
         # COM_RESET_CONNECTION keeps the current database, which a client may have
-        # changed (COM_INIT_DB, USE): put back the one this pool key promises.
+        # changed (COM_INIT_DB, USE): put back the one this pool key promises. Select it
+        # again even when untouched: the reset sets @@collation_database and
+        # @@character_set_database to the server's defaults, not the database's, so a
+        # database created with its own collation would show the server's to the next client.
         db = conn.key[4]
         ok = await conn.reset() and not conn.closed
-        if ok and conn.db_touched:
+        if ok and (conn.db_touched or db is not None):
             if db is None:
                 ok = False  # a database cannot be unselected
             else:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import signal
+import struct
 import subprocess
 import threading
 import time
@@ -19,6 +20,7 @@ import pymysql
 import pytest
 
 from helpers import SHA2_PASSWORD, SHA2_USER
+from proxy.testing.rawclient import RawClient
 
 TABLE = "kill_rows"
 UPDATE = f"UPDATE {TABLE} SET v = v + 1 WHERE id = 1"
@@ -127,6 +129,49 @@ def test_kill_query_interrupts_the_statement_on_the_server(proxy, direct, locker
     finally:
         for c in spare:
             c.close()
+
+
+def _kill_via(how: str, raw: RawClient, target: int) -> bytes:
+    """KILL QUERY `target` from `raw` as the client libraries send it; the answer's payload."""
+    if how == "text, quoted id":  # Connector/Python's client-side parameter for a str value
+        return raw.command(b"\x03" + f"KILL QUERY '{target}'".encode())
+    if how == "prepared, literal id":
+        sid, _, _ = raw.prepare(f"KILL QUERY {target}")
+        return raw.command(b"\x17" + struct.pack("<IBI", sid, 0, 1))
+    sid, _, nparams = raw.prepare("KILL QUERY ?")  # DBD::MariaDB's server-side prepares, Connector/J's
+    assert nparams == 1
+    if how == "prepared, integer parameter":
+        param = b"\x08\x00" + struct.pack("<Q", target)
+    else:
+        text = str(target).encode()
+        param = b"\xfd\x00" + bytes((len(text),)) + text
+    return raw.command(b"\x17" + struct.pack("<IBI", sid, 0, 1) + b"\x00\x01" + param)
+
+
+@pytest.mark.parametrize("how", ["text, quoted id", "prepared, literal id", "prepared, integer parameter",
+                                 "prepared, string parameter"])
+def test_kill_query_as_a_prepared_statement_or_with_a_quoted_id(proxy, direct, locker, how):
+    """The id is rwproxy's whichever way the statement comes: it used to reach the primary as
+    it was and get ERROR 1094 Unknown thread id (DBD::MariaDB's suite with server-side prepares)."""
+    victim = proxy.connect()
+    raw = RawClient("127.0.0.1", proxy.port)
+    try:
+        out = _start_victim(victim)
+        assert _wait(lambda: _waiting(direct)), "the victim's UPDATE never reached the primary"
+        answer = _kill_via(how, raw, victim.thread_id())
+        assert answer[:1] == b"\x00", answer  # OK
+        out["thread"].join(15)
+        assert out.get("error") == 1317, out  # Query execution was interrupted
+        locker.commit()
+        assert _row_value(direct) == 0, "the killed UPDATE ran after all"
+        if how.startswith("prepared, ") and how.endswith("parameter"):  # its execute cut short: the server's 1210
+            sid, _, _ = raw.prepare("KILL ?")
+            err = raw.command(b"\x17" + struct.pack("<IBI", sid, 0, 1) + b"\x00\x01\x08\x00\x01")
+            assert err[:3] == b"\xff\xba\x04", err  # 1210 Incorrect arguments to mysqld_stmt_execute
+            assert raw.command(b"\x0e")[:1] == b"\x00"  # and the session answers on
+    finally:
+        raw.close()
+        victim.close()
 
 
 def test_kill_connection_ends_the_session_from_another_worker(proxy, direct, locker):

@@ -4,7 +4,11 @@ missed, and what may not go to a shared connection."""
 
 from __future__ import annotations
 
-from proxy.protocol.packets import execute_types_offset, rewrite_execute
+import struct
+
+import pytest
+
+from proxy.protocol.packets import ProtocolError, execute_int_param, execute_types_offset, rewrite_execute
 from proxy.routing.statements import DIRECT_ID, StatementMap, Stmt
 
 
@@ -72,3 +76,27 @@ def test_statement_map_bounds_backend_statements_per_server():
     assert "node1" not in m.stmts[ids[0]].ids
     m.forget_server("node1")
     assert all(not s.ids for s in m.stmts.values())
+
+
+def _one_param(types: bytes | None, value: bytes, null: bool = False) -> bytes:
+    body = b"\x17" + (1).to_bytes(4, "little") + b"\x00" + (1).to_bytes(4, "little") + (b"\x01" if null else b"\x00")
+    body += (b"\x01" + types if types is not None else b"\x00") + value
+    return len(body).to_bytes(3, "little") + b"\x00" + body
+
+
+def test_an_executes_only_parameter_as_the_server_makes_it_an_integer():
+    """What a prepared `KILL ?` (answered by rwproxy) reads as the thread id."""
+    at = execute_types_offset(1)
+    longlong, double, varchar = b"\x08\x00", b"\x05\x00", b"\xfd\x00"
+    assert execute_int_param(_one_param(longlong, (16777219).to_bytes(8, "little")), at, None) == (16777219, longlong)
+    assert execute_int_param(_one_param(b"\x01\x80", b"\xff"), at, None)[0] == 255  # unsigned TINY
+    assert execute_int_param(_one_param(b"\x01\x00", b"\xff"), at, None)[0] == -1
+    assert execute_int_param(_one_param(double, struct.pack("<d", 1.5)), at, None)[0] == 2  # rounded, as the server
+    assert execute_int_param(_one_param(varchar, b"\x0512345"), at, None)[0] == 12345
+    assert execute_int_param(_one_param(varchar, b"\x03abc"), at, None)[0] == 0
+    assert execute_int_param(_one_param(longlong, b"", null=True), at, None)[0] == 0
+    # no types in this execute: the remembered ones
+    assert execute_int_param(_one_param(None, b"\x0242"), at, varchar) == (42, varchar)
+    for cut in (_one_param(longlong, b"\x01\x00"), _one_param(None, b"\x01"), _one_param(varchar, b"")):
+        with pytest.raises(ProtocolError):
+            execute_int_param(cut, at, None)

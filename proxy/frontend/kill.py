@@ -29,9 +29,10 @@ import socket
 from proxy.backend.connection import BackendError, connect
 from proxy.routing.classify import F_MULTI, READ
 from proxy.protocol.constants import (
-    COM_QUERY, DEFAULT_CHARSET, ER_CONNECTION_KILLED, ER_KILL_DENIED_ERROR, ER_NO_SUCH_THREAD, ER_QUERY_INTERRUPTED, ER_UNKNOWN_ERROR,
+    COM_QUERY, DEFAULT_CHARSET, ER_CONNECTION_KILLED, ER_KILL_DENIED_ERROR, ER_NO_SUCH_THREAD, ER_QUERY_INTERRUPTED,
+    ER_UNKNOWN_ERROR, ER_WRONG_ARGUMENTS,
 )
-from proxy.protocol.packets import command, err_packet, ok_packet, parse_err
+from proxy.protocol.packets import ProtocolError, command, err_packet, execute_int_param, ok_packet, parse_err
 from proxy.protocol.scan import SIMPLE
 
 log = logging.getLogger("rwproxy.kill")
@@ -40,18 +41,20 @@ MISSING = "missing"  # no live session with that id
 NO_SUCH_THREAD, KILL_DENIED = ER_NO_SUCH_THREAD[0], ER_KILL_DENIED_ERROR[0]
 
 _KILL = re.compile(
-    rb"\A\s*(?:/\*(?!!).*?\*/\s*)*KILL\s+(?:(?:HARD|SOFT)\s+)?(?:(CONNECTION|QUERY)\s+)?(\d{1,20})\s*;?\s*\Z",
+    rb"\A\s*(?:/\*(?!!).*?\*/\s*)*KILL\s+(?:(?:HARD|SOFT)\s+)?(?:(CONNECTION|QUERY)\s+)?(\d{1,20}|'\d{1,20}'|\"\d{1,20}\"|\?)\s*;?\s*\Z",
     re.IGNORECASE | re.DOTALL,
 )
 
 
-def parse_kill(sql) -> tuple[bool, int] | None:
-    """(kills the connection?, id) of `KILL [HARD|SOFT] [CONNECTION|QUERY] <number>`, else None
-    (KILL USER, KILL QUERY ID and anything else go to the primary as before)."""
+def parse_kill(sql) -> tuple[bool, int | None] | None:
+    """(kills the connection?, id) of `KILL [HARD|SOFT] [CONNECTION|QUERY] <number>`, with id None
+    for a `?` placeholder (a prepared statement's), else None (KILL USER, KILL QUERY ID and
+    anything else go to the primary as before)."""
     m = _KILL.match(sql)
     if m is None:
         return None
-    return (m.group(1) or b"CONNECTION").upper() == b"CONNECTION", int(m.group(2))
+    target = m.group(2)  # (a quoted number is what Connector/Python sends for a str parameter)
+    return (m.group(1) or b"CONNECTION").upper() == b"CONNECTION", None if target == b"?" else int(target.strip(b"'\""))
 
 
 async def kill_backend_thread(worker, server_name: str, user, thread_id: int, connection: bool):
@@ -215,10 +218,25 @@ class Peers:
 def kill_statement(s, pkt, flags: int) -> bool:
     """Take a numeric KILL statement off the normal path; False for anything else."""
     k = None if flags & F_MULTI else parse_kill(bytes(pkt[5:]))
-    if k is None:
+    if k is None or k[1] is None:  # (`KILL ?` as text: the server's syntax error)
         return False
     s.spawn(kill(s, *k))
     return True
+
+
+def kill_prepared(s, stmt, pkt) -> None:
+    """COM_STMT_EXECUTE of a prepared `KILL [QUERY] <id | ?>` (DBD::MariaDB's server-side
+    prepares, Connector/J's useServerPrepStmts): answered here, like the text statement, since
+    the id is rwproxy's. The server only checked the statement when it was prepared."""
+    connection, target = stmt.kill
+    stmt.long_data = False
+    if target is None:
+        try:
+            target, stmt.types = execute_int_param(pkt, stmt.types_at, stmt.types)
+        except ProtocolError as e:
+            return s.send_error(*ER_WRONG_ARGUMENTS, f"Incorrect arguments to mysqld_stmt_execute ({e})")
+        target &= 0xFFFFFFFFFFFFFFFF  # as the server reads a thread id
+    s.spawn(kill(s, connection, target))
 
 
 async def kill(s, connection: bool, target: int) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 
 from proxy.backend.connection import BackendError
+from proxy.frontend.kill import kill_prepared, parse_kill
 from proxy.protocol.constants import (
     COM_STMT_BULK_EXECUTE, COM_STMT_CLOSE, COM_STMT_EXECUTE, COM_STMT_FETCH, COM_STMT_RESET, COM_STMT_SEND_LONG_DATA,
     ER_UNKNOWN_STMT_HANDLER, ER_UNSUPPORTED_PS, MARIADB_CLIENT_STMT_BULK_OPERATIONS,
@@ -51,6 +52,8 @@ def execute(s, pkt) -> None:
     stmt = s.stmts.stmts.get(sid)
     if stmt is None:
         return s.send_error(*_unknown(sid, COM_STMT_EXECUTE))
+    if stmt.kill is not None:
+        return kill_prepared(s, stmt, pkt)
     kind = RESULT
     if len(pkt) > 9 and pkt[9]:  # a cursor: its fetches need this connection (idle_release keeps it)
         s.state.cursor = True
@@ -72,6 +75,8 @@ def bulk_execute(s, pkt) -> None:
     stmt = s.stmts.stmts.get(sid)
     if stmt is None:
         return s.send_error(*_unknown(sid, COM_STMT_BULK_EXECUTE))
+    if stmt.kill is not None:  # as the server answers array binding of a KILL
+        return s.send_error(*ER_UNSUPPORTED_PS, "This command is not supported in the prepared statement protocol yet")
     stmt.long_data = False
     s.dispatch(pkt, C.Classification(C.WRITE, stmt.cls.flags, stmt.cls.digest), RESULT, sid)
 
@@ -121,9 +126,15 @@ async def prepare(s, pkt) -> None:
     resp = await be.command(pkt, PREPARE)
     if resp[4] == 0x00:
         nparams = int.from_bytes(resp[11:13], "little")
-        sid = s.stmts.add(Stmt(sql, cls, pkt, nparams))
-        for old in s.stmts.bind(sid, name, int.from_bytes(resp[5:9], "little")):
-            be.transport.write(stmt_close(old))
+        stmt = Stmt(sql, cls, pkt, nparams)
+        stmt.kill = parse_kill(sql) if cls.flags & C.F_KILL and not cls.flags & C.F_MULTI else None
+        sid = s.stmts.add(stmt)
+        bid = int.from_bytes(resp[5:9], "little")
+        if stmt.kill is None:
+            for old in s.stmts.bind(sid, name, bid):
+                be.transport.write(stmt_close(old))
+        else:  # executed by rwproxy (the id is its own): the server's statement is not needed
+            be.transport.write(stmt_close(bid))
         resp = resp[:5] + sid.to_bytes(4, "little") + resp[9:]
     s.write(resp)
 

@@ -7,6 +7,7 @@ packets whose fields routing needs (OK status flags, session-state info).
 
 from __future__ import annotations
 
+import re
 import struct
 from dataclasses import dataclass
 
@@ -97,6 +98,43 @@ def execute_types_offset(nparams: int) -> int:
     NULL bitmap (-1: no parameters, no flag). The flag is there only if the packet is that long
     and not split (16 MiB or more)."""
     return 4 + 10 + (nparams + 7) // 8 if nparams else -1
+
+
+_INT_SIZES = {1: 1, 2: 2, 13: 2, 3: 4, 9: 4, 8: 8}  # TINY, SHORT, YEAR, LONG, INT24, LONGLONG
+_LEADING_INT = re.compile(rb"\s*([-+]?\d+)")
+
+
+def execute_int_param(pkt, types_at: int, types: bytes | None) -> tuple[int, bytes | None]:
+    """The value of the only parameter of a COM_STMT_EXECUTE as an integer, as the server
+    converts it where it needs one (NULL and non-numeric text 0, a float rounded, text by its
+    leading digits), and the parameter's type block (sent now, else the remembered `types`).
+    For the few statements rwproxy answers itself (a prepared KILL ?): ProtocolError if short."""
+    if types_at < 0 or types_at >= len(pkt):
+        raise ProtocolError("COM_STMT_EXECUTE without its parameter")
+    pos = types_at + 1
+    if pkt[types_at] == 1:
+        types, pos = bytes(pkt[pos : pos + 2]), pos + 2
+    if types is None or len(types) < 2:
+        raise ProtocolError("COM_STMT_EXECUTE without its parameter's type")
+    if pkt[types_at - 1] & 1:  # the NULL bitmap
+        return 0, types
+    t, unsigned = types[0], types[1] & 0x80
+    if t in _INT_SIZES:
+        n = _INT_SIZES[t]
+        if pos + n > len(pkt):
+            raise ProtocolError("COM_STMT_EXECUTE parameter cut short")
+        return int.from_bytes(pkt[pos : pos + n], "little", signed=not unsigned), types
+    if t in (4, 5):  # FLOAT, DOUBLE: rounded half away from zero
+        fmt, n = ("<f", 4) if t == 4 else ("<d", 8)
+        if pos + n > len(pkt):
+            raise ProtocolError("COM_STMT_EXECUTE parameter cut short")
+        v = struct.unpack_from(fmt, pkt, pos)[0]
+        return (int(abs(v) + 0.5) * (1 if v >= 0 else -1)) if v == v and abs(v) < 2 ** 63 else 0, types
+    if pos >= len(pkt):
+        raise ProtocolError("COM_STMT_EXECUTE parameter cut short")
+    n, pos = read_lenenc_int(pkt, pos)
+    m = _LEADING_INT.match(bytes(pkt[pos : pos + min(n or 0, 64)]))
+    return (int(m.group(1)) if m else 0), types
 
 
 def rewrite_execute(pkt, stmt_id: int, types: bytes | None = None, types_at: int = -1) -> bytes:

@@ -21,7 +21,7 @@ DIRECT_ID = 0xFFFFFFFF
 
 class Stmt:
     __slots__ = ("sql", "cls", "prepare_packet", "nparams", "types_at", "ids", "types", "types_sent", "long_data",
-                 "last")
+                 "last", "kill")
 
     def __init__(self, sql: bytes, cls, prepare_packet: bytes, nparams: int):
         self.sql = sql
@@ -34,6 +34,7 @@ class Stmt:
         self.types_sent: set[str] = set()  # servers that received `types`
         self.long_data = False  # COM_STMT_SEND_LONG_DATA went to the primary since the last execute
         self.last: str | None = None  # server of the last execute (cursor fetches go there)
+        self.kill: tuple | None = None  # a KILL rwproxy answers: (kills the connection?, id or None for `?`)
 
     def packet_for(self, pkt: bytes, server: str, backend_id: int) -> bytes:
         """The client's COM_STMT_EXECUTE for the session's own connection to `server`: that

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -170,39 +171,67 @@ def test_a_pooled_connection_whose_database_was_dropped_selects_it_again(cluster
         p.process.stop()
 
 
-def test_servers_with_global_autocommit_off_still_commit_what_the_session_was_told(cluster, tmp_path):
-    """rwproxy tells a session at login that autocommit is on. With autocommit = 0 in the servers'
-    global configuration its server connections came up with it off, so a write stayed
-    uncommitted (holding its locks, rolled back when the connection went back to the pool) and
-    reads on a replica kept one snapshot. Each connection now gets the session's autocommit."""
+def test_servers_with_global_autocommit_off_give_sessions_autocommit_off(cluster, tmp_path):
+    """With autocommit = 0 in the servers' configuration a session starts, and is reset, with
+    autocommit off, as logged in to the primary directly: a write waits for COMMIT. rwproxy used
+    to say autocommit was on whatever the servers had (mysql_client_test's
+    test_connect_autocommit); and before that, its server connections came up with autocommit
+    off while the session had been told on, so writes stayed uncommitted holding their locks.
+    Replica connections keep autocommit on (reads outside a transaction take a fresh snapshot)."""
     with cluster.primary.connect() as r, r.cursor() as cur:
         cur.execute("CREATE TABLE IF NOT EXISTS app.ac_off (id INT PRIMARY KEY)")
         cur.execute("DELETE FROM app.ac_off")
     cluster.wait_replicas_caught_up(30)
+
+    def count() -> int:
+        with cluster.primary.connect() as r, r.cursor() as cur:
+            cur.execute("SELECT COUNT(*) FROM app.ac_off")
+            return cur.fetchone()[0]
+
     _on_every_node(cluster, "SET GLOBAL autocommit = 0")
     p = start_proxy(cluster, tmp_path, proxy={"workers": 1})
     try:
+        for port in (cluster.primary.port, p.port):
+            c = pymysql.connect(host="127.0.0.1", port=port, user="app", password="app", database="app",
+                                autocommit=None)  # (PyMySQL then keeps what the greeting said)
+            try:
+                assert c.get_autocommit() is False, port  # as directly
+            finally:
+                c.close()
         c = pymysql.connect(host="127.0.0.1", port=p.port, user="app", password="app", database="app",
-                            autocommit=None)  # (PyMySQL then keeps what the login's OK said)
+                            autocommit=None)
         try:
-            assert c.get_autocommit() is True
             with c.cursor() as cur:
+                cur.execute("SELECT @@autocommit")
+                assert cur.fetchone() == (0,)
                 cur.execute("SELECT COUNT(*) FROM ac_off")  # a read: a replica connection
                 assert cur.fetchone() == (0,)
                 cur.execute("INSERT INTO ac_off VALUES (1)")
-            with cluster.primary.connect() as r, r.cursor() as cur:  # committed: another session sees it
-                cur.execute("SET SESSION innodb_lock_wait_timeout = 2")
-                cur.execute("SELECT COUNT(*) FROM app.ac_off")
-                assert cur.fetchone() == (1,)
-                cur.execute("INSERT INTO app.ac_off VALUES (2)")  # (and no lock of the session's is held)
-                cur.execute("COMMIT")
-            cluster.wait_replicas_caught_up(30)
-            time.sleep(1.2)  # past read_your_writes_window: reads go to the replicas again
+            assert count() == 0  # waits for COMMIT
+            c.commit()
+            assert count() == 1
             with c.cursor() as cur:
-                cur.execute("SELECT COUNT(*) FROM ac_off")  # a new snapshot, not the first read's
-                assert cur.fetchone() == (2,)
+                cur.execute("INSERT INTO ac_off VALUES (2)")
         finally:
-            c.close()
+            c.close()  # uncommitted: rolled back
+        assert count() == 1
+        raw = RawClient("127.0.0.1", p.port)
+        try:
+            ok = raw.command(b"\x03SET autocommit = 1")
+            assert struct.unpack_from("<H", ok, 3)[0] & 2  # SERVER_STATUS_AUTOCOMMIT
+            ok = raw.command(b"\x1f")  # COM_RESET_CONNECTION: autocommit as after login
+            assert ok[0] == 0 and not struct.unpack_from("<H", ok, 3)[0] & 2, ok
+        finally:
+            raw.close()
+        _on_every_node(cluster, "SET GLOBAL autocommit = 1")  # the monitor sees it within a check or so
+        deadline = time.monotonic() + 10
+        while True:
+            raw = RawClient("127.0.0.1", p.port)
+            raw.close()
+            if raw.greeting.status & 2:
+                break
+            assert time.monotonic() < deadline, "SET GLOBAL autocommit = 1 never reached new sessions"
+            time.sleep(0.1)
     finally:
         p.process.stop()
         _on_every_node(cluster, "SET GLOBAL autocommit = 1")

@@ -44,6 +44,7 @@ class ServerState:
     role: Role = UNKNOWN
     state: State = UP
     read_only: bool | None = None
+    autocommit: bool = True  # @@global.autocommit: a session starts with it, as logged in there
     readable: bool = False  # in the read pool (after hysteresis); set by the monitor
     lag_ms: float | None = None  # heartbeat age on a replica; None when unknown
     seconds_behind: int | None = None  # Seconds_Behind_Master as the server reports it

@@ -10,13 +10,13 @@ import asyncio
 
 from proxy.backend.connection import BackendError
 from proxy.frontend import idle, kill, prepared
-from proxy.frontend.login import FAILED_LOGINS, AccessDenied, admit_user, parse_change_user
+from proxy.frontend.login import FAILED_LOGINS, AccessDenied, admit_user, parse_change_user, start_status, start_writer
 from proxy.logs import clean
 from proxy.protocol.constants import (
     COM_CHANGE_USER, COM_DEBUG, COM_FIELD_LIST, COM_INIT_DB, COM_PING, COM_PROCESS_INFO, COM_PROCESS_KILL, COM_QUIT,
     COM_REFRESH, COM_RESET_CONNECTION, COM_SET_OPTION, COM_STATISTICS, COM_STMT_BULK_EXECUTE, COM_STMT_CLOSE,
     COM_STMT_FETCH, COM_STMT_PREPARE, COM_STMT_RESET, COM_STMT_SEND_LONG_DATA, ER_ACCESS_DENIED_ERROR,
-    ER_NET_READ_INTERRUPTED, ER_UNKNOWN_COM_ERROR, SERVER_STATUS_AUTOCOMMIT,
+    ER_NET_READ_INTERRUPTED, ER_UNKNOWN_COM_ERROR,
 )
 from proxy.protocol.packets import ProtocolError, err_packet, logical_payload, ok_packet
 from proxy.protocol.scan import FIELD_LIST, RESULT, SIMPLE, STATISTICS
@@ -72,16 +72,18 @@ async def _set_option(s, pkt) -> None:
 
 
 async def _reset_connection(s) -> None:
+    """As on the server: the session is as after login, autocommit the primary's global value."""
     for be in list(s.backends.values()):
         if not await be.reset():
             s.drop_backend(be)
         else:
             be.applied = 0
-            await be.ensure_autocommit(1)  # (rwproxy's sessions start with autocommit on)
+    s.status = start_status(s.worker, s.writer())
+    for be in list(s.backends.values()):  # replicas run with autocommit on (no snapshot lasts)
+        await be.ensure_autocommit(s.status if s.is_writer(be.server.name) else 1)
     s.stmts.clear()
     s.state.reset()
     s.db = s.login_db
-    s.status = SERVER_STATUS_AUTOCOMMIT
     s.write(ok_packet(1, s.status))
 
 
@@ -104,7 +106,7 @@ async def _change_user(s, pkt) -> None:
     if req.charset:
         s.charset = req.charset & 0xFF
     s.start_session(old_user, old_db)
-    s.status = SERVER_STATUS_AUTOCOMMIT
+    s.status = start_status(s.worker, s.writer())
     if s.failed_change_user >= MAX_FAILED_CHANGE_USER:
         return s.send_error(*ER_UNKNOWN_COM_ERROR, "Unknown command")
     auth = s.worker.authenticator
@@ -122,7 +124,7 @@ async def _change_user(s, pkt) -> None:
         return _keep_old_user(s, old_user)
     s.start_session(user, req.database)
     try:
-        await s.backend_for(s.writer())
+        await start_writer(s)
     except BackendError as e:  # an unknown database, a user the servers refuse
         if e.code in (2003, 2013) and s.worker.topology.readers:  # as at login: reads go on, writes wait
             return s.write(ok_packet(seq, s.status))

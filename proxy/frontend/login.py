@@ -245,7 +245,7 @@ async def handshake(io, worker, conn_id: int, host: str) -> Login | None:
         salt = auth.nonce()
         offered = OFFERED | (CLIENT_SSL if w.tls_context else 0)
         greeting = build_greeting(w.server_version, conn_id, salt, offered, UTF8MB4_GENERAL_CI,
-                                  SERVER_STATUS_AUTOCOMMIT, w.auth_plugin)
+                                  start_status(w, w.primary_name), w.auth_plugin)  # (as the primary's own)
         io.write(frame(greeting, 0))
         seq, payload = await io.read_packet(w.config.pool.connect_timeout + 8)
         resp = parse_response(payload)
@@ -297,6 +297,22 @@ def admit_user(s, user, seq: int) -> bool:
     return True
 
 
+def start_status(w, name: str | None) -> int:
+    """Status flags a new session (login, COM_CHANGE_USER, COM_RESET_CONNECTION) on server `name`
+    starts with: autocommit as that server's global value, which the monitor reads, as a direct
+    login there would. With `autocommit = 0` in the servers' configuration the application
+    expects its writes to wait for COMMIT."""
+    st = w.topology.servers.get(name) if name else None
+    return SERVER_STATUS_AUTOCOMMIT if st is None or st.autocommit else 0
+
+
+async def start_writer(s) -> None:
+    """Connect a new session's primary connection, with the primary's global autocommit."""
+    name = s.writer()
+    s.status = start_status(s.worker, name)
+    await s.backend_for(name)
+
+
 async def open_session(session, seq: int) -> bool:
     """After authentication: make sure the session can be served, and connect its primary now so
     that a wrong database or a backend refusing the user is reported at login, as a server would.
@@ -315,7 +331,7 @@ async def open_session(session, seq: int) -> bool:
                 return False
         if w.primary_ok:
             try:
-                await session.backend_for(session.writer())
+                await start_writer(session)
             except BackendError as e:
                 if e.code not in (2003, 2013) or not w.topology.readers:
                     session.write(frame(err_payload(e.code, e.sqlstate.encode(), e.message), seq))

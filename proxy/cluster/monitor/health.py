@@ -27,6 +27,7 @@ class Observation:
     at: float  # time.time() when the check finished
     error: str = ""
     read_only: bool | None = None
+    autocommit: bool | None = None  # @@global.autocommit
     server_id: int | None = None
     version: str = ""
     gtid_current_pos: str = ""
@@ -137,6 +138,7 @@ def decide(prev: ServerState, obs: Observation, tr: Tracker, policy: Policy,
     lag_ms = obs.lag.ms if obs.lag is not None else None
     fields = dict(
         role=role, read_only=obs.read_only, version=obs.version or prev.version,
+        autocommit=prev.autocommit if obs.autocommit is None else obs.autocommit,
         gtid_current_pos=obs.gtid_current_pos, gtid_slave_pos=obs.gtid_slave_pos,
         io_running=(obs.io_state == "Yes") if obs.replicating else None,
         sql_running=(obs.sql_state == "Yes") if obs.replicating else None,

@@ -16,7 +16,8 @@ import pymysql
 import pytest
 
 from helpers import ensure_backend_user, start_proxy
-from proxy.backend.connection import BackendError, connect
+from proxy.backend.connection import BackendError
+from proxy.backend.opening import connect
 from proxy.config.schema import BackendConfig
 from proxy.protocol.constants import PROXY_CAPABILITIES
 

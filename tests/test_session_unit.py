@@ -524,3 +524,33 @@ def test_a_transaction_and_a_named_lock_lost_together_close_the_session(kit):
     s.send(query(b"UPDATE t SET v = 1"))
     out = s.received()
     assert out[5:7] == (1213).to_bytes(2, "little") and s.transport.closed  # one error, then closed
+
+
+@pytest.mark.parametrize("arrival", ["together", "apart", "in pieces"])
+def test_a_reset_and_the_reselected_database_cost_one_round_trip(kit, arrival):
+    """The pool resets a connection and selects its database again in one write; the two
+    answers may arrive in one read or several."""
+    server = kit.worker.servers["node1"]
+    be = FakeBackend(server, ("node1", "app", 0, 45, "app"), 0)
+    be.connection_made(FakeTransport(be))
+    done = kit.loop.create_task(be.reset("app"))
+    kit.settle()
+    assert be.transport.take() == frame(b"\x1f", 0) + frame(b"\x02app", 0)  # both at once
+    answers = ok(status=0, seq=1) + ok(seq=1)  # (the reset's status: the servers' global autocommit)
+    if arrival == "together":
+        be.answer(answers)
+    elif arrival == "apart":
+        be.answer(ok(status=0, seq=1))
+        assert not done.done()
+        be.answer(ok(seq=1))
+    else:
+        for i in range(len(answers)):
+            be.answer(answers[i:i + 1])
+    kit.settle()
+    assert done.result() is True and be.db == "app" and not be.db_touched and be.status == 0
+    refused = kit.loop.create_task(be.reset("gone"))
+    kit.settle()
+    be.transport.take()
+    be.answer(ok(seq=1) + err(1049, "Unknown database 'gone'", b"42000"))
+    kit.settle()
+    assert refused.result() is False  # the pool closes it

@@ -20,7 +20,8 @@ import logging
 import time
 from collections import defaultdict, deque
 
-from proxy.backend.connection import BackendConnection, BackendError, connect
+from proxy.backend.connection import BackendConnection, BackendError
+from proxy.backend.opening import connect
 
 log = logging.getLogger("rwproxy.pool")
 
@@ -169,16 +170,8 @@ class Pools:
         # @@character_set_database to the server's defaults, not the database's, so a
         # database created with its own collation would show the server's to the next client.
         db = conn.key[4]
-        ok = await conn.reset() and not conn.closed
-        if ok and (conn.db_touched or db is not None):
-            if db is None:
-                ok = False  # a database cannot be unselected
-            else:
-                try:
-                    await conn.init_db(db)
-                    conn.db_touched = False
-                except (BackendError, ConnectionError, asyncio.TimeoutError):
-                    ok = False
+        ok = not (db is None and conn.db_touched)  # (a database cannot be unselected)
+        ok = ok and await conn.reset(db) and not conn.closed
         if ok:
             conn.last_used = time.monotonic()
             self.idle[conn.key].append(conn)

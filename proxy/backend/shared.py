@@ -30,7 +30,8 @@ import logging
 import time
 from collections import OrderedDict, deque
 
-from proxy.backend.connection import BackendConnection, BackendError, connect
+from proxy.backend.connection import BackendConnection, BackendError
+from proxy.backend.opening import connect
 from proxy.logs import clean
 from proxy.protocol.constants import ER_QUERY_INTERRUPTED
 from proxy.protocol.packets import stmt_close

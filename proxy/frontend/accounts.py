@@ -22,7 +22,8 @@ import re
 import time
 from dataclasses import dataclass
 
-from proxy.backend.connection import BackendError, connect
+from proxy.backend.connection import BackendError
+from proxy.backend.opening import connect
 from proxy.logs import clean
 from proxy.protocol import auth
 from proxy.protocol.constants import COM_QUERY, DEFAULT_CHARSET

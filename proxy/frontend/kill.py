@@ -26,7 +26,8 @@ import os
 import re
 import socket
 
-from proxy.backend.connection import BackendError, connect
+from proxy.backend.connection import BackendError
+from proxy.backend.opening import connect
 from proxy.routing.classify import F_MULTI, READ
 from proxy.protocol.constants import (
     COM_QUERY, DEFAULT_CHARSET, ER_CONNECTION_KILLED, ER_KILL_DENIED_ERROR, ER_NO_SUCH_THREAD, ER_QUERY_INTERRUPTED,

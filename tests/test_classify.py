@@ -480,6 +480,23 @@ def test_session_wait_timeout_is_flagged_and_its_value_read_from_the_text(sql, v
     assert C.session_value(sql.encode(), "wait_timeout") == value
 
 
+@pytest.mark.parametrize("sql, rest", [
+    # Connector/J's connection set-up (2.7, with sessionVariables)
+    ("set autocommit=1, sql_mode = concat(@@sql_mode,',STRICT_TRANS_TABLES'),sql_mode='PIPES_AS_CONCAT'",
+     "SET sql_mode = concat(@@sql_mode,',STRICT_TRANS_TABLES'), sql_mode='PIPES_AS_CONCAT'"),
+    ("SET SESSION autocommit=0, sql_mode=''", "SET sql_mode=''"),
+    ("SET @@session.autocommit=1, LOCAL wait_timeout=5, @x=1", "SET LOCAL wait_timeout=5, @x=1"),
+    ("SET autocommit = 1, NAMES utf8mb4 COLLATE utf8mb4_bin", "SET NAMES utf8mb4 COLLATE utf8mb4_bin"),
+    ("SET /* a, b */ autocommit=1, time_zone='+00:00'", "SET time_zone='+00:00'"),
+    ("SET autocommit=1, autocommit=0", ""),
+    # not one plain SET: kept on the primary
+    ("SET autocommit=1; SET sql_mode=''", None), ("SET autocommit=1, sql_mode='", None),
+])
+def test_a_set_of_autocommit_among_other_variables_is_replayed_without_it(sql, rest):
+    """Replicas keep autocommit on; the other variables of the same SET must still reach them."""
+    assert C.replayable_part(sql.encode(), "autocommit") == (None if rest is None else rest.encode())
+
+
 def test_drop_database_names_the_dropped_database_and_is_no_use():
     """DROP DATABASE/SCHEMA carries the dropped name (the session may lose its current database,
     frontend/commands.py); in a multi-statement only USE sets the database the session moves to."""

@@ -100,6 +100,21 @@ def test_session_variables_follow_reads_to_replicas(proxy, conn):
     assert port in reps and concat == "ab" and mode == "PIPES_AS_CONCAT" and coll == "utf8mb4_unicode_ci"
 
 
+def test_variables_set_with_autocommit_follow_reads_to_replicas(proxy):
+    """Connector/J starts every connection with one SET of autocommit, sql_mode and its
+    sessionVariables: the variables other than autocommit must reach replica connections too
+    (they used to be left out of the replayed history with the autocommit)."""
+    wait_for_read_pool(proxy)
+    _, reps = ports(proxy.cluster)
+    with proxy.connect(autocommit=None) as c:
+        with c.cursor() as cur:
+            cur.execute("set autocommit=1, sql_mode = concat(@@sql_mode,',STRICT_TRANS_TABLES'),"
+                        "sql_mode='PIPES_AS_CONCAT', auto_increment_increment=2")
+        for _ in range(4):  # both replicas, whichever connection serves the read
+            port, concat, mode, inc = where(c, "SELECT @@port, 'a' || 'b', @@sql_mode, @@auto_increment_increment")
+            assert port in reps and (concat, mode, inc) == ("ab", "PIPES_AS_CONCAT", 2)
+
+
 def test_use_database_follows_reads(proxy, conn, cluster):
     with cluster.primary.connect() as c, c.cursor() as cur:
         cur.execute("CREATE DATABASE IF NOT EXISTS app_route")

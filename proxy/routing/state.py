@@ -12,8 +12,8 @@ import itertools
 import time
 
 from proxy.routing import classify as C
-from proxy.protocol.constants import SERVER_STATUS_AUTOCOMMIT, SERVER_STATUS_IN_TRANS
-from proxy.protocol.packets import parse_ok
+from proxy.protocol.constants import COM_QUERY, SERVER_STATUS_AUTOCOMMIT, SERVER_STATUS_IN_TRANS
+from proxy.protocol.packets import command, parse_ok
 
 
 _versions = itertools.count(1)
@@ -178,8 +178,17 @@ class SessionState:
     def record(self, packet: bytes, flags: int) -> None:
         """Keep a successful session-changing command for lazy replay (bounded, de-duplicated)."""
         if flags & (C.F_AUTOCOMMIT_OFF | C.F_AUTOCOMMIT_ON) and not flags & C.F_USE_DB:
-            # autocommit is followed from status flags; replicas always run with autocommit=1
-            return
+            # autocommit is followed from status flags; replicas always run with autocommit=1.
+            # Other variables set beside it are replayed without it.
+            if b"," not in packet:
+                return
+            rest = C.replayable_part(bytes(packet[5:]), "autocommit")
+            if rest is None:  # (cannot be split: the primary connection alone keeps it)
+                self.history_overflow = True
+                return
+            if not rest:
+                return
+            packet = command(COM_QUERY, rest)
         self.hversion = next(_versions)
         if packet in self.history:
             self.history.remove(packet)  # keep the latest position (order matters for SET)

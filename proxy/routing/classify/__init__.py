@@ -79,7 +79,7 @@ from proxy.routing.classify.const import (  # noqa: F401  (re-exported interface
 from proxy.routing.classify.lex import (
     cache_key, cheap_scan, code_text, digest, find_hints, is_write_head, split_statements, tokenize,
 )
-from proxy.routing.classify.rules import Rules, session_assignment
+from proxy.routing.classify.rules import Rules, session_assignment, without_assignment
 
 MAX_SCAN_BYTES = 32 * 1024
 BIG_WRITE_BYTES = 2048
@@ -240,6 +240,24 @@ def session_value(sql: bytes, name: str) -> str | None:
         for st in split_statements(toks):
             found = session_assignment(code, st, name) or found
         return found
+    except Exception:  # never let a classifier bug break the session
+        return None
+
+
+def replayable_part(sql: bytes, name: str) -> bytes | None:
+    """A SET text without its session assignments of system variable `name`, to replay on other
+    connections (b"" when nothing else is left; None when it cannot be split: the caller keeps
+    the session on the primary). For SETs that change autocommit among other variables
+    (Connector/J's `SET autocommit=1, sql_mode=..., <sessionVariables>` at connect): replicas
+    must keep autocommit on, and the rest must still reach them."""
+    try:
+        code, _ = code_text(sql.decode("utf-8", "surrogateescape"))
+        toks, broken = tokenize(code)
+        stmts = split_statements(toks)
+        if broken or len(stmts) != 1:
+            return None
+        rest = without_assignment(code, stmts[0], name)
+        return None if rest is None else rest.encode("utf-8", "surrogateescape")
     except Exception:  # never let a classifier bug break the session
         return None
 

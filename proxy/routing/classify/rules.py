@@ -436,6 +436,33 @@ def session_assignment(code: str, toks: list[Tok], name: str) -> str | None:
     return found
 
 
+def without_assignment(code: str, toks: list[Tok], name: str) -> str | None:
+    """One SET statement's text (tokens `toks` of `code`) with its session-scope assignments of
+    system variable `name` left out: "" when nothing else is left, None if it is no plain SET
+    (or an item cannot be read). Other items keep their own text; a scope word the dropped item
+    carried is not needed by the rest, which are session or user assignments (a SESSION-route SET
+    has no global one)."""
+    if not toks or not toks[0].is_w("SET") or len(toks) < 2 or toks[1].is_w("STATEMENT"):
+        return None
+    kept, scope = [], "session"
+    for item in _split_commas(toks[1:]):
+        k = 0
+        if item and item[0].kind == "w" and item[0].val in SET_SCOPES:
+            scope, k = SET_SCOPES[item[0].val], 1
+        if k >= len(item):
+            return None
+        tgt = item[k]
+        if not (tgt.is_w("NAMES", "CHARSET") or (tgt.is_w("CHARACTER") and k + 1 < len(item)
+                                                  and item[k + 1].is_w("SET"))):
+            target = set_target(item, k, scope)
+            if target is None or target[0] == "global":
+                return None
+            if target[0] == "session" and target[1] == name:
+                continue
+        kept.append(code[item[0].start:item[-1].end])
+    return f"SET {', '.join(kept)}" if kept else ""
+
+
 def _split_commas(toks: list[Tok]) -> list[list[Tok]]:
     items: list[list[Tok]] = [[]]
     depth = 0

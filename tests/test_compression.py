@@ -18,7 +18,7 @@ import pytest
 
 from proxy.frontend.compress import MAX_FRAME
 from proxy.protocol.constants import CLIENT_COMPRESS
-from proxy.protocol.packets import parse_err
+from proxy.protocol.packets import frame, parse_err
 from proxy.testing.rawclient import RawClient
 from test_clients import mariadb_cli, root_exec
 
@@ -154,3 +154,63 @@ def test_mysqlclient_and_connector_python_with_compression(proxy, cluster):
             assert got[1] is True and len(got[2]) == 3000
     finally:
         root_exec(cluster, f"DROP TABLE IF EXISTS app.`{table}`")
+
+
+def test_plain_packet_ids_inside_compressed_packets_are_not_checked(proxy, cluster):
+    """A server does not check the ids of the plain packets inside compressed ones, and
+    Connector/J relies on it: a command that goes uncompressed gets id 1, and the file of LOAD
+    DATA LOCAL is numbered from 0. rwproxy passes them to plain server connections, which do
+    check: such commands got ERROR 1156 Got packets out of order (most of Connector/J's suite
+    with useCompression=true). The answers must be those of the primary itself."""
+    table = "cz_ids"
+    root_exec(cluster, f"CREATE TABLE IF NOT EXISTS app.{table} (v INT)", f"DELETE FROM app.{table}")
+
+    def run(port: int) -> list:
+        c = RawClient("127.0.0.1", port, compress=True)
+        try:
+            out = []
+            c.send_compressed(frame(b"\x03INSERT INTO " + table.encode() + b" VALUES (1)", 1), 0)  # id 1
+            out.append(c.read()[1][:2])
+            c.send_compressed(frame(b"\x03LOAD DATA LOCAL INFILE 'ids.txt' INTO TABLE " + table.encode(), 0), 0)
+            out.append(c.read()[1][:1])  # 0xFB: the file, please
+            c.send_compressed(frame(b"2\n3\n", 0) + frame(b"", 1), c.cseq)  # numbered from 0
+            out.append(c.read()[1][:2])  # OK, 2 rows
+            c.send_compressed(frame(b"\x03SELECT COUNT(*) FROM " + table.encode(), 0), 0)
+            out.append([p[-1:] for p in c.read_until_eof()][-2])  # (the one row's value)
+            return out
+        finally:
+            c.close()
+
+    try:
+        assert run(cluster.primary.port) == [b"\x00\x01", b"\xfb", b"\x00\x02", b"3"]
+        root_exec(cluster, f"DELETE FROM app.{table}")
+        assert run(proxy.port) == [b"\x00\x01", b"\xfb", b"\x00\x02", b"3"]
+    finally:
+        root_exec(cluster, f"DROP TABLE IF EXISTS app.{table}")
+
+
+def test_plain_packet_ids_are_renumbered_across_compressed_packets():
+    """No servers: the layer numbers plain packets as a plain client would, wherever the
+    compressed packets cut them (a 16 MiB packet and its rest, a file after the server's request)."""
+    from proxy.frontend.compress import CompressionLayer
+
+    class Sink:
+        def write(self, data):
+            pass
+
+    layer = CompressionLayer(Sink())
+
+    def stored(plain: bytes, seq: int = 0) -> bytes:  # one compressed packet, stored as is
+        return len(plain).to_bytes(3, "little") + bytes((seq,)) + b"\x00\x00\x00" + plain
+
+    def head(n: int, seq: int) -> bytes:
+        return n.to_bytes(3, "little") + bytes((seq,))
+
+    big = b"\x03" + b"x" * (0xFFFFFF - 1)  # a 16 MiB packet, then the empty one that ends the command
+    stream = head(0xFFFFFF, 5) + big + head(0, 9) + frame(b"\x03SELECT 1", 7)  # ids a plain client would not send
+    got = b"".join(layer.feed(stored(stream[i:i + 4_000_000])) for i in range(0, len(stream), 4_000_000))
+    assert got == head(0xFFFFFF, 0) + big + head(0, 1) + frame(b"\x03SELECT 1", 0)
+    layer.write(frame(b"\xfbids.txt", 1))  # the server asks for a file
+    layer.file_follows()
+    sent = frame(b"1\n", 0) + frame(b"", 0) + frame(b"\x0e", 3)
+    assert layer.feed(stored(sent[:3]) + stored(sent[3:])) == frame(b"1\n", 2) + frame(b"", 3) + frame(b"\x0e", 0)

@@ -9,7 +9,11 @@ a session without compression never touches this module.
 
 Sequence ids: a compressed packet from the server carries the next id after the last one the
 client sent (the client starts each command at 0), counting up per packet, as MariaDB's
-net_serv does. Framing: a packet the session writes is never cut except where it is longer
+net_serv does. Inside compressed packets a server does not check the plain packets' own ids,
+and clients rely on it (Connector/J numbers a command's packet 1 when it goes uncompressed
+and the file of LOAD DATA LOCAL from 0), but rwproxy's server connections are plain: the ids
+are set here to what a plain client sends (0 for a command, one more for the packets that
+continue it, and the file's packets after the server's request). Framing: a packet the session writes is never cut except where it is longer
 than one compressed packet can hold, because Connector/Python reassembles a packet from at
 most two compressed ones (as the server writes them); a partial packet waits for its rest.
 """
@@ -36,7 +40,8 @@ class CompressionLayer:
     """Looks like a transport to the session (write, close, pause/resume) and turns the
     client's compressed packets into plain bytes for it (feed)."""
 
-    __slots__ = ("inner", "tls", "seq", "_in", "_out", "closed")
+    __slots__ = ("inner", "tls", "seq", "_in", "_out", "closed", "_hdr", "_left", "_next", "_file", "_cont",
+                 "_last_out")
 
     def __init__(self, inner, tls=None):
         self.inner = inner  # what compressed packets are written to: the raw transport or the TLSLayer
@@ -45,6 +50,20 @@ class CompressionLayer:
         self._in = bytearray()  # received bytes not yet a whole compressed packet
         self._out = bytearray()  # written bytes after the last whole MySQL packet
         self.closed = False
+        # plain packets coming out of feed(), to number them: the header bytes seen of the next one,
+        # payload bytes left of the current one, the id the next one gets unless it starts a
+        # command (-1: it does), and whether the packets are a LOAD DATA LOCAL file
+        self._hdr = b""
+        self._left = 0
+        self._next = -1
+        self._file = False
+        self._cont = False  # the last packet was a 16 MiB one: the next continues it
+        self._last_out = 0  # id of the last whole plain packet written to the client
+
+    def file_follows(self) -> None:
+        """The packet just written asked for a LOAD DATA LOCAL file: the client's file packets
+        are numbered on from it until the empty one that ends the file."""
+        self._next, self._file = (self._last_out + 1) & 0xFF, True
 
     # ---- bytes in --------------------------------------------------------------------
     def feed(self, data) -> bytes:
@@ -69,7 +88,39 @@ class CompressionLayer:
             pos = end
         if pos:
             del buf[:pos]
-        return out[0] if len(out) == 1 else b"".join(out)
+        return self._number(out[0] if len(out) == 1 else b"".join(out))
+
+    def _number(self, plain: bytes) -> bytes:
+        """Give the plain packets in `plain` (a stream: packets may span calls) the ids a plain
+        client would: 0 for a command's first, one more for each that continues it (after a
+        16 MiB packet) or belongs to the file of LOAD DATA LOCAL."""
+        i, n = self._left, len(plain)
+        if i >= n:
+            self._left = i - n
+            return plain
+        out = bytearray(plain)
+        hdr = self._hdr
+        while i < n:
+            take = min(4 - len(hdr), n - i)
+            hdr += plain[i : i + take]
+            i += take
+            if len(hdr) < 4:
+                break
+            length = hdr[0] | hdr[1] << 8 | hdr[2] << 16
+            seq = 0 if self._next < 0 else self._next
+            out[i - 1] = seq  # (the header's last byte is in this call's bytes: it was just read)
+            continued, self._cont = self._cont, length == 0xFFFFFF
+            if self._file and length == 0 and not continued:  # the empty packet: the file is over
+                self._next, self._file = -1, False
+            elif self._file or self._cont:  # a file packet, or a 16 MiB one that goes on in the next
+                self._next = (seq + 1) & 0xFF
+            else:
+                self._next = -1
+            hdr = b""
+            i += length
+        self._left = i - n if i > n else 0
+        self._hdr = hdr
+        return bytes(out)
 
     def _inflate(self, body: bytes, ulen: int) -> bytes:
         d = zlib.decompressobj()
@@ -95,6 +146,7 @@ class CompressionLayer:
             end = pos + 4 + (buf[pos] | buf[pos + 1] << 8 | buf[pos + 2] << 16)
             if end > n:
                 break
+            self._last_out = buf[pos + 3]
             pos = end
         if pos == 0 and n > MAX_FRAME:
             pos = MAX_FRAME  # a packet longer than one compressed packet: its first part goes now

@@ -150,10 +150,16 @@ class PacketReader:
         the empty packet that ends the file."""
         self.infile = backend
         self._if_hdr, self._if_skip, self._if_prev = b"", 0, 0
+        layer = self.session.layer
+        if layer is not None:
+            layer.file_follows()  # (compression numbers the file's packets)
 
     def infile_feed(self, data) -> None:
         """Forward the client's file packets until the empty packet that ends them."""
         be = self.infile
+        if be.closed:  # the server went away (or out of step) during the file: the client, in the
+            self.infile = None  # middle of sending it, cannot be read as sending commands
+            return self.session.close()
         be.transport.write(data)
         i, n, hdr = self._if_skip, len(data), self._if_hdr
         while i < n:

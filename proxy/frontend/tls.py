@@ -51,6 +51,9 @@ class TLSLayer:
         self._flush()  # TLS 1.3 may answer post-handshake messages
         return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
+    def file_follows(self) -> None:
+        """(LOAD DATA LOCAL: plain packets keep the client's own ids; compress.py renumbers.)"""
+
     def _flush(self) -> None:
         out = self._out.read()
         if out and not self.closed:

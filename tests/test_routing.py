@@ -115,6 +115,25 @@ def test_variables_set_with_autocommit_follow_reads_to_replicas(proxy):
             assert port in reps and (concat, mode, inc) == ("ab", "PIPES_AS_CONCAT", 2)
 
 
+def test_a_repeated_set_is_replayed_where_it_now_stands(cluster, tmp_path):
+    """SET @v='a', SET @v='b', SET @v='a': the history keeps each SET once, at its latest
+    place, so a replica connection that had run the first two must run 'a' again. It used to
+    count itself up to date (Connector/J's setClientInfo read back 'ccc' for 'test\\Driver')."""
+    from helpers import start_proxy
+    p = start_proxy(cluster, tmp_path, proxy={"workers": 1}, pool={"multiplex": False})
+    try:
+        wait_for_read_pool(p)
+        _, reps = ports(cluster)
+        with p.connect(autocommit=True) as c:
+            for value in ("a", "b", "a"):
+                with c.cursor() as cur:
+                    cur.execute("SET @v = %s", (value,))
+                seen = {where(c, "SELECT @@port, @v") for _ in range(4)}  # both replicas' connections
+                assert {port for port, _ in seen} <= reps and {v for _, v in seen} == {value}, seen
+    finally:
+        p.process.stop()
+
+
 def test_use_database_follows_reads(proxy, conn, cluster):
     with cluster.primary.connect() as c, c.cursor() as cur:
         cur.execute("CREATE DATABASE IF NOT EXISTS app_route")

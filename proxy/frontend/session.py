@@ -348,7 +348,7 @@ class ClientConnection(asyncio.Protocol):
                     if cmd.stmt_id:  # SET through a prepared statement: cannot be replayed elsewhere
                         st.history_overflow = True
                     else:
-                        st.record(cmd.packet, flags)
+                        st.record(cmd.packet, flags, self.backends.values())
                         conn.applied = len(st.history)
                     if flags & C.F_USE_DB:
                         conn.db_touched = True

@@ -175,8 +175,10 @@ class SessionState:
             lost.append("next transaction's characteristics (SET TRANSACTION)")
         return lost
 
-    def record(self, packet: bytes, flags: int) -> None:
-        """Keep a successful session-changing command for lazy replay (bounded, de-duplicated)."""
+    def record(self, packet: bytes, flags: int, conns=()) -> None:
+        """Keep a successful session-changing command for lazy replay (bounded, de-duplicated).
+        `conns`: the session's server connections, whose `applied` counts of history entries
+        are corrected when an older copy of the command moves to the end."""
         if flags & (C.F_AUTOCOMMIT_OFF | C.F_AUTOCOMMIT_ON) and not flags & C.F_USE_DB:
             # autocommit is followed from status flags; replicas always run with autocommit=1.
             # Other variables set beside it are replayed without it.
@@ -190,8 +192,12 @@ class SessionState:
                 return
             packet = command(COM_QUERY, rest)
         self.hversion = next(_versions)
-        if packet in self.history:
-            self.history.remove(packet)  # keep the latest position (order matters for SET)
+        if packet in self.history:  # keep the latest position (order matters for SET)
+            at = self.history.index(packet)
+            del self.history[at]
+            for conn in conns:  # one that ran the old copy runs it again where it is now (SET
+                if conn.applied > at:  # @v='a', SET @v='b', SET @v='a': a connection that ran the
+                    conn.applied -= 1  # first two must end with 'a' too, not stay at 'b')
         self.history.append(packet)
         if len(self.history) > self.max_history:
             # Too much to replay on a new connection: stay on the primary from now on.

@@ -104,7 +104,7 @@ def test_a_statement_the_server_refuses_as_too_big_leaves_the_session_answering(
             c.close()
     finally:
         p.process.stop()
-        _on_every_node(cluster, "SET GLOBAL max_allowed_packet = 268435456")
+        _on_every_node(cluster, "SET GLOBAL max_allowed_packet = 67108864")  # (the sandbox's)
 
 
 def test_dropping_the_current_database_leaves_the_session_without_one(proxy, cluster):

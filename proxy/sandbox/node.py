@@ -149,7 +149,7 @@ class Node:
             "innodb_flush_log_at_trx_commit=2",
             "skip-name-resolve",
             "performance_schema=OFF",
-            "max_allowed_packet=256M",
+            "max_allowed_packet=64M",  # rwproxy's own default: clients size packets by the server's value
             "max_connections=2000",  # the idle-connection benchmark holds 1,000 sessions
             "character_set_server=utf8mb4",
             "collation_server=utf8mb4_general_ci",

@@ -418,18 +418,28 @@ def set_target(item: list[Tok], k: int, scope: str) -> tuple[str, str, int] | No
     return item_scope, name, k + 1
 
 
-def session_assignment(code: str, toks: list[Tok], name: str) -> str | None:
-    """The value text of the last session-scope assignment of system variable `name` in one SET
-    statement (tokens `toks` of `code`; the last one wins, as on the server), None if none."""
+def _set_items(toks: list[Tok]) -> list[tuple[list[Tok], int, str]] | None:
+    """The assignments of one plain SET statement as (its tokens, the index of its target, the
+    scope a leading GLOBAL/SESSION/... set for plain names); None if it is no plain SET or an
+    assignment is empty."""
     if not toks or not toks[0].is_w("SET") or len(toks) < 2 or toks[1].is_w("STATEMENT"):
         return None
-    found, scope = None, "session"
+    out, scope = [], "session"
     for item in _split_commas(toks[1:]):
         k = 0
         if item and item[0].kind == "w" and item[0].val in SET_SCOPES:
             scope, k = SET_SCOPES[item[0].val], 1
         if k >= len(item):
             return None
+        out.append((item, k, scope))
+    return out
+
+
+def session_assignment(code: str, toks: list[Tok], name: str) -> str | None:
+    """The value text of the last session-scope assignment of system variable `name` in one SET
+    statement (tokens `toks` of `code`; the last one wins, as on the server), None if none."""
+    found = None
+    for item, k, scope in _set_items(toks) or ():
         target = set_target(item, k, scope)
         if target is not None and target[0] == "session" and target[1] == name:
             found = code[item[target[2]].start:item[-1].end]
@@ -442,15 +452,11 @@ def without_assignment(code: str, toks: list[Tok], name: str) -> str | None:
     (or an item cannot be read). Other items keep their own text; a scope word the dropped item
     carried is not needed by the rest, which are session or user assignments (a SESSION-route SET
     has no global one)."""
-    if not toks or not toks[0].is_w("SET") or len(toks) < 2 or toks[1].is_w("STATEMENT"):
+    items = _set_items(toks)
+    if items is None:
         return None
-    kept, scope = [], "session"
-    for item in _split_commas(toks[1:]):
-        k = 0
-        if item and item[0].kind == "w" and item[0].val in SET_SCOPES:
-            scope, k = SET_SCOPES[item[0].val], 1
-        if k >= len(item):
-            return None
+    kept = []
+    for item, k, scope in items:
         tgt = item[k]
         if not (tgt.is_w("NAMES", "CHARSET") or (tgt.is_w("CHARACTER") and k + 1 < len(item)
                                                   and item[k + 1].is_w("SET"))):

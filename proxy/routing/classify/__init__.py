@@ -79,7 +79,8 @@ from proxy.routing.classify.const import (  # noqa: F401  (re-exported interface
 from proxy.routing.classify.lex import (
     cache_key, cheap_scan, code_text, digest, find_hints, is_write_head, split_statements, tokenize,
 )
-from proxy.routing.classify.rules import Rules, session_assignment, without_assignment
+from proxy.routing.classify.rules import Rules
+from proxy.routing.classify.sets import session_assignment, without_assignment
 
 MAX_SCAN_BYTES = 32 * 1024
 BIG_WRITE_BYTES = 2048

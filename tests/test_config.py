@@ -91,9 +91,10 @@ def test_durations_become_floats_and_ipv6_listen():
 
 def test_relative_tls_paths_resolve_against_config_dir(tmp_path):
     path = tmp_path / "rw.toml"
-    path.write_text(MINIMAL + '[proxy.tls]\ncert = "certs/server.pem"\nkey = "/abs/key.pem"\n')
+    path.write_text(MINIMAL + '[proxy.tls]\ncert = "certs/server.pem"\nkey = "/abs/key.pem"\nca = "certs/ca.pem"\n')
     tls = load_config(str(path)).proxy.tls
     assert tls.cert == str(tmp_path / "certs" / "server.pem") and tls.key == "/abs/key.pem"
+    assert tls.ca == str(tmp_path / "certs" / "ca.pem")
     path.write_text(MINIMAL + '[backend_tls]\nmode = "verify_ca"\nca = "tls/ca.pem"\n')
     btls = load_config(str(path)).backend_tls
     assert (btls.mode, btls.ca, btls.cert) == ("verify_ca", str(tmp_path / "tls" / "ca.pem"), "")
@@ -137,6 +138,7 @@ def test_relative_tls_paths_resolve_against_config_dir(tmp_path):
     ('[proxy.tls]\ncert = "c.pem"', "proxy.tls.key: required when proxy.tls.cert is set"),
     ('[proxy.tls]\nkey = "k.pem"', "proxy.tls.cert: required when proxy.tls.key is set"),
     ("[proxy.tls]\nrequire = true", "proxy.tls.require: true needs proxy.tls.cert and proxy.tls.key"),
+    ('[proxy.tls]\nca = "ca.pem"', "proxy.tls.ca: needs proxy.tls.cert and proxy.tls.key"),
     ('[backend_tls]\ncert = "c.pem"', "backend_tls.key: required when backend_tls.cert is set"),
     ('[backend_tls]\nmode = "verify"', 'backend_tls.mode: expected one of "disabled", "preferred", "required", '
                                         '"verify_ca", "verify_identity", got "verify"'),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import struct
 import subprocess
@@ -460,6 +461,32 @@ def test_a_bad_tls_certificate_or_key_stops_serve_with_one_line(tmp_path, proble
     assert r.returncode == 1
     lines = [line for line in r.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and f"proxy.tls: cannot load certificate {cert} / key {key}" in lines[0], r.stderr
+
+
+def test_the_certificate_goes_with_its_issuer_when_a_ca_is_configured(cluster, tmp_path):
+    """[proxy.tls] ca: the certificate's chain goes with it, as a MariaDB server sends the one it
+    builds from ssl_ca. Without it, a client that has no copy of the issuer could not verify a
+    CA-issued certificate (Connector/C 3.4's default, on 127.0.0.1, refused rwproxy but not
+    the server). `openssl s_client -starttls mysql` shows what each sends."""
+    from proxy.sandbox.certs import make_authority
+
+    pki = make_authority(tmp_path / "pki")
+
+    def chain(port: int) -> list[str]:
+        r = subprocess.run(["openssl", "s_client", "-starttls", "mysql", "-connect", f"127.0.0.1:{port}",
+                            "-showcerts"], input="", capture_output=True, text=True, timeout=20)
+        return [m.group(1) for m in re.finditer(r"(?m)^\s*\d+ s:(.*)$", r.stdout)]
+
+    for with_ca in (False, True):
+        tls = {"cert": pki["server_cert"], "key": pki["server_key"], **({"ca": pki["ca"]} if with_ca else {})}
+        p = start_proxy(cluster, tmp_path / str(with_ca), proxy={"workers": 1, "tls": tls})
+        try:
+            sent = chain(p.port)
+        finally:
+            p.process.stop()
+        assert len(sent) == (2 if with_ca else 1), sent
+        if with_ca:
+            assert "CA" in sent[1], sent
 
 
 # ---- 6. client strings in the log are harmless ----------------------------------------------------------

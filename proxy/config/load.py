@@ -195,6 +195,8 @@ class _Validator:
             err("proxy.tls.key", "required when proxy.tls.cert is set")
         if tls.key and not tls.cert:
             err(cert, "required when proxy.tls.key is set")
+        if tls.ca and not tls.cert:
+            err("proxy.tls.ca", "needs proxy.tls.cert and proxy.tls.key", cert, "proxy.tls.key")
         if tls.require and not tls.cert:
             err("proxy.tls.require", "true needs proxy.tls.cert and proxy.tls.key", cert, "proxy.tls.key")
         for i, user in enumerate(cfg.users):
@@ -333,7 +335,7 @@ def _anchored(section, keys: tuple[str, ...], base_dir: str):
 
 def _resolve_tls(cfg: Config, base_dir: str) -> Config:
     """Relative TLS (and backup key) file paths are relative to the config file, not the cwd."""
-    tls = _anchored(cfg.proxy.tls, ("cert", "key", "rsa_private_key"), base_dir)
+    tls = _anchored(cfg.proxy.tls, ("cert", "key", "ca", "rsa_private_key"), base_dir)
     btls = _anchored(cfg.backend_tls, ("ca", "cert", "key"), base_dir)
     backup = _anchored(cfg.backup, ("key_file",), base_dir)
     cluster = _anchored(cfg.cluster, ("etcd_ca", "etcd_cert", "etcd_key"), base_dir)

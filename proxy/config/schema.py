@@ -37,6 +37,7 @@ BACKEND_TLS_MODES = ("disabled", "preferred", "required", "verify_ca", "verify_i
 class TLSConfig:
     cert: str = S()
     key: str = S()
+    ca: str = S()  # the cert's issuer(s): sent with it as its chain, as a server's ssl_ca is
     require: bool = B(False)
     rsa_private_key: str = S()
 

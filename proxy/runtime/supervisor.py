@@ -84,6 +84,12 @@ def make_tls_context(config) -> ssl.SSLContext | None:
     except (OSError, ssl.SSLError) as e:
         raise StartupError(f"{config.source}: proxy.tls: cannot load certificate {tls.cert} / key {tls.key}: "
                            f"{getattr(e, 'strerror', None) or e}") from None
+    if tls.ca:  # OpenSSL sends the chain it builds from these with the certificate, as MariaDB does
+        try:  # with ssl_ca: a client holding only the root (or trusting a local server's root,
+            ctx.load_verify_locations(tls.ca)  # Connector/C 3.4) verifies a CA-issued certificate
+        except (OSError, ssl.SSLError) as e:
+            raise StartupError(f"{config.source}: proxy.tls.ca: cannot load {tls.ca}: "
+                               f"{getattr(e, 'strerror', None) or e}") from None
     return ctx
 
 

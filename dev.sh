@@ -9,7 +9,7 @@ cd "$(dirname "$0")"
 
 PY=${RWPROXY_PYTHON:-python3}
 VENV=${RWPROXY_VENV:-.venv}
-APT_PACKAGES="mariadb-server mariadb-client mariadb-backup sysbench python3-venv pkg-config libmariadb-dev gcc python3-dev haproxy prometheus curl etcd-server etcd-client"
+APT_PACKAGES="mariadb-server mariadb-client mariadb-backup sysbench python3-venv pkg-config libmariadb-dev gcc python3-dev haproxy prometheus curl etcd-server etcd-client openssl"
 
 say() { echo "dev.sh: $*" >&2; }
 
@@ -28,6 +28,8 @@ system_deps() {
     command -v haproxy >/dev/null 2>&1 || [ -x /usr/sbin/haproxy ] || missing+=(haproxy)
     { command -v prometheus && command -v promtool; } >/dev/null 2>&1 || missing+=(prometheus)
     command -v curl >/dev/null 2>&1 || missing+=(curl)
+    # a test reads the certificate chain rwproxy's TLS sends (openssl s_client -starttls mysql)
+    command -v openssl >/dev/null 2>&1 || missing+=(openssl)
     # several coordinated instances ([cluster] coordination = "etcd"): tests start a real etcd cluster
     command -v etcd >/dev/null 2>&1 || missing+=(etcd-server)
     command -v etcdctl >/dev/null 2>&1 || missing+=(etcd-client)

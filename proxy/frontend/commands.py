@@ -73,14 +73,13 @@ async def _set_option(s, pkt) -> None:
 
 async def _reset_connection(s) -> None:
     """As on the server: the session is as after login, autocommit the primary's global value."""
+    s.status = start_status(s.worker, s.writer())
     for be in list(s.backends.values()):
         if not await be.reset():
             s.drop_backend(be)
         else:
-            be.applied = 0
-    s.status = start_status(s.worker, s.writer())
-    for be in list(s.backends.values()):  # replicas run with autocommit on (no snapshot lasts)
-        await be.ensure_autocommit(s.status if s.is_writer(be.server.name) else 1)
+            be.applied = 0  # (replicas run with autocommit on: no snapshot lasts)
+            await be.ensure_autocommit(s.status if s.is_writer(be.server.name) else 1)
     s.stmts.clear()
     s.state.reset()
     s.db = s.login_db

@@ -42,7 +42,8 @@ MISSING = "missing"  # no live session with that id
 NO_SUCH_THREAD, KILL_DENIED = ER_NO_SUCH_THREAD[0], ER_KILL_DENIED_ERROR[0]
 
 _KILL = re.compile(
-    rb"\A\s*(?:/\*(?!!).*?\*/\s*)*KILL\s+(?:(?:HARD|SOFT)\s+)?(?:(CONNECTION|QUERY)\s+)?(\d{1,20}|'\d{1,20}'|\"\d{1,20}\"|\?)\s*;?\s*\Z",
+    rb"\A\s*(?:/\*(?!!).*?\*/\s*)*KILL\s+(?:(?:HARD|SOFT)\s+)?(?:(CONNECTION|QUERY)\s+)?"
+    rb"(\d{1,20}|'\d{1,20}'|\"\d{1,20}\"|\?)\s*;?\s*\Z",
     re.IGNORECASE | re.DOTALL,
 )
 

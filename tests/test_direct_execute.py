@@ -113,3 +113,38 @@ def test_libmariadb_execute_direct_through_the_proxy(proxy):
             lib.mysql_stmt_close(st)
     finally:
         lib.mysql_close(m)
+
+
+def test_minus_one_without_parameter_types_is_malformed_as_on_the_server(proxy):
+    """The server takes a direct execution (-1) of a statement with parameters only with their
+    types, even when an earlier execute by the real id sent them: 1835 otherwise, where the real id
+    gets 1210 or runs. rwproxy names the statement by its id and answered those like the real id
+    (MariaDB Connector/Node.js's `execute('SELECT ?', [])`, which pipelines PREPARE and an execute of
+    -1 without parameters, then succeeded or got 1210 instead of its 1835)."""
+    sql = "SELECT ? AS a, ? AS b"
+    bodies = [b"", b"\x00", b"\x00\x00", b"\x00\x00" + struct.pack("<q", 5), b"\x03\x00",
+              b"\x00\x01\x08\x00\x08\x00" + struct.pack("<qq", 5, 6)]
+    answers = {}
+    for port in (proxy.port, proxy.cluster.primary.port):
+        c = RawClient("127.0.0.1", port)
+        out = []
+        try:
+            for body in bodies:
+                for by_id in (False, True):
+                    sid, _, _ = c.prepare(sql)
+                    c.send(b"\x17" + (struct.pack("<I", sid) if by_id else MINUS_ONE) + b"\x00\x01\x00\x00\x00" + body, 0)
+                    p = c.read()[1]
+                    if p[0] == 0xFF:
+                        out.append(_error(p))
+                    else:
+                        rows = c.read_until_eof()
+                        out.append(("rows", len(rows)))
+            c.sock.sendall(frame(b"\x16" + sql.encode(), 0) + frame(b"\x17" + MINUS_ONE + b"\x00\x01\x00\x00\x00", 0))
+            assert c.response(PREPARE)[0][0] == 0x00
+            out.append(_error(c.read()[1]))  # pipelined, as Connector/Node.js sends it
+        finally:
+            c.close()
+        answers[port] = out
+    via, direct = answers[proxy.port], answers[proxy.cluster.primary.port]
+    assert direct[-1] == (1835, "Malformed communication packet")
+    assert via == direct

@@ -290,3 +290,51 @@ def test_mariadb_cli_killed_or_interrupted_stops_its_statement(proxy, direct, lo
         if cli.poll() is None:
             cli.kill()
             cli.wait(10)
+
+
+def test_a_killed_session_sees_its_connection_close_without_an_answer(proxy, cluster):
+    """A server ends a connection killed mid-statement without an error packet: the client reports
+    a lost connection (2013), never the 1317 its stopped statement got on the server. rwproxy kills
+    the backend statement first and closed the client after, and that 1317 reached the client in
+    about one kill in three (MariaDB Connector/Node.js's suite, "server close connection during
+    query", checks for the plain close). Several kills in a row, directly and through rwproxy."""
+    sql = "SELECT SLEEP(10) AS killed_session_probe"
+    nodes = [cluster.primary, *cluster.replicas]
+
+    def running() -> bool:
+        for n in nodes:
+            with n.connect() as c, c.cursor() as cur:
+                cur.execute("SELECT COUNT(*) FROM information_schema.PROCESSLIST WHERE INFO = %s", (sql,))
+                if cur.fetchone()[0]:
+                    return True
+        return False
+
+    got = {}
+    for name, port in (("direct", cluster.primary.port), ("rwproxy", proxy.port)):
+        outcomes = []
+        for _ in range(6):
+            kw = dict(host="127.0.0.1", port=port, user="app", password="app", database="app", read_timeout=20)
+            victim, killer = pymysql.connect(**kw), pymysql.connect(**kw)
+            out: dict = {}
+
+            def run():
+                try:
+                    with victim.cursor() as cur:
+                        cur.execute(sql)
+                        out["rows"] = cur.fetchall()
+                except pymysql.MySQLError as e:
+                    out["error"] = e.args[0]
+
+            t = threading.Thread(target=run, daemon=True)
+            t.start()
+            assert _wait(running), "the victim's statement never started"
+            with killer.cursor() as cur:
+                cur.execute(f"KILL {victim.thread_id()}")
+            t.join(15)
+            outcomes.append(out.get("error", out.get("rows")))
+            killer.close()
+            victim.close()
+            assert _wait(lambda: not running(), 5)
+        got[name] = outcomes
+    assert got["direct"] == [2013] * 6, got
+    assert got["rwproxy"] == got["direct"], got

@@ -119,9 +119,17 @@ async def kill_session(worker, target: int, connection: bool, user, by_thread: b
             return (KILL_DENIED, "HY000", f"You are not owner of thread {target}")
     else:
         targets = running
+    # A server closes a killed connection without a word; the answer its stopped statement gets
+    # (1317) must not reach the client first, so it is left unread unless the KILL is refused.
+    held = [be for be in running if be.transport.is_reading()] if connection else []
+    for be in held:
+        be.transport.pause_reading()
     for be in targets:
         err = await kill_backend_thread(worker, be.server.name, user, be.thread_id, connection and not same_user)
         if err is not None and err[0] != NO_SUCH_THREAD:  # no such thread: it just finished
+            for b in held:
+                if not b.closed:
+                    b.transport.resume_reading()
             if err[0] == KILL_DENIED:  # name the session, not the backend thread
                 err = (KILL_DENIED, err[1], f"You are not owner of thread {target}")
             return err

@@ -13,7 +13,7 @@ from proxy.backend.connection import BackendError
 from proxy.frontend.kill import kill_prepared, parse_kill
 from proxy.protocol.constants import (
     COM_STMT_BULK_EXECUTE, COM_STMT_CLOSE, COM_STMT_EXECUTE, COM_STMT_FETCH, COM_STMT_RESET, COM_STMT_SEND_LONG_DATA,
-    ER_UNKNOWN_STMT_HANDLER, ER_UNSUPPORTED_PS, MARIADB_CLIENT_STMT_BULK_OPERATIONS,
+    ER_MALFORMED_PACKET, ER_UNKNOWN_STMT_HANDLER, ER_UNSUPPORTED_PS, MARIADB_CLIENT_STMT_BULK_OPERATIONS,
 )
 from proxy.protocol.packets import logical_payload, stmt_close
 from proxy.protocol.scan import CURSOR, PREPARE, RESULT, ROWS, SIMPLE
@@ -49,6 +49,11 @@ def execute(s, pkt) -> None:
     if sid == DIRECT_ID and s.stmts.last:  # MariaDB's direct execution: the statement prepared last
         sid = s.stmts.last
         pkt = pkt[:5] + sid.to_bytes(4, "little") + pkt[9:]
+        stmt = s.stmts.stmts.get(sid)
+        if stmt is not None and stmt.nparams and not (len(pkt) > stmt.types_at and pkt[stmt.types_at] == 1):
+            # The server takes a direct execution only with its parameters' types (they
+            # cannot have been sent before), whatever an earlier execute sent
+            return s.send_error(*ER_MALFORMED_PACKET, "Malformed communication packet")
     stmt = s.stmts.stmts.get(sid)
     if stmt is None:
         return s.send_error(*_unknown(sid, COM_STMT_EXECUTE))

@@ -585,3 +585,86 @@ def test_a_write_calling_a_stored_function_never_shares(mux, wsx):
                     assert cur.rowcount == 1
     calls = primary_rows(mux.cluster, "SELECT round, sess FROM wsx WHERE round BETWEEN 400 AND 420")
     assert sorted(calls) == [(400 + 10 * r + i, 1) for r in range(2) for i in range(4)], calls
+
+
+def _prepared_on(node) -> int:
+    with node.connect() as c, c.cursor() as cur:
+        cur.execute("SHOW GLOBAL STATUS LIKE 'Prepared_stmt_count'")
+        return int(cur.fetchone()[1])
+
+
+def _fill_statement_caches(proxy, cluster, tag: str) -> dict:
+    """Statements of sessions on both workers, executed until their reads share: the shared
+    connections keep them prepared after the sessions are gone. Each replica's count."""
+    for i in range(8):
+        clients = [RawClient(proxy.host, proxy.port) for _ in range(3)]
+        try:
+            for c in clients:
+                sid, _, _ = c.prepare(f"SELECT ? + {i} AS v{tag}")
+                for _ in range(4):
+                    c.send(_execute(sid, struct.pack("<q", 1), 0x08))
+                    assert c.response(RESULT)[0][0] != 0xFF
+        finally:
+            for c in clients:
+                c.close()
+    kept = {n.name: _prepared_on(n) for n in cluster.replicas}
+    assert all(v >= 4 for v in kept.values()), kept  # the clients are gone; rwproxy's cache is not
+    return kept
+
+
+@contextlib.contextmanager
+def _statement_limit(cluster, limits: dict):
+    """max_prepared_stmt_count on each replica (name -> value) for the block."""
+    try:
+        for n in cluster.replicas:
+            with n.connect() as c, c.cursor() as cur:
+                cur.execute(f"SET GLOBAL max_prepared_stmt_count = {int(limits[n.name])}")
+        yield
+    finally:
+        for n in cluster.replicas:
+            with n.connect() as c, c.cursor() as cur:
+                cur.execute("SET GLOBAL max_prepared_stmt_count = DEFAULT")
+
+
+def _times_seven(c: RawClient, sid: int, values) -> None:
+    for v in values:
+        c.send(_execute(sid, struct.pack("<q", v), 0x08))
+        rows = c.response(RESULT)
+        assert rows[0][0] != 0xFF, rows[0]
+        assert struct.unpack_from("<q", rows[-2], 2)[0] == 7 * v
+
+
+def test_statements_kept_on_shared_connections_give_way_at_the_servers_limit(proxy, cluster):
+    """Shared connections keep the statements they prepared (up to max_prepared_per_connection each),
+    a cache a client connected to the server directly does not have counted against the server's
+    max_prepared_stmt_count; ProxySQL's users meet ERROR 1461 from its statement cache. When a server
+    refuses a session's prepare with 1461, every worker closes what its shared connections keep
+    there and the prepare is tried again: the client's statement is prepared as it would be directly."""
+    tag = f"{time.monotonic_ns() % 10**9}"
+    kept = _fill_statement_caches(proxy, cluster, tag)
+    with _statement_limit(cluster, {n.name: 2 for n in cluster.replicas}):
+        c = RawClient(proxy.host, proxy.port)
+        try:
+            sid, _, _ = c.prepare(f"SELECT ? * 7 AS fresh{tag}")
+            _times_seven(c, sid, (2, 3, 4))  # on both replicas (reads are balanced; each prepares it lazily)
+        finally:
+            c.close()
+        after = {n.name: _prepared_on(n) for n in cluster.replicas}
+        assert all(v <= 2 for v in after.values()), (kept, after)  # both workers' caches were closed
+
+
+def test_a_shared_connection_refused_a_prepare_at_the_servers_limit_the_statement_runs_anyway(proxy, cluster):
+    """A statement that starts sharing is prepared on the shared connection, pipelined with its
+    execute. Refused there with 1461, its execute did not run: it runs on the session's own
+    connection instead (prepared there, or again after the caches were closed), and the client gets
+    its result, not the 1461 rwproxy's cache caused."""
+    tag = f"{time.monotonic_ns() % 10**9}"
+    _fill_statement_caches(proxy, cluster, tag)
+    c = RawClient(proxy.host, proxy.port)
+    try:
+        sid, _, _ = c.prepare(f"SELECT ? * 7 AS shared{tag}")
+        _times_seven(c, sid, (1,))  # on the session's own connection: now known small and fast
+        with _statement_limit(cluster, {n.name: _prepared_on(n) for n in cluster.replicas}):
+            _times_seven(c, sid, (5, 6, 7, 8))  # shares: the shared connection must prepare it
+    finally:
+        c.close()

@@ -121,6 +121,15 @@ class SharedBackend(BackendConnection):
             self.ps.move_to_end(sql)
         return bid
 
+    def forget_statements(self) -> int:
+        """Close the statements kept prepared here (after the commands already queued; each is
+        prepared again, pipelined, at its next use); how many."""
+        ps, self.ps = self.ps, OrderedDict()
+        if ps and not self.closed:
+            self.out.extend(stmt_close(bid) for bid in ps.values())
+            self._flush()  # now: the prepare that was refused is tried again (a flush due later writes nothing)
+        return len(ps)
+
     def _flush(self) -> None:
         """Write the commands of this loop iteration in one send: with many clients, several
         commands arrive per wakeup, and each send(2) costs more than the bytes it carries."""
@@ -167,9 +176,11 @@ class SharedBackend(BackendConnection):
         if c is None:  # the proxy's own PREPARE
             if sc.error:
                 nxt = self.queue[0] if self.queue else None
+                b = e.buf
                 if nxt is not None:  # its execute (id -1) fails as "unknown statement": tell the real reason
-                    b = e.buf
                     nxt.substitute = bytes(b[:3]) + b"\x01" + bytes(b[4:])
+                if b[5:7] == b"\xb5\x05":  # 1461, max_prepared_stmt_count: make room for the next try
+                    self.lines.forget_statements(self.server.name)
                 return
             self.ps[e.sql] = sc.stmt_id
             limit = self.lines.max_statements
@@ -181,6 +192,8 @@ class SharedBackend(BackendConnection):
             return
         self.lines.statements += 1
         if e.substitute is not None:
+            if e.substitute[5:7] == b"\xb5\x05" and self.lines.on_refused is not None:  # 1461
+                return self.lines.on_refused(c, self)
             c.write(e.substitute)
         elif e.cancelled:
             c.send_error(*ER_QUERY_INTERRUPTED, "Query execution was interrupted")
@@ -234,6 +247,10 @@ class SharedLines:
         self.failed: dict[tuple, float] = {}  # keys whose last connection attempt failed -> when to try again
         self.profiles = Profiles(self.max_bytes, self.max_secs)
         self.statements = 0  # commands answered over shared connections
+        # (session, connection): the statement's PREPARE here was refused at the server's
+        # max_prepared_stmt_count and its execute did not run; the session runs it on its own
+        # connection (frontend/sharing.py prepare_refused)
+        self.on_refused = None
 
     def reconfigure(self, pool_config, max_statements: int) -> None:
         """A reload: new limits for what may share and how many connections per key."""
@@ -355,6 +372,13 @@ class SharedLines:
                         c.close()
                         return True
         return False
+
+    def forget_statements(self, name: str) -> int:
+        """Server `name` refused a prepare for its max_prepared_stmt_count: close the statements
+        this worker's shared connections keep prepared there. They are only a cache (up to
+        routing.max_prepared_per_connection per connection), and a client connected to the server
+        directly would not have them counted against it. How many were closed."""
+        return sum(c.forget_statements() for key, conns in self.lines.items() if key[0] == name for c in conns)
 
     def forget(self, conn: SharedBackend) -> None:
         conns = self.lines.get(conn.key)

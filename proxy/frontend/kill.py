@@ -140,7 +140,8 @@ async def kill_session(worker, target: int, connection: bool, user, by_thread: b
 
 
 class Peers:
-    """Worker-to-worker KILL requests: one unix datagram socket per worker."""
+    """Worker-to-worker requests, one unix datagram socket per worker: KILL of a session another
+    worker serves, and closing the statements shared connections keep prepared on a server."""
 
     def __init__(self, worker, directory: str):
         self.worker = worker
@@ -185,6 +186,10 @@ class Peers:
                 msg = json.loads(data)
                 if msg["t"] == "kill":
                     self.worker.loop.create_task(self._serve(msg, addr))
+                elif msg["t"] == "free":
+                    shared = self.worker.shared
+                    n = shared.forget_statements(str(msg["server"])) if shared is not None else 0
+                    self._answer({"t": "reply", "seq": msg["seq"], "freed": n}, addr)
                 elif msg["t"] == "reply":
                     f = self.pending.pop(msg["seq"], None)
                     if f is not None and not f.done():
@@ -195,12 +200,39 @@ class Peers:
     async def _serve(self, msg: dict, addr) -> None:
         user = self.worker.users.get(msg["user"])
         res = MISSING if user is None else await kill_session(self.worker, msg["id"], msg["conn"], user, msg["thr"])
-        reply = {"t": "reply", "seq": msg["seq"], "missing": res is MISSING,
-                 "error": list(res) if isinstance(res, tuple) else None}
+        self._answer({"t": "reply", "seq": msg["seq"], "missing": res is MISSING,
+                      "error": list(res) if isinstance(res, tuple) else None}, addr)
+
+    def _answer(self, reply: dict, addr) -> None:
+        if self.sock is None:
+            return
         try:
             self.sock.sendto(json.dumps(reply).encode(), addr)
         except OSError as e:
-            log.info("worker %d: could not answer a KILL request from %s: %s", self.worker.index, addr, e)
+            log.info("worker %d: could not answer a request from %s: %s", self.worker.index, addr, e)
+
+    async def free_statements(self, server: str, wait: float = 1.0) -> int:
+        """Ask every other worker to close the statements its shared connections keep prepared
+        on `server` (SharedLines.forget_statements); how many they closed, as far as they answered
+        within `wait` seconds."""
+        loop = self.worker.loop
+        asked = []
+        for i in range(self.worker.count):
+            if i == self.worker.index or self.sock is None:
+                continue
+            self.seq += 1
+            f = loop.create_future()
+            self.pending[self.seq] = f
+            asked.append((self.seq, f))
+            try:
+                self.sock.sendto(json.dumps({"t": "free", "seq": self.seq, "server": server}).encode(), self.path(i))
+            except OSError:  # no such worker (or it is restarting): nothing kept there
+                f.cancel()
+        if asked:
+            await asyncio.wait([f for _, f in asked], timeout=wait)
+        for seq, _ in asked:
+            self.pending.pop(seq, None)
+        return sum(f.result().get("freed", 0) for _, f in asked if f.done() and not f.cancelled())
 
     async def kill(self, owner: int, target: int, connection: bool, user, by_thread: bool = False):
         """Ask worker `owner` to kill session `target`; same results as kill_session."""

@@ -8,6 +8,7 @@ itself is routing/statements.py.
 from __future__ import annotations
 
 import asyncio
+import logging
 
 from proxy.backend.connection import BackendError
 from proxy.frontend.kill import kill_prepared, parse_kill
@@ -24,6 +25,9 @@ from proxy.routing.statements import DIRECT_ID, Stmt
 _STMT_NAMES = {COM_STMT_EXECUTE: "execute", COM_STMT_FETCH: "fetch", COM_STMT_RESET: "reset",
                COM_STMT_BULK_EXECUTE: "execute"}  # (as the server names the bulk one)
 _SESSION_READ = C.Classification(C.READ, 0, "")
+ER_MAX_PREPARED_STMT_COUNT_REACHED = (1461).to_bytes(2, "little")
+
+log = logging.getLogger("rwproxy.prepared")
 
 
 def _unknown(sid: int, cmd: int | None = None) -> tuple:
@@ -86,6 +90,35 @@ def bulk_execute(s, pkt) -> None:
     s.dispatch(pkt, C.Classification(C.WRITE, stmt.cls.flags, stmt.cls.digest), RESULT, sid)
 
 
+def _at_statement_limit(resp: bytes) -> bool:
+    return resp[4] == 0xFF and resp[5:7] == ER_MAX_PREPARED_STMT_COUNT_REACHED
+
+
+async def _prepare(s, be, name: str, packet: bytes) -> bytes:
+    """The response to COM_STMT_PREPARE `packet` on `be` (server `name`). A server at its
+    max_prepared_stmt_count (1461) is asked again after every worker closed the statements its
+    shared connections keep prepared there (a cache the client would not have directly; ProxySQL's
+    users meet this error from its statement cache), a few times, as the closes reach the server
+    on other connections."""
+    resp = await be.command(packet, PREPARE)
+    if not _at_statement_limit(resp) or be.closed:
+        return resp
+    w = s.worker
+    freed = w.shared.forget_statements(name) if w.shared is not None else 0
+    if w.peers is not None:
+        freed += await w.peers.free_statements(name)
+    if not freed:
+        return resp
+    log.info("%s refused a prepare at its max_prepared_stmt_count: closed the %d statement(s) rwproxy's shared "
+             "connections kept prepared there", name, freed)
+    for pause in (0.0, 0.02, 0.1, 0.3):
+        await asyncio.sleep(pause)
+        resp = await be.command(packet, PREPARE)
+        if not _at_statement_limit(resp) or be.closed:
+            break
+    return resp
+
+
 async def stmt_packet(s, pkt, sid: int, name: str, be, quiet: bool = False):
     """The statement command `pkt` for backend `name`, preparing the statement there first if
     needed. None when that fails; the client is told why unless `quiet` (the proxy's own replay)."""
@@ -96,7 +129,7 @@ async def stmt_packet(s, pkt, sid: int, name: str, be, quiet: bool = False):
         return None
     bid = stmt.ids.get(name)
     if bid is None:
-        resp = await be.command(stmt.prepare_packet, PREPARE)
+        resp = await _prepare(s, be, name, stmt.prepare_packet)
         if resp[4] == 0xFF:
             if not quiet:
                 s.write(resp[:3] + b"\x01" + resp[4:])
@@ -128,7 +161,7 @@ async def prepare(s, pkt) -> None:
             raise
         name = s.writer()
         be = await s.backend_for(name)
-    resp = await be.command(pkt, PREPARE)
+    resp = await _prepare(s, be, name, pkt)
     if resp[4] == 0x00:
         nparams = int.from_bytes(resp[11:13], "little")
         stmt = Stmt(sql, cls, pkt, nparams)

@@ -84,6 +84,18 @@ def try_shared(s, cmd) -> bool:
     return True
 
 
+def prepare_refused(s, line) -> None:
+    """The statement's PREPARE on shared connection `line` was refused at the server's
+    max_prepared_stmt_count (1461), so its execute never ran; the shared connections of this
+    worker have closed what they kept prepared there. The statement runs on the session's own
+    connection, whose prepare has every worker close theirs and tries again (prepared.py), as
+    a client connected to the server directly would not be refused for rwproxy's cache."""
+    cmd = s.inflight
+    s.shared_on = s.shared_entry = None
+    s.worker.router.balancer.finished(line.server.name)
+    s.spawn(slowpath.send(s, cmd, s.is_writer(cmd.server)))
+
+
 def share_key(s, name: str) -> tuple:
     """The key of the shared connections to `name` that session `s` may use: sessions share only
     with sessions of the same user, capabilities, charset, login database and SET/USE history

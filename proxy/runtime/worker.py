@@ -27,7 +27,7 @@ from proxy.protocol import auth
 from proxy.routing.classify import Classifier
 from proxy.routing.router import Router
 from proxy.frontend.accounts import ServerAccounts
-from proxy.frontend import idle, kill
+from proxy.frontend import idle, kill, sharing
 from proxy.frontend.kill import Peers
 from proxy.frontend.reader import COMMAND
 from proxy.frontend.session import ClientConnection
@@ -77,6 +77,7 @@ class Worker:
                        if config.pool.multiplex else None)
         if self.shared is not None:
             self.pools.shed = self.shared.shed
+            self.shared.on_refused = sharing.prepare_refused
         self.users = {u.name: u for u in config.users}
         self.gtid_learned = [0, 0]  # GTIDs of writes read from their OK packet, asked for after (gtid mode)
         self.holders: set = set()  # sessions that hold backend connections of their own (idle_release looks at these)

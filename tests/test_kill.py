@@ -338,3 +338,50 @@ def test_a_killed_session_sees_its_connection_close_without_an_answer(proxy, clu
         got[name] = outcomes
     assert got["direct"] == [2013] * 6, got
     assert got["rwproxy"] == got["direct"], got
+
+
+def _multi_results(conn, sql):
+    """Every result set of a multi-statement, or the error that ended it (code, message)."""
+    try:
+        with conn.cursor() as cur:
+            cur.execute(sql)
+            out = [cur.fetchall()]
+            while cur.nextset():
+                out.append(cur.fetchall())
+            return out
+    except pymysql.MySQLError as e:
+        return e.args[:2]
+
+
+def test_kill_inside_a_multi_statement_answers_as_on_the_server(proxy, cluster):
+    """KILL among other statements of a multi-statement (node-mysql2's tests send
+    `KILL ?; SELECT SLEEP(0.05)` to end a pooled connection) names rwproxy's session ids: rwproxy
+    carries it out and the rest runs with what the KILL answered. Sent as it was, the server said
+    "Unknown thread id" for every session id (and a small id named another backend thread)."""
+    from pymysql.constants import CLIENT
+
+    got = {}
+    for name, port in (("direct", cluster.primary.port), ("rwproxy", proxy.port)):
+        kw = dict(host="127.0.0.1", port=port, user="app", password="app", database="app",
+                  client_flag=CLIENT.MULTI_STATEMENTS)
+        killer, victim = pymysql.connect(**kw), pymysql.connect(**kw)
+        try:
+            out = [_multi_results(killer, f"KILL {victim.thread_id()}; SELECT 7 AS after_kill")]
+            try:
+                with victim.cursor() as cur:
+                    cur.execute("SELECT 1")
+                out.append("victim alive")
+            except (pymysql.err.OperationalError, pymysql.err.InterfaceError) as e:
+                out.append(e.args[0])
+            for sql in ("KILL 999999999; SELECT 8", "SELECT 'a;b' AS `c;d` /* ; */; KILL QUERY 999999998",
+                        "KILL QUERY 999999999 ; SELECT 9", f"KILL QUERY {killer.thread_id()}; SELECT 10",
+                        "KILL 'x'; SELECT 11"):
+                out.append(_multi_results(killer, sql))
+            out.append(_multi_results(killer, f"KILL CONNECTION {killer.thread_id()}; SELECT 12"))
+            out.append(_multi_results(killer, "SELECT 13"))
+        finally:
+            killer.close()
+            victim.close()
+        got[name] = out
+    assert got["direct"][:2] == [[[], ((7,),)], 2013], got
+    assert got["rwproxy"] == got["direct"], got

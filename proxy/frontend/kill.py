@@ -28,12 +28,12 @@ import socket
 
 from proxy.backend.connection import BackendError
 from proxy.backend.opening import connect
-from proxy.routing.classify import F_MULTI, READ
+from proxy.routing.classify import F_MULTI, READ, statement_texts
 from proxy.protocol.constants import (
     COM_QUERY, DEFAULT_CHARSET, ER_CONNECTION_KILLED, ER_KILL_DENIED_ERROR, ER_NO_SUCH_THREAD, ER_QUERY_INTERRUPTED,
     ER_UNKNOWN_ERROR, ER_WRONG_ARGUMENTS,
 )
-from proxy.protocol.packets import ProtocolError, command, err_packet, execute_int_param, ok_packet, parse_err
+from proxy.protocol.packets import ProtocolError, command, execute_int_param, ok_packet, parse_err
 from proxy.protocol.scan import SIMPLE
 
 log = logging.getLogger("rwproxy.kill")
@@ -259,11 +259,47 @@ class Peers:
 
 def kill_statement(s, pkt, flags: int) -> bool:
     """Take a numeric KILL statement off the normal path; False for anything else."""
-    k = None if flags & F_MULTI else parse_kill(bytes(pkt[5:]))
+    if flags & F_MULTI:
+        texts = statement_texts(bytes(pkt[5:]))  # (None: it does not lex; the server's syntax error answers)
+        if not texts or not any((k := parse_kill(t)) is not None and k[1] is not None for t in texts):
+            return False
+        s.spawn(kill_in_multi(s, texts))
+        return True
+    k = parse_kill(bytes(pkt[5:]))
     if k is None or k[1] is None:  # (`KILL ?` as text: the server's syntax error)
         return False
     s.spawn(kill(s, *k))
     return True
+
+
+async def kill_in_multi(s, texts: list[bytes]) -> None:
+    """A multi-statement with KILLs in it (node-mysql2's tests send `KILL ?; SELECT SLEEP(0.05)`):
+    the ids are rwproxy's, so rwproxy carries the KILLs out, before the rest runs, and the session
+    then runs the multi-statement with each KILL replaced by what answers as it did: DO 0 (an OK
+    packet) or a SIGNAL of its error, with nothing after it, as a server stops a multi-statement
+    at its first error. Sent as it was, the server answered 1094 for rwproxy's ids, and a small id
+    named some other backend thread."""
+    out = []
+    for sql in texts:
+        k = parse_kill(sql)
+        if k is None or k[1] is None:
+            out.append(sql)
+            continue
+        res = await kill_outcome(s, *k)
+        if s.closed:
+            return
+        if res is None:
+            out.append(b"DO 0")
+            continue
+        if k[0] and k[1] == s.conn_id:  # its own connection: the server ends it at once
+            s.send_error(*res)
+            return s.close()
+        code, state, message = res
+        state = state.decode() if isinstance(state, bytes) else state
+        out.append(f"SIGNAL SQLSTATE '{state}' SET MYSQL_ERRNO = {int(code)}, "
+                   f"MESSAGE_TEXT = '{message.replace(chr(39), chr(39) * 2)}'".encode())
+        break
+    s.reader.put_back(command(COM_QUERY, b"; ".join(out)))
 
 
 def kill_prepared(s, stmt, pkt) -> None:
@@ -283,12 +319,22 @@ def kill_prepared(s, stmt, pkt) -> None:
 
 async def kill(s, connection: bool, target: int) -> None:
     """KILL [QUERY | CONNECTION] <target> from session `s`, answered as the server would."""
+    res = await kill_outcome(s, connection, target)
+    if res is None:
+        return s.write(ok_packet(1, s.status))
+    s.send_error(*res)
+    if connection and target == s.conn_id:  # as the server does for one's own id
+        s.close()
+
+
+async def kill_outcome(s, connection: bool, target: int):
+    """Carry out KILL [QUERY | CONNECTION] <target> from session `s`: None when done, else the
+    server's error for it (code, sqlstate, message)."""
     w = s.worker
     if target == s.conn_id:  # as the server does for one's own id
         if connection:
-            s.write(err_packet(1, ER_CONNECTION_KILLED, "Connection was killed", s.caps))
-            return s.close()
-        return s.write(err_packet(1, ER_QUERY_INTERRUPTED, "Query execution was interrupted", s.caps))
+            return (*ER_CONNECTION_KILLED, "Connection was killed")
+        return (*ER_QUERY_INTERRUPTED, "Query execution was interrupted")
     res = await _kill_on(s, w.worker_of(target), target, connection, False)
     if res is MISSING:
         # not a session id: a backend thread id of one of rwproxy's sessions (CONNECTION_ID())?
@@ -297,11 +343,8 @@ async def kill(s, connection: bool, target: int) -> None:
             if res is not MISSING:
                 break
     if res is MISSING:
-        s.write(err_packet(1, ER_NO_SUCH_THREAD, f"Unknown thread id: {target}", s.caps))
-    elif res is not None:
-        s.send_error(*res)
-    else:
-        s.write(ok_packet(1, s.status))
+        return (*ER_NO_SUCH_THREAD, f"Unknown thread id: {target}")
+    return res
 
 
 async def _kill_on(s, owner, target: int, connection: bool, by_thread: bool):

@@ -73,6 +73,11 @@ class PacketReader:
         self.buf = buf[end:]
         return pkt
 
+    def put_back(self, pkt: bytes) -> None:
+        """A command (raw, headers included) to take next, before what the client sent after it
+        (a multi-statement rwproxy rewrote: frontend/kill.py)."""
+        self.buf = pkt + self.buf
+
     def commands_taken(self) -> None:
         """The session stopped taking commands (busy, closed or out of packets): resume reading if
         what is buffered fits the limit again, or refuse the oversized packet now at its head."""

@@ -263,6 +263,20 @@ def replayable_part(sql: bytes, name: str) -> bytes | None:
         return None
 
 
+def statement_texts(sql: bytes) -> list[bytes] | None:
+    """The statements of a multi-statement text, each as its code text (comments dropped,
+    executable comments unwrapped), in order; None when it does not lex (an open quote or
+    comment: the server's syntax error is the answer)."""
+    try:
+        code, _ = code_text(sql.decode("utf-8", "surrogateescape"))
+        toks, broken = tokenize(code)
+        if broken:
+            return None
+        return [code[st[0].start:st[-1].end].encode("utf-8", "surrogateescape") for st in split_statements(toks)]
+    except Exception:  # never let a classifier bug break the session
+        return None
+
+
 def _to_bytes(sql) -> bytes:
     if isinstance(sql, str):
         return sql.encode("utf-8", "surrogateescape")

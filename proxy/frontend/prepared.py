@@ -58,7 +58,8 @@ def execute(s, pkt) -> None:
             # The server takes a direct execution only with its parameters' types (they
             # cannot have been sent before), whatever an earlier execute sent
             return s.send_error(*ER_MALFORMED_PACKET, "Malformed communication packet")
-    stmt = s.stmts.stmts.get(sid)
+    else:
+        stmt = s.stmts.stmts.get(sid)
     if stmt is None:
         return s.send_error(*_unknown(sid, COM_STMT_EXECUTE))
     if stmt.kill is not None:

@@ -32,7 +32,8 @@ from pathlib import Path
 
 import pymysql
 
-from proxy.config.load import build_config, write_config
+from proxy.config.emit import toml_value
+from proxy.config.load import build_config
 from proxy.runtime.launcher import ProxyProcess, free_port
 from proxy.protocol.scan import Scanner
 from proxy.testing.rawclient import RawClient
@@ -221,8 +222,22 @@ def write_mode_config(mode: str, port: int, workers: int, cluster, tmp: str) -> 
     if base_mode(mode).endswith("-tls"):
         data["backend_tls"] = {"mode": "verify_identity", "ca": str(cluster.tls_dir / "ca.pem")}
     path = str(Path(tmp) / f"rwproxy-{mode.replace('@', '-')}.toml")
-    write_config(build_config(data, source=path), path)
+    build_config(data, source=path)  # (validated by this tree)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as fh:
+        fh.write(minimal_toml(data))
     return path
+
+
+def minimal_toml(data: dict) -> str:
+    """Only the keys a mode sets, the rest left to the defaults: a baseline checkout (MODE@before)
+    may predate keys this tree's full config text names, and would refuse them as unknown."""
+    lines: list[str] = []
+    for section, body in data.items():
+        for item in body if isinstance(body, list) else [body]:
+            lines.append(f"[[{section}]]" if isinstance(body, list) else f"[{section}]")
+            lines += [f"{k} = {toml_value(v)}" for k, v in item.items()]
+    return "\n".join(lines) + "\n"
 
 
 def big_result_summary(rounds: list[dict], background_ms_per_s: float) -> dict:

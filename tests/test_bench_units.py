@@ -7,7 +7,8 @@ import itertools
 
 import pytest
 
-from benchmarks.run import round_order
+from benchmarks.run import minimal_toml, round_order
+from proxy.config.load import parse_config
 
 
 @pytest.mark.parametrize("n", [1, 2, 3, 4, 5, 6])
@@ -33,3 +34,19 @@ def test_a_plain_rotation_would_not_be_fair():
     assert after_direct == {"split"}
     fair = {o[o.index("direct") + 1] for r in range(4) if (o := round_order(items, r)).index("direct") < 3}
     assert len(fair) == 3
+
+
+def test_a_modes_config_names_only_what_the_mode_sets():
+    """A baseline checkout (MODE@before) refuses keys it predates, so the runner writes only the
+    keys a mode sets; the text must still mean what the mode asked for."""
+    data = {"proxy": {"listen": "127.0.0.1:7001", "workers": 2, "cpu_affinity": "none"},
+            "backends": [{"name": "node1", "host": "127.0.0.1", "port": 7002},
+                         {"name": "node2", "host": "127.0.0.1", "port": 7003}],
+            "users": [{"name": "app", "password": "app"}],
+            "monitor": {"user": "rwproxy", "password": "rwproxy"},
+            "routing": {"read_write_split": True}, "failover": {"auto_failover": False}}
+    text = minimal_toml(data)
+    assert "[proxy.tls]" not in text and "max_prepared_per_connection" not in text
+    cfg = parse_config(text, "mode.toml")
+    assert [b.port for b in cfg.backends] == [7002, 7003]
+    assert cfg.proxy.workers == 2 and cfg.routing.read_write_split and not cfg.failover.auto_failover

@@ -603,6 +603,40 @@ def test_accounts_only_the_server_knows_log_in_without_rwproxy_knowing_the_passw
             cur.execute("DROP USER IF EXISTS 'runtime_ed'@'%'")
 
 
+def test_a_database_with_the_servers_collation_is_not_selected_again_at_every_reset(cluster, tmp_path):
+    """Selecting the database again after each reset (below) is needed only for a database whose
+    collation is not the server's: the pool learns which (per server and database, for 30 s) and
+    skips it otherwise. At 1,024 point-select threads the two answers of every release cost 3-7 %
+    more CPU per statement (benchmarks/results/pool-reset-ab-2026-12-07.md)."""
+    def changes() -> int:
+        return int(cluster.primary.status_vars("Com_change_db")["Com_change_db"])
+
+    server_coll = cluster.primary.variable("collation_server")
+    p = start_proxy(cluster, tmp_path, proxy={"workers": 1})
+    try:
+        rows = cluster.primary.query("SELECT DEFAULT_COLLATION_NAME AS c FROM information_schema.SCHEMATA "
+                                     "WHERE SCHEMA_NAME = 'app'")
+        assert rows[0]["c"] == server_coll, "the sandbox's app database should have the server's collation"
+        before, threads = changes(), set()
+        for _ in range(5):
+            c = pymysql.connect(host="127.0.0.1", port=p.port, user="app", password="app", database="app")
+            try:
+                with c.cursor() as cur:
+                    cur.execute("BEGIN")  # on the session's primary connection, which goes back to the pool
+                    cur.execute("SELECT @@collation_database, CONNECTION_ID()")
+                    coll, thread = cur.fetchone()
+                    cur.execute("COMMIT")
+            finally:
+                c.close()
+            assert coll == server_coll
+            threads.add(thread)
+            time.sleep(0.3)  # the reset runs after the client leaves
+        assert len(threads) < 4, "connections were not reused: the test proves nothing"
+        assert changes() - before <= 1, "the database was selected again at every reset (one is the first, which learns)"
+    finally:
+        p.process.stop()
+
+
 def test_a_pooled_connection_shows_the_databases_own_collation(cluster, tmp_path):
     """COM_RESET_CONNECTION keeps a connection's database but sets @@collation_database and
     @@character_set_database to the server's defaults. rwproxy resets a connection before the

@@ -160,6 +160,7 @@ def rare_flags(s, cmd, on_primary: bool) -> None:
         s.backends[cmd.server].db_touched = True
     if on_primary:
         dropped = [p.db for p in cls.parts if p.flags & C.F_DROP_DB] if cls.parts else [cls.db]
+        s.worker.pools.forget_collations(dropped)  # (created again, it may have another)
         if s.db is not None and s.db in dropped:
             # The server leaves the session without a current database (DATABASE() is NULL, an
             # unqualified table is ERROR 1046); its other connections still have it selected, and

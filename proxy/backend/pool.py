@@ -173,8 +173,8 @@ class Pools:
         # changed (COM_INIT_DB, USE) or dropped: put back the one this pool key promises.
         # The reset also sets @@collation_database and @@character_set_database to the
         # server's defaults, so a database with a collation of its own is selected again
-        # even when untouched (in the reset's write: one round trip, but two answers, which
-        # cost 3-7 % more CPU per statement at 1,024 threads, pool-reset-ab-2026-12-07).
+        # even when untouched (in the reset's write: one round trip, but a second answer to
+        # wait for, often in a wakeup of its own); one with the server's collation is not.
         db = conn.key[4]
         ok = not (db is None and conn.db_touched)  # (a database cannot be unselected)
         again = db is not None and (conn.db_touched or not self._collation_is_servers(conn.server.name, db))

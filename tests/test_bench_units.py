@@ -7,7 +7,7 @@ import itertools
 
 import pytest
 
-from benchmarks.run import minimal_toml, round_order
+from benchmarks.run import balanced_rounds, minimal_toml, round_order
 from proxy.config.load import parse_config
 
 
@@ -50,3 +50,20 @@ def test_a_modes_config_names_only_what_the_mode_sets():
     cfg = parse_config(text, "mode.toml")
     assert [b.port for b in cfg.backends] == [7002, 7003]
     assert cfg.proxy.workers == 2 and cfg.routing.read_write_split and not cfg.failover.auto_failover
+
+
+@pytest.mark.parametrize("n", [2, 3, 4, 5])
+def test_balanced_rounds_balance_the_order(n):
+    """Over balanced_rounds(n) rounds each entry follows each other one equally often; over n
+    rounds of an odd n it does not (direct, A and B over 3 rounds: A followed direct twice)."""
+    def follows(rounds):
+        seen = {}
+        for r in range(rounds):
+            row = round_order(list(range(n)), r)
+            for a, b in zip(row, row[1:]):
+                seen[(a, b)] = seen.get((a, b), 0) + 1
+        return seen
+    full = follows(balanced_rounds(n))
+    assert len(full) == n * (n - 1) and len(set(full.values())) == 1
+    if n % 2:
+        assert len(set(follows(n).values())) > 1 or len(follows(n)) < n * (n - 1)

@@ -603,6 +603,21 @@ def test_accounts_only_the_server_knows_log_in_without_rwproxy_knowing_the_passw
             cur.execute("DROP USER IF EXISTS 'runtime_ed'@'%'")
 
 
+def _pooled_primary_row(port: int, db: str, sql: str) -> tuple:
+    """`sql`'s row in a new session of app in `db`, run in a transaction: on the session's primary
+    connection, which goes back to the pool when the client leaves."""
+    c = pymysql.connect(host="127.0.0.1", port=port, user="app", password="app", database=db)
+    try:
+        with c.cursor() as cur:
+            cur.execute("BEGIN")
+            cur.execute(sql)
+            row = cur.fetchone()
+            cur.execute("COMMIT")
+            return row
+    finally:
+        c.close()
+
+
 def test_a_database_with_the_servers_collation_is_not_selected_again_at_every_reset(cluster, tmp_path):
     """Selecting the database again after each reset (below) is needed only for a database whose
     collation is not the server's: the pool learns which (per server and database, for 30 s) and
@@ -619,15 +634,7 @@ def test_a_database_with_the_servers_collation_is_not_selected_again_at_every_re
         assert rows[0]["c"] == server_coll, "the sandbox's app database should have the server's collation"
         before, threads = changes(), set()
         for _ in range(5):
-            c = pymysql.connect(host="127.0.0.1", port=p.port, user="app", password="app", database="app")
-            try:
-                with c.cursor() as cur:
-                    cur.execute("BEGIN")  # on the session's primary connection, which goes back to the pool
-                    cur.execute("SELECT @@collation_database, CONNECTION_ID()")
-                    coll, thread = cur.fetchone()
-                    cur.execute("COMMIT")
-            finally:
-                c.close()
+            coll, thread = _pooled_primary_row(p.port, "app", "SELECT @@collation_database, CONNECTION_ID()")
             assert coll == server_coll
             threads.add(thread)
             time.sleep(0.3)  # the reset runs after the client leaves
@@ -649,15 +656,8 @@ def test_a_pooled_connection_shows_the_databases_own_collation(cluster, tmp_path
     try:
         threads = set()
         for _ in range(3):
-            c = pymysql.connect(host="127.0.0.1", port=p.port, user="app", password="app", database="coll_db")
-            try:
-                with c.cursor() as cur:
-                    cur.execute("BEGIN")  # on the session's primary connection, which goes back to the pool
-                    cur.execute("SELECT @@collation_database, @@character_set_database, CONNECTION_ID()")
-                    coll, charset, thread = cur.fetchone()
-                    cur.execute("COMMIT")
-            finally:
-                c.close()
+            coll, charset, thread = _pooled_primary_row(
+                p.port, "coll_db", "SELECT @@collation_database, @@character_set_database, CONNECTION_ID()")
             assert (coll, charset) == ("latin1_swedish_ci", "latin1")
             threads.add(thread)
             time.sleep(0.5)  # the reset runs after the client leaves

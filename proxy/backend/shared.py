@@ -34,7 +34,7 @@ from proxy.backend.connection import BackendConnection, BackendError
 from proxy.backend.opening import connect
 from proxy.logs import clean
 from proxy.protocol.constants import ER_QUERY_INTERRUPTED
-from proxy.protocol.packets import stmt_close
+from proxy.protocol.packets import at_statement_limit, stmt_close
 from proxy.protocol.scan import PREPARE
 
 log = logging.getLogger("rwproxy.shared")
@@ -179,7 +179,7 @@ class SharedBackend(BackendConnection):
                 b = e.buf
                 if nxt is not None:  # its execute (id -1) fails as "unknown statement": tell the real reason
                     nxt.substitute = bytes(b[:3]) + b"\x01" + bytes(b[4:])
-                if b[5:7] == b"\xb5\x05":  # 1461, max_prepared_stmt_count: make room for the next try
+                if at_statement_limit(b):  # make room for the next try
                     self.lines.forget_statements(self.server.name)
                 return
             self.ps[e.sql] = sc.stmt_id
@@ -192,7 +192,7 @@ class SharedBackend(BackendConnection):
             return
         self.lines.statements += 1
         if e.substitute is not None:
-            if e.substitute[5:7] == b"\xb5\x05" and self.lines.on_refused is not None:  # 1461
+            if at_statement_limit(e.substitute) and self.lines.on_refused is not None:
                 return self.lines.on_refused(c, self)
             c.write(e.substitute)
         elif e.cancelled:

@@ -272,6 +272,11 @@ def kill_statement(s, pkt, flags: int) -> bool:
     return True
 
 
+def _sql_string(text: str) -> str:
+    """`text` inside a single-quoted SQL string (the server's own error text, bounded)."""
+    return text[:512].replace("\\", "\\\\").replace("'", "''")
+
+
 async def kill_in_multi(s, texts: list[bytes]) -> None:
     """A multi-statement with KILLs in it (node-mysql2's tests send `KILL ?; SELECT SLEEP(0.05)`):
     the ids are rwproxy's, so rwproxy carries the KILLs out, before the rest runs, and the session
@@ -297,7 +302,7 @@ async def kill_in_multi(s, texts: list[bytes]) -> None:
         code, state, message = res
         state = state.decode() if isinstance(state, bytes) else state
         out.append(f"SIGNAL SQLSTATE '{state}' SET MYSQL_ERRNO = {int(code)}, "
-                   f"MESSAGE_TEXT = '{message.replace(chr(39), chr(39) * 2)}'".encode())
+                   f"MESSAGE_TEXT = '{_sql_string(message)}'".encode())
         break
     s.reader.put_back(command(COM_QUERY, b"; ".join(out)))
 

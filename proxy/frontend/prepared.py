@@ -16,7 +16,7 @@ from proxy.protocol.constants import (
     COM_STMT_BULK_EXECUTE, COM_STMT_CLOSE, COM_STMT_EXECUTE, COM_STMT_FETCH, COM_STMT_RESET, COM_STMT_SEND_LONG_DATA,
     ER_MALFORMED_PACKET, ER_UNKNOWN_STMT_HANDLER, ER_UNSUPPORTED_PS, MARIADB_CLIENT_STMT_BULK_OPERATIONS,
 )
-from proxy.protocol.packets import logical_payload, stmt_close
+from proxy.protocol.packets import at_statement_limit, logical_payload, stmt_close
 from proxy.protocol.scan import CURSOR, PREPARE, RESULT, ROWS, SIMPLE
 from proxy.routing import classify as C
 from proxy.routing.router import WRITER
@@ -25,7 +25,6 @@ from proxy.routing.statements import DIRECT_ID, Stmt
 _STMT_NAMES = {COM_STMT_EXECUTE: "execute", COM_STMT_FETCH: "fetch", COM_STMT_RESET: "reset",
                COM_STMT_BULK_EXECUTE: "execute"}  # (as the server names the bulk one)
 _SESSION_READ = C.Classification(C.READ, 0, "")
-ER_MAX_PREPARED_STMT_COUNT_REACHED = (1461).to_bytes(2, "little")
 
 log = logging.getLogger("rwproxy.prepared")
 
@@ -91,10 +90,6 @@ def bulk_execute(s, pkt) -> None:
     s.dispatch(pkt, C.Classification(C.WRITE, stmt.cls.flags, stmt.cls.digest), RESULT, sid)
 
 
-def _at_statement_limit(resp: bytes) -> bool:
-    return resp[4] == 0xFF and resp[5:7] == ER_MAX_PREPARED_STMT_COUNT_REACHED
-
-
 async def _prepare(s, be, name: str, packet: bytes) -> bytes:
     """The response to COM_STMT_PREPARE `packet` on `be` (server `name`). A server at its
     max_prepared_stmt_count (1461) is asked again after every worker closed the statements its
@@ -102,7 +97,7 @@ async def _prepare(s, be, name: str, packet: bytes) -> bytes:
     users meet this error from its statement cache), a few times, as the closes reach the server
     on other connections."""
     resp = await be.command(packet, PREPARE)
-    if not _at_statement_limit(resp) or be.closed:
+    if not at_statement_limit(resp) or be.closed:
         return resp
     w = s.worker
     freed = w.shared.forget_statements(name) if w.shared is not None else 0
@@ -115,7 +110,7 @@ async def _prepare(s, be, name: str, packet: bytes) -> bytes:
     for pause in (0.0, 0.02, 0.1, 0.3):
         await asyncio.sleep(pause)
         resp = await be.command(packet, PREPARE)
-        if not _at_statement_limit(resp) or be.closed:
+        if not at_statement_limit(resp) or be.closed:
             break
     return resp
 

@@ -166,6 +166,7 @@ ER_UNKNOWN_STMT_HANDLER = (1243, b"HY000")
 ER_WRONG_ARGUMENTS = (1210, b"HY000")  # "Incorrect arguments to mysqld_stmt_execute": a malformed execute
 ER_UNSUPPORTED_PS = (1295, b"HY000")
 ER_MALFORMED_PACKET = (1835, b"HY000")
+ER_MAX_PREPARED_STMT_COUNT_REACHED = 1461  # a server refused a prepare at its max_prepared_stmt_count
 ER_NOT_SUPPORTED_AUTH_MODE = (1251, b"08004")
 ER_SECURE_TRANSPORT_REQUIRED = (3159, b"HY000")
 ER_UNKNOWN_ERROR = (1105, b"HY000")

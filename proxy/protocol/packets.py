@@ -15,6 +15,7 @@ from proxy.protocol.constants import (
     CLIENT_PROTOCOL_41,
     COM_STMT_CLOSE,
     CLIENT_SESSION_TRACK,
+    ER_MAX_PREPARED_STMT_COUNT_REACHED,
     MAX_PACKET,
     SERVER_SESSION_STATE_CHANGED,
 )
@@ -349,3 +350,8 @@ def first_value(resp: bytes) -> bytes | None:
     """The first column of the first row of a text result set (the proxy's own queries)."""
     rows = text_rows(resp)
     return rows[0][0] if rows else None
+
+
+def at_statement_limit(framed: bytes) -> bool:
+    """A framed response that is ERROR 1461: the server is at its max_prepared_stmt_count."""
+    return framed[4:5] == b"\xff" and int.from_bytes(framed[5:7], "little") == ER_MAX_PREPARED_STMT_COUNT_REACHED

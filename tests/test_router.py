@@ -151,3 +151,117 @@ def test_a_write_digest_shares_once_confirmed_and_only_if_plain_dml():
     assert not p.learn("INSERT INTO t VALUES (?)", 11, 0.0001, True, write=True)  # warnings: never
     assert not p.learn("SELECT v FROM t", 50, 0.0001, False)  # reads need no confirmation
     assert p.shareable("SELECT v FROM t") is not None
+
+
+# ---- session read-your-writes past the window: only where the write is known applied ---------
+
+def test_past_the_window_a_session_that_wrote_reads_only_where_its_write_is_known_applied():
+    import time as _time
+
+    from proxy.cluster.progress import NO_PROOF, Progress
+    from proxy.cluster.topology import PRIMARY, Topology
+    from proxy.config.load import build_config
+    from proxy.routing.classify import Classifier
+    from proxy.routing.router import WRITER, Router, Why
+    from proxy.routing.state import SessionState
+
+    cfg = build_config({
+        "proxy": {"listen": "127.0.0.1:6033"},
+        "backends": [{"name": f"node{i}", "host": "127.0.0.1", "port": 3305 + i} for i in (1, 2, 3)],
+        "users": [{"name": "app", "password": "app"}],
+        "routing": {"read_your_writes": "session", "read_your_writes_window": 1.0},
+    })
+    servers = {"node1": ServerState("node1", "127.0.0.1", 3306, role=PRIMARY)}
+    servers.update({r.name: r for r in reps(("node2", 1, 0.0), ("node3", 1, 0.0))})
+    topo = Topology(servers)
+    router = Router(cfg)
+    board = router.progress = Progress(["node1", "node2", "node3"])
+    st = SessionState(cfg.users[0], cfg.routing.read_your_writes, cfg.routing.max_session_history)
+    read = Classifier().classify(b"SELECT v FROM t WHERE id = 1")
+
+    def where():
+        p = router.plan(st, read, topo)
+        return p.target, p.why
+
+    assert {where()[0] for _ in range(10)} == {"node2", "node3"}  # never wrote: the board is not asked
+    st.last_write = _time.monotonic()
+    board.record("node2", 0.0)
+    board.record("node3", 0.0)
+    assert where() == (WRITER, Why.RYW_WINDOW)  # inside the window nothing changes
+    st.last_write -= 2.0  # past the window: neither replica is known to hold the write
+    assert {where() for _ in range(10)} == {(WRITER, Why.RYW_UNPROVEN)}
+    board.record("node3", st.last_write + 0.001)  # node3's check proved it applied
+    assert {where() for _ in range(10)} == {("node3", Why.READ)}
+    board.record("node2", st.last_write)
+    assert {where()[0] for _ in range(10)} == {"node2", "node3"}
+    st.failed_servers = frozenset({"node2", "node3"})  # (both failed this statement: the writer)
+    assert where()[0] is WRITER
+    st.failed_servers = frozenset()
+    board.record("node2", 0.0)
+    board.record("node3", NO_PROOF)  # no heartbeat to bound its lag: the window alone decides
+    assert {where()[0] for _ in range(10)} == {"node3"}
+    router.progress = None  # master-master (and tests without a board): the window alone
+    board.record("node3", 0.0)
+    assert {where()[0] for _ in range(10)} == {"node2", "node3"}
+
+
+def test_the_progress_board_is_shared_with_forked_workers_and_follows_the_lag_bound():
+    import os
+
+    from proxy.cluster.monitor.lag import LagReading
+    from proxy.cluster.progress import NO_PROOF, Progress, applied_stamp
+
+    board = Progress(["a", "b"])
+    assert board.applied("a") == NO_PROOF and board.applied("unknown") == NO_PROOF
+    pid = os.fork()
+    if pid == 0:  # the monitor's side lives in another process than the routers
+        board.record("b", 123.5)
+        os._exit(0)
+    os.waitpid(pid, 0)
+    assert board.applied("b") == 123.5 and board.applied("a") == NO_PROOF
+    board.add(["c", "a"])  # a reload adds a server: a slot of its own, the others unchanged
+    assert board.slots == {"a": 0, "b": 1, "c": 2} and board.applied("c") == NO_PROOF
+    assert applied_stamp(10.0, LagReading(250.0, "heartbeat", 0.0, 400.0)) == 10.0 - 0.4  # the upper bound
+    assert applied_stamp(10.0, LagReading(250.0, "heartbeat", 0.0, None)) is None  # beyond the timeline: keep
+    assert applied_stamp(10.0, LagReading(2000.0, "seconds_behind")) == NO_PROOF
+    assert applied_stamp(10.0, LagReading(200.0, "heartbeat-stale", 0.0, 200.0)) is None  # writer not sampled
+    assert applied_stamp(10.0, LagReading(2000.0, "frozen")) is None
+    assert applied_stamp(10.0, None) is None
+
+
+def test_gtid_mode_skips_the_wait_on_a_replica_proven_to_hold_the_write():
+    """The topology's positions reach a worker about once a second; the monitor's proof as soon as a
+    check ends: a replica proven past the write needs no MASTER_GTID_WAIT round trip."""
+    import time as _time
+
+    from proxy.cluster.progress import NO_PROOF, Progress
+    from proxy.cluster.topology import PRIMARY, Topology
+    from proxy.config.load import build_config
+    from proxy.routing.classify import Classifier
+    from proxy.routing.router import Router, Why
+    from proxy.routing.state import SessionState
+
+    cfg = build_config({
+        "proxy": {"listen": "127.0.0.1:6033"},
+        "backends": [{"name": f"node{i}", "host": "127.0.0.1", "port": 3305 + i} for i in (1, 2)],
+        "users": [{"name": "app", "password": "app"}],
+        "routing": {"read_your_writes": "gtid"},
+    })
+    servers = {"node1": ServerState("node1", "127.0.0.1", 3306, role=PRIMARY)}
+    servers.update({r.name: r for r in reps(("node2", 1, 0.0))})  # (its position: unknown to this snapshot)
+    topo = Topology(servers)
+    router = Router(cfg)
+    st = SessionState(cfg.users[0], cfg.routing.read_your_writes, cfg.routing.max_session_history)
+    st.wrote("0-1-7")
+    read = Classifier().classify(b"SELECT v FROM t WHERE id = 1")
+    p = router.plan(st, read, topo)
+    assert (p.target, p.why, p.wait_gtid) == ("node2", Why.GTID_WAIT, True)  # no board: wait there
+    board = router.progress = Progress(["node1", "node2"])
+    p = router.plan(st, read, topo)
+    assert (p.target, p.why, p.wait_gtid) == ("node2", Why.GTID_WAIT, True)  # NO_PROOF proves nothing here
+    board.record("node2", st.last_write - 0.01)
+    assert router.plan(st, read, topo).wait_gtid
+    board.record("node2", _time.monotonic())
+    p = router.plan(st, read, topo)
+    assert (p.target, p.why, p.wait_gtid) == ("node2", Why.GTID_CAUGHT_UP, False)
+    assert NO_PROOF > _time.monotonic()

@@ -307,6 +307,45 @@ def test_read_your_writes_with_a_delayed_replica(cluster_factory, tmp_path, mode
         p.process.stop()
 
 
+def test_session_read_your_writes_past_the_window_waits_until_a_replica_is_known_to_hold_the_write(
+        cluster_factory, tmp_path):
+    """The window is a guess: a replica whose lag jumps past max_replica_lag serves reads until a
+    check takes it out of the pool (a Django suite found it: a session read rows its TRUNCATE had
+    removed). Past the window a session that wrote reads from a replica only once the monitor
+    has proven the replica holds the write (cluster/progress.py), from any worker."""
+    cl = _delayed_cluster(cluster_factory, 3)
+    # the delayed replica stays in the read pool (lag 3 s < 30) and the window is short
+    p = start_proxy(cl, tmp_path, proxy={"workers": 2},
+                    routing={"read_your_writes": "session", "read_your_writes_window": 0.2, "max_replica_lag": 30.0})
+    try:
+        wait_for_read_pool(p, timeout=20)
+        rep = cl.replicas[0].port
+        with p.connect(autocommit=True) as c, c.cursor() as cur:
+            cur.execute("SELECT @@port, COUNT(*) FROM ryw")
+            assert cur.fetchone() == (rep, 0)  # reads go to the replica
+            cur.execute("INSERT INTO ryw VALUES (1)")
+            t0 = time.monotonic()
+            time.sleep(0.5)  # past the window; the replica applies the write 3 s after it
+            cur.execute("SELECT @@port, COUNT(*) FROM ryw")
+            assert cur.fetchone() == (cl.primary.port, 1), "a read past the window saw the replica without the write"
+            seen = None
+            while time.monotonic() - t0 < 20:  # once proven, reads go back to the replica
+                cur.execute("SELECT @@port, COUNT(*) FROM ryw")
+                port, n = cur.fetchone()
+                assert n == 1, f"a stale read from {port}"
+                if port == rep:
+                    seen = time.monotonic() - t0
+                    break
+                time.sleep(0.1)
+            assert seen is not None and seen >= 3.0, f"reads did not come back to the replica ({seen})"
+        # another session (on either worker) that never wrote reads from the replica at once
+        with p.connect(autocommit=True) as c2, c2.cursor() as cur:
+            cur.execute("SELECT @@port")
+            assert cur.fetchone() == (rep,)
+    finally:
+        p.process.stop()
+
+
 def test_rules_reject_and_route(cluster, tmp_path):
     rules = [
         {"match": r"^\s*DELETE\s+FROM\s+audit", "route": "reject", "error_code": 1142, "error_message": "deleting audit rows is not allowed"},

@@ -13,6 +13,7 @@ from __future__ import annotations
 import time
 
 from proxy.cluster.gtid import reached
+from proxy.cluster.progress import NO_PROOF
 from proxy.config.schema import (
     BALANCE_LEAST_OUTSTANDING, ROUTE_PRIMARY, ROUTE_REJECT, ROUTE_REPLICA, RYW_GTID, RYW_SESSION,
 )
@@ -47,6 +48,7 @@ class Why:
     NO_SPLIT = "read_write_split off"
     USER_ROUTE = "user default_route"
     RYW_WINDOW = "read-your-writes window"
+    RYW_UNPROVEN = "no replica known to hold its write"
     GTID_CAUGHT_UP = "replica has its GTID"
     GTID_WAIT = "waits for its GTID"
     READ = "read"
@@ -113,6 +115,9 @@ class Router:
         self._plans: dict[tuple, Plan] = {}  # every distinct plan made (few: servers x reasons x flags)
         self.backoff_secs = r.replica_error_backoff
         self.backoff: dict[str, dict[str, float]] = {}  # user -> {replica -> monotonic end of its back-off}
+        # cluster.progress.Progress (primary-replica): past the window, a session that wrote reads
+        # only where its write is known applied; None: the window alone decides
+        self.progress = None
 
     def back_off(self, user: str, server: str) -> bool:
         """`server` refused a connection for `user`: none of that user's new reads go there for
@@ -188,6 +193,9 @@ class Router:
                 target, why, wait = self._gtid_replica(s, topology)
             else:
                 target, why, wait = self._replica(s, topology, Why.READ)
+                if (s.last_write and self.progress is not None and s.ryw_mode == RYW_SESSION
+                        and target is not WRITER and target is not None):
+                    target, why = self._holding_write(s, topology, target)
             if target is None:  # (no replica, and reads may not go to the primary)
                 return Plan(None, why, error=wait)
         to_writer = target is WRITER
@@ -242,11 +250,29 @@ class Router:
         return None, Why.NO_REPLICA, (ER_UNKNOWN_ERROR[0], "HY000",
                                       "no replica is available for reads and reads_on_primary_when_no_replica = false")
 
+    def _holding_write(self, s, topology, pick: str):
+        """(Session mode, past the window) `pick` if the monitor knows it holds the session's last
+        write, else another replica that does, else the writer: a window is only a guess, and a
+        replica whose lag jumps past max_replica_lag serves reads until its next check."""
+        p = self.progress
+        w = s.last_write
+        if p.applied(pick) >= w:
+            return pick, Why.READ
+        excluded = self._excluded(s) if self.backoff else s.failed_servers
+        pool = self._pool if topology is self._topo else self._read_pool(topology)
+        held = [r for r in pool if r.name != pick and r.name not in excluded and p.applied(r.name) >= w]
+        other = self.balancer.pick(held) if held else None
+        return (other.name, Why.READ) if other is not None else (WRITER, Why.RYW_UNPROVEN)
+
     def _gtid_replica(self, s, topology):
-        """A replica known to have applied the session's last write, else one to wait on."""
+        """A replica known to have applied the session's last write, else one to wait on. Known: by
+        its position in the topology (published about once a second), or by the monitor's proof
+        (progress.py, as soon as a check ends), which saves the wait's round trip."""
         excluded = self._excluded(s)
         readers = [r for r in topology.readers if r.name not in excluded]
-        caught_up = [r for r in readers if gtid_covers(r.gtid_slave_pos or r.gtid_current_pos, s.last_gtid)]
+        p, w = self.progress, s.last_write
+        caught_up = [r for r in readers if gtid_covers(r.gtid_slave_pos or r.gtid_current_pos, s.last_gtid)
+                     or (p is not None and w <= p.applied(r.name) < NO_PROOF)]
         pick = self.balancer.pick(caught_up) if caught_up else None
         if pick is not None:
             return pick.name, Why.GTID_CAUGHT_UP, False

@@ -13,6 +13,7 @@ import os
 import threading
 import time
 
+from proxy.cluster.progress import Progress
 from proxy.cluster.topology import MASTER, PRIMARY, REPLICA, UP
 from proxy.config import diff
 from proxy.config.load import ConfigError, load_config
@@ -46,6 +47,8 @@ class ControlPlane:
         # monitor -> failover (fencing, writes_held) -> publish to the workers
         self.failover = Failover(config, publish)
         self.monitor = self.failover.monitor
+        # what each replica is known to hold, shared with the workers forked later (cluster/progress.py)
+        self.progress = self.monitor.progress = Progress(b.name for b in config.backends)
         self.coord = None  # proxy.coord.Coordinator with [cluster] coordination = "etcd"
         if config.cluster.coordination == "etcd":
             from proxy.coord.coordinator import Coordinator
@@ -224,6 +227,7 @@ class ControlPlane:
             run = diff.effective(old, new)
             t0 = time.monotonic()
             said = self.failover.reconfigure(run)
+            self.progress.add(b.name for b in run.backends)
             self.config = run
             self.config_version += 1
             self.events.resize(run.stats.events)

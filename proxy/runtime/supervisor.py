@@ -184,6 +184,7 @@ def _supervise(socks, topology, server_version, rsa_pem, tls_context, publisher,
                                 tls_context=tls_context)
                 worker.config_version = plane.config_version
                 worker.admission = admission
+                worker.use_progress(plane.progress)
                 worker.run()
             except BaseException:
                 log.exception("worker %d crashed", i)

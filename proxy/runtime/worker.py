@@ -88,6 +88,7 @@ class Worker:
         self.loop = None
         self._next_id = 1
         self.admission = None  # runtime.admission.Admission (proxy-wide limits), set likewise
+        self.progress = None  # cluster.progress.Progress (what replicas are known to hold), set by use_progress
         self._user_counts: dict[str, int] = {}  # without `admission` (tests): this worker's clients per user
         self._primary_waiters: list = []
         self._topology_waiters: list = []
@@ -312,6 +313,7 @@ class Worker:
             self.classifier = Classifier(r.readonly_functions, r.digest_cache_size)
         balancer = self.router.balancer
         self.router = Router(config)
+        self.use_progress(self.progress)
         balancer.policy = self.router.balancer.policy
         self.router.balancer = balancer  # (its counters are the status figures)
         self.users = {u.name: u for u in config.users}
@@ -338,6 +340,13 @@ class Worker:
         if self.admission is not None:
             self.admission.reconfigure(config.proxy.max_connections, {u.name: u.max_connections for u in config.users})
         return {"ok": True, "worker": self.index}
+
+    def use_progress(self, progress) -> None:
+        """The monitor's board of what each replica holds (session read-your-writes' proof)."""
+        self.progress = progress
+        if progress is not None:
+            progress.add(b.name for b in self.config.backends)  # (reloads: slots as in the control plane)
+            self.router.progress = None if self.multi_master else progress
 
     def drain(self, grace: float, timeout: float) -> dict:
         """rwproxy drain / SIGTERM: keep accepting for `grace` seconds (a load balancer is noticing

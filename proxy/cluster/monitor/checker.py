@@ -31,6 +31,7 @@ from proxy.cluster.monitor import wire
 from proxy.cluster.monitor.node import Node, close_quietly
 from proxy.cluster.monitor.heartbeat import HeartbeatWriting
 from proxy.cluster.monitor.replication import ReplicationReading
+from proxy.cluster.progress import applied_stamp
 from proxy.cluster.sqlerrors import describe
 from proxy.config.diff import readdressed
 from proxy.config.schema import MASTER_MASTER
@@ -77,6 +78,9 @@ class Monitor(Cadence, ReplicationReading, HeartbeatWriting):
         self._tasks: list[asyncio.Future] = []
         self._epoch = 0.0  # time.monotonic() of the first tick (see _on_grid)
         self._admin: dict[str, str] = {}  # server -> "offline" / "maintenance", set by an operator
+        # The board of what each replica is known to have applied (cluster/progress.py), shared with
+        # the workers' routers; set by the control plane before the workers fork.
+        self.progress = None
         # on_overdue(name), on the loop: a writer's check or heartbeat has waited `interval` (failover)
         self.on_overdue: Callable[[str], None] | None = None
 
@@ -406,6 +410,8 @@ class Monitor(Cadence, ReplicationReading, HeartbeatWriting):
             if new.readable and self._admin.get(node.name) == "offline":
                 new = replace(new, readable=False)  # an operator took it out of the read pool
             self._states[node.name] = new
+            if obs.applied_at is not None and self.progress is not None:
+                self.progress.record(node.name, obs.applied_at)
             failing = new.fails != prev.fails and new.fails <= self._fail_cap
             if significant(prev, new, self._gtid_routing) or failing:
                 self._changed(stir=failing or significant(prev, new, False))
@@ -426,6 +432,7 @@ class Monitor(Cadence, ReplicationReading, HeartbeatWriting):
                 node_version = conn[0].get_server_info()
             else:
                 node_version = ""
+            sent = time.monotonic()  # (before the server's NOW(): what the lag proves, progress.py)
             ro, sid, cur_pos, slave_pos, binlog_pos, now, ac, hb_ts = await self._check_query(node, conn[0], pos)
             # `at` is when the server answered: the instant the lag estimate refers to
             obs = Observation(ok=True, at=time.time(), read_only=bool(int(ro)), server_id=int(sid),
@@ -439,6 +446,7 @@ class Monitor(Cadence, ReplicationReading, HeartbeatWriting):
             await self._replication(node, conn[0], obs)
             if obs.replicating:
                 obs.lag = await self._lag(node, conn[0], obs, float(now), hb_ts)
+                obs.applied_at = applied_stamp(sent, obs.lag)
             else:
                 node.hb_merge = False
             return obs

@@ -44,6 +44,7 @@ class Observation:
     heartbeat_period: float | None = None  # Slave_heartbeat_period of the (default) connection
     source_silent: float | None = None  # seconds since it last received anything from its source
     lag: LagReading | None = None
+    applied_at: float | None = None  # monotonic stamp this check proves applied (cluster/progress.py)
 
 
 @dataclass(slots=True)

@@ -148,3 +148,36 @@ def test_minus_one_without_parameter_types_is_malformed_as_on_the_server(proxy):
     via, direct = answers[proxy.port], answers[proxy.cluster.primary.port]
     assert direct[-1] == (1835, "Malformed communication packet")
     assert via == direct
+
+
+def test_statement_commands_too_short_to_name_a_statement_answer_as_on_the_server(proxy):
+    """An adversarial client's truncated statement commands: an execute shorter than its id, flags
+    and iteration count, and an array-binding execute shorter than id and flags, are 1835 on the
+    server (rwproxy answered 1243 for -1, and 1295 for the array binding), and a FETCH or RESET
+    with a partial id is 1243 (the server completes the id with whatever its buffer held from an
+    earlier command, so only the code and the wording are compared)."""
+    packets = [bytes([cmd]) + fill * n for cmd, most in ((0x17, 9), (0xFA, 6), (0x1C, 4), (0x1A, 4))
+               for fill in (b"\x00", b"\x01", b"\xff") for n in range(most + 1)]
+    packets += [b"\x19", b"\x19\x01", b"\x18\x01\x00"]  # CLOSE and SEND_LONG_DATA: no answer at all
+    answers = {}
+    for port in (proxy.port, proxy.cluster.primary.port):
+        c = RawClient("127.0.0.1", port)
+        out = []
+        try:
+            for pkt in packets:
+                c.send(pkt, 0)
+                if pkt[0] in (0x18, 0x19):
+                    continue
+                p = c.read()[1]
+                code, text = _error(p) if p[0] == 0xFF else (p[:1], "")
+                if pkt[0] in (0x1A, 0x1C) and len(pkt) < 5:
+                    text = text.split("(")[0] + "(...) " + text.split(") ", 1)[-1]
+                out.append((code, text))
+            out.append(c.command(b"\x03SELECT 1")[:1])  # the connection goes on
+        finally:
+            c.close()
+        answers[port] = out
+    via, direct = answers[proxy.port], answers[proxy.cluster.primary.port]
+    assert (1835, "Malformed communication packet") in direct and (
+        1243, "Unknown prepared statement handler (...) given to mysqld_stmt_fetch") in direct
+    assert via == direct

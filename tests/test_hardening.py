@@ -665,3 +665,28 @@ def test_a_pooled_connection_shows_the_databases_own_collation(cluster, tmp_path
     finally:
         p.process.stop()
         cluster.primary.query("DROP DATABASE coll_db")
+
+
+def test_malformed_change_user_packets_get_the_servers_1047_and_the_session_goes_on(proxy):
+    """COM_CHANGE_USER cut short: no database field, or (a client that negotiated plugin auth) no
+    charset and plugin after it. The server answers ERROR 1047 before any authentication and the
+    session carries on; rwproxy took the missing fields as empty and answered with an auth switch,
+    which the client then failed (an adversarial probe's finding)."""
+    payloads = [b"\x01\x00\x00\x00", b"app\x00", b"app\x00\x00", b"app\x00\x14" + b"a" * 20, b"app\x00\x00app\x00",
+                b"app\x00\x00app\x00\x21\x00", b"app\x00\x00app", b"app", b"app\x00\x00\x00\x21\x00", b""]
+    answers = {}
+    for port in (proxy.port, proxy.cluster.primary.port):
+        out = []
+        for pl in payloads:
+            c = RawClient("127.0.0.1", port)
+            try:
+                c.send(b"\x11" + pl, 0)
+                p = c.read()[1]
+                code = struct.unpack_from("<H", p, 1)[0] if p[0] == 0xFF else p[0]
+                out.append((code, c.command(b"\x03SELECT 1")[0] if code == 1047 else None))
+            finally:
+                c.close()
+        answers[port] = out
+    direct = answers[proxy.cluster.primary.port]
+    assert direct[:-1] == [(1047, 1)] * (len(payloads) - 1)  # (the last: the server answers oddly)
+    assert answers[proxy.port] == [(1047, 1)] * len(payloads)

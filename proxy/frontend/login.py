@@ -89,9 +89,13 @@ def _parse_change_user(payload: bytes, caps: int) -> ChangeUser:
         pos += 1 + n
     else:
         token, pos = read_nul_str(payload, pos)
-    db = b""
-    if pos < len(payload):
-        db, pos = read_nul_str(payload + b"\x00", pos)
+    # The server's checks (sql_acl.cc): the database field must be there (its NUL may be the
+    # packet's end), and a client that negotiated plugin auth must send a charset and more
+    if pos >= len(payload):
+        raise ProtocolError("no database field")
+    db, pos = read_nul_str(payload + b"\x00", pos)
+    if caps & CLIENT_PLUGIN_AUTH and pos + 2 >= len(payload):
+        raise ProtocolError("no authentication plugin field")
     charset = None
     if caps & CLIENT_PROTOCOL_41 and pos + 2 <= len(payload):
         charset = struct.unpack_from("<H", payload, pos)[0]

@@ -48,7 +48,9 @@ def _named(s, pkt, direct: bool = True) -> tuple[int, bytes]:
 
 def execute(s, pkt) -> None:
     """COM_STMT_EXECUTE (the hot path of prepared statements: _named's work, inline)."""
-    sid = int.from_bytes(pkt[5:9], "little") if len(pkt) >= 9 else -1
+    if len(pkt) < 14:  # shorter than id, flags and iteration count: the server's answer
+        return s.send_error(*ER_MALFORMED_PACKET, "Malformed communication packet")
+    sid = int.from_bytes(pkt[5:9], "little")
     if sid == DIRECT_ID and s.stmts.last:  # MariaDB's direct execution: the statement prepared last
         sid = s.stmts.last
         pkt = pkt[:5] + sid.to_bytes(4, "little") + pkt[9:]
@@ -78,6 +80,8 @@ def bulk_execute(s, pkt) -> None:
     parameters in one command (libmariadb's STMT_ATTR_ARRAY_SIZE, MariaDB Connector/J and
     Connector/Python's executemany), answered with one OK, an error, or RETURNING's rows. It is a
     write: it runs on the writer with the backend's statement id; the server reads the rows."""
+    if len(pkt) < 11:  # shorter than id and flags: the server's answer, before it looks at anything
+        return s.send_error(*ER_MALFORMED_PACKET, "Malformed communication packet")
     if not s.caps & MARIADB_CLIENT_STMT_BULK_OPERATIONS:  # as the server answers a client that did not ask
         return s.send_error(*ER_UNSUPPORTED_PS, "This command is not supported in the prepared statement protocol yet")
     sid, pkt = _named(s, pkt)
@@ -175,6 +179,10 @@ async def prepare(s, pkt) -> None:
 
 def other(s, pkt, cmd: int) -> None:
     """COM_STMT_CLOSE, SEND_LONG_DATA, RESET and FETCH."""
+    if len(pkt) < 9:  # a short id: unknown, numbered as the server reads it (the bytes there, zero-padded)
+        if cmd in _STMT_NAMES:
+            s.send_error(*_unknown(int.from_bytes(pkt[5:9], "little"), cmd))
+        return
     sid, pkt = _named(s, pkt, cmd != COM_STMT_CLOSE)  # (the server ignores CLOSE of -1)
     stmt = s.stmts.stmts.get(sid)
     if stmt is None:

@@ -690,3 +690,39 @@ def test_malformed_change_user_packets_get_the_servers_1047_and_the_session_goes
     direct = answers[proxy.cluster.primary.port]
     assert direct[:-1] == [(1047, 1)] * (len(payloads) - 1)  # (the last: the server answers oddly)
     assert answers[proxy.port] == [(1047, 1)] * len(payloads)
+
+
+def _handshake_answer(port: int, make) -> tuple:
+    """Send the handshake response `make(greeting)` builds (whole frames); (code, seq) of the ERR, or
+    the first byte of another answer."""
+    from proxy.protocol.handshake import parse_greeting
+
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+        buf = b""
+        while len(buf) < 4 or len(buf) < 4 + int.from_bytes(buf[:3], "little"):
+            buf += s.recv(65536)
+        s.sendall(make(parse_greeting(buf[4:4 + int.from_bytes(buf[:3], "little")])))
+        out = b""
+        while len(out) < 4 or len(out) < 4 + int.from_bytes(out[:3], "little"):
+            chunk = s.recv(65536)
+            if not chunk:
+                return ("closed",)
+            out += chunk
+        p = out[4:]
+        return (struct.unpack_from("<H", p, 1)[0], out[3]) if p[0] == 0xFF else (p[0],)
+
+
+def test_handshake_out_of_order_and_pre_41_clients_get_the_servers_errors(proxy):
+    """A handshake response with the wrong sequence number is ERROR 1156 (seq 1) on the server, and
+    a client without CLIENT_PROTOCOL_41 is told 1251 "consider upgrading"; rwproxy accepted the
+    first and answered the second 1043 Bad handshake (adversarial probes)."""
+    caps = PROXY_CAPABILITIES & ~(1 << 20)
+
+    def good(seq):
+        return lambda g: frame(build_response(caps, 45, "app", auth.native_token("app", g.salt), "app",
+                                              "mysql_native_password"), seq)
+    cases = [good(1), good(5), good(0), lambda g: frame(struct.pack("<HI", 0x0001, 1 << 24)[:5] + b"app\x00" + b"x" * 8, 1)]
+    via = [_handshake_answer(proxy.port, m) for m in cases]
+    direct = [_handshake_answer(proxy.cluster.primary.port, m) for m in cases]
+    assert direct == [(0,), (1156, 1), (1156, 1), (1251, 2)]
+    assert via == direct

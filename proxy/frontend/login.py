@@ -32,6 +32,8 @@ from proxy.protocol.constants import (
     CR_CONN_HOST_ERROR,
     ER_ACCESS_DENIED_ERROR,
     ER_HANDSHAKE_ERROR,
+    ER_NET_PACKETS_OUT_OF_ORDER,
+    ER_NOT_SUPPORTED_AUTH_MODE,
     ER_SECURE_TRANSPORT_REQUIRED,
     ER_TOO_MANY_USER_CONNECTIONS,
     MARIADB_CLIENT_EXTENDED_METADATA,
@@ -41,7 +43,7 @@ from proxy.protocol.constants import (
     SESSION_SHAPING_CAPABILITIES,
     UTF8MB4_GENERAL_CI,
 )
-from proxy.protocol.handshake import build_greeting, parse_response
+from proxy.protocol.handshake import OldClient, build_greeting, parse_response
 from proxy.protocol.packets import ProtocolError, err_packet, err_payload, frame, ok_packet, read_lenenc_int, read_nul_str
 
 log = logging.getLogger("rwproxy.login")
@@ -257,10 +259,14 @@ async def handshake(io, worker, conn_id: int, host: str) -> Login | None:
         if resp.ssl_request:
             if not w.tls_context:
                 raise ProtocolError("client asked for TLS, which is not configured")
+            if seq != 1:
+                return _out_of_order(io)
             io.start_tls(w.tls_context)
             tls = True
             seq, payload = await io.read_packet(10)
             resp = parse_response(payload)
+        if seq != 1 + tls:  # as the server answers (and then closes)
+            return _out_of_order(io)
         seq += 1
         if w.config.proxy.tls.require and not tls:
             msg = "Connections using insecure transport are prohibited while --require_secure_transport=ON."
@@ -278,11 +284,19 @@ async def handshake(io, worker, conn_id: int, host: str) -> Login | None:
             io.write(err_packet(seq, ER_ACCESS_DENIED_ERROR, msg, caps))
             return None
         return Login(user, caps, resp.charset, resp.database, salt, tls, seq)
+    except OldClient:
+        io.write(err_packet(2, ER_NOT_SUPPORTED_AUTH_MODE, "Client does not support authentication protocol "
+                            "requested by server; consider upgrading MariaDB client"))
+        return None
     except (ProtocolError, ValueError, IndexError) as e:
         io.write(err_packet(2, ER_HANDSHAKE_ERROR, f"Bad handshake: {e}"))
         return None
     except (ConnectionError, asyncio.TimeoutError, OSError):
         return None
+
+
+def _out_of_order(io) -> None:
+    io.write(err_packet(1, ER_NET_PACKETS_OUT_OF_ORDER, "Got packets out of order"))  # (seq 1, as the server)
 
 
 def admit_user(s, user, seq: int) -> bool:

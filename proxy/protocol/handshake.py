@@ -22,6 +22,11 @@ from proxy.protocol.constants import (
 from proxy.protocol.packets import ProtocolError, lenenc_int, lenenc_str, read_lenenc_int, read_lenenc_str, read_nul_str
 
 
+class OldClient(ProtocolError):
+    """A handshake response without CLIENT_PROTOCOL_41 (a pre-4.1 client): the server answers such
+    clients 1251 (ER_NOT_SUPPORTED_AUTH_MODE), "consider upgrading"."""
+
+
 @dataclass(slots=True)
 class Greeting:
     server_version: bytes
@@ -113,11 +118,11 @@ def parse_greeting(payload: bytes) -> Greeting:
 
 def parse_response(payload: bytes) -> HandshakeResponse:
     """Decode a HandshakeResponse41 (or the 32-byte SSL request)."""
+    if len(payload) >= 2 and not payload[1] & (CLIENT_PROTOCOL_41 >> 8):  # (a 4.0 header is 5 bytes)
+        raise OldClient("client does not speak protocol 4.1") if len(payload) > 5 else ProtocolError("too short")
     if len(payload) < 32:
         raise ProtocolError("handshake response too short")
     caps, max_packet, charset = struct.unpack_from("<IIB", payload, 0)
-    if not caps & CLIENT_PROTOCOL_41:
-        raise ProtocolError("client does not speak protocol 4.1")
     if not caps & CLIENT_MYSQL:
         caps |= struct.unpack_from("<I", payload, 28)[0] << 32
     resp = HandshakeResponse(caps, max_packet, charset)

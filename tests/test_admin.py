@@ -73,6 +73,21 @@ def _raw_login(port, user, password):
     return s, reply[4:]
 
 
+_bufs: dict = {}
+
+
+def _packet(s) -> bytes:
+    """The next packet's payload on socket `s` (what a recv brought beyond it is kept for the next)."""
+    buf = _bufs.get(s, b"")
+    while len(buf) < 4 or len(buf) < 4 + int.from_bytes(buf[:3], "little"):
+        chunk = s.recv(65536)
+        assert chunk, "closed"
+        buf += chunk
+    n = int.from_bytes(buf[:3], "little")
+    _bufs[s] = buf[4 + n:]
+    return buf[4:4 + n]
+
+
 def _rest(s) -> bytes:
     """Everything the server still sends until it closes (b"" if it closed at once)."""
     s.settimeout(3)
@@ -181,6 +196,33 @@ def test_packets_that_would_hang_mysql_mimic_are_refused(admin_proxy):
     assert struct.unpack("<H", got[5:7])[0] == 1300 and b"Invalid utf8mb4 character string" in got, got
     s.close()
     assert q(c, "SELECT COUNT(*) FROM servers")[0][0] == 3  # and everyone else is still served
+
+
+def test_bad_text_and_unknown_character_sets_get_the_servers_answers_not_pythons(admin_proxy):
+    """mysql-mimic answered these with 1105 and Python's words ("'utf-8' codec can't decode...",
+    "0 is not a valid Collation", SQLite's "the query contains a null character"), or refused the
+    login (an adversarial probe's finding). A server takes an unknown character set number as its
+    default one, and answers text that is not UTF-8 with 1300."""
+    for charset in (0, 250):  # a login with a character set mysql-mimic does not know
+        s = socket.create_connection(("127.0.0.1", admin_proxy.admin_port), timeout=5)
+        salt = parse_greeting(_packet(s)).salt
+        s.sendall(frame(build_response(PROXY_CAPABILITIES & ~(1 << 20), charset, "admin",
+                                       auth.native_token(ADMIN_PW, salt), None, "mysql_native_password"), 1))
+        assert _packet(s)[0] == 0, charset
+        s.close()
+    s, reply = _raw_login(admin_proxy.admin_port, "admin", ADMIN_PW)
+    assert reply[0] == 0
+    answers = []
+    for payload in (b"\x02\xff\xfe", b"\x04servers\x00\x00\x00", b"\x03a", b"\x11admin\x00\x00\x00" + bytes(8)):
+        s.sendall(frame(payload, 0))
+        got = _packet(s)
+        while payload[0] == 4 and got[0] not in (0xFE, 0xFF):  # a field list's columns, to its end
+            got = _packet(s)
+        answers.append(struct.unpack("<H", got[1:3])[0] if got[0] == 0xFF else got[0])
+    s.close()
+    assert answers[:3] == [1300, 0xFE, 1064], answers  # (a field list ends with an EOF)
+    assert answers[3] != 1105, answers  # the change_user: authentication, not Python's enum error
+    assert q(admin(admin_proxy), "SELECT COUNT(*) FROM servers")[0][0] == 3
 
 
 def test_seeded_garbage_before_and_after_login_never_stops_the_port(admin_proxy):

@@ -129,6 +129,8 @@ def run(expression, database: str | None, fetch, info_tables: dict, timeout: flo
     """Run a read-only statement; (column names, rows). `fetch(names)` returns {name: [row dicts]};
     `info_tables` is {name: (columns, rows)} for information_schema."""
     if not is_query(expression):
+        if isinstance(expression, (exp.Column, exp.Literal, exp.Identifier)):  # a bare word or value: not a statement
+            raise QueryError(ER_PARSE, "You have an error in your SQL syntax: this is not a statement (type HELP)")
         raise QueryError(ER_READ_ONLY, "the rwproxy admin tables are read-only; change things with the admin "
                          "commands (type HELP) or in the config file and RELOAD CONFIG")
     expression = without_dual(expression)

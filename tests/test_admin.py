@@ -225,6 +225,33 @@ def test_bad_text_and_unknown_character_sets_get_the_servers_answers_not_pythons
     assert q(admin(admin_proxy), "SELECT COUNT(*) FROM servers")[0][0] == 3
 
 
+def test_field_list_sends_a_packet_per_column_and_1146_for_an_unknown_table(admin_proxy):
+    """COM_FIELD_LIST (the mariadb CLI's name completion): mysql-mimic 3.0.5 joined every column
+    definition into one packet, so a client saw the first column only, and answered an unknown
+    table with an empty packet where a definition belongs."""
+    columns = [r[0] for r in q(admin(admin_proxy), "SHOW COLUMNS FROM servers")]
+    assert len(columns) > 3
+    s, reply = _raw_login(admin_proxy.admin_port, "admin", ADMIN_PW)
+    assert reply[0] == 0
+    s.sendall(frame(b"\x04servers\x00", 0))
+    names = []
+    while True:
+        p = _packet(s)
+        if p[0] in (0xFE, 0xFF) and len(p) < 9:
+            break
+        pos, fields = 0, []
+        for _ in range(6):  # catalog, schema, table, original table, name, original name
+            n = p[pos]
+            fields.append(p[pos + 1:pos + 1 + n])
+            pos += 1 + n
+        names.append(fields[4].decode())
+    assert p[0] == 0xFE and names == columns
+    s.sendall(frame(b"\x04nosuch\x00", 0))
+    p = _packet(s)
+    assert p[0] == 0xFF and struct.unpack("<H", p[1:3])[0] == 1146, p
+    s.close()
+
+
 def test_seeded_garbage_before_and_after_login_never_stops_the_port(admin_proxy):
     import random
 

@@ -36,12 +36,15 @@ import threading
 
 from mysql_mimic import ResultColumn  # noqa: F401  (the public API this module builds on)
 from mysql_mimic.auth import IdentityProvider, NativePasswordAuthPlugin, User
+from mysql_mimic import connection as mimic_connection
 from mysql_mimic.connection import Connection
 from mysql_mimic.control import LocalControl
 from mysql_mimic.errors import MysqlError
-from mysql_mimic.schema import BaseInfoSchema, info_schema_tables, mapping_to_columns
+from mysql_mimic.packets import make_column_definition_41
+from mysql_mimic.schema import BaseInfoSchema, com_field_list_to_show_statement, info_schema_tables, mapping_to_columns
 from mysql_mimic.session import Session
 from mysql_mimic.stream import ConnectionClosed, MysqlStream
+from mysql_mimic.utils import aiterate
 from mysql_mimic.variables import SYSTEM_VARIABLES, GlobalVariables, SessionVariables
 from sqlglot.errors import SqlglotError
 
@@ -176,6 +179,21 @@ class AdminConnection(Connection):
                          "as text (parameters are never substituted into SQL here)", 1295)
 
     handle_stmt_prepare = handle_stmt_execute = handle_stmt_fetch = handle_stmt_reset = _refuse_ps
+
+    async def handle_field_list(self, data: bytes) -> None:
+        """COM_FIELD_LIST (the mariadb CLI sends one per table to complete names): each column's
+        definition in a packet of its own, and 1146 for a table that does not exist. mysql-mimic
+        3.0.5 wrote every definition into one packet (a client read the first column only) and,
+        for an unknown table, an empty packet where a definition belongs."""
+        req = mimic_connection.parse_com_field_list(self.client_charset, data)  # (guarded: guard.py)
+        result = await self.query(sql=com_field_list_to_show_statement(req), query_attrs={})
+        rows = [row async for row in aiterate(result.rows)]
+        if not rows and not req.wildcard:  # every table has a column
+            raise MysqlError(f"Table '{req.table}' doesn't exist", 1146)
+        for row in rows:
+            await self.stream.write(make_column_definition_41(server_charset=self.server_charset, table=req.table,
+                                                              name=row[0], is_com_field_list=True, default=row[4]))
+        await self.stream.write(self.ok_or_eof())
 
     async def handle_stmt_send_long_data(self, data: bytes) -> None:
         return None  # (no reply is ever sent to this command; the statement does not exist)

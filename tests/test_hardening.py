@@ -726,3 +726,26 @@ def test_handshake_out_of_order_and_pre_41_clients_get_the_servers_errors(proxy)
     direct = [_handshake_answer(proxy.cluster.primary.port, m) for m in cases]
     assert direct == [(0,), (1156, 1), (1156, 1), (1251, 2)]
     assert via == direct
+
+
+def test_change_user_with_an_empty_token_gets_an_auth_switch_as_on_the_server(proxy):
+    """A COM_CHANGE_USER without authentication data is answered, by the server, with an auth switch
+    carrying a new salt, and the client's answer to it logs the new user in; rwproxy denied it at
+    once (1045)."""
+    out = {}
+    for port in (proxy.port, proxy.cluster.primary.port):
+        c = RawClient("127.0.0.1", port)
+        try:
+            c.send(b"\x11app\x00\x00app\x00\x2d\x00mysql_native_password\x00", 0)
+            seq, p = c.read()
+            assert p[0] == 0xFE, p
+            plugin, _, salt = p[1:].partition(b"\x00")
+            c.send(auth.native_token("app", salt[:20]), seq + 1)
+            seq, p = c.read()
+            c.send(b"\x03SELECT CURRENT_USER()", 0)
+            rows = c.read_until_eof()
+            out[port] = (plugin, len(salt.rstrip(b"\x00")), p[0], seq, rows[2][1:].split(b"@")[0])
+        finally:
+            c.close()
+    assert out[proxy.cluster.primary.port] == (b"mysql_native_password", 20, 0, 3, b"app")
+    assert out[proxy.port] == out[proxy.cluster.primary.port]

@@ -110,7 +110,8 @@ async def _change_user(s, pkt) -> None:
         return s.send_error(*ER_UNKNOWN_COM_ERROR, "Unknown command")
     auth = s.worker.authenticator
     try:
-        user, seq = await auth.login(s, req.user, req.plugin, req.auth_response, s.salt, 1, s.host, s.tls)
+        user, seq = await auth.login(s, req.user, req.plugin, req.auth_response, s.salt, 1, s.host, s.tls,
+                                     change_user=True)
     except asyncio.TimeoutError:  # as a server's net_read_timeout ends it
         s.send_error(*ER_NET_READ_INTERRUPTED, f"Got timeout reading communication packets: the client did not "
                      f"answer COM_CHANGE_USER's authentication within {auth.timeout:g} s")

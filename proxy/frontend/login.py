@@ -126,9 +126,11 @@ class Authenticator:
         self.timeout = timeout  # seconds a client has to answer each step of the exchange
         self.accounts = accounts  # frontend.accounts.ServerAccounts ([auth] server_accounts), or None
 
-    async def login(self, io, user: str, plugin: str, token: bytes, salt: bytes, seq: int, host: str, tls: bool):
+    async def login(self, io, user: str, plugin: str, token: bytes, salt: bytes, seq: int, host: str, tls: bool,
+                    change_user: bool = False):
         """Run the plugin exchange; returns (UserConfig, next seq). Raises AccessDenied with the
-        message, asyncio.TimeoutError when the client stops answering."""
+        message, asyncio.TimeoutError when the client stops answering. `change_user`: for
+        COM_CHANGE_USER, where the server answers an empty token with a switch and a new salt."""
         ucfg = self.users.get(user)
         if ucfg is None and self.accounts is not None:
             return await self._server_account(io, user, plugin, token, salt, seq, host)
@@ -142,7 +144,7 @@ class Authenticator:
         # user goes the same way as a known one with a password (as MariaDB does), so the
         # exchange does not tell who exists.
         password = ucfg.password if ucfg is not None else "?"
-        if plugin != wanted or (not token and password and plugin != self.default_plugin):
+        if plugin != wanted or (not token and password and (change_user or plugin != self.default_plugin)):
             salt = auth.nonce()
             io.write(frame(b"\xfe" + wanted.encode() + b"\x00" + salt + b"\x00", seq))
             seq, token = await io.read_packet(self.timeout)

@@ -181,3 +181,34 @@ def test_statement_commands_too_short_to_name_a_statement_answer_as_on_the_serve
     assert (1835, "Malformed communication packet") in direct and (
         1243, "Unknown prepared statement handler (...) given to mysqld_stmt_fetch") in direct
     assert via == direct
+
+
+def test_executes_with_odd_parameter_blocks_get_the_servers_answers(proxy):
+    """Executes whose new-params-bound flag is neither 0 nor 1, or whose parameter block is cut
+    short, compared with the primary. rwproxy took a flag of 0xFF for "no new types" and put the
+    types remembered from an earlier execute in front of the client's bytes, so a statement the
+    server refuses (1835) ran (an adversarial probe's finding)."""
+    bodies = [b"\x00\x01\x08\x00\x08\x00" + b"\x01" * 16, b"\x00\x00" + b"\x01" * 16, b"", b"\x00", b"\x00\x01",
+              b"\x00\x01\x08\x00", b"\xff\xff\x01\x08\x00\x08\x00", b"\x00\x02\x08\x00\x08\x00" + b"\x01" * 16,
+              b"\x00\x01\xfe\x00\xfe\x00\xfc\xff\xffab", b"\x00\x01\x0f\x00\x0f\x00\x02hi\x02yo"]
+    answers = {}
+    for port in (proxy.port, proxy.cluster.primary.port):
+        c = RawClient("127.0.0.1", port)
+        out = []
+        try:
+            for sql in ("SELECT ?, ?", "SELECT ? + 1"):
+                sid, _, _ = c.prepare(sql)
+                head = b"\x17" + struct.pack("<I", sid) + b"\x00\x01\x00\x00\x00"
+                for _ in range(2):  # (the second round may run on shared connections)
+                    for body in bodies:
+                        c.send(head + body, 0)
+                        p = c.read()[1]
+                        out.append(_error(p) if p[0] == 0xFF else ("rows", len(c.read_until_eof())))
+            c.send(b"\x03SELECT 1", 0)
+            out.append(len(c.read_until_eof()))
+        finally:
+            c.close()
+        answers[port] = out
+    via, direct = answers[proxy.port], answers[proxy.cluster.primary.port]
+    assert (1835, "Malformed communication packet") in direct
+    assert via == direct

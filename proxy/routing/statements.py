@@ -48,8 +48,8 @@ class Stmt:
             if pkt[at] == 1:  # new types bound: remember them; only `server` has seen them
                 self.types = pkt[at + 1 : at + 1 + 2 * self.nparams]
                 self.types_sent = {server}
-            elif self.types is not None and server not in self.types_sent:
-                types = self.types
+            elif self.types is not None and server not in self.types_sent and not pkt[at]:
+                types = self.types  # (a flag other than 0 or 1 goes as sent: the server's answer)
                 self.types_sent.add(server)
         return rewrite_execute(pkt, backend_id, types, at)
 
@@ -68,8 +68,8 @@ class Stmt:
                 self.types_sent = set()  # the session's own connections have not seen these
             elif self.types is None:
                 return None
-            else:
-                types = self.types
+            elif not pkt[at]:
+                types = self.types  # (a flag other than 0 or 1 goes as sent: the server's answer)
         return rewrite_execute(pkt, backend_id, types, at)
 
 

@@ -27,6 +27,19 @@ def _error(p: bytes) -> tuple[int, str]:
     return struct.unpack_from("<H", p, 1)[0], p[9:].decode()
 
 
+def _through_and_direct(proxy, run) -> tuple[list, list]:
+    """`run(client)`'s answers through rwproxy and straight from the primary, each on a new raw
+    connection."""
+    answers = {}
+    for port in (proxy.port, proxy.cluster.primary.port):
+        c = RawClient("127.0.0.1", port)
+        try:
+            answers[port] = run(c)
+        finally:
+            c.close()
+    return answers[proxy.port], answers[proxy.cluster.primary.port]
+
+
 def _pipelined(port: int, sql: bytes, value: int) -> tuple[list[bytes], list[bytes]]:
     c = RawClient("127.0.0.1", port)
     try:
@@ -124,28 +137,23 @@ def test_minus_one_without_parameter_types_is_malformed_as_on_the_server(proxy):
     sql = "SELECT ? AS a, ? AS b"
     bodies = [b"", b"\x00", b"\x00\x00", b"\x00\x00" + struct.pack("<q", 5), b"\x03\x00",
               b"\x00\x01\x08\x00\x08\x00" + struct.pack("<qq", 5, 6)]
-    answers = {}
-    for port in (proxy.port, proxy.cluster.primary.port):
-        c = RawClient("127.0.0.1", port)
+    def run(c):
         out = []
-        try:
-            for body in bodies:
-                for by_id in (False, True):
-                    sid, _, _ = c.prepare(sql)
-                    c.send(b"\x17" + (struct.pack("<I", sid) if by_id else MINUS_ONE) + b"\x00\x01\x00\x00\x00" + body, 0)
-                    p = c.read()[1]
-                    if p[0] == 0xFF:
-                        out.append(_error(p))
-                    else:
-                        rows = c.read_until_eof()
-                        out.append(("rows", len(rows)))
-            c.sock.sendall(frame(b"\x16" + sql.encode(), 0) + frame(b"\x17" + MINUS_ONE + b"\x00\x01\x00\x00\x00", 0))
-            assert c.response(PREPARE)[0][0] == 0x00
-            out.append(_error(c.read()[1]))  # pipelined, as Connector/Node.js sends it
-        finally:
-            c.close()
-        answers[port] = out
-    via, direct = answers[proxy.port], answers[proxy.cluster.primary.port]
+        for body in bodies:
+            for by_id in (False, True):
+                sid, _, _ = c.prepare(sql)
+                c.send(b"\x17" + (struct.pack("<I", sid) if by_id else MINUS_ONE) + b"\x00\x01\x00\x00\x00" + body, 0)
+                p = c.read()[1]
+                if p[0] == 0xFF:
+                    out.append(_error(p))
+                else:
+                    rows = c.read_until_eof()
+                    out.append(("rows", len(rows)))
+        c.sock.sendall(frame(b"\x16" + sql.encode(), 0) + frame(b"\x17" + MINUS_ONE + b"\x00\x01\x00\x00\x00", 0))
+        assert c.response(PREPARE)[0][0] == 0x00
+        out.append(_error(c.read()[1]))  # pipelined, as Connector/Node.js sends it
+        return out
+    via, direct = _through_and_direct(proxy, run)
     assert direct[-1] == (1835, "Malformed communication packet")
     assert via == direct
 
@@ -159,25 +167,20 @@ def test_statement_commands_too_short_to_name_a_statement_answer_as_on_the_serve
     packets = [bytes([cmd]) + fill * n for cmd, most in ((0x17, 9), (0xFA, 6), (0x1C, 4), (0x1A, 4))
                for fill in (b"\x00", b"\x01", b"\xff") for n in range(most + 1)]
     packets += [b"\x19", b"\x19\x01", b"\x18\x01\x00"]  # CLOSE and SEND_LONG_DATA: no answer at all
-    answers = {}
-    for port in (proxy.port, proxy.cluster.primary.port):
-        c = RawClient("127.0.0.1", port)
+    def run(c):
         out = []
-        try:
-            for pkt in packets:
-                c.send(pkt, 0)
-                if pkt[0] in (0x18, 0x19):
-                    continue
-                p = c.read()[1]
-                code, text = _error(p) if p[0] == 0xFF else (p[:1], "")
-                if pkt[0] in (0x1A, 0x1C) and len(pkt) < 5:
-                    text = text.split("(")[0] + "(...) " + text.split(") ", 1)[-1]
-                out.append((code, text))
-            out.append(c.command(b"\x03SELECT 1")[:1])  # the connection goes on
-        finally:
-            c.close()
-        answers[port] = out
-    via, direct = answers[proxy.port], answers[proxy.cluster.primary.port]
+        for pkt in packets:
+            c.send(pkt, 0)
+            if pkt[0] in (0x18, 0x19):
+                continue
+            p = c.read()[1]
+            code, text = _error(p) if p[0] == 0xFF else (p[:1], "")
+            if pkt[0] in (0x1A, 0x1C) and len(pkt) < 5:
+                text = text.split("(")[0] + "(...) " + text.split(") ", 1)[-1]
+            out.append((code, text))
+        out.append(c.command(b"\x03SELECT 1")[:1])  # the connection goes on
+        return out
+    via, direct = _through_and_direct(proxy, run)
     assert (1835, "Malformed communication packet") in direct and (
         1243, "Unknown prepared statement handler (...) given to mysqld_stmt_fetch") in direct
     assert via == direct
@@ -191,24 +194,19 @@ def test_executes_with_odd_parameter_blocks_get_the_servers_answers(proxy):
     bodies = [b"\x00\x01\x08\x00\x08\x00" + b"\x01" * 16, b"\x00\x00" + b"\x01" * 16, b"", b"\x00", b"\x00\x01",
               b"\x00\x01\x08\x00", b"\xff\xff\x01\x08\x00\x08\x00", b"\x00\x02\x08\x00\x08\x00" + b"\x01" * 16,
               b"\x00\x01\xfe\x00\xfe\x00\xfc\xff\xffab", b"\x00\x01\x0f\x00\x0f\x00\x02hi\x02yo"]
-    answers = {}
-    for port in (proxy.port, proxy.cluster.primary.port):
-        c = RawClient("127.0.0.1", port)
+    def run(c):
         out = []
-        try:
-            for sql in ("SELECT ?, ?", "SELECT ? + 1"):
-                sid, _, _ = c.prepare(sql)
-                head = b"\x17" + struct.pack("<I", sid) + b"\x00\x01\x00\x00\x00"
-                for _ in range(2):  # (the second round may run on shared connections)
-                    for body in bodies:
-                        c.send(head + body, 0)
-                        p = c.read()[1]
-                        out.append(_error(p) if p[0] == 0xFF else ("rows", len(c.read_until_eof())))
-            c.send(b"\x03SELECT 1", 0)
-            out.append(len(c.read_until_eof()))
-        finally:
-            c.close()
-        answers[port] = out
-    via, direct = answers[proxy.port], answers[proxy.cluster.primary.port]
+        for sql in ("SELECT ?, ?", "SELECT ? + 1"):
+            sid, _, _ = c.prepare(sql)
+            head = b"\x17" + struct.pack("<I", sid) + b"\x00\x01\x00\x00\x00"
+            for _ in range(2):  # (the second round may run on shared connections)
+                for body in bodies:
+                    c.send(head + body, 0)
+                    p = c.read()[1]
+                    out.append(_error(p) if p[0] == 0xFF else ("rows", len(c.read_until_eof())))
+        c.send(b"\x03SELECT 1", 0)
+        out.append(len(c.read_until_eof()))
+        return out
+    via, direct = _through_and_direct(proxy, run)
     assert (1835, "Malformed communication packet") in direct
     assert via == direct

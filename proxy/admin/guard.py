@@ -118,12 +118,16 @@ def _guarded(parse, check, code: int, message: str):
         except Malformed:
             raise MysqlError(message, code) from None
         if fixed is not data:
-            if "data" in kw:
-                kw["data"] = fixed
-            else:
-                args = (*args[:-1], fixed)
+            args, kw = _with_data(args, kw, fixed)
         return _as_server(parse, *args, **kw)
     return guarded
+
+
+def _with_data(args: tuple, kw: dict, data: bytes) -> tuple[tuple, dict]:
+    """A parser's arguments with `data` (its last, positional or by keyword) replaced."""
+    if "data" in kw:
+        return args, {**kw, "data": data}
+    return (*args[:-1], data), kw
 
 
 def _as_server(parse, *args, **kw):
@@ -143,10 +147,7 @@ def _field_list(parse):
             raise MysqlError("Malformed communication packet", 1835)
         table, _, wildcard = data.partition(b"\0")
         fixed = table + b"\0" + wildcard.split(b"\0", 1)[0]  # (a NUL in the wildcard reached SQLite's error)
-        if "data" in kw:
-            kw["data"] = fixed
-        else:
-            args = (*args[:-1], fixed)
+        args, kw = _with_data(args, kw, fixed)
         return _as_server(parse, *args, **kw)
     return guarded
 

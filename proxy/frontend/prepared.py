@@ -38,8 +38,9 @@ def _unknown(sid: int, cmd: int | None = None) -> tuple:
 
 def _named(s, pkt, direct: bool = True) -> tuple[int, bytes]:
     """The client statement id a statement command names, and the packet naming it: with
-    `direct`, -1 (MariaDB's direct execution) is the statement prepared last."""
-    sid = int.from_bytes(pkt[5:9], "little") if len(pkt) >= 9 else -1
+    `direct`, -1 (MariaDB's direct execution) is the statement prepared last. (Its callers
+    have answered a packet too short to hold an id.)"""
+    sid = int.from_bytes(pkt[5:9], "little")
     if sid == DIRECT_ID and direct and s.stmts.last:
         sid = s.stmts.last
         pkt = pkt[:5] + sid.to_bytes(4, "little") + pkt[9:]
@@ -179,7 +180,7 @@ async def prepare(s, pkt) -> None:
 
 def other(s, pkt, cmd: int) -> None:
     """COM_STMT_CLOSE, SEND_LONG_DATA, RESET and FETCH."""
-    if len(pkt) < 9:  # a short id: unknown, numbered as the server reads it (the bytes there, zero-padded)
+    if len(pkt) < 9:  # a short id: unknown (the server completes it with stale buffer bytes; zero-padded here)
         if cmd in _STMT_NAMES:
             s.send_error(*_unknown(int.from_bytes(pkt[5:9], "little"), cmd))
         return

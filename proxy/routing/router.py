@@ -259,8 +259,8 @@ class Router:
         if p.applied(pick) >= w:
             return pick, Why.READ
         excluded = self._excluded(s) if self.backoff else s.failed_servers
-        pool = self._pool if topology is self._topo else self._read_pool(topology)
-        held = [r for r in pool if r.name != pick and r.name not in excluded and p.applied(r.name) >= w]
+        held = [r for r in self._read_pool(topology) if r.name != pick and r.name not in excluded
+                and p.applied(r.name) >= w]
         other = self.balancer.pick(held) if held else None
         return (other.name, Why.READ) if other is not None else (WRITER, Why.RYW_UNPROVEN)
 

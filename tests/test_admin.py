@@ -520,6 +520,74 @@ def test_information_schema_and_show_for_gui_clients(admin_proxy):
     app.close()
 
 
+def _server(cluster):
+    """The primary, as app, with a table to SHOW."""
+    conn = pymysql.connect(host="127.0.0.1", port=cluster.primary.port, user="app", password="app", database="app")
+    q(conn, "CREATE TABLE IF NOT EXISTS shape (id INT PRIMARY KEY, name TEXT)")
+    return conn
+
+
+def _shape(conn, sql):
+    """(column names, rows) or the error code."""
+    try:
+        with conn.cursor() as cur:
+            cur.execute(sql)
+            return [d[0] for d in cur.description or ()], cur.fetchall()
+    except pymysql.err.MySQLError as e:
+        return e.args[0]
+
+
+@pytest.mark.parametrize("admin_sql,server_sql", [
+    ("SHOW COLUMNS FROM servers", "SHOW COLUMNS FROM app.shape"),
+    ("SHOW FULL COLUMNS FROM servers", "SHOW FULL COLUMNS FROM app.shape"),
+    ("SHOW FIELDS IN servers FROM rwproxy", "SHOW FIELDS IN shape FROM app"),
+    ("DESCRIBE rwproxy.servers", "DESCRIBE app.shape"),
+    ("SHOW INDEX FROM servers", "SHOW INDEX FROM app.shape"),
+    ("SHOW KEYS IN servers", "SHOW KEYS IN app.shape"),
+    ("SHOW CREATE TABLE servers", "SHOW CREATE TABLE app.shape"),
+    ("SHOW CREATE DATABASE rwproxy", "SHOW CREATE DATABASE app"),
+    ("SHOW TABLE STATUS", "SHOW TABLE STATUS FROM app"),
+    ("SHOW FULL TABLES", "SHOW FULL TABLES FROM app"),
+])
+def test_show_and_describe_have_the_servers_columns(admin_proxy, cluster, admin_sql, server_sql):
+    """GUI clients read these results by column name: the admin port's must be the server's (the
+    database's name in SHOW TABLES' first column aside). mysql-mimic 3.0.5 ordered SHOW FULL
+    COLUMNS differently and refused FIELDS, KEYS, CREATE TABLE/DATABASE and TABLE STATUS."""
+    with _server(cluster) as server:
+        want = _shape(server, server_sql)
+    got = _shape(admin(admin_proxy), admin_sql)
+    assert isinstance(want, tuple) and isinstance(got, tuple), (want, got)
+    assert [n.replace("Tables_in_app", "Tables_in_rwproxy") for n in want[0]] == got[0]
+    if " INDEX " not in admin_sql and " KEYS " not in admin_sql:  # (the admin tables have no indexes)
+        assert got[1], admin_sql
+
+
+def test_show_and_describe_filter_and_name_missing_tables_as_a_server_does(admin_proxy, cluster):
+    """mysql-mimic 3.0.5 answered a missing table or database with an empty set and ignored WHERE."""
+    c = admin(admin_proxy)
+    assert [r[0] for r in q(c, "SHOW COLUMNS FROM servers LIKE 'lag\\_ms'")] == ["lag_ms"]
+    assert [r[0] for r in q(c, "SHOW COLUMNS FROM servers LIKE 'lag_m%'")] == ["lag_ms"]
+    assert [r[0] for r in q(c, "SHOW FULL FIELDS FROM servers WHERE Field IN ('name', 'gtid')")] == ["name", "gtid"]
+    assert [r[0] for r in q(c, "DESCRIBE servers role")] == ["role"]
+    assert [r[0] for r in q(c, "SHOW TABLES LIKE 'serv%'")] == ["servers"]
+    assert [r[0] for r in q(c, "/* a GUI's comment */ SHOW TABLE STATUS WHERE Name = 'digests'")] == ["digests"]
+    assert "CREATE TABLE `servers`" in q(c, "SHOW CREATE TABLE `servers`")[0][1]
+    with _server(cluster) as server:  # missing tables and databases: the codes the server gives
+        for admin_sql, server_sql in (("SHOW COLUMNS FROM nosuch", "SHOW COLUMNS FROM app.nosuch"),
+                                      ("DESCRIBE nosuch", "DESCRIBE app.nosuch"),
+                                      ("SHOW INDEX FROM nosuch", "SHOW INDEX FROM app.nosuch"),
+                                      ("SHOW CREATE TABLE nosuch", "SHOW CREATE TABLE app.nosuch")):
+            want, got = _shape(server, server_sql), _shape(c, admin_sql)
+            assert isinstance(want, int) and got == want, (admin_sql, want, got)
+    # (app may not look outside its database; a server's root gets these, checked by hand on 10.11)
+    assert _shape(c, "SHOW COLUMNS FROM servers IN nosuchdb") == 1146
+    assert _shape(c, "SHOW CREATE DATABASE nosuchdb") == 1049
+    assert _shape(c, "SHOW TABLES FROM nosuchdb") == 1049 and _shape(c, "SHOW TABLE STATUS FROM nosuchdb") == 1049
+    assert _shape(c, "SHOW COLUMNS FROM servers WHERE Field IN (SELECT name FROM servers)") == 1064
+    assert _shape(c, "SHOW ENGINES") == 1235 and _shape(c, "EXPLAIN SELECT 1") == 1235
+    assert q(c, "SELECT COUNT(*) FROM servers")[0][0] == 3
+
+
 def test_status_json_covers_every_table(admin_proxy):
     out = subprocess.run([sys.executable, "-m", "proxy", "status", "--config", admin_proxy.process.config_path,
                           "--json", "--all"], capture_output=True, text=True, timeout=60)

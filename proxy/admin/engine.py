@@ -33,6 +33,7 @@ ER_TOO_BIG = (1104, "42000")
 ER_UNKNOWN = (1105, "HY000")
 ER_BAD_FIELD = (1054, "42S22")
 ER_NO_FUNCTION = (1305, "42000")
+ER_NOT_SUPPORTED = (1235, "42000")
 
 _ALLOWED = {sqlite3.SQLITE_SELECT, sqlite3.SQLITE_READ, sqlite3.SQLITE_FUNCTION, sqlite3.SQLITE_RECURSIVE}
 _DENIED_FUNCTIONS = {"load_extension", "readfile", "writefile", "edit", "fts3_tokenizer"}
@@ -131,16 +132,19 @@ def run(expression, database: str | None, fetch, info_tables: dict, timeout: flo
     if not is_query(expression):
         if isinstance(expression, (exp.Column, exp.Literal, exp.Identifier)):  # a bare word or value: not a statement
             raise QueryError(ER_PARSE, "You have an error in your SQL syntax: this is not a statement (type HELP)")
+        if isinstance(expression, exp.Describe):  # EXPLAIN <query>: the tables have no plan to show
+            raise QueryError(ER_NOT_SUPPORTED, "EXPLAIN of a query is not supported on the admin port")
+        if isinstance(expression, exp.Command) and str(expression.this).upper() in ("SHOW", "DESC", "DESCRIBE"):
+            raise QueryError(ER_NOT_SUPPORTED, f"This version of the rwproxy admin port doesn't yet support "
+                             f"'{str(expression.this).upper()} {str(expression.expression or '')[:60]}'")
         raise QueryError(ER_READ_ONLY, "the rwproxy admin tables are read-only; change things with the admin "
                          "commands (type HELP) or in the config file and RELOAD CONFIG")
     expression = without_dual(expression)
     mine, info = referenced(expression, database, info_tables)
     sql = to_sqlite(expression, database)
     data = fetch(sorted(mine)) if mine else {}
-    db = sqlite3.connect(":memory:", check_same_thread=False)
+    db = _database()
     try:
-        db.setlimit(sqlite3.SQLITE_LIMIT_LENGTH, MAX_LENGTH)
-        db.setlimit(sqlite3.SQLITE_LIMIT_ATTACHED, 1)
         for name in mine:
             cols = COLUMNS[name]
             _load(db, "main", name, [c for c, _ in cols], [t for _, t in cols],
@@ -150,37 +154,62 @@ def run(expression, database: str | None, fetch, info_tables: dict, timeout: flo
             for name in info:
                 cols, rows = info_tables[name]
                 _load(db, "information_schema", name, cols, ["" for _ in cols], rows)
-        for name, nargs, fn in _FUNCTIONS:
-            db.create_function(name, nargs, fn)
-        deadline = time.monotonic() + timeout
-        db.set_progress_handler(lambda: 1 if time.monotonic() > deadline else 0, 2000)
-        db.set_authorizer(_authorize)
-        try:
-            cur = db.execute(sql)
-            rows = cur.fetchmany(max_rows + 1)
-        except sqlite3.OperationalError as e:
-            text = str(e)
-            if text == "interrupted":
-                raise QueryError(ER_STATEMENT_TIMEOUT, f"Query execution was interrupted (the admin port's "
-                                 f"query_timeout of {timeout:g} s was exceeded)") from None
-            if text.startswith("not authorized"):
-                raise QueryError(ER_READ_ONLY, "not allowed on the admin port (it only reads its tables)") from None
-            if text.startswith("no such column: "):
-                raise QueryError(ER_BAD_FIELD, f"Unknown column '{text[16:]}'") from None
-            if text.startswith("no such function: "):
-                raise QueryError(ER_NO_FUNCTION, f"FUNCTION {text[18:]} does not exist on the admin port "
-                                 "(its tables run on SQLite: see docs/operations.md)") from None
-            raise QueryError(ER_UNKNOWN, f"{text} (in: {sql[:200]})") from None
-        except (sqlite3.DataError, sqlite3.Error) as e:
-            if "too big" in str(e):
-                raise QueryError(ER_TOO_BIG, f"result too large: {e}") from None
-            raise QueryError(ER_UNKNOWN, str(e)) from None
-        if len(rows) > max_rows:
-            raise QueryError(ER_TOO_BIG, f"the result has more than {max_rows} rows ([admin] max_rows); add a "
-                             f"LIMIT or a WHERE")
-        return _names(expression, [d[0] for d in cur.description or ()]), rows
+        names, rows = _execute(db, sql, timeout, max_rows)
+        return _names(expression, names), rows
     finally:
         db.close()
+
+
+def run_on_rows(sql: str, names: list[str], rows: list[tuple], timeout: float) -> list[tuple]:
+    """Run `sql` over one table `t` holding `rows` (a SHOW's result under its WHERE: show.py)."""
+    db = _database()
+    try:
+        _load(db, "main", "t", names, ["" for _ in names], rows)
+        return _execute(db, sql, timeout, len(rows))[1]
+    finally:
+        db.close()
+
+
+def _database():
+    db = sqlite3.connect(":memory:", check_same_thread=False)
+    db.setlimit(sqlite3.SQLITE_LIMIT_LENGTH, MAX_LENGTH)
+    db.setlimit(sqlite3.SQLITE_LIMIT_ATTACHED, 1)
+    return db
+
+
+def _execute(db, sql: str, timeout: float, max_rows: int) -> tuple[list[str], list[tuple]]:
+    """(column names, rows) of `sql`, read-only, stopped after `timeout` s, errors as a server words them."""
+    for name, nargs, fn in _FUNCTIONS:
+        db.create_function(name, nargs, fn)
+    deadline = time.monotonic() + timeout
+    db.set_progress_handler(lambda: 1 if time.monotonic() > deadline else 0, 2000)
+    db.set_authorizer(_authorize)
+    try:
+        cur = db.execute(sql)
+        rows = cur.fetchmany(max_rows + 1)
+    except sqlite3.OperationalError as e:
+        text = str(e)
+        if text == "interrupted":
+            raise QueryError(ER_STATEMENT_TIMEOUT, f"Query execution was interrupted (the admin port's "
+                             f"query_timeout of {timeout:g} s was exceeded)") from None
+        if text.startswith("not authorized"):
+            raise QueryError(ER_READ_ONLY, "not allowed on the admin port (it only reads its tables)") from None
+        if text.startswith("no such column: "):
+            raise QueryError(ER_BAD_FIELD, f"Unknown column '{text[16:]}'") from None
+        if text.startswith("no such function: "):
+            raise QueryError(ER_NO_FUNCTION, f"FUNCTION {text[18:]} does not exist on the admin port "
+                             "(its tables run on SQLite: see docs/operations.md)") from None
+        if "syntax error" in text or "null character" in text:
+            raise QueryError(ER_PARSE, f"You have an error in your SQL syntax: {text}") from None
+        raise QueryError(ER_UNKNOWN, f"{text} (in: {sql[:200]})") from None
+    except (sqlite3.DataError, sqlite3.Error) as e:
+        if "too big" in str(e):
+            raise QueryError(ER_TOO_BIG, f"result too large: {e}") from None
+        raise QueryError(ER_UNKNOWN, str(e)) from None
+    if len(rows) > max_rows:
+        raise QueryError(ER_TOO_BIG, f"the result has more than {max_rows} rows ([admin] max_rows); add a "
+                         f"LIMIT or a WHERE")
+    return [d[0] for d in cur.description or ()], rows
 
 
 def _now() -> str:

@@ -49,7 +49,7 @@ from mysql_mimic.variables import SYSTEM_VARIABLES, GlobalVariables, SessionVari
 from sqlglot.errors import SqlglotError
 
 from proxy import __version__
-from proxy.admin import commands, engine, guard
+from proxy.admin import commands, engine, guard, show
 from proxy.config.schema import is_native_hash
 from proxy.observe.http import bound_socket
 from proxy.logs import Throttle, clean
@@ -227,6 +227,12 @@ class AdminSession(Session):
             raise MysqlError(f"statement longer than {MAX_SQL} characters", 1104)
         if _PROCESSLIST.fullmatch(sql.strip().rstrip(";").strip()):
             sql = PROCESSLIST_SQL  # the client sessions of the proxy, as SHOW PROCESSLIST lists a server's
+        try:
+            shown = show.answer(sql, self.server.catalogue, self.database, self.server.cfg.query_timeout)
+        except engine.QueryError as e:
+            raise MysqlError(e.message, e.code) from None
+        if shown is not None:
+            return shown
         cmd = commands.parse(sql)
         if cmd is not None:
             role = self.server.identity.role(self.username)
@@ -296,6 +302,7 @@ class AdminServer:
         mapping = {engine.DATABASE: {t: {c: ty for c, ty in cols} for t, cols in COLUMNS.items()}}
         data = info_schema_tables(mapping_to_columns(mapping))["information_schema"]
         self.info_tables = {name: (list(t.columns), [tuple(r) for r in t.rows]) for name, t in data.items()}
+        self.catalogue = show.Catalogue(self.info_tables)
         self._server = None
 
     def bind(self) -> None:

@@ -572,6 +572,9 @@ def test_show_and_describe_filter_and_name_missing_tables_as_a_server_does(admin
     assert [r[0] for r in q(c, "SHOW TABLES LIKE 'serv%'")] == ["servers"]
     assert [r[0] for r in q(c, "/* a GUI's comment */ SHOW TABLE STATUS WHERE Name = 'digests'")] == ["digests"]
     assert "CREATE TABLE `servers`" in q(c, "SHOW CREATE TABLE `servers`")[0][1]
+    status = dict(q(c, "SHOW GLOBAL STATUS"))  # the status table, as a server's status variables
+    assert set(status) == {r[0] for r in q(c, "SELECT name FROM status")} and "uptime_s" in status
+    assert [r[0] for r in q(c, "SHOW STATUS LIKE 'uptime%'")] == ["uptime_s"]
     with _server(cluster) as server:  # missing tables and databases: the codes the server gives
         for admin_sql, server_sql in (("SHOW COLUMNS FROM nosuch", "SHOW COLUMNS FROM app.nosuch"),
                                       ("DESCRIBE nosuch", "DESCRIBE app.nosuch"),

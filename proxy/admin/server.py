@@ -227,6 +227,7 @@ class AdminSession(Session):
             raise MysqlError(f"statement longer than {MAX_SQL} characters", 1104)
         if _PROCESSLIST.fullmatch(sql.strip().rstrip(";").strip()):
             sql = PROCESSLIST_SQL  # the client sessions of the proxy, as SHOW PROCESSLIST lists a server's
+        sql = show.status_query(sql) or sql
         try:
             shown = show.answer(sql, self.server.catalogue, self.database, self.server.cfg.query_timeout)
         except engine.QueryError as e:

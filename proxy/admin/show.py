@@ -97,6 +97,22 @@ def answer(sql: str, catalogue: Catalogue, current: str | None, timeout: float):
     return None
 
 
+_STATUS_FORM = re.compile(rf"SHOW\s+(?:GLOBAL\s+|SESSION\s+|LOCAL\s+)?STATUS{_TAIL}", re.I | re.S)
+
+
+def status_query(sql: str) -> str | None:
+    """SHOW [GLOBAL|SESSION] STATUS [LIKE|WHERE] as a query of the `status` table (uptime, sessions,
+    statements...), where an operator used to ProxySQL's admin or a server looks first; mysql-mimic
+    answered it with an empty set."""
+    m = _STATUS_FORM.fullmatch(_COMMENTS.sub("", sql).strip().rstrip(";").strip())
+    if m is None:
+        return None
+    tail = m.group(1) or ""
+    if tail[:4].upper() == "LIKE":
+        tail = "WHERE Variable_name " + tail
+    return f"SELECT * FROM (SELECT name AS Variable_name, value AS Value FROM status) AS s {tail}"
+
+
 def _answer(kind, m, catalogue: Catalogue, current, timeout):
     if kind in ("columns", "index"):
         modifier, first, second, db_clause, tail = m.groups()

@@ -327,3 +327,18 @@ def test_admin_port_needs_a_user_with_a_password():
         parse_config(MINIMAL + "[admin]\nenabled = true\n", "x.toml")
 
 
+
+
+@pytest.mark.parametrize("snippet, message", [
+    ("[stats]\nevents = 2147483648", "stats.events: expected an integer 10-2147483647, got 2147483648"),
+    ("[proxy]\nmax_connections = 99999999999999999999999",
+     "proxy.max_connections: expected an integer 1-2147483647, got 99999999999999999999999"),
+    ("[proxy]\nclient_idle_timeout = 31536001",
+     "proxy.client_idle_timeout: expected a number of seconds >= 0 and at most 31536000, got 31536001"),
+    ("[monitor]\ninterval = 1e300", "monitor.interval: expected a number of seconds > 0 and at most 31536000, got 1e+300"),
+    ("[admin]\nmax_rows = 10000001", "admin.max_rows: expected an integer 1-10000000, got 10000001"),
+])
+def test_values_past_what_the_runtime_takes_are_refused(snippet, message):
+    """TOML integers have no limit: a value that passed the check used to stop `serve` with an
+    OverflowError where it reached C (test_hardening runs the largest accepted ones)."""
+    assert one_error(MINIMAL + snippet + "\n") == f"config.toml: {message}"

@@ -749,3 +749,56 @@ def test_change_user_with_an_empty_token_gets_an_auth_switch_as_on_the_server(pr
             c.close()
     assert out[proxy.cluster.primary.port] == (b"mysql_native_password", 20, 0, 3, b"app")
     assert out[proxy.port] == out[proxy.cluster.primary.port]
+
+
+def _extreme_sections(largest: bool) -> dict:
+    """Every integer and duration key of the runtime sections at its largest (or smallest) allowed value."""
+    from proxy.config import schema
+    from proxy.config.load import MAX_INT, MAX_SECONDS
+    out = {}
+    for section, cls in (("proxy", schema.ProxyConfig), ("routing", schema.RoutingConfig),
+                         ("monitor", schema.MonitorConfig), ("failover", schema.FailoverConfig),
+                         ("pool", schema.PoolConfig), ("stats", schema.StatsConfig), ("admin", schema.AdminConfig)):
+        values = {}
+        for f in schema.spec_fields(cls):
+            m = f.metadata
+            if (section, f.name) == ("proxy", "workers"):
+                continue
+            if m["kind"] == "int":
+                values[f.name] = ((m["hi"] if m["hi"] is not None else MAX_INT) if largest
+                                  else (m["lo"] if m["lo"] is not None else 0))
+            elif m["kind"] == "float" and largest:
+                values[f.name] = MAX_SECONDS
+        out[section] = values
+    return out
+
+
+def test_the_largest_values_the_check_accepts_also_run(cluster, tmp_path):
+    """check-config passed `[stats] events = 10**21` and serve then died on an OverflowError; twice
+    monitor.connect_timeout past a year stopped the failover thread inside PyMySQL. Every integer
+    and duration at the most the check allows must run: clients served, admin and status answer,
+    nothing in the log but ordinary lines. (One past the bound is refused: test_config.)"""
+    sections = _extreme_sections(True)
+    admin_port = free_port()
+    sections["proxy"]["listen"] = f"127.0.0.1:{free_port()}"
+    sections["admin"].update(listen=f"127.0.0.1:{admin_port}", users=[{"name": "admin", "password": "adm1n-pw"}])
+    p = start_proxy(cluster, tmp_path, **sections)
+    try:
+        with pymysql.connect(host=p.host, port=p.port, user="app", password="app", database="app") as c:
+            with c.cursor() as cur:
+                cur.execute("SELECT 1")
+                assert cur.fetchone() == (1,)
+                cur.execute("BEGIN")
+                cur.execute("SELECT @@server_id")
+                cur.execute("COMMIT")
+        with pymysql.connect(host="127.0.0.1", port=admin_port, user="admin", password="adm1n-pw") as a:
+            with a.cursor() as cur:
+                cur.execute("SELECT name, state FROM servers")
+                assert len(cur.fetchall()) == 3
+                cur.execute("SELECT COUNT(*) FROM events")
+                assert cur.fetchone()[0] > 0
+        time.sleep(2)  # (the failover thread's first pass)
+    finally:
+        p.process.stop()
+    log = open(tmp_path / "rwproxy.log", errors="replace").read()
+    assert "Traceback" not in log and " ERROR " not in log, log[-3000:]

@@ -113,8 +113,11 @@ def pymysql_connect(tls: BackendTLS | None, **kwargs) -> pymysql.connections.Con
     """pymysql.connect under the backend's TLS policy (the control plane's connections).
 
     PyMySQL has no "preferred" with a context of our own: try TLS, and only when
-    the server says it has none, connect again in plaintext.
+    the server says it has none, connect again in plaintext. Timeouts derived from the
+    config (twice monitor.connect_timeout...) are held to PyMySQL's most, a year.
     """
+    if kwargs.get("connect_timeout") is not None:
+        kwargs["connect_timeout"] = min(kwargs["connect_timeout"], 31_536_000)
     if tls is None:
         return pymysql.connect(ssl_disabled=True, **kwargs)
     try:

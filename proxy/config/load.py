@@ -87,14 +87,24 @@ def _unknown_key(key: str, known: list[str], section: str) -> str:
     return "unknown key" + _suggest(key, known)
 
 
-def _expected(meta) -> str:
+# Bounds on every integer and duration: a value past them (TOML integers have no limit) used to
+# pass the check and then stop `serve` with an OverflowError where it reached C (a deque's length)
+# or fail a thread (PyMySQL takes timeouts up to a year). 2**31 - 1 of anything and 365 days (a
+# server's own most for wait_timeout) are past any sensible setting.
+MAX_INT = 2**31 - 1
+MAX_SECONDS = 31_536_000
+
+
+def _expected(meta, value=None) -> str:
     kind, lo, hi = meta["kind"], meta.get("lo"), meta.get("hi")
     if kind == "int":
         if lo is not None and hi is not None:
             return f"an integer {lo}-{hi}"
-        return f"an integer >= {lo}" if lo is not None else "an integer"
+        return f"an integer {lo}-{MAX_INT}" if lo is not None else f"an integer up to {MAX_INT}"
     if kind == "float":
-        return "a number of seconds " + ("> 0" if meta["positive"] else ">= 0")
+        over = type(value) in (int, float) and value > MAX_SECONDS
+        return "a number of seconds " + ("> 0" if meta["positive"] else ">= 0") + (
+            f" and at most {MAX_SECONDS:.0f}" if over else "")
     if kind == "enum":
         return "one of " + ", ".join(show(c) for c in meta["choices"])
     return {"bool": "a boolean (true or false)", "strs": "an array of strings",
@@ -105,9 +115,9 @@ def _scalar_ok(v, meta) -> bool:
     kind = meta["kind"]
     if kind == "int":
         return (type(v) is int and (meta["lo"] is None or v >= meta["lo"])
-                and (meta["hi"] is None or v <= meta["hi"]))
+                and v <= (MAX_INT if meta["hi"] is None else meta["hi"]) and v >= -MAX_INT)
     if kind == "float":
-        return (type(v) in (int, float) and math.isfinite(v)
+        return (type(v) in (int, float) and math.isfinite(v) and v <= MAX_SECONDS
                 and (v > 0 if meta["positive"] else v >= 0))
     if kind == "bool":
         return type(v) is bool
@@ -180,7 +190,7 @@ class _Validator:
             self.positions[path] = [i for i, x in enumerate(built) if x is not None]
             return tuple(x for x in built if x is not None)
         if not _scalar_ok(v, meta):
-            self.error(path, f"expected {_expected(meta)}, got {show(v)}")
+            self.error(path, f"expected {_expected(meta, v)}, got {show(v)}")
             return _BAD
         check = meta.get("check")
         if check and (msg := check(v)):

@@ -287,7 +287,7 @@ class AdminConfig:
     listen: str = S("127.0.0.1:6032", check=listen_error)
     max_connections: int = I(32, 1, 10000)
     query_timeout: float = F(10.0, positive=True)  # s an admin query may run before it is stopped
-    max_rows: int = I(100000, 1)  # rows an admin query may return
+    max_rows: int = I(100000, 1, 10_000_000)  # rows an admin query may return
     users: tuple[AdminUserConfig, ...] = A(AdminUserConfig)
     host: str = field(init=False, default="")
     port: int = field(init=False, default=0)

@@ -342,3 +342,13 @@ def test_values_past_what_the_runtime_takes_are_refused(snippet, message):
     """TOML integers have no limit: a value that passed the check used to stop `serve` with an
     OverflowError where it reached C (test_hardening runs the largest accepted ones)."""
     assert one_error(MINIMAL + snippet + "\n") == f"config.toml: {message}"
+
+
+@pytest.mark.parametrize("name, message", [
+    ('a\\u0000p', 'users[0].name: a user name with control characters can never log in, got "a\\u0000p"'),
+    ("u" * 129, "users[0].name: at most 128 characters (a server's limit for user names), got 129"),
+])
+def test_user_names_no_client_could_log_in_with_are_refused(name, message):
+    text = MINIMAL.replace('name = "app"', f'name = "{name}"', 1)
+    assert text != MINIMAL
+    assert one_error(text) == f"config.toml: {message}"

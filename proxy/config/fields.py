@@ -46,6 +46,16 @@ def identifier_error(value: str) -> str | None:
     return None
 
 
+def account_name_error(value: str) -> str | None:
+    """A client's user name ends at its first NUL and a server takes at most 128 characters: such a
+    [[users]] or [[admin.users]] name could never log in."""
+    if any(ord(c) < 32 or ord(c) == 127 for c in value):
+        return f"a user name with control characters can never log in, got {show(value)}"
+    if len(value) > 128:
+        return f"at most 128 characters (a server's limit for user names), got {len(value)}"
+    return None
+
+
 _INSTANCE_RE = re.compile(r"[A-Za-z0-9_.:@-]{0,128}")
 
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from functools import cached_property
 
 from proxy.config.fields import (  # noqa: F401 - some re-exported: the rest of rwproxy imports them from here
-    PW_ENV, PW_FILE, A, B, E, F, I, L, S, T, absolute_path_error, cron_error, env_name_error, format_hostport,
+    PW_ENV, PW_FILE, A, B, E, F, I, L, S, T, absolute_path_error, account_name_error, cron_error, env_name_error, format_hostport,
     identifier_error, instance_error, is_native_hash, listen_error, optional_listen_error, parse_listen, regex_error,
     repository_error, secret_keys, set_hostport, show, socket_error, toml_str, url_error,
 )
@@ -114,7 +114,7 @@ class BackendTLSConfig:
 
 @dataclass(frozen=True)
 class UserConfig:
-    name: str = S("app", nonempty=True, required=True)
+    name: str = S("app", nonempty=True, required=True, check=account_name_error)
     password: str = S(repr=False)  # clear text, or the mysql_native_password hash "*<40 hex digits>"
     password_env: str = PW_ENV()
     password_file: str = PW_FILE()
@@ -274,7 +274,7 @@ ADMIN_ROLES = ("admin", "stats")
 
 @dataclass(frozen=True)
 class AdminUserConfig:
-    name: str = S(nonempty=True, required=True)
+    name: str = S(nonempty=True, required=True, check=account_name_error)
     password: str = S(repr=False)  # clear text or "*<40 hex>" (mysql_native_password hash)
     password_env: str = PW_ENV()
     password_file: str = PW_FILE()

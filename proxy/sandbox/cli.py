@@ -114,7 +114,8 @@ def cmd_up(args) -> int:
         if admin_port:
             print(f"rwproxy admin port (once rwproxy runs): mariadb -h127.0.0.1 -P{admin_port} -uadmin "
                   f"-p'{cluster.admin_password}'")
-            print(f"metrics: http://127.0.0.1:{metrics_port}/metrics   (the password is in {cluster.config_path})")
+            print(f"metrics: http://127.0.0.1:{metrics_port}/metrics   (plain HTTP without a password, as "
+                  f"Prometheus scrapes; on loopback)")
         return 0
     return _run(go, args)
 

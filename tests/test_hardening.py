@@ -728,6 +728,26 @@ def test_handshake_out_of_order_and_pre_41_clients_get_the_servers_errors(proxy)
     assert via == direct
 
 
+@pytest.mark.parametrize("payload", [
+    b"\x00" * 10,                                                   # all zero: user '', no scramble
+    struct.pack("<H", 0x0004) + b"\x00\x00\x01" + b"app\x00",        # a user, no scramble
+    struct.pack("<H", 0x0004) + b"\x00\x00\x01" + b"nobody\x00ABCDEFGH",  # a 4.0 scramble
+    struct.pack("<H", 0x0004 | 0x0008) + b"\x00\x00\x01" + b"app\x00ABCDEFGH\x00app\x00",
+    struct.pack("<H", 0x8005) + b"\x00\x00\x01" + b"app\x0012345678",  # claims CLIENT_SECURE_CONNECTION
+])
+def test_pre_41_handshakes_get_the_servers_answer_without_a_sqlstate(proxy, payload):
+    """MariaDB reads a 4.0 handshake response and answers 1045, 1251 or 1043 depending on what it
+    carries, without the SQLSTATE a 4.0 client cannot read; rwproxy answered every one 1251 with
+    a SQLSTATE (adversarial probes)."""
+    def answer(port):
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+            s.recv(65536)
+            s.sendall(frame(payload, 1))
+            p = s.recv(65536)
+        return struct.unpack_from("<H", p, 5)[0], p[3], p[7:8] == b"#", p[7:].split(b"'@'")[0]
+    assert answer(proxy.port) == answer(proxy.cluster.primary.port)
+
+
 def test_change_user_with_an_empty_token_gets_an_auth_switch_as_on_the_server(proxy):
     """A COM_CHANGE_USER without authentication data is answered, by the server, with an auth switch
     carrying a new salt, and the client's answer to it logs the new user in; rwproxy denied it at

@@ -286,9 +286,15 @@ async def handshake(io, worker, conn_id: int, host: str) -> Login | None:
             io.write(err_packet(seq, ER_ACCESS_DENIED_ERROR, msg, caps))
             return None
         return Login(user, caps, resp.charset, resp.database, salt, tls, seq)
-    except OldClient:
-        io.write(err_packet(2, ER_NOT_SUPPORTED_AUTH_MODE, "Client does not support authentication protocol "
-                            "requested by server; consider upgrading MariaDB client"))
+    except OldClient as e:  # (a 4.0 client reads no SQLSTATE: capabilities 0)
+        if e.secure:
+            io.write(err_packet(2, ER_HANDSHAKE_ERROR, "Bad handshake", 0))
+        elif not e.password:
+            FAILED_LOGINS.info("client %s: %s", host, clean(access_denied_message(e.user, host, b""), 256))
+            io.write(err_packet(2, ER_ACCESS_DENIED_ERROR, access_denied_message(e.user, host, b""), 0))
+        else:
+            io.write(err_packet(2, ER_NOT_SUPPORTED_AUTH_MODE, "Client does not support authentication protocol "
+                                "requested by server; consider upgrading MariaDB client", 0))
         return None
     except (ProtocolError, ValueError, IndexError) as e:
         io.write(err_packet(2, ER_HANDSHAKE_ERROR, f"Bad handshake: {e}"))

@@ -23,8 +23,15 @@ from proxy.protocol.packets import ProtocolError, lenenc_int, lenenc_str, read_l
 
 
 class OldClient(ProtocolError):
-    """A handshake response without CLIENT_PROTOCOL_41 (a pre-4.1 client): the server answers such
-    clients 1251 (ER_NOT_SUPPORTED_AUTH_MODE), "consider upgrading"."""
+    """A handshake response without CLIENT_PROTOCOL_41 (a pre-4.1 client). MariaDB 10.11 reads its
+    4.0 layout (2 bytes of flags, 3 of packet size, the user ending in NUL, then the 8-byte
+    scramble) and answers, without a SQLSTATE (4.0 errors have none): 1043 Bad handshake when it
+    claims CLIENT_SECURE_CONNECTION, 1045 Access denied (using password: NO) without a scramble,
+    else 1251 "consider upgrading" (old_password scrambles are not supported)."""
+
+    def __init__(self, secure: bool, user: str, password: bool):
+        super().__init__("client does not speak protocol 4.1")
+        self.secure, self.user, self.password = secure, user, password
 
 
 @dataclass(slots=True)
@@ -119,7 +126,13 @@ def parse_greeting(payload: bytes) -> Greeting:
 def parse_response(payload: bytes) -> HandshakeResponse:
     """Decode a HandshakeResponse41 (or the 32-byte SSL request)."""
     if len(payload) >= 2 and not payload[1] & (CLIENT_PROTOCOL_41 >> 8):  # (a 4.0 header is 5 bytes)
-        raise OldClient("client does not speak protocol 4.1") if len(payload) > 5 else ProtocolError("too short")
+        if len(payload) <= 5:
+            raise ProtocolError("too short")
+        end = payload.find(b"\0", 5)
+        user = payload[5:] if end < 0 else payload[5:end]
+        scramble = b"" if end < 0 else payload[end + 1:].split(b"\0", 1)[0]
+        raise OldClient(bool(payload[1] & (CLIENT_SECURE_CONNECTION >> 8)), user.decode("utf-8", "replace"),
+                        bool(scramble))
     if len(payload) < 32:
         raise ProtocolError("handshake response too short")
     caps, max_packet, charset = struct.unpack_from("<IIB", payload, 0)

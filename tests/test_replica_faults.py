@@ -152,6 +152,49 @@ def test_a_primary_made_read_only_by_hand_answers_writes_with_its_own_error(setu
         cur.execute("INSERT INTO flip VALUES (1)")
 
 
+def test_a_full_primary_answers_1040_and_sessions_go_on(setup):
+    """A primary at max_connections answers a new connection with 1040 in place of its greeting.
+    rwproxy took that for a lost connection: a write was held write_hold_timeout and then failed
+    with 1927 "Lost connection to backend ... during handshake". It gets the server's 1040 (08004)
+    now; a session that logs in meanwhile reads on the replicas, and writes once there is room."""
+    from proxy.testing.rawclient import RawClient
+
+    cl, p = setup
+    reps = {n.port for n in cl.replicas}
+    with p.connect(autocommit=True) as c, c.cursor() as cur:
+        cur.execute("CREATE TABLE IF NOT EXISTS full_primary (id INT)")
+    held, refused = [], None
+    with cl.primary.connect() as admin, admin.cursor() as acur:  # (root's own seat, kept open)
+        acur.execute("SELECT @@max_connections")
+        before = acur.fetchone()[0]
+        acur.execute("SELECT COUNT(*) FROM information_schema.processlist")
+        acur.execute(f"SET GLOBAL max_connections = {acur.fetchone()[0] + 2}")
+        try:
+            for _ in range(20):  # each session writes in a transaction: one primary connection each
+                s = RawClient(p.host, p.port)
+                answer = s.command(b"\x03BEGIN")  # (the write's or the BEGIN's primary connection)
+                if answer[0] == 0:
+                    answer = s.command(b"\x03INSERT INTO full_primary VALUES (1)")
+                if answer[0] == 0xFF:
+                    refused = s
+                    break
+                held.append(s)
+            assert refused is not None, "the primary never filled up"
+            assert answer[1:3] == (1040).to_bytes(2, "little") and answer[3:9] == b"#08004", answer
+            late = RawClient(p.host, p.port)  # logs in while the primary is full
+            late.send(b"\x03SELECT @@port")
+            assert int(late.read_until_eof()[-2][1:]) in reps
+        finally:
+            for s in held:
+                s.command(b"\x03ROLLBACK")
+                s.close()
+            acur.execute(f"SET GLOBAL max_connections = {before}")
+    for s in (refused, late):  # the same sessions write once there is room
+        assert s.command(b"\x03ROLLBACK")[0] == 0
+        assert s.command(b"\x03INSERT INTO full_primary VALUES (2)")[0] == 0
+        s.close()
+
+
 def test_status_reports_counts(setup):
     cl, p = setup
     with p.connect(autocommit=True) as c, c.cursor() as cur:

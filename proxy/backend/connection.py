@@ -72,6 +72,12 @@ class BackendError(Exception):
         self.sqlstate = sqlstate
         self.message = message
 
+    @property
+    def unavailable(self) -> bool:
+        """Down, unreachable or full (1040): the server could not take a connection just now, which
+        says nothing about the user or the database (at login, reads go on on the replicas)."""
+        return self.code in (2003, 2013, 1040)
+
 
 class BackendConnection(asyncio.Protocol):
     __slots__ = (

@@ -8,6 +8,7 @@ import logging
 
 from proxy.backend.connection import BackendConnection, BackendError
 from proxy.protocol.constants import COM_PING
+from proxy.protocol.handshake import ServerRefused
 from proxy.protocol.packets import ProtocolError, command, parse_err
 from proxy.protocol.scan import SIMPLE
 
@@ -81,6 +82,9 @@ async def _open(server, key, caps: int, user: str, password: str, db, charset: i
     except BackendError:
         conn.close()
         raise
+    except ServerRefused as e:  # full (1040) or blocking this host: the server's own answer, as a client gets it
+        conn.close()
+        raise BackendError(e.code, e.state, e.message) from None
     except (ConnectionError, asyncio.TimeoutError, ProtocolError, ValueError, IndexError) as e:
         conn.close()
         raise BackendError(2013, "HY000", f"Lost connection to backend {server.name} during handshake: {e or 'timeout'}")

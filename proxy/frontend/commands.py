@@ -126,7 +126,7 @@ async def _change_user(s, pkt) -> None:
     try:
         await start_writer(s)
     except BackendError as e:  # an unknown database, a user the servers refuse
-        if e.code in (2003, 2013) and s.worker.topology.readers:  # as at login: reads go on, writes wait
+        if e.unavailable and s.worker.topology.readers:  # as at login: reads go on, writes wait
             return s.write(ok_packet(seq, s.status))
         s.release_backends()
         s.start_session(old_user, old_db)

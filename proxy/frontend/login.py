@@ -343,7 +343,8 @@ async def open_session(session, seq: int) -> bool:
     """After authentication: make sure the session can be served, and connect its primary now so
     that a wrong database or a backend refusing the user is reported at login, as a server would.
     If the primary is unreachable the session still starts: reads go to replicas and writes wait
-    for a primary. True once the final OK is sent."""
+    for a primary; if it is full (1040) too, and its writes get the 1040 a client of the server
+    gets. True once the final OK is sent."""
     w = session.worker
     try:
         if not w.primary_ok and not w.topology.readers:
@@ -359,7 +360,7 @@ async def open_session(session, seq: int) -> bool:
             try:
                 await start_writer(session)
             except BackendError as e:
-                if e.code not in (2003, 2013) or not w.topology.readers:
+                if not e.unavailable or not w.topology.readers:
                     session.write(frame(err_payload(e.code, e.sqlstate.encode(), e.message), seq))
                     return False
         session.write(ok_packet(seq, session.status))

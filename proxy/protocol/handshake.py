@@ -34,6 +34,16 @@ class OldClient(ProtocolError):
         self.secure, self.user, self.password = secure, user, password
 
 
+class ServerRefused(ProtocolError):
+    """An error in place of the greeting: the server will not take a connection (1040 Too many
+    connections when full, 1129 when the host is blocked). Sent before it knows the client's
+    flags, it carries no SQLSTATE; 1040's is 08004."""
+
+    def __init__(self, code: int, state: str, message: str):
+        super().__init__(f"server refused the connection: ({code}) {message}")
+        self.code, self.state, self.message = code, state, message
+
+
 @dataclass(slots=True)
 class Greeting:
     server_version: bytes
@@ -96,7 +106,7 @@ def parse_greeting(payload: bytes) -> Greeting:
         from proxy.protocol.packets import parse_err
 
         code, state, msg = parse_err(payload)
-        raise ProtocolError(f"server refused the connection: ({code}) {msg}")
+        raise ServerRefused(code, "08004" if code == 1040 and state == "HY000" else state, msg)
     if payload[0] != 10:
         raise ProtocolError(f"unsupported protocol version {payload[0]}")
     version, pos = read_nul_str(payload, 1)

@@ -29,6 +29,15 @@ from proxy.protocol.scan import RESULT
 log = logging.getLogger("rwproxy.pool")
 
 
+class QueueTimeout(BackendError):
+    """rwproxy's own limit ([pool] max_server_connections) held a client past queue_timeout: the
+    operator's cap is the answer, at login too (a full server is not: BackendError.unavailable)."""
+
+    @property
+    def unavailable(self) -> bool:
+        return False
+
+
 class Pools:
     """All pools of one worker process."""
 
@@ -83,7 +92,7 @@ class Pools:
             left = deadline - loop.time()
             if left <= 0:
                 self.queued.setdefault(name, [0, 0])[1] += 1
-                raise BackendError(1040, "08004", f"Too many connections: no connection to backend {name} became "
+                raise QueueTimeout(1040, "08004", f"Too many connections: no connection to backend {name} became "
                                    f"free within queue_timeout ({self.cfg.queue_timeout:g} s; this instance opens at "
                                    f"most {limit * self.workers} to it)")
             await self._wait(name, left, again)

@@ -67,10 +67,6 @@ _SQLSTATES = {1054: "42S22", 1305: "42000", 1040: "08004", 1043: "08S01", 1045: 
               1064: "42000", 1065: "42000", 1094: "HY000", 1104: "42000", 1146: "42S02", 1193: "HY000",
               1227: "42000", 1231: "42000", 1235: "42000", 1290: "HY000", 1295: "HY000", 1300: "HY000", 1835: "HY000", 1969: "70100"}
 
-_PROCESSLIST = re.compile(r"SHOW\s+(?:FULL\s+)?PROCESSLIST", re.I)
-PROCESSLIST_SQL = ("SELECT id AS Id, user AS User, host AS Host, db, state AS Command, seconds AS Time, "
-                   "pinned AS State, digest AS Info FROM sessions ORDER BY id")
-
 _VARIABLES = dict(SYSTEM_VARIABLES)
 _VARIABLES["version"] = (str, f"10.11.0-rwproxy-admin-{__version__}", False)
 _VARIABLES["version_comment"] = (str, "rwproxy admin port", False)
@@ -225,9 +221,7 @@ class AdminSession(Session):
     async def handle_query(self, sql: str, attrs):
         if len(sql) > MAX_SQL:
             raise MysqlError(f"statement longer than {MAX_SQL} characters", 1104)
-        if _PROCESSLIST.fullmatch(sql.strip().rstrip(";").strip()):
-            sql = PROCESSLIST_SQL  # the client sessions of the proxy, as SHOW PROCESSLIST lists a server's
-        sql = show.status_query(sql) or sql
+        sql = show.as_query(sql) or sql  # (SHOW PROCESSLIST, SHOW STATUS)
         try:
             shown = show.answer(sql, self.server.catalogue, self.database, self.server.cfg.query_timeout)
         except engine.QueryError as e:

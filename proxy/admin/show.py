@@ -89,7 +89,7 @@ class Catalogue:
 def answer(sql: str, catalogue: Catalogue, current: str | None, timeout: float):
     """(rows, column names) for a SHOW/DESCRIBE form this module knows, None for anything else
     (mysql-mimic and the engine take it). Raises engine.QueryError as a server would answer."""
-    text = _COMMENTS.sub("", sql).strip().rstrip(";").strip()
+    text = _bare(sql)
     for kind, pattern in _FORMS:
         m = pattern.fullmatch(text)
         if m is not None:
@@ -97,14 +97,27 @@ def answer(sql: str, catalogue: Catalogue, current: str | None, timeout: float):
     return None
 
 
+def _bare(sql: str) -> str:
+    """The statement without the comments in front of it, surrounding blanks and a final ';'."""
+    return _COMMENTS.sub("", sql).strip().rstrip(";").strip()
+
+
+_PROCESSLIST = re.compile(r"SHOW\s+(?:FULL\s+)?PROCESSLIST", re.I)
+PROCESSLIST_SQL = ("SELECT id AS Id, user AS User, host AS Host, db, state AS Command, seconds AS Time, "
+                   "pinned AS State, digest AS Info FROM sessions ORDER BY id")
 _STATUS_FORM = re.compile(rf"SHOW\s+(?:GLOBAL\s+|SESSION\s+|LOCAL\s+)?STATUS{_TAIL}", re.I | re.S)
 
 
-def status_query(sql: str) -> str | None:
-    """SHOW [GLOBAL|SESSION] STATUS [LIKE|WHERE] as a query of the `status` table (uptime, sessions,
-    statements...), where an operator used to ProxySQL's admin or a server looks first; mysql-mimic
-    answered it with an empty set."""
-    m = _STATUS_FORM.fullmatch(_COMMENTS.sub("", sql).strip().rstrip(";").strip())
+def as_query(sql: str) -> str | None:
+    """The SHOW forms answered by a query of one of the tables, as that query; None for others.
+    SHOW [FULL] PROCESSLIST lists the proxy's client sessions, as a server lists its own; SHOW
+    [GLOBAL|SESSION] STATUS [LIKE|WHERE] the `status` table (uptime, sessions, statements...),
+    where an operator used to ProxySQL's admin or a server looks first (mysql-mimic answered it
+    with an empty set)."""
+    text = _bare(sql)
+    if _PROCESSLIST.fullmatch(text):
+        return PROCESSLIST_SQL
+    m = _STATUS_FORM.fullmatch(text)
     if m is None:
         return None
     tail = m.group(1) or ""
@@ -113,27 +126,30 @@ def status_query(sql: str) -> str | None:
     return f"SELECT * FROM (SELECT name AS Variable_name, value AS Value FROM status) AS s {tail}"
 
 
+def _table(catalogue: Catalogue, first: str, second: str | None, db_clause: str | None, current):
+    """(db, table, columns) named `first.second`, or `first` (in `db_clause`, else the current database)."""
+    db, table = (first, second) if second is not None else (db_clause, first)
+    return catalogue.table(_ident(db), _ident(table), current)
+
+
 def _answer(kind, m, catalogue: Catalogue, current, timeout):
     if kind in ("columns", "index"):
         modifier, first, second, db_clause, tail = m.groups()
-        db, table = (first, second) if second is not None else (db_clause, first)
-        db, table, cols = catalogue.table(_ident(db), _ident(table), current)
+        _, _, cols = _table(catalogue, first, second, db_clause, current)
         if kind == "index":  # the tables have no indexes
             return _filtered(_INDEX, [], tail, timeout)
         full = bool(modifier) and "FULL" in modifier.upper()
         return _filtered(_FULL_COLUMNS if full else _COLUMNS, _column_rows(cols, full), tail, timeout)
     if kind == "describe":
         first, second, column, _ = m.groups()
-        db, table = (first, second) if second is not None else (None, first)
-        db, table, cols = catalogue.table(_ident(db), _ident(table), current)
+        _, _, cols = _table(catalogue, first, second, None, current)
         tail = None
         if column is not None:  # DESCRIBE t col: the column, or a LIKE pattern in quotes
             tail = "LIKE " + (column if column.startswith("'") else "'" + _ident(column).replace("'", "''") + "'")
         return _filtered(_COLUMNS, _column_rows(cols, False), tail, timeout)
     if kind == "create_table":
         first, second, _, _ = m.groups()
-        db, table = (first, second) if second is not None else (None, first)
-        db, table, cols = catalogue.table(_ident(db), _ident(table), current)
+        db, table, cols = _table(catalogue, first, second, None, current)
         lines = ",\n".join(f"  {_quoted(c)} {t} DEFAULT NULL" for c, t in cols)
         temporary = "TEMPORARY " if db == "information_schema" else ""
         return [(table, f"CREATE {temporary}TABLE {_quoted(table)} (\n{lines}\n) ENGINE=MEMORY "
@@ -172,15 +188,12 @@ def _filtered(names, rows, tail: str | None, timeout: float):
         condition = tail[5:].strip()
     try:
         tree = sqlglot.parse_one(f"SELECT * FROM t WHERE {condition}", read="mysql")
+        if not isinstance(tree, exp.Select) or sum(1 for _ in tree.find_all(exp.Select)) != 1 \
+                or sum(1 for _ in tree.find_all(exp.Table)) != 1:
+            raise engine.QueryError(engine.ER_PARSE, "a SHOW ... LIKE or WHERE may only name the result's columns")
+        sql = engine.to_sqlite(tree.transform(_backslash_escape), None)
     except SqlglotError as e:
         raise engine.QueryError(engine.ER_PARSE, f"You have an error in your SQL syntax: {str(e)[:200]}") from None
-    except RecursionError:
-        raise engine.QueryError(engine.ER_PARSE, "statement nested too deeply") from None
-    if not isinstance(tree, exp.Select) or sum(1 for _ in tree.find_all(exp.Select)) != 1 \
-            or sum(1 for _ in tree.find_all(exp.Table)) != 1:
-        raise engine.QueryError(engine.ER_PARSE, "a SHOW ... LIKE or WHERE may only name the result's columns")
-    try:
-        sql = engine.to_sqlite(tree.transform(_backslash_escape), None)
     except RecursionError:
         raise engine.QueryError(engine.ER_PARSE, "statement nested too deeply") from None
     return engine.run_on_rows(sql, list(names), rows, timeout), list(names)

@@ -109,6 +109,8 @@ def control_connect(config, backend, **kwargs) -> pymysql.connections.Connection
     return pymysql_connect(policies_for(config).get(backend.name), **backend.pymysql_args(), **kwargs)
 
 
+PYMYSQL_MAX_TIMEOUT = 31_536_000  # PyMySQL refuses a longer connect_timeout (a year)
+
 def pymysql_connect(tls: BackendTLS | None, **kwargs) -> pymysql.connections.Connection:
     """pymysql.connect under the backend's TLS policy (the control plane's connections).
 
@@ -117,7 +119,7 @@ def pymysql_connect(tls: BackendTLS | None, **kwargs) -> pymysql.connections.Con
     config (twice monitor.connect_timeout...) are held to PyMySQL's most, a year.
     """
     if kwargs.get("connect_timeout") is not None:
-        kwargs["connect_timeout"] = min(kwargs["connect_timeout"], 31_536_000)
+        kwargs["connect_timeout"] = min(kwargs["connect_timeout"], PYMYSQL_MAX_TIMEOUT)
     if tls is None:
         return pymysql.connect(ssl_disabled=True, **kwargs)
     try:

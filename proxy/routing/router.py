@@ -258,10 +258,8 @@ class Router:
         w = s.last_write
         if p.applied(pick) >= w:
             return pick, Why.READ
-        excluded = self._excluded(s) if self.backoff else s.failed_servers
-        held = [r for r in self._read_pool(topology) if r.name != pick and r.name not in excluded
-                and p.applied(r.name) >= w]
-        other = self.balancer.pick(held) if held else None
+        held = [r for r in self._read_pool(topology) if r.name != pick and p.applied(r.name) >= w]
+        other = self.balancer.pick(held, self._excluded(s)) if held else None
         return (other.name, Why.READ) if other is not None else (WRITER, Why.RYW_UNPROVEN)
 
     def _gtid_replica(self, s, topology):

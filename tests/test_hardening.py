@@ -822,3 +822,58 @@ def test_the_largest_values_the_check_accepts_also_run(cluster, tmp_path):
         p.process.stop()
     log = open(tmp_path / "rwproxy.log", errors="replace").read()
     assert "Traceback" not in log and " ERROR " not in log, log[-3000:]
+
+
+def _infile_out_of_order(port: int, first_seq: int, end_seq: int) -> list:
+    """LOAD DATA LOCAL INFILE with the file's packets numbered as given (in turn: 2 and 3); what
+    comes back, as (error code, sequence id), until the connection closes or goes quiet."""
+    c = RawClient("127.0.0.1", port, timeout=3)
+    got = []
+    try:
+        c.send(b"\x03LOAD DATA LOCAL INFILE 'ids.txt' INTO TABLE infile_seq", 0)
+        seq, p = c.read()
+        assert (seq, p[:1]) == (1, b"\xfb")
+        c.send(b"1\n2\n", first_seq)
+        c.send(b"", end_seq)
+        try:
+            while len(got) < 3:
+                seq, p = c.read()
+                got.append((struct.unpack_from("<H", p, 1)[0] if p[0] == 0xFF else p[0], seq))
+        except TimeoutError:
+            got.append("quiet")
+            c.send(b"\x0e", 0)  # COM_PING: the server answers the packet after a bad end of file
+            seq, p = c.read()
+            got.append((struct.unpack_from("<H", p, 1)[0] if p[0] == 0xFF else p[0], seq))
+            c.read()
+    except (ConnectionError, OSError):
+        got.append("closed")
+    finally:
+        c.close()
+    return got
+
+
+def test_local_infile_packets_out_of_order_get_the_servers_1156_and_a_close(proxy):
+    """A file packet numbered out of turn is ERROR 1156 on the server, numbered as the packet it
+    wanted, and the connection ends. rwproxy answered it numbered 0 and kept the session; and an
+    end-of-file packet numbered out of turn left client and rwproxy waiting for each other
+    (adversarial probes). Sessions after it are served from sound connections."""
+    with pymysql.connect(host="127.0.0.1", port=proxy.port, user="app", password="app", database="app",
+                         autocommit=True) as conn, conn.cursor() as cur:
+        cur.execute("DROP TABLE IF EXISTS infile_seq")
+        cur.execute("CREATE TABLE infile_seq (a INT)")
+    direct = proxy.cluster.primary.port
+    assert _infile_out_of_order(direct, 2, 3)[0] == (0, 4)  # (the well-numbered file loads)
+    assert _infile_out_of_order(proxy.port, 2, 3)[0] == (0, 4)
+    # the first file packet out of turn: 1156 numbered 2 at once, then the server hangs up
+    assert _infile_out_of_order(direct, 5, 6)[0] == (1156, 2)
+    assert _infile_out_of_order(proxy.port, 5, 6) == [(1156, 2), "closed"]
+    # the last (empty) one: the server waits and answers the next packet 1156 numbered 3;
+    # rwproxy answers it at once
+    assert _infile_out_of_order(direct, 2, 7)[:2] == ["quiet", (1156, 3)]
+    assert _infile_out_of_order(proxy.port, 2, 7) == [(1156, 3), "closed"]
+    for _ in range(4):  # pooled connections reused after those sessions answer as they should
+        with pymysql.connect(host="127.0.0.1", port=proxy.port, user="app", password="app", database="app",
+                             autocommit=True) as conn, conn.cursor() as cur:
+            cur.execute("INSERT INTO infile_seq VALUES (9)")
+            cur.execute("SELECT COUNT(*) FROM infile_seq WHERE a = 9 FOR UPDATE")
+            assert cur.fetchone()[0] >= 1

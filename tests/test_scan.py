@@ -128,6 +128,8 @@ class Case:
             status=status, warnings=warnings, error=error,
             final=payloads[-1] if final is None else final,
             local_infile=local_infile, packets=len(payloads),
+            # the request is the last (small) packet: numbered len - 1 by wire()
+            infile_seq=len(payloads) - 1 if local_infile else 0,
             stmt_id=stmt_id, num_params=num_params, num_columns=num_columns,
         )
 
@@ -476,7 +478,7 @@ CAPTURED_PREPARE = {
 # -- harness ----------------------------------------------------------------------
 
 TRAILER = wire(b"\x00\x00\x00\x02\x00\x00\x00", b"\x01")  # bytes of a *next* response
-ATTRS = ("status", "warnings", "error", "final", "local_infile", "packets",
+ATTRS = ("status", "warnings", "error", "final", "local_infile", "infile_seq", "packets",
          "stmt_id", "num_params", "num_columns")
 
 
@@ -724,7 +726,7 @@ def test_lifecycle(cls):
     assert sc.feed(b"more") == 0  # after completion: still complete, consumes nothing
     assert sc.status == 0x4002
     sc.start(RESULT)  # start() resets every attribute
-    assert attrs(sc) == dict(status=0, warnings=0, error=False, final=b"", local_infile=False,
+    assert attrs(sc) == dict(status=0, warnings=0, error=False, final=b"", local_infile=False, infile_seq=0,
                              packets=0, stmt_id=0, num_params=0, num_columns=0)
     assert sc.feed(wire(err())[:7]) == -1
     assert sc.feed(wire(err())[7:]) == len(wire(err())) - 7

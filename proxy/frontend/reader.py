@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from proxy.protocol.constants import ER_NET_PACKET_TOO_LARGE, MAX_PACKET
+from proxy.protocol.constants import ER_NET_PACKET_TOO_LARGE, ER_NET_PACKETS_OUT_OF_ORDER, MAX_PACKET
 from proxy.protocol.packets import err_packet, logical_packet, logical_payload, packet_length
 from proxy.protocol.scan import RESULT
 
@@ -25,7 +25,8 @@ LINGER = 2.0  # seconds a refused client may go on sending before the close
 class PacketReader:
     """The bytes a client sent that no command has taken yet, and the rules for taking them."""
 
-    __slots__ = ("session", "buf", "limit", "paused", "waiter", "infile", "_if_hdr", "_if_skip", "_if_prev")
+    __slots__ = ("session", "buf", "limit", "paused", "waiter", "infile", "_if_hdr", "_if_skip", "_if_prev",
+                 "_if_seq")
 
     def __init__(self, session):
         self.session = session  # the ClientConnection whose stream this is
@@ -37,6 +38,7 @@ class PacketReader:
         self._if_hdr = b""  # LOCAL INFILE: a packet header cut by a chunk boundary
         self._if_skip = 0  # LOCAL INFILE: payload bytes of the current packet still to pass
         self._if_prev = 0  # LOCAL INFILE: length of the previous packet (0xFFFFFF: it continues)
+        self._if_seq = -1  # LOCAL INFILE: the sequence id the next file packet must carry (-1: not checked)
 
     # ---- bytes in -----------------------------------------------------------------
     def feed(self, data) -> bool:
@@ -150,36 +152,57 @@ class PacketReader:
             w.set_exception(ConnectionError("client closed the connection"))
 
     # ---- LOAD DATA LOCAL INFILE ---------------------------------------------------------
-    def start_infile(self, backend) -> None:
-        """The server asked for the client's file: pass what the client sends to `backend` until
-        the empty packet that ends the file."""
+    def start_infile(self, backend, seq: int) -> None:
+        """The server asked for the client's file in a packet numbered `seq`: pass what the
+        client sends to `backend` until the empty packet that ends the file."""
         self.infile = backend
         self._if_hdr, self._if_skip, self._if_prev = b"", 0, 0
         layer = self.session.layer
         if layer is not None:
             layer.file_follows()  # (compression numbers the file's packets)
+            self._if_seq = -1  # (the compressed frames carry the numbering the server checks)
+        else:
+            self._if_seq = (seq + 1) & 0xFF
 
     def infile_feed(self, data) -> None:
-        """Forward the client's file packets until the empty packet that ends them."""
+        """Forward the client's file packets until the empty packet that ends them.
+
+        A packet numbered out of turn ends the session with the server's ERROR 1156, numbered
+        as the server numbers it, and the statement's connection is dropped: passed on, the
+        server answers it so (and hangs up), or, for the empty packet that ends the file, waits
+        for another and leaves client and proxy waiting for each other."""
         be = self.infile
         if be.closed:  # the server went away (or out of step) during the file: the client, in the
             self.infile = None  # middle of sending it, cannot be read as sending commands
             return self.session.close()
-        be.transport.write(data)
-        i, n, hdr = self._if_skip, len(data), self._if_hdr
+        i, n, hdr, want = self._if_skip, len(data), self._if_hdr, self._if_seq
         while i < n:
             need = 4 - len(hdr)
             hdr += data[i : i + need]
             i += need
             if len(hdr) < 4:
                 break
+            if want >= 0:
+                if hdr[3] != want:
+                    return self._out_of_order(be, want)
+                want = (want + 1) & 0xFF
             ln = packet_length(hdr)
             hdr = b""
             if ln == 0 and self._if_prev != MAX_PACKET:
+                be.transport.write(data)
                 self.infile = None
                 be.expect(RESULT, self.session)
                 return
             self._if_prev = ln
             i += ln
+        be.transport.write(data)
         self._if_skip = i - n if i > n else 0
         self._if_hdr = hdr
+        self._if_seq = want
+
+    def _out_of_order(self, be, seq: int) -> None:
+        self.infile = None
+        be.transport.abort()  # mid-statement on the server: never reused (the server ends the LOAD)
+        s = self.session
+        s.send_error(*ER_NET_PACKETS_OUT_OF_ORDER, "Got packets out of order", seq)
+        self.linger_close()  # (the client is still sending its file)

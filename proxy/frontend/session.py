@@ -313,7 +313,7 @@ class ClientConnection(asyncio.Protocol):
         if shared:
             self.shared_on = self.shared_entry = None
         elif sc.local_infile:
-            return self.reader.start_infile(conn)  # the client now streams the file to this backend
+            return self.reader.start_infile(conn, sc.infile_seq)  # the client now streams the file to this backend
         w = self.worker
         st = self.state
         name = conn.server.name
@@ -491,8 +491,9 @@ class ClientConnection(asyncio.Protocol):
         """Give every connection back (to be reset and reused) or drop it (mid-response, or
         options a reset does not undo)."""
         pools = self.worker.pools
+        infile = self.reader.infile  # (the server waits for the rest of a LOCAL INFILE file on it)
         for be in self.backends.values():
-            if be.relaying_for(self) or be.dirty:
+            if be.relaying_for(self) or be.dirty or be is infile:
                 pools.discard(be)
             else:
                 pools.release(be)

@@ -42,6 +42,7 @@ typedef struct {
     char error;
     char local_infile;
     char deprecate_eof;
+    int infile_seq; /* sequence id of the LOCAL INFILE request (the client's file continues from it) */
     Py_ssize_t packets;
     Py_ssize_t rows;  /* rows of the result sets (statistics: rows sent) */
     unsigned int stmt_id;
@@ -56,6 +57,7 @@ typedef struct {
     int collect;   /* current logical packet is being buffered */
     int hdr_have;
     unsigned char hdr[4];
+    unsigned char seq; /* sequence id of the current packet (general path only: not rows skipped in bulk) */
     uint32_t need; /* bytes left in the current physical payload */
     uint32_t plen; /* physical length of the first packet of the logical packet */
     uint32_t rows_lim;
@@ -261,6 +263,7 @@ end_logical(ScannerObject *s)
         }
         if (first == 0xFB) {
             s->local_infile = 1;
+            s->infile_seq = s->seq;
             return done(s);
         }
         if (first == -1)
@@ -379,6 +382,7 @@ scan(ScannerObject *s, const unsigned char *d, Py_ssize_t n)
                     return -1;
                 }
                 plen = le24(d + pos);
+                s->seq = d[pos + 3];
                 pos += 4;
             }
             else {
@@ -388,6 +392,7 @@ scan(ScannerObject *s, const unsigned char *d, Py_ssize_t n)
                     return -1;
                 s->hdr_have = 0;
                 plen = le24(s->hdr);
+                s->seq = s->hdr[3];
             }
             int cont = s->full;
             s->full = plen == PMAX;
@@ -452,6 +457,7 @@ reset(ScannerObject *s, int kind)
     s->warnings = 0;
     s->error = 0;
     s->local_infile = 0;
+    s->infile_seq = 0;
     s->packets = 0;
     s->rows = 0;
     s->stmt_id = 0;
@@ -548,6 +554,7 @@ static PyMemberDef Scanner_members[] = {
     {"error", T_BOOL, offsetof(ScannerObject, error), READONLY, NULL},
     {"final", T_OBJECT, offsetof(ScannerObject, final), READONLY, NULL},
     {"local_infile", T_BOOL, offsetof(ScannerObject, local_infile), READONLY, NULL},
+    {"infile_seq", T_INT, offsetof(ScannerObject, infile_seq), READONLY, NULL},
     {"packets", T_PYSSIZET, offsetof(ScannerObject, packets), READONLY, NULL},
     {"rows", T_PYSSIZET, offsetof(ScannerObject, rows), READONLY, NULL},
     {"stmt_id", T_UINT, offsetof(ScannerObject, stmt_id), READONLY, NULL},

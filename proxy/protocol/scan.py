@@ -83,16 +83,17 @@ class PyScanner:
     After feed() returned >= 0: ``status`` and ``warnings`` (of the last
     OK/EOF of the response, kept on ERR), ``error``, ``final`` (payload of the last
     OK/EOF/ERR; the prepare OK with deprecate_eof; the string for
-    STATISTICS), ``local_infile``, ``packets`` (logical packets), ``rows`` (rows of the
+    STATISTICS), ``local_infile`` (and ``infile_seq``, the request's sequence id: the client's
+    file packets are numbered on from it), ``packets`` (logical packets), ``rows`` (rows of the
     result sets: the digests' rows sent) and, for
     PREPARE, ``stmt_id``/``num_params``/``num_columns``.  feed() before the
     first start() or after completion consumes nothing and returns 0.
     """
 
     __slots__ = (
-        "deprecate_eof", "status", "warnings", "error", "final", "local_infile", "packets", "rows",
+        "deprecate_eof", "status", "warnings", "error", "final", "local_infile", "infile_seq", "packets", "rows",
         "stmt_id", "num_params", "num_columns",
-        "_kind", "_state", "_mode", "_hdr", "_need", "_plen", "_full",
+        "_kind", "_state", "_mode", "_hdr", "_seq", "_need", "_plen", "_full",
         "_collect", "_buf", "_count", "_rows_lim",
     )
 
@@ -110,6 +111,7 @@ class PyScanner:
         self._state = _START_STATE[kind]
         self._mode = _M_HDR
         self._hdr = b""
+        self._seq = 0
         self._need = 0
         self._plen = 0
         self._full = False
@@ -121,6 +123,7 @@ class PyScanner:
         self.error = False
         self.final = b""
         self.local_infile = False
+        self.infile_seq = 0
         self.packets = 0
         self.rows = 0
         self.stmt_id = 0
@@ -209,6 +212,7 @@ class PyScanner:
                 return self._done()
             if first == 0xFB:
                 self.local_infile = True
+                self.infile_seq = self._seq
                 return self._done()
             if first == -1:
                 return self._done()
@@ -293,6 +297,7 @@ class PyScanner:
                     pos += take
                     self._hdr = b""
                     plen = h[0] | h[1] << 8 | h[2] << 16
+                    self._seq = h[3]
                 else:
                     if not self._full:
                         if state == _ROWS:
@@ -329,6 +334,7 @@ class PyScanner:
                             self._hdr = bytes(data[pos:n])
                         return -1
                     plen = data[pos] | data[pos + 1] << 8 | data[pos + 2] << 16
+                    self._seq = data[pos + 3]
                     pos += 4
                 cont = self._full
                 self._full = plen == _MAX

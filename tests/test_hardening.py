@@ -877,3 +877,27 @@ def test_local_infile_packets_out_of_order_get_the_servers_1156_and_a_close(prox
             cur.execute("INSERT INTO infile_seq VALUES (9)")
             cur.execute("SELECT COUNT(*) FROM infile_seq WHERE a = 9 FOR UPDATE")
             assert cur.fetchone()[0] >= 1
+
+
+def test_a_command_numbered_out_of_turn_gets_1156_and_a_close_as_on_the_server(proxy):
+    """A command's first packet is numbered 0; the server answers any other number with ERROR 1156
+    (numbered 0) and hangs up. rwproxy passed the server's error on and kept the session."""
+    def answer(port, seq):
+        c = RawClient("127.0.0.1", port, timeout=3)
+        got = []
+        try:
+            c.send(b"\x03SELECT 1", seq)
+            while len(got) < 5:
+                s, p = c.read()
+                got.append((struct.unpack_from("<H", p, 1)[0], s) if p[0] == 0xFF else s)
+        except TimeoutError:
+            got.append("quiet")
+        except (ConnectionError, OSError):
+            got.append("closed")
+        finally:
+            c.close()
+        return got
+    assert answer(proxy.port, 0) == answer(proxy.cluster.primary.port, 0) == [1, 2, 3, 4, "quiet"]
+    for seq in (1, 3, 255):
+        assert answer(proxy.cluster.primary.port, seq) == [(1156, 0), "closed"]
+        assert answer(proxy.port, seq) == [(1156, 0), "closed"]

@@ -203,6 +203,11 @@ class PacketReader:
     def _out_of_order(self, be, seq: int) -> None:
         self.infile = None
         be.transport.abort()  # mid-statement on the server: never reused (the server ends the LOAD)
-        s = self.session
-        s.send_error(*ER_NET_PACKETS_OUT_OF_ORDER, "Got packets out of order", seq)
-        self.linger_close()  # (the client is still sending its file)
+        self.refuse_out_of_order(seq)
+
+    def refuse_out_of_order(self, seq: int) -> None:
+        """A packet numbered out of turn: the server's ERROR 1156 (numbered `seq`), then the close
+        the server makes (lingering: the client may still be sending)."""
+        self.session.send_error(*ER_NET_PACKETS_OUT_OF_ORDER, "Got packets out of order", seq)
+        self.buf = b""
+        self.linger_close()

@@ -244,6 +244,8 @@ class ClientConnection(asyncio.Protocol):
             pkt = r.take()
             if pkt is None:
                 break
+            if pkt[3]:  # a command's first packet is numbered 0: the server answers 1156 and hangs up
+                return r.refuse_out_of_order(0)
             cmd = pkt[4] if len(pkt) > 4 else -1
             if cmd == COM_QUERY:
                 cls = self.worker.classifier.classify(pkt[5:]) if len(pkt) < MAX_PACKET else _HUGE

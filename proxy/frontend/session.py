@@ -495,8 +495,5 @@ class ClientConnection(asyncio.Protocol):
         pools = self.worker.pools
         infile = self.reader.infile  # (the server waits for the rest of a LOCAL INFILE file on it)
         for be in self.backends.values():
-            if be.relaying_for(self) or be.dirty or be is infile:
-                pools.discard(be)
-            else:
-                pools.release(be)
+            (pools.discard if be.relaying_for(self) or be.dirty or be is infile else pools.release)(be)
         self.backends = {}

@@ -871,6 +871,24 @@ def test_local_infile_packets_out_of_order_get_the_servers_1156_and_a_close(prox
     # rwproxy answers it at once
     assert _infile_out_of_order(direct, 2, 7)[:2] == ["quiet", (1156, 3)]
     assert _infile_out_of_order(proxy.port, 2, 7) == [(1156, 3), "closed"]
+    def multi(port):  # the request after a result set: the file is numbered on from it (6, 7)
+        c = RawClient("127.0.0.1", port, timeout=3)
+        got = []
+        try:
+            c.send(b"\x03SELECT 1; LOAD DATA LOCAL INFILE 'ids.txt' INTO TABLE infile_seq; SELECT 2", 0)
+            while len(got) < 12:
+                seq, p = c.read()
+                got.append((seq, p[:1]))
+                if p[:1] == b"\xfb":
+                    c.send(b"1\n2\n", seq + 1)
+                    c.send(b"", seq + 2)
+        except TimeoutError:
+            got.append("quiet")
+        finally:
+            c.close()
+        return got
+    assert multi(proxy.port) == multi(direct)
+    assert multi(proxy.port)[4:7] == [(5, b"\xfb"), (8, b"\x00"), (9, b"\x01")]
     for _ in range(4):  # pooled connections reused after those sessions answer as they should
         with pymysql.connect(host="127.0.0.1", port=proxy.port, user="app", password="app", database="app",
                              autocommit=True) as conn, conn.cursor() as cur:

@@ -919,3 +919,40 @@ def test_a_command_numbered_out_of_turn_gets_1156_and_a_close_as_on_the_server(p
     for seq in (1, 3, 255):
         assert answer(proxy.cluster.primary.port, seq) == [(1156, 0), "closed"]
         assert answer(proxy.port, seq) == [(1156, 0), "closed"]
+
+
+def test_com_reset_connection_keeps_the_current_database_as_the_server_does(proxy, cluster):
+    """COM_RESET_CONNECTION leaves the session in the database it had selected (the server keeps
+    it); rwproxy put the session back in its login database, so a database selected with USE
+    before the reset was gone from every statement after it (a differential probe against the
+    primary). Reads on the replicas and on connections opened after the reset agree too."""
+    with cluster.primary.connect() as r, r.cursor() as cur:
+        cur.execute("CREATE DATABASE IF NOT EXISTS reset_keeps_db")
+        cur.execute("GRANT ALL ON reset_keeps_db.* TO 'app'@'%'")
+    cluster.wait_replicas_caught_up(30)
+    from proxy.protocol.scan import RESULT
+
+    def run(port):
+        c = RawClient("127.0.0.1", port)  # (logs in to the database 'app')
+        seen = []
+        try:
+            for step in ("USE reset_keeps_db", "reset", "SELECT DATABASE()", "SELECT DATABASE()", "sleep",
+                         "SELECT DATABASE()", "SELECT DATABASE()", "SELECT DATABASE() FOR UPDATE",
+                         "USE app", "reset", "SELECT DATABASE()", "SELECT DATABASE()"):
+                if step == "sleep":
+                    time.sleep(1.2)  # past idle_release (1 s): the session's connections go back to the pool
+                    continue
+                c.send(b"\x1f" if step == "reset" else b"\x03" + step.encode(), 0)
+                ps = c.response(RESULT)
+                seen.append(ps[0][:1] if len(ps) == 1 else ps[-2])
+        finally:
+            c.close()
+        return seen
+
+    try:
+        direct = run(cluster.primary.port)
+        assert direct == [b"\x00", b"\x00"] + [b"\x0ereset_keeps_db"] * 5 + [b"\x00", b"\x00", b"\x03app", b"\x03app"]
+        assert run(proxy.port) == direct
+    finally:
+        with cluster.primary.connect() as r, r.cursor() as cur:
+            cur.execute("DROP DATABASE IF EXISTS reset_keeps_db")

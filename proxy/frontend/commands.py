@@ -18,7 +18,7 @@ from proxy.protocol.constants import (
     COM_STMT_FETCH, COM_STMT_PREPARE, COM_STMT_RESET, COM_STMT_SEND_LONG_DATA, ER_ACCESS_DENIED_ERROR,
     ER_NET_READ_INTERRUPTED, ER_UNKNOWN_COM_ERROR,
 )
-from proxy.protocol.packets import ProtocolError, err_packet, logical_payload, ok_packet
+from proxy.protocol.packets import ProtocolError, command, err_packet, logical_payload, ok_packet
 from proxy.protocol.scan import FIELD_LIST, RESULT, SIMPLE, STATISTICS
 from proxy.routing import classify as C
 
@@ -81,8 +81,15 @@ async def _reset_connection(s) -> None:
             be.applied = 0  # (replicas run with autocommit on: no snapshot lasts)
             await be.ensure_autocommit(s.status if s.is_writer(be.server.name) else 1)
     s.stmts.clear()
-    s.state.reset()
-    s.db = s.login_db
+    st = s.state
+    st.reset()
+    # The server keeps the current database through a reset: connections opened later select it
+    # too (they start in the login database), or, with none selected, the session stays where none is.
+    if s.db != s.login_db:
+        if s.db is None:
+            st.history_overflow = True
+        else:
+            st.record(command(COM_INIT_DB, s.db.encode()), C.F_USE_DB)
     s.write(ok_packet(1, s.status))
 
 

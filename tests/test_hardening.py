@@ -949,10 +949,31 @@ def test_com_reset_connection_keeps_the_current_database_as_the_server_does(prox
             c.close()
         return seen
 
+    def dropped(port):  # a session that dropped its database keeps none through the reset
+        c = RawClient("127.0.0.1", port)
+        seen = []
+        try:
+            for step in ("CREATE DATABASE reset_drops_db", "USE reset_drops_db", "DROP DATABASE reset_drops_db",
+                         "reset", "SELECT DATABASE()", "sleep", "SELECT DATABASE()", "SELECT DATABASE()"):
+                if step == "sleep":
+                    time.sleep(1.2)
+                    continue
+                c.send(b"\x1f" if step == "reset" else b"\x03" + step.encode(), 0)
+                ps = c.response(RESULT)
+                seen.append(ps[0][:1] if len(ps) == 1 else ps[-2])
+        finally:
+            c.close()
+        return seen
+
     try:
         direct = run(cluster.primary.port)
         assert direct == [b"\x00", b"\x00"] + [b"\x0ereset_keeps_db"] * 5 + [b"\x00", b"\x00", b"\x03app", b"\x03app"]
         assert run(proxy.port) == direct
+        with cluster.primary.connect() as r, r.cursor() as cur:
+            cur.execute("GRANT ALL ON reset_drops_db.* TO 'app'@'%'")
+        direct = dropped(cluster.primary.port)
+        assert direct == [b"\x00"] * 4 + [b"\xfb"] * 3  # DATABASE() is NULL
+        assert dropped(proxy.port) == direct
     finally:
         with cluster.primary.connect() as r, r.cursor() as cur:
             cur.execute("DROP DATABASE IF EXISTS reset_keeps_db")

@@ -146,10 +146,14 @@ class PacketReader:
             pkt = await asyncio.wait_for(self.waiter, timeout)
         return pkt[3], logical_payload(pkt)
 
-    def fail_waiter(self) -> None:
+    def client_gone(self) -> None:
+        """The client's connection closed: a slow path awaiting a packet fails, and a LOCAL INFILE
+        file cut short ends its statement (its connection, mid-statement on the server, is dropped)."""
         w = self.waiter
         if w is not None and not w.done():
             w.set_exception(ConnectionError("client closed the connection"))
+        if self.infile is not None:
+            self.session.command_lost(self.infile, 1)
 
     # ---- LOAD DATA LOCAL INFILE ---------------------------------------------------------
     def start_infile(self, backend, seq: int) -> None:
@@ -201,9 +205,8 @@ class PacketReader:
         self._if_seq = want
 
     def _out_of_order(self, be, seq: int) -> None:
-        self.infile = None
-        be.transport.abort()  # mid-statement on the server: never reused (the server ends the LOAD)
         self.refuse_out_of_order(seq)
+        self.session.command_lost(be, 1)  # (closed now: the statement's bookkeeping, and its connection dropped)
 
     def refuse_out_of_order(self, seq: int) -> None:
         """A packet numbered out of turn: the server's ERROR 1156 (numbered `seq`), then the close

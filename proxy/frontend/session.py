@@ -194,7 +194,7 @@ class ClientConnection(asyncio.Protocol):
     def connection_lost(self, exc):
         self.closed = True
         self.phase = CLOSING
-        self.reader.fail_waiter()
+        self.reader.client_gone()
         if self.state is not None:
             kill.stop_running(self)
         if self.shared_on is not None:
@@ -493,7 +493,6 @@ class ClientConnection(asyncio.Protocol):
         """Give every connection back (to be reset and reused) or drop it (mid-response, or
         options a reset does not undo)."""
         pools = self.worker.pools
-        infile = self.reader.infile  # (the server waits for the rest of a LOCAL INFILE file on it)
         for be in self.backends.values():
-            (pools.discard if be.relaying_for(self) or be.dirty or be is infile else pools.release)(be)
+            (pools.discard if be.relaying_for(self) or be.dirty else pools.release)(be)
         self.backends = {}

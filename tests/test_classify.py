@@ -354,7 +354,7 @@ CORPUS = [
     # --- multi-statements
     ("SELECT 1; SELECT 2", W, "MULTI"),
     ("BEGIN; INSERT INTO t VALUES (1); COMMIT", W, "MULTI|BEGIN|COMMIT"),
-    ("SET autocommit=0; SELECT 1", W, "MULTI|AUTOCOMMIT_OFF"),
+    ("SET autocommit=0; SELECT 1", W, "MULTI|AUTOCOMMIT_OFF|MULTI_SESSION"),
     ("SELECT 1; -- trailing comment", R, ""),
     ("SELECT ';' ; ", R, ""),
     # --- garbage

@@ -977,3 +977,46 @@ def test_com_reset_connection_keeps_the_current_database_as_the_server_does(prox
     finally:
         with cluster.primary.connect() as r, r.cursor() as cur:
             cur.execute("DROP DATABASE IF EXISTS reset_keeps_db")
+
+
+def test_a_set_or_use_inside_a_multi_statement_holds_for_later_reads(proxy, cluster):
+    """A multi-statement runs on the primary; a SET or USE among its statements changed only that
+    connection, and reads after the read-your-writes window went to replicas without it (the
+    previous database, character set, sql_mode; a user variable set before a statement of it that
+    failed). Now the session keeps to the primary connection that has it (differential probes)."""
+    from proxy.protocol.scan import RESULT
+    with cluster.primary.connect() as r, r.cursor() as cur:
+        cur.execute("CREATE DATABASE IF NOT EXISTS multi_use_db")
+        cur.execute("GRANT ALL ON multi_use_db.* TO 'app'@'%'")
+    cluster.wait_replicas_caught_up(30)
+
+    def run(port):
+        c = RawClient("127.0.0.1", port)  # (CLIENT_MULTI_STATEMENTS)
+        seen = []
+        try:
+            for sql in ("USE multi_use_db; SELECT 1", "SET NAMES latin1; SELECT 1", "SELECT 1; SET sql_mode = 'ANSI_QUOTES'",
+                        "SET @e = 1; SELEC; SET @e = 2", "sleep",
+                        "SELECT DATABASE(), @@character_set_client, @@sql_mode, @e",
+                        "SELECT DATABASE(), @@character_set_client, @@sql_mode, @e"):
+                if sql == "sleep":
+                    time.sleep(1.3)  # past read_your_writes_window and idle_release
+                    continue
+                c.send(b"\x03" + sql.encode(), 0)
+                while True:  # each result of the multi-statement
+                    ps = c.response(RESULT)
+                    last = ps[-1]
+                    if ps[0][:1] == b"\xff" or not (struct.unpack_from("<H", last, len(last) - 4 if last[:1] == b"\xfe"
+                                                                        and len(last) < 9 else 3)[0] & 0x08):
+                        break
+                seen.append(ps[-2] if len(ps) > 2 else ps[0][:3])
+        finally:
+            c.close()
+        return seen
+
+    try:
+        direct = run(cluster.primary.port)
+        assert direct[-1] == b"\x0cmulti_use_db\x06latin1\x0bANSI_QUOTES\x011"
+        assert run(proxy.port) == direct
+    finally:
+        with cluster.primary.connect() as r, r.cursor() as cur:
+            cur.execute("DROP DATABASE IF EXISTS multi_use_db")

@@ -352,9 +352,9 @@ class ClientConnection(asyncio.Protocol):
                     else:
                         st.record(cmd.packet, flags, self.backends.values())
                         conn.applied = len(st.history)
-                    if flags & C.F_USE_DB:
-                        conn.db_touched = True
-                        self.db = cls.db
+                if flags & C.F_USE_DB:  # (a multi-statement's: its last USE)
+                    conn.db_touched = True
+                    self.db = cls.db
                 if flags >= _F_RARE:  # (SET wait_timeout, DROP DATABASE: a comparison allocates nothing)
                     commands.rare_flags(self, cmd, on_primary)
                 if on_primary and route == _WRITE:

@@ -225,6 +225,8 @@ class SessionState:
         if self.next_trx and on_primary and not error and (
                 status & SERVER_STATUS_IN_TRANS or (route == C.WRITE and not flags & self._NOT_USING_TRX)):
             self.next_trx = False  # a transaction (or an autocommit write) on the primary used it
+        if flags >= C.F_RARE and flags & C.F_MULTI_SESSION:
+            self.history_overflow = True  # (not replayable apart from the rest; error or not, it may have run)
         if error or not flags & self._PIN_FLAGS:
             return
         if flags & C.F_TEMP_TABLE:

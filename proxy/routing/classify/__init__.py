@@ -74,7 +74,8 @@ from proxy.routing.classify.const import (  # noqa: F401  (re-exported interface
     F_HINT_REPLICA, F_IMPLICIT_COMMIT, F_KILL, F_LOAD_DATA, F_LOCK_TABLES, F_MULTI, F_NEXT_TRX, F_OVERSIZED,
     F_PREVIOUS, F_READ_ONLY_TXN, F_RELEASE_LOCK, F_RELEASE_SESSION, F_ROLLBACK, F_SET_GLOBAL, F_SET_UNREPLAYABLE, F_SQL_PS,
     F_STORED_CALL, F_TEMP_TABLE, F_UNLOCK_TABLES, F_UNPARSED, F_USE_DB, F_USER_VAR_READ, F_USER_VAR_WRITE,
-    F_DROP_DB, F_RARE, F_WAIT_TIMEOUT, F_XA, FLAG_NAMES, READ, ROUTE_NAMES, SESSION, WRITE, Classification, flag_names,
+    F_DROP_DB, F_MULTI_SESSION, F_RARE, F_WAIT_TIMEOUT, F_XA, FLAG_NAMES, READ, ROUTE_NAMES, SESSION, WRITE,
+    Classification, flag_names,
 )
 from proxy.routing.classify.lex import (
     cache_key, cheap_scan, code_text, digest, find_hints, is_write_head, split_statements, tokenize,
@@ -219,7 +220,7 @@ class Classifier:
                 sub = code[st[0].start:st[-1].end]
                 pd = digest(sub.encode("utf-8", "surrogateescape")).decode("utf-8", "replace")
                 parts.append(Classification(route, flags, pd, pdb))
-                union |= flags
+                union |= flags | (F_MULTI_SESSION if route == SESSION else 0)
                 db = pdb if pdb is not None and flags & F_USE_DB else db  # (a DROP DATABASE's name is not a USE)
                 cacheable = cacheable and pc
             return Classification(WRITE, union, dstr, db, tuple(parts)), cacheable

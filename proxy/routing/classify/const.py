@@ -71,6 +71,9 @@ F_WAIT_TIMEOUT = 1 << 32
 # DROP {DATABASE | SCHEMA} [IF EXISTS] <name>, with the name in the classification's `db`: if it was
 # the session's current database, the server leaves that session without one (frontend/commands.py).
 F_DROP_DB = 1 << 33
+# A multi-statement with a SET or USE among its statements: it runs on the primary, whose connection
+# alone then has what it set, even when a later statement of it failed (RouterState.after).
+F_MULTI_SESSION = 1 << 34
 # The flags from here up are rare and tested on the hot path with `flags >= F_RARE`, which allocates
 # nothing (`&` on an int this big does).
 F_RARE = F_WAIT_TIMEOUT

@@ -932,13 +932,11 @@ def test_com_reset_connection_keeps_the_current_database_as_the_server_does(prox
     cluster.wait_replicas_caught_up(30)
     from proxy.protocol.scan import RESULT
 
-    def run(port):
+    def run(port, steps):
         c = RawClient("127.0.0.1", port)  # (logs in to the database 'app')
         seen = []
         try:
-            for step in ("USE reset_keeps_db", "reset", "SELECT DATABASE()", "SELECT DATABASE()", "sleep",
-                         "SELECT DATABASE()", "SELECT DATABASE()", "SELECT DATABASE() FOR UPDATE",
-                         "USE app", "reset", "SELECT DATABASE()", "SELECT DATABASE()"):
+            for step in steps:
                 if step == "sleep":
                     time.sleep(1.2)  # past idle_release (1 s): the session's connections go back to the pool
                     continue
@@ -949,31 +947,21 @@ def test_com_reset_connection_keeps_the_current_database_as_the_server_does(prox
             c.close()
         return seen
 
-    def dropped(port):  # a session that dropped its database keeps none through the reset
-        c = RawClient("127.0.0.1", port)
-        seen = []
-        try:
-            for step in ("CREATE DATABASE reset_drops_db", "USE reset_drops_db", "DROP DATABASE reset_drops_db",
-                         "reset", "SELECT DATABASE()", "sleep", "SELECT DATABASE()", "SELECT DATABASE()"):
-                if step == "sleep":
-                    time.sleep(1.2)
-                    continue
-                c.send(b"\x1f" if step == "reset" else b"\x03" + step.encode(), 0)
-                ps = c.response(RESULT)
-                seen.append(ps[0][:1] if len(ps) == 1 else ps[-2])
-        finally:
-            c.close()
-        return seen
-
+    kept = ("USE reset_keeps_db", "reset", "SELECT DATABASE()", "SELECT DATABASE()", "sleep", "SELECT DATABASE()",
+            "SELECT DATABASE()", "SELECT DATABASE() FOR UPDATE", "USE app", "reset", "SELECT DATABASE()",
+            "SELECT DATABASE()")
+    # a session that dropped its database keeps none through the reset
+    dropped = ("CREATE DATABASE reset_drops_db", "USE reset_drops_db", "DROP DATABASE reset_drops_db", "reset",
+               "SELECT DATABASE()", "sleep", "SELECT DATABASE()", "SELECT DATABASE()")
     try:
-        direct = run(cluster.primary.port)
+        direct = run(cluster.primary.port, kept)
         assert direct == [b"\x00", b"\x00"] + [b"\x0ereset_keeps_db"] * 5 + [b"\x00", b"\x00", b"\x03app", b"\x03app"]
-        assert run(proxy.port) == direct
+        assert run(proxy.port, kept) == direct
         with cluster.primary.connect() as r, r.cursor() as cur:
             cur.execute("GRANT ALL ON reset_drops_db.* TO 'app'@'%'")
-        direct = dropped(cluster.primary.port)
+        direct = run(cluster.primary.port, dropped)
         assert direct == [b"\x00"] * 4 + [b"\xfb"] * 3  # DATABASE() is NULL
-        assert dropped(proxy.port) == direct
+        assert run(proxy.port, dropped) == direct
     finally:
         with cluster.primary.connect() as r, r.cursor() as cur:
             cur.execute("DROP DATABASE IF EXISTS reset_keeps_db")

@@ -58,15 +58,15 @@ def config(cluster, tmp: Path, port: int, key: str, **backup) -> str:
     path = str(tmp / f"rwproxy-{len(list(tmp.glob('*.toml')))}.toml")
     data = {"proxy": {"listen": f"127.0.0.1:{port}", "workers": 2},
             "backends": [{"name": n.name, "host": "127.0.0.1", "port": n.port} for n in cluster.nodes],
-            "users": [{"name": "app", "password": "app"}], "monitor": {"user": "rwproxy", "password": "rwproxy"},
+            "users": [{"name": "app", "password": "app"}], "monitor": {"user": "rwproxy", "password": cluster.password("rwproxy")},
             "backup": {"repository": f"file://{tmp / 'repo'}", "key_file": key, **backup}}
     write_config(build_config(data, source=path), path)
     return path
 
 
-def raw_backup(node, tmp: Path) -> dict:
+def raw_backup(node, tmp: Path, password: str) -> dict:
     opts = tmp / "raw.cnf"
-    opts.write_text(f"[client]\nuser=rwproxy\npassword=rwproxy\nhost=127.0.0.1\nport={node.port}\nprotocol=tcp\n")
+    opts.write_text(f"[client]\nuser=rwproxy\npassword={password}\nhost=127.0.0.1\nport={node.port}\nprotocol=tcp\n")
     t0 = time.monotonic()
     with open(os.devnull, "wb") as null:
         p = subprocess.Popen(["mariadb-backup", f"--defaults-extra-file={opts}", "--backup", "--stream=mbstream",
@@ -118,7 +118,7 @@ def main(argv=None) -> int:
             rnd: dict = {}
             for what in order:
                 if what == "raw":
-                    rnd["raw"] = raw_backup(replica, tmp)
+                    rnd["raw"] = raw_backup(replica, tmp, cluster.password("rwproxy"))
                     say(f"round {r + 1}: mariadb-backup alone {rnd['raw']['mib_s']} MiB/s")
                 else:
                     t0 = time.monotonic()

@@ -52,7 +52,7 @@ def measure(tmp: str, cluster, seconds: float, monitor: dict, source: str | None
     data = {"proxy": {"listen": f"127.0.0.1:{port}", "workers": 2},
             "backends": [{"name": n.name, "host": "127.0.0.1", "port": n.port} for n in cluster.nodes],
             "users": [{"name": "app", "password": "app"}],
-            "monitor": {"user": "rwproxy", "password": "rwproxy", **monitor}}
+            "monitor": {"user": "rwproxy", "password": cluster.password("rwproxy"), **monitor}}
     path = str(Path(tmp) / f"rwproxy-{port}.toml")
     build_config(data, source=path)  # (validated by this tree)
     # only the keys given: another revision (--against) may not know this tree's newer keys
@@ -88,11 +88,11 @@ def floor(cluster, seconds: float) -> dict:
     cfg = build_config({"proxy": {"listen": "127.0.0.1:1"},
                         "backends": [{"name": n.name, "host": "127.0.0.1", "port": n.port} for n in cluster.nodes],
                         "users": [{"name": "app", "password": "app"}],
-                        "monitor": {"user": "rwproxy", "password": "rwproxy"}}, source="floor")
+                        "monitor": {"user": "rwproxy", "password": cluster.password("rwproxy")}}, source="floor")
     out: dict = {}
 
     async def run() -> None:
-        conns = [await wire.connect(cfg, b, "rwproxy", "rwproxy", 2.0, 2.0) for b in cfg.backends]
+        conns = [await wire.connect(cfg, b, "rwproxy", cluster.password("rwproxy"), 2.0, 2.0) for b in cfg.backends]
         epoch = time.monotonic()
 
         async def ticks(c) -> None:

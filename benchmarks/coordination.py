@@ -84,8 +84,8 @@ class Fleet:
             port, mport = ports[2 * i - 2: 2 * i]
             data = {"proxy": {"listen": f"127.0.0.1:{port}", "workers": workers},
                     "backends": [{"name": x.name, "host": "127.0.0.1", "port": x.port} for x in cl.nodes],
-                    "users": [{"name": "app", "password": "app"}], "monitor": {"user": "rwproxy", "password": "rwproxy"},
-                    "failover": {"replication_user": "repl", "replication_password": "repl"},
+                    "users": [{"name": "app", "password": "app"}], "monitor": {"user": "rwproxy", "password": cl.password("rwproxy")},
+                    "failover": {"replication_user": "repl", "replication_password": cl.password("repl")},
                     "metrics": {"listen": f"127.0.0.1:{mport}"}}
             if etcd is not None:
                 data["cluster"] = coordination_section(etcd.endpoints, f"p{i}", name=name)

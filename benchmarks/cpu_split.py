@@ -108,7 +108,7 @@ def main(argv=None) -> int:
                     data = {"proxy": {"listen": f"127.0.0.1:{port}", "workers": workers},
                             "backends": [{"name": n.name, "host": "127.0.0.1", "port": n.port} for n in cluster.nodes],
                             "users": [{"name": "app", "password": "app"}],
-                            "monitor": {"user": "rwproxy", "password": "rwproxy"},
+                            "monitor": {"user": "rwproxy", "password": cluster.password("rwproxy")},
                             "routing": {"read_write_split": False}}
                     cfg = str(Path(tmp) / "rwproxy.toml")
                     write_config(build_config(data, source=cfg), cfg)

@@ -62,8 +62,8 @@ def one_run(kind: str, tmp: Path) -> dict:
             "proxy": {"listen": f"127.0.0.1:{port}", "workers": 2},
             "backends": [{"name": n.name, "host": "127.0.0.1", "port": n.port} for n in cl.nodes],
             "users": [{"name": "app", "password": "app"}],
-            "monitor": {"user": "rwproxy", "password": "rwproxy"},
-            "failover": {"replication_user": "repl", "replication_password": "repl"},
+            "monitor": {"user": "rwproxy", "password": cl.password("rwproxy")},
+            "failover": {"replication_user": "repl", "replication_password": cl.password("repl")},
         }
         cfg = str(tmp / "rwproxy.toml")
         write_config(build_config(data, source=cfg), cfg)

@@ -226,8 +226,8 @@ def main() -> int:
         cfg = build_config({
             "backends": [{"name": n.name, "host": "127.0.0.1", "port": n.port} for n in c.nodes],
             "users": [{"name": "app", "password": "app"}],
-            "monitor": {"user": "rwproxy", "password": "rwproxy"},
-            "failover": {"failover_cooldown": 0.0, "replication_user": "repl", "replication_password": "repl"},
+            "monitor": {"user": "rwproxy", "password": c.password("rwproxy")},
+            "failover": {"failover_cooldown": 0.0, "replication_user": "repl", "replication_password": c.password("repl")},
         })
         c.primary.query("CREATE TABLE app.bench_fo (id BIGINT PRIMARY KEY)")
         c.wait_replicas_caught_up(10)

@@ -45,7 +45,7 @@ def _proxy(tmp: Path, cluster, name: str, **sections) -> ProxyProcess:
     data = {"proxy": {"listen": f"127.0.0.1:{port}", "workers": 2},
             "backends": [{"name": n.name, "host": "127.0.0.1", "port": n.port} for n in cluster.nodes],
             "users": [{"name": "app", "password": "app"}],
-            "monitor": {"user": "rwproxy", "password": "rwproxy"}, **sections}
+            "monitor": {"user": "rwproxy", "password": cluster.password("rwproxy")}, **sections}
     cfg = str(tmp / f"{name}.toml")
     write_config(build_config(data, source=cfg), cfg)
     return ProxyProcess(cfg, "127.0.0.1", port, log_path=str(tmp / f"{name}.log")).start()

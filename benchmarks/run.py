@@ -208,7 +208,7 @@ def write_mode_config(mode: str, port: int, workers: int, cluster, tmp: str) -> 
                       **({"socket": str(n.socket)} if base_mode(mode).endswith("-unix") else {})}
                      for n in (cluster.nodes[:-1] if base_mode(mode) == "split-one" else cluster.nodes)],
         "users": [{"name": "app", "password": "app"}],
-        "monitor": {"user": "rwproxy", "password": "rwproxy"},
+        "monitor": {"user": "rwproxy", "password": cluster.password("rwproxy")},
         "routing": {"read_write_split": base_mode(mode).startswith("split")},
         # The runner measures the data path: no instance may fail the cluster over under it. With
         # auto_failover on, one of several uncoordinated instances failed a healthy but CPU-starved

@@ -105,7 +105,7 @@ def main() -> int:
         data = {"proxy": {"listen": f"127.0.0.1:{port}", "workers": 2},
                 "backends": [{"name": n.name, "host": "127.0.0.1", "port": n.port} for n in cl.nodes],
                 "users": [{"name": "app", "password": "app"}],
-                "monitor": {"user": "rwproxy", "password": "rwproxy"},
+                "monitor": {"user": "rwproxy", "password": cl.password("rwproxy")},
                 "routing": {"read_your_writes_window": 0.0}}
         path = str(Path(tmp) / "rwproxy.toml")
         write_config(build_config(data, source=path), path)

@@ -48,6 +48,11 @@ def self_signed_cert(dirpath: str) -> tuple[str, str]:
     return cert_path, key_path
 
 
+def failover_section(cluster) -> dict:
+    """[failover] with the sandbox's replication account (its password is the sandbox's own)."""
+    return {"replication_user": "repl", "replication_password": cluster.password("repl")}
+
+
 def proxy_config_dict(cluster, port: int, /, **sections) -> dict:
     """A config for `cluster` listening on `port`; keyword arguments override whole sections."""
     data = {
@@ -57,7 +62,7 @@ def proxy_config_dict(cluster, port: int, /, **sections) -> dict:
             {"name": "app", "password": "app"},
             {"name": SHA2_USER, "password": SHA2_PASSWORD, "auth_plugin": "caching_sha2_password"},
         ],
-        "monitor": {"user": "rwproxy", "password": "rwproxy"},
+        "monitor": {"user": "rwproxy", "password": cluster.password("rwproxy")},
     }
     for key, value in sections.items():
         if isinstance(value, dict) and isinstance(data.get(key), dict):

@@ -18,14 +18,13 @@ from pathlib import Path
 import pymysql
 import pytest
 
-from helpers import start_proxy, wait_until
+from helpers import failover_section, start_proxy, wait_until
 from proxy.backup.binlog import covers, parse_position
 from proxy.config.load import build_config, write_config
 from proxy.runtime.launcher import free_port
 from proxy.testing.clusters import start_cluster, teardown_cluster
 
 MARKER = "PLAINTEXT-MARKER-7f3a9c"
-FAILOVER = {"replication_user": "repl", "replication_password": "repl"}
 
 
 def rw(*args, timeout=300, check=True) -> subprocess.CompletedProcess:
@@ -39,7 +38,8 @@ def write_cfg(cluster, path: Path, nodes=None, **backup) -> str:
     data = {"proxy": {"listen": f"127.0.0.1:{free_port()}", "workers": 1},
             "backends": [{"name": n.name, "host": "127.0.0.1", "port": n.port} for n in nodes or cluster.nodes],
             "users": [{"name": "app", "password": "app"}],
-            "monitor": {"user": "rwproxy", "password": "rwproxy"}, "failover": FAILOVER, "backup": backup}
+            "monitor": {"user": "rwproxy", "password": cluster.password("rwproxy")},
+            "failover": {"replication_user": "repl", "replication_password": cluster.password("repl")}, "backup": backup}
     write_config(build_config(data, source=str(path)), str(path))
     return str(path)
 
@@ -278,7 +278,7 @@ def test_archive_survives_archiver_kill_and_failover_and_reports_a_purge(bk, key
         a.kill()
     write_rows(bk, 20, "while-dead")  # archived when it comes back: no gap
     a = ArchiverProcess(cfg, tmp_path / "archiver2.log")
-    p = start_proxy(bk, tmp_path / "proxy", proxy={"workers": 1}, failover=FAILOVER)
+    p = start_proxy(bk, tmp_path / "proxy", proxy={"workers": 1}, failover=failover_section(bk))
     try:
         assert archive_catches_up(cfg, 30), check_report(cfg)
         old = current_primary(bk)
@@ -301,7 +301,8 @@ def test_archive_survives_archiver_kill_and_failover_and_reports_a_purge(bk, key
             # asks the new primary for binlogs the purge below removes, and stays broken (1236)
             cur.execute("SET GLOBAL gtid_slave_pos = @@gtid_binlog_pos")
             cur.execute("CHANGE MASTER TO MASTER_HOST='127.0.0.1', MASTER_PORT=%s, MASTER_USER='repl', "
-                        "MASTER_PASSWORD='repl', MASTER_USE_GTID=slave_pos, MASTER_CONNECT_RETRY=1", (new.port,))
+                        "MASTER_PASSWORD=%s, MASTER_USE_GTID=slave_pos, MASTER_CONNECT_RETRY=1",
+                        (new.port, bk.password("repl")))
             cur.execute("START SLAVE")
     assert "is no longer the primary" in (tmp_path / "archiver2.log").read_text() or \
         "ended" in (tmp_path / "archiver2.log").read_text()
@@ -350,7 +351,7 @@ def _status(cfg: str) -> dict:
 
 
 def test_backup_takes_the_replica_out_of_the_read_pool_and_back(bk, keyfile, tmp_path):
-    p = start_proxy(bk, tmp_path / "proxy", proxy={"workers": 1}, failover=FAILOVER,
+    p = start_proxy(bk, tmp_path / "proxy", proxy={"workers": 1}, failover=failover_section(bk),
                     backup={"repository": f"file://{tmp_path / 'repo'}", "key_file": keyfile})
     cfg = p.process.config_path
     try:
@@ -399,7 +400,7 @@ def test_serve_archives_binlogs_and_exports_backup_metrics(bk, keyfile, tmp_path
 
     mport = free_port()
     repo = tmp_path / "repo"
-    p = start_proxy(bk, tmp_path / "proxy", proxy={"workers": 1}, failover=FAILOVER,
+    p = start_proxy(bk, tmp_path / "proxy", proxy={"workers": 1}, failover=failover_section(bk),
                     metrics={"listen": f"127.0.0.1:{mport}"},
                     backup={"repository": f"file://{repo}", "key_file": keyfile, "archive_binlogs": True,
                             "archive_interval": 0.5, "archive_server_id": 4100000123})
@@ -443,7 +444,7 @@ def test_point_in_time_restores_match_checksums_recorded_across_a_switchover(bk,
     rounds = 60 if os.environ.get("RWPROXY_SLOW") == "1" else 14
     cfg = write_cfg(bk, tmp_path / "c.toml", repository=f"file://{tmp_path / 'repo'}", key_file=keyfile,
                     archive_interval=1.0, spool_dir=str(tmp_path / "spool"))
-    p = start_proxy(bk, tmp_path / "proxy", proxy={"workers": 1}, failover=FAILOVER)
+    p = start_proxy(bk, tmp_path / "proxy", proxy={"workers": 1}, failover=failover_section(bk))
     archiver = ArchiverProcess(cfg, tmp_path / "archiver.log")
     rng = random.Random(23)
     points, backups, errors = [], [], []
@@ -544,7 +545,7 @@ def test_backup_keys_method_credentials_from_primary_catchup_and_command_prefix(
     # home holds the option file with the password, as a remote account's would)
     home = tmp_path / "home"
     home.mkdir()
-    (home / ".my.cnf").write_text("[mariadb-backup]\npassword=rwproxy\n")
+    (home / ".my.cnf").write_text(f"[mariadb-backup]\npassword={bk.password('rwproxy')}\n")
     wrapper = tmp_path / "remote.sh"
     wrapper.write_text(f"#!/bin/sh\necho \"$@\" > {tmp_path}/called\nHOME={home} exec \"$@\"\n")
     wrapper.chmod(0o755)

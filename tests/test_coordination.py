@@ -16,14 +16,13 @@ import uuid
 import pymysql
 import pytest
 
-from helpers import start_proxy, wait_until
+from helpers import failover_section, start_proxy, wait_until
 from proxy.coord.etcd import Etcd
 from proxy.runtime.launcher import free_port
 from proxy.sandbox.etcd import EtcdCluster
 from proxy.sandbox.fleet import coordination_section, haproxy_binary, haproxy_config
 from proxy.testing.loadgen import Load, insert_numbered
 
-FAILOVER = {"replication_user": "repl", "replication_password": "repl"}
 TTL = 3  # s: short, so a paused leader is replaced within the test's patience
 
 
@@ -55,8 +54,7 @@ class Fleet:
 
             for i in range(1, n + 1):
                 mport = port()
-                self.proxies.append(start_proxy(
-                    cl, tmp_path / f"p{i}", proxy={"workers": 1, "listen": f"127.0.0.1:{port()}"}, failover=FAILOVER,
+                self.proxies.append(start_proxy(cl, tmp_path / f"p{i}", proxy={"workers": 1, "listen": f"127.0.0.1:{port()}"}, failover=failover_section(cl),
                     metrics={"listen": f"127.0.0.1:{mport}"},
                     cluster=coordination_section(etcd.endpoints, f"p{i}", name=self.name, lease_ttl=TTL)))
                 self.proxies[-1].metrics_port = mport

@@ -120,9 +120,9 @@ def fo_config(cluster, ports=None, **sections):
         "backends": [{"name": n.name, "host": "127.0.0.1", "port": (ports or {}).get(n.name, n.port)}
                      for n in cluster.nodes],
         "users": [{"name": "app", "password": "app"}],
-        "monitor": {"user": "rwproxy", "password": "rwproxy"},
+        "monitor": {"user": "rwproxy", "password": cluster.password("rwproxy")},
         "cluster": {"topology": cluster.topology},
-        "failover": {"replication_user": "repl", "replication_password": "repl"},
+        "failover": {"replication_user": "repl", "replication_password": cluster.password("repl")},
     }
     for key, value in sections.items():
         data[key] = {**data.get(key, {}), **value}
@@ -557,7 +557,8 @@ def test_master_master_no_promotion(cluster_factory, run_failover):
     c = cluster_factory(replicas=1, topology="master-master")
     m1, m2, r = c.nodes
     sandbox_cfg = load_config(str(c.config_path))  # what `rwproxy sandbox up` wrote works for failover too
-    assert (sandbox_cfg.failover.replication_user, sandbox_cfg.failover.replication_password) == ("repl", "repl")
+    assert (sandbox_cfg.failover.replication_user, sandbox_cfg.failover.replication_password) == \
+        ("repl", c.password("repl"))
     fo, rec = run_failover(c)
     assert fo.monitor.wait_until(lambda t: writers(t) == [m1.name, m2.name], 5)
     assert "master-master" in fo.switchover(m2.name)["message"]

@@ -12,11 +12,10 @@ import time
 import pymysql
 import pytest
 
-from helpers import start_proxy, wait_until
+from helpers import failover_section, start_proxy, wait_until
 from proxy.runtime.launcher import free_port
 from proxy.testing.loadgen import Load, insert_numbered
 
-FAILOVER = {"replication_user": "repl", "replication_password": "repl"}
 
 
 def Writers(proxy, n=8):
@@ -45,7 +44,7 @@ def _rows(node) -> set:
 
 def test_primary_sigkill_under_writes_loses_no_acknowledged_row(semisync, tmp_path):
     cl = semisync
-    p = start_proxy(cl, tmp_path, proxy={"workers": 2}, failover=FAILOVER)
+    p = start_proxy(cl, tmp_path, proxy={"workers": 2}, failover=failover_section(cl))
     try:
         assert wait_until(lambda: _primary(p) == "node1", 10)
         with Writers(p) as w:
@@ -96,7 +95,7 @@ def test_primary_sigkill_under_writes_loses_no_acknowledged_row(semisync, tmp_pa
 
 def test_switchover_under_writes_fails_no_write(semisync, tmp_path):
     cl = semisync
-    p = start_proxy(cl, tmp_path, proxy={"workers": 2}, failover=FAILOVER)
+    p = start_proxy(cl, tmp_path, proxy={"workers": 2}, failover=failover_section(cl))
     try:
         assert wait_until(lambda: _primary(p) == "node1", 10)
         with Writers(p) as w:
@@ -126,7 +125,7 @@ def test_open_transaction_on_dead_primary_gets_a_clear_error(cluster_factory, tm
     with cl.primary.connect(database="app") as c, c.cursor() as cur:
         cur.execute("CREATE TABLE acked (w INT, seq INT, PRIMARY KEY (w, seq))")
     cl.wait_replicas_caught_up(30)
-    p = start_proxy(cl, tmp_path, proxy={"workers": 1}, failover=FAILOVER)
+    p = start_proxy(cl, tmp_path, proxy={"workers": 1}, failover=failover_section(cl))
     try:
         assert wait_until(lambda: _primary(p) == "node1", 10)
         c = p.connect(autocommit=True)
@@ -156,7 +155,7 @@ def test_a_hung_primary_fails_over_without_waiting_for_slave_net_timeout(semisyn
     replicas' own silence confirms it now, and their IO threads stop in parallel. The time it
     takes is benchmarks/failover_e2e.py's figure; here: it happens, once, losing nothing."""
     cl = semisync
-    p = start_proxy(cl, tmp_path, proxy={"workers": 2}, failover=FAILOVER)
+    p = start_proxy(cl, tmp_path, proxy={"workers": 2}, failover=failover_section(cl))
     try:
         assert wait_until(lambda: _primary(p) == "node1", 10)
         with Writers(p) as w:
@@ -185,7 +184,7 @@ def test_a_primary_silent_for_a_moment_is_asked_once_more_and_not_failed_over(cl
     patience, gets its answer, and nothing is failed over. (Stopped for good, it is failed over:
     test_a_hung_primary_fails_over_without_waiting_for_slave_net_timeout.)"""
     cl = cluster_factory(replicas=2)
-    p = start_proxy(cl, tmp_path, proxy={"workers": 1}, failover=FAILOVER)
+    p = start_proxy(cl, tmp_path, proxy={"workers": 1}, failover=failover_section(cl))
     try:
         assert wait_until(lambda: _primary(p) == "node1", 10)
         assert wait_until(lambda: "MASTER_HEARTBEAT_PERIOD" in p.process.log_tail(100), 10)
@@ -214,7 +213,7 @@ def test_no_failover_when_only_rwproxys_path_to_the_primary_hangs(cluster_factor
                            stdout=subprocess.PIPE, text=True)
     try:
         assert fwd.stdout.readline().strip() == "ready"
-        p = start_proxy(cl, tmp_path, proxy={"workers": 1}, failover=FAILOVER,
+        p = start_proxy(cl, tmp_path, proxy={"workers": 1}, failover=failover_section(cl),
                         backends=[{"name": "node1", "host": "127.0.0.1", "port": port},
                                   *({"name": n.name, "host": "127.0.0.1", "port": n.port} for n in cl.replicas)])
         try:

@@ -116,8 +116,8 @@ def test_bulk_execute_answers_as_the_server(proxy):
     ]
 
 
-def _global_status(port: int, name: str) -> int:
-    with pymysql.connect(host="127.0.0.1", port=port, user="rwproxy", password="rwproxy") as c:
+def _global_status(node, name: str) -> int:
+    with node.connect(user="rwproxy") as c:
         with c.cursor() as cur:
             cur.execute("SHOW GLOBAL STATUS LIKE %s", (name,))
             return int(cur.fetchone()[1])
@@ -138,9 +138,9 @@ def test_mariadb_connector_python_executemany_runs_as_one_bulk_command(proxy):
             cur = c.cursor()
             cur.execute(f"CREATE OR REPLACE TABLE `{table}` (a INT PRIMARY KEY, b VARCHAR(20), d DOUBLE)")
             rows = [(i, None if i % 3 == 0 else f"row {i}", i / 7) for i in range(1, 1001)]
-            before = _global_status(primary, "Com_stmt_execute")
+            before = _global_status(proxy.cluster.primary, "Com_stmt_execute")
             cur.executemany(f"INSERT INTO `{table}` VALUES (?, ?, ?)", rows)
-            executes = _global_status(primary, "Com_stmt_execute") - before
+            executes = _global_status(proxy.cluster.primary, "Com_stmt_execute") - before
             seen.append(cur.rowcount)
             cur.execute(f"SELECT COUNT(*), SUM(a), COUNT(b), ROUND(SUM(d), 6) FROM `{table}`")  # right after
             seen.append(cur.fetchall())

@@ -125,11 +125,11 @@ def test_replica_problems_and_roles():
 # ---------------------------------------------------------------------------- real servers
 
 
-def monitor_config(cluster, user="rwproxy", password="rwproxy", routing=None, **monitor):
+def monitor_config(cluster, user="rwproxy", password=None, routing=None, **monitor):
     return build_config({
         "backends": [{"name": n.name, "host": "127.0.0.1", "port": n.port} for n in cluster.nodes],
         "users": [{"name": "app", "password": "app"}],
-        "monitor": {"user": user, "password": password, **monitor},
+        "monitor": {"user": user, "password": cluster.password(user) if password is None else password, **monitor},
         "cluster": {"topology": cluster.topology},
         **({"routing": routing} if routing else {}),
     })

@@ -22,14 +22,14 @@ def config_for(cluster, **backend):
         "proxy": {"listen": "127.0.0.1:1"},
         "backends": [{"name": n.name, "host": "127.0.0.1", "port": n.port, **backend} for n in cluster.nodes],
         "users": [{"name": "app", "password": "app"}],
-        "monitor": {"user": "rwproxy", "password": "rwproxy"},
+        "monitor": {"user": "rwproxy", "password": cluster.password("rwproxy")},
     }, source="test")
 
 
-async def open_conn(cluster, node, password="rwproxy", read_timeout=2.0):
+async def open_conn(cluster, node, password=None, read_timeout=2.0):
     cfg = config_for(cluster)
     b = next(x for x in cfg.backends if x.name == node.name)
-    return await wire.connect(cfg, b, "rwproxy", password, 2.0, read_timeout)
+    return await wire.connect(cfg, b, "rwproxy", password or cluster.password("rwproxy"), 2.0, read_timeout)
 
 
 def test_values_nulls_and_several_statements(cluster):
@@ -87,13 +87,14 @@ def test_unix_socket_and_unreachable_server(cluster):
     b = next(x for x in cfg.backends if x.name == node.name)
 
     async def body():
-        c = await wire.connect(cfg, dataclasses.replace(b, socket=str(node.socket)), "rwproxy", "rwproxy", 2.0, 2.0)
+        c = await wire.connect(cfg, dataclasses.replace(b, socket=str(node.socket)), "rwproxy",
+                               cluster.password("rwproxy"), 2.0, 2.0)
         try:
             assert await c.query("SELECT @@port") == [(str(node.port),)]
         finally:
             c.close()
         with pytest.raises(pymysql.MySQLError) as e:
-            await wire.connect(cfg, dataclasses.replace(b, port=1), "rwproxy", "rwproxy", 1.0, 1.0)
+            await wire.connect(cfg, dataclasses.replace(b, port=1), "rwproxy", cluster.password("rwproxy"), 1.0, 1.0)
         assert error_code(e.value) == 2003
     asyncio.run(body())
 

@@ -542,7 +542,7 @@ def test_passwords_from_environment_file_and_hash(cluster, tmp_path):
 
     ensure_backend_user(cluster, "hashed_u", "hashed-pw")
     secret = tmp_path / "monitor.secret"
-    secret.write_text("rwproxy\n")
+    secret.write_text(cluster.password("rwproxy") + "\n")
     secret.chmod(0o600)
     port = free_port()
     text = (f'[proxy]\nlisten = "127.0.0.1:{port}"\nworkers = 1\n'

@@ -122,7 +122,16 @@ def test_state_file_and_proxy_config(cluster):
         [(n.name, "127.0.0.1", n.port) for n in cluster.nodes]
     assert all("role" not in b for b in cfg["backends"])
     assert cfg["users"] == [{"name": "app", "password": "app"}]
-    assert cfg["monitor"] == {"user": "rwproxy", "password": "rwproxy"}
+    # the accounts that can do more than `app` have passwords of this sandbox's own, kept in its state
+    monitor = cfg["monitor"]
+    assert monitor["user"] == "rwproxy" and len(monitor["password"]) >= 16
+    assert monitor["password"] == state["users"]["rwproxy"]["password"] == cluster.password("rwproxy")
+    assert cfg["failover"]["replication_password"] == state["users"]["repl"]["password"] == cluster.password("repl")
+    assert len(cluster.password("repl")) >= 16 and cluster.password("repl") != monitor["password"]
+    for user in ("rwproxy", "repl"):  # the servers refuse the old fixed password
+        with pytest.raises(pymysql.err.OperationalError) as e:
+            pymysql.connect(host="127.0.0.1", port=cluster.primary.port, user=user, password=user).close()
+        assert e.value.args[0] == 1045
     assert cfg["cluster"] == {"topology": "primary-replica"}
     # the admin port gets a random password of its own, kept across `up`s; the file holding it is private
     (admin,) = cfg["admin"]["users"]
@@ -376,5 +385,20 @@ def test_helpers(tmp_path):
     class N:
         def __init__(self, name, port):
             self.name, self.port = name, port
-    cfg = tomllib.loads(proxy_config_toml([N("node1", 1), N("node2", 2)], "master-master", 7000))
+    cfg = tomllib.loads(proxy_config_toml([N("node1", 1), N("node2", 2)], "master-master", 7000,
+                                          ("app", "a"), ("rwproxy", "m"), ("repl", "r")))
     assert cfg["proxy"]["listen"] == "127.0.0.1:7000" and len(cfg["backends"]) == 2
+
+
+def test_privileged_accounts_get_passwords_of_their_own_and_old_sandboxes_keep_theirs():
+    from proxy.sandbox.accounts import new_accounts, saved_accounts
+
+    a, b = new_accounts(), new_accounts()
+    assert a["app"]["password"] == "app" and a["root"]["password"] == ""  # the README's login; root: socket only
+    for user in ("rwproxy", "repl"):
+        assert len(a[user]["password"]) >= 16 and a[user]["password"] not in (user, b[user]["password"])
+    # a sandbox's state file keeps them; one written before it kept them had the old fixed ones
+    state = {u: {k: v for k, v in info.items() if k != "why"} for u, info in a.items()}
+    assert {u: i["password"] for u, i in saved_accounts(state).items()} == {u: i["password"] for u, i in a.items()}
+    old = {u: i["password"] for u, i in saved_accounts(None).items()}
+    assert old == {"app": "app", "rwproxy": "rwproxy", "repl": "repl", "root": ""}

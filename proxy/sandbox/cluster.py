@@ -14,6 +14,7 @@ from typing import Any
 import pymysql
 
 from proxy.sandbox import render, template
+from proxy.sandbox.accounts import new_accounts, saved_accounts
 from proxy.sandbox.node import Node, check_server_option
 from proxy.cluster.gtid import reached
 from proxy.sandbox.util import SandboxError, check_ports_free, find_binary, socket_path
@@ -23,19 +24,6 @@ DEFAULTS = {"replicas": 2, "topology": "primary-replica", "base_port": 23306, "s
             "proxy_port": 6033}
 STATE_FILE = "sandbox.json"
 CONFIG_FILE = "rwproxy.toml"
-REPL_PASSWORD = "repl"
-
-# Users created on the first master and replicated everywhere. Sandbox-only credentials.
-USERS: dict[str, dict[str, str]] = {
-    "app": {"password": "app", "grants": "ALL PRIVILEGES ON app.*",
-            "why": "the application: no global privilege, so read_only stops it on replicas (error 1290)"},
-    "rwproxy": {"password": "rwproxy", "grants": "ALL PRIVILEGES ON *.*",
-                "why": "the proxy's monitor/failover user (reads status, flips read_only, repoints replicas)"},
-    "repl": {"password": REPL_PASSWORD, "grants": "REPLICATION SLAVE ON *.*", "why": "replication threads"},
-    "root": {"password": "", "grants": "ALL (localhost, unix socket only)", "why": "admin via the socket"},
-}
-
-
 class Cluster:
     """A sandbox in a directory. Arguments left as None come from DIR/sandbox.json or the defaults;
     explicit arguments that contradict an existing sandbox are refused rather than silently ignored."""
@@ -78,6 +66,8 @@ class Cluster:
         self.proxy_port: int = int(params["proxy_port"])
         # The admin port has no default password: each sandbox gets its own, kept across `up`s.
         self.admin_password: str = (state or {}).get("admin_password") or secrets.token_urlsafe(12)
+        # the server accounts and their passwords (accounts.py: the privileged ones are this sandbox's own)
+        self.users = saved_accounts(state.get("users")) if state else new_accounts()
         if self.topology not in TOPOLOGIES:
             raise SandboxError(f"unknown topology {self.topology!r}; use one of: {', '.join(TOPOLOGIES)}")
         if self.replicas_count < 0:
@@ -93,7 +83,7 @@ class Cluster:
             options = tuple(check_server_option(o) for o in server_options if o.strip())
         self.server_options: tuple[str, ...] = options  # extra [mariadbd] lines on every node
         self.nodes: list[Node] = [
-            Node(s, mariadbd=binary, users={u: v["password"] for u, v in USERS.items()},
+            Node(s, mariadbd=binary, users=self.passwords(),
                  semi_sync=self.semi_sync, tls_dir=self.tls_dir if self.tls else None, options=options)
             for s in specs]
         if options != kept and any(n.is_running() for n in self.nodes):
@@ -171,12 +161,19 @@ class Cluster:
             "admin_password": self.admin_password, "server_options": list(self.server_options),
             "bootstrapped": self.bootstrapped, "mariadbd": self.nodes[0].mariadbd,
             "nodes": [n.spec() for n in self.nodes],
-            "users": {u: {k: v for k, v in info.items() if k != "why"} for u, info in USERS.items()},
+            "users": {u: {k: v for k, v in info.items() if k != "why"} for u, info in self.users.items()},
         }
         self.dir.mkdir(parents=True, exist_ok=True)
         tmp = self.state_path.with_suffix(".json.tmp")
         tmp.write_text(json.dumps(state, indent=2) + "\n")
         os.replace(tmp, self.state_path)
+
+    def password(self, user: str) -> str:
+        """The password of a sandbox account (`app`, `rwproxy`, `repl`; accounts.py)."""
+        return self.users[user]["password"]
+
+    def passwords(self) -> dict[str, str]:
+        return {u: info["password"] for u, info in self.users.items()}
 
     def _require_exists(self) -> None:
         if not self.exists:
@@ -206,6 +203,9 @@ class Cluster:
 
             keygen(str(key))
         text = render.proxy_config_toml(self.nodes, self.topology, self.proxy_port,
+                                        app_user=("app", self.password("app")),
+                                        monitor_user=("rwproxy", self.password("rwproxy")),
+                                        repl_user=("repl", self.password("repl")),
                                         ca="tls/ca.pem" if self.tls else "", admin_password=self.admin_password,
                                         backups=str(self.dir / "backups"))
         fd = os.open(self.config_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # it holds passwords
@@ -276,7 +276,7 @@ class Cluster:
             for user, host in cur.fetchall():  # anonymous users and passwordless root over TCP
                 cur.execute("DROP USER IF EXISTS %s@%s", (user, host))
             cur.execute("CREATE DATABASE IF NOT EXISTS app")
-            for user, info in USERS.items():
+            for user, info in self.users.items():
                 if user == "root":
                     continue
                 cur.execute("CREATE USER IF NOT EXISTS %s@'%%' IDENTIFIED BY %s", (user, info["password"]))
@@ -306,7 +306,7 @@ class Cluster:
         if source is None:
             raise SandboxError("no running primary in the sandbox (a writable node that replicates from nobody)")
         spec = self._node_spec(name, port, max(n.server_id for n in self.nodes) + 1, master=source.name)
-        node = Node(spec, mariadbd=self.nodes[0].mariadbd, users={u: v["password"] for u, v in USERS.items()},
+        node = Node(spec, mariadbd=self.nodes[0].mariadbd, users=self.passwords(),
                     semi_sync=self.semi_sync, tls_dir=self.tls_dir if self.tls else None, options=self.server_options)
         node.dir.mkdir(parents=True, exist_ok=False)
         restore_into(node.datadir)
@@ -321,13 +321,12 @@ class Cluster:
         self._write_proxy_config()
         return node
 
-    @staticmethod
-    def _change_master(replica: Node, source: Node) -> None:
+    def _change_master(self, replica: Node, source: Node) -> None:
         # MASTER_CONNECT_RETRY=1: after a source restart the IO thread reconnects in 1 s, not 60 s
         replica.query(
             "CHANGE MASTER TO MASTER_HOST='127.0.0.1', MASTER_PORT=%s, MASTER_USER='repl', "
             "MASTER_PASSWORD=%s, MASTER_USE_GTID=slave_pos, MASTER_CONNECT_RETRY=1",
-            (source.port, REPL_PASSWORD))
+            (source.port, self.password("repl")))
         replica.query("START SLAVE")
 
     def _restart(self, timeout: float) -> None:

@@ -11,9 +11,8 @@ def _toml_str(value: str) -> str:
 
 
 def proxy_config_toml(nodes: Iterable[Any], topology: str, proxy_port: int,
-                      app_user: tuple[str, str] = ("app", "app"),
-                      monitor_user: tuple[str, str] = ("rwproxy", "rwproxy"),
-                      repl_user: tuple[str, str] = ("repl", "repl"), ca: str = "",
+                      app_user: tuple[str, str], monitor_user: tuple[str, str],
+                      repl_user: tuple[str, str], ca: str = "",
                       admin_password: str = "", backups: str = "") -> str:
     """rwproxy.toml for this cluster; written here so the sandbox does not depend on proxy.config.
 

@@ -40,7 +40,7 @@ from proxy.routing.statements import StatementMap
 
 log = logging.getLogger("rwproxy.client")
 
-_F_KILL, _F_RARE = C.F_KILL, C.F_RARE
+_F_KILL, _F_RARE, _F_USE_DB = C.F_KILL, C.F_RARE, C.F_USE_DB
 _READ, _SESSION, _WRITE, _NOT_VAR = C.READ, C.SESSION, C.WRITE, ~C.F_USER_VAR_WRITE
 _NO_SHARE = ~(C.F_HINT_PRIMARY | C.F_HINT_REPLICA)  # flags that keep a statement's profile unlearned
 _ID_READERS = C.F_CONN_BOUND | C.F_CONN_STATE  # statements about earlier ones (sharing.follow_up)
@@ -352,7 +352,7 @@ class ClientConnection(asyncio.Protocol):
                     else:
                         st.record(cmd.packet, flags, self.backends.values())
                         conn.applied = len(st.history)
-                if flags & C.F_USE_DB:  # (a multi-statement's: its last USE)
+                if flags & _F_USE_DB:  # (a multi-statement's: its last USE)
                     conn.db_touched = True
                     self.db = cls.db
                 if flags >= _F_RARE:  # (SET wait_timeout, DROP DATABASE: a comparison allocates nothing)

@@ -17,6 +17,7 @@ from proxy.protocol.packets import command, parse_ok
 
 
 _versions = itertools.count(1)
+_F_RARE, _F_MULTI_SESSION = C.F_RARE, C.F_MULTI_SESSION  # (module constants: read per statement)
 
 # What pins a session to the primary (SessionState.pin; also a Plan's `why`).
 PIN_TRANSACTION = "transaction"
@@ -225,7 +226,7 @@ class SessionState:
         if self.next_trx and on_primary and not error and (
                 status & SERVER_STATUS_IN_TRANS or (route == C.WRITE and not flags & self._NOT_USING_TRX)):
             self.next_trx = False  # a transaction (or an autocommit write) on the primary used it
-        if flags >= C.F_RARE and flags & C.F_MULTI_SESSION:
+        if flags >= _F_RARE and flags & _F_MULTI_SESSION:
             self.history_overflow = True  # (not replayable apart from the rest; error or not, it may have run)
         if error or not flags & self._PIN_FLAGS:
             return

@@ -487,6 +487,11 @@ def test_users_and_config_never_show_secrets(admin_proxy):
     ("SELECT * FROM digests, digests d2, digests d3, digests d4", None),
     ("CREATE TABLE t (a INT)", 1290),
     ("SELECT (((((((((((((((((((((((((((((((1)))))))))))))))))))))))))))))))", None),
+    # markers SQLite would take for bound parameters: the server's errors, not SQLite's binding message
+    ("SELECT @x", 1235),
+    ("SELECT name FROM servers WHERE name = @x", 1235),
+    ("SELECT ?", 1064),
+    ("SELECT name FROM servers WHERE name = :a", 1064),
 ])
 def test_hostile_sql_gets_an_error_and_the_port_keeps_serving(admin_proxy, sql, code):
     c = admin(admin_proxy)

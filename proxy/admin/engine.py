@@ -62,6 +62,11 @@ def is_query(expression) -> bool:
 
 def referenced(expression, database: str | None, info_tables: dict) -> tuple[set[str], set[str]]:
     """(rwproxy tables, information_schema tables) the statement reads; QueryError for anything else."""
+    if expression.find(exp.Parameter) is not None:  # @v: SQLite would take it for a bound parameter
+        raise QueryError(ER_NOT_SUPPORTED, "user variables (@name) are not supported on the admin port")
+    if expression.find(exp.Placeholder) is not None:  # ?, :name in a text statement, as a server refuses it
+        raise QueryError(ER_PARSE, "You have an error in your SQL syntax: a parameter marker outside a "
+                         "prepared statement (the admin port takes statements as text)")
     ctes = {c.alias_or_name.lower() for c in expression.find_all(exp.CTE)}
     mine, info = set(), set()
     for t in expression.find_all(exp.Table):

@@ -492,8 +492,16 @@ def test_users_and_config_never_show_secrets(admin_proxy):
     ("SELECT name FROM servers WHERE name = @x", 1235),
     ("SELECT ?", 1064),
     ("SELECT name FROM servers WHERE name = :a", 1064),
+    # several statements in one query: refused as a server without CLIENT_MULTI_STATEMENTS does
+    # (mysql-mimic ran each and answered with the last result only)
+    ("SELECT COUNT(*) FROM sessions; SELECT 2", 1064),
+    # a command with a bad argument: the command's error, not sqlglot's internals or "read-only"
+    ("KILL SESSION abc", 1064),
+    ("KILL 18446744073709551616", 1064),
+    ("RESET STATS now", 1064),
 ])
 def test_hostile_sql_gets_an_error_and_the_port_keeps_serving(admin_proxy, sql, code):
+    """(And a statement followed by a comment is one statement.)"""
     c = admin(admin_proxy)
     try:
         q(c, sql)
@@ -503,6 +511,7 @@ def test_hostile_sql_gets_an_error_and_the_port_keeps_serving(admin_proxy, sql, 
     if code is not None:
         assert got == code, (sql, got)
     assert q(admin(admin_proxy), "SELECT COUNT(*) FROM servers")[0][0] == 3
+    assert q(admin(admin_proxy), "SELECT COUNT(*) FROM servers; -- a comment after the statement")[0][0] == 3
 
 
 def test_information_schema_and_show_for_gui_clients(admin_proxy):

@@ -78,5 +78,5 @@ def parse(sql: str) -> Command | None:
 def is_command_word(sql: str) -> bool:
     """Starts like a command but did not parse: answer with the command's syntax, not SQL's."""
     head = _COMMENT.sub(" ", sql).strip().split(None, 1)
-    return bool(head) and head[0].upper() in ("SWITCHOVER", "ENABLE", "REJOIN", "RELOAD") or (
+    return bool(head) and head[0].upper() in ("SWITCHOVER", "ENABLE", "REJOIN", "RELOAD", "KILL", "RESET") or (
         len(head) == 2 and head[0].upper() == "SET" and head[1].upper().startswith("SERVER"))

@@ -46,6 +46,7 @@ from mysql_mimic.session import Session
 from mysql_mimic.stream import ConnectionClosed, MysqlStream
 from mysql_mimic.utils import aiterate
 from mysql_mimic.variables import SYSTEM_VARIABLES, GlobalVariables, SessionVariables
+from sqlglot import exp
 from sqlglot.errors import SqlglotError
 
 from proxy import __version__
@@ -244,6 +245,15 @@ class AdminSession(Session):
             raise MysqlError(f"You have an error in your SQL syntax: {_syntax(e)}", 1064) from None
         except RecursionError:
             raise MysqlError("statement nested too deeply", 1064) from None
+
+    def _parse(self, sql: str):
+        """The statements of a query (mysql-mimic runs each, answering with the last result only):
+        one, as a server without CLIENT_MULTI_STATEMENTS takes; a comment after the last `;` is
+        none (sqlglot makes it a statement of its own)."""
+        statements = [e for e in super()._parse(sql) if not isinstance(e, exp.Semicolon)]
+        if len(statements) > 1:
+            raise MysqlError("one statement at a time on the admin port", 1064)
+        return statements
 
     async def query(self, expression, sql, attrs):
         return await self.run_sql(expression)

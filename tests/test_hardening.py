@@ -1008,3 +1008,35 @@ def test_a_set_or_use_inside_a_multi_statement_holds_for_later_reads(proxy, clus
     finally:
         with cluster.primary.connect() as r, r.cursor() as cur:
             cur.execute("DROP DATABASE IF EXISTS multi_use_db")
+
+
+def test_a_session_holds_at_most_max_prepared_per_session_statements(cluster, tmp_path):
+    """rwproxy keeps every statement a session prepared for the session's life (the servers see
+    at most max_prepared_per_connection per connection), so a client preparing without closing
+    grew a worker's memory without end (40,000 statements taken where a server stops at its
+    max_prepared_stmt_count). One over the limit gets the server's 1461; closing one makes room;
+    the session goes on, and other sessions are not affected."""
+    from proxy.protocol.packets import stmt_close
+
+    p = start_proxy(cluster, tmp_path, proxy={"workers": 1}, routing={"max_prepared_per_session": 5})
+    try:
+        c = RawClient("127.0.0.1", p.port)
+        ids = [c.prepare(f"SELECT {i} + ?")[0] for i in range(5)]
+        assert sorted(set(ids)) == sorted(ids)
+        with pytest.raises(RuntimeError) as e:
+            c.prepare("SELECT 99 + ?")
+        assert "1461" in str(e.value) and "42000" in str(e.value), e.value
+        assert "max_prepared_stmt_count statements (current value: 5)" in str(e.value)
+        c.send(stmt_close(ids[0])[4:], 0)  # (no answer to COM_STMT_CLOSE)
+        assert c.prepare("SELECT 98 + ?")[0] not in ids[1:]
+        with pytest.raises(RuntimeError):
+            c.prepare("SELECT 97 + ?")
+        other = pymysql.connect(host="127.0.0.1", port=p.port, user="app", password="app", database="app")
+        with other.cursor() as cur:
+            cur.execute("SELECT 1")
+            assert cur.fetchall() == ((1,),)
+        other.close()
+        assert c.command(b"\x03SELECT 7") == b"\x01"  # the session still answers (a result of one column)
+        c.close()
+    finally:
+        p.process.stop()

@@ -157,6 +157,7 @@ class RoutingConfig:
     digest_cache_size: int = I(10000, 16)
     max_session_history: int = I(1000, 1)
     max_prepared_per_connection: int = I(1024, 1)
+    max_prepared_per_session: int = I(16382, 1)  # statements a client may hold prepared at once (rwproxy's memory)
     replica_error_backoff: float = F(5.0)  # s a replica that refused a user's connection gets no new reads of that user
     rules: tuple[RuleConfig, ...] = A(RuleConfig)
 

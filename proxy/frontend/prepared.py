@@ -14,7 +14,8 @@ from proxy.backend.connection import BackendError
 from proxy.frontend.kill import kill_prepared, parse_kill
 from proxy.protocol.constants import (
     COM_STMT_BULK_EXECUTE, COM_STMT_CLOSE, COM_STMT_EXECUTE, COM_STMT_FETCH, COM_STMT_RESET, COM_STMT_SEND_LONG_DATA,
-    ER_MALFORMED_PACKET, ER_UNKNOWN_STMT_HANDLER, ER_UNSUPPORTED_PS, MARIADB_CLIENT_STMT_BULK_OPERATIONS,
+    ER_MALFORMED_PACKET, ER_MAX_PREPARED_STMT_COUNT_REACHED, ER_UNKNOWN_STMT_HANDLER, ER_UNSUPPORTED_PS,
+    MARIADB_CLIENT_STMT_BULK_OPERATIONS,
 )
 from proxy.protocol.packets import at_statement_limit, logical_payload, stmt_close
 from proxy.protocol.scan import CURSOR, PREPARE, RESULT, ROWS, SIMPLE
@@ -150,6 +151,10 @@ async def prepare(s, pkt) -> None:
     """COM_STMT_PREPARE: prepared where the router would run the statement; the client gets
     rwproxy's statement id."""
     s.stmts.last = 0  # until this prepare succeeds, -1 names no statement
+    limit = s.worker.config.routing.max_prepared_per_session
+    if len(s.stmts.stmts) >= limit:  # (each is kept here for the session's life: bound the memory)
+        return s.send_error(ER_MAX_PREPARED_STMT_COUNT_REACHED, b"42000", "Can't create more than "
+                            f"max_prepared_stmt_count statements (current value: {limit})")
     sql = bytes(logical_payload(pkt)[1:])  # bytes: shared connections key their statements by it
     w = s.worker
     cls = w.classifier.classify(sql)

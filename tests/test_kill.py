@@ -19,7 +19,7 @@ import time
 import pymysql
 import pytest
 
-from helpers import SHA2_PASSWORD, SHA2_USER
+from helpers import SHA2_PASSWORD, SHA2_USER, ensure_backend_user, start_proxy
 from proxy.testing.rawclient import RawClient
 
 TABLE = "kill_rows"
@@ -268,6 +268,55 @@ def test_killing_another_users_session_needs_the_servers_privilege(proxy, direct
     finally:
         for c in spare:
             c.close()
+
+
+def test_kill_of_another_users_idle_session_is_judged_by_a_server(cluster, tmp_path):
+    """An idle session (its connections held, or given back after idle_release) runs nothing a
+    server could refuse to kill: KILL QUERY of it by a user without the privilege answered OK
+    where a server answers 1095, and KILL of one holding no connection answered 1095 even to a
+    user with CONNECTION ADMIN, where a server ends it. rwproxy now asks a server (a KILL QUERY
+    of an idle thread, which stops nothing) before it answers."""
+    ensure_backend_user(cluster, SHA2_USER, SHA2_PASSWORD)
+    ensure_backend_user(cluster, "killer", "killer-pw")
+    with cluster.primary.connect() as c, c.cursor() as cur:
+        cur.execute("GRANT CONNECTION ADMIN ON *.* TO 'killer'@'%'")
+    cluster.wait_replicas_caught_up(30)
+    p = start_proxy(cluster, tmp_path, pool={"idle_release": 200}, users=[
+        {"name": "app", "password": "app"},
+        {"name": SHA2_USER, "password": SHA2_PASSWORD, "auth_plugin": "caching_sha2_password"},
+        {"name": "killer", "password": "killer-pw"}])
+    conns = []
+    try:
+        def connect(user, password):
+            conns.append(pymysql.connect(host="127.0.0.1", port=p.port, user=user, password=password,
+                                         database="app", autocommit=True))
+            return conns[-1]
+
+        victim = connect("app", "app")
+        other, killer = connect(SHA2_USER, SHA2_PASSWORD), connect("killer", "killer-pw")
+        vid = victim.thread_id()
+        for idle in (0.0, 1.0):  # connections held; given back to the pool (idle_release 0.2 s)
+            with victim.cursor() as cur:
+                cur.execute("SELECT 1")
+            time.sleep(idle)
+            for sql in (f"KILL QUERY {vid}", f"KILL {vid}"):
+                with other.cursor() as cur, pytest.raises(pymysql.err.MySQLError) as e:
+                    cur.execute(sql)
+                assert e.value.args == (1095, f"You are not owner of thread {vid}"), (idle, sql)
+            with killer.cursor() as cur:
+                cur.execute(f"KILL QUERY {vid}")  # (an idle session: nothing to stop)
+            with victim.cursor() as cur:
+                cur.execute("SELECT 2")
+                assert cur.fetchall() == ((2,),)
+        time.sleep(1.0)
+        with killer.cursor() as cur:
+            cur.execute(f"KILL {vid}")
+        with pytest.raises(pymysql.err.OperationalError):
+            victim.ping(reconnect=False)
+    finally:
+        for c in conns:
+            c.close()
+        p.process.stop()
 
 
 @pytest.mark.parametrize("signum", [signal.SIGKILL, signal.SIGINT], ids=["client killed", "Ctrl-C"])

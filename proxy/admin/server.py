@@ -46,6 +46,7 @@ from mysql_mimic.session import Session
 from mysql_mimic.stream import ConnectionClosed, MysqlStream
 from mysql_mimic.utils import aiterate
 from mysql_mimic.variables import SYSTEM_VARIABLES, GlobalVariables, SessionVariables
+import sqlglot
 from sqlglot import exp
 from sqlglot.errors import SqlglotError
 
@@ -247,10 +248,10 @@ class AdminSession(Session):
             raise MysqlError("statement nested too deeply", 1064) from None
 
     def _parse(self, sql: str):
-        """The statements of a query (mysql-mimic runs each, answering with the last result only):
-        one, as a server without CLIENT_MULTI_STATEMENTS takes; a comment after the last `;` is
-        none (sqlglot makes it a statement of its own)."""
-        statements = [e for e in super()._parse(sql) if not isinstance(e, exp.Semicolon)]
+        """mysql-mimic's hook for the statements of a query (it runs each and answers with the
+        last result only): one, as a server without CLIENT_MULTI_STATEMENTS takes; a comment
+        after the last `;` is none (sqlglot makes it a statement of its own)."""
+        statements = [e for e in sqlglot.parse(sql, read=self.dialect) if e and not isinstance(e, exp.Semicolon)]
         if len(statements) > 1:
             raise MysqlError("one statement at a time on the admin port", 1064)
         return statements

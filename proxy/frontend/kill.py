@@ -105,8 +105,12 @@ async def kill_session(worker, target: int, connection: bool, user, by_thread: b
         user = client.user  # (its credential logs in even when the config holds only a hash)
     running = [be for be in client.backends.values() if be.relaying_for(client)]
     e, line, cmd = client.shared_entry, client.shared_on, client.inflight
+    asked = same_user  # a server has judged whether `user` may do this
     if e is not None and e.relayed == 0 and cmd is not None:
+        asked = True
         if cmd.cls.route == READ:  # a read queued on a shared connection: its answer becomes ERROR 1317
+            if not same_user and (err := await may_kill(worker, client, user)) is not None:
+                return err  # (no server sees this cancel: ask one first, as for an idle session)
             e.cancelled = True
         else:  # a write cannot be dropped (it may run): stop it on the server, as on an own connection
             err = await kill_shared_write(worker, line, e, user)
@@ -115,10 +119,14 @@ async def kill_session(worker, target: int, connection: bool, user, by_thread: b
     if connection and not same_user:
         # every backend thread of the session: the server decides whether `user` may end them
         targets = [be for be in client.backends.values() if not be.closed]
-        if not targets:
-            return (KILL_DENIED, "HY000", f"You are not owner of thread {target}")
     else:
         targets = running
+    if not targets and not asked:
+        # nothing for a server to refuse (an idle session, or one whose connections went back to
+        # the pool): ask one whether `user` may kill this user's threads
+        err = await may_kill(worker, client, user)
+        if err is not None:
+            return err
     # A server closes a killed connection without a word; the answer its stopped statement gets
     # (1317) must not reach the client first, so it is left unread unless the KILL is refused.
     held = [be for be in running if be.transport.is_reading()] if connection else []
@@ -137,6 +145,34 @@ async def kill_session(worker, target: int, connection: bool, user, by_thread: b
         log.info("session %d: killed by %s (KILL CONNECTION)", target, user.name)
         client.close()  # the client sees its connection closed, as after a server's KILL
     return None
+
+
+async def may_kill(worker, client, user):
+    """Whether `user` may kill session `client` of another user, as a server decides it (None:
+    yes; else its error, 1095 naming the session): a KILL QUERY as `user` of one of the session's
+    idle connections, or of one opened as the session's user for the question when it holds none.
+    Harmless either way: a server clears an idle thread's KILL QUERY before its next command."""
+    be = next((b for b in client.backends.values() if not b.closed and b.thread_id), None)
+    if be is not None:
+        err = await kill_backend_thread(worker, be.server.name, user, be.thread_id, False)
+    else:
+        name = worker.primary_name or next(iter(worker.servers), None)
+        server = worker.servers.get(name) if name else None
+        if server is None:
+            return (KILL_DENIED, "HY000", f"You are not owner of thread {client.conn_id}")
+        cu = client.user
+        try:
+            probe = await connect(server, None, 0, cu.name, cu.password, None, DEFAULT_CHARSET,
+                                  worker.config.pool.connect_timeout, worker.backend_tls.get(name))
+        except BackendError as e:
+            return (e.code, e.sqlstate, e.message)
+        try:
+            err = await kill_backend_thread(worker, name, user, probe.thread_id, False)
+        finally:
+            probe.close()
+    if err is None or err[0] == NO_SUCH_THREAD:
+        return None
+    return (KILL_DENIED, err[1], f"You are not owner of thread {client.conn_id}") if err[0] == KILL_DENIED else err
 
 
 class Peers:

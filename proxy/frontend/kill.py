@@ -28,6 +28,7 @@ import socket
 
 from proxy.backend.connection import BackendError
 from proxy.backend.opening import connect
+from proxy.logs import clean
 from proxy.routing.classify import F_MULTI, READ, statement_texts
 from proxy.protocol.constants import (
     COM_QUERY, DEFAULT_CHARSET, ER_CONNECTION_KILLED, ER_KILL_DENIED_ERROR, ER_NO_SUCH_THREAD, ER_QUERY_INTERRUPTED,
@@ -142,7 +143,7 @@ async def kill_session(worker, target: int, connection: bool, user, by_thread: b
                 err = (KILL_DENIED, err[1], f"You are not owner of thread {target}")
             return err
     if connection:
-        log.info("session %d: killed by %s (KILL CONNECTION)", target, user.name)
+        log.info("session %d: killed by %s (KILL CONNECTION)", target, clean(user.name))
         client.close()  # the client sees its connection closed, as after a server's KILL
     return None
 

@@ -218,7 +218,7 @@ class Authenticator:
         if clear != ucfg.password.encode():
             raise AccessDenied(access_denied_message(ucfg.name, host, token), seq)
         self.sha2_cache.add(ucfg.name)
-        log.info("user %s: caching_sha2_password full authentication (%s) succeeded", ucfg.name, "TLS" if tls else "RSA")
+        log.info("user %s: caching_sha2_password full authentication (%s) succeeded", clean(ucfg.name), "TLS" if tls else "RSA")
         return ucfg, seq
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 
+from proxy.logs import clean
 from proxy.protocol.constants import ER_CONNECTION_KILLED
 
 log = logging.getLogger("rwproxy.client")
@@ -43,7 +44,7 @@ def end_lost_session(s, server: str, lost: list[str], told: bool = False) -> Non
     the connection closes; `told`: the error was already sent)."""
     what = ", ".join(lost)
     log.warning("session %d (user %s): its connection to %s ended, and a new one cannot restore its %s; "
-                "closing the client connection", s.conn_id, s.user.name, server, what)
+                "closing the client connection", s.conn_id, clean(s.user.name), server, what)
     if not told:
         s.send_error(ER_CONNECTION_KILLED[0], ER_CONNECTION_KILLED[1],
                         f"rwproxy: the connection to backend server {server} ended and took this session's "

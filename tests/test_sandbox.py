@@ -138,6 +138,7 @@ def test_state_file_and_proxy_config(cluster):
     assert admin["name"] == "admin" and len(admin["password"]) >= 16 and admin["password"] == state["admin_password"]
     assert cfg["admin"]["listen"] == "127.0.0.1:6032" and cfg["metrics"]["listen"] == "127.0.0.1:9033"
     assert cluster.config_path.stat().st_mode & 0o077 == 0
+    assert (cluster.dir / "sandbox.json").stat().st_mode & 0o077 == 0  # (it holds the passwords too)
 
 
 def test_up_again_is_a_no_op_and_topology_change_is_refused(cluster):

@@ -83,7 +83,7 @@ class Cluster:
             options = tuple(check_server_option(o) for o in server_options if o.strip())
         self.server_options: tuple[str, ...] = options  # extra [mariadbd] lines on every node
         self.nodes: list[Node] = [
-            Node(s, mariadbd=binary, users=self.passwords(),
+            Node(s, mariadbd=binary, users={u: i["password"] for u, i in self.users.items()},
                  semi_sync=self.semi_sync, tls_dir=self.tls_dir if self.tls else None, options=options)
             for s in specs]
         if options != kept and any(n.is_running() for n in self.nodes):
@@ -165,15 +165,14 @@ class Cluster:
         }
         self.dir.mkdir(parents=True, exist_ok=True)
         tmp = self.state_path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(state, indent=2) + "\n")
+        with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:
+            f.write(json.dumps(state, indent=2) + "\n")  # (0600: it holds the accounts' passwords)
+        os.chmod(tmp, 0o600)  # (a leftover from an older version may have been readable)
         os.replace(tmp, self.state_path)
 
     def password(self, user: str) -> str:
         """The password of a sandbox account (`app`, `rwproxy`, `repl`; accounts.py)."""
         return self.users[user]["password"]
-
-    def passwords(self) -> dict[str, str]:
-        return {u: info["password"] for u, info in self.users.items()}
 
     def _require_exists(self) -> None:
         if not self.exists:
@@ -306,7 +305,7 @@ class Cluster:
         if source is None:
             raise SandboxError("no running primary in the sandbox (a writable node that replicates from nobody)")
         spec = self._node_spec(name, port, max(n.server_id for n in self.nodes) + 1, master=source.name)
-        node = Node(spec, mariadbd=self.nodes[0].mariadbd, users=self.passwords(),
+        node = Node(spec, mariadbd=self.nodes[0].mariadbd, users={u: i["password"] for u, i in self.users.items()},
                     semi_sync=self.semi_sync, tls_dir=self.tls_dir if self.tls else None, options=self.server_options)
         node.dir.mkdir(parents=True, exist_ok=False)
         restore_into(node.datadir)

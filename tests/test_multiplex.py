@@ -290,8 +290,9 @@ def test_kill_query_of_a_statement_queued_on_a_shared_connection(mux, cluster, t
     ensure_backend_user(cluster, USER, USER)
     # one shared connection, and statements up to 2 s may share: a slow read holds the queue
     p = start_proxy(cluster, tmp_path_factory.mktemp("muxkill"), proxy={"workers": 1},
-                    users=[{"name": USER, "password": USER}],
+                    users=[{"name": USER, "password": USER}, {"name": "app", "password": "app"}],
                     pool={"shared_connections": 1, "multiplex_max_time": 2.0})
+    stranger = pymysql.connect(host="127.0.0.1", port=p.port, user="app", password="app", database="app")
     try:
         with sessions(p, 3) as (a, b, killer):
             slow = "/* rwproxy:primary */ SELECT SLEEP(%s) AS s"
@@ -317,6 +318,12 @@ def test_kill_query_of_a_statement_queued_on_a_shared_connection(mux, cluster, t
             tb.start()
             time.sleep(0.2)  # b's read now waits behind a's on the one shared connection
             assert "b" not in got
+            # another user without CONNECTION ADMIN: refused as a server refuses it (no server saw
+            # this cancel, so rwproxy asks one first), and b's read goes on waiting
+            with stranger.cursor() as cur, pytest.raises(pymysql.err.OperationalError) as e:
+                cur.execute(f"KILL QUERY {b.thread_id()}")
+            assert e.value.args == (1095, f"You are not owner of thread {b.thread_id()}")
+            assert "b" not in got
             with killer.cursor() as cur:
                 cur.execute(f"KILL QUERY {b.thread_id()}")
             ta.join(10)
@@ -326,6 +333,7 @@ def test_kill_query_of_a_statement_queued_on_a_shared_connection(mux, cluster, t
             assert one(b, fast, (3,)) == ("three",)
             assert one(a, fast, (4,)) == ("four",)
     finally:
+        stranger.close()
         p.process.stop()
 
 

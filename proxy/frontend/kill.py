@@ -8,6 +8,8 @@ as they are. The worker that owns the session (id >> 24, see Worker.new_session_
 whatever the session is running, on whichever server runs it, by sending KILL for the
 backend thread over a fresh connection as the *killing* user, so the server applies its own
 privilege rules (another user's session needs CONNECTION ADMIN or SUPER, as on the server).
+Where no server would see the KILL (another user's session running nothing, or its read still
+queued on a shared connection) one is asked first (may_kill), so the answer is still the server's.
 An id that is no session may be a backend thread id that one of rwproxy's sessions got from
 CONNECTION_ID(): every worker is asked for it. Anything else gets ERROR 1094. Workers reach
 each other over unix datagram sockets beside the control socket (mode 0600).

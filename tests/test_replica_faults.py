@@ -224,3 +224,41 @@ def test_status_shows_positions_of_the_latest_checks(setup):
             # at most one or two heartbeats behind the primary as it was when status asked
             assert before - 2 <= seq <= after, (name, s["gtid"], before, after)
         time.sleep(0.3)
+
+
+def test_with_no_writable_primary_a_new_session_sets_itself_up_and_reads(cluster_factory, tmp_path):
+    """The primary down and nobody promoting another (auto_failover off here; otherwise no replica
+    fit to promote, or the failover cooldown): a client that sets its session up at connect (SET
+    NAMES, time_zone, USE: what Connector/J, ORMs and pools send) waited write_hold_timeout at each
+    SET and got ERROR 1927, so it could not even read. A SET or USE now runs on a replica and is
+    replayed elsewhere as always; writes still wait for a primary, and once it is back the session
+    writes there with its settings."""
+    cl = cluster_factory(replicas=2)
+    p = start_proxy(cl, tmp_path, proxy={"workers": 1},
+                    failover={"auto_failover": False, "write_hold_timeout": 1.0})
+    reps = {n.port for n in cl.replicas}
+    old = cl.primary
+    try:
+        with p.connect(autocommit=True) as c, c.cursor() as cur:
+            cur.execute("CREATE TABLE IF NOT EXISTS nop (id INT)")
+            assert wait_until(lambda: cur.execute("SELECT @@port") is not None and cur.fetchone()[0] in reps, 15)
+        old.kill(signal.SIGKILL)
+        assert wait_until(lambda: _status(p)[old.name]["state"] == "down", 15)
+        with p.connect(autocommit=True) as c, c.cursor() as cur:
+            cur.execute("SET time_zone = '+03:00'")
+            cur.execute("SET NAMES latin1")
+            cur.execute("USE app")
+            cur.execute("SELECT @@time_zone, @@character_set_client, DATABASE(), @@port")
+            tz, cs, db, port = cur.fetchone()
+            assert (tz, cs, db) == ("+03:00", "latin1", "app") and port in reps
+            cur.execute("SELECT COUNT(*) FROM nop")  # (on the other replica too: the settings follow)
+            with pytest.raises(pymysql.err.MySQLError) as e:
+                cur.execute("INSERT INTO nop VALUES (1)")
+            assert e.value.args[0] == 1927, e.value.args
+            old.start()
+            assert wait_until(lambda: _status(p)[old.name]["state"] == "up", 30)
+            cur.execute("INSERT INTO nop VALUES (1)")
+            cur.execute("/* rwproxy:primary */ SELECT @@time_zone, @@character_set_client, DATABASE(), @@port")
+            assert cur.fetchone() == ("+03:00", "latin1", "app", old.port)
+    finally:
+        p.process.stop()

@@ -53,12 +53,17 @@ class Why:
     GTID_WAIT = "waits for its GTID"
     READ = "read"
     NO_REPLICA = "no replica"
+    NO_PRIMARY = "no writable primary"  # a SET/USE runs on a replica meanwhile
     # pins (SessionState.pin) are reasons too: transaction, temporary table, ...
 
 
 # Statement flags that keep a read off shared connections: anything but a routing hint.
 _NO_SHARE = ~(C.F_HINT_PRIMARY | C.F_HINT_REPLICA)
 _READ, _WRITE, _CONN_BOUND, _PREVIOUS = C.READ, C.WRITE, C.F_CONN_BOUND, C.F_PREVIOUS
+_SESSION = C.SESSION
+# SESSION statements that only the writer may run: autocommit is followed on the writer alone
+# (replica connections always run with autocommit on)
+_SESSION_ON_WRITER = C.F_AUTOCOMMIT_OFF | C.F_AUTOCOMMIT_ON
 
 
 class Plan:
@@ -179,6 +184,12 @@ class Router:
                 target, why = WRITER, Why.HINT
             elif forced == ROUTE_REPLICA or flags & C.F_HINT_REPLICA:
                 target, why, wait = self._replica(s, topology, Why.RULE if forced else Why.HINT)
+            elif (cls.route == _SESSION and not primary_ok and self.split and topology.readers
+                  and not flags & _SESSION_ON_WRITER and s.user.default_route != ROUTE_PRIMARY):
+                # No writable primary (down with auto_failover off, or no replica fit to promote):
+                # a SET or USE runs on a replica and is replayed elsewhere as always, so a client
+                # that sets its session up at connect can still read; writes wait for a primary.
+                target, why, wait = self._replica(s, topology, Why.NO_PRIMARY)
             elif cls.route != _READ and not flags & C.F_READ_ONLY_TXN:
                 target, why = WRITER, Why.WRITE
             elif flags & C.F_USER_VAR_READ and (s.user_vars or s.conn_state):  # (a CALL may have set them)

@@ -184,14 +184,15 @@ class Router:
                 target, why = WRITER, Why.HINT
             elif forced == ROUTE_REPLICA or flags & C.F_HINT_REPLICA:
                 target, why, wait = self._replica(s, topology, Why.RULE if forced else Why.HINT)
-            elif (cls.route == _SESSION and not primary_ok and self.split and topology.readers
-                  and not flags & _SESSION_ON_WRITER and s.user.default_route != ROUTE_PRIMARY):
-                # No writable primary (down with auto_failover off, or no replica fit to promote):
-                # a SET or USE runs on a replica and is replayed elsewhere as always, so a client
-                # that sets its session up at connect can still read; writes wait for a primary.
-                target, why, wait = self._replica(s, topology, Why.NO_PRIMARY)
             elif cls.route != _READ and not flags & C.F_READ_ONLY_TXN:
-                target, why = WRITER, Why.WRITE
+                if (cls.route == _SESSION and not primary_ok and self.split and topology.readers
+                        and not flags & _SESSION_ON_WRITER and s.user.default_route != ROUTE_PRIMARY):
+                    # No writable primary (down with auto_failover off, or no replica fit to promote):
+                    # a SET or USE runs on a replica and is replayed elsewhere as always, so a client
+                    # that sets its session up at connect can still read; writes wait for a primary.
+                    target, why, wait = self._replica(s, topology, Why.NO_PRIMARY)
+                else:
+                    target, why = WRITER, Why.WRITE
             elif flags & C.F_USER_VAR_READ and (s.user_vars or s.conn_state):  # (a CALL may have set them)
                 target, why = WRITER, Why.USER_VAR
             elif not self.split:

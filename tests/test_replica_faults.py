@@ -248,9 +248,10 @@ def test_with_no_writable_primary_a_new_session_sets_itself_up_and_reads(cluster
             cur.execute("SET time_zone = '+03:00'")
             cur.execute("SET NAMES latin1")
             cur.execute("USE app")
-            cur.execute("SELECT @@time_zone, @@character_set_client, DATABASE(), @@port")
-            tz, cs, db, port = cur.fetchone()
-            assert (tz, cs, db) == ("+03:00", "latin1", "app") and port in reps
+            cur.execute("set autocommit=1, sql_mode='ANSI_QUOTES'")  # (Connector/J's, at every connect)
+            cur.execute("SELECT @@time_zone, @@character_set_client, DATABASE(), @@sql_mode, @@port")
+            tz, cs, db, mode, port = cur.fetchone()
+            assert (tz, cs, db, mode) == ("+03:00", "latin1", "app", "ANSI_QUOTES") and port in reps
             cur.execute("SELECT COUNT(*) FROM nop")  # (on the other replica too: the settings follow)
             with pytest.raises(pymysql.err.MySQLError) as e:
                 cur.execute("INSERT INTO nop VALUES (1)")
@@ -258,7 +259,8 @@ def test_with_no_writable_primary_a_new_session_sets_itself_up_and_reads(cluster
             old.start()
             assert wait_until(lambda: _status(p)[old.name]["state"] == "up", 30)
             cur.execute("INSERT INTO nop VALUES (1)")
-            cur.execute("/* rwproxy:primary */ SELECT @@time_zone, @@character_set_client, DATABASE(), @@port")
-            assert cur.fetchone() == ("+03:00", "latin1", "app", old.port)
+            cur.execute("/* rwproxy:primary */ SELECT @@time_zone, @@character_set_client, DATABASE(), @@sql_mode, "
+                        "@@autocommit, @@port")
+            assert cur.fetchone() == ("+03:00", "latin1", "app", "ANSI_QUOTES", 1, old.port)
     finally:
         p.process.stop()

@@ -127,16 +127,19 @@ def test_autocommit_writes_may_share_unless_something_ties_them():
 
 def test_with_no_writable_primary_a_set_or_use_runs_on_a_replica():
     """A session's SET/USE waits for no primary that is not there (down, failover off or held):
-    it runs on a replica and is replayed elsewhere; autocommit (followed on the writer alone),
-    writes, and anything of a pinned session still go to the writer and wait."""
+    it runs on a replica and is replayed elsewhere; a change of autocommit (followed on the writer
+    alone), writes, and anything of a pinned session still go to the writer and wait."""
     from proxy.routing.router import WRITER, Why
     st, plan = _plan_kit()
     for sql in ("SET NAMES latin1", "SET time_zone = '+03:00'", "USE app", "SET @x = 1"):
         assert plan(sql).target is WRITER, sql  # with a primary: the writer, as always
         p = plan(sql, primary_ok=False)
         assert (p.target, p.why, p.hold) == ("node2", Why.NO_PRIMARY, False), sql
-    for sql in ("SET autocommit = 0", "SET autocommit = 1", "INSERT INTO t VALUES (1)", "SET GLOBAL x = 1",
-                "SET TRANSACTION READ ONLY"):
+    for sql in ("SET autocommit = 1", "set autocommit=1, sql_mode='STRICT_TRANS_TABLES'"):  # (it stays on)
+        assert plan(sql, primary_ok=False).target == "node2", sql
+        assert plan(sql, primary_ok=False, autocommit=False).target is WRITER, sql  # it turns it on: the writer
+    for sql in ("SET autocommit = 0", "INSERT INTO t VALUES (1)", "SET GLOBAL x = 1", "SET TRANSACTION READ ONLY",
+                "BEGIN"):
         p = plan(sql, primary_ok=False)
         assert p.target is WRITER and p.hold, sql
     st.temp_tables = True  # pinned: its statements keep to the writer

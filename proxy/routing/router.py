@@ -61,9 +61,7 @@ class Why:
 _NO_SHARE = ~(C.F_HINT_PRIMARY | C.F_HINT_REPLICA)
 _READ, _WRITE, _CONN_BOUND, _PREVIOUS = C.READ, C.WRITE, C.F_CONN_BOUND, C.F_PREVIOUS
 _SESSION = C.SESSION
-# SESSION statements that only the writer may run: autocommit is followed on the writer alone
-# (replica connections always run with autocommit on)
-_SESSION_ON_WRITER = C.F_AUTOCOMMIT_OFF | C.F_AUTOCOMMIT_ON
+_AUTOCOMMIT_OFF, _AUTOCOMMIT_ON = C.F_AUTOCOMMIT_OFF, C.F_AUTOCOMMIT_ON
 
 
 class Plan:
@@ -186,10 +184,13 @@ class Router:
                 target, why, wait = self._replica(s, topology, Why.RULE if forced else Why.HINT)
             elif cls.route != _READ and not flags & C.F_READ_ONLY_TXN:
                 if (cls.route == _SESSION and not primary_ok and self.split and topology.readers
-                        and not flags & _SESSION_ON_WRITER and s.user.default_route != ROUTE_PRIMARY):
+                        and not flags & _AUTOCOMMIT_OFF and (autocommit or not flags & _AUTOCOMMIT_ON)
+                        and s.user.default_route != ROUTE_PRIMARY):
                     # No writable primary (down with auto_failover off, or no replica fit to promote):
                     # a SET or USE runs on a replica and is replayed elsewhere as always, so a client
                     # that sets its session up at connect can still read; writes wait for a primary.
+                    # Autocommit is followed on the writer: only a SET that leaves it on (Connector/J's
+                    # `set autocommit=1, sql_mode=...`) may run on a replica, which always has it on.
                     target, why, wait = self._replica(s, topology, Why.NO_PRIMARY)
                 else:
                     target, why = WRITER, Why.WRITE

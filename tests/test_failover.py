@@ -99,6 +99,10 @@ def test_verdict_takes_a_hang_from_the_replicas_silence():
     waiting = _st("p", 1, role=PRIMARY, state=UP, fails=0, server_id=1, last_ok=now - 0.7)
     assert judge(rep("r1", 0.7), primary=waiting)[0] == "alive"
     assert judge(rep("r1", 0.7), primary=waiting, unanswered=0.65)[0] == "dead"  # the check under way hangs
+    # never answered since rwproxy started: the log line says so (it said "no answer for 1796656722.0 s")
+    never = _st("p", 1, role=PRIMARY, state=UP, fails=3, server_id=1, last_ok=0.0, last_error="refused")
+    kind, detail = judge(rep("r1", 0.7), primary=never)
+    assert kind == "dead" and detail.startswith("no answer since rwproxy started (3 failed checks: refused)"), detail
 
 
 def test_designation_wins_over_read_only():

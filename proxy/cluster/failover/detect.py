@@ -44,7 +44,8 @@ def verdict(topo: Topology, name: str, failcount: int, verify: bool, silence: fl
         hung = _silent(topo, p, silence)
         if hung:
             why = f"{p.fails} failed checks: {p.last_error}" if p.fails else "a check unanswered"
-            return DEAD, f"no answer for {now - p.last_ok:.1f} s ({why}); {hung}"
+            since = f"for {now - p.last_ok:.1f} s" if p.last_ok else "since rwproxy started"
+            return DEAD, f"no answer {since} ({why}); {hung}"
     if p.state != DOWN or p.fails < failcount:
         return (SUSPECT if p.fails else ALIVE), ""
     detail = f"{p.fails} failed checks: {p.last_error}"

@@ -150,6 +150,10 @@ def test_s3_backups_hold_no_plaintext_and_test_restore_matches(bk, keyfile, s3, 
     cfg2 = write_cfg(bk, tmp_path / "dec.toml", repository="s3://rwproxy-backups/c1", s3_endpoint=s3["endpoint"],
                      s3_region="us-east-1", s3_access_key="test", s3_secret_key="test", key_file=keyfile)
     assert "all good" in rw("backup", "verify", "-c", cfg2).stdout
+    for cmd in ("verify", "info", "test-restore"):  # an id that names no backup: one line, no traceback
+        bad = rw("backup", cmd, "-c", cfg2, "../nope", check=False)
+        assert bad.returncode == 1 and "Traceback" not in bad.stderr, (cmd, bad.stderr)
+        assert bad.stderr.strip().startswith("rwproxy backup: no backup ../nope in s3://"), (cmd, bad.stderr)
     out = rw("backup", "test-restore", "-c", cfg2, full).stdout
     assert "checksums match the backup" in out, out
     info = json.loads(rw("backup", "info", "-c", cfg2, full).stdout)

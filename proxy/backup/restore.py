@@ -30,6 +30,7 @@ from proxy.backup.manifest import LOGICAL, Manifest, chain, iso, load_all
 from proxy.backup.progress import Progress
 from proxy.backup.repo import RepoError, Repository
 from proxy.backup.servers import BackupError, quote_ident, user_tables
+from proxy.logs import clean
 from proxy.backup.take import tool
 
 log = logging.getLogger("rwproxy.backup")
@@ -376,7 +377,12 @@ def verify(repo: Repository, keys: codec.Keys, bid: str | None = None, *, log_st
     """Check every object of the backup(s) (and the binlog archive when no id is given): hashes,
     and when the key is there, decryption and decompression. Returns the problems found."""
     manifests = load_all(repo)
-    targets = chain(manifests, bid) if bid else manifests
+    try:
+        targets = chain(manifests, bid) if bid else manifests
+    except KeyError as e:
+        if e.args[0] == bid:
+            raise BackupError(f"no backup {clean(bid, 100)} in {repo.url}; `rwproxy backup list` shows them") from None
+        raise BackupError(f"backup {bid} needs {e.args[0]}, which is not in {repo.url}") from None
     problems = []
     check_content = bool(keys.identities)
     items = [(f"backup {m.id}", o.key, o.sha256) for m in targets for o in m.objects]

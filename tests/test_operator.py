@@ -210,6 +210,14 @@ def test_health_endpoints(op_proxy):
     assert http(op_proxy.metrics_port, "/nothing")[0] == 404
 
 
+def test_commands_naming_an_unknown_server_say_which_exist(op_proxy):
+    """(`rwproxy rejoin nosuch` printed `KeyError: 'nosuch'`.)"""
+    for args in (("rejoin", "nosuch"), ("server", "nosuch", "offline"), ("switchover", "--to", "nosuch")):
+        r = cli(op_proxy, *args)
+        assert r.returncode == 1 and "Traceback" not in r.stderr and "KeyError" not in r.stdout + r.stderr, (args, r)
+        assert "nosuch" in r.stdout + r.stderr and "node1" in r.stdout + r.stderr, (args, r.stdout, r.stderr)
+
+
 # ---- hot reload -----------------------------------------------------------------------------------
 
 def _open_transaction(conn, table: str) -> None:

@@ -342,6 +342,20 @@ def test_missing_mariadbd_gives_one_clear_line(tmp_path, capsys):
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
 
 
+def test_a_directory_that_cannot_be_made_gives_one_clear_line(tmp_path, capsys):
+    """(It was a FileNotFoundError traceback, for `sandbox up` and `demo` alike.)"""
+    from proxy.cli import main as rwproxy_main
+
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    for argv in (["sandbox", "up", "--dir", str(blocker / "sb")], ["demo", "--dir", str(blocker / "sb"), "--exit"]):
+        code = rwproxy_main(argv)
+        out = capsys.readouterr()
+        text = (out.err + out.out).strip().splitlines()[-1]
+        assert code == 1 and "Traceback" not in out.err and "Not a directory" in text, (argv, out)
+        assert text.startswith(("rwproxy sandbox: error: ", "rwproxy demo: ")), text
+
+
 def test_failed_start_reports_the_error_log(tmp_path):
     spec = {k: str(tmp_path / v) for k, v in {"dir": "", "datadir": "data", "socket": "s.sock",
             "pid_file": "p.pid", "cnf": "my.cnf", "error_log": "err.log"}.items()}

@@ -172,8 +172,9 @@ class ControlPlane:
         return {"ok": True, "message": "automatic failover enabled"}
 
     def _rejoin(self, req) -> dict:
-        self.failover.rejoin(req["server"])
-        return {"ok": True, "message": f"{req['server']}: fencing/rejoin will be retried"}
+        name = self._server_name(req["server"])  # (CommandError naming the servers, not a KeyError)
+        self.failover.rejoin(name)
+        return {"ok": True, "message": f"{name}: fencing/rejoin will be retried"}
 
     def stop(self) -> None:
         if self.backups is not None:

@@ -72,6 +72,9 @@ def _run(fn, args) -> int:
     except SandboxError as e:
         print(f"rwproxy sandbox: error: {e}", file=sys.stderr)
         return 1
+    except OSError as e:  # a directory that cannot be made or written, a full disk...
+        print(f"rwproxy sandbox: error: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("rwproxy sandbox: interrupted", file=sys.stderr)
         return 130

@@ -23,7 +23,7 @@ def run_demo(args) -> int:
         cluster = Cluster(args.dir, replicas=None if existing else args.replicas, proxy_port=args.port)
         print(f"Starting the sandbox cluster in {cluster.dir} ...")
         cluster.up()
-    except SandboxError as e:
+    except (SandboxError, OSError) as e:  # (OSError: a directory that cannot be made or written)
         print(f"rwproxy demo: {e}")
         return 1
     print(cluster.status_table())

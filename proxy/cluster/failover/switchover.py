@@ -44,7 +44,7 @@ def run(act, topo, target: str, deadline: float, res: dict) -> dict:
     if old is None:
         problem = "no primary is known yet"
     elif tgt is None:
-        problem = f"unknown backend {target!r} (give its name or host:port)"
+        problem = f"unknown backend {target!r}; the servers are: {', '.join(topo.servers)} (a name or host:port)"
     elif tgt.name == old.name:
         problem = f"{tgt.name} is already the primary"
     elif act.backends[tgt.name].no_promotion:

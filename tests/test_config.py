@@ -132,6 +132,10 @@ def test_relative_tls_paths_resolve_against_config_dir(tmp_path):
     ('[[backends]]\nhost = ""\nport = 1', 'backends[1].host: expected a non-empty string, got ""'),
     ('[[backends]]\nhost = "127.0.0.1"\nport = 23306',
      "backends[1]: duplicate backend 127.0.0.1:23306 (same host:port as backends[0])"),
+    ('[[backends]]\nhost = "127.0.0.1"\nport = 6033',  # (the default listen address)
+     "backends[1]: 127.0.0.1:6033 is rwproxy's own proxy.listen: it would connect to itself"),
+    ('[[backends]]\nhost = "localhost"\nport = 6033',
+     "backends[1]: localhost:6033 is rwproxy's own proxy.listen: it would connect to itself"),
     ('[[backends]]\nname = "127.0.0.1:23306"\nhost = "other"\nport = 1',
      'backends[1].name: duplicate backend name "127.0.0.1:23306" (same as backends[0])'),
     ('[[users]]\nname = "app"', 'users[1].name: duplicate user "app" (same as users[0])'),
@@ -352,3 +356,15 @@ def test_user_names_no_client_could_log_in_with_are_refused(name, message):
     text = MINIMAL.replace('name = "app"', f'name = "{name}"', 1)
     assert text != MINIMAL
     assert one_error(text) == f"config.toml: {message}"
+
+
+def test_a_backend_on_rwproxys_own_address_is_refused_unless_reached_by_socket():
+    """rwproxy's monitor and sessions would log in to rwproxy itself (seen by hand: `Access
+    denied for user 'rwproxy'` from its own listener, the real server looking down)."""
+    on_me = '[[backends]]\nhost = "127.0.0.1"\nport = 6044\n'
+    text = '[proxy]\nlisten = "0.0.0.0:6044"\n' + MINIMAL + on_me
+    assert errors_of(text) == ["config.toml: backends[1]: 127.0.0.1:6044 is rwproxy's own proxy.listen: it would "
+                               "connect to itself"]
+    parse_config(MINIMAL + on_me, "config.toml")  # another port than this proxy's: fine
+    parse_config('[proxy]\nlisten = "127.0.0.1:6044"\n' + MINIMAL + on_me + 'socket = "/run/mysqld/x.sock"\n',
+                 "config.toml")  # reached by its Unix socket: fine

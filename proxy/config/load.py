@@ -321,10 +321,14 @@ class _Validator:
 
     def duplicates(self, cfg: Config) -> None:
         addresses, names, users = {}, {}, {}
+        mine = {format_hostport(h, cfg.proxy.port) for h in (cfg.proxy.host.lower(), *(
+            ("127.0.0.1", "localhost", "::1") if cfg.proxy.host in ("0.0.0.0", "::", "127.0.0.1") else ()))}
         for i, b in enumerate(cfg.backends):
             at = self.where("backends", i)
             addr = format_hostport(b.host.lower(), b.port)
-            if addr in addresses:
+            if addr in mine and not b.socket:
+                self.cross(at, f"{addr} is rwproxy's own proxy.listen: it would connect to itself", "proxy.listen")
+            elif addr in addresses:
                 self.error(at, f"duplicate backend {addr} (same host:port as {addresses[addr]})")
             elif b.name in names:
                 self.error(at + ".name", f"duplicate backend name {show(b.name)} (same as {names[b.name]})")

@@ -97,14 +97,11 @@ def _print_windows(ctx, ms, archive) -> list:
 
 
 def _info(args) -> int:
-    from proxy.backup.manifest import chain, load_all
+    from proxy.backup.manifest import load_all
+    from proxy.backup.restore import backup_chain
 
     ctx = Context(args.config)
-    ms = load_all(ctx.repo)
-    try:
-        c = chain(ms, args.id)
-    except KeyError as e:
-        raise BackupError(f"no backup {e.args[0]} in {ctx.repo.url}") from None
+    c = backup_chain(ctx.repo, load_all(ctx.repo), args.id)
     out = json.loads(c[-1].to_json())
     out["chain"] = [m.id for m in c]
     print(json.dumps(out, indent=1))

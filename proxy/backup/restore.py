@@ -131,17 +131,24 @@ class Plan:
         return self.backups[-1]
 
 
+def backup_chain(repo: Repository, manifests: list[Manifest], bid: str) -> list[Manifest]:
+    """manifest.chain(), with a missing backup or parent said in one line (BackupError)."""
+    try:
+        return chain(manifests, bid)
+    except KeyError as e:
+        if e.args[0] == bid:
+            raise BackupError(f"no backup {clean(bid, 100)} in {repo.url}; `rwproxy backup list` shows them") from None
+        raise BackupError(f"backup {bid} needs {e.args[0]}, which is not in the repository") from None
+
+
 def plan(repo: Repository, *, bid: str | None = None, at_time: float | None = None, at_gtid: str | None = None,
          manifests: list[Manifest] | None = None) -> Plan:
     manifests = load_all(repo) if manifests is None else manifests
     if not manifests:
         raise BackupError(f"no finished backup in {repo.url}")
-    by_id = {m.id: m for m in manifests}
     target_pos = parse_position(at_gtid) if at_gtid else None
     if bid:
-        if bid not in by_id:
-            raise BackupError(f"no backup {bid} in {repo.url}; `rwproxy backup list` shows them")
-        m = by_id[bid]
+        m = None  # (backup_chain names it if it is not there)
     elif at_time is not None or target_pos is not None:
         def before(m: Manifest) -> bool:
             if not m.gtid:
@@ -158,10 +165,8 @@ def plan(repo: Repository, *, bid: str | None = None, at_time: float | None = No
         m = ok[-1]
     else:
         m = manifests[-1]
-    try:
-        backups = chain(manifests, m.id)
-    except KeyError as e:
-        raise BackupError(f"backup {m.id} needs {e.args[0]}, which is not in the repository") from None
+    backups = backup_chain(repo, manifests, bid or m.id)
+    m = backups[-1]
     p = Plan(backups, [], parse_position(m.gtid), at_gtid or "", at_time)
     if at_time is None and target_pos is None:
         return p
@@ -377,12 +382,7 @@ def verify(repo: Repository, keys: codec.Keys, bid: str | None = None, *, log_st
     """Check every object of the backup(s) (and the binlog archive when no id is given): hashes,
     and when the key is there, decryption and decompression. Returns the problems found."""
     manifests = load_all(repo)
-    try:
-        targets = chain(manifests, bid) if bid else manifests
-    except KeyError as e:
-        if e.args[0] == bid:
-            raise BackupError(f"no backup {clean(bid, 100)} in {repo.url}; `rwproxy backup list` shows them") from None
-        raise BackupError(f"backup {bid} needs {e.args[0]}, which is not in {repo.url}") from None
+    targets = backup_chain(repo, manifests, bid) if bid else manifests
     problems = []
     check_content = bool(keys.identities)
     items = [(f"backup {m.id}", o.key, o.sha256) for m in targets for o in m.objects]

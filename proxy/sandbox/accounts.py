@@ -38,3 +38,8 @@ def saved_accounts(saved: dict | None) -> dict[str, dict[str, str]]:
         password = ((saved or {}).get(name) or {}).get("password")
         out[name] = {"password": password if password is not None else FIXED.get(name, name), **info}
     return out
+
+
+def passwords(accounts: dict[str, dict[str, str]]) -> dict[str, str]:
+    """name -> password, as the nodes log in."""
+    return {name: info["password"] for name, info in accounts.items()}

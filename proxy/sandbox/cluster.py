@@ -14,16 +14,18 @@ from typing import Any
 import pymysql
 
 from proxy.sandbox import render, template
-from proxy.sandbox.accounts import new_accounts, saved_accounts
+from proxy.sandbox.accounts import new_accounts, passwords, saved_accounts
 from proxy.sandbox.node import Node, check_server_option
 from proxy.cluster.gtid import reached
-from proxy.sandbox.util import SandboxError, check_ports_free, find_binary, socket_path
+from proxy.sandbox.util import SandboxError, check_ports_free, find_binary, socket_path, write_private
 
 TOPOLOGIES = ("primary-replica", "master-master")
 DEFAULTS = {"replicas": 2, "topology": "primary-replica", "base_port": 23306, "semi_sync": False, "tls": False,
             "proxy_port": 6033}
 STATE_FILE = "sandbox.json"
 CONFIG_FILE = "rwproxy.toml"
+
+
 class Cluster:
     """A sandbox in a directory. Arguments left as None come from DIR/sandbox.json or the defaults;
     explicit arguments that contradict an existing sandbox are refused rather than silently ignored."""
@@ -83,7 +85,7 @@ class Cluster:
             options = tuple(check_server_option(o) for o in server_options if o.strip())
         self.server_options: tuple[str, ...] = options  # extra [mariadbd] lines on every node
         self.nodes: list[Node] = [
-            Node(s, mariadbd=binary, users={u: i["password"] for u, i in self.users.items()},
+            Node(s, mariadbd=binary, users=passwords(self.users),
                  semi_sync=self.semi_sync, tls_dir=self.tls_dir if self.tls else None, options=options)
             for s in specs]
         if options != kept and any(n.is_running() for n in self.nodes):
@@ -165,9 +167,7 @@ class Cluster:
         }
         self.dir.mkdir(parents=True, exist_ok=True)
         tmp = self.state_path.with_suffix(".json.tmp")
-        with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:
-            f.write(json.dumps(state, indent=2) + "\n")  # (0600: it holds the accounts' passwords)
-        os.chmod(tmp, 0o600)  # (a leftover from an older version may have been readable)
+        write_private(tmp, json.dumps(state, indent=2) + "\n")
         os.replace(tmp, self.state_path)
 
     def password(self, user: str) -> str:
@@ -207,10 +207,7 @@ class Cluster:
                                         repl_user=("repl", self.password("repl")),
                                         ca="tls/ca.pem" if self.tls else "", admin_password=self.admin_password,
                                         backups=str(self.dir / "backups"))
-        fd = os.open(self.config_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # it holds passwords
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.chmod(self.config_path, 0o600)
+        write_private(self.config_path, text)
 
     def _make_certificates(self) -> None:
         if self.tls:
@@ -305,7 +302,7 @@ class Cluster:
         if source is None:
             raise SandboxError("no running primary in the sandbox (a writable node that replicates from nobody)")
         spec = self._node_spec(name, port, max(n.server_id for n in self.nodes) + 1, master=source.name)
-        node = Node(spec, mariadbd=self.nodes[0].mariadbd, users={u: i["password"] for u, i in self.users.items()},
+        node = Node(spec, mariadbd=self.nodes[0].mariadbd, users=passwords(self.users),
                     semi_sync=self.semi_sync, tls_dir=self.tls_dir if self.tls else None, options=self.server_options)
         node.dir.mkdir(parents=True, exist_ok=False)
         restore_into(node.datadir)

@@ -114,3 +114,8 @@ def tail(path: Path, lines: int = 8, start: int = 0) -> str:
     return "\n".join(data.splitlines()[-lines:])
 
 
+def write_private(path, text: str) -> None:
+    """A file only its owner reads (it holds passwords); one left readable by an older version is made so."""
+    with os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:
+        f.write(text)
+    os.chmod(path, 0o600)

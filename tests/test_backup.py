@@ -196,6 +196,42 @@ def test_restore_fails_before_touching_the_target(bk, keyfile, tmp_path):
     assert r.returncode == 1 and "not empty" in r.stderr and (target / "keep").read_text() == "mine"
 
 
+def test_a_full_disk_or_a_missing_bucket_is_one_line_and_leaves_nothing(bk, keyfile, s3, small_disk, tmp_path):
+    replica = next(n for n in bk.nodes if n is not current_primary(bk))
+    full = write_cfg(bk, tmp_path / "full.toml", nodes=[current_primary(bk), replica],
+                     repository=f"file://{small_disk}/repo", key_file=keyfile)
+    for method in ("physical", "logical"):
+        r = rw("backup", "run", "-c", full, "--method", method, check=False)
+        last = r.stderr.strip().splitlines()[-1] if r.stderr.strip() else ""
+        assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+        assert last.startswith("rwproxy backup: cannot write file://") and "No space left on device" in last, last
+        # nothing half-written stays (the data object, its temporary file, its directory), and the
+        # replica the backup paused replicates again
+        assert [p for p in (small_disk / "repo").rglob("*") if p.is_file()] == [], method
+        assert not [p for p in small_disk.rglob("*") if p.name[:1].isdigit()], method  # (nor its directory)
+        assert "backup(s)" in rw("backup", "list", "-c", full).stdout
+    with replica.connect() as c, c.cursor(pymysql.cursors.DictCursor) as cur:
+        cur.execute("SHOW SLAVE STATUS")
+        st = cur.fetchone()
+        assert st["Slave_SQL_Running"] == "Yes" and st["Slave_IO_Running"] == "Yes"
+    # a restore onto a disk that fills up: mbstream's own reason, one line, no staging left behind
+    cfg = write_cfg(bk, tmp_path / "ok.toml", repository=f"file://{tmp_path / 'repo'}", key_file=keyfile)
+    for method in ("physical", "logical"):
+        bid = rw("backup", "run", "-c", cfg, "--method", method).stdout.strip().splitlines()[-1]
+        target = small_disk / f"restore-{method}"
+        r = rw("backup", "restore", "-c", cfg, "--backup", bid, "--target-dir", str(target), check=False)
+        assert r.returncode == 1 and "Traceback" not in r.stderr, (r.returncode, r.stderr)
+        assert "No space left on device" in r.stderr.strip().splitlines()[-1], r.stderr
+        assert not target.exists() and not list(small_disk.glob(".restore*")), list(small_disk.iterdir())
+    # a bucket that does not exist, found when the first object is written
+    gone = write_cfg(bk, tmp_path / "gone.toml", repository="s3://no-such-bucket/x", s3_endpoint=s3["endpoint"],
+                     s3_region="us-east-1", s3_access_key="test", s3_secret_key="test", key_file=keyfile,
+                     method="logical")
+    r = rw("backup", "run", "-c", gone, check=False)
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    assert "bucket no-such-bucket does not exist" in r.stderr.strip().splitlines()[-1], r.stderr
+
+
 def test_incremental_and_logical_restores_hold_their_points_data(bk, keyfile, tmp_path):
     cfg = write_cfg(bk, tmp_path / "c.toml", repository=f"file://{tmp_path / 'repo'}", key_file=keyfile,
                     compress_level=3, checksum_tables=False)

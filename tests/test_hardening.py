@@ -326,6 +326,20 @@ def test_a_second_instance_with_the_same_runtime_dir_refuses_to_start(cluster, t
         a.process.stop()
 
 
+def test_a_runtime_dir_on_a_full_disk_is_one_line_at_start(cluster, tmp_path, small_disk):
+    try:
+        (small_disk / "filler").write_bytes(b"\0" * 128 * 1024)
+    except OSError:
+        pass  # (full, as meant)
+    with pytest.raises(RuntimeError) as e:
+        start_proxy(cluster, tmp_path / "a", proxy={"workers": 1, "runtime_dir": str(small_disk / "run")})
+    text = str(e.value)
+    assert "Traceback" not in text and f"cannot write {small_disk / 'run'}/.instance.json: No space left" in text, text
+    (small_disk / "filler").unlink()  # space again: the lock was let go, the same directory serves
+    a = start_proxy(cluster, tmp_path / "b", proxy={"workers": 1, "runtime_dir": str(small_disk / "run")})
+    a.process.stop()
+
+
 def test_the_cli_refuses_to_talk_to_an_instance_another_config_started(cluster, tmp_path):
     a = start_proxy(cluster, tmp_path / "a", proxy={"workers": 1})
     try:

@@ -356,6 +356,18 @@ def test_a_directory_that_cannot_be_made_gives_one_clear_line(tmp_path, capsys):
         assert text.startswith(("rwproxy sandbox: error: ", "rwproxy demo: ")), text
 
 
+def test_a_full_disk_gives_one_line_naming_the_directory(small_disk, capsys):
+    from proxy.cli import main as rwproxy_main
+
+    (small_disk / "filler").write_bytes(b"\0" * 60_000)
+    code = rwproxy_main(["sandbox", "up", "--dir", str(small_disk / "sb"), "--base-port", str(find_free_base_port(3, 27306))])
+    out = capsys.readouterr()
+    assert code == 1 and "Traceback" not in out.err, out
+    last = out.err.strip().splitlines()[-1]
+    assert last.startswith("rwproxy sandbox: error: ") and "No space left on device" in last, last
+    assert str(small_disk / "sb") in last, last
+
+
 def test_failed_start_reports_the_error_log(tmp_path):
     spec = {k: str(tmp_path / v) for k, v in {"dir": "", "datadir": "data", "socket": "s.sock",
             "pid_file": "p.pid", "cnf": "my.cnf", "error_log": "err.log"}.items()}

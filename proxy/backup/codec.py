@@ -137,9 +137,14 @@ class _Counting:
 
     def __init__(self, src: BinaryIO, progress: Callable[[int], None] | None):
         self.src, self.progress, self.n = src, progress, 0
+        self.err: BaseException | None = None
 
     def read(self, n: int = -1) -> bytes:
-        b = self.src.read(n)
+        try:
+            b = self.src.read(n)
+        except BaseException as e:
+            self.err = e
+            raise
         self.n += len(b)
         if self.progress and b:
             self.progress(len(b))
@@ -152,16 +157,22 @@ class _Counting:
 
 
 class _Hashing:
-    """Wraps the repository writer: SHA-256 and size of what is stored."""
+    """Wraps the repository writer: SHA-256 and size of what is stored. Keeps the writer's own
+    failure (a full disk, an unreachable bucket), which pyrage would flatten into EncryptError."""
 
     def __init__(self, out):
         self.out, self.h, self.n = out, hashlib.sha256(), 0
+        self.err: BaseException | None = None
 
     def write(self, b) -> int:
         b = bytes(b)
         self.h.update(b)
         self.n += len(b)
-        self.out.write(b)
+        try:
+            self.out.write(b)
+        except BaseException as e:
+            self.err = e
+            raise
         return len(b)
 
     def flush(self) -> None:
@@ -184,8 +195,14 @@ def encode(src: BinaryIO, out, keys: Keys, *, level: int = 1, threads: int = 0,
     counting = _Counting(src, progress)
     cctx = zstandard.ZstdCompressor(level=level, write_checksum=True, threads=threads)
     hashing = _Hashing(out)
-    with cctx.stream_reader(counting, read_size=CHUNK) as compressed:
-        pyrage.encrypt_io(compressed, hashing, keys.recipient_objects())
+    try:
+        with cctx.stream_reader(counting, read_size=CHUNK) as compressed:
+            pyrage.encrypt_io(compressed, hashing, keys.recipient_objects())
+    except pyrage.EncryptError as e:
+        for err in (hashing.err, counting.err):  # the repository's or the source's failure, as raised
+            if err is not None:
+                raise err from None
+        raise CodecError(f"cannot encrypt the backup stream: {e}") from None
     return Stored(hashing.n, hashing.h.hexdigest(), counting.n)
 
 

@@ -83,25 +83,42 @@ def _check_key(key: str) -> str:
 # ---- a directory ---------------------------------------------------------------------------------
 
 class _FileWriter(Writer):
-    def __init__(self, path: Path):
-        self.path = path
+    """A full disk or a lost mount is a RepoError naming the object (ENOSPC, EIO...), never a
+    traceback; abort() leaves neither the partial file nor the directories made for it."""
+
+    def __init__(self, repo: "FileRepository", key: str, path: Path):
+        self.repo, self.key, self.path = repo, key, path
         path.parent.mkdir(parents=True, exist_ok=True)
         self.tmp = path.with_name(f".{path.name}.{os.getpid()}.part")
         self.f = open(self.tmp, "wb")
 
+    def _error(self, e: OSError) -> RepoError:
+        return RepoError(f"cannot write {self.repo.url}/{self.key}: {e.strerror or e}")
+
     def write(self, data: bytes) -> int:
-        self.f.write(data)
+        try:
+            self.f.write(data)
+        except OSError as e:
+            raise self._error(e) from None
         return len(data)
 
     def close(self) -> None:
-        self.f.flush()
-        os.fsync(self.f.fileno())
-        self.f.close()
-        os.replace(self.tmp, self.path)
+        try:
+            self.f.flush()
+            os.fsync(self.f.fileno())
+            self.f.close()
+            os.replace(self.tmp, self.path)
+        except OSError as e:
+            self.abort()
+            raise self._error(e) from None
 
     def abort(self) -> None:
-        self.f.close()
+        try:
+            self.f.close()  # (flushes: may fail again on a full disk)
+        except OSError:
+            pass
         self.tmp.unlink(missing_ok=True)
+        self.repo.prune(self.path.parent)
 
 
 class FileRepository(Repository):
@@ -114,7 +131,7 @@ class FileRepository(Repository):
 
     def open_write(self, key: str) -> Writer:
         try:
-            return _FileWriter(self._path(key))
+            return _FileWriter(self, key, self._path(key))
         except OSError as e:
             raise RepoError(f"cannot write {self.url}/{key}: {e.strerror}") from None
 
@@ -147,7 +164,10 @@ class FileRepository(Repository):
 
     def delete(self, key: str) -> None:
         self._path(key).unlink(missing_ok=True)
-        parent = self._path(key).parent
+        self.prune(self._path(key).parent)
+
+    def prune(self, parent: Path) -> None:
+        """Remove `parent` and its parents up to the root while they are empty."""
         while parent != self.root and parent.is_dir() and not any(parent.iterdir()):
             shutil.rmtree(parent, ignore_errors=True)
             parent = parent.parent
@@ -156,13 +176,22 @@ class FileRepository(Repository):
 # ---- an S3-compatible bucket ---------------------------------------------------------------------
 
 class _S3Writer(Writer):
-    def __init__(self, client, bucket: str, key: str):
-        self.client, self.bucket, self.key = client, bucket, key
+    """botocore's errors (an unreachable endpoint, a quota, a denied PUT) become one RepoError."""
+
+    def __init__(self, repo: "S3Repository", key: str):
+        self.repo, self.name = repo, key
+        self.client, self.bucket, self.key = repo.client, repo.bucket, repo.object_key(key)
         self.buf = bytearray()
         self.parts: list[dict] = []
         self.upload_id: str | None = None
 
     def _flush_part(self) -> None:
+        try:
+            self._upload_part()
+        except Exception as e:  # noqa: BLE001 - botocore's errors, turned into one line
+            raise self.repo.error(e, self.name, "write") from None
+
+    def _upload_part(self) -> None:
         if self.upload_id is None:
             self.upload_id = self.client.create_multipart_upload(Bucket=self.bucket, Key=self.key)["UploadId"]
         n = len(self.parts) + 1
@@ -179,12 +208,19 @@ class _S3Writer(Writer):
 
     def close(self) -> None:
         if self.upload_id is None:  # small object: one PUT
-            self.client.put_object(Bucket=self.bucket, Key=self.key, Body=bytes(self.buf))
+            try:
+                self.client.put_object(Bucket=self.bucket, Key=self.key, Body=bytes(self.buf))
+            except Exception as e:  # noqa: BLE001
+                raise self.repo.error(e, self.name, "write") from None
             return
         if self.buf:
             self._flush_part()
-        self.client.complete_multipart_upload(Bucket=self.bucket, Key=self.key, UploadId=self.upload_id,
-                                              MultipartUpload={"Parts": self.parts})
+        try:
+            self.client.complete_multipart_upload(Bucket=self.bucket, Key=self.key, UploadId=self.upload_id,
+                                                  MultipartUpload={"Parts": self.parts})
+        except Exception as e:  # noqa: BLE001
+            self.abort()
+            raise self.repo.error(e, self.name, "write") from None
 
     def abort(self) -> None:
         if self.upload_id is not None:
@@ -240,11 +276,11 @@ class S3Repository(Repository):
             kw["aws_secret_access_key"] = secret_key
         self.client = boto3.client("s3", config=BotoConfig(retries={"max_attempts": 5, "mode": "standard"}), **kw)
 
-    def _k(self, key: str) -> str:
+    def object_key(self, key: str) -> str:
         _check_key(key)
         return f"{self.prefix}/{key}" if self.prefix else key
 
-    def _error(self, e: Exception, key: str, doing: str) -> RepoError:
+    def error(self, e: Exception, key: str, doing: str) -> RepoError:
         code = getattr(e, "response", {}).get("Error", {}).get("Code", "")
         if code in ("NoSuchKey", "404"):
             return RepoError(f"object {key} is missing from {self.url}")
@@ -253,13 +289,13 @@ class S3Repository(Repository):
         return RepoError(f"cannot {doing} {self.url}/{key}: {code or type(e).__name__}: {e}")
 
     def open_write(self, key: str) -> Writer:
-        return _S3Writer(self.client, self.bucket, self._k(key))
+        return _S3Writer(self, key)
 
     def open_read(self, key: str) -> BinaryIO:
         try:
-            r = self.client.get_object(Bucket=self.bucket, Key=self._k(key))
+            r = self.client.get_object(Bucket=self.bucket, Key=self.object_key(key))
         except Exception as e:  # noqa: BLE001 - botocore's errors, turned into one line
-            raise self._error(e, key, "read") from None
+            raise self.error(e, key, "read") from None
         return _S3Reader(r["Body"])  # type: ignore[return-value]
 
     def sizes(self, prefix: str = "") -> dict[str, int]:
@@ -271,7 +307,7 @@ class S3Repository(Repository):
                     key = obj["Key"][len(self.prefix) + 1:] if self.prefix else obj["Key"]
                     out[key] = obj["Size"]
         except Exception as e:  # noqa: BLE001
-            raise self._error(e, prefix or "(list)", "list") from None
+            raise self.error(e, prefix or "(list)", "list") from None
         return out
 
     def keys(self, prefix: str = "") -> list[str]:
@@ -279,9 +315,9 @@ class S3Repository(Repository):
 
     def delete(self, key: str) -> None:
         try:
-            self.client.delete_object(Bucket=self.bucket, Key=self._k(key))
+            self.client.delete_object(Bucket=self.bucket, Key=self.object_key(key))
         except Exception as e:  # noqa: BLE001
-            raise self._error(e, key, "delete") from None
+            raise self.error(e, key, "delete") from None
 
 
 def open_repository(url: str, **s3) -> Repository:

@@ -221,13 +221,23 @@ def _extract_physical(repo, keys, m: Manifest, into: Path, progress) -> None:
         for o in m.objects:
             fetch(repo, keys, o.key, o.sha256, proc.stdin, name=f"backup {m.id} ({o.key})", progress=progress)
         proc.stdin.close()
+    except OSError:  # mbstream stopped reading (a full disk): its own message says why
+        proc.kill()
+        err = proc.stderr.read().decode("utf-8", "replace")
+        proc.wait()
+        raise BackupError(f"mbstream could not unpack backup {m.id} into {into}: "
+                          f"{_last_lines(err) or 'it stopped reading'}") from None
     except BaseException:
         proc.kill()
         proc.wait()
         raise
     err = proc.stderr.read().decode("utf-8", "replace")
     if proc.wait() != 0:
-        raise BackupError(f"mbstream could not unpack backup {m.id}: {err.strip()[-300:]}")
+        raise BackupError(f"mbstream could not unpack backup {m.id}: {_last_lines(err)}")
+
+
+def _last_lines(text: str, n: int = 3) -> str:
+    return " / ".join(ln.strip() for ln in text.strip().splitlines()[-n:])[-300:]
 
 
 def _run(argv: list[str], what: str, **kw) -> str:
@@ -312,7 +322,10 @@ def restore(repo: Repository, keys: codec.Keys, target_dir: str, *, bid: str | N
     t0 = time.monotonic()
     result = {"backup": p.last.id, "chain": [m.id for m in p.backups], "target": str(target), "gtid": p.last.gtid}
     try:
-        staging.mkdir(parents=True)
+        try:
+            staging.mkdir(parents=True)
+        except OSError as e:
+            raise BackupError(f"cannot make {staging}: {e.strerror}") from None
         total = sum(o.raw_size for m in p.backups for o in m.objects)
         progress = Progress(f"restore {p.last.id}", total, tty=tty)
         try:
@@ -360,6 +373,9 @@ def restore(repo: Repository, keys: codec.Keys, target_dir: str, *, bid: str | N
         if target.exists():
             target.rmdir()
         os.rename(datadir, target)
+    except OSError as e:  # a full disk while writing a dump or a binlog file, a vanished directory
+        where = f" ({e.filename})" if e.filename else ""
+        raise BackupError(f"restore into {target} failed: {e.strerror or e}{where}") from None
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     result["seconds"] = round(time.monotonic() - t0, 2)

@@ -24,7 +24,7 @@ from contextlib import contextmanager
 from proxy.backup import codec
 from proxy.backup.manifest import FULL, INCREMENTAL, PHYSICAL, Manifest, StoredObject, backup_id, load_all
 from proxy.backup.progress import Progress, mib, rate
-from proxy.backup.repo import Repository
+from proxy.backup.repo import RepoError, Repository
 from proxy.backup.servers import (BackupError, ServerInfo, choose_source, connect, credentials, data_size, rows,
                                   survey, table_checksums)
 
@@ -325,7 +325,14 @@ def run_backup(config, repo: Repository, keys: codec.Keys, *, kind: str | None =
                  key_id=keys.key_id, tables=tables)
 
     m.objects.append(StoredObject(key, stored.size, stored.sha256, stored.raw_size))
-    repo.put_bytes(m.key, m.to_json())
+    try:
+        repo.put_bytes(m.key, m.to_json())
+    except RepoError:  # (a disk that filled up just now): no data object is left without its manifest
+        try:
+            repo.delete(key)
+        except RepoError:
+            pass
+        raise
     log_step(f"backup {bid} done: {mib(stored.raw_size)} read, {mib(stored.size)} stored "
              f"(ratio {stored.raw_size / max(stored.size, 1):.1f}), {rate(stored.raw_size, took)}; "
              f"GTID {m.gtid or '-'}")

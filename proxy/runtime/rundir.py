@@ -131,9 +131,18 @@ class RuntimeDir:
                 except OSError:
                     pass
         tmp = os.path.join(self.path, ".instance.json")
-        with open(tmp, "w") as f:
-            json.dump(identity, f)
-        os.replace(tmp, os.path.join(self.path, "instance.json"))
+        try:
+            with open(tmp, "w") as f:
+                json.dump(identity, f)
+            os.replace(tmp, os.path.join(self.path, "instance.json"))
+        except OSError as e:  # a full disk: one line at start-up, and the lock let go
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+            self.release()
+            raise RuntimeDirError(f"cannot write {tmp}: {e.strerror}; free space there or set [proxy] "
+                                  f"runtime_dir") from None
 
     def release(self) -> None:
         """Remove what this instance created, then unlock (only the holder ever removes anything)."""

@@ -73,7 +73,8 @@ def _run(fn, args) -> int:
         print(f"rwproxy sandbox: error: {e}", file=sys.stderr)
         return 1
     except OSError as e:  # a directory that cannot be made or written, a full disk...
-        print(f"rwproxy sandbox: error: {e}", file=sys.stderr)
+        where = f": {e.filename}" if e.filename else f" (writing under {args.dir})" if getattr(args, "dir", None) else ""
+        print(f"rwproxy sandbox: error: {e.strerror or e}{where}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("rwproxy sandbox: interrupted", file=sys.stderr)

@@ -435,6 +435,31 @@ def test_backup_takes_the_replica_out_of_the_read_pool_and_back(bk, keyfile, tmp
         p.process.stop()
 
 
+def test_backup_daemon_runs_until_stopped_and_refuses_an_empty_plan(bk, keyfile, tmp_path):
+    """(`rwproxy backup daemon` returned at once, having started its threads and stopped them.)"""
+    idle = write_cfg(bk, tmp_path / "idle.toml", repository=f"file://{tmp_path / 'idle'}", key_file=keyfile)
+    r = rw("backup", "daemon", "-c", idle, check=False)
+    assert r.returncode == 1 and r.stderr.strip().startswith("rwproxy backup: nothing to run"), r.stderr
+    repo = tmp_path / "repo"
+    cfg = write_cfg(bk, tmp_path / "d.toml", repository=f"file://{repo}", key_file=keyfile, archive_binlogs=True,
+                    archive_interval=1.0, spool_dir=str(tmp_path / "spool"))
+    log = open(tmp_path / "daemon.log", "wb")
+    proc = subprocess.Popen([sys.executable, "-m", "proxy", "backup", "daemon", "-c", cfg], stdout=log,
+                            stderr=subprocess.STDOUT)
+    try:
+        write_rows(bk, 5, note="daemon")
+        assert wait_until(lambda: list(repo.glob("archive/*/*.json")), 60), open(tmp_path / "daemon.log").read()
+        assert proc.poll() is None  # still running: it archives until told to stop
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        log.close()
+    assert "backup daemon stopping" in open(tmp_path / "daemon.log").read()
+
+
 def test_serve_archives_binlogs_and_exports_backup_metrics(bk, keyfile, tmp_path):
     import urllib.request
 

@@ -209,11 +209,17 @@ def _daemon(args) -> int:
 
     ctx = Context(args.config)
     d = BackupDaemon(ctx.config, ctx.repo, ctx.keys, ctx.spool(), log_step=_say)
+    if not d.plan and not ctx.config.backup.archive_binlogs:
+        raise BackupError("nothing to run: set [backup] schedule_full, schedule_incremental, "
+                          "schedule_test_restore or archive_binlogs = true")
     signal.signal(signal.SIGTERM, lambda *_: d.stop.set())
+    d.run()  # (starts the threads and returns)
     try:
-        d.run()
+        while not d.stop.wait(1.0):  # until SIGTERM or Ctrl-C
+            pass
     except KeyboardInterrupt:
-        d.stop.set()
+        pass
+    _say("backup daemon stopping")
     d.join()
     return 0
 

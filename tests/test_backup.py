@@ -460,6 +460,57 @@ def test_backup_daemon_runs_until_stopped_and_refuses_an_empty_plan(bk, keyfile,
     assert "backup daemon stopping" in open(tmp_path / "daemon.log").read()
 
 
+def test_expire_and_the_scheduler_keep_what_the_policy_says_with_real_backups(bk, keyfile, tmp_path):
+    """`backup expire` (shown, then --yes) and the daemon's scheduled full, test restore and expiry,
+    driven by a clock that moves a minute per tick (the cron's resolution), on real backups."""
+    from proxy.backup.codec import load_keys
+    from proxy.backup.daemon import BackupDaemon
+    from proxy.backup.manifest import load_all
+    from proxy.backup.repo import open_repository
+    from proxy.config.load import load_config
+
+    repo_dir = tmp_path / "repo"
+    policy = dict(keep_daily=1, keep_weekly=0, keep_monthly=0, keep_min_full=1)
+    cfg = write_cfg(bk, tmp_path / "c.toml", repository=f"file://{repo_dir}", key_file=keyfile, method="logical",
+                    schedule_full="* * * * *", schedule_test_restore="* * * * *", **policy)
+    a = rw("backup", "run", "-c", cfg).stdout.strip().splitlines()[-1]
+    b = rw("backup", "run", "-c", cfg).stdout.strip().splitlines()[-1]
+    stale = repo_dir / "backups" / "20200101-000000F" / "dump.sql.zst.age"  # a backup that never finished
+    stale.parent.mkdir()
+    stale.write_bytes(b"partial")
+    shown = rw("backup", "expire", "-c", cfg).stdout
+    assert f"delete  {a}\n" in shown and f"keep    {b}  (newest)" in shown, shown
+    assert "delete  backups/20200101-000000F/dump.sql.zst.age (left by a backup that did not finish)" in shown
+    assert "nothing deleted" in shown and stale.exists() and (repo_dir / "backups" / a / "manifest.json").exists()
+    done = rw("backup", "expire", "-c", cfg, "--yes").stdout
+    assert "deleted 1 backup(s)" in done and "1 object(s) of unfinished backups" in done, done
+    assert not (repo_dir / "backups" / a).exists() and not stale.parent.exists()
+    assert [m.id for m in load_all(open_repository(f"file://{repo_dir}"))] == [b]
+
+    config = load_config(cfg)
+    ticks = iter(range(0, 10**6, 60))
+    clock_at = [time.time()]
+
+    def clock():  # (the first two calls a minute apart: one round of jobs, then no minute passes)
+        step = next(ticks)
+        return clock_at[0] + min(step, 60)
+
+    lines: list[str] = []
+    d = BackupDaemon(config, open_repository(f"file://{repo_dir}"), load_keys((), keyfile),
+                     str(tmp_path / "spool"), log_step=lines.append, clock=clock)
+    d.run()
+    try:
+        assert wait_until(lambda: d.status()["last_test_restore_ok"] is not None and d.status()["backups"] == 1
+                          and any("test-restore" in ln for ln in lines), 300), lines
+    finally:
+        d.join(120)
+    st = d.status()
+    assert st["last_backup_ok"] and st["jobs_failed"] == 0 and st["last_test_restore_ok"], (st, lines)
+    ms = load_all(open_repository(f"file://{repo_dir}"))
+    assert len(ms) == 1 and ms[0].id != b and ms[0].test_restore.get("ok"), [(m.id, m.test_restore) for m in ms]
+    assert any(f"retention: deleted backup(s) {b}" in ln for ln in lines), lines
+
+
 def test_serve_archives_binlogs_and_exports_backup_metrics(bk, keyfile, tmp_path):
     import urllib.request
 

@@ -155,16 +155,12 @@ def _check(args) -> int:
 
 
 def _expire(args) -> int:
-    from proxy.backup.archive import load_archive
     from proxy.backup.manifest import load_all, unfinished
-    from proxy.backup.retention import decide
+    from proxy.backup.retention import expire, plan_expiry
 
     ctx = Context(args.config)
-    b = ctx.config.backup
-    ms = load_all(ctx.repo)
-    d = decide(ms, load_archive(ctx.repo), keep_daily=b.keep_daily, keep_weekly=b.keep_weekly,
-               keep_monthly=b.keep_monthly, keep_min_full=b.keep_min_full)
-    stale = unfinished(ctx.repo, ms)
+    d = plan_expiry(ctx.repo, ctx.config.backup)
+    stale = unfinished(ctx.repo, load_all(ctx.repo))
     for bid in d.keep:
         print(f"keep    {bid}  ({d.why[bid]})")
     for bid in d.delete:
@@ -177,17 +173,9 @@ def _expire(args) -> int:
         if d.delete or d.delete_binlogs or stale:
             print("nothing deleted: run again with --yes to delete the above")
         return 0
-    for bid in d.delete:
-        for key in ctx.repo.keys(f"backups/{bid}/"):
-            if not key.endswith("manifest.json"):
-                ctx.repo.delete(key)
-        ctx.repo.delete(f"backups/{bid}/manifest.json")  # last: a half-deleted backup is "unfinished", not broken
-    for a in d.delete_binlogs:
-        ctx.repo.delete(a.info_key)
-        ctx.repo.delete(a.data_key)
-    for k in stale:
-        ctx.repo.delete(k)
-    print(f"deleted {len(d.delete)} backup(s), {len(d.delete_binlogs)} archived binlog file(s)")
+    expire(ctx.repo, d, stale)
+    print(f"deleted {len(d.delete)} backup(s), {len(d.delete_binlogs)} archived binlog file(s)"
+          + (f", {len(stale)} object(s) of unfinished backups" if stale else ""))
     return 0
 
 

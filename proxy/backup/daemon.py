@@ -120,21 +120,10 @@ class BackupDaemon:
             self._refresh()
 
     def expire(self) -> None:
-        from proxy.backup.archive import load_archive
-        from proxy.backup.manifest import load_all
-        from proxy.backup.retention import decide
+        from proxy.backup.retention import expire, plan_expiry
 
-        b = self.config.backup
-        d = decide(load_all(self.repo), load_archive(self.repo), keep_daily=b.keep_daily, keep_weekly=b.keep_weekly,
-                   keep_monthly=b.keep_monthly, keep_min_full=b.keep_min_full)
-        for bid in d.delete:
-            for key in self.repo.keys(f"backups/{bid}/"):
-                if not key.endswith("manifest.json"):
-                    self.repo.delete(key)
-            self.repo.delete(f"backups/{bid}/manifest.json")
-        for a in d.delete_binlogs:
-            self.repo.delete(a.info_key)
-            self.repo.delete(a.data_key)
+        d = plan_expiry(self.repo, self.config.backup)
+        expire(self.repo, d)  # (not the objects of unfinished backups: one may be running elsewhere)
         if d.delete or d.delete_binlogs:
             self.log_step(f"retention: deleted backup(s) {', '.join(d.delete) or '-'} and "
                           f"{len(d.delete_binlogs)} archived binlog file(s)")

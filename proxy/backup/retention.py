@@ -14,9 +14,9 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-from proxy.backup.archive import ArchivedFile
+from proxy.backup.archive import ArchivedFile, load_archive
 from proxy.backup.binlog import covers, parse_position
-from proxy.backup.manifest import FULL, Manifest
+from proxy.backup.manifest import FULL, Manifest, load_all
 
 
 @dataclass
@@ -72,3 +72,25 @@ def decide(manifests: list[Manifest], archive: list[ArchivedFile], *, keep_daily
         start = parse_position(oldest.gtid)
         d.delete_binlogs = [a for a in archive if a.complete and covers(start, parse_position(a.end))]
     return d
+
+
+def plan_expiry(repo, backup_config) -> Decision:
+    """The policy of `[backup]` applied to what `repo` holds (nothing deleted yet)."""
+    b = backup_config
+    return decide(load_all(repo), load_archive(repo), keep_daily=b.keep_daily, keep_weekly=b.keep_weekly,
+                  keep_monthly=b.keep_monthly, keep_min_full=b.keep_min_full)
+
+
+def expire(repo, d: Decision, stale: list[str] = ()) -> None:
+    """Delete what `d` gives up (and `stale` objects of backups that never finished): each backup's
+    manifest last, so one half-deleted is "unfinished" (the next expire finishes it), never broken."""
+    for bid in d.delete:
+        for key in repo.keys(f"backups/{bid}/"):
+            if not key.endswith("manifest.json"):
+                repo.delete(key)
+        repo.delete(f"backups/{bid}/manifest.json")
+    for a in d.delete_binlogs:
+        repo.delete(a.info_key)
+        repo.delete(a.data_key)
+    for k in stale:
+        repo.delete(k)

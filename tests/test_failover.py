@@ -473,6 +473,31 @@ class Writer(threading.Thread):
             conn.close()
 
 
+def test_a_promotion_that_fails_half_way_is_undone(cluster_factory, run_failover, caplog):
+    """The target refuses read_only=0 (its copy of the monitor account lacks READ_ONLY ADMIN) after
+    STOP SLAVE and RESET SLAVE ALL ran: the switchover puts the target back as a read-only replica of
+    the old primary, and the old primary is writable again."""
+    caplog.set_level(logging.INFO, logger="rwproxy.failover")
+    c = cluster_factory(replicas=1)
+    old, target = c.nodes
+    create_min_user(c)
+    with target.connect() as conn, conn.cursor() as cur:  # (on the target only: not replicated)
+        cur.execute("SET SESSION sql_log_bin = 0")
+        cur.execute("REVOKE READ_ONLY ADMIN ON *.* FROM fomon@'%'")
+    fo, rec = run_failover(c, monitor={"user": "fomon", "password": "pw"})
+    res = fo.switchover(target.name)
+    assert not res["ok"] and "rolled back" in res["message"], res
+    assert "STOP SLAVE; RESET SLAVE ALL; read_only=0" in res["message"] and "1227" in res["message"], res
+    assert target.variable("read_only") == 1 and old.variable("read_only") == 0
+    assert wait_for(lambda: follows(target, old), 10), target.slave_status()
+    assert rec.latest.primary.name == old.name and not rec.latest.writes_held
+    old.query("CREATE TABLE app.undone (id INT PRIMARY KEY)")
+    old.query("INSERT INTO app.undone VALUES (1)")
+    c.wait_replicas_caught_up(10)
+    assert target.query("SELECT id FROM app.undone") == [{"id": 1}]
+    assert "undo incomplete" not in caplog.text
+
+
 def test_switchover_under_write_load_with_minimal_grants(cluster_factory, run_failover, caplog):
     caplog.set_level(logging.INFO, logger="rwproxy.failover")
     c = cluster_factory(replicas=2)

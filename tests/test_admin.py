@@ -614,3 +614,27 @@ def test_status_json_covers_every_table(admin_proxy):
                                  "status", "instances"}
     assert st["tables"]["instances"] == []  # no [cluster] coordination here
     assert [s["name"] for s in st["tables"]["servers"]] == ["node1", "node2", "node3"]
+
+
+def test_enable_failover_never_overrides_the_config_file(admin_proxy, cluster, tmp_path):
+    """ENABLE FAILOVER re-enables what a failed failover stopped; `auto_failover = false` in the
+    file stays the operator's choice (a runtime override would vanish at the next restart)."""
+    with admin(admin_proxy) as c:
+        assert q(c, "ENABLE FAILOVER") == (("ok", "automatic failover was already enabled"),)
+    port = free_port()
+    p = start_proxy(cluster, tmp_path, failover={"auto_failover": False},
+                    admin={"listen": f"127.0.0.1:{port}", "users": [{"name": "admin", "password": ADMIN_PW}]})
+    p.admin_port = port
+    try:
+        with admin(p) as c:
+            with pytest.raises(pymysql.err.MySQLError) as e:
+                q(c, "ENABLE FAILOVER")
+            assert "auto_failover = false in the config" in str(e.value)
+        r = subprocess.run([sys.executable, "-m", "proxy", "enable-failover", "--config", p.process.config_path],
+                           capture_output=True, text=True, timeout=30)
+        assert r.returncode == 1 and "auto_failover = false in the config" in r.stdout + r.stderr, (r.stdout, r.stderr)
+        st = json.loads(subprocess.run([sys.executable, "-m", "proxy", "status", "--json", "--config",
+                                        p.process.config_path], capture_output=True, text=True, timeout=30).stdout)
+        assert st["failover"]["auto_failover"] is False, st["failover"]
+    finally:
+        p.process.stop()

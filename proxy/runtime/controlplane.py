@@ -168,8 +168,15 @@ class ControlPlane:
                                  lambda a: self.failover.switchover(a["to"], a.get("timeout")), limit + 15.0)
 
     def _enable_failover(self, _req) -> dict:
+        """After a failed failover stopped it; never against the config file, which a restart or a
+        reload would quietly bring back."""
+        if not self.config.failover.auto_failover:
+            return {"ok": False, "message": "auto_failover = false in the config: set it to true there and "
+                                            "reload (ENABLE FAILOVER re-enables what a failed failover stopped)"}
+        was, why, _ = self.failover.state.auto()
         self.failover.enable_auto_failover()
-        return {"ok": True, "message": "automatic failover enabled"}
+        return {"ok": True, "message": "automatic failover was already enabled" if was else
+                f"automatic failover enabled (it was disabled: {why})"}
 
     def _rejoin(self, req) -> dict:
         name = self._server_name(req["server"])  # (CommandError naming the servers, not a KeyError)

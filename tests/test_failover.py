@@ -473,6 +473,47 @@ class Writer(threading.Thread):
             conn.close()
 
 
+def test_two_writable_servers_at_start_the_one_replicas_follow_wins_the_other_rejoins(cluster_factory,
+                                                                                        run_failover, caplog):
+    """Split brain found at start-up (a replica detached and made writable by hand): the writable
+    server the replicas follow is the primary; the other is fenced and rejoined under it."""
+    caplog.set_level(logging.INFO, logger="rwproxy.failover")
+    c = cluster_factory(replicas=2)
+    primary, follower, stray = c.nodes
+    for sql in ("STOP SLAVE", "RESET SLAVE ALL", "SET GLOBAL read_only = 0"):
+        stray.query(sql)
+    fo, rec = run_failover(c)
+    assert fo.monitor.designated == primary.name
+    assert wait_for(lambda: stray.variable("read_only") == 1 and follows(stray, primary), 20), stray.slave_status()
+    assert f"several writable servers" in caplog.text and f"{primary.name} is the primary" in caplog.text
+    assert writers(rec.latest) == [primary.name] and follows(follower, primary)
+    primary.query("CREATE TABLE app.split (id INT PRIMARY KEY)")
+    primary.query("INSERT INTO app.split VALUES (1)")
+    c.wait_replicas_caught_up(10)
+    assert stray.query("SELECT id FROM app.split") == [{"id": 1}]
+
+
+def test_a_switchover_made_by_hand_is_followed_not_fenced(cluster_factory, run_failover, caplog):
+    """An operator (or another tool) switches over without rwproxy: old primary read-only and
+    replicating from the new one. rwproxy designates the new writer and leaves it writable."""
+    caplog.set_level(logging.INFO, logger="rwproxy.failover")
+    c = cluster_factory(replicas=1)
+    old, new = c.nodes
+    fo, rec = run_failover(c)
+    old.query("SET GLOBAL read_only = 1")
+    c.wait_replicas_caught_up(10)
+    for sql in ("STOP SLAVE", "RESET SLAVE ALL", "SET GLOBAL read_only = 0"):
+        new.query(sql)
+    old.query(f"CHANGE MASTER TO MASTER_HOST='127.0.0.1', MASTER_PORT={new.port}, MASTER_USER='repl', "
+              f"MASTER_PASSWORD='{c.password('repl')}', MASTER_USE_GTID=slave_pos")
+    old.query("START SLAVE")
+    rec.wait(lambda t: t.primary is not None and t.primary.name == new.name and t.primary.state == UP, 20)
+    assert "following that switchover made outside rwproxy" in caplog.text
+    time.sleep(1.0)  # (a few monitor rounds: nothing fences the new writer)
+    assert new.variable("read_only") == 0 and old.variable("read_only") == 1 and follows(old, new)
+    assert writers(rec.latest) == [new.name]
+
+
 def test_a_promotion_that_fails_half_way_is_undone(cluster_factory, run_failover, caplog):
     """The target refuses read_only=0 (its copy of the monitor account lacks READ_ONLY ADMIN) after
     STOP SLAVE and RESET SLAVE ALL ran: the switchover puts the target back as a read-only replica of

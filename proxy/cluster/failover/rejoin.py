@@ -2,7 +2,8 @@
 
 Failover decides *that* a primary changes; this module keeps the cluster honest
 afterwards.  Every server that is not the designated primary is made read-only
-when it shows up writable (fenced).  Old primaries, and replicas still pointing
+when it shows up writable while the primary is writable (fenced); while the primary
+is read-only, a writable server may be the target of a switchover made by hand.  Old primaries, and replicas still pointing
 at one, are made replicas of the new primary, but only if they hold no
 transaction the new primary never saw: their GTID position is compared with the
 position the new primary had when it took over (the end of the shared history),
@@ -67,7 +68,7 @@ def adopt(act, topo: Topology, p: ServerState) -> bool:
     """The primary went read-only and replicates from a writable server: someone switched over
     by hand (or with another tool). Follow it rather than fence the new writer."""
     if p.state in (DOWN, MAINTENANCE) or p.fails or p.read_only is not True:
-        act.state.forget("readonly")
+        act.state.forget("readonly", "handover")
         return False
     src = next((s for s in topo.servers.values() if s.name != p.name and s.read_only is False
                 and s.state not in (DOWN, MAINTENANCE) and not s.fails and replicates_from(p, s)), None)
@@ -94,6 +95,14 @@ def fence_and_rejoin(act, topo: Topology, p: ServerState) -> None:
         demoted = act.state.demoted()
         src = next((d for d in demoted if d in topo.servers and replicates_from(s, topo.servers[d])), None)
         if not (s.read_only is False or s.name in demoted or src):
+            continue
+        if p.read_only is not False and s.name not in demoted and src is None:
+            # Two writers are what fencing prevents; with the primary read-only there is one. An
+            # operator switching over by hand makes the new server writable before pointing the old
+            # primary at it: fencing it in between left no writable server at all (seen in a test).
+            _once(act, "handover", logging.WARNING,
+                  f"{label(s)} is writable while the primary {p.name} is read-only: a switchover by hand? "
+                  f"{s.name} becomes the primary once {p.name} replicates from it; not fenced meanwhile")
             continue
         if not act.state.retry_due(s.name, REJOIN_RETRY):
             continue

@@ -458,6 +458,17 @@ def test_backup_daemon_runs_until_stopped_and_refuses_an_empty_plan(bk, keyfile,
             proc.wait()
         log.close()
     assert "backup daemon stopping" in open(tmp_path / "daemon.log").read()
+    # the archiver stopped and the primary goes on writing: `check` fails once nothing arrived for
+    # a minute (seen an hour later here), not while an upload is merely due
+    from proxy.backup.check import check
+    from proxy.backup.repo import open_repository
+    from proxy.config.load import load_config
+
+    write_rows(bk, 5, note="after-daemon")
+    fresh = check(load_config(cfg), open_repository(f"file://{repo}"))
+    assert not fresh["stale"], fresh["lines"]  # (ok or not by its gaps: earlier tests purged binlogs)
+    late = check(load_config(cfg), open_repository(f"file://{repo}"), now=lambda: time.time() + 3600)
+    assert not late["ok"] and late["stale"] and late["lines"][-1].startswith("NOT OK: nothing archived for"), late
 
 
 def test_expire_and_the_scheduler_keep_what_the_policy_says_with_real_backups(bk, keyfile, tmp_path):

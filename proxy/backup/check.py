@@ -15,11 +15,14 @@ from proxy.backup.manifest import iso, load_all
 from proxy.backup.servers import BackupError, primary, survey
 
 
+STALE_AFTER = 60.0  # s without an upload while the primary is ahead: the archiver is not running
+
+
 def check(config, repo, *, now=time.time) -> dict:
     manifests = load_all(repo)
     archive = load_archive(repo)
     lines: list[str] = []
-    out = {"ok": True, "backups": len(manifests), "archived_files": len(archive), "gaps": [], "lines": lines,
+    out = {"ok": True, "stale": False, "backups": len(manifests), "archived_files": len(archive), "gaps": [], "lines": lines,
            "archive_end": "", "archive_lag_s": None, "primary": None, "unrecoverable_after_gap": []}
     with_gtid = [m for m in manifests if m.gtid]
     if not with_gtid:
@@ -45,6 +48,7 @@ def check(config, repo, *, now=time.time) -> dict:
         p = primary(config, survey(config))
     except BackupError as e:
         lines.append(f"primary: {e}; cannot say how far behind the archive is")
+        lines.append("OK: no gap in what is archived" if out["ok"] else "NOT OK: the archive has gaps")
         return out
     pos = parse_position(p.gtid_binlog)
     out["primary"] = {"name": p.name, "gtid": p.gtid_binlog}
@@ -59,5 +63,14 @@ def check(config, repo, *, now=time.time) -> dict:
                      + ", ".join(f"{n} transaction(s) in domain {d}" for d, n in behind.items())
                      + (f"; last stored {out['archive_lag_s']:.0f} s ago" if newest else "; nothing stored yet")
                      + " (is `rwproxy backup archive` or archive_binlogs running?)")
+        # A stopped archiver is a failing check (as pgBackRest's check fails when WAL does not
+        # arrive): a point in time after the archive's end cannot be recovered.
+        limit = max(STALE_AFTER, 6 * config.backup.archive_interval)
+        if archive and (out["archive_lag_s"] is None or out["archive_lag_s"] > limit):
+            out["ok"] = False
+            out["stale"] = True
+            lines.append(f"NOT OK: nothing archived for more than {limit:.0f} s while the primary wrote: "
+                         f"points in time after {iso(w.end_ts) if w.end_ts else 'the archive end'} cannot be recovered")
+            return out
     lines.append("OK: no gap" if out["ok"] else "NOT OK: the archive has gaps")
     return out

@@ -18,7 +18,7 @@ from pathlib import Path
 import pymysql
 import pytest
 
-from helpers import failover_section, start_proxy, wait_until
+from helpers import failover_section, proxy_config_dict, start_proxy, wait_until
 from proxy.backup.binlog import covers, parse_position
 from proxy.config.load import build_config, write_config
 from proxy.runtime.launcher import free_port
@@ -561,6 +561,47 @@ def test_serve_archives_binlogs_and_exports_backup_metrics(bk, keyfile, tmp_path
     # the reader stopped with the proxy (its pid was the proxy's child)
     log = open(p.process.log_path).read()
     assert "binlog archiver: reading" in log
+
+
+def test_a_reload_starts_moves_and_stops_the_archiver_and_the_schedules(bk, keyfile, tmp_path):
+    """[backup] keys are reloadable: a reload that turns archiving on starts it, one that changes
+    where it writes restarts it there, one that turns everything off stops it (they used to be
+    reported as changed while the running daemon kept the settings it started with)."""
+    repo1, repo2 = tmp_path / "repo1", tmp_path / "repo2"
+    base = {"repository": f"file://{repo1}", "key_file": keyfile}
+    sections = dict(proxy={"workers": 1}, failover=failover_section(bk))
+    p = start_proxy(bk, tmp_path / "proxy", backup=base, **sections)
+    cfg = p.process.config_path
+
+    def reload_with(**backup):
+        write_config(build_config(proxy_config_dict(bk, p.port, backup={**base, **backup}, **sections), source=cfg), cfg)
+        out = rw("reload", "-c", cfg).stdout
+        assert out.startswith("reloaded") and "needs a restart" not in out, out
+
+    def readers() -> list[str]:
+        return [pid for pid in os.listdir("/proc") if pid.isdigit()
+                and b"--stop-never-slave-server-id=4100000777" in _cmdline(pid)]
+
+    archive = dict(archive_binlogs=True, archive_interval=0.5, archive_server_id=4100000777)
+    try:
+        assert not readers()
+        reload_with(**archive)
+        write_rows(bk, 3, "reload-on")
+        assert wait_until(lambda: list(repo1.glob("archive/*/*.json")), 30), open(p.process.log_path).read()[-2000:]
+        assert wait_until(lambda: len(readers()) == 1, 10)
+        reload_with(**archive, schedule_full="0 3 * * *")  # a schedule: the archiver reads on
+        first = readers()
+        assert first and "backup schedules: full \"0 3 * * *\"" in open(p.process.log_path).read()
+        base["repository"] = f"file://{repo2}"
+        reload_with(**archive)  # another repository: the archiver starts again, writing there
+        write_rows(bk, 3, "reload-moved")
+        assert wait_until(lambda: list(repo2.glob("archive/*/*.json")), 30), open(p.process.log_path).read()[-2000:]
+        assert wait_until(lambda: len(readers()) == 1 and readers() != first, 10), (first, readers())
+        reload_with()  # nothing to run any more
+        assert wait_until(lambda: not readers(), 15), readers()
+        assert "no schedule and no archiving in the config any more; stopped" in open(p.process.log_path).read()
+    finally:
+        p.process.stop()
 
 
 def test_point_in_time_restores_match_checksums_recorded_across_a_switchover(bk, keyfile, tmp_path):

@@ -47,6 +47,7 @@ class BackupDaemon:
         self.stop = threading.Event()
         self.plan = schedules(config.backup)
         self.archiver = None
+        self.archiver_thread: threading.Thread | None = None
         self.threads: list[threading.Thread] = []
         self.state = {"last_backup": None, "last_backup_ok": None, "last_backup_error": "", "last_test_restore": None,
                       "last_test_restore_ok": None, "repository_bytes": None, "archive_lag_s": None,
@@ -55,23 +56,54 @@ class BackupDaemon:
 
     def run(self) -> None:
         """Start the threads and return (serve) — or block until stopped (daemon command: use join)."""
+        self._start_archiver()
+        self._thread("backup-scheduler", self._schedule_loop)
+        self._say_plan()
+
+    def _say_plan(self) -> None:
+        if self.plan:
+            self.log_step("backup schedules: " + ", ".join(f"{j} \"{c.expr}\"" for j, c in self.plan.items()))
+
+    def _start_archiver(self) -> None:
         if self.config.backup.archive_binlogs:
             from proxy.backup.archive import Archiver
 
             self.archiver = Archiver(self.config, self.repo, self.keys, self.spool, log_step=self.log_step)
-            self.archiver.stop = self.stop
-            self._thread("binlog-archiver", self.archiver.run)
-        self._thread("backup-scheduler", self._schedule_loop)
-        if self.plan:
-            self.log_step("backup schedules: " + ", ".join(f"{j} \"{c.expr}\"" for j, c in self.plan.items()))
+            self.archiver_thread = self._thread("binlog-archiver", self.archiver.run)  # (its own stop event)
 
-    def _thread(self, name, fn) -> None:
+    def _stop_archiver(self, timeout: float = 30) -> None:
+        a, t = self.archiver, self.archiver_thread
+        self.archiver = self.archiver_thread = None
+        if a is not None:
+            a.stop.set()  # it uploads what it read, then its reader ends
+            t.join(timeout)
+
+    def reconfigure(self, config, repo, keys, spool: str) -> None:
+        """A reload: the next job runs with the new settings (one running finishes with the old);
+        the archiver starts again on them unless only schedules or retention changed."""
+        from proxy.config import diff
+
+        quiet = ("backup.schedule_", "backup.keep_", "backup.method", "backup.from_primary", "backup.checksum_tables",
+                 "backup.catchup_timeout")
+        moved = [k for k in diff.changes(self.config, config) if k.startswith(("backup.", "backends", "monitor."))
+                 and not k.startswith(quiet)] or spool != self.spool
+        self.config, self.repo, self.keys, self.spool = config, repo, keys, spool
+        self.plan = schedules(config.backup)
+        if moved or (self.archiver is None) != (not config.backup.archive_binlogs):
+            self._stop_archiver()
+            self._start_archiver()
+        self._say_plan()
+
+    def _thread(self, name, fn) -> threading.Thread:
         t = threading.Thread(target=fn, name=name, daemon=True)
         t.start()
         self.threads.append(t)
+        return t
 
     def join(self, timeout: float = 30) -> None:
         self.stop.set()
+        if self.archiver is not None:
+            self.archiver.stop.set()
         for t in self.threads:
             t.join(timeout)
 

@@ -132,9 +132,16 @@ class ControlPlane:
         self._start_backups()
 
     def _start_backups(self) -> None:
+        """At start, and after a reload that touched [backup], the backends or the monitor login:
+        the schedules and the archiver run on the config that runs (a reload used to report
+        backup keys as changed while the daemon went on with the old ones)."""
         b = self.config.backup
         if not (b.enabled and (b.archive_binlogs or b.schedule_full or b.schedule_incremental
                                or b.schedule_test_restore)):
+            if self.backups is not None:
+                self.backups.join(10)
+                self.backups = None
+                log.warning("backups: no schedule and no archiving in the config any more; stopped")
             return
         from proxy.backup.context import BackupContext
         from proxy.backup.daemon import BackupDaemon
@@ -142,7 +149,10 @@ class ControlPlane:
         try:
             ctx = BackupContext(self.config)
         except Exception as e:  # noqa: BLE001 - the proxy serves on; the operator gets the one line
-            log.error("backups not started: %s", e)
+            log.error("backups not %s: %s", "started" if self.backups is None else "reconfigured", e)
+            return
+        if self.backups is not None:
+            self.backups.reconfigure(ctx.config, ctx.repo, ctx.keys, ctx.spool())
             return
         self.backups = BackupDaemon(ctx.config, ctx.repo, ctx.keys, ctx.spool(),
                                     log_step=logging.getLogger("rwproxy.backup").info)
@@ -243,6 +253,8 @@ class ControlPlane:
                 self.admin.reconfigure(run)
             if self.http is not None:
                 self.http.reconfigure(run.metrics)
+            if any(k.startswith(("backup.", "backends", "monitor.")) for k in changed):
+                self._start_backups()
             replies = self.ask.ask_all({"cmd": "reload", "config": run, "version": self.config_version}, timeout=10.0)
             applied = sum(1 for r in replies if r and r.get("ok"))
             ms = (time.monotonic() - t0) * 1000

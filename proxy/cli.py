@@ -68,7 +68,7 @@ def _status(args) -> int:
     import json
 
     from proxy.observe.tables import NAMES
-    from proxy.runtime.controlplane import format_status
+    from proxy.observe.statustext import format_status
 
     st = _control(args, "status", timeout=15)
     if st is None:

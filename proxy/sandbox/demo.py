@@ -86,7 +86,7 @@ def _tour(pymysql, port: int, cluster) -> None:
     from proxy.config.load import load_config
     from proxy.runtime.control import request
     from proxy.runtime.rundir import control_socket
-    from proxy.runtime.controlplane import format_status
+    from proxy.observe.statustext import format_status
 
     try:
         print("\n$ rwproxy status --config " + str(cluster.config_path))

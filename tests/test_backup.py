@@ -20,7 +20,7 @@ import pytest
 
 from helpers import failover_section, proxy_config_dict, start_proxy, wait_until
 from proxy.backup.binlog import covers, parse_position
-from proxy.config.load import build_config, write_config
+from proxy.config.load import build_config, load_config, write_config
 from proxy.runtime.launcher import free_port
 from proxy.testing.clusters import start_cluster, teardown_cluster
 
@@ -462,7 +462,6 @@ def test_backup_daemon_runs_until_stopped_and_refuses_an_empty_plan(bk, keyfile,
     # a minute (seen an hour later here), not while an upload is merely due
     from proxy.backup.check import check
     from proxy.backup.repo import open_repository
-    from proxy.config.load import load_config
 
     write_rows(bk, 5, note="after-daemon")
     fresh = check(load_config(cfg), open_repository(f"file://{repo}"))
@@ -478,7 +477,6 @@ def test_expire_and_the_scheduler_keep_what_the_policy_says_with_real_backups(bk
     from proxy.backup.daemon import BackupDaemon
     from proxy.backup.manifest import load_all
     from proxy.backup.repo import open_repository
-    from proxy.config.load import load_config
 
     repo_dir = tmp_path / "repo"
     policy = dict(keep_daily=1, keep_weekly=0, keep_monthly=0, keep_min_full=1)
@@ -520,6 +518,51 @@ def test_expire_and_the_scheduler_keep_what_the_policy_says_with_real_backups(bk
     ms = load_all(open_repository(f"file://{repo_dir}"))
     assert len(ms) == 1 and ms[0].id != b and ms[0].test_restore.get("ok"), [(m.id, m.test_restore) for m in ms]
     assert any(f"retention: deleted backup(s) {b}" in ln for ln in lines), lines
+
+
+def test_a_backup_killed_mid_way_does_not_leave_its_replica_paused(bk, keyfile, tmp_path):
+    """SIGKILL (the OOM killer) while the replica's SQL thread is stopped and it is out of the read
+    pool: its lock goes with its connection, and the proxy resumes it. A second backup of a replica
+    already paused is refused instead of pausing it twice."""
+    from proxy.backup.servers import BackupError, inspect
+    from proxy.backup.take import PAUSE_LOCK, replica_paused
+
+    p = start_proxy(bk, tmp_path / "proxy", proxy={"workers": 1}, failover=failover_section(bk),
+                    backup={"repository": f"file://{tmp_path / 'repo'}", "key_file": keyfile})
+    cfg = p.process.config_path
+    try:
+        assert wait_until(lambda: sum(s["readable"] and s["role"] == "replica" for s in _status(cfg)["servers"]) == 2, 20)
+        with current_primary(bk).connect(database="app") as c, c.cursor() as cur:  # enough data to take a moment
+            cur.execute("CREATE TABLE IF NOT EXISTS app.bulk (id INT PRIMARY KEY, pad TEXT)")
+            cur.execute("INSERT IGNORE INTO app.bulk SELECT seq, REPEAT('p', 2000) FROM seq_1_to_60000")
+        bk.wait_replicas_caught_up(60)
+        out = tmp_path / "backup.out"
+        with open(out, "wb") as f:
+            proc = subprocess.Popen([sys.executable, "-m", "proxy", "backup", "run", "-c", cfg], stdout=f,
+                                    stderr=subprocess.STDOUT)
+        try:
+            assert wait_until(lambda: "checksums of" in out.read_text(), 60), out.read_text()
+            source = out.read_text().split("replication SQL thread stopped")[0].rsplit("\n", 1)[-1].split(":")[0]
+            node = bk.node(source)
+            assert (node.slave_status() or {}).get("Slave_SQL_Running") == "No"
+            proc.kill()
+        finally:
+            proc.kill()
+            proc.wait(30)
+        assert "done" not in out.read_text()  # (killed before it finished)
+        assert wait_until(lambda: (node.slave_status() or {}).get("Slave_SQL_Running") == "Yes", 20), node.slave_status()
+        assert wait_until(lambda: {s["name"]: s["admin_state"] for s in _status(cfg)["servers"]}[source] == "", 10)
+        assert "ended without putting it back" in open(p.process.log_path).read()
+        # a replica another backup has paused is not paused twice
+        config = load_config(cfg)
+        backend = next(b for b in config.backends if b.name == source)
+        with node.connect() as holder, holder.cursor() as cur:
+            cur.execute("SELECT GET_LOCK(%s, 0)", (PAUSE_LOCK,))
+            with pytest.raises(BackupError, match="paused by another backup"):
+                with replica_paused(config, inspect(config, backend)):
+                    raise AssertionError("paused twice")
+    finally:
+        p.process.stop()
 
 
 def test_serve_archives_binlogs_and_exports_backup_metrics(bk, keyfile, tmp_path):

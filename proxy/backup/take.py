@@ -87,24 +87,39 @@ class ProxyLink:
                 return s.get("admin_state") or ""
         return None
 
-    def set_state(self, name: str, state: str) -> bool:
-        r = self.ask("server-state", server=name, state=state)
+    def set_state(self, name: str, state: str, lock: str = "") -> bool:
+        r = self.ask("server-state", server=name, state=state, lock=lock)
         return bool(r and r.get("ok"))
+
+
+# Held by the backup on its connection to the replica it pauses: a second backup of that replica
+# waits its turn, and the running proxy resumes a replica whose backup died with the pause in force
+# (the lock goes with the connection; failover/rejoin.py release_abandoned_pauses).
+PAUSE_LOCK = "rwproxy.backup.pause"
 
 
 @contextmanager
 def replica_paused(config, src: ServerInfo, *, log_step=log.info):
     """Out of the read pool, SQL thread stopped: yields the GTID position of the consistent point."""
     backend = next(b for b in config.backends if b.name == src.name)
+    conn = connect(config, backend)
+    try:
+        # idle for the whole backup: a server's wait_timeout must not end it (and free the lock) early
+        rows(conn, "SET SESSION wait_timeout = 31536000")
+        if rows(conn, "SELECT GET_LOCK(%s, 0) AS g", (PAUSE_LOCK,))[0]["g"] != 1:
+            raise BackupError(f"{src.name} is paused by another backup right now (it holds the lock "
+                              f"{PAUSE_LOCK} there); try again when it is done")
+    except BaseException:
+        conn.close()
+        raise
     link = ProxyLink(config)
     state = link.admin_state(src.name)
     took_out = False
     if state == "":
-        took_out = link.set_state(src.name, "offline")
+        took_out = link.set_state(src.name, "offline", lock=PAUSE_LOCK)
         log_step(f"{src.name} taken out of the running proxy's read pool for the backup")
     elif state is None:
         log_step(f"no running proxy for {config.source} to tell; pausing {src.name} anyway")
-    conn = connect(config, backend)
     try:
         rows(conn, "STOP SLAVE SQL_THREAD")
         gtid = rows(conn, "SELECT @@gtid_slave_pos AS g")[0]["g"] or ""
@@ -115,10 +130,10 @@ def replica_paused(config, src: ServerInfo, *, log_step=log.info):
             rows(conn, "START SLAVE SQL_THREAD")
             _wait_caught_up(conn, config.backup.catchup_timeout, src.name, log_step)
         finally:
-            conn.close()
             if took_out:
                 link.set_state(src.name, "online")
                 log_step(f"{src.name} back in the running proxy's read pool")
+            conn.close()  # (last: the lock goes with it, after the proxy was told)
 
 
 def _wait_caught_up(conn, timeout: float, name: str, log_step) -> None:

@@ -58,7 +58,7 @@ class ControlPlane:
                 "switchover": lambda a: self.failover.switchover(a["to"], a.get("timeout")),
                 "enable-failover": lambda a: self._enable_failover(a),
                 "rejoin": lambda a: self._rejoin(a),
-                "server-state": lambda a: self._ok(self._set_server_state(a["server"], a["state"])),
+                "server-state": lambda a: self._ok(self._set_server_state(a["server"], a["state"], a.get("lock", ""))),
             })
         self.control: ControlServer | None = None
         self.ask = Workers(rundir.path_for(config), workers)  # the workers' reports and orders
@@ -113,7 +113,7 @@ class ControlPlane:
             "tables": lambda req: {"ok": True, "tables": self.tables(req.get("names") or tables.NAMES)},
             "reload": lambda req: self.reload("rwproxy reload"),
             "drain": lambda req: self.drain("rwproxy drain"),
-            "server-state": lambda req: self._ok(self.set_server_state(req["server"], req["state"])),
+            "server-state": lambda req: self._ok(self.set_server_state(req["server"], req["state"], req.get("lock", ""))),
             "kill": lambda req: self._ok(self.kill_session(int(req["id"]), bool(req.get("query_only")))),
             "reset-stats": lambda req: self._ok(self.reset_stats()),
         }
@@ -322,18 +322,20 @@ class ControlPlane:
                 return s.name
         raise CommandError(f"unknown server {name!r}; the servers are: {', '.join(servers)}")
 
-    def set_server_state(self, name: str, state: str) -> str:
-        """Here, or on the leader when another instance leads (which then publishes it to all)."""
+    def set_server_state(self, name: str, state: str, lock: str = "") -> str:
+        """Here, or on the leader when another instance leads (which then publishes it to all).
+        lock: a backup's OFFLINE, held while its process holds that lock on the server."""
         if self.coord is None or self.coord.leading():
-            return self._set_server_state(name, state)
+            return self._set_server_state(name, state, lock)
         self._server_name(name)
-        r = self.coord.requests.forward("server-state", {"server": name, "state": state}, 30.0)
+        r = self.coord.requests.forward("server-state", {"server": name, "state": state, "lock": lock}, 30.0)
         if not r.get("ok"):
             raise CommandError(r.get("message") or "the leader refused")
         return r.get("message", "") + f" (on every instance; set by the leader {r.get('ran_on')})"
 
-    def _set_server_state(self, name: str, state: str) -> str:
+    def _set_server_state(self, name: str, state: str, lock: str = "") -> str:
         name = self._server_name(name)
+        self.failover.state.paused_by_backup(name, lock if state.lower() == "offline" else "")
         state = state.lower()
         s = self.monitor.topology.servers[name]
         if state in ("offline", "maintenance") and s.is_writer:

@@ -196,6 +196,7 @@ class Failover:
             if not rejoin.adopt(self.actions, topo, p):
                 rejoin.fence_and_rejoin(self.actions, topo, p)
                 self._tune_heartbeats(topo, p)
+            rejoin.release_abandoned_pauses(self.actions, topo)
         self.actions.warm(topo)
 
     def _tune_heartbeats(self, topo: Topology, p: ServerState) -> None:

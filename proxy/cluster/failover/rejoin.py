@@ -163,3 +163,33 @@ def rejoin(act, s: ServerState, p: ServerState, demoted: dict, src: str | None) 
     state.undemote(s.name)
     log.warning("rejoined %s as a replica of %s from GTID %s (%.0f ms)", label(s), p.name, mine or "-",
                 (time.monotonic() - t) * 1000)
+
+
+def release_abandoned_pauses(act, topo: Topology) -> None:
+    """A backup takes a replica out of the read pool and stops its SQL thread while holding a named
+    lock on its own connection there. A backup process that dies (SIGKILL, the OOM killer) cannot
+    undo that, but its lock goes with its connection: then replication starts again and the
+    replica returns to the read pool, instead of falling behind for good while out of the pool."""
+    for name, lock in act.state.backup_pauses().items():
+        s = topo.servers.get(name)
+        if act.monitor.admin_states().get(name) != "offline" or s is None:
+            act.state.paused_by_backup(name, "")  # put back (by the backup, or an operator)
+            continue
+        if s.state in (DOWN, MAINTENANCE) or not act.state.retry_due(f"pause:{name}", 1.0):
+            continue
+        try:
+            with act.link(s) as link:
+                if link.value("SELECT IS_USED_LOCK(%s) AS h", (lock,)) is not None:
+                    continue  # the backup is still running
+                act.guard(f"resume {name}", link)
+                f = act.read_facts(link, s)
+                if f.replicating and f.sql_state != "Yes":
+                    link.q("START SLAVE SQL_THREAD")
+        except StepError as exc:
+            log.warning("%s: cannot resume it after an abandoned backup yet: %s", label(s), exc)
+            continue
+        act.state.paused_by_backup(name, "")
+        act.monitor.set_admin_state(name, "")
+        log.warning("%s: the backup that took it out of the read pool ended without putting it back (its "
+                    "lock %s is free): replication SQL thread started, back in the read pool after its checks",
+                    label(s), lock)

@@ -30,6 +30,7 @@ class FailoverState:
         self._said: set[str] = set()  # warnings already logged once (until the condition clears)
         self._semi: dict | None = None  # the primary's semi-sync settings, read while it was alive
         self._connect_retry: int | None = None  # MASTER_CONNECT_RETRY the replicas had
+        self._paused: dict[str, str] = {}  # replica a backup took out -> the lock its process holds there
 
     # ---- the newest picture -------------------------------------------------------------
     def observe(self, topology) -> bool:
@@ -132,6 +133,19 @@ class FailoverState:
                 return False
             self._retry_at[name] = now + every
             return True
+
+    # ---- replicas a backup paused ------------------------------------------------------------
+    def paused_by_backup(self, name: str, lock: str) -> None:
+        """`name` was taken out by a backup holding `lock` on it ("": not any more)."""
+        with self._lock:
+            if lock:
+                self._paused[name] = lock
+            else:
+                self._paused.pop(name, None)
+
+    def backup_pauses(self) -> dict[str, str]:
+        with self._lock:
+            return dict(self._paused)
 
     # ---- said once ---------------------------------------------------------------------------
     def first_time(self, key: str) -> bool:

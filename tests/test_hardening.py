@@ -340,6 +340,17 @@ def test_a_runtime_dir_on_a_full_disk_is_one_line_at_start(cluster, tmp_path, sm
     a.process.stop()
 
 
+def test_a_runtime_dir_under_another_users_directory_is_refused(cluster, tmp_path):
+    """/tmp/rwproxy-<uid> is a name any local user can create first; its owner could swap the
+    runtime directory (and its control socket) for theirs."""
+    parent = tmp_path / "theirs"
+    parent.mkdir(mode=0o755)
+    os.chown(parent, 65534, 65534)  # (nobody; the suite runs as root)
+    with pytest.raises(RuntimeError) as e:
+        start_proxy(cluster, tmp_path / "a", proxy={"workers": 1, "runtime_dir": str(parent / "run")})
+    assert "belongs to another user or others may write it" in str(e.value), str(e.value)
+
+
 def test_the_cli_refuses_to_talk_to_an_instance_another_config_started(cluster, tmp_path):
     a = start_proxy(cluster, tmp_path / "a", proxy={"workers": 1})
     try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import socket
 import subprocess
@@ -429,3 +430,34 @@ def test_privileged_accounts_get_passwords_of_their_own_and_old_sandboxes_keep_t
     assert {u: i["password"] for u, i in saved_accounts(state).items()} == {u: i["password"] for u, i in a.items()}
     old = {u: i["password"] for u, i in saved_accounts(None).items()}
     assert old == {"app": "app", "rwproxy": "rwproxy", "repl": "repl", "root": ""}
+
+
+def test_the_template_cache_and_socket_directories_are_private(tmp_path, monkeypatch):
+    """Another local user's directory under a computable name is refused, never used: the
+    template cache lives in the user's own cache directory, and is rebuilt when half of one is left."""
+    from proxy.sandbox import template
+    from proxy.sandbox.util import find_binary, private_dir
+
+    for mode in (0o777, 0o770):
+        d = tmp_path / f"open-{mode:o}"
+        d.mkdir()
+        d.chmod(mode)
+        with pytest.raises(SandboxError, match="writable by it alone"):
+            private_dir(d)
+    theirs = tmp_path / "theirs"
+    theirs.mkdir(mode=0o700)
+    os.chown(theirs, 65534, 65534)  # (nobody; the suite runs as root)
+    with pytest.raises(SandboxError, match="owned by this user"):
+        private_dir(theirs)
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    install_db, mariadbd = find_binary("mariadb-install-db", None), find_binary("mariadbd", None)
+    tpl = template.template_datadir(install_db, mariadbd)
+    assert tpl.parent == tmp_path / "cache" / "rwproxy" and (tpl.parent.stat().st_mode & 0o777) == 0o700
+    assert (tpl / template.DONE).is_file() and (tpl / "mysql").is_dir()
+    template.copy_datadir(tpl, tmp_path / "node" / "data")
+    assert not (tmp_path / "node" / "data" / template.DONE).exists() and (tmp_path / "node" / "data" / "mysql").is_dir()
+    (tpl / template.DONE).unlink()  # half a template: built again, not used
+    (tpl / "junk").write_text("x")
+    again = template.template_datadir(install_db, mariadbd)
+    assert again == tpl and (tpl / template.DONE).is_file() and not (tpl / "junk").exists()

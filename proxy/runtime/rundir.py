@@ -108,6 +108,12 @@ class RuntimeDir:
                 pass
             except OSError as e:
                 raise RuntimeDirError(f"cannot create runtime directory {d}: {e.strerror}") from None
+        # the parent too (by default /tmp/rwproxy-<uid>, a name anyone can take first): its owner
+        # could swap our directory for theirs, control socket included
+        pst = os.stat(parent)
+        if pst.st_uid not in (0, os.getuid()) or (pst.st_mode & 0o022 and not pst.st_mode & stat.S_ISVTX):
+            raise RuntimeDirError(f"{parent}, where the runtime directory is, belongs to another user or others may "
+                                  f"write it; remove it or set [proxy] runtime_dir")
         st = os.lstat(self.path)
         if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o022:
             raise RuntimeDirError(f"runtime directory {self.path} is not a directory owned by this user and "

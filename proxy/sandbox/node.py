@@ -13,7 +13,7 @@ from typing import Any
 import pymysql
 import pymysql.cursors
 
-from proxy.sandbox.util import PortInUse, SandboxError, file_size, tail
+from proxy.sandbox.util import PortInUse, SandboxError, file_size, private_dir, tail
 
 READY_TIMEOUT = 60.0
 STOP_TIMEOUT = 30.0
@@ -217,7 +217,7 @@ class Node:
             return False
         if not self.mariadbd:
             raise SandboxError(f"{self.name}: no mariadbd binary configured")
-        self.socket.parent.mkdir(parents=True, exist_ok=True)
+        private_dir(self.socket.parent)
         argv = [self.mariadbd, f"--defaults-file={self.cnf}"]
         if os.geteuid() == 0:
             argv.append("--user=root")

@@ -11,12 +11,24 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-from proxy.sandbox.util import SandboxError
+from proxy.sandbox.util import SandboxError, private_dir
 
 INSTALL_TIMEOUT = 180
 # Same InnoDB sizes as my.cnf, so a node's first start does not have to resize the redo log.
 INSTALL_ARGS = ["--auth-root-authentication-method=normal", "--skip-test-db",
                 "--innodb-log-file-size=16M", "--innodb-buffer-pool-size=32M", "--innodb-use-native-aio=0"]
+
+
+DONE = ".rwp-template-complete"  # written last: a template without it is rebuilt
+
+
+def _cache_root() -> Path:
+    """A directory only this user can write (0700, owned by it): $XDG_CACHE_HOME/rwproxy or
+    ~/.cache/rwproxy. Not /tmp: the template's name is computable, and a datadir another local
+    user placed there first (say, with an account of theirs) would have become every sandbox's."""
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "rwproxy"
+    private_dir(base)
+    return base
 
 
 def _cache_path(install_db: str, mariadbd: str, user: str) -> Path:
@@ -26,7 +38,7 @@ def _cache_path(install_db: str, mariadbd: str, user: str) -> Path:
         st = os.stat(binary)
         ident += [binary, str(st.st_size), str(st.st_mtime_ns)]
     key = hashlib.sha1("\0".join(ident).encode()).hexdigest()[:12]
-    return Path(tempfile.gettempdir()) / f"rwp-template-{os.getuid()}-{key}"
+    return _cache_root() / f"template-{key}"
 
 
 def template_datadir(install_db: str, mariadbd: str) -> Path:
@@ -36,8 +48,10 @@ def template_datadir(install_db: str, mariadbd: str) -> Path:
     """
     user = getpass.getuser()
     cache = _cache_path(install_db, mariadbd, user)
-    if cache.is_dir():
+    if (cache / DONE).is_file():
         return cache
+    if cache.exists():  # half a template (an old cleaner, a disk that filled up): build it again
+        shutil.rmtree(cache, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(prefix=cache.name + ".tmp-", dir=cache.parent))
     argv = [install_db, "--no-defaults", f"--datadir={tmp}", f"--user={user}", *INSTALL_ARGS]
     try:
@@ -48,6 +62,7 @@ def template_datadir(install_db: str, mariadbd: str) -> Path:
         if res.returncode != 0:
             out = "\n".join("    " + line for line in (res.stdout + res.stderr).splitlines()[-10:])
             raise SandboxError(f"mariadb-install-db failed (exit {res.returncode}):\n{out}")
+        (tmp / DONE).write_text("")
         try:
             os.rename(tmp, cache)
         except OSError as e:  # another sandbox finished first: use its copy
@@ -60,4 +75,4 @@ def template_datadir(install_db: str, mariadbd: str) -> Path:
 
 def copy_datadir(template: Path, datadir: Path) -> None:
     datadir.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copytree(template, datadir, symlinks=True)
+    shutil.copytree(template, datadir, symlinks=True, ignore=shutil.ignore_patterns(DONE))

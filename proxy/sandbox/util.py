@@ -7,6 +7,7 @@ import hashlib
 import os
 import shutil
 import socket
+import stat
 from pathlib import Path
 
 # Debian puts mariadbd in /usr/sbin, which is not on a normal user's PATH.
@@ -92,6 +93,15 @@ def socket_path(base_dir: Path, node_name: str) -> Path:
         return p
     digest = hashlib.sha1(str(base_dir).encode()).hexdigest()[:12]
     return Path("/tmp") / f"rwp-{digest}" / f"{node_name}.sock"
+
+
+def private_dir(path: Path) -> None:
+    """Make `path` (0700), or accept it only if this user owns it and no one else may write it: a
+    socket directory under /tmp that another local user made first could hold their listener."""
+    path.mkdir(parents=True, mode=0o700, exist_ok=True)
+    st = path.lstat()
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o022:
+        raise SandboxError(f"{path} is not a directory owned by this user and writable by it alone; remove it")
 
 
 def file_size(path: Path) -> int:

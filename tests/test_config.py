@@ -368,3 +368,25 @@ def test_a_backend_on_rwproxys_own_address_is_refused_unless_reached_by_socket()
     parse_config(MINIMAL + on_me, "config.toml")  # another port than this proxy's: fine
     parse_config('[proxy]\nlisten = "127.0.0.1:6044"\n' + MINIMAL + on_me + 'socket = "/run/mysqld/x.sock"\n',
                  "config.toml")  # reached by its Unix socket: fine
+
+
+@pytest.mark.parametrize("snippet, message", [
+    ('repository = "s3://"', 'backup.repository: expected "file:///ABSOLUTE/PATH", "/ABSOLUTE/PATH" or '
+                             '"s3://BUCKET/PREFIX", got "s3://"'),
+    ('repository = "s3://Not_A_Bucket/x"', 'backup.repository: expected "file:///ABSOLUTE/PATH", "/ABSOLUTE/PATH" or '
+                                           '"s3://BUCKET/PREFIX", got "s3://Not_A_Bucket/x"'),
+    ('s3_endpoint = "minio:9000"', 'backup.s3_endpoint: expected the S3 API URL, http://host:port or https://host '
+                                   '(or "" for AWS), got "minio:9000"'),
+    ('recipients = ["age1short"]', 'backup.recipients: [0] is not an age public key (age1 and 58 more characters, '
+                                   'as `rwproxy backup keygen` prints it), got "age1short"'),
+])
+def test_backup_values_that_would_fail_at_the_first_backup_fail_the_check(snippet, message):
+    """(They passed check-config and failed hours later, when the first scheduled backup ran.)"""
+    assert one_error(MINIMAL + "[backup]\n" + snippet + "\n") == f"config.toml: {message}"
+
+
+def test_good_backup_locations_and_keys_pass():
+    good = ('[backup]\nrepository = "s3://my.backups-01/cluster/a"\ns3_endpoint = "https://minio.example:9000"\n'
+            'recipients = ["age18jt7e45ym5hhfzu9t2gk24urfsjqc34x8pdfl3907t8swwe43pcsshqzzv"]\n')
+    cfg = parse_config(MINIMAL + good, "config.toml")
+    assert cfg.backup.repository == "s3://my.backups-01/cluster/a" and len(cfg.backup.recipients) == 1

@@ -157,9 +157,9 @@ def E(default, *choices, **kw):
     return _key(default, "enum", choices=choices, **kw)
 
 
-def L():
-    """Array of strings, stored as a tuple so the config stays hashable."""
-    return _key((), "strs")
+def L(check=None):
+    """Array of strings, stored as a tuple so the config stays hashable (check: of the whole list)."""
+    return _key((), "strs", check=check)
 
 
 def T(cls):
@@ -204,9 +204,29 @@ def PW_FILE():
     return S()
 
 def repository_error(value: str) -> str | None:
-    if not value or value.startswith(("s3://", "file:///")) or value.startswith("/"):
+    if value.startswith("s3://"):  # a bucket name as S3 allows it (3-63 of a-z 0-9 . -)
+        if re.fullmatch(r"s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/.*)?", value):
+            return None
+    elif not value or value.startswith(("file:///", "/")):
         return None
     return f'expected "file:///ABSOLUTE/PATH", "/ABSOLUTE/PATH" or "s3://BUCKET/PREFIX", got {show(value)}'
+
+
+def endpoint_error(value: str) -> str | None:
+    if not value or re.fullmatch(r"https?://[^/\s]+/?", value):
+        return None
+    return f'expected the S3 API URL, http://host:port or https://host (or "" for AWS), got {show(value)}'
+
+
+_AGE_RECIPIENT = re.compile(r"age1[02-9ac-hj-np-z]{58}")  # bech32, as `age-keygen` and `rwproxy backup keygen` print
+
+
+def recipients_error(values) -> str | None:
+    for i, v in enumerate(values):
+        if not _AGE_RECIPIENT.fullmatch(v):
+            return (f"[{i}] is not an age public key (age1 and 58 more characters, as `rwproxy backup keygen` "
+                    f"prints it), got {show(v)}")
+    return None
 
 
 def cron_error(value: str) -> str | None:

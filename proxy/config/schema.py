@@ -14,9 +14,10 @@ from dataclasses import dataclass, field
 from functools import cached_property
 
 from proxy.config.fields import (  # noqa: F401 - some re-exported: the rest of rwproxy imports them from here
-    PW_ENV, PW_FILE, A, B, E, F, I, L, S, T, absolute_path_error, account_name_error, cron_error, env_name_error, format_hostport,
+    PW_ENV, PW_FILE, A, B, E, F, I, L, S, T, absolute_path_error, account_name_error, cron_error, endpoint_error,
+    env_name_error, format_hostport,
     identifier_error, instance_error, is_native_hash, listen_error, optional_listen_error, parse_listen, regex_error,
-    repository_error, secret_keys, set_hostport, show, socket_error, toml_str, url_error,
+    recipients_error, repository_error, secret_keys, set_hostport, show, socket_error, toml_str, url_error,
 )
 
 AUTH_PLUGINS = ("mysql_native_password", "caching_sha2_password")
@@ -319,13 +320,13 @@ class MetricsConfig:
 class BackupConfig:
     """`rwproxy backup ...`: base backups, the binlog archive and point-in-time recovery (docs/backups.md)."""
     repository: str = S(check=repository_error)  # "" = no backups
-    s3_endpoint: str = S()   # "" = AWS; e.g. "http://127.0.0.1:9000" for MinIO
+    s3_endpoint: str = S(check=endpoint_error)   # "" = AWS; e.g. "http://127.0.0.1:9000" for MinIO
     s3_region: str = S()
     s3_access_key: str = S()  # "" = boto3's usual places (AWS_ACCESS_KEY_ID, ~/.aws, an instance role)
     s3_secret_key: str = S(repr=False)
     s3_secret_key_env: str = PW_ENV()
     s3_secret_key_file: str = PW_FILE()
-    recipients: tuple[str, ...] = L()  # age public keys backups are encrypted to
+    recipients: tuple[str, ...] = L(check=recipients_error)  # age public keys backups are encrypted to
     key_file: str = S()  # an age identity file: decrypts (restore, verify), and encrypts to its own recipient
     compress_level: int = I(1, 1, 19)  # zstd; 1 measured 159 MiB/s here, 3 about 50
     method: str = E("physical", "physical", "logical")

@@ -101,9 +101,13 @@ class BackupDaemon:
         return t
 
     def join(self, timeout: float = 30) -> None:
+        from proxy.backup.take import cancel_running
+
         self.stop.set()
         if self.archiver is not None:
             self.archiver.stop.set()
+        if cancel_running():  # (a backup cut off with the process would leave its replica paused)
+            self.log_step("stopping: the backup under way is cancelled; its replica resumes")
         for t in self.threads:
             t.join(timeout)
 

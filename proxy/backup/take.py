@@ -16,8 +16,10 @@ import os
 import re
 import shlex
 import shutil
+import signal
 import subprocess
 import tempfile
+import threading
 import time
 from contextlib import contextmanager
 
@@ -164,11 +166,44 @@ _BINLOG_RE = re.compile(r"GTID of the last change '([0-9,\- ]*)'")
 _DUMP_GTID_RE = re.compile(rb"gtid_slave_pos\s*=\s*'([0-9,\-]*)'")
 
 
+_running: set = set()  # the backup programs this process runs now (cancel_running)
+_running_lock = threading.Lock()
+
+
+def cancel_running() -> int:
+    """`serve` or `backup daemon` is stopping: end the backup programs it runs, so that each backup
+    fails the ordinary way (nothing stored, its replica resumed and put back) instead of being cut
+    off with the process, its replica left paused. Returns how many there were."""
+    with _running_lock:
+        procs = list(_running)
+    for p in procs:
+        _kill(p)
+    return len(procs)
+
+
+def _kill(proc) -> None:
+    """The program and whatever it started (a command_prefix wrapper's children hold the pipe too)."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except OSError:
+        pass
+
+
 def _stream(argv: list[str], repo: Repository, key: str, keys: codec.Keys, level: int, progress: Progress,
             tap=None) -> tuple[codec.Stored, str]:
     """Run argv, store its stdout as `key`; returns what was stored and the command's stderr."""
     errf = tempfile.TemporaryFile()
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=errf, stdin=subprocess.DEVNULL)
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=errf, stdin=subprocess.DEVNULL, start_new_session=True)
+    with _running_lock:
+        _running.add(proc)
+    try:
+        return _store(proc, errf, argv, repo, key, keys, level, progress, tap)
+    finally:
+        with _running_lock:
+            _running.discard(proc)
+
+
+def _store(proc, errf, argv, repo, key, keys, level, progress, tap) -> tuple[codec.Stored, str]:
     _widen_pipe(proc.stdout.fileno())
     writer = repo.open_write(key)
     pre = codec.Prefetch(proc.stdout)
@@ -178,7 +213,7 @@ def _stream(argv: list[str], repo: Repository, key: str, keys: codec.Keys, level
                               threads=COMPRESS_THREADS)
         rc = proc.wait()
     except BaseException:
-        proc.kill()
+        _kill(proc)
         proc.wait()
         pre.close()
         writer.abort()

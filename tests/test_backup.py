@@ -822,3 +822,22 @@ def test_sandbox_seeds_a_new_replica_from_a_backup(cluster_factory):
         assert 'name = "node3"' in c.config_path.read_text()
     finally:
         node.stop()
+
+
+def test_a_scratch_server_without_grants_takes_no_tcp_logins(tmp_path):
+    """Test restores and point-in-time replays run mariadbd with skip-grant-tables, under which
+    MariaDB lets any user in over TCP: the scratch listens on its private unix socket only."""
+    from proxy.backup.restore import Scratch, free_port
+    from proxy.backup.take import tool
+    from proxy.sandbox.template import copy_datadir, template_datadir
+
+    datadir = tmp_path / "data"
+    copy_datadir(template_datadir(tool("mariadb-install-db"), tool("mariadbd")), datadir)
+    port = free_port()
+    with Scratch(datadir, port, grants=False) as s:
+        with s.connect() as c, c.cursor() as cur:  # root, over the socket
+            cur.execute("SELECT COUNT(*) FROM mysql.user")
+        with pytest.raises(pymysql.err.OperationalError) as e:
+            pymysql.connect(host="127.0.0.1", port=port, user="nobody", password="x", connect_timeout=3)
+        assert e.value.args[0] == 2003, e.value  # nothing listens there
+        assert (os.stat(s.socket).st_mode & 0o777) and (os.stat(os.path.dirname(s.socket)).st_mode & 0o077) == 0

@@ -60,7 +60,11 @@ class Scratch:
                 "server_id": server_id, "dir": str(datadir), "datadir": str(datadir),
                 "socket": str(sockdir / "mysql.sock"), "pid_file": str(datadir / "mariadbd.pid"),
                 "cnf": str(datadir / "rwproxy-restored.cnf"), "error_log": str(datadir / "error.log")}
-        self.node = Node(spec, mariadbd=tool("mariadbd"), options=() if grants else ("skip-grant-tables",))
+        # Without grants, the unix socket in a private directory is the only way in: MariaDB lets
+        # anyone log in over TCP under skip-grant-tables (checked: any user, any password), and a
+        # test restore of production data would otherwise be open to every local user meanwhile.
+        self.node = Node(spec, mariadbd=tool("mariadbd"),
+                         options=() if grants else ("skip-grant-tables", "skip-networking"))
         self.grants = grants
 
     @property

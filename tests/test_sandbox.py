@@ -461,3 +461,23 @@ def test_the_template_cache_and_socket_directories_are_private(tmp_path, monkeyp
     (tpl / "junk").write_text("x")
     again = template.template_datadir(install_db, mariadbd)
     assert again == tpl and (tpl / template.DONE).is_file() and not (tpl / "junk").exists()
+
+
+def test_only_the_sandbox_owner_reaches_a_node_socket(cluster):
+    """root@localhost has no password (the admin shell logs in with it): another local user must
+    not reach the socket (before, `nobody` logged in as root@localhost through it)."""
+    node = cluster.nodes[0]
+    probe = ("import socket, sys\ns = socket.socket(socket.AF_UNIX)\n"
+             "try:\n    s.connect(sys.argv[1])\nexcept OSError as e:\n    print(type(e).__name__)\nelse:\n    print('connected')\n")
+
+    def as_nobody():
+        os.setgid(65534)
+        os.setuid(65534)
+
+    r = subprocess.run(["/usr/bin/python3", "-c", probe, str(node.socket)], capture_output=True, text=True,
+                       timeout=30, preexec_fn=as_nobody, cwd="/")
+    assert r.stdout.strip() == "PermissionError", (r.stdout, r.stderr)
+    assert (node.dir.stat().st_mode & 0o777) == 0o700
+    with node.connect() as c, c.cursor() as cur:  # the owner still does
+        cur.execute("SELECT CURRENT_USER()")
+        assert cur.fetchone()[0] == "root@localhost"

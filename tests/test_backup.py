@@ -251,6 +251,7 @@ def test_incremental_and_logical_restores_hold_their_points_data(bk, keyfile, tm
     for bid, want in ((inc, at_incr), (logical, at_logical)):
         out = _json_tail(rw("backup", "restore", "-c", cfg, "--backup", bid, "--target-dir", str(tmp_path / bid),
                             "--start", "--json").stdout)
+        assert (tmp_path / bid).stat().st_mode & 0o077 == 0, oct((tmp_path / bid).stat().st_mode)  # (data in clear)
         try:
             with start_restored(out) as c, c.cursor() as cur:
                 cur.execute("CHECKSUM TABLE app.bk")
@@ -449,6 +450,8 @@ def test_backup_daemon_runs_until_stopped_and_refuses_an_empty_plan(bk, keyfile,
     try:
         write_rows(bk, 5, note="daemon")
         assert wait_until(lambda: list(repo.glob("archive/*/*.json")), 60), open(tmp_path / "daemon.log").read()
+        spools = [d for d in (tmp_path / "spool").iterdir() if d.is_dir()]  # binlogs in clear: owner only
+        assert spools and all(d.stat().st_mode & 0o077 == 0 for d in spools), [oct(d.stat().st_mode) for d in spools]
         assert proc.poll() is None  # still running: it archives until told to stop
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(60) == 0

@@ -248,7 +248,8 @@ class Archiver:
         self.source = src
         spool = os.path.join(self.spool, str(src.server_id))
         self.spool_now = spool
-        os.makedirs(spool, exist_ok=True)
+        os.makedirs(spool, mode=0o700, exist_ok=True)
+        os.chmod(spool, 0o700)  # the binlogs in it are the data in clear: this user's alone
         for name in os.listdir(spool):  # a fresh read rewrites from the resume file on
             os.unlink(os.path.join(spool, name))
         with tempfile.TemporaryDirectory(prefix="rwproxy-archive-") as tmp:

@@ -218,7 +218,7 @@ def fetch(repo: Repository, keys: codec.Keys, key: str, sha256: str, out, *, nam
 
 
 def _extract_physical(repo, keys, m: Manifest, into: Path, progress) -> None:
-    into.mkdir(parents=True)
+    into.mkdir(parents=True, mode=0o700)
     proc = subprocess.Popen([tool("mbstream"), "-x", "-C", str(into)], stdin=subprocess.PIPE,
                             stderr=subprocess.PIPE)
     try:
@@ -327,7 +327,7 @@ def restore(repo: Repository, keys: codec.Keys, target_dir: str, *, bid: str | N
     result = {"backup": p.last.id, "chain": [m.id for m in p.backups], "target": str(target), "gtid": p.last.gtid}
     try:
         try:
-            staging.mkdir(parents=True)
+            staging.mkdir(parents=True, mode=0o700)  # decrypted data: this user's alone
         except OSError as e:
             raise BackupError(f"cannot make {staging}: {e.strerror}") from None
         total = sum(o.raw_size for m in p.backups for o in m.objects)

@@ -268,6 +268,7 @@ def test_write_config(tmp_path):
 def test_check_config_main(tmp_path, capsys):
     good = tmp_path / "good.toml"
     good.write_text(MINIMAL + '[proxy]\nlisten = "0.0.0.0:7000"\n')
+    good.chmod(0o600)
     assert check_config_main(str(good)) == 0
     out, err = capsys.readouterr()
     assert out == f"OK: {good}: 1 backends, 1 users, listening on 0.0.0.0:7000\n" and err == ""
@@ -390,3 +391,22 @@ def test_good_backup_locations_and_keys_pass():
             'recipients = ["age18jt7e45ym5hhfzu9t2gk24urfsjqc34x8pdfl3907t8swwe43pcsshqzzv"]\n')
     cfg = parse_config(MINIMAL + good, "config.toml")
     assert cfg.backup.repository == "s3://my.backups-01/cluster/a" and len(cfg.backup.recipients) == 1
+
+
+def test_a_config_with_passwords_readable_by_others_gets_a_warning(tmp_path, capsys):
+    path = tmp_path / "rw.toml"
+    path.write_text(MINIMAL)  # (its [[users]] entry has a password)
+    path.chmod(0o644)
+    assert check_config_main(str(path)) == 0
+    err = capsys.readouterr().err.strip()
+    assert err == (f"warning: {path} holds passwords and every local user may read it (mode 0644): chmod 600 it, "
+                   "or move the passwords to *_env / *_file keys"), err
+    path.chmod(0o600)
+    assert check_config_main(str(path)) == 0 and capsys.readouterr().err == ""
+    path.write_text(MINIMAL.replace('password = "app"', 'password_env = "APP_PW"'))
+    path.chmod(0o644)  # nothing secret in it: no warning
+    os.environ["APP_PW"] = "x"
+    try:
+        assert check_config_main(str(path)) == 0 and capsys.readouterr().err == ""
+    finally:
+        del os.environ["APP_PW"]

@@ -18,6 +18,7 @@ import sys
 import tempfile
 import tomllib
 
+from proxy.config.exposure import exposed
 from proxy.config.schema import (  # noqa: F401 - re-exported public API
     AdminConfig, is_native_hash, secret_keys, AUTH_PLUGINS, MASTER_MASTER, PRIMARY_REPLICA, RYW_MODES, BackendConfig, ClusterConfig, Config, FailoverConfig,
     MonitorConfig, PoolConfig, ProxyConfig, RoutingConfig, RuleConfig, TLSConfig, UserConfig,
@@ -489,4 +490,6 @@ def check_config_main(path: str) -> int:
         return 1
     print(f"OK: {path}: {len(cfg.backends)} backends, {len(cfg.users)} users, "
           f"listening on {format_hostport(cfg.proxy.host, cfg.proxy.port)}")
+    if (warning := exposed(path)):
+        print(f"warning: {warning}", file=sys.stderr)
     return 0

@@ -19,6 +19,7 @@ import threading
 import time
 
 from proxy.backend.tls import BackendTLSError, policies_for
+from proxy.config.exposure import exposed
 from proxy.cluster import topology as topo_mod
 from proxy.runtime.admission import Admission
 from proxy.runtime.channels import Publisher
@@ -94,6 +95,8 @@ def make_tls_context(config) -> ssl.SSLContext | None:
 
 
 def serve(config) -> int:
+    if (warning := exposed(config.source)):
+        log.warning("%s", warning)
     workers = config.proxy.workers or os.cpu_count() or 1
     tls_context = make_tls_context(config)
     try:

@@ -79,3 +79,25 @@ def test_config_rules_for_etcd_coordination():
         _cfg(coordination="etcd", etcd_endpoints=["127.0.0.1:2379"])
     with pytest.raises(ConfigError, match="cluster.instance"):
         _cfg(coordination="etcd", etcd_endpoints=["http://127.0.0.1:2379"], instance="a/../b")
+
+
+def test_a_backup_pause_travels_with_the_decisions():
+    """A replica a backup paused (OFFLINE, with the lock its process holds there) is part of what
+    the leader publishes, so the next leader can resume it if that backup dies meanwhile."""
+    from proxy.cluster.failover import Failover
+    from proxy.config.load import build_config
+
+    cfg = build_config({"backends": [{"name": "a", "host": "127.0.0.1", "port": 1},
+                                     {"name": "b", "host": "127.0.0.1", "port": 2}],
+                        "users": [{"name": "u", "password": "p"}]})
+    leader, follower = Failover(cfg, lambda _t: None), Failover(cfg, lambda _t: None)
+    leader.state.paused_by_backup("b", "rwproxy.backup.pause")
+    leader.monitor.set_admin_state("b", "offline")
+    first = shared.decisions(leader)
+    assert shared.apply(follower, first) == ["b offline"]
+    assert follower.state.backup_pauses() == {"b": "rwproxy.backup.pause"}
+    leader.state.paused_by_backup("b", "")
+    leader.monitor.set_admin_state("b", "")
+    second = shared.decisions(leader)
+    assert shared.changed(second, first)
+    assert shared.apply(follower, second) == ["b online"] and follower.state.backup_pauses() == {}

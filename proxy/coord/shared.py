@@ -26,6 +26,7 @@ def decisions(failover) -> dict:
         "demoted": failover.state.demoted(),
         "kept_out": st["kept_out"],
         "admin": failover.monitor.admin_states(),
+        "backup_pauses": failover.state.backup_pauses(),  # (the next leader resumes one a dead backup left)
         "auto_failover": st["auto_failover"],
         "disabled_reason": st["disabled_reason"],
         "cooldown_until": st["cooldown_until"],
@@ -63,5 +64,8 @@ def apply(failover, state: dict, *, as_leader: bool = False) -> list[str]:
         if mine.get(name, "") != theirs.get(name, ""):
             failover.monitor.set_admin_state(name, theirs.get(name, ""))
             said.append(f"{name} {theirs.get(name) or 'online'}")
+    pauses = state.get("backup_pauses") or {}
+    for name in set(failover.state.backup_pauses()) | set(pauses):
+        failover.state.paused_by_backup(name, pauses.get(name, ""))
     failover.state.mirror(state)
     return said

@@ -219,7 +219,8 @@ class Node:
             raise SandboxError(f"{self.name}: no mariadbd binary configured")
         # root@localhost has no password (the admin shell): only this user may reach the socket,
         # else any local user could log in as root through it (seen: `nobody` got root@localhost)
-        self.dir.chmod(0o700)
+        if self.dir.is_dir():
+            self.dir.chmod(0o700)
         private_dir(self.socket.parent)
         argv = [self.mariadbd, f"--defaults-file={self.cnf}"]
         if os.geteuid() == 0:

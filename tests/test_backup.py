@@ -571,6 +571,44 @@ def test_a_backup_killed_mid_way_does_not_leave_its_replica_paused(bk, keyfile, 
         p.process.stop()
 
 
+@pytest.mark.parametrize("when", ["program running", "as the pause begins"])
+def test_stopping_the_daemon_mid_backup_cancels_it_and_resumes_the_replica(bk, keyfile, tmp_path, when):
+    """serve or `backup daemon` stopping while a scheduled backup runs: the backup program is ended,
+    the backup fails the ordinary way (nothing stored), and its replica replicates again, instead of
+    the job being cut off with the process and the replica left paused. (The program here is a
+    command_prefix wrapper that only sleeps: it is still under way when the stop comes.)"""
+    from proxy.backup.codec import load_keys
+    from proxy.backup.daemon import BackupDaemon
+    from proxy.backup.manifest import load_all
+    from proxy.backup.repo import open_repository
+
+    repo_dir = tmp_path / "repo"
+    pidfile = tmp_path / "program.pid"
+    cfg = write_cfg(bk, tmp_path / "c.toml", repository=f"file://{repo_dir}", key_file=keyfile,
+                    schedule_full="* * * * *", command_prefix=f'sh -c "echo $$ > {pidfile}; exec sleep 120" wrapper')
+    ticks = iter([0, 60])
+    clock_at = time.time()
+    lines: list[str] = []
+    d = BackupDaemon(load_config(cfg), open_repository(f"file://{repo_dir}"), load_keys((), keyfile),
+                     str(tmp_path / "spool"), log_step=lines.append, clock=lambda: clock_at + next(ticks, 60))
+    d.run()
+    try:
+        assert wait_until(lambda: any("replication SQL thread stopped" in ln for ln in lines), 60), lines
+        if when == "program running":  # (else: at once, most likely before the program starts)
+            assert wait_until(pidfile.exists, 30), lines
+        source = next(ln.split(":")[0] for ln in lines if "replication SQL thread stopped" in ln)
+        assert (bk.node(source).slave_status() or {}).get("Slave_SQL_Running") == "No"
+        t0 = time.monotonic()
+    finally:
+        d.join(60)
+    assert time.monotonic() - t0 < 30 and not any(t.is_alive() for t in d.threads), lines
+    assert any("the backup under way is cancelled" in ln for ln in lines), lines
+    assert (bk.node(source).slave_status() or {}).get("Slave_SQL_Running") == "Yes"
+    st = d.status()
+    assert st["jobs_failed"] == 1 and st["last_backup_ok"] is False, st
+    assert load_all(open_repository(f"file://{repo_dir}")) == [] and not list(repo_dir.rglob("*.age"))
+
+
 def test_serve_archives_binlogs_and_exports_backup_metrics(bk, keyfile, tmp_path):
     import urllib.request
 

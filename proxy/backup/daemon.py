@@ -48,6 +48,8 @@ class BackupDaemon:
         self.plan = schedules(config.backup)
         self.archiver = None
         self.archiver_thread: threading.Thread | None = None
+        self.scheduler_thread: threading.Thread | None = None  # runs the jobs, one at a time
+        self.busy = ""  # the job under way
         self.threads: list[threading.Thread] = []
         self.state = {"last_backup": None, "last_backup_ok": None, "last_backup_error": "", "last_test_restore": None,
                       "last_test_restore_ok": None, "repository_bytes": None, "archive_lag_s": None,
@@ -57,7 +59,7 @@ class BackupDaemon:
     def run(self) -> None:
         """Start the threads and return (serve) — or block until stopped (daemon command: use join)."""
         self._start_archiver()
-        self._thread("backup-scheduler", self._schedule_loop)
+        self.scheduler_thread = self._thread("backup-scheduler", self._schedule_loop)
         self._say_plan()
 
     def _say_plan(self) -> None:
@@ -101,15 +103,19 @@ class BackupDaemon:
         return t
 
     def join(self, timeout: float = 30) -> None:
-        from proxy.backup.take import cancel_running
+        from proxy.backup.take import cancel
 
         self.stop.set()
         if self.archiver is not None:
             self.archiver.stop.set()
-        if cancel_running():  # (a backup cut off with the process would leave its replica paused)
+        jobs = self.scheduler_thread
+        # (a backup cut off with the process would leave its replica paused)
+        if jobs is not None and cancel(jobs) or self.busy:
             self.log_step("stopping: the backup under way is cancelled; its replica resumes")
         for t in self.threads:
             t.join(timeout)
+        if jobs is not None and not jobs.is_alive():
+            cancel(jobs, on=False)
 
     def _schedule_loop(self) -> None:
         last = self.clock()
@@ -128,6 +134,7 @@ class BackupDaemon:
         from proxy.backup.servers import BackupError
 
         self.log_step(f"scheduled {job} starting")
+        self.busy = job
         try:
             if job == "test-restore":
                 from proxy.backup.restore import test_restore
@@ -153,6 +160,7 @@ class BackupDaemon:
                     self.state.update(last_backup_ok=False, last_backup_error=msg)
             return False
         finally:
+            self.busy = ""
             self._refresh()
 
     def expire(self) -> None:

@@ -166,19 +166,25 @@ _BINLOG_RE = re.compile(r"GTID of the last change '([0-9,\- ]*)'")
 _DUMP_GTID_RE = re.compile(rb"gtid_slave_pos\s*=\s*'([0-9,\-]*)'")
 
 
-_running: set = set()  # the backup programs this process runs now (cancel_running)
+_running: dict = {}  # thread ident -> the backup program that thread runs now (cancel)
+_cancelled: set = set()  # threads whose backups are cancelled: a program they start next is ended at once
 _running_lock = threading.Lock()
 
 
-def cancel_running() -> int:
-    """`serve` or `backup daemon` is stopping: end the backup programs it runs, so that each backup
-    fails the ordinary way (nothing stored, its replica resumed and put back) instead of being cut
-    off with the process, its replica left paused. Returns how many there were."""
+def cancel(thread: threading.Thread, on: bool = True) -> bool:
+    """`serve` or `backup daemon` is stopping: end the backup program `thread` runs, and any it
+    starts later, so that its backup fails the ordinary way (nothing stored, its replica resumed and
+    put back) instead of being cut off with the process, its replica left paused. True if a program
+    was running. on=False when that thread has ended (its ident may be reused)."""
     with _running_lock:
-        procs = list(_running)
-    for p in procs:
-        _kill(p)
-    return len(procs)
+        if not on:
+            _cancelled.discard(thread.ident)
+            return False
+        _cancelled.add(thread.ident)
+        proc = _running.get(thread.ident)
+    if proc is not None:
+        _kill(proc)
+    return proc is not None
 
 
 def _kill(proc) -> None:
@@ -194,13 +200,17 @@ def _stream(argv: list[str], repo: Repository, key: str, keys: codec.Keys, level
     """Run argv, store its stdout as `key`; returns what was stored and the command's stderr."""
     errf = tempfile.TemporaryFile()
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=errf, stdin=subprocess.DEVNULL, start_new_session=True)
+    me = threading.get_ident()
     with _running_lock:
-        _running.add(proc)
+        _running[me] = proc
+        stopped = me in _cancelled
+    if stopped:  # cancelled before it started
+        _kill(proc)
     try:
         return _store(proc, errf, argv, repo, key, keys, level, progress, tap)
     finally:
         with _running_lock:
-            _running.discard(proc)
+            _running.pop(me, None)
 
 
 def _store(proc, errf, argv, repo, key, keys, level, progress, tap) -> tuple[codec.Stored, str]:

@@ -609,6 +609,48 @@ def test_stopping_the_daemon_mid_backup_cancels_it_and_resumes_the_replica(bk, k
     assert load_all(open_repository(f"file://{repo_dir}")) == [] and not list(repo_dir.rglob("*.age"))
 
 
+def test_a_replica_that_moves_during_its_backup_fails_the_backup(bk, keyfile, tmp_path):
+    """A backup's data and its recorded GTID must be of one moment. Something restarting the paused
+    replica's SQL thread mid-way (a failover repointing it, an operator) would make a mix whose
+    point-in-time replay applies transactions twice: the backup is refused and nothing stays."""
+    from proxy.backup.codec import load_keys
+    from proxy.backup.repo import open_repository
+    from proxy.backup.take import run_backup
+
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / ".my.cnf").write_text(f"[mariadb-backup]\npassword={bk.password('rwproxy')}\n")
+    wrapper = tmp_path / "slow-backup"  # (stands in for ssh; gives the test a moment mid-backup)
+    wrapper.write_text(f"#!/bin/sh\nsleep 3\nHOME={home} exec \"$@\"\n")
+    wrapper.chmod(0o755)
+    repo_dir = tmp_path / "repo"
+    cfg = write_cfg(bk, tmp_path / "c.toml", repository=f"file://{repo_dir}", key_file=keyfile,
+                    command_prefix=str(wrapper))
+    lines: list[str] = []
+    result: dict = {}
+
+    def take():
+        try:
+            result["m"] = run_backup(load_config(cfg), open_repository(f"file://{repo_dir}"), load_keys((), keyfile),
+                                     log_step=lines.append, tty=False)
+        except Exception as e:  # noqa: BLE001 - what the test looks at
+            result["e"] = e
+
+    t = threading.Thread(target=take)
+    t.start()
+    try:
+        assert wait_until(lambda: any("checksums of" in ln for ln in lines), 60), lines
+        source = bk.node(next(ln.split(":")[0] for ln in lines if "replication SQL thread stopped" in ln))
+        source.query("START SLAVE SQL_THREAD")  # (what a failover's repointing does)
+        write_rows(bk, 3, "moved")
+    finally:
+        t.join(120)
+    err = result.get("e")
+    assert err is not None and "moved during the backup" in str(err), (result, lines)
+    assert not list(repo_dir.rglob("*.age")) and not list(repo_dir.rglob("manifest.json"))
+    assert wait_until(lambda: (source.slave_status() or {}).get("Slave_SQL_Running") == "Yes", 10)
+
+
 def test_serve_archives_binlogs_and_exports_backup_metrics(bk, keyfile, tmp_path):
     import urllib.request
 

@@ -124,9 +124,19 @@ def replica_paused(config, src: ServerInfo, *, log_step=log.info):
         log_step(f"no running proxy for {config.source} to tell; pausing {src.name} anyway")
     try:
         rows(conn, "STOP SLAVE SQL_THREAD")
-        gtid = rows(conn, "SELECT @@gtid_slave_pos AS g")[0]["g"] or ""
+        where = "SELECT @@gtid_slave_pos AS g, @@gtid_current_pos AS c"
+        at = rows(conn, where)[0]
+        gtid = at["g"] or ""
         log_step(f"{src.name}: replication SQL thread stopped at GTID {gtid or '(none)'}")
         yield gtid
+        # The data and the GTID recorded must be of one moment: a replica that moved meanwhile (a
+        # failover repointing or promoting it, an operator's START SLAVE) makes the backup a mix,
+        # whose point-in-time replay from that GTID would apply some transactions twice.
+        end = rows(conn, where)[0]
+        if (end["g"], end["c"]) != (at["g"], at["c"]):
+            raise BackupError(f"{src.name} moved during the backup (GTID {at['g'] or '-'} -> {end['g'] or '-'}, "
+                              f"current {at['c'] or '-'} -> {end['c'] or '-'}): something restarted its replication "
+                              f"or wrote to it (a failover?); this backup is not of one moment and is discarded")
     finally:
         try:
             rows(conn, "START SLAVE SQL_THREAD")
@@ -371,9 +381,14 @@ def run_backup(config, repo: Repository, keys: codec.Keys, *, kind: str | None =
         return stored, info, took
 
     if src.is_replica:
-        with replica_paused(config, src, log_step=log_step) as gtid:
-            consistent_at = now()
-            stored, info, took = body(gtid)
+        try:
+            with replica_paused(config, src, log_step=log_step) as gtid:
+                consistent_at = now()
+                stored, info, took = body(gtid)
+        except BackupError:
+            if repo.keys(key):  # stored, but not of one moment: not left behind for a restore to find
+                repo.delete(key)
+            raise
         info["gtid"] = gtid
     else:
         stored, info, took = body("")

@@ -2,9 +2,10 @@
 
 Failover decides *that* a primary changes; this module keeps the cluster honest
 afterwards.  Every server that is not the designated primary is made read-only
-when it shows up writable while the primary is writable (fenced); while the primary
-is read-only, a writable server may be the target of a switchover made by hand.  Old primaries, and replicas still pointing
-at one, are made replicas of the new primary, but only if they hold no
+when it shows up writable while the primary is writable (fenced); while the
+primary is read-only, a writable server may be the target of a switchover made
+by hand.  Old primaries, and replicas still pointing at one, are made replicas
+of the new primary, but only if they hold no
 transaction the new primary never saw: their GTID position is compared with the
 position the new primary had when it took over (the end of the shared history),
 per domain.  A server that is ahead is kept out (MAINTENANCE) with one plain log

@@ -189,6 +189,11 @@ def test_restore_fails_before_touching_the_target(bk, keyfile, tmp_path):
     data.unlink()
     r = rw("backup", "restore", "-c", cfg, "--target-dir", str(target), check=False)
     assert r.returncode == 1 and "missing" in r.stderr and not target.exists()
+    for bad in ("garbage", "0-1-", "0-1-5,0-2-3", "99999999999999999999-1-1"):  # (a ValueError traceback before)
+        r = rw("backup", "restore", "-c", cfg, "--target-dir", str(target), "--gtid", bad, check=False)
+        assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+        assert r.stderr.strip() == f"rwproxy backup: --gtid {bad!r}: expected DOMAIN-SERVER_ID-SEQUENCE, one per " \
+                                   "domain, e.g. 0-1-1234 or 0-1-1234,1-2-56", r.stderr
     # an existing non-empty target is refused, and left as it was
     target.mkdir()
     (target / "keep").write_text("mine")

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
 import subprocess
 import tempfile
@@ -145,12 +146,23 @@ def backup_chain(repo: Repository, manifests: list[Manifest], bid: str) -> list[
         raise BackupError(f"backup {bid} needs {e.args[0]}, which is not in the repository") from None
 
 
+def _gtid_target(text: str):
+    """--gtid as a position, or one line saying what a GTID looks like (a ValueError's traceback before)."""
+    parts = [p for p in text.replace(" ", "").split(",") if p]
+    if parts and all(re.fullmatch(r"\d{1,10}-\d{1,10}-\d{1,20}", p) for p in parts):
+        pos = parse_position(text)
+        if len(pos) == len(parts) and all(d < 2**32 and s < 2**32 and n < 2**64 for d, (s, n) in pos.items()):
+            return pos
+    raise BackupError(f"--gtid {text!r}: expected DOMAIN-SERVER_ID-SEQUENCE, one per domain, e.g. 0-1-1234 "
+                      f"or 0-1-1234,1-2-56")
+
+
 def plan(repo: Repository, *, bid: str | None = None, at_time: float | None = None, at_gtid: str | None = None,
          manifests: list[Manifest] | None = None) -> Plan:
     manifests = load_all(repo) if manifests is None else manifests
     if not manifests:
         raise BackupError(f"no finished backup in {repo.url}")
-    target_pos = parse_position(at_gtid) if at_gtid else None
+    target_pos = _gtid_target(at_gtid) if at_gtid else None
     if bid:
         m = None  # (backup_chain names it if it is not there)
     elif at_time is not None or target_pos is not None:

@@ -296,7 +296,7 @@ def _replay(scratch: Scratch, files: list[tuple[ArchivedFile, Path]], start: Pos
                 argv.append(f"--start-position={format_position(applied)}")
             if p.stop_gtid:
                 argv.append(f"--stop-position={p.stop_gtid}")
-            if p.stop_time is not None:
+            if p.stop_time is not None and p.stop_time < 2**31 - 1:  # (later: after every event; mariadb-binlog wraps it)
                 argv.append("--stop-datetime=" + time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(p.stop_time)))
             argv.append(str(path))
             r = subprocess.run(argv, stdout=client.stdin, stderr=subprocess.PIPE, env=env)

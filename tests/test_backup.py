@@ -384,6 +384,58 @@ def test_archive_survives_archiver_kill_and_failover_and_reports_a_purge(bk, key
     assert "purged before they were archived" in (tmp_path / "archiver3.log").read_text()
 
 
+def test_two_archivers_of_one_repository_take_turns_instead_of_fighting(bk, keyfile, tmp_path):
+    """`serve` and `backup daemon`, or every instance of a coordinated cluster, given the same
+    [backup]: one archives, the other stands by (they used to kick each other off the primary every
+    second and re-read the binlogs from the start), and takes over when the first stops."""
+    cfg = write_cfg(bk, tmp_path / "c.toml", repository=f"file://{tmp_path / 'repo'}", key_file=keyfile,
+                    archive_interval=0.5)
+    logs = [tmp_path / "a1.log", tmp_path / "a2.log"]
+    first = ArchiverProcess(cfg, logs[0])
+    second = None
+    try:
+        assert wait_until(lambda: "reading" in logs[0].read_text(), 30), logs[0].read_text()
+        second = ArchiverProcess(cfg, logs[1])
+        assert wait_until(lambda: "standing by" in logs[1].read_text(), 30), logs[1].read_text()
+        write_rows(bk, 5, "two-archivers")
+        assert archive_catches_up(cfg, 30), check_report(cfg)
+        gaps = check_report(cfg)["gaps"]  # (before the archive's start, earlier tests purged binlogs)
+        time.sleep(3)
+        for log in logs:  # (no reader kicked the other off the primary)
+            assert "same server_uuid/server_id" not in log.read_text(), log.read_text()
+        first.kill(signal.SIGTERM)
+        assert wait_until(lambda: "the other archiver stopped; archiving from here" in logs[1].read_text(), 30), \
+            logs[1].read_text()
+        write_rows(bk, 5, "taken-over")
+        assert archive_catches_up(cfg, 30), check_report(cfg)
+        assert check_report(cfg)["gaps"] == gaps  # the hand-over left no gap of its own
+    finally:
+        first.kill()
+        if second is not None:
+            second.kill()
+
+
+def test_a_follower_instance_leaves_the_schedules_to_the_leader(bk, keyfile, tmp_path):
+    from proxy.backup.codec import load_keys
+    from proxy.backup.daemon import BackupDaemon
+    from proxy.backup.repo import open_repository
+
+    cfg = write_cfg(bk, tmp_path / "c.toml", repository=f"file://{tmp_path / 'repo'}", key_file=keyfile,
+                    schedule_full="* * * * *")
+    ticks = iter([0, 60])
+    t0 = time.time()
+    lines: list[str] = []
+    d = BackupDaemon(load_config(cfg), open_repository(f"file://{tmp_path / 'repo'}"), load_keys((), keyfile),
+                     str(tmp_path / "spool"), log_step=lines.append, clock=lambda: t0 + next(ticks, 60),
+                     may_run=lambda: False)
+    d.run()
+    try:
+        assert wait_until(lambda: "scheduled full: left to the leader instance" in lines, 10), lines
+    finally:
+        d.join(30)
+    assert not any("scheduled full starting" in ln for ln in lines) and not (tmp_path / "repo" / "backups").exists()
+
+
 def _cmdline(pid: str) -> bytes:
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as f:

@@ -211,6 +211,7 @@ class Archiver:
         self.source: ServerInfo | None = None
         self.spool_now: str | None = None  # the directory the reader writes into
         self.current_at = time.time()       # last moment everything read was also stored
+        self.standby = False  # another archiver holds this repository's lock
 
     def archived_end(self) -> Position:
         end: Position = {}
@@ -234,6 +235,30 @@ class Archiver:
     def _follow_once(self) -> None:
         src = primary(self.config, survey(self.config))
         backend = next(b for b in self.config.backends if b.name == src.name)
+        # One archiver per repository: `serve` and `backup daemon`, or every instance of a
+        # coordinated cluster, given the same [backup] would otherwise take turns kicking each other
+        # off the primary (same reader server_id) and re-read the binlogs from the start each time.
+        name = f"rwproxy.archive.{self.config.backup.archive_server_id or default_reader_id(self.repo.url)}"
+        lock = connect(self.config, backend, timeout=3, read_timeout=30)
+        try:
+            rows(lock, "SET SESSION wait_timeout = 31536000")
+            if rows(lock, "SELECT GET_LOCK(%s, 0) AS g", (name,))[0]["g"] != 1:
+                holder = rows(lock, "SELECT IS_USED_LOCK(%s) AS h", (name,))[0]["h"]
+                if not self.standby:
+                    self.log_step(f"binlog archiver: another archiver (connection {holder} on {src.name}) archives "
+                                  f"into {self.repo.url}; standing by until it stops")
+                self.standby = True
+                self.stop.wait(4.0)
+                return
+            if self.standby:  # taking over: what the other one stored is where to go on from
+                self.standby = False
+                self.log_step("binlog archiver: the other archiver stopped; archiving from here")
+                self.known = {(a.server_id, a.file): a for a in load_archive(self.repo)}
+            self._follow(src, backend)
+        finally:
+            lock.close()
+
+    def _follow(self, src: ServerInfo, backend) -> None:
         conn = connect(self.config, backend, timeout=3, read_timeout=30)
         try:
             files = server_binlogs(conn)
@@ -344,9 +369,12 @@ class Archiver:
                 return True
         return False
 
-    def lag(self) -> float:
+    def lag(self) -> float | None:
         """Seconds the archive is behind the primary's binlog: 0 while everything read is stored;
-        else since the last moment it was (the reader down counts too)."""
+        else since the last moment it was (the reader down counts too). None while another archiver
+        has the repository (it reports the lag)."""
+        if self.standby:
+            return None
         reading = self.proc is not None and self.proc.poll() is None
         if reading and self.spool_now and self.source and not self._unstored(self.spool_now, self.source):
             return 0.0

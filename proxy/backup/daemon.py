@@ -40,10 +40,13 @@ def due(plan: dict[str, Cron], last_tick: float, now: float) -> list[str]:
 
 
 class BackupDaemon:
-    def __init__(self, config, repo, keys, spool: str, *, log_step=log.info, clock=time.time):
+    def __init__(self, config, repo, keys, spool: str, *, log_step=log.info, clock=time.time, may_run=None):
         self.config, self.repo, self.keys, self.spool = config, repo, keys, spool
         self.log_step = log_step
         self.clock = clock
+        # with [cluster] coordination only the leader runs the schedules (each instance has the same
+        # [backup]: every one would back up at the same minute)
+        self.may_run = may_run or (lambda: True)
         self.stop = threading.Event()
         self.plan = schedules(config.backup)
         self.archiver = None
@@ -124,7 +127,10 @@ class BackupDaemon:
         while not self.stop.wait(1.0):
             now = self.clock()
             for job in due(self.plan, last, now):
-                self.run_job(job)
+                if self.may_run():
+                    self.run_job(job)
+                else:
+                    self.log_step(f"scheduled {job}: left to the leader instance")
             last = now
             if time.monotonic() - refreshed > REFRESH:
                 self._refresh()

@@ -155,7 +155,8 @@ class ControlPlane:
             self.backups.reconfigure(ctx.config, ctx.repo, ctx.keys, ctx.spool())
             return
         self.backups = BackupDaemon(ctx.config, ctx.repo, ctx.keys, ctx.spool(),
-                                    log_step=logging.getLogger("rwproxy.backup").info)
+                                    log_step=logging.getLogger("rwproxy.backup").info,
+                                    may_run=lambda: self.coord is None or self.coord.leading())
         self.backups.run()
 
     @staticmethod

@@ -481,3 +481,15 @@ def test_only_the_sandbox_owner_reaches_a_node_socket(cluster):
     with node.connect() as c, c.cursor() as cur:  # the owner still does
         cur.execute("SELECT CURRENT_USER()")
         assert cur.fetchone()[0] == "root@localhost"
+
+
+def test_the_template_cache_without_a_usable_home_is_a_private_tmp_directory(tmp_path, monkeypatch):
+    """A system user without a home (the Docker image's): a scheduled test restore still finds a
+    private place for the template, not a home it cannot create."""
+    from proxy.sandbox import template
+
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+    monkeypatch.setenv("HOME", "/proc/no-such-home")  # (cannot be created)
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path))
+    root = template.cache_root()
+    assert root == tmp_path / f"rwproxy-cache-{os.getuid()}" and (root.stat().st_mode & 0o777) == 0o700

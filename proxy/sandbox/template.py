@@ -22,13 +22,18 @@ INSTALL_ARGS = ["--auth-root-authentication-method=normal", "--skip-test-db",
 DONE = ".rwp-template-complete"  # written last: a template without it is rebuilt
 
 
-def _cache_root() -> Path:
+def cache_root() -> Path:
     """A directory only this user can write (0700, owned by it): $XDG_CACHE_HOME/rwproxy or
     ~/.cache/rwproxy. Not /tmp: the template's name is computable, and a datadir another local
     user placed there first (say, with an account of theirs) would have become every sandbox's."""
-    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "rwproxy"
-    private_dir(base)
-    return base
+    try:
+        base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "rwproxy"
+        private_dir(base)
+        return base
+    except (OSError, RuntimeError):  # no usable home (a system user in a container): a private /tmp one
+        base = Path(tempfile.gettempdir()) / f"rwproxy-cache-{os.getuid()}"
+        private_dir(base)  # (refused, not used, if another user made it first)
+        return base
 
 
 def _cache_path(install_db: str, mariadbd: str, user: str) -> Path:
@@ -38,7 +43,7 @@ def _cache_path(install_db: str, mariadbd: str, user: str) -> Path:
         st = os.stat(binary)
         ident += [binary, str(st.st_size), str(st.st_mtime_ns)]
     key = hashlib.sha1("\0".join(ident).encode()).hexdigest()[:12]
-    return _cache_root() / f"template-{key}"
+    return cache_root() / f"template-{key}"
 
 
 def template_datadir(install_db: str, mariadbd: str) -> Path:

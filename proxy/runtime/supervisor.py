@@ -51,6 +51,12 @@ class Reaper:
         except (AttributeError, OSError):
             pass
 
+    def close(self) -> None:
+        """In a forked worker: the supervisor's pidfds are not its business."""
+        for fd in self.fds.values():
+            os.close(fd)
+        self.fds.clear()
+
     def wait(self, pids, timeout: float = 1.0) -> list[tuple[int, int | None]]:
         """(pid, wait status, None if it was lost) of each of `pids` that ended, after sleeping
         until one may have (at most `timeout` seconds)."""
@@ -236,6 +242,7 @@ def _supervise(socks, topology, server_version, rsa_pem, tls_context, publisher,
             code = 0
             try:
                 publisher.close_in_worker(i)
+                reaper.close()
                 for j, s in enumerate(socks):
                     if j != i:
                         s.close()

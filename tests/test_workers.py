@@ -108,3 +108,31 @@ def test_spread_pins_each_worker_and_a_restarted_worker_again(cluster, tmp_path)
             assert cur.fetchone() == (2,)
     finally:
         p.process.stop()
+
+
+def test_workers_that_keep_dying_stop_the_proxy(cluster, tmp_path):
+    """Ten restarts in a minute are kept going; the eleventh stops rwproxy with exit status 1 and
+    one line saying why, the other worker ended too (a service manager then takes over)."""
+    p = start_proxy(cluster, tmp_path, proxy={"workers": 2})
+    try:
+        killed = []
+        for n in range(11):
+            live = _wait_for(lambda: [w for w in _workers(p) if w not in killed] if len(_workers(p)) == 2 else None)
+            os.kill(live[0], signal.SIGKILL)
+            killed.append(live[0])
+        assert p.process.proc.wait(20) == 1
+        log = p.process.log_tail(400)
+        assert log.count("was killed by SIGKILL; restarting it") == 10, log
+        assert "was killed by SIGKILL; workers keep crashing (more than 10 restarts in a minute): stopping" in log
+        sibling = [w for w in live if w != killed[-1]]
+        assert len(sibling) == 1
+
+        def gone(pid):
+            try:
+                with open(f"/proc/{pid}/stat") as f:
+                    return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+            except FileNotFoundError:
+                return True
+        assert _wait_for(lambda: gone(sibling[0]), 10)
+    finally:
+        p.process.stop()

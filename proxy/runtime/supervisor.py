@@ -231,7 +231,7 @@ def _supervise(socks, topology, server_version, rsa_pem, tls_context, publisher,
     SIGTERM or `rwproxy drain`; SIGHUP reloads the config."""
     children: dict[int, int] = {}  # pid -> worker index
     reaper = Reaper()
-    stopping = False
+    stopping = crashing = False
 
     def spawn(i: int) -> None:
         admission.reset_worker(i)  # a predecessor's clients died with it
@@ -313,12 +313,14 @@ def _supervise(socks, topology, server_version, rsa_pem, tls_context, publisher,
             i = children.pop(pid)
             if stopping or plane.draining:
                 continue
-            log.error("worker %d (pid %d) %s; restarting it", i, pid, describe_exit(status))
             now = time.monotonic()
             restarts = [t for t in restarts if now - t < 60] + [now]
             if len(restarts) > 10:
-                log.error("workers keep crashing (more than 10 restarts in a minute); stopping")
+                log.error("worker %d (pid %d) %s; workers keep crashing (more than 10 restarts in a minute): "
+                          "stopping", i, pid, describe_exit(status))
                 on_stop(signal.SIGTERM, None)
-                return 1
+                crashing = True
+                continue
+            log.error("worker %d (pid %d) %s; restarting it", i, pid, describe_exit(status))
             spawn(i)
-    return 0
+    return 1 if crashing else 0

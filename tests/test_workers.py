@@ -5,7 +5,11 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import time
+
+import pymysql
+import pytest
 
 from helpers import start_proxy
 
@@ -24,6 +28,15 @@ def _allowed_cpus(pid: int) -> set[int]:
 
 def _workers(p) -> list[int]:
     return [pid for pid in p.process.child_pids() if pid != p.process.proc.pid]
+
+
+def _gone(pid: int) -> bool:
+    """The process has ended (or is a zombie nobody has reaped yet)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
 
 
 def _wait_for(pred, timeout: float = 15.0):
@@ -126,13 +139,34 @@ def test_workers_that_keep_dying_stop_the_proxy(cluster, tmp_path):
         assert "was killed by SIGKILL; workers keep crashing (more than 10 restarts in a minute): stopping" in log
         sibling = [w for w in live if w != killed[-1]]
         assert len(sibling) == 1
+        assert _wait_for(lambda: _gone(sibling[0]), 10)
+    finally:
+        p.process.stop()
 
-        def gone(pid):
-            try:
-                with open(f"/proc/{pid}/stat") as f:
-                    return f.read().rsplit(")", 1)[1].split()[0] == "Z"
-            except FileNotFoundError:
-                return True
-        assert _wait_for(lambda: gone(sibling[0]), 10)
+
+def test_workers_do_not_outlive_a_killed_supervisor(cluster, tmp_path):
+    """SIGKILL of the supervisor (the OOM killer's choice, a kill -9) used to leave its workers
+    serving on the port for good, routing by the last topology they had been sent: after a
+    failover elsewhere they would have written to the old primary. Now they drain and exit: an
+    idle session is ended, and the port is free for a new rwproxy."""
+    p = start_proxy(cluster, tmp_path, proxy={"workers": 2, "shutdown_timeout": 5})
+    try:
+        _wait_for(lambda: len(_workers(p)) == 2)
+        workers = _workers(p)
+        conn = p.connect()
+        with conn.cursor() as cur:
+            cur.execute("SELECT 1")
+        os.kill(p.process.proc.pid, signal.SIGKILL)
+        p.process.proc.wait(10)
+        _wait_for(lambda: all(_gone(w) for w in workers), 20)
+        assert p.process.log_tail(100).count("the supervisor (the control plane) is gone") == 2
+        try:
+            with conn.cursor() as cur:
+                cur.execute("SELECT 2")
+            raise AssertionError("the session outlived its worker")
+        except pymysql.err.OperationalError:
+            pass
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection(("127.0.0.1", p.port), timeout=2).close()
     finally:
         p.process.stop()

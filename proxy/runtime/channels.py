@@ -105,9 +105,18 @@ class Publisher:
 
 
 class _Reader(asyncio.Protocol):
-    def __init__(self, on_topology):
+    def __init__(self, on_topology, on_orphaned):
         self.on_topology = on_topology
+        self.on_orphaned = on_orphaned
         self.buf = bytearray()
+
+    def connection_lost(self, exc):
+        """Only the supervisor holds the write end: it is gone (SIGKILL, the OOM killer). No monitor,
+        failover or reload reaches this worker any more, so it must not go on routing by a frozen
+        picture of the cluster (after a failover elsewhere it would write to the old primary)."""
+        log.error("the supervisor (the control plane) is gone: this worker drains its sessions and exits")
+        if self.on_orphaned is not None:
+            self.on_orphaned()
 
     def data_received(self, data):
         buf = self.buf
@@ -121,7 +130,8 @@ class _Reader(asyncio.Protocol):
             self.on_topology(topo)
 
 
-async def subscribe(loop, fd: int, on_topology) -> None:
-    """Worker side: call on_topology(snapshot) for every frame read from fd."""
+async def subscribe(loop, fd: int, on_topology, on_orphaned=None) -> None:
+    """Worker side: call on_topology(snapshot) for every frame read from fd, and on_orphaned()
+    when the supervisor's end closes."""
     pipe = os.fdopen(fd, "rb", buffering=0)
-    await loop.connect_read_pipe(lambda: _Reader(on_topology), pipe)
+    await loop.connect_read_pipe(lambda: _Reader(on_topology, on_orphaned), pipe)

@@ -240,7 +240,7 @@ class Worker:
         async def main():
             server = self.server = await self.loop.create_server(self._factory, sock=self.sock, backlog=1024)
             if self.topology_fd is not None:
-                await subscribe(self.loop, self.topology_fd, self.set_topology)
+                await subscribe(self.loop, self.topology_fd, self.set_topology, lambda: self.drain(0.0, p.shutdown_timeout))
             self.loop.create_task(self._housekeeping())
             self.loop.create_task(self._releases())
             self._start_peers()

@@ -107,6 +107,8 @@ def cmd_up(args) -> int:
         print(f"proxy config: {cluster.config_path}")
         print(f"admin shell:  mariadb --defaults-file={cluster.primary.cnf}")
         if fleet:
+            if fleet["revived"]:
+                print(f"fleet: started again {', '.join(fleet['revived'])}; the rest was running")
             print(f"etcd: {', '.join(fleet['etcd'])}")
             for p in fleet["proxies"]:
                 print(f"{p['name']}: 127.0.0.1:{p['port']} (pid {p['pid']}, metrics :{p['metrics']}, "

@@ -60,12 +60,66 @@ def coordination_section(endpoints: list[str], instance: str, *, name: str = "sa
 FLEET_FILE = "fleet.json"
 
 
-def up(cluster, proxies: int, etcd_members: int, timeout: float = 60.0) -> dict:
-    """Start (or find running) an etcd cluster, `proxies` rwproxy instances of one coordinated
-    cluster and HAProxy in front of them on the sandbox's proxy port. Pids and ports go to
-    DIR/fleet.json; `down()` stops them by pid."""
+def _ours(pid: int | None, needle: str) -> bool:
+    """True if `pid` runs and its command line names `needle` (a config path): a recorded pid that
+    the system has since given to another process is not ours."""
+    if not pid:
+        return False
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return needle.encode() in f.read()
+    except OSError:
+        return False
+
+
+def _revive(d, spec: dict, timeout: float) -> dict:
+    """Bring back what died of a recorded fleet, on its data, ports and configs, and leave what
+    runs alone: a second `up` (after an instance or an etcd member was killed, or a reboot) must
+    not drop the healthy instances' sessions or wipe etcd, whose epochs fence stale leaders.
+    `revived` lists what was started again."""
     import json
+
+    from proxy.runtime.launcher import ProxyProcess
+    from proxy.sandbox.etcd import EtcdCluster
+
+    revived = []
+    etcd = EtcdCluster.load(d / "etcd")
+    for m in etcd.members:
+        if not m.running():
+            etcd.restart_member(m)
+            revived.append(m.name)
+    etcd.wait_healthy(timeout)
+    for p in spec["proxies"]:
+        if not _ours(p["pid"], p["config"]):
+            proc = ProxyProcess(p["config"], "127.0.0.1", p["port"],
+                                log_path=str(d / f"rwproxy-{p['name'].removeprefix('rwproxy')}.log")).start(timeout)
+            p["pid"] = proc.proc.pid
+            revived.append(p["name"])
+    hp = spec.get("haproxy") or {}
+    if not _ours(hp.get("pid"), hp.get("config", "haproxy.cfg")):
+        hp = _start_haproxy(d)
+        spec["haproxy"] = hp
+        revived.append("haproxy")
+    (d / FLEET_FILE).write_text(json.dumps(spec, indent=2))
+    return {**spec, "revived": revived}
+
+
+def _start_haproxy(d) -> dict:
     import subprocess
+
+    cfg = d / "haproxy.cfg"
+    with open(d / "haproxy.log", "ab") as log:
+        hp = subprocess.Popen([haproxy_binary(), "-db", "-f", str(cfg)], stdout=log, stderr=subprocess.STDOUT,
+                              stdin=subprocess.DEVNULL, start_new_session=True)
+    return {"pid": hp.pid, "config": str(cfg)}
+
+
+def up(cluster, proxies: int, etcd_members: int, timeout: float = 60.0) -> dict:
+    """Start an etcd cluster, `proxies` rwproxy instances of one coordinated cluster and HAProxy
+    in front of them on the sandbox's proxy port, or, if this fleet runs already, start again
+    only what died (_revive). Pids and ports go to DIR/fleet.json; `down()` stops them by pid.
+    Asked for other counts than the recorded fleet's, it replaces that fleet."""
+    import json
     import tomllib
     from pathlib import Path
 
@@ -75,13 +129,17 @@ def up(cluster, proxies: int, etcd_members: int, timeout: float = 60.0) -> dict:
 
     d = Path(cluster.dir)
     spec_path = d / FLEET_FILE
-    if spec_path.exists():
-        down(cluster.dir)
     etcd_dir = d / "etcd"
+    if spec_path.exists():
+        spec = json.loads(spec_path.read_text())
+        if (len(spec["proxies"]) == proxies and (etcd_dir / "etcd.json").exists()
+                and len(EtcdCluster.load(etcd_dir).members) == etcd_members):
+            return _revive(d, spec, timeout)
+        down(cluster.dir)
     if (etcd_dir / "etcd.json").exists():
         import shutil
 
-        shutil.rmtree(etcd_dir)  # a fresh etcd cluster each time: its members' ports are picked anew
+        shutil.rmtree(etcd_dir)  # a new fleet gets a new etcd cluster: its members' ports are picked anew
     etcd = EtcdCluster.create(etcd_dir, etcd_members).start(timeout)
     base = tomllib.loads(Path(cluster.config_path).read_text())
     front = int(base["proxy"]["listen"].rsplit(":", 1)[1])
@@ -101,14 +159,11 @@ def up(cluster, proxies: int, etcd_members: int, timeout: float = 60.0) -> dict:
         p = ProxyProcess(str(path), "127.0.0.1", port, log_path=str(d / f"rwproxy-{i}.log")).start(timeout)
         spec["proxies"].append({"name": f"rwproxy{i}", "port": port, "admin": admin, "metrics": metrics,
                                 "config": str(path), "pid": p.proc.pid})
-    cfg = d / "haproxy.cfg"
-    cfg.write_text(haproxy_config(front, [(p["name"], p["port"], p["metrics"]) for p in spec["proxies"]]))
-    log = open(d / "haproxy.log", "ab")
-    hp = subprocess.Popen([haproxy_binary(), "-db", "-f", str(cfg)], stdout=log, stderr=subprocess.STDOUT,
-                          stdin=subprocess.DEVNULL, start_new_session=True)
-    spec["haproxy"] = {"pid": hp.pid, "config": str(cfg)}
+    (d / "haproxy.cfg").write_text(haproxy_config(front, [(p["name"], p["port"], p["metrics"])
+                                                          for p in spec["proxies"]]))
+    spec["haproxy"] = _start_haproxy(d)
     spec_path.write_text(json.dumps(spec, indent=2))
-    return spec
+    return {**spec, "revived": []}
 
 
 def down(directory) -> list[str]:

@@ -493,3 +493,40 @@ def test_the_template_cache_without_a_usable_home_is_a_private_tmp_directory(tmp
     monkeypatch.setattr("tempfile.tempdir", str(tmp_path))
     root = template.cache_root()
     assert root == tmp_path / f"rwproxy-cache-{os.getuid()}" and (root.stat().st_mode & 0o777) == 0o700
+
+
+def test_a_second_fleet_up_starts_again_only_what_died(tmp_path, capsys):
+    """`sandbox up --proxies 2 --etcd 3` twice: the second one starts again the instance, the etcd
+    member and the HAProxy that were killed, on their ports and data, and leaves the running ones
+    alone (it used to stop every instance and wipe etcd, whose epochs went back to the start);
+    `sandbox down` then stops all of them by pid."""
+    d = tmp_path / "fleet"
+    base = find_free_base_port(3, 27606)
+    argv = ["sandbox", "up", "--dir", str(d), "--base-port", str(base), "--proxy-port", str(base + 60),
+            "--proxies", "2", "--etcd", "3"]
+    assert cli_main(argv) == 0
+    try:
+        spec = json.loads((d / "fleet.json").read_text())
+        first, second = spec["proxies"]
+        member = d / "etcd" / "etcd2"
+        etcd_pid = int((member / "etcd.pid").read_text())
+        for pid in (first["pid"], spec["haproxy"]["pid"], etcd_pid):
+            os.kill(pid, signal.SIGKILL)
+        wait_for(lambda: not _pid_alive(first["pid"]) and not _pid_alive(etcd_pid), 10, "the kills")
+        capsys.readouterr()
+        assert cli_main(argv) == 0
+        assert "fleet: started again etcd2, rwproxy1, haproxy; the rest was running" in capsys.readouterr().out
+        again = json.loads((d / "fleet.json").read_text())
+        assert again["proxies"][1]["pid"] == second["pid"] and _pid_alive(second["pid"])
+        assert again["proxies"][0]["pid"] != first["pid"] and _pid_alive(again["proxies"][0]["pid"])
+        assert [p["port"] for p in again["proxies"]] == [first["port"], second["port"]]
+        assert again["etcd"] == spec["etcd"] and int((member / "etcd.pid").read_text()) != etcd_pid
+        with pymysql.connect(host="127.0.0.1", port=base + 60, user="app", password="app", database="app") as conn:
+            with conn.cursor() as cur:
+                cur.execute("SELECT 1")
+                assert cur.fetchone() == (1,)
+    finally:
+        assert cli_main(["sandbox", "down", "--dir", str(d)]) == 0
+    for pid in (again["proxies"][0]["pid"], second["pid"], again["haproxy"]["pid"]):
+        assert not _pid_alive(pid)
+    assert not (d / "fleet.json").exists()

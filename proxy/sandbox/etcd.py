@@ -18,7 +18,7 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from proxy.sandbox.util import SandboxError, port_is_free
+from proxy.sandbox.util import SandboxError, port_is_free, process_alive, process_cmdline
 
 
 def _free_ports(n: int, start: int) -> list[int]:
@@ -63,16 +63,14 @@ class Member:
             return None
 
     def running(self) -> bool:
+        """Its recorded pid runs etcd on this member's directory: not a zombie (a killed member
+        whose parent has not reaped it yet) and not another process that got the pid since."""
         pid = self.pid()
         if pid is None:
             return False
-        try:
-            os.kill(pid, 0)
-        except OSError:
-            return False
         if self.proc is not None and self.proc.pid == pid:
             return self.proc.poll() is None
-        return True
+        return process_alive(pid) and str(self.dir / "data") in (process_cmdline(pid) or [])
 
 
 @dataclass

@@ -61,15 +61,11 @@ FLEET_FILE = "fleet.json"
 
 
 def _ours(pid: int | None, needle: str) -> bool:
-    """True if `pid` runs and its command line names `needle` (a config path): a recorded pid that
-    the system has since given to another process is not ours."""
-    if not pid:
-        return False
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return needle.encode() in f.read()
-    except OSError:
-        return False
+    """True if `pid` runs (not a zombie) and its command line names `needle` (a config path): a
+    recorded pid that the system has since given to another process is not ours."""
+    from proxy.sandbox.util import process_alive, process_cmdline
+
+    return bool(pid) and process_alive(pid) and needle in (process_cmdline(pid) or [])
 
 
 def _revive(d, spec: dict, timeout: float) -> dict:
@@ -175,29 +171,28 @@ def down(directory) -> list[str]:
     from pathlib import Path
 
     from proxy.sandbox.etcd import EtcdCluster
+    from proxy.sandbox.util import process_alive
 
     d = Path(directory)
     spec_path = d / FLEET_FILE
     if not spec_path.exists():
         return []
     spec = json.loads(spec_path.read_text())
+    hp = spec.get("haproxy") or {}
+    ours = [("haproxy", hp.get("pid"), hp.get("config", ""))] + [(p["name"], p["pid"], p["config"])
+                                                                 for p in spec["proxies"]]
     stopped = []
-    pids = [("haproxy", (spec.get("haproxy") or {}).get("pid"))] + [(p["name"], p["pid"]) for p in spec["proxies"]]
-    for name, pid in pids:
-        if not pid:
-            continue
-        try:
-            os.kill(pid, signal.SIGTERM)
-        except ProcessLookupError:
-            continue
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
+    for name, pid, needle in ours:  # all at once: each instance drains for its drain_grace
+        if _ours(pid, needle):
             try:
-                os.kill(pid, 0)
+                os.kill(pid, signal.SIGTERM)
+                stopped.append((name, pid))
             except ProcessLookupError:
-                break
-            time.sleep(0.1)
-        stopped.append(name)
+                pass
+    deadline = time.monotonic() + 20
+    while any(process_alive(pid) for _, pid in stopped) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    stopped = [name for name, _ in stopped]
     if (d / "etcd" / "etcd.json").exists():
         EtcdCluster.load(d / "etcd").stop()
         stopped.append("etcd")

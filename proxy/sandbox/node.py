@@ -13,47 +13,13 @@ from typing import Any
 import pymysql
 import pymysql.cursors
 
-from proxy.sandbox.util import PortInUse, SandboxError, file_size, private_dir, tail
+from proxy.sandbox.util import PortInUse, SandboxError, file_size, private_dir, process_alive, process_cmdline, tail
 
 READY_TIMEOUT = 60.0
 STOP_TIMEOUT = 30.0
 # rpl_semi_sync_master_timeout: long enough for an ack on a busy 2-core box, short enough
 # that killing every replica only stalls the primary's commits for 2 s before it falls back to async.
 SEMI_SYNC_TIMEOUT_MS = 2000
-
-
-def _read_cmdline(pid: int) -> list[str] | None:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            raw = f.read()
-    except OSError:
-        return None
-    return [a.decode("utf-8", "replace") for a in raw.split(b"\0") if a]
-
-
-def _alive(pid: int) -> bool:
-    """True while pid exists and is not a zombie; reaps it if it is our child."""
-    try:
-        if os.waitpid(pid, os.WNOHANG)[0] == pid:
-            return False
-    except ChildProcessError:
-        pass
-    except OSError:
-        pass
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            stat = f.read()
-    except OSError:
-        return False
-    state = stat[stat.rfind(b")") + 2 : stat.rfind(b")") + 3]
-    if state not in (b"Z", b"X"):
-        return True
-    # A zombie thread-group leader can outlive its other threads briefly, and the process's
-    # sockets close only when the last thread exits: gone means no thread but the leader.
-    try:
-        return len(os.listdir(f"/proc/{pid}/task")) > 1
-    except OSError:
-        return False
 
 
 # Options the sandbox sets itself (layout, replication, identity): overriding them would break it.
@@ -184,7 +150,7 @@ class Node:
 
     def _is_ours(self, pid: int) -> bool:
         """Only a mariadbd started with exactly our defaults file is ever signalled."""
-        argv = _read_cmdline(pid)
+        argv = process_cmdline(pid)
         if not argv:
             return False
         exe = os.path.basename(argv[0])
@@ -198,13 +164,13 @@ class Node:
             pid = int(self.pid_file.read_text().strip())
         except (OSError, ValueError):
             pid = None
-        if pid and self._is_ours(pid) and _alive(pid):
+        if pid and self._is_ours(pid) and process_alive(pid):
             return pid
         if self._proc is not None and self._proc.poll() is None and self._is_ours(self._proc.pid):
             return self._proc.pid
         # e.g. pid file not written yet, or removed by hand: look for our exact command line
         for entry in os.listdir("/proc"):
-            if entry.isdigit() and self._is_ours(int(entry)) and _alive(int(entry)):
+            if entry.isdigit() and self._is_ours(int(entry)) and process_alive(int(entry)):
                 return int(entry)
         return None
 
@@ -272,12 +238,12 @@ class Node:
     def _wait_gone(self, pid: int, timeout: float) -> bool:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if not _alive(pid):
+            if not process_alive(pid):
                 if self._proc is not None and self._proc.pid == pid:
                     self._proc.poll()
                 return True
             time.sleep(0.05)
-        return not _alive(pid)
+        return not process_alive(pid)
 
     def stop(self, timeout: float = STOP_TIMEOUT) -> bool:
         """Clean shutdown: SIGTERM, wait, then SIGKILL. Returns False if it was not running."""

@@ -129,3 +129,38 @@ def write_private(path, text: str) -> None:
     with os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:
         f.write(text)
     os.chmod(path, 0o600)
+
+
+def process_cmdline(pid: int) -> list[str] | None:
+    """Its argv from /proc, None once it is gone."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            raw = f.read()
+    except OSError:
+        return None
+    return [a.decode("utf-8", "replace") for a in raw.split(b"\0") if a]
+
+
+def process_alive(pid: int) -> bool:
+    """True while pid exists and is not a zombie; reaps it if it is our child."""
+    try:
+        if os.waitpid(pid, os.WNOHANG)[0] == pid:
+            return False
+    except ChildProcessError:
+        pass
+    except OSError:
+        pass
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return False
+    state = stat[stat.rfind(b")") + 2 : stat.rfind(b")") + 3]
+    if state not in (b"Z", b"X"):
+        return True
+    # A zombie thread-group leader can outlive its other threads briefly, and the process's
+    # sockets close only when the last thread exits: gone means no thread but the leader.
+    try:
+        return len(os.listdir(f"/proc/{pid}/task")) > 1
+    except OSError:
+        return False

@@ -170,3 +170,47 @@ def test_workers_do_not_outlive_a_killed_supervisor(cluster, tmp_path):
             socket.create_connection(("127.0.0.1", p.port), timeout=2).close()
     finally:
         p.process.stop()
+
+
+def test_running_out_of_file_descriptors_refuses_new_clients_with_1040(cluster, tmp_path):
+    """A worker whose RLIMIT_NOFILE is nearly used up refuses new clients with ERROR 1040 (08004),
+    as a full server does, keeping the last descriptors for its sessions' server connections; it
+    used to accept them all until libuv closed new connections without a word and sessions'
+    backends failed with EMFILE. Said once in the log; clients get in again once others leave."""
+    import resource
+
+    p = start_proxy(cluster, tmp_path, proxy={"workers": 1})
+    try:
+        (worker,) = _wait_for(lambda: _workers(p) if len(_workers(p)) == 1 else None)
+        resource.prlimit(worker, resource.RLIMIT_NOFILE, (200, 200))
+        conns, refused = [], []
+        for _ in range(250):
+            try:
+                conns.append(p.connect())
+            except pymysql.err.OperationalError as e:
+                refused.append(e.args)
+        assert 20 < len(conns) < 200 and len(refused) == 250 - len(conns)
+        assert set(refused) == {(1040, "Too many connections")}
+        for i, conn in enumerate(conns):  # every session in still gets its answers, writes included
+            with conn.cursor() as cur:
+                cur.execute("SELECT %s", (i,))
+                assert cur.fetchone() == (i,)
+                if i % 10 == 0:
+                    cur.execute("SELECT @@read_only FROM DUAL FOR UPDATE")
+        assert p.process.log_tail(200).count("out of file descriptors: a new client's socket is number") == 1
+        for conn in conns[:10]:
+            conn.close()
+        again = _wait_for(lambda: _try_connect(p), 10)
+        again.close()
+    finally:
+        for conn in conns:
+            if conn.open:
+                conn.close()
+        p.process.stop()
+
+
+def _try_connect(p):
+    try:
+        return p.connect()
+    except pymysql.err.OperationalError:
+        return None

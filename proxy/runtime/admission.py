@@ -14,12 +14,47 @@ from __future__ import annotations
 import logging
 import mmap
 import multiprocessing
+import resource
 import struct
+import time
 
 log = logging.getLogger("rwproxy.server")
 
 _LOCK_WAIT = 0.5  # s; a lock held this long means a worker died holding it: admit, and say so once
 SPARE_USERS = 64  # columns kept for users a reload adds
+FD_RESERVE = 64  # file descriptors kept for server connections (or a 20th of the limit, if more)
+_fd_said = -1e9
+
+
+def fd_limit() -> int:
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+def fd_reserve(limit: int) -> int:
+    return max(FD_RESERVE, limit // 20)
+
+
+def fds_to_spare(transport) -> bool:
+    """False when a new client's socket is among the last file descriptors RLIMIT_NOFILE allows:
+    it is then refused with ERROR 1040, as a full server does, so that the sessions already in
+    can still open server connections. (Past the limit libuv accepts and closes connections
+    without a word, and sessions' backends fail with EMFILE.) The kernel hands out the lowest free
+    descriptor, so a socket numbered n means n are in use. Said once per 10 s in the log."""
+    global _fd_said
+    sock = transport.get_extra_info("socket")
+    if sock is None:
+        return True
+    limit = fd_limit()
+    n = sock.fileno()
+    if n < limit - fd_reserve(limit):
+        return True
+    now = time.monotonic()
+    if now - _fd_said >= 10:
+        _fd_said = now
+        log.error("out of file descriptors: a new client's socket is number %d of RLIMIT_NOFILE %d; new clients get "
+                  "ERROR 1040 while fewer than %d are free (kept for the sessions' server connections); raise the "
+                  "limit (systemd LimitNOFILE=, docker --ulimit nofile=, ulimit -n)", n, limit, fd_reserve(limit))
+    return False
 
 
 class Admission:

@@ -124,8 +124,9 @@ def bind_sockets(host: str, port: int, count: int) -> list[socket.socket]:
     return socks
 
 
-def raise_fd_limit() -> None:
-    """Each client may hold a socket per backend: use all the file descriptors we may."""
+def raise_fd_limit() -> int:
+    """Each client may hold a socket per backend: use all the file descriptors we may (the
+    soft limit, raised to the hard one, is returned)."""
     import resource
 
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -136,6 +137,21 @@ def raise_fd_limit() -> None:
             resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
         except (ValueError, OSError):
             pass
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+def check_fd_limit(config, workers: int, limit: int) -> None:
+    """One line at start when RLIMIT_NOFILE cannot hold a worker's share of max_connections
+    plus the server connections it may open (containers often start with 1,024)."""
+    from proxy.runtime.admission import fd_reserve
+
+    per_server = config.pool.max_server_connections or 1024
+    need = -(-config.proxy.max_connections // workers) + per_server * len(config.backends) + 64
+    if limit < need:
+        log.warning("RLIMIT_NOFILE is %d: a worker with its share of max_connections = %d may need about %d file "
+                    "descriptors; past about %d clients per worker new clients get ERROR 1040 Too many connections. "
+                    "Raise the limit (systemd LimitNOFILE=, docker --ulimit nofile=, ulimit -n) or lower "
+                    "max_connections", limit, config.proxy.max_connections, need, limit - fd_reserve(limit))
 
 
 def make_tls_context(config) -> ssl.SSLContext | None:
@@ -181,7 +197,7 @@ def serve(config) -> int:
 
 
 def _serve(config, workers: int, tls_context) -> int:
-    raise_fd_limit()
+    check_fd_limit(config, workers, raise_fd_limit())
     socks = bind_sockets(config.proxy.host, config.proxy.port, workers)
     topology = topo_mod.probe(config)
     primary = topology.primary

@@ -33,6 +33,7 @@ from proxy.frontend.reader import COMMAND
 from proxy.frontend.session import ClientConnection
 from proxy.observe import report
 from proxy.observe.recorder import Recorder
+from proxy.runtime.admission import fds_to_spare
 from proxy.runtime.channels import subscribe
 from proxy.runtime import rundir
 from proxy.runtime.workerctl import WorkerControl
@@ -169,7 +170,9 @@ class Worker:
         return self.writable_primary().name
 
     def admit(self, client) -> bool:
-        """A new client connection, if [proxy] max_connections (across all workers) allows it."""
+        """A new client, if [proxy] max_connections (across all workers) and the free file descriptors allow it."""
+        if not fds_to_spare(client.transport):
+            return False
         if self.admission is not None:
             if not self.admission.admit(self.index):
                 return False

@@ -17,6 +17,7 @@ import pymysql
 import pytest
 
 from helpers import failover_section, start_proxy, wait_until
+from proxy.cluster import gtid
 from proxy.coord.etcd import Etcd
 from proxy.runtime.launcher import free_port
 from proxy.sandbox.etcd import EtcdCluster
@@ -280,5 +281,74 @@ def test_switchover_asked_of_a_follower_runs_once_on_the_leader(semisync, etcd, 
         assert r.returncode == 0, r.stdout + r.stderr
         assert wait_until(lambda: all({s["name"]: s for s in f.status(p)["servers"]}["node3"]["admin_state"]
                                       == "offline" for p in f.proxies), 10)
+    finally:
+        f.stop()
+
+
+def test_an_epoch_of_a_rebuilt_etcd_does_not_block_switchovers(semisync, etcd, tmp_path):
+    """Epochs are etcd revisions, and a new etcd cluster (rebuilt after losing its data) counts
+    again from 1, below what the servers recorded: every step used to be refused ("already
+    follows epoch N") until the revisions caught up. The recorded epoch now names its etcd
+    cluster; one of another cluster gives way (one warning line), one of this cluster still
+    stops a stale leader."""
+    cl = semisync
+    f = Fleet(cl, etcd, tmp_path, n=2)
+    try:
+        assert wait_until(lambda: f.leader() is not None, 20)
+        assert wait_until(lambda: all(f.primary_of(p) == "node1" for p in f.proxies), 20)
+
+        def switch(to):
+            return subprocess.run([sys.executable, "-m", "proxy", "switchover", "--to", to, "--config",
+                                   f.proxies[0].process.config_path], capture_output=True, text=True, timeout=60)
+
+        r = switch("node2")
+        assert r.returncode == 0, r.stdout + r.stderr
+        row = cl.node("node2").query("SELECT * FROM rwproxy.leader_epoch WHERE cluster = %s", (f.name,))[0]
+        ours = Etcd(etcd.endpoints).call("kv/range", {"key": "eA=="})["header"]["cluster_id"]
+        assert row["etcd_cluster"] == ours and row["epoch"] > 0
+        cl.node("node2").query("UPDATE rwproxy.leader_epoch SET epoch = epoch + 1000000000, etcd_cluster = "
+                               "'1234567890' WHERE cluster = %s", (f.name,))
+        cl.wait_replicas_caught_up(10)
+        r = switch("node1")
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert wait_until(lambda: all(f.primary_of(p) == "node1" for p in f.proxies), 10)
+        assert sum(t.count("of another etcd cluster (id 1234567890;") for t in f.logs()) == 1
+        row = cl.node("node1").query("SELECT * FROM rwproxy.leader_epoch WHERE cluster = %s", (f.name,))[0]
+        assert row["etcd_cluster"] == ours and row["epoch"] < 1000000000
+
+        cl.node("node1").query("UPDATE rwproxy.leader_epoch SET epoch = epoch + 1000000000 WHERE cluster = %s",
+                               (f.name,))
+        cl.wait_replicas_caught_up(10)
+        r = switch("node2")
+        assert r.returncode != 0 and "already follows epoch" in r.stdout + r.stderr, r.stdout + r.stderr
+        assert all(f.primary_of(p) == "node1" for p in f.proxies)
+    finally:
+        f.stop()
+
+
+def test_switchovers_leave_no_errant_transaction_on_the_old_primary(semisync, etcd, tmp_path):
+    """Every instance's monitor writes heartbeats to the primary it knows, as the monitor user,
+    which read_only does not stop. A follower that had not yet seen the leader's switchover wrote
+    one on the old primary after its final position was taken: a transaction the new primary
+    never got, and the old primary's replication then stopped at the new primary's first write
+    (1950, gtid_strict_mode). Heartbeats are now written only where read_only is off."""
+    cl = semisync
+    f = Fleet(cl, etcd, tmp_path, n=3)
+    try:
+        assert wait_until(lambda: f.leader() is not None, 20)
+        assert wait_until(lambda: all(f.primary_of(p) == "node1" for p in f.proxies), 20)
+        old = "node1"
+        for to in ("node2", "node1", "node3", "node1"):
+            r = subprocess.run([sys.executable, "-m", "proxy", "switchover", "--to", to, "--config",
+                                f.proxies[0].process.config_path], capture_output=True, text=True, timeout=60)
+            assert r.returncode == 0, r.stdout + r.stderr
+            assert wait_until(lambda: all(f.primary_of(p) == to for p in f.proxies), 10)
+            time.sleep(1.0)  # heartbeats on the new primary replicate to the old one
+            new_pos = cl.node(to).query("SELECT @@gtid_binlog_pos AS p")[0]["p"]
+            assert wait_until(lambda: gtid.reached(cl.node(old).query("SELECT @@gtid_current_pos AS p")[0]["p"], new_pos)
+                              or cl.node(old).slave_status()["Slave_SQL_Running"] != "Yes", 10)
+            st = cl.node(old).slave_status()
+            assert st["Slave_SQL_Running"] == "Yes" and st["Last_SQL_Error"] == "", (to, st["Last_SQL_Error"])
+            old = to
     finally:
         f.stop()

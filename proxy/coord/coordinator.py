@@ -58,6 +58,7 @@ class Coordinator:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._poke = threading.Event()
+        self._foreign_said = 0  # the epoch of the last "another etcd cluster" warning
         self._lease = 0
         self._renewed_sent = 0.0  # monotonic time the last successful renewal (or grant) was sent
         self._epoch = 0  # create_revision of our leader key while we lead, else 0
@@ -132,20 +133,28 @@ class Coordinator:
             self._step_down("the leader key changed (another instance leads)")
             raise StepError(f"{what}: epoch {epoch} is over: another instance leads")
         if link is not None:
-            seen = self._epoch_on(link)
-            if seen > epoch:
+            seen, where = self._epoch_on(link)
+            mine = self.etcd.cluster_id
+            if seen > epoch and where and mine and where != mine:
+                if self._foreign_said != seen:
+                    self._foreign_said = seen
+                    log.warning("coordination: %s records epoch %d of another etcd cluster (id %s; this one is %s): "
+                                "etcd was rebuilt or replaced, its revisions started again; epoch %d takes over",
+                                link.name, seen, where, mine, epoch)
+            elif seen > epoch:
                 self._step_down(f"{link.name} records epoch {seen}")
                 raise StepError(f"{what}: {link.name} already follows epoch {seen} (ours is {epoch})")
 
-    def _epoch_on(self, link) -> int:
+    def _epoch_on(self, link) -> tuple[int, str]:
+        """(the epoch recorded on the server, the id of the etcd cluster it came from; "" if unknown)."""
         schema = self.config.monitor.heartbeat_schema
-        try:
-            v = link.value(f"SELECT epoch FROM `{schema}`.leader_epoch WHERE cluster = %s", (self.name,))
+        try:  # (*: a table an older rwproxy made has no etcd_cluster)
+            rows = link.q(f"SELECT * FROM `{schema}`.leader_epoch WHERE cluster = %s", (self.name,))
         except StepError as e:
             if "(1146)" in str(e) or "(1049)" in str(e):  # no table yet: no epoch was recorded
-                return 0
+                return 0, ""
             raise
-        return int(v or 0)
+        return (int(rows[0]["epoch"]), str(rows[0].get("etcd_cluster") or "")) if rows else (0, "")
 
     def record(self, link) -> None:
         """On a server just promoted: our epoch, replicated to every server that follows it."""
@@ -157,12 +166,20 @@ class Coordinator:
         link.q(f"CREATE DATABASE IF NOT EXISTS `{schema}`")
         link.q(f"CREATE TABLE IF NOT EXISTS `{schema}`.leader_epoch ("
                " cluster VARCHAR(64) NOT NULL PRIMARY KEY, epoch BIGINT UNSIGNED NOT NULL,"
-               " leader VARCHAR(255) NOT NULL, at DECIMAL(20,6) NOT NULL"
+               " leader VARCHAR(255) NOT NULL, at DECIMAL(20,6) NOT NULL,"
+               " etcd_cluster VARCHAR(32) NOT NULL DEFAULT ''"
                ") ENGINE=InnoDB COMMENT='rwproxy: the leader epoch that promoted this primary'")
-        link.q(f"INSERT INTO `{schema}`.leader_epoch (cluster, epoch, leader, at) VALUES (%s, %s, %s, %s) "
-               "ON DUPLICATE KEY UPDATE leader = IF(VALUES(epoch) >= epoch, VALUES(leader), leader), "
-               "at = IF(VALUES(epoch) >= epoch, VALUES(at), at), epoch = GREATEST(epoch, VALUES(epoch))",
-               (self.name, epoch, self.me, time.time()))
+        link.q(f"ALTER TABLE `{schema}`.leader_epoch ADD COLUMN IF NOT EXISTS etcd_cluster VARCHAR(32) NOT NULL "
+               "DEFAULT ''")  # (a table an older rwproxy made)
+        # Ours if newer, or if the recorded one came from another etcd cluster (check() said so).
+        # The assignments run in order and see the columns already assigned: epoch and etcd_cluster last.
+        take = ("(VALUES(epoch) >= epoch OR (etcd_cluster <> '' AND VALUES(etcd_cluster) <> '' "
+                "AND etcd_cluster <> VALUES(etcd_cluster)))")
+        link.q(f"INSERT INTO `{schema}`.leader_epoch (cluster, epoch, leader, at, etcd_cluster) "
+               f"VALUES (%s, %s, %s, %s, %s) ON DUPLICATE KEY UPDATE leader = IF({take}, VALUES(leader), leader), "
+               f"at = IF({take}, VALUES(at), at), epoch = IF({take}, VALUES(epoch), epoch), "
+               f"etcd_cluster = IF({take}, VALUES(etcd_cluster), etcd_cluster)",
+               (self.name, epoch, self.me, time.time(), self.etcd.cluster_id))
 
     # ---- the session thread: lease, campaign, publish --------------------------------------
     def _session(self) -> None:

@@ -109,6 +109,9 @@ class Etcd:
         self._http = urllib3.PoolManager(maxsize=4, retries=False, **tls)
         self._good = 0
         self._lock = threading.Lock()
+        # The etcd cluster's id (every answer's header): an epoch recorded on a server under another
+        # cluster (etcd rebuilt from scratch) is not comparable with this cluster's revisions.
+        self.cluster_id = ""
         self._watching = None  # the open watch response (close() shuts it down)
         self._user, self._password = user, password
         self._token = ""  # etcd auth: the token of the last login (sent as Authorization)
@@ -188,6 +191,7 @@ class Etcd:
                 continue  # e.g. "etcdserver: request timed out" from a member without quorum
             with self._lock:
                 self._good = self.endpoints.index(ep)
+                self.cluster_id = str(doc.get("header", {}).get("cluster_id", "") or self.cluster_id)
             return doc
         raise EtcdError("etcd did not answer: " + "; ".join(errors))
 

@@ -59,22 +59,27 @@ class HeartbeatWriting:
                 conn[0] = await self._connect(node)
             c = conn[0]
             if not state["table"]:
-                await c.query(f"CREATE DATABASE IF NOT EXISTS `{schema}`")
-                await c.query(f"CREATE TABLE IF NOT EXISTS `{schema}`.heartbeat ("
-                              " server_id INT UNSIGNED NOT NULL PRIMARY KEY COMMENT '@@server_id of the writer',"
-                              " ts DECIMAL(20,6) NOT NULL COMMENT 'writer clock: UNIX_TIMESTAMP(NOW(6))',"
-                              " writer VARCHAR(255) NOT NULL DEFAULT '' COMMENT 'backend name in the rwproxy config'"
-                              ") ENGINE=InnoDB COMMENT='rwproxy replication heartbeat'")
+                if not await self._beat_setup(c, schema):
+                    return
                 state["table"] = True
             # The row, then where the writer's clock and binlog stood right after it (a timeline sample
             # that brackets the heartbeat's own transaction; see lag.py), and what a check reads (a
-            # calm writer's heartbeats are its checks, cadence.py): one round trip.
+            # calm writer's heartbeats are its checks, cadence.py): one round trip. The row is written
+            # only while read_only is off: the monitor user is not stopped by read_only, and a beat on
+            # a primary a switchover has just made read-only (another coordinated instance's monitor,
+            # which has not heard of it yet) would be a transaction the new primary never gets; the old
+            # primary's replication would stop at the new one's first write (1950). An INSERT ... SELECT
+            # of no row is not binlogged in ROW or MIXED format (_beat_setup keeps STATEMENT away).
             gen = self._gen
             row = (await c.query(f"INSERT INTO `{schema}`.heartbeat (server_id, ts, writer) "
-                                 f"VALUES (@@server_id, UNIX_TIMESTAMP(NOW(6)), {wire.quote(node.name)}) "
+                                 f"SELECT @@server_id, UNIX_TIMESTAMP(NOW(6)), {wire.quote(node.name)} FROM DUAL "
+                                 "WHERE @@global.read_only = 0 "
                                  "ON DUPLICATE KEY UPDATE ts = VALUES(ts), writer = VALUES(writer); "
                                  "SELECT UNIX_TIMESTAMP(NOW(6)), @@gtid_binlog_pos, @@read_only, @@server_id, "
                                  "@@gtid_current_pos, @@gtid_slave_pos"))[0]
+            if row[2] != "0":  # read-only now: no beat landed; a check finds out what changed
+                node.wake()
+                return
             pos = row[1] or ""
             node.timeline.add(float(row[0]), pos)
             node.beat_ok = time.monotonic()
@@ -100,6 +105,34 @@ class HeartbeatWriting:
             close_quietly(conn[0])
             conn[0] = None
             state["table"] = False
+
+    async def _beat_setup(self, c, schema: str) -> bool:
+        """Before the first beat on a connection: the table, created only where it is missing and
+        only while read_only is off (CREATE DATABASE IF NOT EXISTS is binlogged even when the
+        database exists); and row-based logging for this session on a STATEMENT-format server, so
+        that a beat the read_only guard stops leaves no event (tried; without BINLOG ADMIN the
+        guard still holds for all but that format). False: read-only, nothing done."""
+        ro, fmt, has_db, has_table = (await c.query(
+            "SELECT @@global.read_only, @@binlog_format, "
+            f"(SELECT COUNT(*) FROM information_schema.SCHEMATA WHERE SCHEMA_NAME = {wire.quote(schema)}), "
+            f"(SELECT COUNT(*) FROM information_schema.TABLES WHERE TABLE_SCHEMA = {wire.quote(schema)} "
+            "AND TABLE_NAME = 'heartbeat')"))[0]
+        if ro != "0":
+            return False
+        if fmt == "STATEMENT":
+            try:
+                await c.query("SET SESSION binlog_format = 'ROW'")
+            except pymysql.MySQLError:
+                pass
+        if has_db == "0":
+            await c.query(f"CREATE DATABASE IF NOT EXISTS `{schema}`")
+        if has_table == "0":
+            await c.query(f"CREATE TABLE IF NOT EXISTS `{schema}`.heartbeat ("
+                          " server_id INT UNSIGNED NOT NULL PRIMARY KEY COMMENT '@@server_id of the writer',"
+                          " ts DECIMAL(20,6) NOT NULL COMMENT 'writer clock: UNIX_TIMESTAMP(NOW(6))',"
+                          " writer VARCHAR(255) NOT NULL DEFAULT '' COMMENT 'backend name in the rwproxy config'"
+                          ") ENGINE=InnoDB COMMENT='rwproxy replication heartbeat'")
+        return True
 
     async def _judge_beat(self, node: Node, conn, row: tuple, gen: int) -> None:
         """A calm writer's heartbeat answer judged as its check (its check task naps meanwhile)."""

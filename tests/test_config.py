@@ -342,6 +342,8 @@ def test_admin_port_needs_a_user_with_a_password():
      "proxy.client_idle_timeout: expected a number of seconds >= 0 and at most 31536000, got 31536001"),
     ("[monitor]\ninterval = 1e300", "monitor.interval: expected a number of seconds > 0 and at most 31536000, got 1e+300"),
     ("[admin]\nmax_rows = 10000001", "admin.max_rows: expected an integer 1-10000000, got 10000001"),
+    ("[failover]\nreplica_heartbeat_period = 4294968",
+     "failover.replica_heartbeat_period: expected a number of seconds >= 0 and at most 4294967, got 4294968"),
 ])
 def test_values_past_what_the_runtime_takes_are_refused(snippet, message):
     """TOML integers have no limit: a value that passed the check used to stop `serve` with an

@@ -143,9 +143,9 @@ def I(default, lo=None, hi=None, **kw):  # noqa: E743 - short names keep the tab
     return _key(default, "int", lo=lo, hi=hi, **kw)
 
 
-def F(default, *, positive=False):
-    """Duration in seconds: >= 0, or > 0 when positive; ints become floats."""
-    return _key(float(default), "float", positive=positive)
+def F(default, *, positive=False, hi=None):
+    """Duration in seconds: >= 0, or > 0 when positive, at most hi (a year if None); ints become floats."""
+    return _key(float(default), "float", positive=positive, hi=hi)
 
 
 def B(default):

@@ -103,9 +103,9 @@ def _expected(meta, value=None) -> str:
             return f"an integer {lo}-{hi}"
         return f"an integer {lo}-{MAX_INT}" if lo is not None else f"an integer up to {MAX_INT}"
     if kind == "float":
-        over = type(value) in (int, float) and value > MAX_SECONDS
-        return "a number of seconds " + ("> 0" if meta["positive"] else ">= 0") + (
-            f" and at most {MAX_SECONDS:.0f}" if over else "")
+        top = MAX_SECONDS if hi is None else hi
+        over = type(value) in (int, float) and value > top
+        return "a number of seconds " + ("> 0" if meta["positive"] else ">= 0") + (f" and at most {top:.0f}" if over else "")
     if kind == "enum":
         return "one of " + ", ".join(show(c) for c in meta["choices"])
     return {"bool": "a boolean (true or false)", "strs": "an array of strings",
@@ -118,7 +118,7 @@ def _scalar_ok(v, meta) -> bool:
         return (type(v) is int and (meta["lo"] is None or v >= meta["lo"])
                 and v <= (MAX_INT if meta["hi"] is None else meta["hi"]) and v >= -MAX_INT)
     if kind == "float":
-        return (type(v) in (int, float) and math.isfinite(v) and v <= MAX_SECONDS
+        return (type(v) in (int, float) and math.isfinite(v) and v <= (meta.get("hi") or MAX_SECONDS)
                 and (v > 0 if meta["positive"] else v >= 0))
     if kind == "bool":
         return type(v) is bool

@@ -217,7 +217,7 @@ class FailoverConfig:
     replica_silence: float = F(0.6)
     # s: MASTER_HEARTBEAT_PERIOD rwproxy gives the replicas (0 = leave theirs), so an idle primary
     # still tells them it lives, and a silent one can be told from a quiet one
-    replica_heartbeat_period: float = F(0.2)
+    replica_heartbeat_period: float = F(0.2, hi=4294967)  # (MariaDB's largest MASTER_HEARTBEAT_PERIOD)
     failover_cooldown: float = F(60.0)
     write_hold_timeout: float = F(10.0)
     auto_rejoin: bool = B(True)

@@ -51,8 +51,8 @@ def fds_to_spare(transport) -> bool:
     now = time.monotonic()
     if now - _fd_said >= 10:
         _fd_said = now
-        log.error("out of file descriptors: a new client's socket is number %d of RLIMIT_NOFILE %d; new clients get "
-                  "ERROR 1040 while fewer than %d are free (kept for the sessions' server connections); raise the "
+        log.error("out of file descriptors: a new client's socket is number %d of RLIMIT_NOFILE %d; new clients are "
+                  "refused (1040 Too many connections) while fewer than %d are free (kept for the sessions' server connections); raise the "
                   "limit (systemd LimitNOFILE=, docker --ulimit nofile=, ulimit -n)", n, limit, fd_reserve(limit))
     return False
 

@@ -149,7 +149,7 @@ def check_fd_limit(config, workers: int, limit: int) -> None:
     need = -(-config.proxy.max_connections // workers) + per_server * len(config.backends) + 64
     if limit < need:
         log.warning("RLIMIT_NOFILE is %d: a worker with its share of max_connections = %d may need about %d file "
-                    "descriptors; past about %d clients per worker new clients get ERROR 1040 Too many connections. "
+                    "descriptors; past about %d clients per worker new clients are refused (1040 Too many connections). "
                     "Raise the limit (systemd LimitNOFILE=, docker --ulimit nofile=, ulimit -n) or lower "
                     "max_connections", limit, config.proxy.max_connections, need, limit - fd_reserve(limit))
 

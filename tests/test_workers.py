@@ -168,6 +168,10 @@ def test_workers_do_not_outlive_a_killed_supervisor(cluster, tmp_path):
             pass
         with pytest.raises(ConnectionRefusedError):
             socket.create_connection(("127.0.0.1", p.port), timeout=2).close()
+        p.process.start()  # the same config again: port and runtime directory are free
+        with p.connect() as again, again.cursor() as cur:
+            cur.execute("SELECT 3")
+            assert cur.fetchone() == (3,)
     finally:
         p.process.stop()
 

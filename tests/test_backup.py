@@ -510,6 +510,19 @@ def test_backup_daemon_runs_until_stopped_and_refuses_an_empty_plan(bk, keyfile,
         spools = [d for d in (tmp_path / "spool").iterdir() if d.is_dir()]  # binlogs in clear: owner only
         assert spools and all(d.stat().st_mode & 0o077 == 0 for d in spools), [oct(d.stat().st_mode) for d in spools]
         assert proc.poll() is None  # still running: it archives until told to stop
+        # SIGHUP reloads (it used to end the daemon on the spot); a file that does not load changes nothing
+        write_cfg(bk, Path(cfg), repository=f"file://{repo}", key_file=keyfile, archive_binlogs=True,
+                  archive_interval=1.0, spool_dir=str(tmp_path / "spool"), schedule_full="0 3 * * *")
+        proc.send_signal(signal.SIGHUP)
+        assert wait_until(lambda: "reloaded (SIGHUP)" in open(tmp_path / "daemon.log").read(), 20)
+        assert 'backup schedules: full "0 3 * * *"' in open(tmp_path / "daemon.log").read()
+        good = Path(cfg).read_text()
+        Path(cfg).write_text(good + "\n[backup.nonsense]\n")
+        proc.send_signal(signal.SIGHUP)
+        assert wait_until(lambda: "reload (SIGHUP) refused, the daemon keeps its settings: " in
+                          open(tmp_path / "daemon.log").read(), 20), open(tmp_path / "daemon.log").read()
+        Path(cfg).write_text(good)
+        assert proc.poll() is None
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(60) == 0
     finally:

@@ -201,15 +201,37 @@ def _daemon(args) -> int:
         raise BackupError("nothing to run: set [backup] schedule_full, schedule_incremental, "
                           "schedule_test_restore or archive_binlogs = true")
     signal.signal(signal.SIGTERM, lambda *_: d.stop.set())
+    hup = []  # SIGHUP (systemctl reload): re-read the config here, between waits
+    signal.signal(signal.SIGHUP, lambda *_: hup.append(1))
     d.run()  # (starts the threads and returns)
     try:
-        while not d.stop.wait(1.0):  # until SIGTERM or Ctrl-C
-            pass
+        while not d.stop.wait(0.5):  # until SIGTERM or Ctrl-C
+            if hup:
+                hup.clear()
+                _reload_daemon(d, args.config)
     except KeyboardInterrupt:
         pass
     _say("backup daemon stopping")
     d.join()
     return 0
+
+
+def _reload_daemon(d, path: str) -> None:
+    """SIGHUP: the daemon takes the file's [backup] as serve's reload does (a running job finishes
+    with the old settings); a file that does not load changes nothing. (SIGHUP used to end the
+    daemon on the spot: its default action, with a backup's program left running.)"""
+    from proxy.config.load import ConfigError
+
+    try:
+        ctx = Context(path)
+        if not ctx.config.backup.archive_binlogs and not any(
+                getattr(ctx.config.backup, k) for k in ("schedule_full", "schedule_incremental", "schedule_test_restore")):
+            raise BackupError("nothing to run: no schedule and archive_binlogs = false")
+    except (ConfigError, BackupError, OSError) as e:
+        _say(f"reload (SIGHUP) refused, the daemon keeps its settings: {'; '.join(str(e).splitlines())}")
+        return
+    d.reconfigure(ctx.config, ctx.repo, ctx.keys, ctx.spool())
+    _say("reloaded (SIGHUP)")
 
 
 def register(subparsers) -> None:

@@ -218,3 +218,27 @@ def _try_connect(p):
         return p.connect()
     except pymysql.err.OperationalError:
         return None
+
+
+def test_sighup_to_every_process_reloads_and_keeps_the_workers(cluster, tmp_path):
+    """`systemctl kill -s HUP` (or `pkill -HUP`) reaches the workers too: they used to die of it
+    (SIGHUP's default action), every client of theirs with them; now the supervisor reloads and the
+    workers go on."""
+    p = start_proxy(cluster, tmp_path, proxy={"workers": 2})
+    try:
+        workers = _wait_for(lambda: _workers(p) if len(_workers(p)) == 2 else None)
+        conn = p.connect()
+        with conn.cursor() as cur:
+            cur.execute("SELECT 1")
+        for pid in [p.process.proc.pid] + workers:
+            os.kill(pid, signal.SIGHUP)
+        _wait_for(lambda: "(SIGHUP)" in p.process.log_tail(100), 10)
+        time.sleep(0.5)
+        assert sorted(_workers(p)) == sorted(workers)
+        assert "restarting it" not in p.process.log_tail(200)
+        with conn.cursor() as cur:
+            cur.execute("SELECT 2")
+            assert cur.fetchone() == (2,)
+        conn.close()
+    finally:
+        p.process.stop()

@@ -264,8 +264,11 @@ def _supervise(socks, topology, server_version, rsa_pem, tls_context, publisher,
                         s.close()
                 for fd_ in plane.listening_fds():
                     os.close(fd_)
-                for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                for sig in (signal.SIGTERM, signal.SIGINT):
                     signal.signal(sig, signal.SIG_DFL)
+                # The reload is the supervisor's: `systemctl kill -s HUP` or `pkill -HUP` reach every
+                # process of the service, and a worker would die of SIGHUP's default action.
+                signal.signal(signal.SIGHUP, signal.SIG_IGN)
                 start = publisher.latest or topology
                 worker = Worker(plane.config, i, socks[i], start, server_version, rsa_pem, topology_fd=fd,
                                 tls_context=tls_context)

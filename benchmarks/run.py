@@ -59,6 +59,8 @@ MODE_NAMES = {"primary": "read_write_split = false (every statement to the prima
                              "the sandbox's servers then accept TLS, which sysbench and the direct runs do not use)",
               "primary-16k": "as primary, with [pool] backend_net_buffer = 0 (the servers write results in their "
                              "own 16 KB net_buffer_length chunks, as to the forwarder and the direct runs)",
+              "split-256k": "as split, with [pool] backend_net_buffer = 262144 (results up to 256 KiB leave the "
+                            "server in one write, against 128 KiB by default)",
               "haproxy": "peer, not rwproxy: HAProxy in TCP mode to the primary, as many threads as rwproxy has "
                          "workers (benchmarks/haproxy.py)",
               "forwarder": "reference, not rwproxy: benchmarks/forwarder.py, a bare uvloop TCP forwarder to the primary "
@@ -71,9 +73,10 @@ MODE_TESTS = {"primary": ["oltp_point_select", "oltp_read_only", "oltp_update_no
               "primary-unix": ["oltp_point_select"],
               "primary-tls": ["oltp_point_select"],
               "primary-16k": ["oltp_point_select"],
+              "split-256k": ["oltp_point_select"],
               "haproxy": ["oltp_point_select", "oltp_update_non_index"],
               "forwarder": ["oltp_point_select", "oltp_update_non_index"]}
-BIG_RESULT_MODES = ("split", "split-batch", "primary", "primary-pinned", "primary-tls", "primary-16k", "haproxy", "forwarder")  # 1,000-row figure measured in these
+BIG_RESULT_MODES = ("split", "split-batch", "split-256k", "primary", "primary-pinned", "primary-tls", "primary-16k", "haproxy", "forwarder")  # 1,000-row figure measured in these
 BEFORE = "@before"  # a mode with this suffix runs rwproxy from the checkout given by --baseline
 
 
@@ -219,6 +222,8 @@ def write_mode_config(mode: str, port: int, workers: int, cluster, tmp: str) -> 
         data["proxy"]["scheduling"] = "batch"
     if base_mode(mode).endswith("-16k"):
         data["pool"] = {"backend_net_buffer": 0}
+    if base_mode(mode).endswith("-256k"):
+        data["pool"] = {"backend_net_buffer": 256 << 10}
     if base_mode(mode).endswith("-tls"):
         data["backend_tls"] = {"mode": "verify_identity", "ca": str(cluster.tls_dir / "ca.pem")}
     path = str(Path(tmp) / f"rwproxy-{mode.replace('@', '-')}.toml")
@@ -363,7 +368,7 @@ def main(argv=None) -> int:
                          "split (reads on the replicas), split-batch (as split, scheduling = batch), split-one (as split, "
                          "reads on one replica), primary-unix (as primary, backends through their Unix "
                          "sockets), primary-tls (as primary, TLS to the servers), primary-16k (as primary, "
-                         "backend_net_buffer = 0), forwarder (reference: a bare uvloop forwarder, not rwproxy)")
+                         "backend_net_buffer = 0), split-256k (as split, backend_net_buffer = 256 KiB), forwarder (reference: a bare uvloop forwarder, not rwproxy)")
     ap.add_argument("--workers", type=int, default=0, help="rwproxy workers (0 = CPU count)")
     ap.add_argument("--baseline", default="", metavar="DIR",
                     help="another checkout of rwproxy (e.g. `git worktree add DIR <commit>`, extensions built in "

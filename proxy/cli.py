@@ -27,7 +27,11 @@ def _serve(args) -> int:
 def _check_config(args) -> int:
     from proxy.config.load import check_config_main
 
-    return check_config_main(args.file)
+    if bool(args.file) == bool(args.config_opt):
+        print("rwproxy check-config: name one config file: rwproxy check-config FILE (or --config FILE)",
+              file=sys.stderr)
+        return 2
+    return check_config_main(args.file or args.config_opt)
 
 
 def _control(args, cmd: str, **extra) -> dict | None:
@@ -163,7 +167,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=_serve)
 
     c = sub.add_parser("check-config", help="validate a config file and report every mistake")
-    c.add_argument("file")
+    c.add_argument("file", nargs="?", help="the config file (or --config, as the other commands take it)")
+    c.add_argument("--config", "-c", dest="config_opt", metavar="CONFIG", help="the config file")
     c.set_defaults(func=_check_config)
 
     st = sub.add_parser("status", help="show the running proxy's view of the cluster")

@@ -412,3 +412,21 @@ def test_a_config_with_passwords_readable_by_others_gets_a_warning(tmp_path, cap
         assert check_config_main(str(path)) == 0 and capsys.readouterr().err == ""
     finally:
         del os.environ["APP_PW"]
+
+
+def test_check_config_takes_the_file_as_the_other_commands_do(tmp_path, capsys):
+    """`rwproxy check-config --config FILE` (as serve, status and reload take it) was a usage error."""
+    from proxy.cli import main
+
+    path = tmp_path / "c.toml"
+    path.write_text('[[backends]]\nname = "a"\nhost = "127.0.0.1"\nport = 3306\n[[users]]\nname = "u"\n'
+                    'password = "p"\n[monitor]\nuser = "m"\npassword = "m"\n')
+    path.chmod(0o600)
+    outs = []
+    for argv in (["check-config", str(path)], ["check-config", "--config", str(path)], ["check-config", "-c", str(path)]):
+        assert main(argv) == 0
+        outs.append(capsys.readouterr().out)
+    assert outs[0].startswith("OK: ") and outs[0] == outs[1] == outs[2]
+    for argv in (["check-config"], ["check-config", str(path), "-c", str(path)]):
+        assert main(argv) == 2
+        assert "name one config file" in capsys.readouterr().err

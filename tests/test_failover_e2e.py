@@ -270,3 +270,49 @@ def test_served_hooks_and_workers_are_waited_for_apart(cluster_factory, tmp_path
             assert cur.fetchone() == (1,)
     finally:
         p.process.stop()
+
+
+def test_what_operators_and_failovers_decided_survives_a_restart(cluster_factory, tmp_path):
+    """Without coordination the decisions lived in memory only: a restart (an upgrade, a crash)
+    put a server an operator had taken OFFLINE back into the read pool, and re-armed an automatic
+    failover that had disabled itself. They are now kept in the runtime directory."""
+    cl = cluster_factory(replicas=2)
+    p = start_proxy(cl, tmp_path, proxy={"workers": 1},
+                    failover={**failover_section(cl), "pre_failover_hook": "echo vetoed; exit 3"})
+
+    def run(*args):
+        return subprocess.run([sys.executable, "-m", "proxy", *args, "--config", p.process.config_path],
+                              capture_output=True, text=True, timeout=60)
+
+    def admin(name):
+        return {s["name"]: s for s in _status(p)["servers"]}[name]["admin_state"]
+
+    try:
+        assert wait_until(lambda: _primary(p) == "node1", 10)
+        assert run("server", "node3", "offline").returncode == 0
+        time.sleep(1.5)  # (written within a second of the change)
+        p.process.stop()  # SIGTERM: an orderly restart
+        p.process.start()
+        assert admin("node3") == "offline"
+        assert "as the last run left them" in p.process.log_tail(50) and "node3 OFFLINE" in p.process.log_tail(50)
+
+        cl.primary.kill(signal.SIGKILL)  # the failover fails on its vetoing hook and disables itself
+        assert wait_until(lambda: _status(p)["failover"]["auto_failover"] is False, 15), _status(p)["failover"]
+        reason = _status(p)["failover"]["disabled_reason"]
+        assert reason.startswith("the failover at ")
+        time.sleep(1.5)
+        p.process.proc.kill()  # a crash this time
+        p.process.proc.wait(10)
+        p.process.start()
+        st = _status(p)
+        assert st["failover"]["auto_failover"] is False and st["failover"]["disabled_reason"] == reason, st
+        assert admin("node3") == "offline"
+        assert "automatic failover disabled (" in p.process.log_tail(50)
+
+        assert run("server", "node3", "online").returncode == 0  # and undoing it is kept too
+        time.sleep(1.5)
+        p.process.stop()
+        p.process.start()
+        assert admin("node3") == ""
+    finally:
+        p.process.stop()

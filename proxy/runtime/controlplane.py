@@ -50,6 +50,7 @@ class ControlPlane:
         # what each replica is known to hold, shared with the workers forked later (cluster/progress.py)
         self.progress = self.monitor.progress = Progress(b.name for b in config.backends)
         self.coord = None  # proxy.coord.Coordinator with [cluster] coordination = "etcd"
+        self.kept = None  # without it: the decisions in the runtime directory (coord/local.py)
         if config.cluster.coordination == "etcd":
             from proxy.coord.coordinator import Coordinator
 
@@ -102,6 +103,12 @@ class ControlPlane:
         self.events.attach()
         if self.coord is not None:
             self.coord.start()
+        else:
+            from proxy.coord.local import LocalDecisions
+
+            self.kept = LocalDecisions(rundir.path_for(self.config), self.failover, self.config)
+            self.kept.restore()
+            self.kept.start()
         self.failover.start()
         path = rundir.control_socket(self.config)
         handlers = {
@@ -205,6 +212,8 @@ class ControlPlane:
         if self.coord is not None:
             self.coord.stop()  # the lease revoked: another instance leads at once
         self.failover.stop()
+        if self.kept is not None:
+            self.kept.stop()
         self.ask.close()
         self.events.detach()
 

@@ -189,6 +189,9 @@ class EtcdCluster:
         pid = m.pid()
         if pid is None:
             return
+        if not m.running():  # gone long ago: its pid may be another process's by now
+            (m.dir / "etcd.pid").unlink(missing_ok=True)
+            return
         self.signal(m, signal.SIGCONT)
         self.signal(m, signal.SIGTERM)
         deadline = time.monotonic() + timeout

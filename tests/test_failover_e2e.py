@@ -316,3 +316,31 @@ def test_what_operators_and_failovers_decided_survives_a_restart(cluster_factory
         assert admin("node3") == ""
     finally:
         p.process.stop()
+
+
+def test_a_hand_edited_decisions_file_is_applied_where_it_makes_sense(cluster, tmp_path):
+    """Values of the wrong type are left out with one line (a cooldown of "soon" used to be able to
+    reach the failover thread); the rest is applied; serve and status work."""
+    from proxy.config.load import load_config
+    from proxy.runtime.rundir import path_for
+
+    p = start_proxy(cluster, tmp_path, proxy={"workers": 1})
+    try:
+        p.process.stop()
+        path = os.path.join(path_for(load_config(p.process.config_path)), "decisions.json")
+        with open(path, "w") as f:
+            json.dump({"config": os.path.realpath(p.process.config_path), "decisions": {
+                "admin": {"node3": "offline", "nosuch": "offline"}, "cooldown_until": "soon",
+                "kept_out": ["node2"], "auto_failover": True}}, f)
+        p.process.start()
+        log = p.process.log_tail(60)
+        assert "decisions.json: cooldown_until, kept_out not as rwproxy writes them: left out" in log, log
+        assert "decisions of the last run about nosuch dropped: no longer in [[backends]]" in log
+        st = _status(p)
+        assert {s["name"]: s for s in st["servers"]}["node3"]["admin_state"] == "offline"
+        assert st["failover"]["cooldown_left_s"] == 0
+        r = subprocess.run([sys.executable, "-m", "proxy", "server", "node3", "online", "--config",
+                            p.process.config_path], capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0, r.stdout + r.stderr
+    finally:
+        p.process.stop()

@@ -30,6 +30,26 @@ KEPT = ("admin", "kept_out", "demoted", "backup_pauses", "auto_failover", "disab
 EVERY = 1.0  # s between looks for a change (a dict built and compared: a few µs)
 
 
+def _well_typed(key: str, value) -> bool:
+    """Each kept value of the type the failover state holds (a wrong one would fail later, in the
+    failover thread or in status, instead of at start)."""
+    if key == "auto_failover":
+        return isinstance(value, bool)
+    if key == "disabled_reason":
+        return isinstance(value, str)
+    if key == "cooldown_until":
+        return value is None or (isinstance(value, (int, float)) and not isinstance(value, bool))
+    if key in ("last_failover", "last_switchover"):
+        return value is None or isinstance(value, dict)
+    if not isinstance(value, dict) or not all(isinstance(n, str) for n in value):
+        return False
+    if key == "admin":
+        return all(v in ("", "offline", "maintenance") for v in value.values())
+    if key == "demoted":
+        return all(v is None or isinstance(v, str) for v in value.values())
+    return all(isinstance(v, str) for v in value.values())  # kept_out, backup_pauses
+
+
 class LocalDecisions:
     def __init__(self, directory: str, failover, config):
         self.path = os.path.join(directory, FILE)
@@ -69,7 +89,10 @@ class LocalDecisions:
             return []
         state = state["decisions"]
         servers = self.failover.monitor.topology.servers
-        state = {k: state[k] for k in KEPT if k in state}
+        bad = sorted(k for k in KEPT if k in state and not _well_typed(k, state[k]))
+        if bad:  # (a file edited by hand: the rest is still applied)
+            log.warning("%s: %s not as rwproxy writes them: left out", self.path, ", ".join(bad))
+        state = {k: state[k] for k in KEPT if k in state and k not in bad}
         for key in ("admin", "kept_out", "demoted", "backup_pauses"):
             value = state.get(key) if isinstance(state.get(key), dict) else {}
             gone = sorted(set(value) - set(servers))

@@ -98,6 +98,11 @@ def start_proxy(sandbox, dirpath, /, **sections) -> RunningProxy:
     return RunningProxy(host, port, proc, sandbox, tls.get("cert", ""), tls.get("key", ""))
 
 
+def worker_pids(p: RunningProxy) -> list[int]:
+    """The worker processes of a running proxy (its supervisor's children)."""
+    return [pid for pid in p.process.child_pids() if pid != p.process.proc.pid]
+
+
 def ensure_backend_user(cluster, user: str, password: str) -> None:
     """Create a user on the primary (it replicates) for front-end auth tests."""
     with cluster.primary.connect() as conn, conn.cursor() as cur:

@@ -13,7 +13,7 @@ import time
 import pymysql
 import pytest
 
-from helpers import failover_section, start_proxy, wait_until
+from helpers import failover_section, start_proxy, wait_until, worker_pids
 from proxy.runtime.launcher import free_port
 from proxy.testing.loadgen import Load, insert_numbered
 
@@ -238,11 +238,6 @@ def test_no_failover_when_only_rwproxys_path_to_the_primary_hangs(cluster_factor
         fwd.wait(5)
 
 
-def _workers(p) -> list[int]:
-    with open(f"/proc/{p.process.proc.pid}/task/{p.process.proc.pid}/children") as f:
-        return [int(x) for x in f.read().split()]
-
-
 def test_served_hooks_and_workers_are_waited_for_apart(cluster_factory, tmp_path):
     """In `serve` the supervisor waits for its workers while the control plane's threads run
     hooks (and backup programs): a pre_failover_hook's non-zero exit must still refuse the
@@ -260,10 +255,10 @@ def test_served_hooks_and_workers_are_waited_for_apart(cluster_factory, tmp_path
             assert "pre_failover_hook: exited with 3" in r.stdout + r.stderr and "vetoed" in r.stdout + r.stderr
         assert _primary(p) == "node1" and cl.node("node2").variable("read_only") == 1
 
-        before = _workers(p)
+        before = worker_pids(p)
         assert len(before) == 2
         os.kill(before[0], signal.SIGKILL)
-        assert wait_until(lambda: len(_workers(p)) == 2 and before[0] not in _workers(p), 10)
+        assert wait_until(lambda: len(worker_pids(p)) == 2 and before[0] not in worker_pids(p), 10)
         assert wait_until(lambda: f"(pid {before[0]}) was killed by SIGKILL; restarting it" in p.process.log_tail(200), 5)
         with p.connect() as conn, conn.cursor() as cur:
             cur.execute("SELECT 1")

@@ -19,7 +19,7 @@ from proxy.sandbox.cli import main as cli_main
 from proxy.sandbox.node import Node
 from proxy.sandbox.render import proxy_config_toml
 from proxy.testing.clusters import cluster_processes, running_cluster
-from proxy.sandbox.util import socket_path
+from proxy.sandbox.util import process_alive, socket_path
 
 MISSING = "mariadbd not found: install the Debian package mariadb-server (apt-get install mariadb-server)"
 
@@ -188,7 +188,7 @@ def test_down_then_up_keeps_data(semi):
     assert sorted(semi.down()) == ["node1", "node2"]
     assert cluster_processes(semi) == []
     for pid in pids:
-        assert not _pid_alive(pid), pid
+        assert not process_alive(pid), pid
     assert {row["state"] for row in semi.status()} == {"down"}
     assert "down" in semi.status_table()
 
@@ -204,7 +204,7 @@ def test_down_then_up_keeps_data(semi):
 def test_up_restarts_crashed_and_hung_nodes(semi):
     p, r = semi.primary, semi.replicas[0]
     old = p.kill(signal.SIGKILL)
-    assert not _pid_alive(old) and p.pid() is None
+    assert not process_alive(old) and p.pid() is None
     assert semi.status()[0]["state"] == "down"
     r.kill(signal.SIGSTOP, wait=False)  # a hung node must still stop cleanly
     assert r.stop(timeout=30) is True and r.pid() is None
@@ -216,15 +216,6 @@ def test_up_restarts_crashed_and_hung_nodes(semi):
         cur.execute(f"INSERT INTO {t} VALUES (7)")
     semi.wait_replicas_caught_up(timeout=15)
     assert rows(r, f"SELECT id FROM {t}") == ((7,),)
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            stat = f.read()
-    except OSError:
-        return False
-    return stat[stat.rfind(b")") + 2:stat.rfind(b")") + 3] not in (b"Z", b"X")
 
 
 def test_server_options_reach_every_node_and_change_only_while_down(tmp_path, capsys):
@@ -512,13 +503,13 @@ def test_a_second_fleet_up_starts_again_only_what_died(tmp_path, capsys):
         etcd_pid = int((member / "etcd.pid").read_text())
         for pid in (first["pid"], spec["haproxy"]["pid"], etcd_pid):
             os.kill(pid, signal.SIGKILL)
-        wait_for(lambda: not _pid_alive(first["pid"]) and not _pid_alive(etcd_pid), 10, "the kills")
+        wait_for(lambda: not process_alive(first["pid"]) and not process_alive(etcd_pid), 10, "the kills")
         capsys.readouterr()
         assert cli_main(argv) == 0
         assert "fleet: started again etcd2, rwproxy1, haproxy; the rest was running" in capsys.readouterr().out
         again = json.loads((d / "fleet.json").read_text())
-        assert again["proxies"][1]["pid"] == second["pid"] and _pid_alive(second["pid"])
-        assert again["proxies"][0]["pid"] != first["pid"] and _pid_alive(again["proxies"][0]["pid"])
+        assert again["proxies"][1]["pid"] == second["pid"] and process_alive(second["pid"])
+        assert again["proxies"][0]["pid"] != first["pid"] and process_alive(again["proxies"][0]["pid"])
         assert [p["port"] for p in again["proxies"]] == [first["port"], second["port"]]
         assert again["etcd"] == spec["etcd"] and int((member / "etcd.pid").read_text()) != etcd_pid
         with pymysql.connect(host="127.0.0.1", port=base + 60, user="app", password="app", database="app") as conn:
@@ -528,5 +519,5 @@ def test_a_second_fleet_up_starts_again_only_what_died(tmp_path, capsys):
     finally:
         assert cli_main(["sandbox", "down", "--dir", str(d)]) == 0
     for pid in (again["proxies"][0]["pid"], second["pid"], again["haproxy"]["pid"]):
-        assert not _pid_alive(pid)
+        assert not process_alive(pid)
     assert not (d / "fleet.json").exists()

@@ -11,7 +11,8 @@ import time
 import pymysql
 import pytest
 
-from helpers import start_proxy
+from helpers import start_proxy, worker_pids
+from proxy.sandbox.util import process_alive
 
 
 def _allowed_cpus(pid: int) -> set[int]:
@@ -26,19 +27,6 @@ def _allowed_cpus(pid: int) -> set[int]:
     raise AssertionError(f"no Cpus_allowed_list for pid {pid}")
 
 
-def _workers(p) -> list[int]:
-    return [pid for pid in p.process.child_pids() if pid != p.process.proc.pid]
-
-
-def _gone(pid: int) -> bool:
-    """The process has ended (or is a zombie nobody has reaped yet)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
-    except FileNotFoundError:
-        return True
-
-
 def _wait_for(pred, timeout: float = 15.0):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -51,7 +39,7 @@ def _wait_for(pred, timeout: float = 15.0):
 
 def test_default_leaves_workers_unpinned(proxy):
     cpus = os.sched_getaffinity(0)
-    workers = _workers(proxy)
+    workers = worker_pids(proxy)
     assert len(workers) == 2
     assert all(_allowed_cpus(w) == cpus for w in workers)
 
@@ -62,7 +50,7 @@ def test_scheduling_batch_puts_workers_not_the_control_plane_under_sched_batch(c
     p = start_proxy(cluster, tmp_path, proxy={"workers": 2, "scheduling": "batch"})
     try:
         _wait_for(lambda: "worker 1 serving on" in p.process.log_tail(200) and "worker 0 serving on" in p.process.log_tail(200))
-        workers = _workers(p)
+        workers = worker_pids(p)
         assert len(workers) == 2
         assert all(os.sched_getscheduler(w) == os.SCHED_BATCH for w in workers)
         assert os.sched_getscheduler(p.process.proc.pid) == os.SCHED_OTHER
@@ -70,7 +58,7 @@ def test_scheduling_batch_puts_workers_not_the_control_plane_under_sched_batch(c
             cur.execute("SELECT 1")
             assert cur.fetchone() == (1,)
         os.kill(workers[0], signal.SIGKILL)
-        new = _wait_for(lambda: [w for w in _workers(p) if w not in workers])
+        new = _wait_for(lambda: [w for w in worker_pids(p) if w not in workers])
         _wait_for(lambda: os.sched_getscheduler(new[0]) == os.SCHED_BATCH)
         with p.connect() as conn, conn.cursor() as cur:
             cur.execute("SELECT 2")
@@ -80,7 +68,7 @@ def test_scheduling_batch_puts_workers_not_the_control_plane_under_sched_batch(c
 
 
 def test_default_scheduling_leaves_workers_under_sched_other(proxy):
-    workers = _workers(proxy)
+    workers = worker_pids(proxy)
     assert len(workers) == 2
     assert all(os.sched_getscheduler(w) == os.SCHED_OTHER for w in workers)
 
@@ -92,7 +80,7 @@ def test_spread_pins_each_worker_and_a_restarted_worker_again(cluster, tmp_path)
         sup = p.process.proc.pid
         lines = [f"worker {i} serving on 127.0.0.1:{p.port} (pinned to CPU {cpus[i % len(cpus)]})" for i in range(2)]
         _wait_for(lambda: all(line in p.process.log_tail(200) for line in lines))  # workers pin before serving
-        workers = _workers(p)
+        workers = worker_pids(p)
         assert len(workers) == 2
         assert sorted(min(_allowed_cpus(w)) for w in workers) == sorted(cpus[i % len(cpus)] for i in range(2))
         assert all(len(_allowed_cpus(w)) == 1 for w in workers)
@@ -113,7 +101,7 @@ def test_spread_pins_each_worker_and_a_restarted_worker_again(cluster, tmp_path)
         victim = workers[0]
         cpu = _allowed_cpus(victim)
         os.kill(victim, signal.SIGKILL)
-        new = _wait_for(lambda: [w for w in _workers(p) if w not in workers])
+        new = _wait_for(lambda: [w for w in worker_pids(p) if w not in workers])
         _wait_for(lambda: _allowed_cpus(new[0]) != set(cpus) or len(cpus) == 1)  # it pins itself on start
         assert _allowed_cpus(new[0]) == cpu
         with p.connect() as conn, conn.cursor() as cur:
@@ -130,7 +118,7 @@ def test_workers_that_keep_dying_stop_the_proxy(cluster, tmp_path):
     try:
         killed = []
         for n in range(11):
-            live = _wait_for(lambda: [w for w in _workers(p) if w not in killed] if len(_workers(p)) == 2 else None)
+            live = _wait_for(lambda: [w for w in worker_pids(p) if w not in killed] if len(worker_pids(p)) == 2 else None)
             os.kill(live[0], signal.SIGKILL)
             killed.append(live[0])
         assert p.process.proc.wait(20) == 1
@@ -139,7 +127,7 @@ def test_workers_that_keep_dying_stop_the_proxy(cluster, tmp_path):
         assert "was killed by SIGKILL; workers keep crashing (more than 10 restarts in a minute): stopping" in log
         sibling = [w for w in live if w != killed[-1]]
         assert len(sibling) == 1
-        assert _wait_for(lambda: _gone(sibling[0]), 10)
+        assert _wait_for(lambda: not process_alive(sibling[0]), 10)
     finally:
         p.process.stop()
 
@@ -151,14 +139,14 @@ def test_workers_do_not_outlive_a_killed_supervisor(cluster, tmp_path):
     idle session is ended, and the port is free for a new rwproxy."""
     p = start_proxy(cluster, tmp_path, proxy={"workers": 2, "shutdown_timeout": 5})
     try:
-        _wait_for(lambda: len(_workers(p)) == 2)
-        workers = _workers(p)
+        _wait_for(lambda: len(worker_pids(p)) == 2)
+        workers = worker_pids(p)
         conn = p.connect()
         with conn.cursor() as cur:
             cur.execute("SELECT 1")
         os.kill(p.process.proc.pid, signal.SIGKILL)
         p.process.proc.wait(10)
-        _wait_for(lambda: all(_gone(w) for w in workers), 20)
+        _wait_for(lambda: not any(process_alive(w) for w in workers), 20)
         assert p.process.log_tail(100).count("the supervisor (the control plane) is gone") == 2
         try:
             with conn.cursor() as cur:
@@ -185,7 +173,7 @@ def test_running_out_of_file_descriptors_refuses_new_clients_with_1040(cluster, 
 
     p = start_proxy(cluster, tmp_path, proxy={"workers": 1})
     try:
-        (worker,) = _wait_for(lambda: _workers(p) if len(_workers(p)) == 1 else None)
+        (worker,) = _wait_for(lambda: worker_pids(p) if len(worker_pids(p)) == 1 else None)
         resource.prlimit(worker, resource.RLIMIT_NOFILE, (200, 200))
         conns, refused = [], []
         for _ in range(250):
@@ -220,13 +208,13 @@ def _try_connect(p):
         return None
 
 
-def test_sighup_to_every_process_reloads_and_keeps_the_workers(cluster, tmp_path):
+def test_sighup_to_every_process_reloads_and_keeps_theworker_pids(cluster, tmp_path):
     """`systemctl kill -s HUP` (or `pkill -HUP`) reaches the workers too: they used to die of it
     (SIGHUP's default action), every client of theirs with them; now the supervisor reloads and the
     workers go on."""
     p = start_proxy(cluster, tmp_path, proxy={"workers": 2})
     try:
-        workers = _wait_for(lambda: _workers(p) if len(_workers(p)) == 2 else None)
+        workers = _wait_for(lambda: worker_pids(p) if len(worker_pids(p)) == 2 else None)
         conn = p.connect()
         with conn.cursor() as cur:
             cur.execute("SELECT 1")
@@ -234,7 +222,7 @@ def test_sighup_to_every_process_reloads_and_keeps_the_workers(cluster, tmp_path
             os.kill(pid, signal.SIGHUP)
         _wait_for(lambda: "(SIGHUP)" in p.process.log_tail(100), 10)
         time.sleep(0.5)
-        assert sorted(_workers(p)) == sorted(workers)
+        assert sorted(worker_pids(p)) == sorted(workers)
         assert "restarting it" not in p.process.log_tail(200)
         with conn.cursor() as cur:
             cur.execute("SELECT 2")

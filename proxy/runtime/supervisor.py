@@ -61,7 +61,7 @@ class Reaper:
         """(pid, wait status, None if it was lost) of each of `pids` that ended, after sleeping
         until one may have (at most `timeout` seconds)."""
         fds = [self.fds[p] for p in pids if p in self.fds]
-        if fds and len(fds) == len(pids):
+        if len(fds) == len(pids):
             poller = select.poll()
             for fd in fds:
                 poller.register(fd, select.POLLIN)

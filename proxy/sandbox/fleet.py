@@ -74,6 +74,7 @@ def _revive(d, spec: dict, timeout: float) -> dict:
     not drop the healthy instances' sessions or wipe etcd, whose epochs fence stale leaders.
     `revived` lists what was started again."""
     import json
+    from pathlib import Path
 
     from proxy.runtime.launcher import ProxyProcess
     from proxy.sandbox.etcd import EtcdCluster
@@ -87,8 +88,7 @@ def _revive(d, spec: dict, timeout: float) -> dict:
     etcd.wait_healthy(timeout)
     for p in spec["proxies"]:
         if not _ours(p["pid"], p["config"]):
-            proc = ProxyProcess(p["config"], "127.0.0.1", p["port"],
-                                log_path=str(d / f"rwproxy-{p['name'].removeprefix('rwproxy')}.log")).start(timeout)
+            proc = ProxyProcess(p["config"], "127.0.0.1", p["port"], log_path=str(Path(p["config"]).with_suffix(".log"))).start(timeout)
             p["pid"] = proc.proc.pid
             revived.append(p["name"])
     hp = spec.get("haproxy") or {}
@@ -152,7 +152,7 @@ def up(cluster, proxies: int, etcd_members: int, timeout: float = 60.0) -> dict:
                           **coordination_section(etcd.endpoints, f"rwproxy{i}", name="sandbox")}
         path = d / f"rwproxy-{i}.toml"
         write_config(build_config(doc, source=str(path)), str(path))
-        p = ProxyProcess(str(path), "127.0.0.1", port, log_path=str(d / f"rwproxy-{i}.log")).start(timeout)
+        p = ProxyProcess(str(path), "127.0.0.1", port, log_path=str(path.with_suffix(".log"))).start(timeout)
         spec["proxies"].append({"name": f"rwproxy{i}", "port": port, "admin": admin, "metrics": metrics,
                                 "config": str(path), "pid": p.proc.pid})
     (d / "haproxy.cfg").write_text(haproxy_config(front, [(p["name"], p["port"], p["metrics"])

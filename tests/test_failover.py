@@ -14,6 +14,8 @@ import socket
 import threading
 import time
 
+from dataclasses import replace
+
 import pymysql
 import pytest
 
@@ -512,6 +514,63 @@ def test_a_switchover_made_by_hand_is_followed_not_fenced(cluster_factory, run_f
     time.sleep(1.0)  # (a few monitor rounds: nothing fences the new writer)
     assert new.variable("read_only") == 0 and old.variable("read_only") == 1 and follows(old, new)
     assert writers(rec.latest) == [new.name]
+
+
+def test_writable_blocker_and_read_only_head():
+    """enforce_writable_primary's two decisions, on snapshots: when a read-only primary may be made
+    writable, and which server is the primary of a cluster where every server is read-only."""
+    from proxy.cluster.failover.detect import read_only_head, writable_blocker
+    p = _st("p", 1, role=PRIMARY, read_only=True, server_id=1, gtid_current_pos="0-1-10", last_ok=1.0)
+    r1 = _st("r1", 2, role=REPLICA, read_only=True, source="127.0.0.1:1", source_id=1, io_running=True,
+             sql_running=True, gtid_current_pos="0-1-10", last_ok=1.0)
+    r2 = _st("r2", 3, role=REPLICA, read_only=True, source="127.0.0.1:1", source_id=1, io_running=True,
+             sql_running=True, gtid_current_pos="0-1-9", last_ok=1.0)
+    topo = Topology({s.name: s for s in (p, r1, r2)})
+    assert writable_blocker(topo, p) == ""
+    assert "replicates from 127.0.0.1:9" in writable_blocker(topo, replace(p, source="127.0.0.1:9", io_running=True))
+    wr = Topology({**topo.servers, "r2": replace(r2, read_only=False)})
+    assert writable_blocker(wr, p) == "r2 is writable"
+    ahead = Topology({**topo.servers, "r1": replace(r1, gtid_current_pos="0-2-11")})
+    assert writable_blocker(ahead, p).startswith("r1 holds 1 transaction in domain 0 it lacks")
+    other_domain = Topology({**topo.servers, "r1": replace(r1, gtid_current_pos="0-1-10,1-2-3")})
+    assert "domain 1" in writable_blocker(other_domain, p)
+    down = Topology({**ahead.servers, "r1": replace(ahead.servers["r1"], state=DOWN, fails=5)})
+    assert writable_blocker(down, p) == ""  # (what a down server holds is unknown until it is back)
+    assert read_only_head(topo) is p
+    assert read_only_head(Topology({**topo.servers, "p": replace(p, state=DOWN, fails=5)})) is None
+    # two servers that replicate from nobody, followed by as many replicas: no guess
+    lone = _st("q", 4, read_only=True, server_id=4, last_ok=1.0)
+    assert read_only_head(Topology({"p": p, "q": lone})) is None
+    assert read_only_head(Topology({"p": p, "q": lone, "r1": r1})) is p
+
+
+def test_enforce_writable_primary_undoes_read_only_unless_a_replica_is_ahead(cluster_factory, run_failover,
+                                                                              caplog):
+    """[failover] enforce_writable_primary: a cluster whose servers all start read-only (read_only=1
+    in every my.cnf) gets the server its replicas follow as primary, made writable; a later
+    read_only=1 on it is undone too. Once a replica holds a transaction the primary lacks, the
+    primary stays read-only and one error line says why."""
+    caplog.set_level(logging.INFO, logger="rwproxy.failover")
+    c = cluster_factory(replicas=2)
+    primary, r1, _ = c.nodes
+    primary.query("SET GLOBAL read_only = 1")
+    fo, rec = run_failover(c, failover={"enforce_writable_primary": True})
+    assert wait_for(lambda: primary.variable("read_only") == 0, 20), caplog.text
+    assert "replicates from nobody and 2 replica(s) follow it" in caplog.text
+    primary.query("SET GLOBAL read_only = 1")
+    assert wait_for(lambda: primary.variable("read_only") == 0, 20), caplog.text
+    assert caplog.text.count("SET GLOBAL read_only=0 (enforce_writable_primary)") == 2
+    primary.query("CREATE TABLE app.ew (id INT PRIMARY KEY, phase CHAR(1))")  # writable for real
+    insert(primary, "app.ew", [1], "A")
+    c.wait_replicas_caught_up(10)
+    # a transaction written on a replica only (as root, who passes read_only)
+    r1.query("INSERT INTO app.ew VALUES (2, 'E')")
+    primary.query("SET GLOBAL read_only = 1")
+    assert wait_for(lambda: "it lacks" in caplog.text, 20), caplog.text
+    time.sleep(1.5)  # (three passes of the failover thread: it stays read-only)
+    assert primary.variable("read_only") == 1
+    assert f"{r1.name} holds 1 transaction in domain 0 it lacks" in caplog.text
+    assert caplog.text.count("SET GLOBAL read_only=0 (enforce_writable_primary)") == 2
 
 
 def test_a_promotion_that_fails_half_way_is_undone(cluster_factory, run_failover, caplog):

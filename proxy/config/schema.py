@@ -221,6 +221,9 @@ class FailoverConfig:
     failover_cooldown: float = F(60.0)
     write_hold_timeout: float = F(10.0)
     auto_rejoin: bool = B(True)
+    # make a read-only primary writable again (a restart with read_only=1 in its my.cnf), as
+    # MaxScale's enforce_writable_master; off: it stays read-only and writes get 1290
+    enforce_writable_primary: bool = B(False)
     pre_failover_hook: str = S()
     post_failover_hook: str = S()
     hook_timeout: float = F(10.0, positive=True)

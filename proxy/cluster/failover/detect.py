@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 
+from proxy.cluster import gtid
 from proxy.cluster.topology import DOWN, MAINTENANCE, ServerState, Topology
 
 # verdict() kinds
@@ -78,3 +79,40 @@ def _silent(topo: Topology, p: ServerState, silence: float) -> str:
     return (f"{', '.join(s.name for s in mine)} heard nothing from it "
             + (f"for {min(quiet):.1f} s (heartbeat every {mine[0].heartbeat_period or 0:g} s): hung" if quiet
                else "any more"))
+
+
+def writable_blocker(topo: Topology, p: ServerState) -> str:
+    """'' when the read-only primary `p` may be made writable ([failover] enforce_writable_primary),
+    else why not. It may not while it replicates (it is somebody's replica: adopt() decides), while
+    another server is writable (a switchover by hand in progress), or while a server holds
+    transactions it lacks (it lost some in a crash, or a replica was written to): writing there
+    would fork the history its replicas continue."""
+    if p.io_running or p.sql_running:
+        return f"it replicates from {p.source or 'another server'}"
+    live = [s for s in topo.servers.values() if s.name != p.name and s.state not in (DOWN, MAINTENANCE)
+            and not s.fails and s.last_ok]
+    writable = [s.name for s in live if s.read_only is False]
+    if writable:
+        return f"{', '.join(writable)} {'is' if len(writable) == 1 else 'are'} writable"
+    for s in live:
+        extra = gtid.ahead(s.gtid_current_pos, p.gtid_current_pos)
+        if extra:
+            return f"{s.name} holds {gtid.describe_ahead(extra)} it lacks (its position {s.gtid_current_pos})"
+    return ""
+
+
+def read_only_head(topo: Topology) -> ServerState | None:
+    """With no writable server at all (a whole cluster restarted with read_only=1 in its my.cnf):
+    the live server that replicates from nobody and that the most replicas follow, if exactly one
+    such server stands out (enforce_writable_primary designates it)."""
+    servers = topo.servers
+    heads = [s for s in servers.values() if s.state not in (DOWN, MAINTENANCE) and not s.fails and s.last_ok
+             and s.read_only is True and not s.io_running and not s.sql_running]
+
+    def followers(p: ServerState) -> int:
+        return sum(1 for s in servers.values() if s.name != p.name and replicates_from(s, p))
+
+    ranked = sorted(((followers(s), s.name) for s in heads), reverse=True)
+    if not ranked or (len(ranked) > 1 and ranked[0][0] == ranked[1][0]):
+        return None
+    return servers[ranked[0][1]]

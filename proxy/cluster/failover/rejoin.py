@@ -17,11 +17,12 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import replace
 
 from proxy.cluster import gtid
 from proxy.cluster.failover import ops
 from proxy.cluster.failover.actions import label
-from proxy.cluster.failover.detect import replicates_from
+from proxy.cluster.failover.detect import read_only_head, replicates_from, writable_blocker
 from proxy.cluster.failover.ops import StepError
 from proxy.cluster.topology import DOWN, MAINTENANCE, PRIMARY, ServerState, Topology
 
@@ -54,12 +55,18 @@ def designate_initial(act, topo: Topology) -> None:
             act.state.demote_unless_known([s.name for s in live if s is not chosen])
     else:
         dead = [s for s in servers.values() if s.state == DOWN and followers(s)]
-        if not dead:
+        head = read_only_head(topo) if act.cfg.enforce_writable_primary and not dead else None
+        if head is not None:
+            chosen = head
+            log.warning("no writable server; %s replicates from nobody and %d replica(s) follow it: it is the "
+                        "primary (enforce_writable_primary makes it writable)", label(head), followers(head))
+        elif not dead:
             _once(act, "noprimary", logging.WARNING,
                      "no writable server and no replica follows a known backend: no primary yet")
             return
-        chosen = max(dead, key=followers)
-        log.warning("no writable server; the replicas follow %s, which is down", label(chosen))
+        else:
+            chosen = max(dead, key=followers)
+            log.warning("no writable server; the replicas follow %s, which is down", label(chosen))
     act.designate(chosen.name)
     log.info("primary: %s", label(chosen))
     act.learn_semi(chosen)
@@ -69,20 +76,54 @@ def adopt(act, topo: Topology, p: ServerState) -> bool:
     """The primary went read-only and replicates from a writable server: someone switched over
     by hand (or with another tool). Follow it rather than fence the new writer."""
     if p.state in (DOWN, MAINTENANCE) or p.fails or p.read_only is not True:
-        act.state.forget("readonly", "handover")
+        act.state.forget("readonly", "handover", "writable-blocked")
         return False
     src = next((s for s in topo.servers.values() if s.name != p.name and s.read_only is False
                 and s.state not in (DOWN, MAINTENANCE) and not s.fails and replicates_from(p, s)), None)
     if src is None:
-        _once(act, "readonly", logging.WARNING,
-                 f"the primary {label(p)} is read-only: writes get its read-only error (1290) until it is "
-                 f"writable again (use switchover to change primaries)")
+        if act.cfg.enforce_writable_primary:
+            make_writable(act, topo, p)
+        else:
+            _once(act, "readonly", logging.WARNING,
+                  f"the primary {label(p)} is read-only: writes get its read-only error (1290) until it is "
+                  f"writable again (use switchover to change primaries, or set enforce_writable_primary)")
         return False
     log.warning("the primary %s is read-only and replicates from %s, which is writable: following that "
                 "switchover made outside rwproxy", label(p), label(src))
     act.designate(src.name)
     act.learn_semi(src)
     return True
+
+
+def make_writable(act, topo: Topology, p: ServerState) -> None:
+    """enforce_writable_primary: SET GLOBAL read_only=0 on the read-only primary (a restart with
+    read_only=1 in its my.cnf, a SET by hand) unless writable_blocker objects, judged on the
+    snapshot and again on fresh facts of the primary. At most every REJOIN_RETRY seconds."""
+    why = writable_blocker(topo, p)
+    if not why:
+        if not act.state.retry_due("writable", REJOIN_RETRY):
+            return
+        try:
+            with act.link(p) as link:
+                f = act.read_facts(link, p)
+                if not f.read_only:
+                    return
+                why = writable_blocker(topo, replace(p, gtid_current_pos=f.applied, io_running=f.io_state == "Yes",
+                                                     sql_running=f.sql_state == "Yes"))
+                if not why:
+                    act.guard(f"make {p.name} writable", link)
+                    link.q("SET GLOBAL read_only = 0")
+        except StepError as exc:
+            log.warning("the primary %s is read-only; making it writable failed (retrying in %.0f s): %s",
+                        label(p), REJOIN_RETRY, exc)
+            return
+    if why:
+        _once(act, "writable-blocked", logging.ERROR,
+              f"the primary {label(p)} is read-only and stays so although enforce_writable_primary is set: "
+              f"{why}. Writes get its read-only error (1290); resolve by hand")
+        return
+    act.state.forget("writable-blocked")
+    log.warning("the primary %s was read-only: SET GLOBAL read_only=0 (enforce_writable_primary)", label(p))
 
 
 def fence_and_rejoin(act, topo: Topology, p: ServerState) -> None:

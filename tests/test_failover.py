@@ -573,6 +573,23 @@ def test_enforce_writable_primary_undoes_read_only_unless_a_replica_is_ahead(clu
     assert caplog.text.count("SET GLOBAL read_only=0 (enforce_writable_primary)") == 2
 
 
+def test_a_cluster_that_starts_all_read_only_has_the_head_as_read_only_primary(cluster_factory, run_failover,
+                                                                                 caplog):
+    """Every server read-only at start (read_only=1 in each my.cnf): the server the replicas follow
+    is designated (writes get its 1290 at once, as from a primary made read-only by hand; before,
+    no primary was designated and writes waited write_hold_timeout for 1927), and stays
+    read-only without enforce_writable_primary."""
+    caplog.set_level(logging.INFO, logger="rwproxy.failover")
+    c = cluster_factory(replicas=1)
+    primary = c.nodes[0]
+    primary.query("SET GLOBAL read_only = 1")
+    fo, rec = run_failover(c)  # (waits for the designation)
+    assert "it is the primary, read-only (writes get its read-only error 1290" in caplog.text
+    time.sleep(1.0)
+    assert primary.variable("read_only") == 1 and fo.monitor.designated == primary.name
+    assert "read_only=0" not in caplog.text
+
+
 def test_a_promotion_that_fails_half_way_is_undone(cluster_factory, run_failover, caplog):
     """The target refuses read_only=0 (its copy of the monitor account lacks READ_ONLY ADMIN) after
     STOP SLAVE and RESET SLAVE ALL ran: the switchover puts the target back as a read-only replica of

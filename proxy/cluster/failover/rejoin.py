@@ -38,7 +38,9 @@ def _once(act, key: str, level: int, message: str) -> None:
 
 def designate_initial(act, topo: Topology) -> None:
     """The first primary: the live writer (the one most replicas follow if several), else the dead
-    server the replicas follow (so a primary that died before rwproxy started is failed over)."""
+    server the replicas follow (so a primary that died before rwproxy started is failed over), else
+    the read-only server they follow (writes get its 1290, as from a primary made read-only by
+    hand, instead of waiting write_hold_timeout for a primary nobody would bring)."""
     servers = topo.servers
     if not all(s.last_check for s in servers.values()):
         return  # wait for every server's first check
@@ -55,18 +57,20 @@ def designate_initial(act, topo: Topology) -> None:
             act.state.demote_unless_known([s.name for s in live if s is not chosen])
     else:
         dead = [s for s in servers.values() if s.state == DOWN and followers(s)]
-        head = read_only_head(topo) if act.cfg.enforce_writable_primary and not dead else None
-        if head is not None:
-            chosen = head
-            log.warning("no writable server; %s replicates from nobody and %d replica(s) follow it: it is the "
-                        "primary (enforce_writable_primary makes it writable)", label(head), followers(head))
-        elif not dead:
-            _once(act, "noprimary", logging.WARNING,
-                     "no writable server and no replica follows a known backend: no primary yet")
-            return
-        else:
+        head = None if dead else read_only_head(topo)
+        if dead:
             chosen = max(dead, key=followers)
             log.warning("no writable server; the replicas follow %s, which is down", label(chosen))
+        elif head is not None:  # (a whole cluster restarted with read_only=1 in every my.cnf)
+            chosen = head
+            log.warning("no writable server; %s replicates from nobody and %d replica(s) follow it: it is the "
+                        "primary, read-only (%s)", label(head), followers(head),
+                        "enforce_writable_primary makes it writable" if act.cfg.enforce_writable_primary else
+                        "writes get its read-only error 1290 until it is writable; see enforce_writable_primary")
+        else:
+            _once(act, "noprimary", logging.WARNING,
+                  "no writable server, and no server that the replicas follow is up: no primary yet")
+            return
     act.designate(chosen.name)
     log.info("primary: %s", label(chosen))
     act.learn_semi(chosen)

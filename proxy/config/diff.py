@@ -10,7 +10,7 @@ from proxy.config.schema import Config, spec_fields
 
 # Keys a running proxy cannot change: sockets already bound, processes already forked, TLS
 # contexts already loaded, the cluster mode everything was built for.
-RESTART_ONLY = ("proxy.listen", "proxy.workers", "proxy.cpu_affinity", "proxy.scheduling", "proxy.runtime_dir", "proxy.tls.",
+RESTART_ONLY = ("proxy.listen", "proxy.socket", "proxy.workers", "proxy.cpu_affinity", "proxy.scheduling", "proxy.runtime_dir", "proxy.tls.",
                 "proxy.auth_plugin", "proxy.server_version", "admin.listen", "metrics.listen", "cluster.topology",
                 "cluster.coordination", "cluster.etcd_endpoints", "cluster.name", "cluster.instance",
                 "cluster.lease_ttl", "cluster.etcd_timeout", "cluster.etcd_ca", "cluster.etcd_cert", "cluster.etcd_key",

@@ -40,6 +40,15 @@ def socket_error(value: str) -> str | None:
     return None
 
 
+def listen_socket_error(value: str) -> str | None:
+    """[proxy] socket: "" or an absolute path that fits a Unix socket name (107 bytes on Linux)."""
+    if value and not value.startswith("/"):
+        return f"must be an absolute path (e.g. /run/rwproxy/mysql.sock), or \"\" for none, got {show(value)}"
+    if len(value.encode()) > 107:
+        return f"is {len(value.encode())} bytes long; a Unix socket path may have at most 107"
+    return None
+
+
 def identifier_error(value: str) -> str | None:
     if not _IDENT_RE.fullmatch(value):
         return f"expected an identifier ([A-Za-z_][A-Za-z0-9_$]*, at most 64 characters), got {show(value)}"

@@ -489,7 +489,8 @@ def check_config_main(path: str) -> int:
             print(line, file=sys.stderr)
         return 1
     print(f"OK: {path}: {len(cfg.backends)} backends, {len(cfg.users)} users, "
-          f"listening on {format_hostport(cfg.proxy.host, cfg.proxy.port)}")
+          f"listening on {format_hostport(cfg.proxy.host, cfg.proxy.port)}"
+          + (f" and {cfg.proxy.socket}" if cfg.proxy.socket else ""))
     if (warning := exposed(path)):
         print(f"warning: {warning}", file=sys.stderr)
     return 0

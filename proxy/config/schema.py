@@ -16,7 +16,7 @@ from functools import cached_property
 from proxy.config.fields import (  # noqa: F401 - some re-exported: the rest of rwproxy imports them from here
     PW_ENV, PW_FILE, A, B, E, F, I, L, S, T, absolute_path_error, account_name_error, cron_error, endpoint_error,
     env_name_error, format_hostport,
-    identifier_error, instance_error, is_native_hash, listen_error, optional_listen_error, parse_listen, regex_error,
+    identifier_error, instance_error, is_native_hash, listen_error, listen_socket_error, optional_listen_error, parse_listen, regex_error,
     recipients_error, repository_error, secret_keys, set_hostport, show, socket_error, toml_str, url_error,
 )
 
@@ -50,6 +50,7 @@ class TLSConfig:
 @dataclass(frozen=True)
 class ProxyConfig:
     listen: str = S("127.0.0.1:6033", check=listen_error)
+    socket: str = S(check=listen_socket_error)  # a Unix socket clients may connect to as well ("" = none)
     workers: int = I(0, 0, 254)  # session ids carry the worker index in their top byte
     cpu_affinity: str = E("none", "none", "spread")
     scheduling: str = E("normal", "normal", "batch")  # workers' Linux policy: SCHED_OTHER or SCHED_BATCH

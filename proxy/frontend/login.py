@@ -270,7 +270,7 @@ async def handshake(io, worker, conn_id: int, host: str) -> Login | None:
         if seq != 1 + tls:  # as the server answers (and then closes)
             return _out_of_order(io)
         seq += 1
-        if w.config.proxy.tls.require and not tls:
+        if w.config.proxy.tls.require and not tls and host != "localhost":  # (the Unix socket is secure)
             msg = "Connections using insecure transport are prohibited while --require_secure_transport=ON."
             io.write(err_packet(seq, ER_SECURE_TRANSPORT_REQUIRED, msg))
             return None

@@ -120,8 +120,8 @@ class ClientConnection(asyncio.Protocol):
     def connection_made(self, transport):
         self.transport = transport
         peer = transport.get_extra_info("peername")
-        if peer:
-            self.host = peer[0]
+        if peer or peer == "":  # ('' on the Unix socket: MariaDB calls such a client localhost)
+            self.host = peer[0] if peer else "localhost"
         transport.set_write_buffer_limits(high=256 * 1024)
         if not self.worker.admit(self):
             transport.write(err_packet(0, ER_CON_COUNT_ERROR, "Too many connections"))

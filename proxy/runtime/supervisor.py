@@ -26,6 +26,7 @@ from proxy.runtime.admission import Admission
 from proxy.runtime.channels import Publisher
 from proxy.runtime.rundir import RuntimeDir, RuntimeDirError, path_for
 from proxy.runtime.controlplane import ControlPlane
+from proxy.runtime.unixsock import UnixListener, UnixSocketError
 from proxy.runtime.worker import Worker
 
 log = logging.getLogger("rwproxy.server")
@@ -199,29 +200,43 @@ def serve(config) -> int:
 def _serve(config, workers: int, tls_context) -> int:
     check_fd_limit(config, workers, raise_fd_limit())
     socks = bind_sockets(config.proxy.host, config.proxy.port, workers)
+    try:
+        unix = UnixListener(config.proxy.socket) if config.proxy.socket else None
+    except UnixSocketError as e:
+        for s in socks:
+            s.close()
+        raise StartupError(str(e)) from None
+    try:
+        return _serve_on(config, socks, unix, tls_context)
+    finally:
+        if unix is not None:
+            unix.remove()
+
+
+def _serve_on(config, socks, unix, tls_context) -> int:
     topology = topo_mod.probe(config)
     primary = topology.primary
     version = config.proxy.server_version or (primary.version or "10.11.0-MariaDB-rwproxy")
     server_version = version.encode() if version.startswith("5.5.5-") else b"5.5.5-" + version.encode()
     rsa_pem = _rsa_pem(config)
     log.info(
-        "rwproxy listening on %s with %d worker(s); primary %s (%s:%s); servers: %s",
-        config.proxy.listen, workers, primary.name, primary.host, primary.port,
+        "rwproxy listening on %s%s with %d worker(s); primary %s (%s:%s); servers: %s",
+        config.proxy.listen, f" and {config.proxy.socket}" if unix else "", len(socks), primary.name, primary.host, primary.port,
         ", ".join(f"{s.name}={s.role}/{s.state}" for s in topology.servers.values()),
     )
     # Even with one worker the control plane gets its own process: the monitor's
     # threads would otherwise compete with the event loop for the GIL.
-    publisher = Publisher(workers)
-    plane = ControlPlane(config, workers, publisher.publish)
+    publisher = Publisher(len(socks))
+    plane = ControlPlane(config, len(socks), publisher.publish)
     try:
         plane.bind()  # the admin and metrics ports: taken now, or a start-up error
     except OSError as e:
         for s in socks:
             s.close()
         raise StartupError(str(e)) from None
-    admission = Admission(workers, config.proxy.max_connections, {u.name: u.max_connections for u in config.users})
+    admission = Admission(len(socks), config.proxy.max_connections, {u.name: u.max_connections for u in config.users})
     try:
-        return _supervise(socks, topology, server_version, rsa_pem, tls_context, publisher, plane, admission)
+        return _supervise(socks, unix, topology, server_version, rsa_pem, tls_context, publisher, plane, admission)
     finally:
         plane.stop()
         publisher.stop()
@@ -242,7 +257,7 @@ def _rsa_pem(config) -> bytes:
     return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
 
 
-def _supervise(socks, topology, server_version, rsa_pem, tls_context, publisher, plane, admission) -> int:
+def _supervise(socks, unix, topology, server_version, rsa_pem, tls_context, publisher, plane, admission) -> int:
     """Fork the workers, restart any that dies, and stop: at once on SIGINT, by draining on
     SIGTERM or `rwproxy drain`; SIGHUP reloads the config."""
     children: dict[int, int] = {}  # pid -> worker index
@@ -271,7 +286,7 @@ def _supervise(socks, topology, server_version, rsa_pem, tls_context, publisher,
                 signal.signal(signal.SIGHUP, signal.SIG_IGN)
                 start = publisher.latest or topology
                 worker = Worker(plane.config, i, socks[i], start, server_version, rsa_pem, topology_fd=fd,
-                                tls_context=tls_context)
+                                tls_context=tls_context, unix_sock=unix.sock if unix else None)
                 worker.config_version = plane.config_version
                 worker.admission = admission
                 worker.use_progress(plane.progress)
@@ -316,6 +331,8 @@ def _supervise(socks, topology, server_version, rsa_pem, tls_context, publisher,
         time.sleep(grace)
         for s in socks:
             s.close()
+        if unix is not None:
+            unix.close()
         time.sleep(max(plane.config.proxy.shutdown_timeout, grace) - grace + 5)
         on_stop(signal.SIGINT, None)
 

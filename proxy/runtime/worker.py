@@ -48,10 +48,10 @@ class Worker:
     fork (or by a test, without running it); run() starts its event loop."""
 
     def __init__(self, config, index: int, sock, topology, server_version: bytes, rsa_pem: bytes | None,
-                 topology_fd: int | None = None, tls_context: ssl.SSLContext | None = None):
+                 topology_fd: int | None = None, tls_context: ssl.SSLContext | None = None, unix_sock=None):
         self.config = config
         self.index = index
-        self.sock = sock
+        self.sock, self.unix_sock = sock, unix_sock  # (the Unix one is every worker's: unixsock.py)
         self.topology_fd = topology_fd
         self.server_version = server_version
         self.servers = {b.name: b for b in config.backends}
@@ -99,7 +99,7 @@ class Worker:
         self.draining = False  # rwproxy drain / SIGTERM: no new clients; sessions end after their transactions
         self.config_version = 0  # reloads applied
         self.control = None  # runtime.workerctl.WorkerControl: the control plane's questions and orders
-        self.server = None  # the listening asyncio server (closed when draining)
+        self.listeners: list = []  # the listening asyncio servers (closed when draining)
         self.stop_future = None  # set to end run()
 
     def set_topology(self, topology) -> None:
@@ -241,7 +241,8 @@ class Worker:
             p.drain_grace if self.config.metrics.listen else 0.0, max(p.shutdown_timeout, p.drain_grace)))
 
         async def main():
-            server = self.server = await self.loop.create_server(self._factory, sock=self.sock, backlog=1024)
+            self.listeners = [await self.loop.create_server(self._factory, sock=s, backlog=1024)
+                              for s in (self.sock, self.unix_sock) if s is not None]
             if self.topology_fd is not None:
                 await subscribe(self.loop, self.topology_fd, self.set_topology, lambda: self.drain(0.0, p.shutdown_timeout))
             self.loop.create_task(self._housekeeping())
@@ -251,7 +252,8 @@ class Worker:
             log.info("worker %d serving on %s%s", self.index, self.config.proxy.listen,
                      f" (pinned to CPU {cpu})" if cpu is not None else "")
             await stop
-            server.close()
+            for server in self.listeners:
+                server.close()
             if self.peers is not None:
                 self.peers.stop()
             if self.control is not None:
@@ -369,8 +371,8 @@ class Worker:
             now = self.loop.time()
             if not stopped_accepting and (now - deadline + timeout >= grace or now >= deadline):
                 stopped_accepting = True
-                if self.server is not None:
-                    self.server.close()  # connections still in the backlog are served by run()'s end
+                for server in self.listeners:
+                    server.close()  # connections still in the backlog are served by run()'s end
             mono = time.monotonic()
             for c in list(self.clients):
                 st = c.state

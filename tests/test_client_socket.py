@@ -110,3 +110,14 @@ def test_a_path_that_is_not_a_socket_is_a_start_up_error(cluster, tmp_path):
                          text=True, timeout=60)
     assert out.returncode == 1 and "it exists and is not a socket" in out.stderr, out.stderr
     assert path.read_text() == "precious"
+
+
+def test_the_socket_path_is_checked_with_the_config():
+    from proxy.config.load import ConfigError, parse_config
+
+    base = '[[backends]]\nhost = "127.0.0.1"\nport = 1\n[[users]]\nname = "a"\npassword = "b"\n[proxy]\n'
+    for value, said in (("rw.sock", "must be an absolute path"), ("/" + "s" * 107, "is 108 bytes long")):
+        with pytest.raises(ConfigError) as info:
+            parse_config(base + f'socket = "{value}"\n', "c.toml")
+        assert any(e.startswith("c.toml: proxy.socket: " + said) for e in info.value.errors), info.value.errors
+    assert parse_config(base + 'socket = "/' + "s" * 106 + '"\n', "c.toml").proxy.socket.endswith("s" * 106)

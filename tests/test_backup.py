@@ -543,6 +543,32 @@ def test_backup_daemon_runs_until_stopped_and_refuses_an_empty_plan(bk, keyfile,
     assert not late["ok"] and late["stale"] and late["lines"][-1].startswith("NOT OK: nothing archived for"), late
 
 
+def test_check_fails_when_backups_exist_but_nothing_was_ever_archived(bk, keyfile, tmp_path):
+    """`backup check` with backups and an empty archive said "OK: no gap" (nothing stored, so
+    nothing stale), while no point after the backups could be recovered. Now it fails once the
+    primary has written and nothing arrived for a minute since the newest backup; with neither
+    backups nor archive there is nothing to check, and that stays OK."""
+    from proxy.backup.check import check
+    from proxy.backup.manifest import Manifest
+    from proxy.backup.repo import open_repository
+
+    cfg = load_config(write_cfg(bk, tmp_path / "c.toml", repository=f"file://{tmp_path / 'r'}", key_file=keyfile))
+    repo = open_repository(f"file://{tmp_path / 'r'}")
+    assert check(cfg, repo)["ok"]
+    p = current_primary(bk)
+    now = time.time()
+    m = Manifest(id="20261207-000000F", kind="full", method="logical", parent=None, start=now - 5, end=now,
+                 server=p.name, address=f"127.0.0.1:{p.port}", server_id=1, server_role="primary", version="10.11",
+                 gtid=p.variable("gtid_binlog_pos"), consistent_at=now)
+    repo.put_bytes(m.key, m.to_json())
+    write_rows(bk, 2, note="after-backup")
+    assert not check(cfg, repo)["stale"]  # (an archiver gets a minute to upload)
+    late = check(cfg, repo, now=lambda: time.time() + 3600)
+    assert not late["ok"] and late["stale"], late["lines"]
+    assert late["lines"][-1].startswith("NOT OK: nothing archived, and the primary wrote since the backups: no "
+                                        "point in time after 20261207-000000F can be recovered"), late["lines"]
+
+
 def test_expire_and_the_scheduler_keep_what_the_policy_says_with_real_backups(bk, keyfile, tmp_path):
     """`backup expire` (shown, then --yes) and the daemon's scheduled full, test restore and expiry,
     driven by a clock that moves a minute per tick (the cron's resolution), on real backups."""

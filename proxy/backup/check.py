@@ -65,12 +65,18 @@ def check(config, repo, *, now=time.time) -> dict:
                      + " (is `rwproxy backup archive` or archive_binlogs running?)")
         # A stopped archiver is a failing check (as pgBackRest's check fails when WAL does not
         # arrive): a point in time after the archive's end cannot be recovered.
+        # With backups but nothing archived at all, the same holds from the newest backup on: no
+        # point after a backup can be recovered (an archiver never started is no better).
         limit = max(STALE_AFTER, 6 * config.backup.archive_interval)
-        if archive and (out["archive_lag_s"] is None or out["archive_lag_s"] > limit):
+        since = newest or max((m.consistent_at for m in with_gtid), default=0.0)
+        if since and now() - since > limit:
             out["ok"] = False
             out["stale"] = True
             lines.append(f"NOT OK: nothing archived for more than {limit:.0f} s while the primary wrote: "
-                         f"points in time after {iso(w.end_ts) if w.end_ts else 'the archive end'} cannot be recovered")
+                         f"points in time after {iso(w.end_ts) if w.end_ts else 'the archive end'} cannot be recovered"
+                         if archive else f"NOT OK: nothing archived, and the primary wrote since the backups: no point "
+                         f"in time after {with_gtid[-1].id} can be recovered (start `rwproxy backup archive` or "
+                         f"set [backup] archive_binlogs)")
             return out
     lines.append("OK: no gap" if out["ok"] else "NOT OK: the archive has gaps")
     return out

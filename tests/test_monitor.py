@@ -249,6 +249,14 @@ def test_master_delay_lag_measured_and_readmitted(cluster, run_monitor):
             time.sleep(1.5)
             errors = []
             with r.connect() as c, c.cursor() as cur:  # true lag: age of the newest applied row
+                # (the load's first rows reach the replica MASTER_DELAY after they were written,
+                # which on a loaded machine can be later than the wait above: a CI run read NULL)
+                deadline = time.monotonic() + 15
+                while time.monotonic() < deadline:
+                    cur.execute(f"SELECT COUNT(*) FROM {load.table}")
+                    if cur.fetchone()[0]:
+                        break
+                    time.sleep(0.1)
                 for _ in range(15):
                     t0 = time.time()
                     cur.execute(f"SELECT UNIX_TIMESTAMP(NOW(6)), (SELECT ts FROM {load.table} "

@@ -331,7 +331,7 @@ CORPUS = [
     ("DEALLOCATE PREPARE s", W, "SQL_PS"),
     ("DROP PREPARE s", W, "SQL_PS"),
     ("EXECUTE IMMEDIATE 'SELECT 1'", W, ""),
-    ("GET DIAGNOSTICS @n = NUMBER", W, "CONN_BOUND|PREVIOUS"),
+    ("GET DIAGNOSTICS @n = NUMBER", W, "CONN_BOUND|PREVIOUS|USER_VAR_WRITE|DIAG_VARS"),
     # --- hints
     ("/* rwproxy:primary */ SELECT 1", R, "HINT_PRIMARY"),
     ("/*rwproxy:replica*/ SELECT 1", R, "HINT_REPLICA"),

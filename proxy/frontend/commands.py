@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 
 from proxy.backend.connection import BackendError
-from proxy.frontend import idle, kill, prepared
+from proxy.frontend import diagnostics, idle, kill, prepared
 from proxy.frontend.login import FAILED_LOGINS, AccessDenied, admit_user, parse_change_user, start_status, start_writer
 from proxy.logs import clean
 from proxy.protocol.constants import (
@@ -159,6 +159,8 @@ def rare_flags(s, cmd, on_primary: bool) -> None:
     cls = cmd.cls
     if cls.flags & C.F_WAIT_TIMEOUT:
         idle.wait_timeout_set(s, cmd)
+    if cls.flags & C.F_DIAG_VARS:
+        diagnostics.remember(s, cmd, on_primary)
     if not cls.flags & C.F_DROP_DB:
         return
     if cmd.server in s.backends:

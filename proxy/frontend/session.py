@@ -20,16 +20,14 @@ import ssl
 import time
 
 from proxy.config.schema import RYW_GTID
-from proxy.frontend import commands, idle, kill, losses, prepared, sharing, slowpath
+from proxy.frontend import commands, diagnostics, idle, kill, losses, prepared, sharing, slowpath
 from proxy.frontend.login import admit_user, handshake, open_session
 from proxy.frontend.reader import CLOSING, COMMAND, HANDSHAKE, PacketReader
 from proxy.frontend.compress import CompressionError, CompressionLayer
 from proxy.frontend.tls import TLSLayer
 from proxy.logs import clean
-from proxy.protocol.constants import (
-    CLIENT_COMPRESS, COM_QUERY, COM_STMT_EXECUTE, CR_SERVER_LOST, DEFAULT_CHARSET, ER_CON_COUNT_ERROR, MAX_PACKET,
-    SERVER_STATUS_AUTOCOMMIT,
-)
+from proxy.protocol.constants import (CLIENT_COMPRESS, COM_QUERY, COM_STMT_EXECUTE, CR_SERVER_LOST, DEFAULT_CHARSET,
+                                      ER_CON_COUNT_ERROR, MAX_PACKET, SERVER_STATUS_AUTOCOMMIT)
 from proxy.protocol import tracking
 from proxy.protocol.packets import err_packet, err_payload, frame
 from proxy.protocol.scan import RESULT
@@ -40,7 +38,7 @@ from proxy.routing.statements import StatementMap
 
 log = logging.getLogger("rwproxy.client")
 
-_F_KILL, _F_RARE, _F_USE_DB = C.F_KILL, C.F_RARE, C.F_USE_DB
+_F_KILL, _F_RARE, _F_USE_DB, _PREVIOUS = C.F_KILL, C.F_RARE, C.F_USE_DB, C.F_PREVIOUS
 _READ, _SESSION, _WRITE, _NOT_VAR = C.READ, C.SESSION, C.WRITE, ~C.F_USER_VAR_WRITE
 _NO_SHARE = ~(C.F_HINT_PRIMARY | C.F_HINT_REPLICA)  # flags that keep a statement's profile unlearned
 _ID_READERS = C.F_CONN_BOUND | C.F_CONN_STATE  # statements about earlier ones (sharing.follow_up)
@@ -282,6 +280,9 @@ class ClientConnection(asyncio.Protocol):
             return
         if cls.flags & _ID_READERS and sharing.follow_up(self, cmd, plan, to_writer):
             return  # (LAST_INSERT_ID(), SHOW WARNINGS... whose answer lives on another connection)
+        if st.diag_copy is not None and not cls.flags & _PREVIOUS:  # (GET DIAGNOSTICS @v on a replica)
+            self.busy = True
+            return self.spawn(diagnostics.copy_then_send(self, cmd, to_writer, plan.wait_gtid))
         be = self.backends.get(name)
         if to_writer and be is not None and not be.closed and be.peer_gone():
             self.drop_backend(be)  # the server closed it (crash, restart, failover): never write into it

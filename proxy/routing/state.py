@@ -57,6 +57,7 @@ class SessionState:
         "user_vars", "history", "history_overflow", "max_history", "last_backend", "last_write",
         "last_gtid", "failed_servers", "pending_write", "trx_server", "writer", "hversion", "trx_since",
         "insert_id", "warnings", "last_digest", "cursor", "conn_state", "next_trx", "wait_timeout",
+        "diag_copy",
     )
 
     def __init__(self, user, default_ryw: str, max_history: int):
@@ -98,6 +99,7 @@ class SessionState:
         self.conn_state = ""  # why the primary connection holds state rwproxy cannot replay ("" = none)
         self.next_trx = False  # SET TRANSACTION (no scope) ran; no statement on the primary has used it yet
         self.wait_timeout = 0.0  # the session's own SET wait_timeout, seconds (0: the server default)
+        self.diag_copy: tuple | None = None  # (server, [@var...]) GET DIAGNOSTICS set there (diagnostics.py)
 
     def pin(self) -> str:
         """Why only the primary connection may see this session's statements now ("" when nothing

@@ -74,6 +74,9 @@ F_DROP_DB = 1 << 33
 # A multi-statement with a SET or USE among its statements: it runs on the primary, whose connection
 # alone then has what it set, even when a later statement of it failed (RouterState.after).
 F_MULTI_SESSION = 1 << 34
+# GET DIAGNOSTICS into user variables: where it ran on a replica, they are copied to the writer
+# before the session's next statement (frontend/diagnostics.py).
+F_DIAG_VARS = 1 << 35
 # The flags from here up are rare and tested on the hot path with `flags >= F_RARE`, which allocates
 # nothing (`&` on an int this big does).
 F_RARE = F_WAIT_TIMEOUT

@@ -14,7 +14,7 @@ from proxy.routing.classify.const import (
     F_AUTOCOMMIT_OFF, F_AUTOCOMMIT_ON, F_BEGIN, F_COMMIT, F_CONN_BOUND, F_CONN_STATE, F_IMPLICIT_COMMIT, F_PREVIOUS,
     F_KILL, F_LOAD_DATA, F_LOCK_TABLES, F_NEXT_TRX, F_READ_ONLY_TXN, F_RELEASE_SESSION, F_ROLLBACK,
     F_SET_GLOBAL, F_SET_UNREPLAYABLE, F_SQL_PS, F_STORED_CALL, F_TEMP_TABLE, F_UNLOCK_TABLES, F_UNPARSED, F_USE_DB,
-    F_USER_VAR_READ, F_USER_VAR_WRITE, F_WAIT_TIMEOUT, F_XA, READ, SESSION, WRITE, F_DROP_DB,
+    F_USER_VAR_READ, F_USER_VAR_WRITE, F_WAIT_TIMEOUT, F_XA, READ, SESSION, WRITE, F_DROP_DB, F_DIAG_VARS,
 )
 from proxy.routing.classify.flagscan import NOT_READ, scan
 from proxy.routing.classify.funcs import SET_SCOPES
@@ -371,8 +371,10 @@ class Rules:
         return self._ps(code, toks)
 
     def _get(self, code: str, toks: list[Tok]) -> Result:
-        """GET [CURRENT|STACKED] DIAGNOSTICS reads the previous statement's diagnostics area."""
-        return WRITE, F_CONN_BOUND | F_PREVIOUS, None, True
+        """GET [CURRENT|STACKED] DIAGNOSTICS reads the previous statement's diagnostics area; the
+        user variables it sets live on that connection only (reads of them must go there)."""
+        sets = F_USER_VAR_WRITE | F_DIAG_VARS if any(t.kind == "u" for t in toks) else 0
+        return WRITE, F_CONN_BOUND | F_PREVIOUS | sets, None, True
 
 
 _INSERT_MODIFIERS = frozenset(("LOW_PRIORITY", "DELAYED", "HIGH_PRIORITY", "IGNORE", "INTO"))

@@ -61,6 +61,8 @@ MODE_NAMES = {"primary": "read_write_split = false (every statement to the prima
                              "own 16 KB net_buffer_length chunks, as to the forwarder and the direct runs)",
               "split-256k": "as split, with [pool] backend_net_buffer = 262144 (results up to 256 KiB leave the "
                             "server in one write, against 128 KiB by default)",
+              "split-socket": "as split, but sysbench connects to rwproxy through its Unix socket ([proxy] socket) "
+                              "instead of TCP; the direct runs still use TCP to the primary",
               "haproxy": "peer, not rwproxy: HAProxy in TCP mode to the primary, as many threads as rwproxy has "
                          "workers (benchmarks/haproxy.py)",
               "forwarder": "reference, not rwproxy: benchmarks/forwarder.py, a bare uvloop TCP forwarder to the primary "
@@ -74,6 +76,7 @@ MODE_TESTS = {"primary": ["oltp_point_select", "oltp_read_only", "oltp_update_no
               "primary-tls": ["oltp_point_select"],
               "primary-16k": ["oltp_point_select"],
               "split-256k": ["oltp_point_select"],
+              "split-socket": ["oltp_point_select"],
               "haproxy": ["oltp_point_select", "oltp_update_non_index"],
               "forwarder": ["oltp_point_select", "oltp_update_non_index"]}
 BIG_RESULT_MODES = ("split", "split-batch", "split-256k", "primary", "primary-pinned", "primary-tls", "primary-16k", "haproxy", "forwarder")  # 1,000-row figure measured in these
@@ -98,11 +101,13 @@ VARIANTS = {  # name -> (sysbench test, extra options)
 
 
 def sysbench(test: str, host: str, port: int, threads: int, seconds: float, tables: int, size: int, action="run",
-             ps_mode: str = "auto") -> dict:
-    """One sysbench run; ps_mode "auto" uses prepared statements (binary protocol), "disable" plain queries."""
+             ps_mode: str = "auto", socket: str = "") -> dict:
+    """One sysbench run; ps_mode "auto" uses prepared statements (binary protocol), "disable" plain
+    queries; with `socket`, through that Unix socket instead of host:port."""
     test, extra = VARIANTS.get(test, (test, []))
+    where = [f"--mysql-socket={socket}"] if socket else [f"--mysql-host={host}", f"--mysql-port={port}"]
     cmd = [
-        "sysbench", test, *extra, f"--mysql-host={host}", f"--mysql-port={port}", "--mysql-user=app", "--mysql-password=app",
+        "sysbench", test, *extra, *where, "--mysql-user=app", "--mysql-password=app",
         f"--mysql-db={SB_DB}", f"--tables={tables}", f"--table-size={size}", "--db-driver=mysql",
         f"--threads={threads}", f"--time={int(seconds)}", "--histogram=on", "--percentile=99", f"--db-ps-mode={ps_mode}", action,
     ]
@@ -224,6 +229,8 @@ def write_mode_config(mode: str, port: int, workers: int, cluster, tmp: str) -> 
         data["pool"] = {"backend_net_buffer": 0}
     if base_mode(mode).endswith("-256k"):
         data["pool"] = {"backend_net_buffer": 256 << 10}
+    if base_mode(mode).endswith("-socket"):
+        data["proxy"]["socket"] = client_socket(mode, tmp)
     if base_mode(mode).endswith("-tls"):
         data["backend_tls"] = {"mode": "verify_identity", "ca": str(cluster.tls_dir / "ca.pem")}
     path = str(Path(tmp) / f"rwproxy-{mode.replace('@', '-')}.toml")
@@ -232,6 +239,11 @@ def write_mode_config(mode: str, port: int, workers: int, cluster, tmp: str) -> 
     with os.fdopen(fd, "w", encoding="utf-8") as fh:
         fh.write(minimal_toml(data))
     return path
+
+
+def client_socket(mode: str, tmp: str) -> str:
+    """The Unix socket a *-socket mode's rwproxy listens on beside its port ("" for other modes)."""
+    return str(Path(tmp) / f"rw-{mode.replace('@', '-')}.sock") if base_mode(mode).endswith("-socket") else ""
 
 
 def minimal_toml(data: dict) -> str:
@@ -368,7 +380,7 @@ def main(argv=None) -> int:
                          "split (reads on the replicas), split-batch (as split, scheduling = batch), split-one (as split, "
                          "reads on one replica), primary-unix (as primary, backends through their Unix "
                          "sockets), primary-tls (as primary, TLS to the servers), primary-16k (as primary, "
-                         "backend_net_buffer = 0), split-256k (as split, backend_net_buffer = 256 KiB), forwarder (reference: a bare uvloop forwarder, not rwproxy)")
+                         "backend_net_buffer = 0), split-256k (as split, backend_net_buffer = 256 KiB), split-socket (as split, sysbench through rwproxy's Unix socket), forwarder (reference: a bare uvloop forwarder, not rwproxy)")
     ap.add_argument("--workers", type=int, default=0, help="rwproxy workers (0 = CPU count)")
     ap.add_argument("--baseline", default="", metavar="DIR",
                     help="another checkout of rwproxy (e.g. `git worktree add DIR <commit>`, extensions built in "
@@ -431,7 +443,8 @@ def main(argv=None) -> int:
                 cpu0 = proxy.cpu_seconds()
                 routed0 = routed(cfgs[mode]) if rwproxy else {}
                 with ConnectionSampler(cluster) as sampled:
-                    res = sysbench(test, "127.0.0.1", proxy.port, th, args.time, tables, size)
+                    res = sysbench(test, "127.0.0.1", proxy.port, th, args.time, tables, size,
+                                   socket=client_socket(mode, tmp))
                 res["server_connections_peak"] = sampled.peaks
                 res["proxy_cpu_us_per_query"] = round((proxy.cpu_seconds() - cpu0) / res["queries"] * 1e6, 1)
                 if rwproxy:

@@ -208,6 +208,15 @@ def test_health_endpoints(op_proxy):
     status, body = http(op_proxy.metrics_port, "/health")
     assert status == 200 and json.loads(body)["ready"] is True
     assert http(op_proxy.metrics_port, "/nothing")[0] == 404
+    # a read-only primary still serves reads (ready), and the body says that writes fail
+    op_proxy.cluster.primary.query("SET GLOBAL read_only = 1")
+    try:
+        wait_for(lambda: "(read-only" in http(op_proxy.metrics_port, "/health/ready")[1], 10, "ready to say read-only")
+        assert http(op_proxy.metrics_port, "/health/ready") == (200, "ready: primary node1 (read-only: writes get "
+                                                                     "its 1290)\n")
+    finally:
+        op_proxy.cluster.primary.query("SET GLOBAL read_only = 0")
+    wait_for(lambda: http(op_proxy.metrics_port, "/health/ready") == (200, "ready: primary node1\n"), 10, "writable")
 
 
 def test_commands_naming_an_unknown_server_say_which_exist(op_proxy):

@@ -225,8 +225,9 @@ class ControlPlane:
             return False, "draining"
         topo = self.monitor.topology
         p = topo.primary
-        if p is not None and p.is_writer:
-            return True, f"primary {p.name}" + ("; writes held (failover or switchover)" if topo.writes_held else "")
+        if p is not None and p.is_writer:  # (a read-only one still serves reads; its writes get 1290)
+            return True, (f"primary {p.name}" + (" (read-only: writes get its 1290)" if p.read_only else "")
+                          + ("; writes held (failover or switchover)" if topo.writes_held else ""))
         if self.config.metrics.ready_without_primary and topo.readers:
             return True, "no primary; read-only (ready_without_primary)"
         return False, "no primary known"

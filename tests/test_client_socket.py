@@ -68,6 +68,9 @@ def test_clients_connect_through_the_socket_and_are_routed_as_on_the_port(on_soc
         assert cur.fetchall() == ((42,),)
     finally:
         db.close()
+    out = subprocess.run([sys.executable, "-m", "proxy", "status", "--config", p.process.config_path],
+                         capture_output=True, text=True, timeout=60)
+    assert f"on {p.host}:{p.port} and {path}, 2 worker(s)" in out.stdout, out.stdout + out.stderr
     # the server's words for a socket client: 'user'@'localhost'
     with pytest.raises(pymysql.err.OperationalError) as e:
         pymysql.connect(unix_socket=path, user="app", password="wrong", database="app", ssl_disabled=True)

@@ -18,7 +18,8 @@ def format_status(st: dict) -> str:
     widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
     lines = ["  ".join(v.ljust(widths[i]) for i, v in enumerate(r)).rstrip() for r in rows]
     lines.append("")
-    lines.append(f"rwproxy pid {st['pid']} on {st['listen']}, {st['workers']} worker(s), up {st['uptime_s']:.0f} s; "
+    lines.append(f"rwproxy pid {st['pid']} on {st['listen']}" + (f" and {st['socket']}" if st.get("socket") else "")
+                 + f", {st['workers']} worker(s), up {st['uptime_s']:.0f} s; "
                  f"{st['clients']} client(s), {st['statements']} statement(s) routed"
                  f" ({st.get('shared_statements', 0)} over shared connections)"
                  + ("; WRITES HELD" if st.get("writes_held") else ""))

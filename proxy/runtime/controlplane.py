@@ -469,7 +469,8 @@ class ControlPlane:
             })
         ready, why = self.ready()
         return {
-            "ok": True, "pid": os.getpid(), "listen": self.config.proxy.listen, "workers": self.workers,
+            "ok": True, "pid": os.getpid(), "listen": self.config.proxy.listen, "socket": self.config.proxy.socket,
+            "workers": self.workers,
             "workers_answering": summary["workers_answering"],
             "uptime_s": round(time.time() - self.started, 1), "clients": summary["clients"],
             "statements": summary["statements"], "shared_statements": summary["shared_statements"],

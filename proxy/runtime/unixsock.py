@@ -54,16 +54,20 @@ class UnixListener:
                                       f"change [proxy] socket")
             os.unlink(path)  # left by a process that died
         s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        # Mode 0777 from bind itself, not a chmod after it, which would follow a symlink put in
+        # the socket's place meanwhile (bound once at start-up, before any thread runs).
+        mask = os.umask(0)
         try:
             s.bind(path)
-            os.chmod(path, 0o777)
             s.listen(1024)
         except OSError as e:
             s.close()
             raise UnixSocketError(f"cannot listen on {path}: {e.strerror}") from None
+        finally:
+            os.umask(mask)
         s.setblocking(False)
         self.sock = s
-        self.inode = os.stat(path).st_ino
+        self.inode = os.lstat(path).st_ino
 
     def close(self) -> None:
         """Stop listening (new clients are refused at once); the file stays until remove()."""
@@ -72,7 +76,7 @@ class UnixListener:
     def remove(self) -> None:
         self.sock.close()
         try:
-            if os.stat(self.path).st_ino == self.inode:
+            if os.lstat(self.path).st_ino == self.inode:
                 os.unlink(self.path)
         except OSError:
             pass

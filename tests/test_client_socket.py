@@ -8,24 +8,14 @@ import signal
 import stat
 import subprocess
 import sys
-import time
 
 import MySQLdb
 import pymysql
 import pytest
 
-from helpers import proxy_config_dict, self_signed_cert, start_proxy, worker_pids
+from helpers import proxy_config_dict, self_signed_cert, start_proxy, wait_until, worker_pids
 from proxy.config.load import build_config, write_config
 from proxy.sandbox.util import process_alive
-
-
-def _wait_for(pred, timeout: float = 15.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if (got := pred()):
-            return got
-        time.sleep(0.05)
-    raise AssertionError("condition not met in time")
 
 
 @pytest.fixture
@@ -94,7 +84,7 @@ def test_a_stale_socket_file_is_replaced_a_live_one_refused_and_the_file_removed
     for pid in pids:
         os.kill(pid, signal.SIGKILL)
     p.process.proc.wait(10)
-    _wait_for(lambda: not any(process_alive(pid) for pid in pids))
+    assert wait_until(lambda: not any(process_alive(pid) for pid in pids), 15)
     assert stat.S_ISSOCK(os.stat(path).st_mode)
     p.process.start()
     conn = pymysql.connect(unix_socket=path, user="app", password="app", database="app")

@@ -24,7 +24,7 @@ from proxy.protocol.scan import RESULT
 from proxy.routing.classify.lex import code_text, tokenize
 
 _INT_TYPES = frozenset((1, 2, 3, 8, 9, 13))  # TINY, SHORT, LONG, LONGLONG, INT24, YEAR
-_NUMBER_TYPES = frozenset((0, 4, 5, 246))  # DECIMAL, FLOAT, DOUBLE, NEWDECIMAL
+_NUMERIC = _INT_TYPES | frozenset((0, 4, 5, 246))  # and DECIMAL, FLOAT, DOUBLE, NEWDECIMAL
 _NUMBER = re.compile(rb"-?\d+(\.\d+)?([eE][-+]?\d+)?")
 _COLLATION = re.compile(r"[a-z0-9_]+")
 
@@ -73,7 +73,7 @@ def assignments(resp: bytes, names: list[str]) -> list[str]:
         value, hexed, collation = row[3 * i], row[3 * i + 1], (row[3 * i + 2] or b"").decode()
         if value is None:
             literal = "NULL"
-        elif types[3 * i] in _INT_TYPES | _NUMBER_TYPES and _NUMBER.fullmatch(value):
+        elif types[3 * i] in _NUMERIC and _NUMBER.fullmatch(value):
             literal = value.decode()
         elif collation == "binary" or not _COLLATION.fullmatch(collation):
             literal = f"X'{hexed.decode()}'"

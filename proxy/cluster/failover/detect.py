@@ -18,6 +18,11 @@ def replicates_from(s: ServerState, p: ServerState) -> bool:
     return bool(s.source) and s.source == p.address
 
 
+def followers(topo: Topology, p: ServerState) -> int:
+    """How many other servers are configured to replicate from p."""
+    return sum(1 for s in topo.servers.values() if s.name != p.name and replicates_from(s, p))
+
+
 def verdict(topo: Topology, name: str, failcount: int, verify: bool, silence: float = 0.0,
             now: float | None = None, unanswered: float = 0.0) -> tuple[str, str]:
     """Is the primary `name` dead?  (ALIVE | SUSPECT | UNCONFIRMED | DEAD, detail).
@@ -105,14 +110,9 @@ def read_only_head(topo: Topology) -> ServerState | None:
     """With no writable server at all (a whole cluster restarted with read_only=1 in its my.cnf):
     the live server that replicates from nobody and that the most replicas follow, if exactly one
     such server stands out (enforce_writable_primary designates it)."""
-    servers = topo.servers
-    heads = [s for s in servers.values() if s.state not in (DOWN, MAINTENANCE) and not s.fails and s.last_ok
+    heads = [s for s in topo.servers.values() if s.state not in (DOWN, MAINTENANCE) and not s.fails and s.last_ok
              and s.read_only is True and not s.io_running and not s.sql_running]
-
-    def followers(p: ServerState) -> int:
-        return sum(1 for s in servers.values() if s.name != p.name and replicates_from(s, p))
-
-    ranked = sorted(((followers(s), s.name) for s in heads), reverse=True)
+    ranked = sorted(((followers(topo, s), s.name) for s in heads), reverse=True)
     if not ranked or (len(ranked) > 1 and ranked[0][0] == ranked[1][0]):
         return None
-    return servers[ranked[0][1]]
+    return topo.servers[ranked[0][1]]

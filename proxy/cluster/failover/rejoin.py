@@ -22,7 +22,7 @@ from dataclasses import replace
 from proxy.cluster import gtid
 from proxy.cluster.failover import ops
 from proxy.cluster.failover.actions import label
-from proxy.cluster.failover.detect import read_only_head, replicates_from, writable_blocker
+from proxy.cluster.failover.detect import followers, read_only_head, replicates_from, writable_blocker
 from proxy.cluster.failover.ops import StepError
 from proxy.cluster.topology import DOWN, MAINTENANCE, PRIMARY, ServerState, Topology
 
@@ -45,26 +45,23 @@ def designate_initial(act, topo: Topology) -> None:
     if not all(s.last_check for s in servers.values()):
         return  # wait for every server's first check
 
-    def followers(p: ServerState) -> int:
-        return sum(1 for s in servers.values() if s.name != p.name and replicates_from(s, p))
-
     live = [s for s in servers.values() if s.role == PRIMARY and s.state not in (DOWN, MAINTENANCE)]
     if live:
-        chosen = max(live, key=lambda p: (followers(p), -act.order[p.name]))
+        chosen = max(live, key=lambda p: (followers(topo, p), -act.order[p.name]))
         if len(live) > 1:
             log.warning("several writable servers (%s): %s is the primary (%d replicas follow it); "
-                        "the others are fenced", ", ".join(s.name for s in live), chosen.name, followers(chosen))
+                        "the others are fenced", ", ".join(s.name for s in live), chosen.name, followers(topo, chosen))
             act.state.demote_unless_known([s.name for s in live if s is not chosen])
     else:
-        dead = [s for s in servers.values() if s.state == DOWN and followers(s)]
+        dead = [s for s in servers.values() if s.state == DOWN and followers(topo, s)]
         head = None if dead else read_only_head(topo)
         if dead:
-            chosen = max(dead, key=followers)
+            chosen = max(dead, key=lambda s: followers(topo, s))
             log.warning("no writable server; the replicas follow %s, which is down", label(chosen))
         elif head is not None:  # (a whole cluster restarted with read_only=1 in every my.cnf)
             chosen = head
             log.warning("no writable server; %s replicates from nobody and %d replica(s) follow it: it is the "
-                        "primary, read-only (%s)", label(head), followers(head),
+                        "primary, read-only (%s)", label(head), followers(topo, head),
                         "enforce_writable_primary makes it writable" if act.cfg.enforce_writable_primary else
                         "writes get its read-only error 1290 until it is writable; see enforce_writable_primary")
         else:

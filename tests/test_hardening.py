@@ -796,6 +796,46 @@ def test_change_user_with_an_empty_token_gets_an_auth_switch_as_on_the_server(pr
     assert out[proxy.port] == out[proxy.cluster.primary.port]
 
 
+def _change_user_charset(c: RawClient, password: str, charset: int) -> int:
+    """COM_CHANGE_USER to app with `charset` (two bytes), answering an auth switch; 0 or the error code."""
+    token = auth.native_token(password, c.greeting.salt)
+    c.send(b"\x11app\x00" + bytes([len(token)]) + token + b"app\x00" + struct.pack("<H", charset)
+           + b"mysql_native_password\x00", 0)
+    seq, p = c.read()
+    if p[0] == 0xFE:  # the server asks again with a new salt
+        c.send(auth.native_token(password, p[1:].partition(b"\x00")[2][:20]), seq + 1)
+        seq, p = c.read()
+    return 0 if p[0] == 0 else struct.unpack_from("<H", p, 1)[0]
+
+
+def test_change_user_gives_the_session_the_character_set_the_server_would(proxy):
+    """After COM_CHANGE_USER the server's session has the character set the packet names, its default
+    when the change fails or names none, and a collation id over 255 (UCA 14.0) as it is; a client
+    character set no client can use (utf16) fails the change. rwproxy kept the old character set on
+    failure, cut ids to their low byte (2304, utf8mb4_uca1400_ai_ci, became 0), and after a failed
+    change to utf16 every later statement failed (a fuzzing run's finding)."""
+    cases = [("app", 0), ("wrong", 33), ("app", 33), ("app", 54), ("app", 2304), ("app", 300), ("wrong", 2304)]
+    answers = {}
+    for port in (proxy.port, proxy.cluster.primary.port):
+        out = []
+        for password, charset in cases:
+            c = RawClient("127.0.0.1", port)
+            try:
+                assert c.command(b"\x03SET NAMES latin1")[0] == 0
+                out.append(_change_user_charset(c, password, charset))
+                for sql in (b"SELECT @@collation_connection, @@character_set_results",  # (a replica)
+                            b"SELECT /* rwproxy:primary */ @@collation_connection, @@character_set_results"):
+                    c.send(b"\x03" + sql, 0)
+                    out.append(c.read_until_eof()[-2])
+            finally:
+                c.close()
+        answers[port] = out
+    direct = answers[proxy.cluster.primary.port]
+    assert direct[::3] == [0, 1045, 0, 1231, 0, 0, 1045]
+    assert b"utf8mb4_uca1400_ai_ci" in direct[3 * 4 + 1]
+    assert answers[proxy.port] == direct
+
+
 def _extreme_sections(largest: bool) -> dict:
     """Every integer and duration key of the runtime sections at its largest (or smallest) allowed value."""
     from proxy.config import schema

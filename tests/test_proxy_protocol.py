@@ -171,19 +171,23 @@ def test_malformed_handshake_gets_error_and_proxy_keeps_serving(proxy):
 @pytest.mark.parametrize("payload", [b"\x11app", b"\x11app\x00", b"\x11app\x00\x14abc", b"\x11\xff\xfe"],
                          ids=["no-nul", "no-token", "short-token", "garbage"])
 def test_malformed_change_user_gets_error_and_session_carries_on(proxy, payload):
-    """Answered as MariaDB answers it (1047 Unknown command), not as an internal error, and the
-    session keeps its user and state."""
-    c = RawClient(proxy.host, proxy.port)
-    try:
-        assert c.command(b"\x03SET @keep = 7")[0] == 0
-        reply = c.command(payload)
-        assert reply[0] == 0xFF and struct.unpack_from("<H", reply, 1)[0] == 1047, reply
-        assert reply[4:9] == b"08S01" and b"malformed COM_CHANGE_USER" in reply
-        c.send(b"\x03SELECT CURRENT_USER(), @keep", 0)
-        rows = c.read_until_eof()
-        assert b"app@" in rows[-2] and rows[-2].endswith(b"\x017")
-    finally:
-        c.close()
+    """Answered as MariaDB answers it (1047 Unknown command), not as an internal error; the session
+    keeps its user and, as on the server (which resets the session before it reads the packet),
+    loses its variables and gets the servers' default character set."""
+    answers = []
+    for port in (proxy.port, proxy.cluster.primary.port):
+        c = RawClient(proxy.host, port)
+        try:
+            assert c.command(b"\x03SET @keep = 7")[0] == 0
+            assert c.command(b"\x03SET NAMES latin1")[0] == 0
+            reply = c.command(payload)
+            assert reply[0] == 0xFF and struct.unpack_from("<H", reply, 1)[0] == 1047, reply
+            assert reply[4:9] == b"08S01"
+            c.send(b"\x03SELECT CURRENT_USER(), @keep, @@character_set_client", 0)
+            answers.append(c.read_until_eof()[-2])
+        finally:
+            c.close()
+    assert answers[0] == answers[1] == b"\x05app@%\xfb\x07utf8mb4"
 
 
 def test_set_option_turns_multi_statements_on_and_off(proxy):

@@ -15,10 +15,10 @@ from proxy.logs import clean
 from proxy.protocol.constants import (
     COM_CHANGE_USER, COM_DEBUG, COM_FIELD_LIST, COM_INIT_DB, COM_PING, COM_PROCESS_INFO, COM_PROCESS_KILL, COM_QUIT,
     COM_REFRESH, COM_RESET_CONNECTION, COM_SET_OPTION, COM_STATISTICS, COM_STMT_BULK_EXECUTE, COM_STMT_CLOSE,
-    COM_STMT_FETCH, COM_STMT_PREPARE, COM_STMT_RESET, COM_STMT_SEND_LONG_DATA, ER_ACCESS_DENIED_ERROR,
-    ER_NET_READ_INTERRUPTED, ER_UNKNOWN_COM_ERROR,
+    COM_QUERY, COM_STMT_FETCH, COM_STMT_PREPARE, COM_STMT_RESET, COM_STMT_SEND_LONG_DATA, ER_ACCESS_DENIED_ERROR,
+    ER_NET_READ_INTERRUPTED, ER_UNKNOWN_COM_ERROR, SERVER_DEFAULT_CHARSET,
 )
-from proxy.protocol.packets import ProtocolError, command, err_packet, logical_payload, ok_packet
+from proxy.protocol.packets import ProtocolError, command, err_packet, logical_payload, ok_packet, text_rows
 from proxy.protocol.scan import FIELD_LIST, RESULT, SIMPLE, STATISTICS
 from proxy.routing import classify as C
 
@@ -95,26 +95,30 @@ async def _reset_connection(s) -> None:
 
 async def _change_user(s, pkt) -> None:
     """As MariaDB does it: the session is reset first (transaction rolled back, temporary tables,
-    variables and prepared statements gone), then the new user authenticates. If that fails (wrong
-    password, unknown database, the user's max_connections) the client gets the error and keeps a
-    fresh session of the old user in its old database; after three failures every COM_CHANGE_USER
-    gets ERROR 1047, which stops password guessing on one connection."""
+    variables and prepared statements gone, the character set the servers' default), then the new
+    user authenticates. If that fails (wrong password, unknown database, a character set a client
+    cannot use, the user's max_connections, a malformed packet) the client gets the error and keeps
+    a fresh session of the old user in its old database, in the servers' default character set;
+    after three failures every COM_CHANGE_USER gets ERROR 1047, which stops password guessing on
+    one connection."""
     try:
-        req = parse_change_user(logical_payload(pkt), s.caps)
-    except ProtocolError as e:  # as MariaDB answers: the session carries on unchanged
-        return s.send_error(*ER_UNKNOWN_COM_ERROR, f"Unknown command: malformed COM_CHANGE_USER packet ({e})")
+        req, malformed = parse_change_user(logical_payload(pkt), s.caps), None
+    except ProtocolError as e:
+        req, malformed = None, e
     old_user, old_db = s.user, s.db
     for be in list(s.backends.values()):  # awaited: its named, table and row locks are gone before the answer
         if not be.closed and not be.relaying_for(s) and not await be.reset():
             s.drop_backend(be)
     s.release_backends()
     s.stmts.clear()
-    if req.charset:
-        s.charset = req.charset & 0xFF
+    s.charset = SERVER_DEFAULT_CHARSET
     s.start_session(old_user, old_db)
     s.status = start_status(s.worker, s.writer())
     if s.failed_change_user >= MAX_FAILED_CHANGE_USER:
         return s.send_error(*ER_UNKNOWN_COM_ERROR, "Unknown command")
+    if malformed is not None:  # (the server, too, has reset the session when it finds out)
+        s.failed_change_user += 1
+        return s.send_error(*ER_UNKNOWN_COM_ERROR, f"Unknown command: malformed COM_CHANGE_USER packet ({malformed})")
     auth = s.worker.authenticator
     try:
         user, seq = await auth.login(s, req.user, req.plugin, req.auth_response, s.salt, 1, s.host, s.tls,
@@ -130,16 +134,38 @@ async def _change_user(s, pkt) -> None:
     if not admit_user(s, user, seq):
         return _keep_old_user(s, old_user)
     s.start_session(user, req.database)
+    # A collation id over 255 (MariaDB's UCA 14.0 ones) does not fit a handshake: the servers'
+    # connections start in their default and replay SET NAMES ... COLLATE ... instead.
+    wide = req.charset or 0
+    s.charset = wide if wide <= 0xFF else SERVER_DEFAULT_CHARSET
     try:
         await start_writer(s)
-    except BackendError as e:  # an unknown database, a user the servers refuse
+        if wide > 0xFF:
+            await _set_wide_collation(s, wide)
+    except BackendError as e:  # an unknown database, a user the servers refuse, a charset like utf16
         if e.unavailable and s.worker.topology.readers:  # as at login: reads go on, writes wait
             return s.write(ok_packet(seq, s.status))
         s.release_backends()
+        s.charset = SERVER_DEFAULT_CHARSET
         s.start_session(old_user, old_db)
         s.send_error(e.code, e.sqlstate, e.message, seq)
         return _keep_old_user(s, old_user, counts=e.code < 2000)  # (not for a server that is down)
     s.write(ok_packet(seq, s.status))
+
+
+async def _set_wide_collation(s, cid: int) -> None:
+    """Give the session collation `cid` (> 255) by a SET NAMES in its history, if the server knows
+    the id; an id it does not know leaves its default, as the server's own COM_CHANGE_USER does.
+    (The names come from the server: `SET collation_connection = <id>` takes the id, where
+    information_schema would not be reachable for a client that asked for CLIENT_NO_SCHEMA.)"""
+    be = s.backends[s.writer()]
+    if (await be.command(command(COM_QUERY, b"SET collation_connection = %d" % cid), RESULT))[4] != 0:
+        return
+    rows = text_rows(await be.command(command(COM_QUERY, b"SELECT @@character_set_connection, @@collation_connection"),
+                                      RESULT))
+    if rows and rows[0][0] and rows[0][1]:
+        s.state.record(command(COM_QUERY, b"SET NAMES %s COLLATE %s" % (rows[0][0], rows[0][1])), 0, s.backends.values())
+        await be.replay(s.state.history)
 
 
 def _keep_old_user(s, old_user, counts: bool = True) -> None:

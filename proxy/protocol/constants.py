@@ -147,6 +147,9 @@ MYSQL_OPTION_MULTI_STATEMENTS_OFF = 1
 # Character sets.
 UTF8MB4_GENERAL_CI = 45
 DEFAULT_CHARSET = UTF8MB4_GENERAL_CI
+# In a handshake response, 0 names no collation: the server gives the connection its global
+# character_set_client, collation_connection and character_set_results, as after COM_CHANGE_USER.
+SERVER_DEFAULT_CHARSET = 0
 
 MAX_PACKET = 0xFFFFFF
 

@@ -836,6 +836,35 @@ def test_change_user_gives_the_session_the_character_set_the_server_would(proxy)
     assert answers[proxy.port] == direct
 
 
+def test_ignore_space_from_the_handshake_holds_on_pooled_connections_and_goes_at_a_reset(proxy):
+    """CLIENT_IGNORE_SPACE puts IGNORE_SPACE in the session's sql_mode at login (and CLIENT_INTERACTIVE
+    sets wait_timeout), and the server's COM_RESET_CONNECTION and COM_CHANGE_USER take both away.
+    Through rwproxy a session on a pooled connection (reset when its last client left) had lost it at
+    login, and one that reset kept it on connections opened afterwards (a fuzzing run's finding)."""
+    sql = [b"SELECT @@sql_mode LIKE 'IGNORE_SPACE,%'", b"SELECT /* rwproxy:primary */ @@sql_mode LIKE 'IGNORE_SPACE,%'"]
+    answers = {}
+    for port in (proxy.port, proxy.cluster.primary.port):
+        out = []
+        for _ in range(3):  # (from the second round on, rwproxy's pool has connections of this key)
+            c = RawClient("127.0.0.1", port)
+            try:
+                assert c.caps & (1 << 8)  # CLIENT_IGNORE_SPACE
+                for step in ("login", "reset", "change user"):
+                    if step == "reset":
+                        assert c.command(b"\x1f")[0] == 0
+                    elif step == "change user":
+                        assert _change_user_charset(c, "app", 45) == 0
+                    for q in sql:
+                        c.send(b"\x03" + q, 0)
+                        out.append((step, c.read_until_eof()[-2]))
+            finally:
+                c.close()
+        answers[port] = out
+    direct = answers[proxy.cluster.primary.port]
+    assert [v for _, v in direct[:2]] == [b"\x011", b"\x011"] and direct[2][1] == b"\x010"
+    assert answers[proxy.port] == direct
+
+
 def _extreme_sections(largest: bool) -> dict:
     """Every integer and duration key of the runtime sections at its largest (or smallest) allowed value."""
     from proxy.config import schema

@@ -22,7 +22,7 @@ from collections import defaultdict, deque
 
 from proxy.backend.connection import BackendConnection, BackendError
 from proxy.backend.opening import connect
-from proxy.protocol.constants import COM_QUERY
+from proxy.protocol.constants import COM_QUERY, LOGIN_ONLY_CAPABILITIES
 from proxy.protocol.packets import command, first_value
 from proxy.protocol.scan import RESULT
 
@@ -171,7 +171,8 @@ class Pools:
         if conn.closed:
             self._forget(conn)
             return
-        if not self.cfg.reset_on_release or len(self.idle[conn.key]) >= self.cfg.max_idle_per_backend:
+        if (not self.cfg.reset_on_release or len(self.idle[conn.key]) >= self.cfg.max_idle_per_backend
+                or conn.key[2] & LOGIN_ONLY_CAPABILITIES):
             conn.close()
             self._forget(conn)
             return

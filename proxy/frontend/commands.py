@@ -16,7 +16,7 @@ from proxy.protocol.constants import (
     COM_CHANGE_USER, COM_DEBUG, COM_FIELD_LIST, COM_INIT_DB, COM_PING, COM_PROCESS_INFO, COM_PROCESS_KILL, COM_QUIT,
     COM_REFRESH, COM_RESET_CONNECTION, COM_SET_OPTION, COM_STATISTICS, COM_STMT_BULK_EXECUTE, COM_STMT_CLOSE,
     COM_QUERY, COM_STMT_FETCH, COM_STMT_PREPARE, COM_STMT_RESET, COM_STMT_SEND_LONG_DATA, ER_ACCESS_DENIED_ERROR,
-    ER_NET_READ_INTERRUPTED, ER_UNKNOWN_COM_ERROR, SERVER_DEFAULT_CHARSET,
+    ER_NET_READ_INTERRUPTED, ER_UNKNOWN_COM_ERROR, LOGIN_ONLY_CAPABILITIES, SERVER_DEFAULT_CHARSET,
 )
 from proxy.protocol.packets import ProtocolError, command, err_packet, logical_payload, ok_packet, text_rows
 from proxy.protocol.scan import FIELD_LIST, RESULT, SIMPLE, STATISTICS
@@ -30,6 +30,7 @@ _PRIMARY_KIND = {COM_FIELD_LIST: FIELD_LIST, COM_STATISTICS: STATISTICS, COM_PRO
 _STMT_COMMANDS = (COM_STMT_CLOSE, COM_STMT_SEND_LONG_DATA, COM_STMT_RESET, COM_STMT_FETCH)
 _ANY_WRITE = C.Classification(C.WRITE, 0, "")
 MAX_FAILED_CHANGE_USER = 3  # MariaDB's limit per connection (sql_acl.cc)
+_GLOBAL_MODES = command(COM_QUERY, b"SET SESSION sql_mode = @@global.sql_mode, wait_timeout = @@global.wait_timeout")
 
 
 def run(s, pkt, cmd: int) -> None:
@@ -83,6 +84,7 @@ async def _reset_connection(s) -> None:
     s.stmts.clear()
     st = s.state
     st.reset()
+    _login_only_caps_gone(s)
     # The server keeps the current database through a reset: connections opened later select it
     # too (they start in the login database), or, with none selected, the session stays where none is.
     if s.db != s.login_db:
@@ -91,6 +93,15 @@ async def _reset_connection(s) -> None:
         else:
             st.record(command(COM_INIT_DB, s.db.encode()), C.F_USE_DB)
     s.write(ok_packet(1, s.status))
+
+
+def _login_only_caps_gone(s) -> None:
+    """After COM_RESET_CONNECTION or COM_CHANGE_USER the server's session has the global sql_mode
+    and wait_timeout, without what CLIENT_IGNORE_SPACE and CLIENT_INTERACTIVE gave it at login:
+    connections the session opens from now on (whose handshake carries those capabilities) are
+    brought there too, by an entry of its replayed history."""
+    if s.caps & LOGIN_ONLY_CAPABILITIES:
+        s.state.record(_GLOBAL_MODES, 0, s.backends.values())
 
 
 async def _change_user(s, pkt) -> None:
@@ -113,6 +124,7 @@ async def _change_user(s, pkt) -> None:
     s.stmts.clear()
     s.charset = SERVER_DEFAULT_CHARSET
     s.start_session(old_user, old_db)
+    _login_only_caps_gone(s)
     s.status = start_status(s.worker, s.writer())
     if s.failed_change_user >= MAX_FAILED_CHANGE_USER:
         return s.send_error(*ER_UNKNOWN_COM_ERROR, "Unknown command")
@@ -134,6 +146,7 @@ async def _change_user(s, pkt) -> None:
     if not admit_user(s, user, seq):
         return _keep_old_user(s, old_user)
     s.start_session(user, req.database)
+    _login_only_caps_gone(s)
     # A collation id over 255 (MariaDB's UCA 14.0 ones) does not fit a handshake: the servers'
     # connections start in their default and replay SET NAMES ... COLLATE ... instead.
     wide = req.charset or 0
@@ -148,6 +161,7 @@ async def _change_user(s, pkt) -> None:
         s.release_backends()
         s.charset = SERVER_DEFAULT_CHARSET
         s.start_session(old_user, old_db)
+        _login_only_caps_gone(s)
         s.send_error(e.code, e.sqlstate, e.message, seq)
         return _keep_old_user(s, old_user, counts=e.code < 2000)  # (not for a server that is down)
     s.write(ok_packet(seq, s.status))

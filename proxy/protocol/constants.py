@@ -85,6 +85,12 @@ SESSION_SHAPING_CAPABILITIES = (
     | MARIADB_CLIENT_EXTENDED_METADATA  # (an extra field in each column definition)
 )
 
+# Of those, the ones the server applies at login only: CLIENT_IGNORE_SPACE adds IGNORE_SPACE to
+# the session's sql_mode and CLIENT_INTERACTIVE sets wait_timeout to interactive_timeout, and
+# COM_RESET_CONNECTION sets both back to the global values. A connection of such a client is not
+# pooled (a reset one would answer without them); a new one gets them from its handshake.
+LOGIN_ONLY_CAPABILITIES = CLIENT_IGNORE_SPACE | CLIENT_INTERACTIVE
+
 # Server status flags (OK/EOF packets).
 SERVER_STATUS_IN_TRANS = 0x0001
 SERVER_STATUS_AUTOCOMMIT = 0x0002

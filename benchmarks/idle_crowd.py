@@ -35,6 +35,7 @@ from pathlib import Path
 
 from proxy.protocol import auth
 from proxy.protocol.constants import CLIENT_DEPRECATE_EOF, PROXY_CAPABILITIES
+from proxy.testing.rawclient import APP_CLIENT_CAPABILITIES
 from proxy.protocol.handshake import build_response, parse_greeting
 from proxy.protocol.scan import RESULT, Scanner
 from proxy.runtime.launcher import ProxyProcess, free_port
@@ -64,7 +65,7 @@ class Client:
         seq, payload = await c._packet()
         g = parse_greeting(payload)
         token = auth.native_token("app", g.salt)
-        body = build_response(PROXY_CAPABILITIES & ~(1 << 20), 45, "app", token, SB_DB, auth.NATIVE)
+        body = build_response(APP_CLIENT_CAPABILITIES, 45, "app", token, SB_DB, auth.NATIVE)
         writer.write(struct.pack("<I", len(body))[:3] + bytes([seq + 1]) + body)
         _, ok = await c._packet()
         if ok[0] != 0:

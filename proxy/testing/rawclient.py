@@ -9,16 +9,24 @@ import zlib
 
 from proxy.protocol import auth
 from proxy.protocol.constants import (
-    CLIENT_COMPRESS, CLIENT_DEPRECATE_EOF, CLIENT_MULTI_RESULTS, CLIENT_MYSQL, CLIENT_PS_MULTI_RESULTS,
-    MARIADB_CLIENT_STMT_BULK_OPERATIONS, PROXY_CAPABILITIES,
+    CLIENT_COMPRESS, CLIENT_DEPRECATE_EOF, CLIENT_MULTI_RESULTS, CLIENT_MYSQL, CLIENT_NO_SCHEMA, CLIENT_ODBC,
+    CLIENT_PS_MULTI_RESULTS, CLIENT_SSL, LOGIN_ONLY_CAPABILITIES, MARIADB_CLIENT_STMT_BULK_OPERATIONS,
+    PROXY_CAPABILITIES,
 )
 from proxy.protocol.handshake import build_response, parse_greeting
 from proxy.protocol.packets import frame, parse_err
 
 
+# What an application's client library asks for: everything the proxy offers but TLS, CLIENT_SSL's
+# neighbour bit 20 and the options no driver sets by default (IGNORE_SPACE, INTERACTIVE, NO_SCHEMA,
+# ODBC), which change the session (tests ask for them with extra_caps).
+APP_CLIENT_CAPABILITIES = (PROXY_CAPABILITIES & ~(1 << 20) & ~CLIENT_SSL
+                           & ~(LOGIN_ONLY_CAPABILITIES | CLIENT_NO_SCHEMA | CLIENT_ODBC))
+
+
 class RawClient:
     def __init__(self, host: str, port: int, user="app", password="app", db="app", deprecate_eof=True, timeout=10.0,
-                 drop_caps: int = 0, compress: bool = False, bulk: bool = False):
+                 drop_caps: int = 0, compress: bool = False, bulk: bool = False, extra_caps: int = 0):
         self.sock = socket.create_connection((host, port), timeout=timeout)
         self.buf = b""
         self.compressed = False  # after the login, when compress=True: compressed packets both ways
@@ -27,7 +35,7 @@ class RawClient:
         self.cseq = 0  # compressed sequence id of the next compressed packet sent
         seq, payload = self.read()
         self.greeting = parse_greeting(payload)
-        caps = PROXY_CAPABILITIES & ~(1 << 20) | CLIENT_MULTI_RESULTS | CLIENT_PS_MULTI_RESULTS
+        caps = APP_CLIENT_CAPABILITIES | CLIENT_MULTI_RESULTS | CLIENT_PS_MULTI_RESULTS | extra_caps
         if not deprecate_eof:
             caps &= ~CLIENT_DEPRECATE_EOF
         caps &= ~drop_caps

@@ -286,3 +286,20 @@ def test_gtid_mode_skips_the_wait_on_a_replica_proven_to_hold_the_write():
     p = router.plan(st, read, topo)
     assert (p.target, p.why, p.wait_gtid) == ("node2", Why.GTID_CAUGHT_UP, False)
     assert NO_PROOF > _time.monotonic()
+
+
+def test_what_a_read_only_transaction_refuses_is_the_servers_list():
+    """START TRANSACTION READ ONLY refuses changed and locked rows, sequences and new temporary tables
+    with 1792 (measured on MariaDB 10.11), and lets the rest run where the transaction runs."""
+    from proxy.routing.classify import Classifier
+    from proxy.routing.router import refused_read_only
+
+    c = Classifier()
+    refused = ["INSERT INTO t VALUES (1)", "update t set a = 1", "(DELETE FROM t)", "REPLACE INTO t VALUES (1)",
+               "LOAD DATA LOCAL INFILE 'f' INTO TABLE t", "CREATE TEMPORARY TABLE x (a INT)",
+               "SELECT * FROM t FOR UPDATE", "SELECT NEXTVAL(s)", "SELECT NEXT VALUE FOR s", "SELECT SETVAL(s, 5)",
+               "INSERT INTO t SELECT * FROM t"]
+    allowed = ["SAVEPOINT a", "SELECT * FROM t LOCK IN SHARE MODE", "DO GET_LOCK('x', 0)", "SET @q := (SELECT 1)",
+               "SELECT 'INSERT INTO t'", "SELECT updated FROM t", "CALL p()"]
+    assert [q for q in refused if not refused_read_only(c.classify(q.encode()))] == []
+    assert [q for q in allowed if refused_read_only(c.classify(q.encode()))] == []

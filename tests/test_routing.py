@@ -207,6 +207,10 @@ def test_select_for_update_goes_to_primary(proxy, conn):
 
 
 def test_read_only_transaction_runs_on_one_replica(proxy, conn):
+    """A write inside START TRANSACTION READ ONLY gets the server's ERROR 1792, and the transaction
+    goes on where it runs. rwproxy took the refusal (an ERR, which carries no status) for the end of
+    the transaction: the next write ran on the primary, in autocommit, and stayed (a differential
+    fuzzing run's finding)."""
     wait_for_read_pool(proxy)
     _, reps = ports(proxy.cluster)
     with conn.cursor() as cur:
@@ -214,12 +218,16 @@ def test_read_only_transaction_runs_on_one_replica(proxy, conn):
         first = where(conn)[0]
         assert first in reps
         assert all(where(conn)[0] == first for _ in range(5))
-        with pytest.raises(pymysql.err.MySQLError) as e:
-            cur.execute("INSERT INTO rt (v) VALUES ('nope')")
-        # refused either way: the replica reports its read_only (1290) before the
-        # read-only transaction (1792) a single primary would report
-        assert e.value.args[0] in (1290, 1792)
+        for sql in ("INSERT INTO rt (v) VALUES ('nope')", "CREATE TEMPORARY TABLE ro_tmp (a INT)",
+                    "SELECT id FROM rt WHERE id = 1 FOR UPDATE", "INSERT INTO rt (v) VALUES ('nope')"):
+            with pytest.raises(pymysql.err.MySQLError) as e:
+                cur.execute(sql)
+            assert e.value.args[0] == 1792, (sql, e.value.args)  # as a primary answers, not a replica's 1290
+            assert where(conn, "SELECT @@port, @@in_transaction") == (first, 1)
+        cur.execute("SAVEPOINT s1")  # what the server lets run, runs
+        cur.execute("SELECT id FROM rt WHERE id = 1 LOCK IN SHARE MODE")
         cur.execute("COMMIT")
+        assert where(conn, "/* rwproxy:primary */ SELECT COUNT(*) FROM rt WHERE v = 'nope'") == (0,)
 
 
 def test_hints_force_the_route(proxy, conn):

@@ -63,6 +63,20 @@ _READ, _WRITE, _CONN_BOUND, _PREVIOUS = C.READ, C.WRITE, C.F_CONN_BOUND, C.F_PRE
 _SESSION = C.SESSION
 _AUTOCOMMIT_OFF, _AUTOCOMMIT_ON = C.F_AUTOCOMMIT_OFF, C.F_AUTOCOMMIT_ON
 
+_RO_TRX_WRITE = (1792, "25006", "Cannot execute statement in a READ ONLY transaction")
+_DATA_VERBS = frozenset(("INSERT", "UPDATE", "DELETE", "REPLACE", "LOAD"))
+
+
+def refused_read_only(cls) -> bool:
+    """Whether the server refuses `cls` inside START TRANSACTION READ ONLY with ERROR 1792: rows
+    changed or locked for update, a sequence advanced, a temporary table created (measured on
+    MariaDB 10.11; SAVEPOINT, LOCK IN SHARE MODE, GET_LOCK and SET run). The transaction runs on a
+    replica, whose read_only would answer such a write 1290 instead."""
+    d = cls.digest.lstrip("( ").upper()
+    verb = d.split(None, 1)[0] if d else ""
+    return (verb in _DATA_VERBS or d.startswith("CREATE TEMPORARY") or " FOR UPDATE" in d or "NEXTVAL(" in d
+            or "NEXT VALUE FOR" in d or "SETVAL(" in d)
+
 
 class Plan:
     """What the session does with one statement.
@@ -163,6 +177,8 @@ class Router:
         wait = False
         pin = ""
         if s.ro_trx is not None:  # inside START TRANSACTION READ ONLY on a replica
+            if cls.route == _WRITE and refused_read_only(cls):
+                return Plan(None, Why.READ_ONLY_TRX, error=_RO_TRX_WRITE)
             target, why = s.ro_trx, Why.READ_ONLY_TRX
         else:
             forced = None

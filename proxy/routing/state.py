@@ -223,7 +223,9 @@ class SessionState:
                 self.trx_since = time.monotonic()
             self.in_trx = in_trx
             self.trx_server = server if status & SERVER_STATUS_IN_TRANS else None
-        elif self.ro_trx is not None or flags & C.F_READ_ONLY_TXN:
+        elif (self.ro_trx is not None or flags & C.F_READ_ONLY_TXN) and not error:
+            # (an ERR carries no status: a statement refused inside the read-only transaction, such
+            # as a write's 1792, leaves it open on the server, and its next statements must go there)
             self.ro_trx = server if status & SERVER_STATUS_IN_TRANS else None
         if self.next_trx and on_primary and not error and (
                 status & SERVER_STATUS_IN_TRANS or (route == C.WRITE and not flags & self._NOT_USING_TRX)):

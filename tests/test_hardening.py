@@ -864,6 +864,39 @@ def test_ignore_space_from_the_handshake_holds_on_pooled_connections_and_goes_at
     assert answers[proxy.port] == direct
 
 
+def test_login_and_change_user_ok_carry_the_schema_as_session_state_as_the_servers_do(proxy):
+    """To a client that negotiated CLIENT_SESSION_TRACK, the server's OK ending a login (or a
+    COM_CHANGE_USER) with a database names it as changed session state (SESSION_TRACK_SCHEMA), and a
+    connector may keep its current database from there; rwproxy's OK carried none (a differential
+    fuzzing run's finding)."""
+    from proxy.protocol.handshake import parse_greeting
+    from proxy.testing.rawclient import APP_CLIENT_CAPABILITIES
+
+    answers = {}
+    for port in (proxy.port, proxy.cluster.primary.port):
+        out = []
+        for db in ("app", None):
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+                c = RawClient.__new__(RawClient)
+                c.sock, c.buf, c.compressed = s, b"", False
+                seq, greeting = c.read()
+                c.greeting = parse_greeting(greeting)
+                token = auth.native_token("app", c.greeting.salt)
+                c.send(build_response(APP_CLIENT_CAPABILITIES, 45, "app", token, db, auth.NATIVE), seq + 1)
+                out.append(c.read())
+                token = auth.native_token("app", c.greeting.salt)
+                c.send(b"\x11app\x00" + bytes([len(token)]) + token + b"app\x00\x2d\x00mysql_native_password\x00", 0)
+                seq, p = c.read()
+                if p[0] == 0xFE:
+                    c.send(auth.native_token("app", p[1:].partition(b"\x00")[2][:20]), seq + 1)
+                    seq, p = c.read()
+                out.append(p)
+        answers[port] = out
+    direct = answers[proxy.cluster.primary.port]
+    assert direct[0] == (2, b"\x00\x00\x00\x02\x40\x00\x00\x00\x06\x01\x04\x03app")
+    assert answers[proxy.port] == direct
+
+
 def _extreme_sections(largest: bool) -> dict:
     """Every integer and duration key of the runtime sections at its largest (or smallest) allowed value."""
     from proxy.config import schema

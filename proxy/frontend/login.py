@@ -28,6 +28,7 @@ from proxy.protocol.constants import (
     CLIENT_PLUGIN_AUTH,
     CLIENT_PROTOCOL_41,
     CLIENT_SECURE_CONNECTION,
+    CLIENT_SESSION_TRACK,
     CLIENT_SSL,
     CR_CONN_HOST_ERROR,
     ER_ACCESS_DENIED_ERROR,
@@ -44,7 +45,9 @@ from proxy.protocol.constants import (
     UTF8MB4_GENERAL_CI,
 )
 from proxy.protocol.handshake import OldClient, build_greeting, parse_response
-from proxy.protocol.packets import ProtocolError, err_packet, err_payload, frame, ok_packet, read_lenenc_int, read_nul_str
+from proxy.protocol.packets import (
+    ProtocolError, err_packet, err_payload, frame, login_ok_packet, read_lenenc_int, read_nul_str,
+)
 
 log = logging.getLogger("rwproxy.login")
 # The greeting's flags: as a MariaDB server's, without CLIENT_MYSQL, so that MariaDB clients read the
@@ -363,7 +366,7 @@ async def open_session(session, seq: int) -> bool:
                 if not e.unavailable or not w.topology.readers:
                     session.write(frame(err_payload(e.code, e.sqlstate.encode(), e.message), seq))
                     return False
-        session.write(ok_packet(seq, session.status))
+        session.write(login_ok_packet(seq, session.status, session.db, bool(session.caps & CLIENT_SESSION_TRACK)))
         return True
     except (ConnectionError, asyncio.TimeoutError, OSError):
         return False

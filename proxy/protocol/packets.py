@@ -232,6 +232,17 @@ def ok_packet(seq: int, status: int, **kw) -> bytes:
     return frame(ok_payload(status=status, **kw), seq)
 
 
+def login_ok_packet(seq: int, status: int, db: str | None, tracking: bool) -> bytes:
+    """The OK that ends a login or COM_CHANGE_USER. With a database and a client that negotiated
+    CLIENT_SESSION_TRACK, the server's carries the schema as changed session state (type 1,
+    SESSION_TRACK_SCHEMA), which a connector may take the current database from."""
+    if not (db and tracking):
+        return ok_packet(seq, status)
+    entry = lenenc_str(lenenc_str(db.encode()))
+    state = lenenc_str(b"\x01" + entry)
+    return frame(ok_payload(status=status | SERVER_SESSION_STATE_CHANGED, info=b"\x00" + state), seq)
+
+
 # Codes 2000-2999 belong to client libraries (CR_*): libmariadb (the mariadb CLI, mysqlclient,
 # sysbench) turns an ERR packet carrying one into "2027 Received malformed packet" and drops the
 # message. So the proxy's own backend-trouble errors go out with server codes: a lost backend

@@ -230,6 +230,26 @@ def test_read_only_transaction_runs_on_one_replica(proxy, conn):
         assert where(conn, "/* rwproxy:primary */ SELECT COUNT(*) FROM rt WHERE v = 'nope'") == (0,)
 
 
+def test_statements_under_no_backslash_escapes_are_lexed_as_the_server_lexes_them(proxy, conn):
+    """Under sql_mode NO_BACKSLASH_ESCAPES a backslash ends nothing: 'a\\' is a whole string. Lexed
+    with backslash escapes, `SELECT 'a\\', @v := 5 -- '` was one string and a comment: a plain read,
+    sent to a replica, where the variable was set, and the next SELECT @v read NULL on the primary
+    (a probe's finding; a sequence advanced on a replica the same way)."""
+    wait_for_read_pool(proxy)
+    p, reps = ports(proxy.cluster)
+    with conn.cursor() as cur:
+        cur.execute("SET SESSION sql_mode = CONCAT(@@sql_mode, ',NO_BACKSLASH_ESCAPES')")
+        cur.execute("SELECT 'a\\', @v := 5 -- '")
+        assert cur.fetchall() == (("a\\", 5),)
+        assert where(conn, "SELECT @v") == (5,)
+        assert where(conn, "SELECT 'a\\', @@port, GET_LOCK('nbe_lock', 0) -- '") == ("a\\", p, 1)
+        assert where(conn, "SELECT 'C:\\dir\\', @@port")[1] == p  # (the session holds a lock now)
+        cur.execute("SELECT RELEASE_LOCK('nbe_lock')")
+        cur.execute("SET SESSION sql_mode = DEFAULT")
+    with proxy.connect(autocommit=True) as other:  # (a session without the mode: reads go to replicas)
+        assert where(other, "SELECT 'a\\\\', @@port -- '")[1] in reps
+
+
 def test_hints_force_the_route(proxy, conn):
     wait_for_read_pool(proxy)
     p, reps = ports(proxy.cluster)

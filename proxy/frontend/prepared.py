@@ -15,7 +15,7 @@ from proxy.frontend.kill import kill_prepared, parse_kill
 from proxy.protocol.constants import (
     COM_STMT_BULK_EXECUTE, COM_STMT_CLOSE, COM_STMT_EXECUTE, COM_STMT_FETCH, COM_STMT_RESET, COM_STMT_SEND_LONG_DATA,
     ER_MALFORMED_PACKET, ER_MAX_PREPARED_STMT_COUNT_REACHED, ER_UNKNOWN_STMT_HANDLER, ER_UNSUPPORTED_PS,
-    MARIADB_CLIENT_STMT_BULK_OPERATIONS,
+    MARIADB_CLIENT_STMT_BULK_OPERATIONS, SERVER_STATUS_NO_BACKSLASH_ESCAPES,
 )
 from proxy.protocol.packets import at_statement_limit, logical_payload, stmt_close
 from proxy.protocol.scan import CURSOR, PREPARE, RESULT, ROWS, SIMPLE
@@ -157,7 +157,7 @@ async def prepare(s, pkt) -> None:
                             f"max_prepared_stmt_count statements (current value: {limit})")
     sql = bytes(logical_payload(pkt)[1:])  # bytes: shared connections key their statements by it
     w = s.worker
-    cls = w.classifier.classify(sql)
+    cls = w.classifier.classify(sql if not s.status & SERVER_STATUS_NO_BACKSLASH_ESCAPES else C.plain_backslashes(sql))
     plan = w.router.plan(s.state, cls, w.topology)
     name = s.writer() if plan.target is WRITER or plan.error is not None else plan.target
     try:

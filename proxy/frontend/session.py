@@ -26,8 +26,9 @@ from proxy.frontend.reader import CLOSING, COMMAND, HANDSHAKE, PacketReader
 from proxy.frontend.compress import CompressionError, CompressionLayer
 from proxy.frontend.tls import TLSLayer
 from proxy.logs import clean
-from proxy.protocol.constants import (CLIENT_COMPRESS, COM_QUERY, COM_STMT_EXECUTE, CR_SERVER_LOST, DEFAULT_CHARSET,
-                                      ER_CON_COUNT_ERROR, MAX_PACKET, SERVER_STATUS_AUTOCOMMIT)
+from proxy.protocol.constants import (CLIENT_COMPRESS, COM_QUERY, COM_STMT_EXECUTE, CR_SERVER_LOST, MAX_PACKET,
+                                      DEFAULT_CHARSET, ER_CON_COUNT_ERROR, SERVER_STATUS_AUTOCOMMIT,
+                                      SERVER_STATUS_NO_BACKSLASH_ESCAPES)
 from proxy.protocol import tracking
 from proxy.protocol.packets import err_packet, err_payload, frame
 from proxy.protocol.scan import RESULT
@@ -42,9 +43,7 @@ _F_KILL, _F_RARE, _F_USE_DB, _PREVIOUS = C.F_KILL, C.F_RARE, C.F_USE_DB, C.F_PRE
 _READ, _SESSION, _WRITE, _NOT_VAR = C.READ, C.SESSION, C.WRITE, ~C.F_USER_VAR_WRITE
 _NO_SHARE = ~(C.F_HINT_PRIMARY | C.F_HINT_REPLICA)  # flags that keep a statement's profile unlearned
 _ID_READERS = C.F_CONN_BOUND | C.F_CONN_STATE  # statements about earlier ones (sharing.follow_up)
-_STATEMENTS = (COM_QUERY, COM_STMT_EXECUTE)
-_monotonic = time.monotonic
-_HUGE = C.Classification(C.WRITE, C.F_UNPARSED, "<statement over 16 MiB>")
+_STATEMENTS, _NBE, _monotonic = (COM_QUERY, COM_STMT_EXECUTE), SERVER_STATUS_NO_BACKSLASH_ESCAPES, time.monotonic
 _NO_SERVERS = frozenset()
 
 
@@ -246,7 +245,8 @@ class ClientConnection(asyncio.Protocol):
                 return r.refuse_out_of_order(0)
             cmd = pkt[4] if len(pkt) > 4 else -1
             if cmd == COM_QUERY:
-                cls = self.worker.classifier.classify(pkt[5:]) if len(pkt) < MAX_PACKET else _HUGE
+                cls = (self.worker.classifier.classify(pkt[5:]) if len(pkt) < MAX_PACKET and not self.status & _NBE
+                       else C.classify_unusual(self.worker.classifier, pkt))  # (over 16 MiB, NO_BACKSLASH_ESCAPES)
                 if cls.flags & _F_KILL and kill.kill_statement(self, pkt, cls.flags):
                     continue
                 self.dispatch(pkt, cls, RESULT)

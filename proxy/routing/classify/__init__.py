@@ -58,8 +58,10 @@ For the router:
 - F_MULTI: route WRITE, flags are the union of the parts', db the last USE's, and `parts`
   gives each statement's classification in order.
 - Hints only set F_HINT_PRIMARY / F_HINT_REPLICA; the route stays the statement's own.
-- Not handled: sql_mode NO_BACKSLASH_ESCAPES (strings are lexed with backslash escapes), views
-  or triggers hiding side effects, HANDLER ... OPEN state (WRITE, no pinning flag).
+- sql_mode NO_BACKSLASH_ESCAPES: the session hands over plain_backslashes(text) (lex.py); the
+  server's status flags say when it is on.
+- Not handled: sql_mode ANSI_QUOTES with a backslash inside a double-quoted identifier (lexed as a
+  string with escapes; no status flag shows the mode), views or triggers hiding side effects, HANDLER ... OPEN state (WRITE, no pinning flag).
 
 Not thread-safe: one Classifier per event loop / worker process.
 """
@@ -78,7 +80,8 @@ from proxy.routing.classify.const import (  # noqa: F401  (re-exported interface
     Classification, flag_names,
 )
 from proxy.routing.classify.lex import (
-    cache_key, cheap_scan, code_text, digest, find_hints, is_write_head, split_statements, tokenize,
+    cache_key, cheap_scan, code_text, digest, find_hints, is_write_head, plain_backslashes, split_statements,
+    tokenize,
 )
 from proxy.routing.classify.rules import Rules
 from proxy.routing.classify.sets import session_assignment, without_assignment
@@ -282,6 +285,17 @@ def _to_bytes(sql) -> bytes:
     if isinstance(sql, str):
         return sql.encode("utf-8", "surrogateescape")
     return bytes(sql)
+
+
+_HUGE = Classification(WRITE, F_UNPARSED, "<statement over 16 MiB>")
+
+
+def classify_unusual(classifier: "Classifier", pkt) -> Classification:
+    """A COM_QUERY packet (framed) off the hot path: one over 16 MiB (not lexed: the primary), or
+    one of a session under sql_mode NO_BACKSLASH_ESCAPES, lexed as plain_backslashes() makes it."""
+    if len(pkt) >= 0xFFFFFF:  # (the session's MAX_PACKET test: a packet with a continuation)
+        return _HUGE
+    return classifier.classify(plain_backslashes(bytes(pkt[5:])))
 
 
 def _cheap(raw: bytes) -> Classification:

@@ -1,8 +1,9 @@
 """Lexing for the classifier: the hot-path digest (bytes, C-level regex passes) and, on a cache
 miss, the "code text" (comments removed, executable comments unwrapped) and its token list.
 
-Assumes the server's default string syntax (backslash escapes, '' and "" doubling); under
-sql_mode NO_BACKSLASH_ESCAPES a string ending in a backslash is lexed differently by the server.
+Assumes the server's default string syntax (backslash escapes, '' and "" doubling). A session
+under sql_mode NO_BACKSLASH_ESCAPES, where a backslash is an ordinary character, has its
+statements classified as plain_backslashes() makes them.
 """
 
 from __future__ import annotations
@@ -45,6 +46,14 @@ _B_HINT = re.compile(rb"/\*\s*rwproxy\s*:\s*(primary|replica)\s*\*/", re.I)
 _B_VERSION = re.compile(rb"\d{5,6}")
 _HINT_PRIMARY = b" /* rwproxy:primary */ "
 _HINT_REPLICA = b" /* rwproxy:replica */ "
+
+
+def plain_backslashes(text: bytes) -> bytes:
+    """`text` as the default lexer must see it to lex it as the server does under sql_mode
+    NO_BACKSLASH_ESCAPES: every backslash doubled is an ordinary character inside a string. Left
+    as it was, 'a\\', @v := 5 -- ' read as one string and a comment, and a user variable set (or a
+    sequence advanced, a lock taken) went unseen to a replica."""
+    return text.replace(b"\\", b"\\\\") if b"\\" in text else text
 
 
 def _exec_body(t: bytes | str) -> bytes | str:

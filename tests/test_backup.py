@@ -983,7 +983,7 @@ def test_sandbox_seeds_a_new_replica_from_a_backup(cluster_factory):
 def test_a_scratch_server_without_grants_takes_no_tcp_logins(tmp_path):
     """Test restores and point-in-time replays run mariadbd with skip-grant-tables, under which
     MariaDB lets any user in over TCP: the scratch listens on its private unix socket only."""
-    from proxy.backup.restore import Scratch, free_port
+    from proxy.backup.restore import Scratch
     from proxy.backup.take import tool
     from proxy.sandbox.template import copy_datadir, template_datadir
 
@@ -997,3 +997,7 @@ def test_a_scratch_server_without_grants_takes_no_tcp_logins(tmp_path):
             pymysql.connect(host="127.0.0.1", port=port, user="nobody", password="x", connect_timeout=3)
         assert e.value.args[0] == 2003, e.value  # nothing listens there
         assert (os.stat(s.socket).st_mode & 0o777) and (os.stat(os.path.dirname(s.socket)).st_mode & 0o077) == 0
+    assert not os.path.exists(os.path.dirname(s.socket))  # its private directory went with it
+    # restore --start leaves its server running: the socket goes in the datadir, not in a directory
+    # of /tmp that would outlive the server (718 of them had piled up on a test machine)
+    assert os.path.dirname(Scratch(datadir, 0, grants=False, lasting=True).socket) == str(datadir.resolve())

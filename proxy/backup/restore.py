@@ -51,12 +51,17 @@ def parse_time(text: str) -> float:
 class Scratch:
     """mariadbd on `datadir`, loopback only, its files beside the data, signalled by pid only."""
 
-    def __init__(self, datadir: Path, port: int, *, grants: bool, server_id: int = 1, writable: bool = False):
+    def __init__(self, datadir: Path, port: int, *, grants: bool, server_id: int = 1, writable: bool = False,
+                 lasting: bool = False):
         from proxy.sandbox.node import Node
+        from proxy.sandbox.util import find_free_base_port
 
+        port = port or find_free_base_port(1, start=45000 + os.getpid() % 5000)  # (0: any free one)
         self.datadir = datadir
-        sockdir = Path(tempfile.mkdtemp(prefix="rwp-restore-", dir="/tmp"))
-        self.sockdir = sockdir
+        # A server left running (restore --start) keeps its socket in its datadir (none left behind)
+        own = lasting and len(str(Path(datadir).resolve() / "mysql.sock")) < 100
+        sockdir = Path(datadir).resolve() if own else Path(tempfile.mkdtemp(prefix="rwp-restore-", dir="/tmp"))
+        self.sockdir = None if own else sockdir
         spec = {"name": "restored", "role": "primary" if writable else "replica", "port": port,
                 "server_id": server_id, "dir": str(datadir), "datadir": str(datadir),
                 "socket": str(sockdir / "mysql.sock"), "pid_file": str(datadir / "mariadbd.pid"),
@@ -98,7 +103,7 @@ class Scratch:
         self.node.stop()
 
     def cleanup(self) -> None:
-        shutil.rmtree(self.sockdir, ignore_errors=True)
+        shutil.rmtree(self.sockdir, ignore_errors=True) if self.sockdir is not None else None
 
     def __enter__(self) -> "Scratch":
         """`with Scratch(...) as s:` a server that lives for one step: started, then stopped and
@@ -113,12 +118,6 @@ class Scratch:
     def __exit__(self, *exc) -> None:
         self.stop()
         self.cleanup()
-
-
-def free_port() -> int:
-    from proxy.sandbox.util import find_free_base_port
-
-    return find_free_base_port(1, start=45000 + os.getpid() % 5000)
 
 
 # ---- choosing what to restore ---------------------------------------------------------------------
@@ -366,7 +365,7 @@ def restore(repo: Repository, keys: codec.Keys, target_dir: str, *, bid: str | N
         if first.method == LOGICAL:
             datadir = staging / "data"
             _fresh_datadir(datadir)
-            with Scratch(datadir, free_port(), grants=False, writable=True) as scratch:
+            with Scratch(datadir, 0, grants=False, writable=True) as scratch:
                 with open(staging / f"{first.id}.sql", "rb") as f:
                     r = subprocess.run(_client(scratch), stdin=f, capture_output=True)
                 if r.returncode != 0:
@@ -380,7 +379,7 @@ def restore(repo: Repository, keys: codec.Keys, target_dir: str, *, bid: str | N
             log_step(f"prepared in {time.monotonic() - t1:.1f} s")
             if binlog_files:
                 t1 = time.monotonic()
-                with Scratch(datadir, free_port(), grants=False) as scratch:
+                with Scratch(datadir, 0, grants=False) as scratch:
                     result["gtid"] = _replay(scratch, binlog_files, p.start, p, log_step)
                 result["replay_seconds"] = round(time.monotonic() - t1, 2)
                 result["replay_bytes"] = sum(a.raw_size for a, _ in binlog_files)
@@ -397,8 +396,8 @@ def restore(repo: Repository, keys: codec.Keys, target_dir: str, *, bid: str | N
     result["seconds"] = round(time.monotonic() - t0, 2)
     log_step(f"restored {p.last.id} into {target} in {result['seconds']:.1f} s")
     if start:
-        s = Scratch(target, port or free_port(), grants=True, server_id=int(time.time()) % 100000 + 1000,
-                    writable=True)
+        s = Scratch(target, port, grants=True, server_id=int(time.time()) % 100000 + 1000,
+                    writable=True, lasting=True)
         s.start()
         result["port"] = s.node.port
         result["pid"] = s.node.pid()
@@ -465,7 +464,7 @@ def test_restore(repo: Repository, keys: codec.Keys, bid: str | None = None, *, 
     try:
         try:
             restore(repo, keys, str(work / "data"), bid=m.id, tty=tty, log_step=log_step)
-            with Scratch(work / "data", free_port(), grants=False) as s:
+            with Scratch(work / "data", 0, grants=False) as s:
                 conn = s.connect(cursorclass=pymysql.cursors.DictCursor, read_timeout=3600)
                 try:
                     tables = table_report(conn)

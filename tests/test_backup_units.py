@@ -242,3 +242,31 @@ def test_chain_order_and_missing_parent():
     assert [x.id for x in chain(ms, "I2")] == ["F", "I1", "I2"]
     with pytest.raises(KeyError):
         chain(ms[1:], "I2")
+
+
+def test_option_files_left_by_killed_runs_are_removed_by_the_next_run(tmp_path, monkeypatch):
+    """The option file with the password lives in a directory named with its run's pid; a run killed
+    by SIGKILL cannot remove it, so each run removes those whose process is gone (and only those:
+    a live run's, another name, a symlink stay)."""
+    import subprocess
+    import tempfile
+
+    from proxy.backup.take import option_dir
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    left = tmp_path / f"rwproxy-archive-{dead.pid}-k1ll3d"
+    left.mkdir(mode=0o700)
+    (left / "client.cnf").write_text("[client]\npassword=secret\n")
+    live = tmp_path / f"rwproxy-backup-{os.getpid()}-running"
+    live.mkdir()
+    other = tmp_path / f"rwproxy-archive-{dead.pid}"  # (not a name option_dir makes)
+    other.mkdir()
+    link = tmp_path / f"rwproxy-backup-{dead.pid}-link"
+    link.symlink_to(live)
+    with option_dir("backup") as d:
+        assert os.path.basename(d).startswith(f"rwproxy-backup-{os.getpid()}-") and os.stat(d).st_mode & 0o077 == 0
+        assert not left.exists()
+        assert live.exists() and other.exists() and link.is_symlink()
+    assert not os.path.exists(d)

@@ -276,8 +276,9 @@ class Archiver:
         os.chmod(spool, 0o700)  # the binlogs in it are the data in clear: this user's alone
         for name in os.listdir(spool):  # a fresh read rewrites from the resume file on
             os.unlink(os.path.join(spool, name))
-        with tempfile.TemporaryDirectory(prefix="rwproxy-archive-") as tmp:
-            from proxy.backup.take import client_options, tool
+        from proxy.backup.take import client_options, option_dir, tool
+
+        with option_dir("archive") as tmp:
 
             opts = os.path.join(tmp, "client.cnf")
             client_options(self.config, backend, opts)

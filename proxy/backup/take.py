@@ -45,6 +45,41 @@ def tool(name: str) -> str:
     return found
 
 
+_OPTION_DIR = re.compile(r"rwproxy-(?:backup|archive)-(\d+)-[A-Za-z0-9_]+")
+
+
+@contextmanager
+def option_dir(kind: str):
+    """A private (0700) directory for the option file that holds the password, named with this
+    process's pid. A run killed by SIGKILL (a test's crash, the OOM killer) unwinds nothing and left
+    its file in $TMPDIR (300 of them on a test machine); each run now first removes those of this
+    user whose process is gone."""
+    base = tempfile.gettempdir()
+    for name in os.listdir(base):
+        m = _OPTION_DIR.fullmatch(name)
+        if m is None or _alive(int(m.group(1))):
+            continue
+        path = os.path.join(base, name)
+        try:
+            st = os.lstat(path)
+        except OSError:
+            continue
+        if st.st_uid == os.getuid() and os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path, ignore_errors=True)
+    with tempfile.TemporaryDirectory(prefix=f"rwproxy-{kind}-{os.getpid()}-") as tmp:
+        yield tmp
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # (another user's process)
+    return True
+
+
 def client_options(config, backend, path: str) -> None:
     """A [client] option file (mode 0600) so the password never shows in `ps`."""
     user, password = credentials(config)
@@ -274,7 +309,7 @@ class _GtidTap:
 
 def _physical(config, backend, repo, key, keys, progress, incremental_lsn: int | None) -> tuple[codec.Stored, dict]:
     prefix = shlex.split(config.backup.command_prefix)
-    with tempfile.TemporaryDirectory(prefix="rwproxy-backup-") as tmp:
+    with option_dir("backup") as tmp:
         if prefix:  # the remote side's own option files hold the password (docs/backups.md)
             user, _ = credentials(config)
             argv = [*prefix, "mariadb-backup", f"--user={user}", f"--host={backend.host}", f"--port={backend.port}"]
@@ -299,7 +334,7 @@ def _physical(config, backend, repo, key, keys, progress, incremental_lsn: int |
 
 
 def _logical(config, backend, repo, key, keys, progress, on_primary: bool) -> tuple[codec.Stored, dict]:
-    with tempfile.TemporaryDirectory(prefix="rwproxy-backup-") as tmp:
+    with option_dir("backup") as tmp:
         opts = os.path.join(tmp, "client.cnf")
         client_options(config, backend, opts)
         argv = [tool("mariadb-dump"), f"--defaults-extra-file={opts}", "--single-transaction", "--all-databases",

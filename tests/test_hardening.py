@@ -15,7 +15,7 @@ import time
 import pymysql
 import pytest
 
-from helpers import SHA2_PASSWORD, SHA2_USER, self_signed_cert, start_proxy
+from helpers import SHA2_PASSWORD, SHA2_USER, self_signed_cert, start_proxy, wait_until
 from proxy.protocol import auth
 from proxy.protocol.constants import CLIENT_SSL, LOGIN_ONLY_CAPABILITIES, PROXY_CAPABILITIES
 from proxy.protocol.handshake import build_response
@@ -79,6 +79,38 @@ def _on_every_node(cluster, sql: str) -> None:
     for node in (cluster.primary, *cluster.replicas):
         with node.connect() as c, c.cursor() as cur:
             cur.execute(sql)
+
+
+def test_servers_without_backslash_escapes_are_announced_so_clients_escape_as_they_must(cluster, tmp_path):
+    """With NO_BACKSLASH_ESCAPES in the servers' global sql_mode, a server's greeting and login OK say
+    so in their status flags, and client libraries escape strings by them (PyMySQL, libmariadb's
+    mysql_real_escape_string): a quote is doubled, not backslashed. rwproxy's said nothing, so
+    PyMySQL sent O\\'Brien, which such a server reads as a string ended by the quote: a syntax error
+    at best, an injection at worst. The monitor now reads the mode with autocommit."""
+    value = "O'Brien\\' OR '1'='1"
+    _on_every_node(cluster, "SET GLOBAL sql_mode = CONCAT(@@global.sql_mode, ',NO_BACKSLASH_ESCAPES')")
+    p = start_proxy(cluster, tmp_path, proxy={"workers": 1})
+    try:
+        def connect(port):
+            return pymysql.connect(host="127.0.0.1", port=port, user="app", password="app", database="app",
+                                   autocommit=True)
+        assert wait_until(lambda: connect(p.port).server_status & 0x200, 10), "the mode never reached new sessions"
+        for port in (cluster.primary.port, p.port):
+            c = connect(port)
+            try:
+                assert c.server_status & 0x200, port  # SERVER_STATUS_NO_BACKSLASH_ESCAPES
+                with c.cursor() as cur:
+                    cur.execute("SELECT %s, %s = 'x'", (value, value))
+                    assert cur.fetchall() == ((value, 0),), port
+            finally:
+                c.close()
+    finally:
+        _on_every_node(cluster, "SET GLOBAL sql_mode = REPLACE(REPLACE(@@global.sql_mode, "
+                                "'NO_BACKSLASH_ESCAPES,', ''), ',NO_BACKSLASH_ESCAPES', '')")
+        p.process.stop()
+    with cluster.primary.connect() as c, c.cursor() as cur:
+        cur.execute("SELECT @@global.sql_mode LIKE '%NO_BACKSLASH%'")
+        assert cur.fetchone() == (0,)
 
 
 def test_a_statement_the_server_refuses_as_too_big_leaves_the_session_answering(cluster, tmp_path):

@@ -45,6 +45,9 @@ class ServerState:
     state: State = UP
     read_only: bool | None = None
     autocommit: bool = True  # @@global.autocommit: a session starts with it, as logged in there
+    # NO_BACKSLASH_ESCAPES in @@global.sql_mode: a session starts with the status flag saying so, from
+    # which client libraries choose how to escape strings (mysql_real_escape_string, PyMySQL)
+    no_backslash_escapes: bool = False
     readable: bool = False  # in the read pool (after hysteresis); set by the monitor
     lag_ms: float | None = None  # heartbeat age on a replica; None when unknown
     seconds_behind: int | None = None  # Seconds_Behind_Master as the server reports it

@@ -41,6 +41,7 @@ from proxy.protocol.constants import (
     MARIADB_CLIENT_STMT_BULK_OPERATIONS,
     PROXY_CAPABILITIES,
     SERVER_STATUS_AUTOCOMMIT,
+    SERVER_STATUS_NO_BACKSLASH_ESCAPES,
     SESSION_SHAPING_CAPABILITIES,
     UTF8MB4_GENERAL_CI,
 )
@@ -332,7 +333,10 @@ def start_status(w, name: str | None) -> int:
     login there would. With `autocommit = 0` in the servers' configuration the application
     expects its writes to wait for COMMIT."""
     st = w.topology.servers.get(name) if name else None
-    return SERVER_STATUS_AUTOCOMMIT if st is None or st.autocommit else 0
+    if st is None:
+        return SERVER_STATUS_AUTOCOMMIT
+    return ((SERVER_STATUS_AUTOCOMMIT if st.autocommit else 0)
+            | (SERVER_STATUS_NO_BACKSLASH_ESCAPES if st.no_backslash_escapes else 0))
 
 
 async def start_writer(s) -> None:

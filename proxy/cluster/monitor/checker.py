@@ -433,11 +433,12 @@ class Monitor(Cadence, ReplicationReading, HeartbeatWriting):
             else:
                 node_version = ""
             sent = time.monotonic()  # (before the server's NOW(): what the lag proves, progress.py)
-            ro, sid, cur_pos, slave_pos, binlog_pos, now, ac, hb_ts = await self._check_query(node, conn[0], pos)
+            ro, sid, cur_pos, slave_pos, binlog_pos, now, ac, nbe, hb_ts = await self._check_query(node, conn[0], pos)
             # `at` is when the server answered: the instant the lag estimate refers to
             obs = Observation(ok=True, at=time.time(), read_only=bool(int(ro)), server_id=int(sid),
                               version=node_version, gtid_current_pos=cur_pos or "",
-                              gtid_slave_pos=slave_pos or "", autocommit=bool(int(ac)))
+                              gtid_slave_pos=slave_pos or "", autocommit=bool(int(ac)),
+                              no_backslash_escapes=bool(int(nbe)))
             if node.server_id != obs.server_id:
                 node.repl = None  # another server answers on this address now
             node.server_id = obs.server_id

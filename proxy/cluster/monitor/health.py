@@ -28,6 +28,7 @@ class Observation:
     error: str = ""
     read_only: bool | None = None
     autocommit: bool | None = None  # @@global.autocommit
+    no_backslash_escapes: bool | None = None  # NO_BACKSLASH_ESCAPES in @@global.sql_mode
     server_id: int | None = None
     version: str = ""
     gtid_current_pos: str = ""
@@ -140,6 +141,8 @@ def decide(prev: ServerState, obs: Observation, tr: Tracker, policy: Policy,
     fields = dict(
         role=role, read_only=obs.read_only, version=obs.version or prev.version,
         autocommit=prev.autocommit if obs.autocommit is None else obs.autocommit,
+        no_backslash_escapes=(prev.no_backslash_escapes if obs.no_backslash_escapes is None
+                              else obs.no_backslash_escapes),
         gtid_current_pos=obs.gtid_current_pos, gtid_slave_pos=obs.gtid_slave_pos,
         io_running=(obs.io_state == "Yes") if obs.replicating else None,
         sql_running=(obs.sql_state == "Yes") if obs.replicating else None,

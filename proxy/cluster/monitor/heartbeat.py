@@ -76,7 +76,8 @@ class HeartbeatWriting:
                                  "WHERE @@global.read_only = 0 "
                                  "ON DUPLICATE KEY UPDATE ts = VALUES(ts), writer = VALUES(writer); "
                                  "SELECT UNIX_TIMESTAMP(NOW(6)), @@gtid_binlog_pos, @@read_only, @@server_id, "
-                                 "@@gtid_current_pos, @@gtid_slave_pos"))[0]
+                                 "@@gtid_current_pos, @@gtid_slave_pos, @@global.autocommit, "
+                                 "FIND_IN_SET('NO_BACKSLASH_ESCAPES', @@global.sql_mode) > 0"))[0]
             if row[2] != "0":  # read-only now: no beat landed; a check finds out what changed
                 node.wake()
                 return
@@ -137,7 +138,8 @@ class HeartbeatWriting:
     async def _judge_beat(self, node: Node, conn, row: tuple, gen: int) -> None:
         """A calm writer's heartbeat answer judged as its check (its check task naps meanwhile)."""
         obs = Observation(ok=True, at=time.time(), read_only=bool(int(row[2])), server_id=int(row[3]),
-                          gtid_current_pos=row[4] or "", gtid_slave_pos=row[5] or "")
+                          gtid_current_pos=row[4] or "", gtid_slave_pos=row[5] or "", autocommit=bool(int(row[6])),
+                          no_backslash_escapes=bool(int(row[7])))
         if obs.server_id != node.server_id:
             node.wake()  # another server answers here now: a real check finds out
             return

@@ -59,7 +59,7 @@ class ReplicationReading:
             node.repl = ({k: getattr(obs, k) for k in _REPL_FIELDS}, obs.read_only, time.monotonic())
 
     _CHECK = ("SELECT @@read_only, @@server_id, @@gtid_current_pos, @@gtid_slave_pos, @@gtid_binlog_pos, "
-              "UNIX_TIMESTAMP(NOW(6)), @@global.autocommit")
+              "UNIX_TIMESTAMP(NOW(6)), @@global.autocommit, FIND_IN_SET('NO_BACKSLASH_ESCAPES', @@global.sql_mode) > 0")
 
     async def _check_query(self, node, conn, pos: str | None = None) -> tuple:
         """The check's one round trip. On a replica whose heartbeat table was readable last time

@@ -61,7 +61,8 @@ For the router:
 - sql_mode NO_BACKSLASH_ESCAPES: the session hands over plain_backslashes(text) (lex.py); the
   server's status flags say when it is on.
 - Not handled: sql_mode ANSI_QUOTES with a backslash inside a double-quoted identifier (lexed as a
-  string with escapes; no status flag shows the mode), views or triggers hiding side effects, HANDLER ... OPEN state (WRITE, no pinning flag).
+  string with escapes; no status flag shows the mode), views or triggers hiding side effects,
+  HANDLER ... OPEN state (WRITE, no pinning flag).
 
 Not thread-safe: one Classifier per event loop / worker process.
 """

@@ -17,6 +17,7 @@ import re
 import shlex
 import shutil
 import signal
+import stat
 import subprocess
 import tempfile
 import threading
@@ -54,30 +55,22 @@ def option_dir(kind: str):
     process's pid. A run killed by SIGKILL (a test's crash, the OOM killer) unwinds nothing and left
     its file in $TMPDIR (300 of them on a test machine); each run now first removes those of this
     user whose process is gone."""
+    from proxy.sandbox.util import process_alive
+
     base = tempfile.gettempdir()
     for name in os.listdir(base):
         m = _OPTION_DIR.fullmatch(name)
-        if m is None or _alive(int(m.group(1))):
+        if m is None or process_alive(int(m.group(1))):
             continue
         path = os.path.join(base, name)
         try:
-            st = os.lstat(path)
+            st = os.lstat(path)  # (a symlink is not a directory here)
         except OSError:
             continue
-        if st.st_uid == os.getuid() and os.path.isdir(path) and not os.path.islink(path):
+        if st.st_uid == os.getuid() and stat.S_ISDIR(st.st_mode):
             shutil.rmtree(path, ignore_errors=True)
     with tempfile.TemporaryDirectory(prefix=f"rwproxy-{kind}-{os.getpid()}-") as tmp:
         yield tmp
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass  # (another user's process)
-    return True
 
 
 def client_options(config, backend, path: str) -> None:

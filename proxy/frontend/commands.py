@@ -10,16 +10,18 @@ import asyncio
 
 from proxy.backend.connection import BackendError
 from proxy.frontend import diagnostics, idle, kill, prepared
-from proxy.frontend.login import FAILED_LOGINS, AccessDenied, admit_user, parse_change_user, start_status, start_writer
+from proxy.frontend.login import (
+    FAILED_LOGINS, AccessDenied, admit_user, login_ok, parse_change_user, start_status, start_writer,
+)
 from proxy.logs import clean
 from proxy.protocol.constants import (
     COM_CHANGE_USER, COM_DEBUG, COM_FIELD_LIST, COM_INIT_DB, COM_PING, COM_PROCESS_INFO, COM_PROCESS_KILL, COM_QUIT,
     COM_REFRESH, COM_RESET_CONNECTION, COM_SET_OPTION, COM_STATISTICS, COM_STMT_BULK_EXECUTE, COM_STMT_CLOSE,
-    CLIENT_SESSION_TRACK, COM_QUERY, COM_STMT_FETCH, COM_STMT_PREPARE, COM_STMT_RESET, COM_STMT_SEND_LONG_DATA, ER_ACCESS_DENIED_ERROR,
+    COM_QUERY, COM_STMT_FETCH, COM_STMT_PREPARE, COM_STMT_RESET, COM_STMT_SEND_LONG_DATA, ER_ACCESS_DENIED_ERROR,
     ER_NET_READ_INTERRUPTED, ER_UNKNOWN_COM_ERROR, LOGIN_ONLY_CAPABILITIES, SERVER_DEFAULT_CHARSET,
 )
 from proxy.protocol.packets import (
-    ProtocolError, command, err_packet, logical_payload, login_ok_packet, ok_packet, text_rows,
+    ProtocolError, command, err_packet, logical_payload, ok_packet, text_rows,
 )
 from proxy.protocol.scan import FIELD_LIST, RESULT, SIMPLE, STATISTICS
 from proxy.routing import classify as C
@@ -159,14 +161,14 @@ async def _change_user(s, pkt) -> None:
             await _set_wide_collation(s, wide)
     except BackendError as e:  # an unknown database, a user the servers refuse, a charset like utf16
         if e.unavailable and s.worker.topology.readers:  # as at login: reads go on, writes wait
-            return s.write(login_ok_packet(seq, s.status, s.db, bool(s.caps & CLIENT_SESSION_TRACK)))
+            return s.write(login_ok(s, seq))
         s.release_backends()
         s.charset = SERVER_DEFAULT_CHARSET
         s.start_session(old_user, old_db)
         _login_only_caps_gone(s)
         s.send_error(e.code, e.sqlstate, e.message, seq)
         return _keep_old_user(s, old_user, counts=e.code < 2000)  # (not for a server that is down)
-    s.write(login_ok_packet(seq, s.status, s.db, bool(s.caps & CLIENT_SESSION_TRACK)))
+    s.write(login_ok(s, seq))
 
 
 async def _set_wide_collation(s, cid: int) -> None:

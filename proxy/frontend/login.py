@@ -339,6 +339,12 @@ def start_status(w, name: str | None) -> int:
             | (SERVER_STATUS_NO_BACKSLASH_ESCAPES if st.no_backslash_escapes else 0))
 
 
+def login_ok(s, seq: int) -> bytes:
+    """The OK that ends session `s`'s login or COM_CHANGE_USER (its database as session state to a
+    client that tracks it, as a server's)."""
+    return login_ok_packet(seq, s.status, s.db, bool(s.caps & CLIENT_SESSION_TRACK))
+
+
 async def start_writer(s) -> None:
     """Connect a new session's primary connection, with the primary's global autocommit."""
     name = s.writer()
@@ -370,7 +376,7 @@ async def open_session(session, seq: int) -> bool:
                 if not e.unavailable or not w.topology.readers:
                     session.write(frame(err_payload(e.code, e.sqlstate.encode(), e.message), seq))
                     return False
-        session.write(login_ok_packet(seq, session.status, session.db, bool(session.caps & CLIENT_SESSION_TRACK)))
+        session.write(login_ok(session, seq))
         return True
     except (ConnectionError, asyncio.TimeoutError, OSError):
         return False

@@ -13,7 +13,7 @@ from proxy.cluster.monitor import wire
 from proxy.cluster.monitor.cadence import WRITER
 from proxy.cluster.monitor.health import Observation
 from proxy.cluster.monitor.node import Node, close_quietly
-from proxy.cluster.monitor.replication import DENIED, READ_ONLY
+from proxy.cluster.monitor.replication import DENIED, READ_ONLY, SESSION_GLOBALS
 from proxy.cluster.sqlerrors import describe, error_code
 from proxy.cluster.topology import DOWN, MAINTENANCE, MASTER, PRIMARY
 
@@ -76,8 +76,7 @@ class HeartbeatWriting:
                                  "WHERE @@global.read_only = 0 "
                                  "ON DUPLICATE KEY UPDATE ts = VALUES(ts), writer = VALUES(writer); "
                                  "SELECT UNIX_TIMESTAMP(NOW(6)), @@gtid_binlog_pos, @@read_only, @@server_id, "
-                                 "@@gtid_current_pos, @@gtid_slave_pos, @@global.autocommit, "
-                                 "FIND_IN_SET('NO_BACKSLASH_ESCAPES', @@global.sql_mode) > 0"))[0]
+                                 "@@gtid_current_pos, @@gtid_slave_pos, " + SESSION_GLOBALS))[0]
             if row[2] != "0":  # read-only now: no beat landed; a check finds out what changed
                 node.wake()
                 return

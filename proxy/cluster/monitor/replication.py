@@ -19,6 +19,10 @@ from proxy.cluster.topology import DOWN, MASTER, PRIMARY
 DENIED = {1044, 1045, 1142, 1143, 1227, 1370}
 NO_TABLE = {1049, 1146}  # heartbeat schema/table not replicated here (yet)
 READ_ONLY = 1290
+# What a session starts with on a server, read by every check and by a calm writer's heartbeat
+# (login.start_status): its global autocommit, and whether its global sql_mode has
+# NO_BACKSLASH_ESCAPES (client libraries escape strings by that status flag).
+SESSION_GLOBALS = "@@global.autocommit, FIND_IN_SET('NO_BACKSLASH_ESCAPES', @@global.sql_mode) > 0"
 
 
 # Observation fields that come from SHOW ALL SLAVES STATUS (reused between readings).
@@ -59,7 +63,7 @@ class ReplicationReading:
             node.repl = ({k: getattr(obs, k) for k in _REPL_FIELDS}, obs.read_only, time.monotonic())
 
     _CHECK = ("SELECT @@read_only, @@server_id, @@gtid_current_pos, @@gtid_slave_pos, @@gtid_binlog_pos, "
-              "UNIX_TIMESTAMP(NOW(6)), @@global.autocommit, FIND_IN_SET('NO_BACKSLASH_ESCAPES', @@global.sql_mode) > 0")
+              "UNIX_TIMESTAMP(NOW(6)), " + SESSION_GLOBALS)
 
     async def _check_query(self, node, conn, pos: str | None = None) -> tuple:
         """The check's one round trip. On a replica whose heartbeat table was readable last time
